@@ -1,0 +1,77 @@
+"""The data contract: names every stage agrees on (SPEC §1, §2).
+
+The input side is what a user brings (a catalog and engagement logs); the dataset side is what
+`itemsage ingest` writes and every later stage reads.
+"""
+
+from __future__ import annotations
+
+SURFACES: tuple[str, ...] = ("search", "closeup", "home")
+ENGAGEMENTS: tuple[str, ...] = ("click", "save", "add_to_cart", "checkout")
+
+# The twelve text fields of the paper, in the order they enter the transformer's sequence.
+TEXT_FIELDS: tuple[str, ...] = (
+    "title",
+    "description",
+    "brand",
+    "colors",
+    "materials",
+    "patterns",
+    "size",
+    "size_type",
+    "product_type",
+    "category",
+    "domain",
+    "links",
+)
+
+MAX_IMAGES = 20
+
+# Catalog input columns.
+PRODUCT_ID = "product_id"
+IMAGE_EMBEDDINGS = "image_embeddings"  # list of float vectors, main image first
+IMAGE_PATHS = "image_paths"  # list of image files, encoded by the built-in image encoder
+
+# Engagement-log input columns.
+SURFACE = "surface"
+ENGAGEMENT = "engagement"
+TIMESTAMP = "timestamp"
+USER_ID = "user_id"
+WEIGHT = "weight"
+QUERY_TEXT = "query_text"
+QUERY_EMBEDDING = "query_embedding"
+QUERY_IMAGE_PATH = "query_image_path"
+
+# Columns ingest adds to products.
+CONTENT_HASH = "content_hash"  # sha256 of a product's features, for `embed --incremental`
+
+# Files of a dataset directory (written by `itemsage ingest`).
+PRODUCTS_FILE = "products.parquet"
+TRAIN_FILE = "train.parquet"
+EVAL_FILE = "eval.parquet"
+REJECTS_FILE = "rejects.jsonl"
+VOCAB_FILE = "vocab.json"
+QUERY_CACHE_DIR = "query_cache"  # frozen query embeddings, computed once (train/evaluate)
+
+# Reasons a row is rejected; each rejected row carries exactly one.
+REJECT_REASONS: tuple[str, ...] = (
+    "missing_product_id",
+    "duplicate_product_id",
+    "bad_vector_width",
+    "non_finite_vector",
+    "unknown_surface",
+    "unknown_engagement",
+    "unknown_product",
+    "bad_timestamp",
+    "missing_query",
+    "bad_weight",
+    "unreadable_image",
+)
+
+
+def task_name(surface: str, engagement: str) -> str:
+    """A task is one surface × engagement pair, written `closeup.click`."""
+    return f"{surface}.{engagement}"
+
+
+ALL_TASKS: tuple[str, ...] = tuple(task_name(s, e) for s in SURFACES for e in ENGAGEMENTS)
