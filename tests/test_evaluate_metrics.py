@@ -1,0 +1,46 @@
+"""Recall@K on hand-built cases whose answer is known."""
+
+import numpy as np
+import pytest
+import torch
+
+from itemsage.evaluate import exact_ranks, group_recall, recall_at_k, recall_from_ranks
+
+
+def test_recall_at_k_hand_built():
+    retrieved = np.array([["a", "b", "c"], ["c", "a", "b"], ["b", "c", "a"], ["x", "y", "z"]])
+    positives = np.array(["a", "a", "a", "a"])
+    # first hit positions: 0, 1, 2, none
+    assert recall_at_k(retrieved, positives, ks=(1, 2, 3)) == {1: 0.25, 2: 0.5, 3: 0.75}
+
+
+def test_recall_at_k_refuses_k_beyond_list():
+    with pytest.raises(ValueError, match="Recall@5"):
+        recall_at_k(np.zeros((2, 3)), np.zeros(2), ks=(5,))
+
+
+def test_exact_ranks_against_argsort():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(50, 8, generator=g)
+    p = torch.randn(200, 8, generator=g)
+    pos = torch.randint(0, 200, (50,), generator=g)
+    ranks = exact_ranks(q, p, pos, chunk=7)
+    order = torch.argsort(q @ p.T, dim=1, descending=True).numpy()
+    expected = np.array([np.where(order[i] == pos[i].item())[0][0] for i in range(50)])
+    np.testing.assert_array_equal(ranks, expected)
+
+
+def test_exact_ranks_ties_are_pessimistic():
+    q = torch.ones(1, 2)
+    p = torch.ones(5, 2)  # every product scores the same
+    assert exact_ranks(q, p, torch.tensor([2]))[0] == 4
+
+
+def test_group_recall_counts_and_values():
+    ranks = np.array([0, 5, 50, 200])
+    groups = ["search.click", "search.click", "home.save", "home.save"]
+    r = group_recall(ranks, groups, ks=(1, 10, 100))
+    assert r["search.click"] == {"recall@1": 0.5, "recall@10": 1.0, "recall@100": 1.0, "n": 2}
+    assert r["home.save"] == {"recall@1": 0.0, "recall@10": 0.0, "recall@100": 0.5, "n": 2}
+    assert r["all"]["recall@10"] == 0.5
+    assert recall_from_ranks(np.array([]))[10] != recall_from_ranks(np.array([]))[10]  # NaN for no pairs
