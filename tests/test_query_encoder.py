@@ -1,0 +1,77 @@
+"""The built-in text query encoder and its per-dataset cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from itemsage.query_encoder import TextQueryEncoder, cached_text_embeddings, text_key
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return TextQueryEncoder(device="cpu")
+
+
+class CountingEncoder:
+    """Wraps an encoder and records every batch of texts it is asked to encode."""
+
+    def __init__(self, inner):
+        self.inner, self.dim, self.name, self.calls = inner, inner.dim, inner.name, []
+
+    def encode(self, texts, batch_size=256, progress=False):
+        self.calls.append(list(texts))
+        return self.inner.encode(texts, batch_size=batch_size, progress=progress)
+
+
+def test_width_unit_norm_and_semantics(encoder):
+    texts = ["red leather sofa", "red leather couch", "stainless steel kitchen knife"]
+    vectors = encoder.encode(texts)
+    assert encoder.dim == 384
+    assert vectors.shape == (3, 384) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    similar, unrelated = vectors[0] @ vectors[1], vectors[0] @ vectors[2]
+    assert similar > unrelated + 0.2, (similar, unrelated)
+    assert encoder.encode([]).shape == (0, 384)
+
+
+def test_batching_does_not_change_vectors(encoder):
+    texts = ["oak dining table", "a", "wireless noise cancelling headphones for travel"]
+    together = encoder.encode(texts, batch_size=2)
+    for i, text in enumerate(texts):
+        np.testing.assert_allclose(together[i], encoder.encode([text])[0], atol=1e-5)
+
+
+def test_cache_encodes_each_text_once_and_keeps_order(encoder, tmp_path):
+    counting = CountingEncoder(encoder)
+    first = cached_text_embeddings(tmp_path, ["sofa", "lamp", "sofa"], encoder=counting, progress=False)
+    assert counting.calls == [["sofa", "lamp"]]  # duplicates encoded once
+    direct = encoder.encode(["sofa", "lamp"])
+    np.testing.assert_array_equal(first, direct[[0, 1, 0]])
+
+    # A second call encodes only the new text and returns the cached vectors unchanged.
+    second = cached_text_embeddings(tmp_path, ["lamp", "rug", "sofa", "lamp"], encoder=counting, progress=False)
+    assert counting.calls == [["sofa", "lamp"], ["rug"]]
+    np.testing.assert_array_equal(second[[0, 2, 3]], direct[[1, 0, 1]])
+    np.testing.assert_array_equal(second[1], encoder.encode(["rug"])[0])
+
+    # All cached: no encoder call at all; two parts on disk, keyed by sha256.
+    third = cached_text_embeddings(tmp_path, ["rug", "sofa"], encoder=counting, progress=False)
+    assert len(counting.calls) == 2
+    np.testing.assert_array_equal(third, second[[1, 2]])
+    assert len(list((tmp_path / "query_cache").glob("part-*.parquet"))) == 2
+    assert (tmp_path / "query_cache" / "manifest.json").is_file()
+    parts = sorted((tmp_path / "query_cache").glob("part-*.parquet"))
+    stored = [k for p in parts for k in pq.read_table(p).column("text_key").to_pylist()]
+    assert sorted(stored) == sorted(text_key(t) for t in ("sofa", "lamp", "rug"))
+
+
+def test_text_key_is_sha256_of_utf8():
+    # sha256("abc") is the FIPS 180-2 test vector.
+    assert text_key("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_cache_refuses_non_strings(tmp_path):
+    with pytest.raises(TypeError, match="item 1"):
+        cached_text_embeddings(tmp_path, ["ok", None], encoder=CountingEncoder(TextQueryEncoder()), progress=False)
