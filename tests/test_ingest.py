@@ -1,0 +1,539 @@
+"""itemsage ingest: row rejections, file refusals, the time split, the dataset files and manifest.
+
+Every case runs on tiny tables written in tmp_path, as Parquet and as JSON Lines. Expected values are
+written out by hand (which row, which reason, which split), or recomputed independently (sha256 with
+hashlib, a sort with Python's `sorted`, image vectors with one-at-a-time encoding).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from itemsage import schema
+from itemsage.config import ConfigError
+from itemsage.ingest import DataError, IngestConfig, content_hash, ingest
+
+UTC = dt.timezone.utc
+T0 = dt.datetime(2024, 1, 1, tzinfo=UTC)
+SMALL = dict(max_unigrams=1000, max_bigrams=1000, max_trigrams=1000, progress=False)
+
+
+def iso(hours: float) -> str:
+    return (T0 + dt.timedelta(hours=hours)).isoformat().replace("+00:00", "Z")
+
+
+def catalog_rows() -> list[dict]:
+    return [
+        {"product_id": "p1", "title": "Oak chair", "brand": "Acme", "colors": ["brown", "red"],
+         "image_embeddings": [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]], "price": 10},
+        {"product_id": "p2", "title": "Pine table", "brand": None, "colors": [],
+         "image_embeddings": [[0.0, 0.0, 1.0, 0.0]], "price": 20},
+        {"product_id": "p3", "title": "Linen sofa", "brand": "Sofaco", "colors": ["white"],
+         "image_embeddings": [[0.5, 0.5, 0.5, 0.5]], "price": 30},
+    ]
+
+
+def log_rows() -> list[dict]:
+    q = [0.1, 0.2, 0.3, 0.4]
+    return [
+        {"surface": "search", "engagement": "click", "product_id": "p1", "timestamp": iso(0),
+         "query_text": "oak chair", "query_embedding": None, "weight": None, "user_id": "u1"},
+        {"surface": "closeup", "engagement": "save", "product_id": "p2", "timestamp": iso(5),
+         "query_text": None, "query_embedding": q, "weight": 2.0, "user_id": "u2"},
+        {"surface": "home", "engagement": "checkout", "product_id": "p3", "timestamp": iso(10),
+         "query_text": None, "query_embedding": [0.5, 0.5], "weight": 1.0, "user_id": None},
+        {"surface": "search", "engagement": "add_to_cart", "product_id": "p2", "timestamp": iso(8),
+         "query_text": "table", "query_embedding": None, "weight": 0.0, "user_id": "u1"},
+    ]
+
+
+def write(rows: list[dict], path: Path, table: pa.Table | None = None) -> Path:
+    """rows as JSON Lines (NaN written as NaN) or as Parquet, by the path's extension."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        pq.write_table(table if table is not None else pa.Table.from_pylist(rows), path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run(tmp_path: Path, fmt: str, catalog: list[dict] | None = None, logs: list[dict] | None = None, **cfg):
+    cat = write(catalog if catalog is not None else catalog_rows(), tmp_path / f"in/catalog.{fmt}")
+    lg = write(logs if logs is not None else log_rows(), tmp_path / f"in/logs.{fmt}")
+    out = tmp_path / "ds"
+    summary = ingest(cat, lg, out, IngestConfig(**{**SMALL, **cfg}))
+    return summary, out
+
+
+def rejects(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / schema.REJECTS_FILE).read_text().splitlines()]
+
+
+def check_conservation(summary) -> None:
+    for s in summary.inputs:
+        assert s.rows_kept + s.rows_rejected == s.rows_read, s
+
+
+FORMATS = ["parquet", "jsonl"]
+
+
+# ---- happy path -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_happy_path_writes_the_dataset(tmp_path, fmt):
+    summary, out = run(tmp_path, fmt, split_at=iso(6))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["products.parquet", "train.parquet", "eval.parquet", "rejects.jsonl", "vocab.json", "manifest.json"])
+    assert rejects(out) == []
+    assert summary.rejected == 0 and summary.products == 3
+    check_conservation(summary)
+
+    products = pq.read_table(out / schema.PRODUCTS_FILE)
+    assert products.column("product_id").to_pylist() == ["p1", "p2", "p3"]
+    for field in schema.TEXT_FIELDS:
+        assert products.schema.field(field).type == pa.list_(pa.string())
+    assert products.column("title").to_pylist() == [["Oak chair"], ["Pine table"], ["Linen sofa"]]
+    assert products.column("brand").to_pylist() == [["Acme"], [], ["Sofaco"]]
+    assert products.column("description").to_pylist() == [[], [], []]
+    assert products.column("image_embeddings").to_pylist()[0] == [[1, 0, 0, 0], [0, 1, 0, 0]]
+    assert products.column("price").to_pylist() == [10, 20, 30]  # extra column kept
+
+    train = pq.read_table(out / schema.TRAIN_FILE)
+    evals = pq.read_table(out / schema.EVAL_FILE)
+    assert train.schema.field("timestamp").type == pa.timestamp("ms", tz="UTC")
+    assert train.schema.field("weight").type == pa.float32()
+    # timestamps 0, 5, 10, 8 h; split at 6 h; each file sorted by time
+    assert train.column("product_id").to_pylist() == ["p1", "p2"]
+    assert evals.column("product_id").to_pylist() == ["p2", "p3"]
+    assert train.column("weight").to_pylist() == [1.0, 2.0]  # missing weight -> 1.0
+    assert evals.column("weight").to_pylist() == [0.0, 1.0]
+    assert train.column("user_id").to_pylist() == ["u1", "u2"]
+    assert summary.train_rows["search.click"] == 1 and summary.train_rows["closeup.save"] == 1
+    assert summary.eval_rows["search.add_to_cart"] == 1 and summary.eval_rows["home.checkout"] == 1
+    assert sum(summary.train_rows.values()) == 2 and sum(summary.eval_rows.values()) == 2
+    assert summary.image_dim == 4
+    assert summary.query_dims == {"search": 384, "closeup": 4, "home": 2}
+
+    from itemsage.features import Vocabulary
+
+    vocab = Vocabulary.load(out / schema.VOCAB_FILE)
+    assert "oak" in vocab.unigrams and "linen#sofa" in vocab.bigrams and "acme" in vocab.unigrams
+
+
+def test_content_hash_follows_the_documented_recipe(tmp_path):
+    _, out = run(tmp_path, "jsonl", split_at=iso(6))
+    products = pq.read_table(out / schema.PRODUCTS_FILE).to_pylist()
+    p1 = products[0]
+    texts = [p1[f] for f in schema.TEXT_FIELDS]
+    images = np.array(p1["image_embeddings"], dtype="<f4")
+    h = hashlib.sha256(json.dumps(texts, ensure_ascii=False, separators=(",", ":")).encode())
+    h.update(b"\nimages:2x4\n" + images.tobytes())
+    assert p1["content_hash"] == h.hexdigest() == content_hash(texts, images)
+    assert len({p["content_hash"] for p in products}) == 3
+    changed = [list(t) for t in texts]
+    changed[0] = ["Oak chair!"]
+    assert content_hash(changed, images) != p1["content_hash"]
+
+
+# ---- row-level rejections ---------------------------------------------------------------------
+
+
+def only_reject(out: Path, reason: str, row: int, file_name: str) -> dict:
+    found = rejects(out)
+    assert [(r["reason"], r["row"]) for r in found] == [(reason, row)], found
+    assert Path(found[0]["file"]).name == file_name and found[0]["detail"]
+    return found[0]
+
+
+CATALOG_CASES = {
+    "missing_id_null": ({"product_id": None, "title": "x"}, "missing_product_id"),
+    "missing_id_empty": ({"product_id": "  ", "title": "x"}, "missing_product_id"),
+    "duplicate": ({"product_id": "p1", "title": "second p1"}, "duplicate_product_id"),
+    "wrong_width": ({"product_id": "p9", "image_embeddings": [[1.0, 2.0, 3.0]]}, "bad_vector_width"),
+    "nan_vector": ({"product_id": "p9", "image_embeddings": [[1.0, math.nan, 0.0, 0.0]]}, "non_finite_vector"),
+    "inf_vector": ({"product_id": "p9", "image_embeddings": [[1.0, 0.0, 0.0, 0.0], [math.inf, 0, 0, 0]]},
+                   "non_finite_vector"),
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case", sorted(CATALOG_CASES))
+def test_catalog_row_rejections(tmp_path, fmt, case):
+    bad, reason = CATALOG_CASES[case]
+    rows = catalog_rows()
+    rows.insert(2, {**{k: None for k in rows[0]}, **bad})  # every column present, for Parquet
+    summary, out = run(tmp_path, fmt, catalog=rows, split_at=iso(6))
+    entry = only_reject(out, reason, 2, f"catalog.{fmt}")
+    assert entry["record"]["product_id"] == bad["product_id"]
+    assert summary.rejects[reason] == 1 and summary.rejected == 1
+    assert summary.inputs[0].rows_read == 4 and summary.inputs[0].rows_kept == 3
+    check_conservation(summary)
+    products = pq.read_table(out / schema.PRODUCTS_FILE)
+    assert products.column("product_id").to_pylist() == ["p1", "p2", "p3"]
+    assert products.column("title").to_pylist()[0] == ["Oak chair"]  # the first p1 is the one kept
+    assert pq.read_table(out / schema.TRAIN_FILE).num_rows + pq.read_table(out / schema.EVAL_FILE).num_rows == 4
+
+
+def test_image_dim_option_fixes_the_width(tmp_path):
+    summary, out = run(tmp_path, "jsonl", image_dim=2, split_at=iso(6))
+    # every catalog row has 4-d vectors: all rejected, so every log row names an unknown product
+    assert summary.rejects["bad_vector_width"] == 3 and summary.products == 0
+    assert summary.rejects["unknown_product"] == 4
+    assert "--image-dim" in rejects(out)[0]["detail"]
+
+
+def test_more_than_max_images_are_cut_not_rejected(tmp_path):
+    rows = catalog_rows()
+    rows[1]["image_embeddings"] = [[float(i), 0.0, 0.0, 0.0] for i in range(25)]
+    summary, out = run(tmp_path, "parquet", catalog=rows, split_at=iso(6))
+    assert summary.rejected == 0 and summary.images_truncated == 1
+    kept = pq.read_table(out / schema.PRODUCTS_FILE).column("image_embeddings").to_pylist()[1]
+    assert kept == [[float(i), 0.0, 0.0, 0.0] for i in range(20)]
+    assert json.loads((out / "manifest.json").read_text())["counts"]["images_truncated"] == 1
+
+
+def log_row(**changes) -> dict:
+    row = dict(log_rows()[1])  # a valid closeup row at 5 h
+    row.update(changes)
+    return row
+
+
+LOG_CASES = {
+    "missing_id": (log_row(product_id=None), "missing_product_id"),
+    "empty_id": (log_row(product_id=""), "missing_product_id"),
+    "unknown_surface": (log_row(surface="pins"), "unknown_surface"),
+    "unknown_engagement": (log_row(engagement="like"), "unknown_engagement"),
+    "unknown_product": (log_row(product_id="nope"), "unknown_product"),
+    "bad_timestamp": (log_row(timestamp="yesterday"), "bad_timestamp"),
+    "missing_timestamp": (log_row(timestamp=None), "bad_timestamp"),
+    "search_no_query": (log_row(surface="search", query_embedding=None, query_text="  "), "missing_query"),
+    "closeup_text_only": (log_row(query_embedding=None, query_text="a chair"), "missing_query"),
+    "home_text_only": (log_row(surface="home", query_embedding=None, query_text="a chair"), "missing_query"),
+    "query_width": (log_row(query_embedding=[0.1, 0.2, 0.3]), "bad_vector_width"),
+    "search_vector_not_384": (log_row(surface="search", query_embedding=[0.1, 0.2]), "bad_vector_width"),
+    "query_nan": (log_row(query_embedding=[0.1, math.nan, 0.3, 0.4]), "non_finite_vector"),
+    "negative_weight": (log_row(weight=-1.0), "bad_weight"),
+    "nan_weight": (log_row(weight=math.nan), "bad_weight"),
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case", sorted(LOG_CASES))
+def test_log_row_rejections(tmp_path, fmt, case):
+    bad, reason = LOG_CASES[case]
+    rows = log_rows()
+    rows.insert(3, bad)
+    summary, out = run(tmp_path, fmt, logs=rows, split_at=iso(6))
+    only_reject(out, reason, 3, f"logs.{fmt}")
+    assert summary.rejects[reason] == 1 and summary.rejected == 1
+    check_conservation(summary)
+    logs_stats = summary.inputs[1]
+    assert (logs_stats.rows_read, logs_stats.rows_kept) == (5, 4)
+    kept = pq.read_table(out / schema.TRAIN_FILE).num_rows + pq.read_table(out / schema.EVAL_FILE).num_rows
+    assert kept == sum(summary.train_rows.values()) + sum(summary.eval_rows.values()) == 4
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_log_rows_of_a_rejected_product_are_unknown_product(tmp_path, fmt):
+    cat = catalog_rows()
+    cat[2]["image_embeddings"] = [[1.0, 2.0]]  # p3 rejected: wrong width
+    summary, out = run(tmp_path, fmt, catalog=cat, split_at=iso(6))
+    found = rejects(out)
+    assert [(Path(r["file"]).name, r["row"], r["reason"]) for r in found] == [
+        (f"catalog.{fmt}", 2, "bad_vector_width"), (f"logs.{fmt}", 2, "unknown_product")]
+    check_conservation(summary)
+
+
+def test_json_values_of_the_wrong_type_are_row_rejects(tmp_path):
+    rows = log_rows() + [log_row(product_id=1.5), log_row(weight="heavy"), log_row(timestamp=[1]),
+                         log_row(query_embedding=["a", "b", "c", "d"]), log_row(query_embedding="0.1,0.2")]
+    summary, out = run(tmp_path, "jsonl", logs=rows, split_at=iso(6))
+    assert [(r["row"], r["reason"]) for r in rejects(out)] == [
+        (4, "missing_product_id"), (5, "bad_weight"), (6, "bad_timestamp"), (7, "non_finite_vector"),
+        (8, "bad_vector_width")]
+    check_conservation(summary)
+
+
+def test_integer_epochs_are_seconds_or_milliseconds(tmp_path):
+    seconds = int((T0 + dt.timedelta(hours=2)).timestamp())
+    rows = log_rows()
+    rows[0]["timestamp"] = seconds  # seconds
+    rows[3]["timestamp"] = (seconds + 3600) * 1000  # milliseconds
+    for r in rows[1:3]:
+        r["timestamp"] = int(dt.datetime.fromisoformat(r["timestamp"]).timestamp())
+    summary, out = run(tmp_path, "parquet", logs=rows, split_at=iso(6))
+    train = pq.read_table(out / schema.TRAIN_FILE).column("timestamp").to_pylist()
+    assert train == [T0 + dt.timedelta(hours=2), T0 + dt.timedelta(hours=3), T0 + dt.timedelta(hours=5)]
+
+
+# ---- file-level refusals ----------------------------------------------------------------------
+
+
+def assert_refused(tmp_path, catalog, logs, *words):
+    out = tmp_path / "ds"
+    with pytest.raises(DataError) as err:
+        ingest(catalog, logs, out, IngestConfig(**SMALL))
+    message = str(err.value)
+    for word in words:
+        assert str(word) in message, message
+    assert not out.exists()
+    assert not list(tmp_path.glob("ds.tmp-*"))
+    return message
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_refuses_missing_required_column(tmp_path, fmt):
+    cat = write([{k: v for k, v in r.items() if k != "product_id"} for r in catalog_rows()], tmp_path / f"c.{fmt}")
+    lg = write(log_rows(), tmp_path / f"l.{fmt}")
+    assert_refused(tmp_path, cat, lg, cat, "'product_id'", "missing", "expected")
+
+    cat = write(catalog_rows(), tmp_path / f"c2.{fmt}")
+    lg = write([{k: v for k, v in r.items() if k != "timestamp"} for r in log_rows()], tmp_path / f"l2.{fmt}")
+    assert_refused(tmp_path, cat, lg, lg, "'timestamp'", "missing")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_refuses_float_product_id_column(tmp_path, fmt):
+    rows = catalog_rows()
+    for i, r in enumerate(rows):
+        r["product_id"] = float(i) + 0.5
+    cat = write(rows, tmp_path / f"c.{fmt}")
+    lg = write(log_rows(), tmp_path / f"l.{fmt}")
+    message = assert_refused(tmp_path, cat, lg, cat, "'product_id'", "expected a string")
+    assert "double" in message or "float" in message
+
+
+def test_refuses_wrong_type_in_logs(tmp_path):
+    cat = write(catalog_rows(), tmp_path / "c.parquet")
+    rows = log_rows()
+    table = pa.Table.from_pylist(rows)
+    table = table.set_column(table.schema.get_field_index("weight"), "weight", pa.array(["a", "b", "c", "d"]))
+    lg = write(rows, tmp_path / "l.parquet", table=table)
+    assert_refused(tmp_path, cat, lg, lg, "'weight'", "numeric")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_refuses_a_file_without_rows(tmp_path, fmt):
+    cat = write(catalog_rows(), tmp_path / f"c.{fmt}")
+    lg = tmp_path / f"l.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(log_rows()).slice(0, 0), lg)
+    else:
+        lg.write_text("\n")
+    assert_refused(tmp_path, cat, lg, lg, "no rows")
+
+
+def test_refuses_unknown_and_unreadable_files(tmp_path):
+    cat = write(catalog_rows(), tmp_path / "c.parquet")
+    csv = tmp_path / "l.csv"
+    csv.write_text("surface,engagement\n")
+    assert_refused(tmp_path, cat, csv, csv, "unknown format")
+    broken = tmp_path / "l.parquet"
+    broken.write_bytes(b"this is not parquet")
+    assert_refused(tmp_path, cat, broken, broken, "Parquet")
+    assert_refused(tmp_path, cat, tmp_path / "nowhere.jsonl", "nowhere.jsonl", "does not exist")
+
+
+@pytest.mark.parametrize("split", [{"split_at": iso(6)}, {}])
+def test_a_bad_json_line_late_in_a_file_leaves_nothing(tmp_path, split):
+    cat = write(catalog_rows(), tmp_path / "c.jsonl")
+    lg = tmp_path / "l.jsonl"
+    lg.write_text("".join(json.dumps(r) + "\n" for r in log_rows()) + '{"surface": "search",\n')
+    out = tmp_path / "ds"
+    with pytest.raises(DataError, match=r"line 5"):
+        ingest(cat, lg, out, IngestConfig(**SMALL, **split))
+    assert not out.exists() and not list(tmp_path.glob("ds.tmp-*"))
+
+
+def test_refuses_to_overwrite_a_directory_that_is_not_a_dataset(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "precious.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not an itemsage dataset"):
+        run(tmp_path, "jsonl", split_at=iso(6))
+    assert (tmp_path / "ds" / "precious.txt").read_text() == "keep me"
+
+
+def test_rerun_replaces_a_previous_dataset(tmp_path):
+    run(tmp_path, "jsonl", split_at=iso(6))
+    summary, out = run(tmp_path, "jsonl", split_at=iso(1))
+    assert json.loads((out / "manifest.json").read_text())["config"]["split_at"] == "2024-01-01T01:00:00Z"
+    assert sum(summary.eval_rows.values()) == 3
+    assert not list(tmp_path.glob("ds.*"))
+
+
+def test_config_errors_name_the_option():
+    with pytest.raises(ConfigError, match="eval_fraction"):
+        IngestConfig(eval_fraction=1.5)
+    with pytest.raises(ConfigError, match="split_at"):
+        IngestConfig(split_at="next tuesday")
+    with pytest.raises(ConfigError, match="text_fields"):
+        IngestConfig(text_fields=("title", "title"))
+
+
+# ---- split, order, formats, manifest ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_eval_fraction_splits_the_last_part_of_the_time_span(tmp_path, fmt):
+    hours = [7, 0, 3, 10, 8, 8, 2, 9]  # span 0..10 h; eval_fraction 0.25 -> split at 7.5 h
+    rows = [dict(log_rows()[0], timestamp=iso(h), query_text=f"q{i}") for i, h in enumerate(hours)]
+    summary, out = run(tmp_path, fmt, logs=rows, eval_fraction=0.25)
+    assert summary.split_at == "2024-01-01T07:30:00Z"
+    train = pq.read_table(out / schema.TRAIN_FILE).column("query_text").to_pylist()
+    evals = pq.read_table(out / schema.EVAL_FILE).column("query_text").to_pylist()
+    assert train == ["q1", "q6", "q2", "q0"]  # 0, 2, 3, 7 h
+    assert evals == ["q4", "q5", "q7", "q3"]  # 8, 8 (input order kept), 9, 10 h
+
+
+def test_split_at_puts_rows_at_the_split_time_in_eval(tmp_path):
+    summary, out = run(tmp_path, "jsonl", split_at=iso(5))  # the closeup row is at exactly 5 h
+    evals = pq.read_table(out / schema.EVAL_FILE).column("timestamp").to_pylist()
+    assert evals[0] == T0 + dt.timedelta(hours=5) and len(evals) == 3
+
+
+def test_sorting_in_small_slabs_matches_a_full_sort(tmp_path):
+    rng = np.random.default_rng(0)
+    minutes = rng.integers(0, 300, size=200)
+    rows = [dict(log_rows()[0], timestamp=iso(m / 60), query_text=f"q{i}") for i, m in enumerate(minutes)]
+    # slabs of ~7 rows and batches of 13: many runs, many slabs
+    summary, out = run(tmp_path, "parquet", logs=rows, split_at=iso(2), sort_rows=7, batch_rows=13)
+    got = (pq.read_table(out / schema.TRAIN_FILE).column("query_text").to_pylist()
+           + pq.read_table(out / schema.EVAL_FILE).column("query_text").to_pylist())
+    expected = [f"q{i}" for i in sorted(range(len(minutes)), key=lambda i: minutes[i])]  # stable
+    assert got == expected
+    assert sum(summary.train_rows.values()) == int((minutes < 120).sum())
+
+
+def test_jsonl_and_parquet_give_identical_datasets(tmp_path):
+    cat, logs = catalog_rows(), log_rows()
+    cat.append({"product_id": "p1", "title": "dup"})
+    logs.append(log_row(surface="pins"))
+    write(cat, tmp_path / "a/catalog.jsonl")
+    write(logs, tmp_path / "a/logs.jsonl")
+    # Parquet with real timestamp and integer-id types, which must normalise to the same dataset
+    cat_table = pa.Table.from_pylist([{**{k: None for k in cat[0]}, **r} for r in cat])
+    log_table = pa.Table.from_pylist(logs)
+    log_table = log_table.set_column(
+        log_table.schema.get_field_index("timestamp"), "timestamp",
+        pa.array([dt.datetime.fromisoformat(r["timestamp"]) for r in logs], pa.timestamp("us", tz="UTC")))
+    write([], tmp_path / "b/catalog.parquet", table=cat_table)
+    write([], tmp_path / "b/logs.parquet", table=log_table)
+    summaries = {}
+    for d, fmt in (("a", "jsonl"), ("b", "parquet")):
+        summaries[d] = ingest(tmp_path / d / f"catalog.{fmt}", tmp_path / d / f"logs.{fmt}", tmp_path / f"ds_{d}",
+                              IngestConfig(**SMALL))
+    for name in (schema.PRODUCTS_FILE, schema.TRAIN_FILE, schema.EVAL_FILE):
+        a, b = pq.read_table(tmp_path / "ds_a" / name), pq.read_table(tmp_path / "ds_b" / name)
+        assert a.equals(b), name
+    assert (tmp_path / "ds_a/vocab.json").read_bytes() == (tmp_path / "ds_b/vocab.json").read_bytes()
+    ra, rb = rejects(tmp_path / "ds_a"), rejects(tmp_path / "ds_b")
+    assert [(r["row"], r["reason"]) for r in ra] == [(r["row"], r["reason"]) for r in rb] == [
+        (3, "duplicate_product_id"), (4, "unknown_surface")]
+    assert summaries["a"].split_at == summaries["b"].split_at
+
+
+def test_a_directory_of_files_is_read_in_name_order(tmp_path):
+    cat = catalog_rows()
+    write(cat[:2], tmp_path / "cat/part-0.parquet")
+    write([cat[2], dict(cat[0], title="later p1")], tmp_path / "cat/part-1.jsonl")
+    (tmp_path / "cat/_SUCCESS").write_text("")
+    write(log_rows(), tmp_path / "logs/a.jsonl")
+    summary = ingest(tmp_path / "cat", tmp_path / "logs", tmp_path / "ds", IngestConfig(**SMALL, split_at=iso(6)))
+    assert summary.products == 3 and summary.rejects["duplicate_product_id"] == 1
+    assert [r["file"].endswith("part-1.jsonl") and r["row"] for r in rejects(tmp_path / "ds")] == [1]
+
+
+def test_manifest_lists_every_file_with_its_sha256(tmp_path):
+    summary, out = run(tmp_path, "parquet", split_at=iso(6))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "dataset"
+    on_disk = sorted(p.name for p in out.iterdir() if p.name != "manifest.json")
+    assert sorted(manifest["files"]) == on_disk
+    for name, meta in manifest["files"].items():
+        assert meta["sha256"] == hashlib.sha256((out / name).read_bytes()).hexdigest()
+    for role in ("catalog", "logs"):
+        path = tmp_path / f"in/{role}.parquet"
+        assert manifest["inputs"][str(path)] == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    counts = manifest["counts"]
+    assert counts["products"] == 3 and counts["rejected"] == 0 and counts["image_dim"] == 4
+    assert counts["train_rows"]["search.click"] == 1 and counts["eval_rows"]["home.checkout"] == 1
+    assert counts["query_dims"] == {"search": 384, "closeup": 4, "home": 2}
+    assert manifest["config"]["split_at"] == "2024-01-01T06:00:00Z"
+
+
+# ---- image files through the image encoder ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from itemsage.image_encoder import ImageEncoder
+
+    return ImageEncoder()
+
+
+def test_image_paths_go_through_the_image_encoder(tmp_path, encoder):
+    from PIL import Image
+
+    images = tmp_path / "in" / "img"
+    images.mkdir(parents=True)
+    for name, colour in (("red.png", (220, 20, 20)), ("blue.png", (20, 20, 220)), ("green.png", (20, 200, 20))):
+        Image.new("RGB", (40, 30), colour).save(images / name)
+    cat = [
+        {"product_id": "p1", "title": "red", "image_paths": ["img/red.png", "img/blue.png"]},  # relative
+        {"product_id": "p2", "title": "blue", "image_paths": [str(images / "blue.png")]},
+        {"product_id": "p3", "title": "gone", "image_paths": ["img/missing.png"]},
+    ]
+    logs = [
+        {"surface": "closeup", "engagement": "click", "product_id": "p1", "timestamp": iso(1),
+         "query_image_path": "img/green.png"},
+        {"surface": "closeup", "engagement": "save", "product_id": "p2", "timestamp": iso(2),
+         "query_image_path": "img/nothing.png"},
+    ]
+    summary, out = run(tmp_path, "jsonl", catalog=cat, logs=logs, split_at=iso(6))
+    assert [(r["row"], r["reason"]) for r in rejects(out)] == [(2, "unreadable_image"), (1, "unreadable_image")]
+    assert summary.image_dim == encoder.dim and summary.query_dims == {"closeup": encoder.dim}
+
+    reference, errors = encoder.encode_paths([images / "red.png", images / "blue.png", images / "green.png"],
+                                             progress=False)
+    assert errors == [None, None, None]
+    products = pq.read_table(out / schema.PRODUCTS_FILE).column("image_embeddings").to_pylist()
+    np.testing.assert_allclose(np.array(products[0]), reference[:2], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.array(products[1]), reference[1:2], rtol=1e-4, atol=1e-4)
+    query = pq.read_table(out / schema.TRAIN_FILE).column("query_embedding").to_pylist()
+    np.testing.assert_allclose(np.array(query[0]), reference[2], rtol=1e-4, atol=1e-4)
+
+
+# ---- the command ------------------------------------------------------------------------------
+
+
+def test_cli_prints_the_summary_and_refuses_bad_files_with_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from itemsage.cli import app
+
+    cat = write(catalog_rows(), tmp_path / "c.jsonl")
+    lg = write(log_rows(), tmp_path / "l.jsonl")
+    runner = CliRunner()
+    args = ["ingest", "--catalog", str(cat), "--logs", str(lg), "--out", str(tmp_path / "ds"), "--no-progress",
+            "--split-at", iso(6), "--max-trigrams", "50"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "search.click" in result.output and "products.parquet" in result.output
+    assert json.loads((tmp_path / "ds/manifest.json").read_text())["config"]["max_trigrams"] == 50
+
+    bad = write([{"title": "no id"}], tmp_path / "bad.jsonl")
+    result = runner.invoke(app, ["ingest", "--catalog", str(bad), "--logs", str(lg), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    assert "product_id" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, args + ["--eval-fraction", "0.3"])
+    assert result.exit_code == 2
