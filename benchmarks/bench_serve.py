@@ -1,0 +1,304 @@
+"""Throughput and latency of `itemsage serve` for closeup (by product id) and text search.
+
+The server runs on loopback pinned to one core (`taskset -c 0`, one torch/faiss thread); the load
+comes from another core (`taskset -c 1`) so client and server do not compete. Load generator: `wrk`
+(Debian package `wrk`) when installed, else `hey`, else a small asyncio + httpx generator in this
+file (it saturates near 1-2k requests/s on one core, so its numbers are a floor). The table names
+the one used, and carries the index's recall@10 against exact search from its manifest: a speed
+figure without its recall means nothing.
+
+    python benchmarks/bench_serve.py --model runs/demo/model --index runs/demo/index
+    python benchmarks/bench_serve.py --random-fixture 50000 --duration 5     # smoke run, random init
+
+Closeup by product id does one index lookup and one HNSW search; search adds the MiniLM text encoder
+(the dominant cost on CPU) and the search adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow.parquet as pq
+
+COLORS = ["red", "blue", "green", "black", "white", "beige", "navy", "olive", "grey", "pink"]
+MATERIALS = ["oak", "linen", "leather", "cotton", "steel", "wool", "velvet", "rattan", "glass", "brass"]
+ITEMS = ["chair", "sofa", "lamp", "rug", "dress", "sneakers", "jacket", "mug", "vase", "backpack"]
+
+
+def search_queries(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [f"{rng.choice(COLORS)} {rng.choice(MATERIALS)} {rng.choice(ITEMS)}" for _ in range(n)]
+
+
+def index_facts(index_root: Path) -> dict:
+    from itemsage.index import IDS_FILE, current_version
+    from itemsage.artifacts import read_manifest
+
+    version_dir = current_version(index_root)
+    manifest = read_manifest(version_dir, kind="index")
+    ids = pq.read_table(version_dir / IDS_FILE).column(0).to_pylist()
+    return {
+        "version": version_dir.name,
+        "kind": manifest["config"]["kind"],
+        "ef_search": manifest["config"].get("ef_search"),
+        "count": manifest["count"],
+        "dim": manifest["dim"],
+        "recall_at_10": manifest.get("recall_at_10"),
+        "recall_queries": manifest.get("recall_queries"),
+        "ids": ids,
+    }
+
+
+# ---- load generators -----------------------------------------------------------------------------
+
+
+def _wrk_script(path: str, bodies: list[str]) -> str:
+    lines = ["local bodies = {"] + [f"  {json.dumps(b)}," for b in bodies] + ["}"]
+    lines += [
+        "local i = 0",
+        'wrk.method = "POST"',
+        'wrk.headers["Content-Type"] = "application/json"',
+        "request = function()",
+        "  i = i + 1",
+        f'  return wrk.format(nil, "{path}", nil, bodies[(i % #bodies) + 1])',
+        "end",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+
+def run_wrk(url: str, path: str, bodies: list[str], conns: int, duration: float, core: int) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(_wrk_script(path, bodies))
+    try:
+        out = subprocess.run(
+            ["taskset", "-c", str(core), "wrk", "-t1", f"-c{conns}", f"-d{int(duration)}s", "--latency",
+             "--timeout", "10s", "-s", f.name, url],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    finally:
+        os.unlink(f.name)
+    pct = dict(re.findall(r"^\s+(\d+)%\s+(\S+)$", out, re.M))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": _ms(pct["50"]),
+        "p99_ms": _ms(pct["99"]),
+        "errors": (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0),
+    }
+
+
+def run_hey(url: str, path: str, bodies: list[str], conns: int, duration: float, core: int) -> dict:
+    # hey sends one fixed body: the first one (the server does the same work per request).
+    out = subprocess.run(
+        ["taskset", "-c", str(core), "hey", "-z", f"{int(duration)}s", "-c", str(conns), "-m", "POST",
+         "-T", "application/json", "-d", bodies[0], url + path],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    pct = dict(re.findall(r"^\s+(\d+)%% in ([\d.]+) secs", out.replace("%", "%%"), re.M))
+    codes = re.findall(r"\[(\d+)\]\s+(\d+) responses", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": float(pct["50"]) * 1e3,
+        "p99_ms": float(pct["99"]) * 1e3,
+        "errors": sum(int(n) for code, n in codes if code != "200"),
+    }
+
+
+async def _python_load(url: str, bodies: list[str], conns: int, duration: float) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
+    async with httpx.AsyncClient(limits=limits, timeout=10.0) as client:
+        end = time.perf_counter() + duration
+
+        async def worker(w: int) -> None:
+            nonlocal errors
+            i = w
+            while time.perf_counter() < end:
+                t = time.perf_counter()
+                try:
+                    r = await client.post(url, content=bodies[i % len(bodies)],
+                                          headers={"content-type": "application/json"})
+                    errors += r.status_code != 200
+                except httpx.HTTPError:
+                    errors += 1
+                latencies.append(time.perf_counter() - t)
+                i += conns
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(conns)))
+        elapsed = time.perf_counter() - start
+    lat = np.asarray(latencies) * 1e3
+    return {"rps": len(lat) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "errors": errors}
+
+
+def run_python(url: str, path: str, bodies: list[str], conns: int, duration: float, core: int) -> dict:
+    """The asyncio generator in a child process pinned to `core`."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(bodies, f)
+    try:
+        out = subprocess.run(
+            ["taskset", "-c", str(core), sys.executable, __file__, "--_loadgen", url + path, f.name,
+             str(conns), str(duration)],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    finally:
+        os.unlink(f.name)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# ---- a random-init fixture for smoke runs ----------------------------------------------------------
+
+
+def random_fixture(n: int, out: Path) -> tuple[Path, Path]:
+    """A random-init `cpu`-preset model and an HNSW index over n clustered random 256-d vectors."""
+    import torch
+
+    from itemsage.features import Vocabulary
+    from itemsage.index import ProductIndex, publish, version_path
+    from itemsage.model import ItemSage, QueryAdapters, model_config, save_model
+
+    torch.manual_seed(0)
+    cfg = model_config("cpu")
+    vocab = Vocabulary.build([[f"{c} {m} {i}"] for c in COLORS for m in MATERIALS for i in ITEMS])
+    query_dims = {"search": 384, "closeup": 64, "home": cfg.out_dim}
+    tower = ItemSage(cfg, len(vocab), 64)
+    save_model(out / "model", tower, QueryAdapters(query_dims, cfg.out_dim, cfg.adapter), cfg, vocab,
+               image_dim=64, query_dims=query_dims)
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((max(n // 100, 1), cfg.out_dim)).astype(np.float32)
+    vectors = centers[rng.integers(0, len(centers), n)] + 0.5 * rng.standard_normal((n, cfg.out_dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = ProductIndex.build(np.array([f"p{i:07d}" for i in range(n)], dtype=object), vectors, kind="hnsw")
+    version_dir = version_path(out / "index", "random")
+    index.save(version_dir)
+    publish(out / "index", version_dir)
+    return out / "model", out / "index"
+
+
+# ---- main ------------------------------------------------------------------------------------------
+
+
+def wait_ready(url: str, server: subprocess.Popen, timeout: float = 180.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited with code {server.returncode}; see its log")
+        try:
+            if httpx.get(url + "/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"the server was not ready after {timeout:.0f} s")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--_loadgen":  # child mode of run_python
+        url, bodies_file, conns, duration = sys.argv[2:6]
+        bodies = json.loads(Path(bodies_file).read_text())
+        print(json.dumps(asyncio.run(_python_load(url, bodies, int(conns), float(duration)))))
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, help="model directory")
+    p.add_argument("--index", type=Path, help="index root (its CURRENT version is served)")
+    p.add_argument("--random-fixture", type=int, default=0, metavar="N",
+                   help="instead of --model/--index: a random-init model and an HNSW index of N vectors")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per run")
+    p.add_argument("--connections", default="4,32", help="comma-separated load levels")
+    p.add_argument("--endpoints", default="closeup,search")
+    p.add_argument("--port", type=int, default=18765)
+    p.add_argument("--server-core", type=int, default=0)
+    p.add_argument("--client-core", type=int, default=1)
+    p.add_argument("--tool", choices=["auto", "wrk", "hey", "python"], default="auto")
+    p.add_argument("--k", type=int, default=10)
+    args = p.parse_args()
+
+    tmp = None
+    if args.random_fixture:
+        tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+        print(f"building a random-init fixture of {args.random_fixture} products in {tmp} ...", file=sys.stderr)
+        args.model, args.index = random_fixture(args.random_fixture, tmp)
+    elif not (args.model and args.index):
+        p.error("give --model and --index (or --random-fixture N)")
+    tool = args.tool
+    if tool == "auto":
+        tool = "wrk" if shutil.which("wrk") else "hey" if shutil.which("hey") else "python"
+    runner = {"wrk": run_wrk, "hey": run_hey, "python": run_python}[tool]
+
+    facts = index_facts(args.index)
+    rng = random.Random(0)
+    sample = rng.sample(facts["ids"], min(2000, len(facts["ids"])))
+    bodies = {
+        "closeup": [json.dumps({"product_id": pid, "k": args.k}) for pid in sample],
+        "search": [json.dumps({"text": q, "k": args.k}) for q in search_queries(500)],
+    }
+    url = f"http://127.0.0.1:{args.port}"
+    env = {k: v for k, v in os.environ.items() if k != "ITEMSAGE_RELOAD_TOKEN"}
+    log_file = open(Path(tempfile.gettempdir()) / f"bench-serve-{args.port}.log", "w")
+    server = subprocess.Popen(
+        ["taskset", "-c", str(args.server_core), sys.executable, "-m", "itemsage.cli", "serve",
+         "--model", str(args.model), "--index", str(args.index), "--port", str(args.port), "--threads", "1"],
+        stdout=log_file, stderr=subprocess.STDOUT, env=env,
+    )
+    rows = []
+    try:
+        wait_ready(url, server)
+        endpoints = args.endpoints.split(",")
+        for endpoint in endpoints:  # warm-up: the first search loads MiniLM
+            for body in bodies[endpoint][:20]:
+                r = httpx.post(f"{url}/v1/{endpoint}", content=body, headers={"content-type": "application/json"},
+                               timeout=120)
+                r.raise_for_status()
+        for endpoint in endpoints:
+            for conns in [int(c) for c in args.connections.split(",")]:
+                print(f"{endpoint} x {conns} connections, {args.duration:.0f} s ...", file=sys.stderr)
+                result = runner(url, f"/v1/{endpoint}", bodies[endpoint], conns, args.duration, args.client_core)
+                rows.append((endpoint, conns, result))
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log_file.close()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    recall = facts["recall_at_10"]
+    ef = f", ef_search {facts['ef_search']}" if facts["kind"] == "hnsw" else ""
+    print(f"\nIndex `{facts['version']}`: {facts['kind']}{ef}, {facts['count']:,} products x {facts['dim']} dims, "
+          f"recall@10 vs exact = {recall if recall is None else f'{recall:.4f}'} "
+          f"({facts['recall_queries']} queries, from the index manifest).")
+    print(f"Server: 1 uvicorn worker pinned to core {args.server_core}, 1 torch/faiss thread; load: {tool} "
+          f"pinned to core {args.client_core}; {args.duration:.0f} s per row; k = {args.k}.\n")
+    print("| endpoint | connections | requests/s | p50 (ms) | p99 (ms) | errors | recall@10 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for endpoint, conns, r in rows:
+        label = "closeup (product id)" if endpoint == "closeup" else "search (text, MiniLM)" if endpoint == "search" else endpoint
+        print(f"| {label} | {conns} | {r['rps']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
+              f"{recall if recall is None else f'{recall:.3f}'} |")
+
+
+if __name__ == "__main__":
+    main()

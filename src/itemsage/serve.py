@@ -1,0 +1,872 @@
+"""The candidate-generation service: FastAPI over one model and one index version (SPEC §8).
+
+    POST /v1/search   {text | vector, k}                       text -> query encoder -> adapter -> top-k
+    POST /v1/closeup  {product_id | vector | image, k}          a product, an image vector or file -> top-k
+    POST /v1/home     {history | vectors, k, max_clusters}      PinnerSage clusters -> merged top-k
+    POST /v1/embed    {product: {text fields, image_embeddings}} one product -> its embedding
+    GET  /healthz, /readyz, /metrics (Prometheus text);  POST /admin/reload (Bearer token)
+
+Every retrieval response carries `ids` and `scores` (inner products of unit vectors, higher = more
+similar, best first) and the `index_version` that answered. Query vectors pass through the model's
+query adapter of their surface; a product id is looked up in the index, whose vectors already live
+in product space, so it needs no adapter.
+
+Bad requests get a 4xx with a message, never a 5xx: bodies are pydantic models that refuse unknown
+fields and NaN/inf, widths and ids are checked against the model and the index, and the validation
+handler never echoes the offending input (echoing a NaN back is itself a 500 in FastAPI's default).
+
+Hot reload loads and verifies a whole index version before swapping one reference; a request reads
+that reference once, so requests in flight finish on the old index and none fails.
+
+Inference (torch, faiss) blocks, so the endpoints are plain `def`s that FastAPI runs in its thread
+pool; `run()` sets torch and faiss to one thread each because requests are single queries and
+parallelism comes from concurrent requests.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hmac
+import logging
+import math
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from itemsage import index as index_lib
+from itemsage.artifacts import ArtifactError
+from itemsage.config import ConfigError, require
+from itemsage.schema import IMAGE_EMBEDDINGS, PRODUCT_ID
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 8 << 20  # a home request of 1000 x 256 floats as JSON is ~5 MB
+DEFAULT_MAX_K = 1000
+MAX_HISTORY = 1000  # history items (ids or vectors) per home request
+MAX_VECTOR_WIDTH = 8192  # a cheap upper bound before the exact width check
+MAX_TEXT_CHARS = 2048  # MiniLM reads at most 256 tokens anyway
+# PinnerSage cuts the Ward tree at a distance threshold, then keeps a few clusters. For unit
+# vectors two single items merge below 1.0 when their cosine is above 0.5; larger clusters merge
+# later (the Ward distance grows with cluster size). `max_clusters` caps the count.
+WARD_DISTANCE_THRESHOLD = 1.0
+SMALL_HISTORY = 3  # fewer items than this form one cluster: too few to find separate interests
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+# ---- request and response bodies ----------------------------------------------------------------
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Vector = Annotated[list[FiniteFloat], Field(min_length=1, max_length=MAX_VECTOR_WIDTH)]
+ProductId = Annotated[str, Field(min_length=1, max_length=1024)]
+TopK = Annotated[int, Field(strict=True, description="Number of results; 1 <= k <= the server's max_k.")]
+TextValue = Optional[str | list[str]]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _exactly_one(body: BaseModel, names: tuple[str, ...]) -> None:
+    given = [n for n in names if getattr(body, n) is not None]
+    if len(given) != 1:
+        options = ", ".join(f"`{n}`" for n in names)
+        got = ", ".join(f"`{n}`" for n in given) if given else "none"
+        raise ValueError(f"give exactly one of {options}; got {got}")
+
+
+class SearchRequest(_Body):
+    text: Optional[Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]] = None
+    vector: Optional[Vector] = Field(None, description="A precomputed search-query vector (instead of text).")
+    k: TopK = 10
+
+    @model_validator(mode="after")
+    def _one_query(self) -> SearchRequest:
+        _exactly_one(self, ("text", "vector"))
+        return self
+
+
+class CloseupRequest(_Body):
+    product_id: Optional[ProductId] = Field(None, description="An indexed product: find products like it.")
+    vector: Optional[Vector] = Field(None, description="An image vector of the closeup query width.")
+    image: Optional[str] = Field(None, description="An image file's bytes, base64-encoded.")
+    k: TopK = 10
+    exclude_self: bool = Field(True, description="With product_id: leave the product itself out.")
+
+    @model_validator(mode="after")
+    def _one_query(self) -> CloseupRequest:
+        _exactly_one(self, ("product_id", "vector", "image"))
+        return self
+
+
+class HomeRequest(_Body):
+    history: Optional[Annotated[list[ProductId], Field(min_length=1, max_length=MAX_HISTORY)]] = Field(
+        None, description="Product ids the user engaged with; they are left out of the results."
+    )
+    vectors: Optional[Annotated[list[Vector], Field(min_length=1, max_length=MAX_HISTORY)]] = Field(
+        None, description="History as vectors of the home query width (instead of ids)."
+    )
+    k: TopK = 10
+    max_clusters: Annotated[int, Field(strict=True, ge=1, le=20)] = 5
+
+    @model_validator(mode="after")
+    def _one_history(self) -> HomeRequest:
+        _exactly_one(self, ("history", "vectors"))
+        return self
+
+
+class ProductIn(BaseModel):
+    """One product as in the catalog: text fields (a string or a list of strings) and image vectors.
+
+    Fields beyond the twelve standard ones are accepted when the model was trained on them.
+    """
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    __pydantic_extra__: dict[str, TextValue]
+
+    product_id: Optional[ProductId] = None
+    title: TextValue = None
+    description: TextValue = None
+    brand: TextValue = None
+    colors: TextValue = None
+    materials: TextValue = None
+    patterns: TextValue = None
+    size: TextValue = None
+    size_type: TextValue = None
+    product_type: TextValue = None
+    category: TextValue = None
+    domain: TextValue = None
+    links: TextValue = None
+    image_embeddings: Optional[list[Vector]] = Field(None, description="Image vectors, main image first.")
+
+
+class EmbedRequest(_Body):
+    product: ProductIn
+
+
+class Candidates(BaseModel):
+    ids: list[str]
+    scores: list[float] = Field(description="Inner products of unit vectors; higher = more similar.")
+    index_version: str
+
+
+class Cluster(BaseModel):
+    medoid: int = Field(description="Position in the request's history of the cluster's medoid.")
+    size: int
+    importance: float = Field(description="Share of the history in this cluster (PinnerSage uses "
+                              "time-decayed frequency; this service counts items).")
+    members: list[int]
+
+
+class HomeResponse(Candidates):
+    clusters: list[Cluster]
+    cluster_of: list[int] = Field(description="For each result, the cluster whose medoid scored it best.")
+
+
+class EmbedResponse(BaseModel):
+    product_id: Optional[str]
+    vector: list[float]
+    dim: int
+    model_fingerprint: str
+
+
+class ReloadRequest(_Body):
+    version: Optional[str] = Field(None, description="Version name under INDEX_ROOT/versions; "
+                                   "default: the one CURRENT points at.")
+
+
+class ReloadResponse(BaseModel):
+    index_version: str
+    previous_version: str
+    products: int
+    seconds: float
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+class RequestError(Exception):
+    """A request the service refuses: `status` is a 4xx (or 503), `message` says what to change."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        detail = (e.get("ctx") or {}).get("error")
+        why = f" ({detail})" if isinstance(detail, str) else ""  # e.g. the JSON decoder's reason
+        parts.append(f"{loc}: {e.get('msg', 'invalid')}{why}")
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(parts) + more
+
+
+# ---- metrics (Prometheus text exposition, written by hand: no client library needed) -------------
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    """Request counters per endpoint, method and status, and a latency histogram per endpoint.
+
+    Updated and rendered only on the event loop thread (middleware and an async endpoint), so no lock.
+    """
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.latency: dict[str, list[float]] = {}  # endpoint -> [bucket counts..., sum, count]
+        self.reloads: dict[str, int] = {}
+
+    def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+        key = (endpoint, method, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        h = self.latency.setdefault(endpoint, [0.0] * (len(LATENCY_BUCKETS) + 2))
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                h[i] += 1
+        h[-2] += seconds
+        h[-1] += 1
+
+    def render(self, info: dict[str, Any]) -> str:
+        out = [
+            "# HELP itemsage_requests_total HTTP requests by endpoint, method and status.",
+            "# TYPE itemsage_requests_total counter",
+        ]
+        for (endpoint, method, status), n in sorted(self.requests.items()):
+            out.append(f'itemsage_requests_total{{endpoint="{_escape(endpoint)}",method="{method}",'
+                       f'status="{status}"}} {n}')
+        out += [
+            "# HELP itemsage_request_duration_seconds Request latency, from first byte in to last out.",
+            "# TYPE itemsage_request_duration_seconds histogram",
+        ]
+        for endpoint, h in sorted(self.latency.items()):
+            label = f'endpoint="{_escape(endpoint)}"'
+            for bound, n in zip(LATENCY_BUCKETS, h):
+                out.append(f'itemsage_request_duration_seconds_bucket{{{label},le="{bound}"}} {int(n)}')
+            out.append(f'itemsage_request_duration_seconds_bucket{{{label},le="+Inf"}} {int(h[-1])}')
+            out.append(f"itemsage_request_duration_seconds_sum{{{label}}} {h[-2]:.6f}")
+            out.append(f"itemsage_request_duration_seconds_count{{{label}}} {int(h[-1])}")
+        out += [
+            "# HELP itemsage_index_reloads_total Index reloads by outcome.",
+            "# TYPE itemsage_index_reloads_total counter",
+        ]
+        for outcome, n in sorted(self.reloads.items()):
+            out.append(f'itemsage_index_reloads_total{{outcome="{outcome}"}} {n}')
+        out += [
+            "# HELP itemsage_index_info The index version being served (value 1).",
+            "# TYPE itemsage_index_info gauge",
+            f'itemsage_index_info{{version="{_escape(info["index_version"])}",'
+            f'model="{_escape(info["model_fingerprint"])}"}} 1',
+            "# HELP itemsage_index_products Products in the served index.",
+            "# TYPE itemsage_index_products gauge",
+            f"itemsage_index_products {info['products']}",
+        ]
+        return "\n".join(out) + "\n"
+
+
+class MetricsMiddleware:
+    """Counts every response (413s and 500s included) under its route path, 'other' if unrouted."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, paths: Callable[[], set[str]]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # what ServerErrorMiddleware answers if the app raises before responding
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = scope.get("path", "")
+            endpoint = path if path in self.paths() else "other"  # bounded label set
+            self.metrics.observe(endpoint, scope.get("method", ""), status, time.perf_counter() - start)
+
+
+class BodyLimitMiddleware:
+    """413 for a body over `max_bytes`: by its Content-Length, or by counting a streamed body.
+
+    The body is read here in full (it is small by construction) and replayed to the app, so a
+    chunked upload without Content-Length is held to the same limit before any parsing starts.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
+        await JSONResponse({"detail": message}, status_code=status)(scope, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_big = (f"request body is larger than the server's limit of {self.max_bytes} bytes; send "
+                   "fewer or shorter vectors, or start the server with a larger max_body_bytes")
+        declared = dict(scope.get("headers", ())).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await self._refuse(scope, receive, send, 400, "Content-Length must be a non-negative integer")
+                return
+            if int(declared) > self.max_bytes:
+                await self._refuse(scope, receive, send, 413, too_big)
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left; nothing to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send, 413, too_big)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later calls wait for the disconnect, as the server's would
+
+        await self.app(scope, replay, send)
+
+
+# ---- home: PinnerSage clusters and the merge of their candidate lists ----------------------------
+
+
+def cluster_history(vectors: np.ndarray, max_clusters: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ward clusters of a history and each cluster's medoid, as in PinnerSage.
+
+    vectors [H, D] -> (labels [H] in 0..C-1, medoids [C] positions in the history). Clusters are
+    numbered by size, largest first (ties: earliest first member). The medoid is the member with the
+    smallest summed Euclidean distance to the cluster's other members (ties: earliest).
+    """
+    h = len(vectors)
+    if h < SMALL_HISTORY or max_clusters == 1:
+        labels = np.zeros(h, dtype=np.int64)
+    else:
+        from sklearn.cluster import AgglomerativeClustering
+
+        x = np.asarray(vectors, dtype=np.float64)
+        labels = AgglomerativeClustering(
+            n_clusters=None, distance_threshold=WARD_DISTANCE_THRESHOLD, linkage="ward"
+        ).fit(x).labels_
+        if labels.max() + 1 > max_clusters:  # too many interests: cut the same tree higher
+            labels = AgglomerativeClustering(n_clusters=max_clusters, linkage="ward").fit(x).labels_
+    # Renumber: largest first, then by first appearance.
+    found = np.unique(labels)
+    order = sorted(found, key=lambda c: (-int((labels == c).sum()), int(np.argmax(labels == c))))
+    renumber = {int(c): i for i, c in enumerate(order)}
+    labels = np.array([renumber[int(c)] for c in labels], dtype=np.int64)
+    medoids = np.empty(len(order), dtype=np.int64)
+    for c in range(len(order)):
+        members = np.flatnonzero(labels == c)
+        x = vectors[members].astype(np.float64)  # [n, D]
+        sq = (x * x).sum(axis=1)  # [n]
+        dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0))  # [n, n]
+        medoids[c] = members[int(np.argmin(dist.sum(axis=1)))]
+    return labels, medoids
+
+
+def allocate(k: int, sizes: list[int]) -> list[int]:
+    """Split k result slots across clusters in proportion to `sizes` (largest remainder, ties first)."""
+    total = sum(sizes)
+    raw = [k * s / total for s in sizes]
+    quota = [math.floor(r) for r in raw]
+    by_remainder = sorted(range(len(sizes)), key=lambda c: (-(raw[c] - quota[c]), c))
+    for c in by_remainder[: k - sum(quota)]:
+        quota[c] += 1
+    return quota
+
+
+def merge_candidates(
+    ids: np.ndarray, scores: np.ndarray, quotas: list[int], exclude: set[str], k: int
+) -> tuple[list[str], list[float], list[int]]:
+    """Merge per-cluster result lists into one list of up to k products.
+
+    ids, scores [C, K'] (clusters by importance, each list best first). Each cluster contributes
+    up to its quota of products not excluded and not already taken; unfilled slots go to the best
+    remaining candidates of any cluster. A product found by several clusters keeps its best score.
+    Returns (ids, scores, cluster) sorted by score, best first.
+    """
+    best: dict[str, tuple[float, int]] = {}
+    for c in range(len(ids)):
+        for pid, s in zip(ids[c], scores[c]):
+            if pid and pid not in exclude and (pid not in best or s > best[pid][0]):
+                best[pid] = (float(s), c)
+    chosen: dict[str, None] = {}  # insertion-ordered set
+    for c, quota in enumerate(quotas):
+        taken = 0
+        for pid in ids[c]:
+            if taken >= quota:
+                break
+            if pid in best and pid not in chosen:
+                chosen[pid] = None
+                taken += 1
+    for pid in sorted(best, key=lambda p: (-best[p][0], p)):
+        if len(chosen) >= k:
+            break
+        chosen.setdefault(pid, None)
+    ranked = sorted(chosen, key=lambda p: (-best[p][0], p))
+    return ranked, [best[p][0] for p in ranked], [best[p][1] for p in ranked]
+
+
+# ---- the service: model, served index, encoders ------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+    """What one request reads once: the index and its version, swapped together by reload."""
+
+    index: index_lib.ProductIndex
+    version: str
+
+
+class Service:
+    """Everything the endpoints compute, independent of HTTP. Errors are `RequestError`s."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        index_root: str | Path,
+        *,
+        max_k: int = DEFAULT_MAX_K,
+        text_encoder: Any = None,
+        image_encoder: Any = None,
+    ) -> None:
+        from itemsage.model import load_model
+
+        require(max_k >= 1, f"max_k must be >= 1, got {max_k}")
+        self.max_k = max_k
+        self.index_root = Path(index_root)
+        self.model = load_model(model_dir)
+        self.model.tower.eval()
+        self.model.adapters.eval()
+        self.out_dim = int(self.model.config.out_dim)
+        self.served = self._check_index(index_lib.load_current(self.index_root))
+        self._text_encoder = text_encoder
+        self._image_encoder = image_encoder
+        self._encoder_lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        log.info("serving model %s with index version %s (%d products)",
+                 self.model.fingerprint, self.served.version, len(self.served.index))
+
+    # -- index versions --
+
+    def _check_index(self, index: index_lib.ProductIndex) -> Served:
+        """Refuse an index of another width, or one built from another model's embeddings."""
+        if index.dim != self.out_dim:
+            raise ArtifactError(f"index version {index.version} holds {index.dim}-d vectors but the model "
+                                f"embeds into {self.out_dim}-d; index embeddings of this model")
+        built_from = index.manifest.get("inputs", {}).get("model")
+        if built_from and built_from != self.model.fingerprint:
+            raise ArtifactError(f"index version {index.version} was built from embeddings of model "
+                                f"{built_from}, but the server runs model {self.model.fingerprint}; "
+                                "re-embed the catalog with this model and index it")
+        return Served(index, str(index.version))
+
+    def reload(self, version: str | None) -> ReloadResponse:
+        """Load (and verify) a version fully, then swap one reference. Old requests keep the old one."""
+        with self._reload_lock:  # one reload at a time; requests never wait on this lock
+            start = time.perf_counter()
+            try:
+                version_dir = (index_lib.version_path(self.index_root, version) if version
+                               else index_lib.current_version(self.index_root))
+            except ValueError as err:
+                raise RequestError(422, str(err)) from None
+            except ArtifactError as err:  # no CURRENT pointer
+                raise RequestError(404, str(err)) from None
+            if not version_dir.is_dir():
+                known = sorted(p.name for p in (self.index_root / index_lib.VERSIONS_DIR).glob("*") if p.is_dir())
+                raise RequestError(404, f"index version '{version_dir.name}' does not exist; known "
+                                   f"versions: {', '.join(known) or 'none'}")
+            try:
+                new = self._check_index(index_lib.ProductIndex.load(version_dir))
+            except (ArtifactError, ConfigError, OSError, RuntimeError, ValueError, KeyError) as err:
+                # faiss raises RuntimeError on unreadable files; the manifest check usually comes first.
+                raise RequestError(409, f"index version '{version_dir.name}' was refused and the "
+                                   f"previous version ({self.served.version}) keeps serving: {err}") from None
+            previous = self.served
+            self.served = new  # the swap: one reference assignment
+            seconds = time.perf_counter() - start
+            log.info("reloaded index: %s -> %s in %.2f s", previous.version, new.version, seconds)
+            return ReloadResponse(index_version=new.version, previous_version=previous.version,
+                                  products=len(new.index), seconds=round(seconds, 3))
+
+    # -- query helpers --
+
+    def _check_k(self, k: int) -> None:
+        if not 1 <= k <= self.max_k:
+            raise RequestError(422, f"k must be between 1 and {self.max_k}, got {k}")
+
+    def _query_width(self, surface: str) -> int:
+        dims = self.model.query_dims
+        if surface not in dims:
+            raise RequestError(400, f"this model has no {surface} query adapter (it was trained on "
+                               f"{', '.join(sorted(dims)) or 'no'} queries); use another endpoint or "
+                               "retrain with this surface's engagement logs")
+        return int(dims[surface])
+
+    def _as_matrix(self, rows: list[list[float]], width: int, what: str) -> np.ndarray:
+        """JSON rows -> float32 [N, width], refusing wrong widths, overflow to inf, and zero rows."""
+        for i, row in enumerate(rows):
+            if len(row) != width:
+                where = f"{what}[{i}]" if len(rows) > 1 else what
+                raise RequestError(422, f"{where} has {len(row)} values; this model expects {width}")
+        x = np.asarray(rows, dtype=np.float64)
+        with np.errstate(over="ignore"):
+            x32 = x.astype(np.float32)
+        if not np.all(np.isfinite(x32)):
+            raise RequestError(422, f"{what} holds values outside the float32 range; send finite values")
+        norms = np.linalg.norm(x32.astype(np.float64), axis=1)  # [N]; float32 underflow counts as zero
+        if np.any(norms < 1e-12):
+            raise RequestError(422, f"{what} is all zeros (or nearly); a zero vector has no direction to search by")
+        return x32
+
+    def _adapt(self, surface: str, x: np.ndarray) -> np.ndarray:
+        """Query vectors [B, Dq] -> product space [B, D] unit rows via the surface's adapter."""
+        with torch.inference_mode():
+            q = self.model.adapters(surface, torch.from_numpy(x)).float().numpy()  # [B, D]
+        if not np.all(np.isfinite(q)):
+            raise RequestError(422, f"the {surface} query vector is too large to normalise; scale it down")
+        return q
+
+    def _product_vectors(self, served: Served, product_ids: list[str]) -> np.ndarray:
+        missing = [p for p in dict.fromkeys(product_ids) if p not in served.index]
+        if missing:
+            shown = ", ".join(repr(p) for p in missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise RequestError(404, f"unknown product id(s) {shown}: not in index version {served.version}")
+        return served.index.vector(product_ids).astype(np.float32)  # [N, D]
+
+    def _top_k(self, served: Served, q: np.ndarray, k: int, exclude: set[str] = frozenset()) -> Candidates:
+        """Top-k of one query [1, D] from the served index, leaving out `exclude` and padding."""
+        depth = min(k + len(exclude), len(served.index))
+        ids, scores = served.index.search(q, max(depth, 1))  # [1, depth]
+        keep = [(p, float(s)) for p, s in zip(ids[0], scores[0]) if p and p not in exclude][:k]
+        return Candidates(ids=[p for p, _ in keep], scores=[s for _, s in keep], index_version=served.version)
+
+    def text_encoder(self) -> Any:
+        with self._encoder_lock:  # created once, on first use (loading MiniLM takes seconds)
+            if self._text_encoder is None:
+                from itemsage.query_encoder import TextQueryEncoder
+
+                self._text_encoder = TextQueryEncoder()
+            return self._text_encoder
+
+    def warm_up(self) -> None:
+        """Load the text encoder now (seconds) instead of on the first search request."""
+        from itemsage.query_encoder import TextQueryEncoder
+
+        if self._text_encoder is not None or self.model.query_dims.get("search") == TextQueryEncoder.dim:
+            self.text_encoder().encode(["warm up"])
+
+    def _image_encoder_dim(self) -> int:
+        if self._image_encoder is not None:
+            return int(self._image_encoder.dim)
+        from itemsage.image_encoder import ImageEncoder
+
+        return int(ImageEncoder.dim)
+
+    def image_encoder(self) -> Any:
+        with self._encoder_lock:
+            if self._image_encoder is None:
+                from itemsage.image_encoder import ImageEncoder
+
+                self._image_encoder = ImageEncoder()
+            return self._image_encoder
+
+    # -- endpoints --
+
+    def search(self, req: SearchRequest) -> Candidates:
+        self._check_k(req.k)
+        served = self.served
+        width = self._query_width("search")
+        if req.text is not None:
+            encoder = self.text_encoder()
+            if int(encoder.dim) != width:
+                raise RequestError(400, f"this model's search adapter takes {width}-d vectors, but the text "
+                                   f"encoder gives {encoder.dim}-d; send `vector` of width {width} instead")
+            if not req.text.strip():
+                raise RequestError(422, "text is blank; send the words of the search query")
+            x = np.asarray(encoder.encode([req.text]), dtype=np.float32)  # [1, 384]
+        else:
+            x = self._as_matrix([req.vector], width, "vector")
+        return self._top_k(served, self._adapt("search", x), req.k)
+
+    def closeup(self, req: CloseupRequest) -> Candidates:
+        self._check_k(req.k)
+        served = self.served
+        if req.product_id is not None:
+            q = self._product_vectors(served, [req.product_id])  # already in product space
+            exclude = {req.product_id} if req.exclude_self else set()
+            return self._top_k(served, q, req.k, exclude)
+        width = self._query_width("closeup")
+        if req.vector is not None:
+            x = self._as_matrix([req.vector], width, "vector")
+        else:
+            x = self._encode_image(req.image or "", width)
+        return self._top_k(served, self._adapt("closeup", x), req.k)
+
+    def _encode_image(self, b64: str, width: int) -> np.ndarray:
+        encoder_dim = self._image_encoder_dim()
+        if encoder_dim != width:
+            raise RequestError(400, f"the built-in image encoder gives {encoder_dim}-d vectors but this model's "
+                               f"closeup queries are {width}-d (the catalog's image width); encode the image "
+                               f"with the catalog's encoder and send `vector` instead")
+        try:
+            data = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(422, "image is not valid base64; send the file's bytes base64-encoded") from None
+        if not data:
+            raise RequestError(422, "image is empty; send the file's bytes base64-encoded")
+        with tempfile.TemporaryDirectory(prefix="itemsage-image-") as tmp:
+            path = Path(tmp) / "query"
+            path.write_bytes(data)
+            vectors, errors = self.image_encoder().encode_paths([str(path)], progress=False)
+        if errors and errors[0]:  # the message names our temp file; the user knows it as "the image"
+            raise RequestError(422, errors[0].replace(repr(str(path)), "the uploaded image"))
+        return self._as_matrix(np.asarray(vectors, dtype=np.float64).tolist(), width, "image vector")
+
+    def home(self, req: HomeRequest) -> HomeResponse:
+        self._check_k(req.k)
+        served = self.served
+        if req.history is not None:
+            x = self._product_vectors(served, req.history)  # [H, D] product space
+            exclude = set(req.history)
+        else:
+            width = self._query_width("home")
+            x = self._adapt("home", self._as_matrix(req.vectors or [], width, "vectors"))  # [H, D]
+            exclude = set()
+        labels, medoids = cluster_history(x, req.max_clusters)
+        sizes = [int((labels == c).sum()) for c in range(len(medoids))]
+        depth = max(min(req.k + len(exclude), len(served.index)), 1)  # enough for any quota (see merge)
+        ids, scores = served.index.search(x[medoids], depth)  # [C, depth]
+        top, top_scores, cluster_of = merge_candidates(ids, scores, allocate(req.k, sizes), exclude, req.k)
+        clusters = [
+            Cluster(medoid=int(m), size=sizes[c], importance=sizes[c] / len(x),
+                    members=np.flatnonzero(labels == c).tolist())
+            for c, m in enumerate(medoids)
+        ]
+        return HomeResponse(ids=top, scores=top_scores, index_version=served.version, clusters=clusters,
+                            cluster_of=cluster_of)
+
+    def embed(self, req: EmbedRequest) -> EmbedResponse:
+        from itemsage.features import featurize
+
+        cfg = self.model.config
+        product = req.product
+        extra = product.__pydantic_extra__ or {}
+        unknown = sorted(set(extra) - set(cfg.text_fields))
+        if unknown:
+            raise RequestError(422, f"unknown product field(s) {', '.join(unknown)}; this model reads "
+                               f"{', '.join(cfg.text_fields)} and {IMAGE_EMBEDDINGS}")
+        images = product.image_embeddings or []
+        if len(images) > cfg.max_images:
+            raise RequestError(422, f"{len(images)} image embeddings given; this model reads at most "
+                               f"{cfg.max_images} (main image first)")
+        if images and not self.model.image_dim:
+            raise RequestError(422, "this model was trained without image vectors; leave out image_embeddings")
+        if images:
+            image_rows = self._as_matrix(images, int(self.model.image_dim), "product.image_embeddings")
+            images = image_rows.tolist()
+        from itemsage.features import field_strings
+
+        columns: dict[str, pa.Array] = {PRODUCT_ID: pa.array([product.product_id or ""], pa.string())}
+        for field in cfg.text_fields:
+            value = extra[field] if field in extra else getattr(product, field, None)
+            columns[field] = pa.array([field_strings(value)], pa.list_(pa.string()))
+        columns[IMAGE_EMBEDDINGS] = pa.array([images], pa.list_(pa.list_(pa.float32())))
+        batch = featurize(pa.table(columns), self.model.vocab, cfg.text_fields, cfg.max_images,
+                          int(self.model.image_dim))
+        with torch.inference_mode():
+            vector = self.model.tower(batch)[0].float().numpy()  # [D]
+        return EmbedResponse(product_id=product.product_id, vector=vector.tolist(), dim=len(vector),
+                             model_fingerprint=self.model.fingerprint)
+
+    def info(self) -> dict[str, Any]:
+        served = self.served
+        return {
+            "index_version": served.version,
+            "products": len(served.index),
+            "index_kind": served.index.config.kind,
+            "index_recall_at_10": served.index.stats.get("recall_at_10"),
+            "model_fingerprint": self.model.fingerprint,
+            "query_dims": dict(self.model.query_dims),
+            "dim": self.out_dim,
+            "max_k": self.max_k,
+        }
+
+
+# ---- the app ------------------------------------------------------------------------------------
+
+
+def create_app(
+    model_dir: str | Path,
+    index_root: str | Path,
+    *,
+    reload_token: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_k: int = DEFAULT_MAX_K,
+    text_encoder: Any = None,
+    image_encoder: Any = None,
+) -> FastAPI:
+    """The service over the model in `model_dir` and the index version CURRENT names in `index_root`.
+
+    The model and index load now, so a broken artifact stops the server before it binds. Encoders
+    left as None are the built-in ones, created on first use; tests pass fakes with `dim` and
+    `encode(texts)` / `encode_paths(paths, progress=False)`. `reload_token` None disables reload.
+    """
+    require(max_body_bytes >= 1024, f"max_body_bytes must be >= 1024, got {max_body_bytes}")
+    service = Service(model_dir, index_root, max_k=max_k, text_encoder=text_encoder, image_encoder=image_encoder)
+    metrics = Metrics()
+    app = FastAPI(
+        title="ItemSage candidate generation",
+        description="Top-k products for search, closeup and home from one product embedding.",
+        version=__import__("itemsage").__version__,
+    )
+    app.state.service = service
+    app.state.metrics = metrics
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, err: RequestError) -> JSONResponse:
+        return JSONResponse({"detail": err.message}, status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        # Never echo `input` (a NaN there makes the JSON response itself fail) or `ctx`.
+        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                  for e in err.errors()]
+        return JSONResponse({"detail": _validation_message(err.errors()), "errors": errors}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, err: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error; the server log has the traceback"}, status_code=500)
+
+    @app.post("/v1/search", response_model=Candidates, tags=["retrieval"])
+    def search(req: SearchRequest) -> Candidates:
+        """Products for a text search query (or a precomputed search-query vector)."""
+        return service.search(req)
+
+    @app.post("/v1/closeup", response_model=Candidates, tags=["retrieval"])
+    def closeup(req: CloseupRequest) -> Candidates:
+        """Products like an indexed product, an image vector, or an image file."""
+        return service.closeup(req)
+
+    @app.post("/v1/home", response_model=HomeResponse, tags=["retrieval"])
+    def home(req: HomeRequest) -> HomeResponse:
+        """PinnerSage-style home feed candidates from a user's engagement history."""
+        return service.home(req)
+
+    @app.post("/v1/embed", response_model=EmbedResponse, tags=["retrieval"])
+    def embed(req: EmbedRequest) -> EmbedResponse:
+        """The embedding of one product (for a product not yet indexed)."""
+        return service.embed(req)
+
+    @app.get("/healthz", tags=["operations"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["operations"])
+    async def readyz() -> dict[str, Any]:
+        """Readiness: the model and an index version are loaded."""
+        return {"status": "ready", **service.info()}
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["operations"])
+    async def metrics_text() -> PlainTextResponse:
+        """Prometheus text exposition: requests by endpoint and status, latency histograms."""
+        return PlainTextResponse(metrics.render(service.info()),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/admin/reload", response_model=ReloadResponse, tags=["operations"],
+              responses={401: {"description": "no token"}, 403: {"description": "wrong token or reload disabled"},
+                         404: {"description": "unknown version"}, 409: {"description": "version refused"}})
+    def reload(body: Optional[ReloadRequest] = None,
+               authorization: Optional[str] = Header(None)) -> ReloadResponse:
+        """Swap to another index version (default: CURRENT) after loading and verifying it in full."""
+        if reload_token is None:
+            raise RequestError(403, "reload is disabled: start the server with a reload token "
+                               "(itemsage serve --reload-token-env VAR, with VAR set)")
+        if not authorization:
+            raise RequestError(401, "reload needs the header `Authorization: Bearer <token>`")
+        scheme, _, given = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), reload_token.encode()):
+            raise RequestError(403, "wrong reload token")
+        try:
+            result = service.reload(body.version if body else None)
+        except RequestError:
+            metrics.reloads["refused"] = metrics.reloads.get("refused", 0) + 1
+            raise
+        metrics.reloads["ok"] = metrics.reloads.get("ok", 0) + 1
+        return result
+
+    paths: set[str] = set()
+
+    def route_paths() -> set[str]:
+        if not paths:
+            paths.update(getattr(r, "path", "") for r in app.routes)
+        return paths
+
+    # Added last = outermost: metrics see the body limit's 413s too.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, paths=route_paths)
+    return app
+
+
+def run(
+    model_dir: str | Path,
+    index_root: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    reload_token: str | None = None,
+    threads: int = 1,
+    log_level: str = "info",
+) -> None:
+    """Serve with uvicorn (blocking). `threads` = torch and faiss threads per request."""
+    import uvicorn
+
+    require(threads >= 1, f"threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    app = create_app(model_dir, index_root, reload_token=reload_token)
+    app.state.service.warm_up()
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
