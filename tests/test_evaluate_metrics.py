@@ -44,3 +44,20 @@ def test_group_recall_counts_and_values():
     assert r["home.save"] == {"recall@1": 0.0, "recall@10": 0.0, "recall@100": 0.5, "n": 2}
     assert r["all"]["recall@10"] == 0.5
     assert recall_from_ranks(np.array([]))[10] != recall_from_ranks(np.array([]))[10]  # NaN for no pairs
+
+
+def test_first_hit_positions_feed_recall():
+    from itemsage.evaluate import first_hit_positions
+
+    retrieved = np.array([["a", "b"], ["b", "a"], ["c", "d"]])
+    pos = first_hit_positions(retrieved, np.array(["a", "a", "a"]))
+    np.testing.assert_array_equal(pos, [0, 1, 2])
+    assert recall_from_ranks(pos, ks=(1, 2)) == recall_at_k(retrieved, np.array(["a", "a", "a"]), ks=(1, 2))
+
+
+def test_popularity_ranks_hand_computed():
+    from itemsage.evaluate import popularity_ranks
+
+    counts = np.array([5, 0, 9, 5, 1])  # order: 2 (9), 0/3 (5, tied), 4 (1), 1 (0)
+    ranks = popularity_ranks(counts, np.array([2, 0, 3, 4, 1]))
+    np.testing.assert_array_equal(ranks, [0, 2, 2, 3, 4])  # ties pessimistic: both 5s rank 2

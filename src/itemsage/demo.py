@@ -1,0 +1,92 @@
+"""The one-command demo: generate a shop, ingest, train, embed, index and evaluate (SPEC §10).
+
+Each stage writes its own artifact under one directory and is skipped when that artifact is already
+complete, so a killed demo resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from itemsage import artifacts
+from itemsage.config import require
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoSettings:
+    out: Path = Path("runs/demo")
+    products: int = 20_000
+    train_minutes: float = 6.0  # the training budget; the rest of the demo takes a few minutes
+    preset: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        require(self.products >= 100, f"demo --products ({self.products}) must be >= 100")
+        require(self.train_minutes > 0, f"demo --train-minutes ({self.train_minutes}) must be > 0")
+
+
+@dataclass
+class DemoResult:
+    shop: Path
+    dataset: Path
+    model: Path
+    embeddings: Path
+    index: Path
+    report: Path
+    evaluation: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _done(directory: Path) -> bool:
+    return (directory / artifacts.MANIFEST).is_file()
+
+
+def run_demo(settings: DemoSettings, progress: bool = True, say: Callable[[str], None] = log.info) -> DemoResult:
+    """Run every stage under settings.out; `say` reports each stage as it starts."""
+    from itemsage.demo_data import CATALOG_FILE, ENGAGEMENTS_FILE, DemoConfig, generate_demo_data
+    from itemsage.embed import embed
+    from itemsage.evaluate import evaluate, write_report
+    from itemsage.index import IndexConfig, build_from_embeddings
+    from itemsage.ingest import IngestConfig, ingest
+    from itemsage.train import MODEL_DIR, TrainConfig, train
+
+    out = settings.out
+    shop, dataset, run = out / "shop", out / "dataset", out / "train"
+    model, embeddings, index, report_dir = run / MODEL_DIR, out / "embeddings", out / "index", out / "evaluation"
+    seconds: dict[str, float] = {}
+
+    def stage(name: str, done: bool, work: Callable[[], Any]) -> None:
+        if done:
+            say(f"[{name}] already complete, skipped")
+            return
+        say(f"[{name}] ...")
+        start = time.perf_counter()
+        work()
+        seconds[name] = round(time.perf_counter() - start, 1)
+
+    stage("demo-data", _done(shop), lambda: generate_demo_data(
+        shop, DemoConfig(products=settings.products, seed=settings.seed), progress=progress))
+    stage("ingest", _done(dataset), lambda: ingest(
+        shop / CATALOG_FILE, shop / ENGAGEMENTS_FILE, dataset, IngestConfig(progress=progress)))
+    # A half-finished training run resumes from its newest checkpoint.
+    resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())
+    stage("train", _done(model), lambda: train(dataset, run, TrainConfig(
+        preset=settings.preset, max_steps=None, max_minutes=settings.train_minutes, seed=settings.seed,
+        checkpoint_every=200), progress=progress, resume=resume))
+    stage("embed", _done(embeddings), lambda: embed(model, dataset, embeddings, progress=progress))
+    stage("index", (index / "CURRENT").is_file(), lambda: build_from_embeddings(embeddings, index, IndexConfig()))
+    result: dict[str, Any] = {}
+
+    def evaluation() -> None:
+        result.update(evaluate(model, dataset, index_root=index))
+        write_report(result, report_dir, title="ItemSage demo: evaluation")
+
+    stage("evaluate", False, evaluation)
+    return DemoResult(shop, dataset, model, embeddings, index, report_dir / "report.md", result, seconds)
