@@ -1,0 +1,891 @@
+"""Multi-task training of the product tower (SPEC §6).
+
+One plain loop (`train`), nanoGPT style: sample a batch of (query, product) positives across all
+tasks, run the tower once over the positives and the random negatives, map each query through its
+surface's adapter, update the logQ sketch, take the mixed-negative loss, step the optimiser. Logging
+and checkpointing are one call each, outside the maths.
+
+Choices written down here:
+- Sampling is with replacement from a fixed distribution over the training rows (natural
+  frequency; add_to_cart/checkout rows times `upweight_conversions`), drawn by one seeded numpy
+  Generator. Random negatives are R = random_negatives_ratio * B uniform catalog rows; their
+  expected draw count R/N gives the constant correction log(R/N).
+- Under DDP every rank draws the SAME global batch from the shared sampler and keeps its slice, so
+  the union is exactly what one process would draw. Embeddings are all-gathered with gradient, each
+  rank takes the loss of its own rows against the global candidates, with the global weighted-mean
+  denominator (losses.mixed_negative_loss `weight_sum`), so DDP's gradient average equals the
+  one-process gradient.
+- The learning rate is linear warm-up (capped at a tenth of the run) then cosine decay to 0 at
+  `total_steps`, computed from the step (no scheduler object); its state is (step, total_steps).
+- `max_minutes`: the schedule needs a fixed step count, so the first `_CALIBRATION_STEPS` steps are
+  timed (the first step excluded), and total_steps = min(max_steps, steps that fit in 90% of the
+  budget at that speed). The budget counts from the first step: loading the data (and encoding new
+  search texts once) is not in it. The count is stored in checkpoints, so a resumed run keeps it.
+  Evaluation and checkpoint time are not in the estimate; a hard stop at the budget bounds the run
+  anyway (the learning rate has then not decayed fully). On a shared machine whose speed changes
+  after calibration, the run ends early (it got faster) or at the hard stop (it got slower).
+- Checkpoints are directories `checkpoints/step-XXXXXXXX/` written under a temp name, manifest
+  last, then renamed: weights, optimiser, sketch and RNG state (every rank's torch RNG) as
+  safetensors tensors plus a JSON of everything else. No pickle.
+- The held-out Recall@K is exact: the whole catalog is embedded with the current tower and each
+  pair's engaged product is ranked among all products (evaluate.exact_ranks), per task. The sample
+  is stratified: an equal share of `eval_sample` per task (all pairs of a smaller task), so the
+  sparse conversion tasks get a usable count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from itemsage import artifacts, schema
+from itemsage.config import ConfigError, require, to_dict
+from itemsage.evaluate import exact_ranks, group_recall
+from itemsage.features import ProductStore, Vocabulary
+from itemsage.losses import NEGATIVE_MODES, LogQ, mixed_negative_loss
+from itemsage.model import PRESETS, ItemSage, LogitScale, QueryAdapters, model_config, save_model
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw", "lamb")
+CONVERSIONS = ("add_to_cart", "checkout")
+CHECKPOINT_DIR = "checkpoints"
+MODEL_DIR = "model"
+TENSORBOARD_DIR = "tensorboard"
+_CALIBRATION_STEPS = 10  # steps timed to turn a minute budget into a step count
+# Options a resumed run may change; every other option must equal the checkpoint's.
+_RESUME_FREE = ("max_minutes", "checkpoint_every", "eval_every", "eval_sample", "keep_checkpoints", "device")
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Everything `itemsage train` can be told. Validated at construction; errors name the option."""
+
+    preset: str = "cpu"  # model preset (model.PRESETS)
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. {"aggregator": "sum"}
+    batch_size: int = 1024  # B: positives per step (global, across DDP ranks)
+    random_negatives_ratio: float = 4.0  # R = ratio * B uniform catalog negatives per step
+    negatives: str = "mixed"  # mixed | in_batch | random
+    optimizer: str = "adamw"  # adamw | lamb
+    lr: float = 1e-3
+    weight_decay: float = 0.01  # on matrices only (no biases, norms, logit scale)
+    eps: float = 1e-6  # Adam/LAMB epsilon; 1e-6 (not torch's 1e-8) keeps float noise in gradients that
+    # are mathematically 0 (e.g. the attention key bias) from being blown up to full-size steps
+    warmup_steps: int = 100  # at most a tenth of the total steps
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    max_steps: int | None = 2000
+    max_minutes: float | None = None  # wall-clock budget; fixes the step count (see module doc)
+    tasks: tuple[str, ...] = ()  # train only on these surface.engagement tasks; () = all
+    upweight_conversions: float = 1.0  # sampling factor of add_to_cart / checkout rows
+    engagement_weights: dict[str, float] = field(default_factory=dict)  # loss weight per engagement (x row weight)
+    sketch_depth: int = 4  # count-min sketch of the logQ estimate
+    sketch_width: int = 2**20
+    checkpoint_every: int = 500  # steps; 0 = only at the end
+    keep_checkpoints: int = 2  # newest complete checkpoints kept
+    eval_every: int = 500  # steps between held-out Recall@K; 0 = only at the end
+    eval_sample: int = 2000  # held-out pairs from eval.parquet; 0 = no evaluation
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bf16 autocast, on CUDA only
+
+    def __post_init__(self) -> None:
+        self.tasks = tuple(self.tasks.split(",")) if isinstance(self.tasks, str) else tuple(self.tasks)
+        self.model = dict(self.model)
+        self.engagement_weights = {str(k): float(v) for k, v in dict(self.engagement_weights).items()}
+
+        def integer(name: str, low: int) -> None:
+            v = getattr(self, name)
+            require(isinstance(v, int) and not isinstance(v, bool) and v >= low,
+                    f"train.{name} ({v!r}) must be an integer >= {low}")
+
+        require(self.preset in PRESETS, f"train.preset ({self.preset!r}) must be one of {', '.join(PRESETS)}")
+        model_config(self.preset, **self.model)  # raises ConfigError naming model.<option>
+        integer("batch_size", 2)
+        require(isinstance(self.random_negatives_ratio, (int, float)) and self.random_negatives_ratio >= 0,
+                f"train.random_negatives_ratio ({self.random_negatives_ratio!r}) must be >= 0")
+        require(self.negatives in NEGATIVE_MODES,
+                f"train.negatives ({self.negatives!r}) must be one of {', '.join(NEGATIVE_MODES)}")
+        require(self.negatives == "in_batch" or self.num_random_negatives >= 1,
+                f"train.random_negatives_ratio ({self.random_negatives_ratio}) gives no random negatives "
+                f"for train.negatives={self.negatives!r}; raise it (e.g. 4) or use negatives='in_batch'")
+        require(self.optimizer in OPTIMIZERS,
+                f"train.optimizer ({self.optimizer!r}) must be one of {', '.join(OPTIMIZERS)}")
+        require(isinstance(self.lr, (int, float)) and 0 < self.lr < 10, f"train.lr ({self.lr!r}) must be in (0, 10)")
+        require(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
+                f"train.weight_decay ({self.weight_decay!r}) must be >= 0")
+        require(isinstance(self.eps, (int, float)) and self.eps > 0, f"train.eps ({self.eps!r}) must be > 0")
+        integer("warmup_steps", 0)
+        require(isinstance(self.grad_clip, (int, float)) and self.grad_clip >= 0,
+                f"train.grad_clip ({self.grad_clip!r}) must be >= 0 (0 = off)")
+        require(self.max_steps is not None or self.max_minutes is not None,
+                "train.max_steps and train.max_minutes are both unset; give a step count or a minute budget")
+        if self.max_steps is not None:
+            integer("max_steps", 1)
+        if self.max_minutes is not None:
+            require(isinstance(self.max_minutes, (int, float)) and self.max_minutes > 0,
+                    f"train.max_minutes ({self.max_minutes!r}) must be > 0")
+        unknown = [t for t in self.tasks if t not in schema.ALL_TASKS]
+        require(not unknown, f"train.tasks has unknown task(s) {unknown}; tasks are surface.engagement, "
+                             f"one of {', '.join(schema.ALL_TASKS)}")
+        require(isinstance(self.upweight_conversions, (int, float)) and self.upweight_conversions > 0,
+                f"train.upweight_conversions ({self.upweight_conversions!r}) must be > 0 (1 = natural frequency)")
+        bad = {k: v for k, v in self.engagement_weights.items() if k not in schema.ENGAGEMENTS or not v >= 0}
+        require(not bad, f"train.engagement_weights {bad} invalid: keys must be one of "
+                         f"{', '.join(schema.ENGAGEMENTS)} and weights >= 0")
+        integer("sketch_depth", 1)
+        integer("sketch_width", 1)
+        integer("checkpoint_every", 0)
+        integer("keep_checkpoints", 1)
+        integer("eval_every", 0)
+        integer("eval_sample", 0)
+        integer("seed", 0)
+        require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+                f"train.device ({self.device!r}) must be auto, cpu, cuda or cuda:N")
+        require(isinstance(self.amp, bool), f"train.amp ({self.amp!r}) must be true or false")
+
+    @property
+    def num_random_negatives(self) -> int:
+        return 0 if self.negatives == "in_batch" else int(round(self.random_negatives_ratio * self.batch_size))
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    steps: int
+    pairs_per_s: float  # positives per second of training steps (global batch, evals excluded)
+    final_recall: dict[str, dict[str, float]]  # task -> {"recall@1", "recall@10", "recall@100", "n"}; "all"
+    final_loss: float
+    elapsed_s: float
+    resumed_from: int | None = None
+    median_step_s: float = float("nan")  # median seconds of one training step (first step excluded)
+
+
+# ----------------------------------------------------------------------------------------------
+# LAMB (torch.optim has none)
+# ----------------------------------------------------------------------------------------------
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al. 2020): Adam's bias-corrected step plus decoupled weight decay, rescaled
+    per parameter tensor by the trust ratio ||p|| / ||update|| (1 where either norm is 0)."""
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"].item()
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + group["eps"])
+                if group["weight_decay"]:
+                    update.add_(p, alpha=group["weight_decay"])
+                p_norm, u_norm = p.norm(), update.norm()
+                trust = torch.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, torch.ones_like(p_norm))
+                p.sub_(group["lr"] * trust * update)
+        return loss
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
+    """Learning rate of 0-based `step`: linear warm-up to `peak`, then cosine decay to 0 at total_steps.
+
+    The warm-up is capped at a tenth of the run, so a short run (a small minute budget) still reaches
+    the peak and decays instead of spending every step warming up.
+    """
+    warmup_steps = min(warmup_steps, total_steps // 10)
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _optimizer(cfg: TrainConfig, params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+    # Decay matrices only (nanoGPT's rule): biases, norms and the logit scale keep their values.
+    groups = [
+        {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "lamb":
+        return Lamb(groups, lr=cfg.lr, eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: (query, product) pairs with their frozen query vectors, built once
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pairs:
+    """The (query, engaged product) rows of one split; query vectors deduplicated per surface."""
+
+    queries: dict[str, Tensor]  # surface -> [U_s, Dq_s] distinct frozen query vectors
+    surface: np.ndarray  # [N] str (object)
+    query_row: np.ndarray  # [N] int64 row in queries[surface]
+    query_key: np.ndarray  # [N] int64 stable identity of (surface, query), for accidental-hit masking
+    product_row: np.ndarray  # [N] int64 row in the ProductStore (also the product's id in the loss)
+    task: np.ndarray  # [N] str (object), surface.engagement
+    engagement: np.ndarray  # [N] str (object)
+    weight: np.ndarray  # [N] float32, the row's `weight` column
+
+    def __len__(self) -> int:
+        return len(self.product_row)
+
+    @property
+    def query_dims(self) -> dict[str, int]:
+        return {s: int(q.shape[1]) for s, q in self.queries.items()}
+
+
+def _key(data: bytes) -> int:
+    """Stable signed int64 of some bytes (blake2b, never Python's salted hash)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
+def _vectors(column: Any) -> np.ndarray:
+    """A list<float> column without nulls -> [N, D] float32 (one width, which ingest guarantees)."""
+    column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    n = len(column)
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if n == 0:
+        return np.zeros((0, 0), np.float32)
+    if values.size % n or np.any(pc.list_value_length(column).to_numpy(zero_copy_only=False) != values.size // n):
+        raise ValueError("query_embedding vectors of one surface have different widths; re-run `itemsage ingest`")
+    return values.reshape(n, values.size // n)
+
+
+def load_pairs(dataset_dir: str | Path, file: str, store: ProductStore, *, tasks: tuple[str, ...] = (),
+               sample: int | None = None, seed: int = 0, progress: bool = False) -> Pairs:
+    """Read a split (train.parquet / eval.parquet) and build its query vectors once.
+
+    Search rows with text use the frozen text encoder (query_encoder.cached_text_embeddings, cached in
+    the dataset directory); every other row uses its `query_embedding`. `tasks` keeps only those
+    tasks; `sample` keeps an equal share per task (stratified, seeded).
+    """
+    path = Path(dataset_dir) / file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run `itemsage ingest` to write the dataset.")
+    names = pq.ParquetFile(path).schema_arrow.names
+    cols = [c for c in (schema.SURFACE, schema.ENGAGEMENT, schema.PRODUCT_ID, schema.WEIGHT,
+                        schema.QUERY_TEXT, schema.QUERY_EMBEDDING) if c in names]
+    table = pq.read_table(path, columns=cols)
+    task = np.char.add(np.char.add(np.asarray(table[schema.SURFACE].to_numpy(zero_copy_only=False), dtype=str), "."),
+                       np.asarray(table[schema.ENGAGEMENT].to_numpy(zero_copy_only=False), dtype=str))
+    keep = np.isin(task, tasks) if tasks else np.ones(len(task), bool)
+    if sample is not None:  # equal share per task, seeded; a smaller task gives all its rows
+        rng = np.random.default_rng(seed)
+        present = sorted(set(task[keep].tolist()))
+        share = math.ceil(sample / max(1, len(present)))
+        chosen = []
+        for t in present:
+            rows = np.flatnonzero(keep & (task == t))
+            chosen.append(rows if len(rows) <= share else np.sort(rng.choice(rows, share, replace=False)))
+        keep = np.zeros(len(task), bool)
+        keep[np.concatenate(chosen) if chosen else []] = True
+    rows = np.flatnonzero(keep)
+    table, task = table.take(rows), task[rows]
+    n = table.num_rows
+
+    surface = np.asarray(table[schema.SURFACE].to_numpy(zero_copy_only=False), dtype=object)
+    has_text = (pc.is_valid(table[schema.QUERY_TEXT]).to_numpy(zero_copy_only=False)
+                if schema.QUERY_TEXT in names else np.zeros(n, bool))
+    has_vec = (pc.is_valid(table[schema.QUERY_EMBEDDING]).to_numpy(zero_copy_only=False)
+               if schema.QUERY_EMBEDDING in names else np.zeros(n, bool))
+    queries: dict[str, Tensor] = {}
+    query_row = np.zeros(n, np.int64)
+    query_key = np.zeros(n, np.int64)
+    for s in sorted(set(surface.tolist())):
+        in_s = surface == s
+        # Search text: distinct strings through the frozen encoder (cached), unless a vector is given.
+        by_text = in_s & has_text & ~has_vec if s == "search" else np.zeros(n, bool)
+        by_vec = in_s & has_vec
+        missing = in_s & ~by_text & ~by_vec
+        if missing.any():
+            raise ValueError(f"{path}: {int(missing.sum())} {s} row(s) have no query vector or text; "
+                             "re-run `itemsage ingest`, which rejects them (reason missing_query)")
+        parts: list[np.ndarray] = []
+        if by_text.any():
+            from itemsage.query_encoder import cached_text_embeddings
+
+            idx = np.flatnonzero(by_text)
+            texts = np.asarray(table[schema.QUERY_TEXT].filter(by_text).to_pylist(), dtype=object).astype(str)
+            distinct, inverse = np.unique(texts, return_inverse=True)
+            vectors = cached_text_embeddings(dataset_dir, distinct.tolist(), progress=progress)  # [U, 384]
+            parts.append(np.asarray(vectors, dtype=np.float32))
+            query_row[idx] = inverse
+            keys = np.array([_key(f"{s}\0t\0{t}".encode()) for t in distinct.tolist()], np.int64)
+            query_key[idx] = keys[inverse]
+        if by_vec.any():
+            idx = np.flatnonzero(by_vec)
+            vecs = np.ascontiguousarray(_vectors(table[schema.QUERY_EMBEDDING].filter(by_vec)))  # [n_s, Dq]
+            as_bytes = vecs.view(np.dtype((np.void, vecs.shape[1] * 4))).ravel()  # [n_s] one raw row each
+            distinct, inverse = np.unique(as_bytes, return_inverse=True)
+            offset = sum(len(p) for p in parts)
+            if parts and parts[0].shape[1] != vecs.shape[1]:
+                raise ValueError(f"{path}: search query vectors are {vecs.shape[1]}-d but the text encoder "
+                                 f"gives {parts[0].shape[1]}-d; re-run `itemsage ingest`")
+            parts.append(np.frombuffer(distinct.tobytes(), np.float32).reshape(len(distinct), vecs.shape[1]))
+            query_row[idx] = offset + inverse.ravel()
+            keys = np.array([_key(f"{s}\0v\0".encode() + d.tobytes()) for d in distinct], np.int64)
+            query_key[idx] = keys[inverse.ravel()]
+        queries[s] = torch.from_numpy(np.concatenate(parts).copy())
+
+    weight = (table[schema.WEIGHT].to_numpy(zero_copy_only=False).astype(np.float32)
+              if schema.WEIGHT in names else np.ones(n, np.float32))
+    return Pairs(
+        queries=queries, surface=surface, query_row=query_row, query_key=query_key,
+        product_row=store.index_of(table[schema.PRODUCT_ID].to_pylist()),
+        task=np.asarray(task, dtype=object),
+        engagement=np.asarray(table[schema.ENGAGEMENT].to_numpy(zero_copy_only=False), dtype=object),
+        weight=np.nan_to_num(weight, nan=1.0),
+    )
+
+
+class Sampler:
+    """Seeded draws of positives (the task mixture) and uniform random negatives.
+
+    Every DDP rank holds an identical copy and draws the same global batch.
+    """
+
+    def __init__(self, probs: np.ndarray, catalog_size: int, seed: int):
+        self.cdf = np.cumsum(probs / probs.sum())  # [N]
+        self.catalog_size = catalog_size
+        self.rng = np.random.default_rng(seed)
+
+    def positives(self, b: int) -> np.ndarray:  # [B] row indices into Pairs
+        return np.minimum(np.searchsorted(self.cdf, self.rng.random(b), side="right"), len(self.cdf) - 1)
+
+    def negatives(self, r: int) -> np.ndarray:  # [R] uniform catalog rows
+        return self.rng.integers(0, self.catalog_size, r)
+
+
+def _mixture(pairs: Pairs, cfg: TrainConfig) -> np.ndarray:
+    """Sampling weight per row: natural frequency, conversions times upweight_conversions."""
+    p = np.ones(len(pairs))
+    p[np.isin(pairs.engagement, CONVERSIONS)] *= cfg.upweight_conversions
+    return p
+
+
+def _loss_weights(pairs: Pairs, cfg: TrainConfig) -> np.ndarray:
+    """Per-row loss weight: the row's weight times its engagement's weight (default 1)."""
+    by_engagement = {e: cfg.engagement_weights.get(e, 1.0) for e in schema.ENGAGEMENTS}
+    return pairs.weight * np.array([by_engagement[e] for e in pairs.engagement], np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model wrapper (one module, so DDP syncs tower, adapters and the logit scale together)
+# ----------------------------------------------------------------------------------------------
+
+
+class Towers(nn.Module):
+    """Tower, adapters and logit scale: one forward call per step embeds both sides of the batch."""
+
+    def __init__(self, tower: ItemSage, adapters: QueryAdapters, logit_scale: LogitScale):
+        super().__init__()
+        self.tower, self.adapters, self.logit_scale = tower, adapters, logit_scale
+
+    def forward(self, products: Any, queries: list[tuple[str, Tensor, Tensor]], b: int
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """products: b positives then r negatives; queries: (surface, positions [b_s], vectors [b_s, Dq])
+        -> query embeddings [b, D], product embeddings [b + r, D], logit scale []."""
+        p = self.tower(products)  # [b + r, D]
+        q = p.new_zeros(b, p.shape[1])  # [b, D]
+        given = {surface: (pos, vec) for surface, pos, vec in queries}
+        for surface, dim in self.adapters.query_dims.items():
+            # A surface missing from this batch still runs (on 0 rows), so every adapter weight gets a
+            # (zero) gradient and DDP needs no unused-parameter search.
+            pos, vec = given.get(surface, (p.new_zeros(0, dtype=torch.long), p.new_zeros(0, dim)))
+            q = q.index_copy(0, pos, self.adapters(surface, vec).to(q.dtype))
+        return q, p, self.logit_scale()
+
+
+def _query_groups(queries: dict[str, Tensor], pairs: Pairs, rows: np.ndarray, device: torch.device
+                  ) -> list[tuple[str, Tensor, Tensor]]:
+    """Pairs `rows` [b] grouped by surface: (surface, positions in rows [b_s], query vectors [b_s, Dq])."""
+    groups = []
+    for s, table in queries.items():
+        pos = np.flatnonzero(pairs.surface[rows] == s)
+        if len(pos):
+            index = torch.from_numpy(pairs.query_row[rows[pos]]).to(table.device)
+            groups.append((s, torch.from_numpy(pos).to(device), table[index].to(device)))
+    return groups
+
+
+@torch.no_grad()
+def held_out_recall(tower: ItemSage, adapters: QueryAdapters, store: ProductStore, pairs: Pairs,
+                    device: torch.device, chunk: int = 2048) -> dict[str, dict[str, float]]:
+    """Exact Recall@{1,10,100} per task: each pair's product ranked among the whole catalog."""
+    was = tower.training, adapters.training
+    tower.eval(), adapters.eval()
+    try:
+        catalog = torch.cat([tower(store.batch(np.arange(i, min(i + chunk, len(store)))).to(device)).float()
+                             for i in range(0, len(store), chunk)])  # [N, D]
+        queries = torch.zeros(len(pairs), adapters.out_dim, device=device)  # [Q, D]
+        for surface, pos, vec in _query_groups(pairs.queries, pairs, np.arange(len(pairs)), device):
+            queries[pos] = adapters(surface, vec).float()
+        ranks = exact_ranks(queries, catalog, torch.from_numpy(pairs.product_row).to(device))
+    finally:
+        tower.train(was[0]), adapters.train(was[1])
+    return group_recall(ranks, pairs.task.astype(str))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: a directory per step, written under a temp name then renamed; manifest last
+# ----------------------------------------------------------------------------------------------
+
+
+def _flatten(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
+    """Nested state -> JSON-able skeleton; tensors move to `tensors` under their dotted path."""
+    if isinstance(obj, Tensor):
+        tensors[prefix] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _flatten(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}
+        return {"__int_keys__": {str(k): _flatten(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}}
+    if isinstance(obj, (list, tuple)):
+        return [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    return obj
+
+
+def _unflatten(obj: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__int_keys__" in obj:
+            return {int(k): _unflatten(v, tensors) for k, v in obj["__int_keys__"].items()}
+        if "__ndarray__" in obj:
+            return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
+        return {k: _unflatten(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def _rng_state(sampler: Sampler, torch_states: list[Tensor], cuda_states: list[Tensor]) -> dict[str, Any]:
+    legacy = np.random.get_state()
+    py = random.getstate()
+    return {
+        "sampler": sampler.rng.bit_generator.state,  # PCG64 state: plain ints
+        "numpy_global": [legacy[0], legacy[1], legacy[2], legacy[3], legacy[4]],
+        "python": [py[0], list(py[1]), py[2]],
+        "torch_cpu": torch_states,  # one per rank
+        "torch_cuda": cuda_states,
+    }
+
+
+def _set_rng_state(state: dict[str, Any], sampler: Sampler, rank: int, device: torch.device) -> None:
+    sampler.rng.bit_generator.state = state["sampler"]
+    g = state["numpy_global"]
+    np.random.set_state((g[0], np.asarray(g[1], dtype=np.uint32), g[2], g[3], g[4]))
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    if rank < len(state["torch_cpu"]):
+        torch.set_rng_state(state["torch_cpu"][rank].to(torch.uint8))
+    if device.type == "cuda" and rank < len(state["torch_cuda"]):
+        torch.cuda.set_rng_state(state["torch_cuda"][rank].to(torch.uint8), device)
+
+
+def save_checkpoint(out_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write `checkpoints/step-XXXXXXXX/` atomically (temp dir, manifest last, rename) and keep the newest `keep`."""
+    root = out_dir / CHECKPOINT_DIR
+    final = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors: dict[str, Tensor] = {}
+    skeleton = _flatten(state, "state", tensors)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    artifacts.atomic_write_json(tmp / "state.json", skeleton)
+    artifacts.write_manifest(tmp, "checkpoint", counts={"step": step}, files=["state.safetensors", "state.json"])
+    shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step (a resumed run that had finished)
+    os.replace(tmp, final)
+    artifacts._fsync_dir(root)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose files match their manifest (a torn or half-written one is skipped)."""
+    for path in sorted((Path(out_dir) / CHECKPOINT_DIR).glob("step-*"), reverse=True):
+        try:
+            artifacts.verify_manifest(path, kind="checkpoint")
+            return path
+        except artifacts.ArtifactError as err:
+            log.warning("skipping checkpoint %s: %s", path, err)
+    return None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    tensors = load_file(str(path / "state.safetensors"))
+    return _unflatten(json.loads((path / "state.json").read_text()), tensors)
+
+
+def checkpoint_config(out_dir: str | Path) -> TrainConfig | None:
+    """The TrainConfig of the newest complete checkpoint in `out_dir` (None if there is none)."""
+    path = latest_checkpoint(out_dir)
+    if path is None:
+        return None
+    data = json.loads((path / "state.json").read_text())["config"]
+    return TrainConfig(**data)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _init_distributed(cfg_device: str) -> tuple[int, int, bool]:
+    """(rank, world_size, we_initialised) from torchrun's environment; 1 process without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, False
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    cuda = cfg_device != "cpu" and torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def _gather(t: Tensor, world: int) -> Tensor:
+    """Concatenate every rank's `t` in rank order, keeping the gradient path to each rank's slice."""
+    if world == 1:
+        return t
+    import warnings
+
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():  # deprecated in favour of a private API; still the public autograd gather
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(t.contiguous()))
+
+
+def _all_rng_states(world: int, device: torch.device) -> tuple[list[Tensor], list[Tensor]]:
+    """Every rank's torch RNG state (CPU and CUDA), gathered so rank 0 can checkpoint them."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    if world == 1:
+        return [cpu], [cuda] if cuda is not None else []
+    comm = device if device.type == "cuda" else torch.device("cpu")  # nccl gathers on the GPU
+    out = []
+    for state in (cpu, cuda):
+        if state is None:
+            out.append([])
+            continue
+        parts = [torch.empty_like(state, device=comm) for _ in range(world)]
+        dist.all_gather(parts, state.to(comm))
+        out.append([p.cpu() for p in parts])
+    return out[0], out[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging and progress (one call each from the loop)
+# ----------------------------------------------------------------------------------------------
+
+
+def _log_scalars(writer: Any, step: int, scalars: dict[str, float]) -> None:
+    if writer is not None:
+        for name, value in scalars.items():
+            writer.add_scalar(name, value, step)
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, total: int | None, start: int) -> Iterator[Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[pps]:>8.0f} pairs/s  loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
+    with Progress(*columns, disable=not enabled) as bar:
+        task = bar.add_task("train", total=total, completed=start, pps=0.0, loss=float("nan"))
+        yield lambda **kw: bar.update(task, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    require(not name.startswith("cuda") or torch.cuda.is_available(),
+            f"train.device is {name!r} but torch sees no CUDA device; use device='cpu' or 'auto'")
+    return torch.device(name)
+
+
+def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    now = to_dict(cfg)
+    for name, value in saved.items():
+        if name not in _RESUME_FREE and _jsonable(now.get(name)) != _jsonable(value):
+            raise ConfigError(f"train.{name} ({now.get(name)!r}) differs from the checkpoint's ({value!r}); "
+                              "resume with the same options, or train into a new --out directory")
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=list))
+
+
+class Clock:
+    """Pairs/s over training steps (the first step, which pays one-off costs, excluded), and the
+    minute budget turned into a fixed step count after `_CALIBRATION_STEPS` timed steps."""
+
+    def __init__(self, cfg: TrainConfig, world: int, device: torch.device, calibrated: bool,
+                 now: Any = time.perf_counter):
+        self.now = now
+        self.start = now()
+        self.cfg, self.world, self.device = cfg, world, device
+        self.budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
+        self.calibrated = calibrated or self.budget_s is None
+        self.train_s, self.timed, self.ticks = 0.0, 0, 0
+        self.step_times: list[float] = []
+
+    @property
+    def pairs_per_s(self) -> float:
+        return self.cfg.batch_size * self.timed / self.train_s if self.train_s else 0.0
+
+    def tick(self, step: int, total_steps: int | None, step_s: float) -> int | None:
+        """Record one step of `step_s` seconds; return the (possibly now fixed) total step count."""
+        self.ticks += 1
+        if self.ticks > 1:
+            self.train_s, self.timed = self.train_s + step_s, self.timed + 1
+            self.step_times.append(step_s)
+        if self.budget_s is None:
+            return total_steps
+        elapsed = self.now() - self.start
+        if not self.calibrated and self.timed == _CALIBRATION_STEPS:
+            fit = step + int(self.timed / self.train_s * (0.9 * self.budget_s - elapsed))
+            total_steps = _broadcast_int(max(step, min(fit, self.cfg.max_steps or fit)), self.world, self.device)
+            self.calibrated = True
+            log.info("minute budget: %.2f steps/s -> %d steps in total", self.timed / self.train_s, total_steps)
+        if _broadcast_int(int(elapsed > self.budget_s), self.world, self.device):  # rank 0 decides for all
+            log.warning("stopping at step %d: the %g-minute budget is spent", step, self.cfg.max_minutes)
+            return step
+        return total_steps
+
+
+def _broadcast_int(value: int, world: int, device: torch.device) -> int:
+    """Rank 0's value on every rank (so all ranks agree on when to stop)."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device if device.type == "cuda" else "cpu")
+    dist.broadcast(t, 0)
+    return int(t.item())
+
+
+def _mean_over_ranks(t: Tensor, world: int) -> list[float]:
+    """Each rank's loss covers its rows (scaled by world / global weight): the global loss is the mean."""
+    if world > 1:
+        dist.all_reduce(t)
+        t = t / world
+    return t.tolist()
+
+
+def _load_data(dataset_dir: Path, cfg: TrainConfig, text_fields: tuple[str, ...], max_images: int,
+               progress: bool) -> tuple[Vocabulary, ProductStore, Pairs, Pairs | None]:
+    vocab = Vocabulary.load(dataset_dir / schema.VOCAB_FILE)
+    store = ProductStore.from_dataset(dataset_dir, vocab, text_fields, max_images, progress=progress)
+    pairs = load_pairs(dataset_dir, schema.TRAIN_FILE, store, tasks=cfg.tasks, progress=progress)
+    require(len(pairs) > 0, f"{dataset_dir / schema.TRAIN_FILE} has no rows for train.tasks "
+                            f"{list(cfg.tasks) or 'all'}; check the task names against the dataset manifest's counts")
+    if not cfg.eval_sample:
+        return vocab, store, pairs, None
+    held_out = load_pairs(dataset_dir, schema.EVAL_FILE, store, sample=cfg.eval_sample, seed=cfg.seed,
+                          progress=progress)
+    keep = np.isin(held_out.surface, list(pairs.queries))  # a surface absent from training has no adapter
+    held_out = dataclasses.replace(
+        held_out, surface=held_out.surface[keep], query_row=held_out.query_row[keep],
+        query_key=held_out.query_key[keep], product_row=held_out.product_row[keep],
+        task=held_out.task[keep], engagement=held_out.engagement[keep], weight=held_out.weight[keep])
+    for s, q in held_out.queries.items():
+        if s in pairs.queries and q.shape[1] != pairs.queries[s].shape[1]:
+            raise ValueError(f"{s} queries are {q.shape[1]}-d in eval.parquet but {pairs.queries[s].shape[1]}-d in "
+                             "train.parquet; re-run `itemsage ingest`")
+    return vocab, store, pairs, held_out
+
+
+def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progress: bool = True,
+          resume: bool = False) -> TrainResult:
+    """Train the tower and adapters on `dataset_dir` into `out_dir`; the model lands in out_dir/model/.
+
+    Runs as one process, or as one rank of a torchrun job (DDP; gloo on CPU, nccl on CUDA); only
+    rank 0 writes. `resume` continues from the newest complete checkpoint in out_dir/checkpoints/.
+    """
+    dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
+    rank, world, own_group = _init_distributed(cfg.device)
+    device = _resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    lead = rank == 0
+    B, R = cfg.batch_size, cfg.num_random_negatives
+    require(B % world == 0 and R % world == 0, f"train.batch_size ({B}) and the random negatives ({R}) must "
+                                               f"divide evenly over the {world} processes")
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if resume and ckpt is None:
+        log.info("no complete checkpoint in %s: starting from step 0", out_dir / CHECKPOINT_DIR)
+    if not resume and any((out_dir / CHECKPOINT_DIR).glob("step-*")):
+        raise ConfigError(f"{out_dir} already holds checkpoints; pass --resume to continue that run, "
+                          "or choose a new --out directory")
+
+    # Data, once. Rank 0 goes first so the text-query cache is computed once, not raced.
+    mcfg = model_config(cfg.preset, **cfg.model)
+    if world > 1 and not lead:
+        dist.barrier()
+    vocab, store, pairs, held_out = _load_data(dataset_dir, cfg, mcfg.text_fields, mcfg.max_images, progress and lead)
+    if world > 1 and lead:
+        dist.barrier()
+    queries = {s: q.to(device) for s, q in pairs.queries.items()}  # surface -> [U_s, Dq] frozen
+    loss_weight = torch.from_numpy(_loss_weights(pairs, cfg))  # [N]
+    query_key, product_row = torch.from_numpy(pairs.query_key), torch.from_numpy(pairs.product_row)  # [N], [N]
+
+    # Model, optimiser, sketch, sampler. The same seed on every rank gives identical initial weights.
+    torch.manual_seed(cfg.seed)
+    module = Towers(ItemSage(mcfg, len(vocab), store.image_dim),
+                    QueryAdapters(pairs.query_dims, mcfg.out_dim, mcfg.adapter), LogitScale()).to(device)
+    optimizer = _optimizer(cfg, list(module.named_parameters()))
+    logq = LogQ(cfg.sketch_depth, cfg.sketch_width, seed=cfg.seed)
+    sampler = Sampler(_mixture(pairs, cfg), len(store), cfg.seed)
+    torch.manual_seed(cfg.seed + 1 + rank)  # each rank its own dropout stream
+    schedule = {"step": 0, "total_steps": cfg.max_steps, "calibrated": False}
+    if ckpt is not None:
+        state = load_checkpoint(ckpt)
+        _check_resume_config(state["config"], cfg)
+        module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        logq.load_state_dict(state["logq"])
+        schedule = state["schedule"]
+        _set_rng_state(state["rng"], sampler, rank, device)
+        log.info("resumed from %s (step %d)", ckpt, schedule["step"])
+    step, total_steps = int(schedule["step"]), schedule["total_steps"]
+    resumed_from = step if ckpt is not None else None
+    ddp = module
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    module.train()
+    use_amp = cfg.amp and device.type == "cuda"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+    writer = None
+    if lead:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR))
+    log_q_neg = torch.full((R,), math.log(R / len(store)) if R else 0.0, device=device)  # [R] uniform draws
+    lo, hi, rlo, rhi = rank * B // world, (rank + 1) * B // world, rank * R // world, (rank + 1) * R // world
+    clock = Clock(cfg, world, device, calibrated=bool(schedule["calibrated"]))
+    recall: dict[str, dict[str, float]] = {}
+    losses = [float("nan")] * 3
+
+    def checkpoint() -> None:
+        torch_states, cuda_states = _all_rng_states(world, device)  # a collective: every rank calls it
+        if lead:
+            save_checkpoint(out_dir, step, {
+                "config": to_dict(cfg), "model": module.state_dict(), "optimizer": optimizer.state_dict(),
+                "logq": logq.state_dict(), "rng": _rng_state(sampler, torch_states, cuda_states),
+                "schedule": {"step": step, "total_steps": total_steps, "calibrated": clock.calibrated}},
+                cfg.keep_checkpoints)
+
+    def evaluate() -> None:
+        nonlocal recall
+        if lead and held_out is not None and len(held_out):
+            recall = held_out_recall(module.tower, module.adapters, store, held_out, device)
+            _log_scalars(writer, step, {f"recall@10/{t}": r["recall@10"] for t, r in recall.items()})
+            log.info("step %d Recall@10: %s", step, ", ".join(f"{t} {r['recall@10']:.3f}" for t, r in recall.items()))
+
+    with _progress_bar(progress and lead, total_steps, step) as show:
+        while total_steps is None or step < total_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, total_steps or 10**9, cfg.warmup_steps, cfg.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            rows, negs = sampler.positives(B), sampler.negatives(R)  # [B], [R]: the global batch, same on every rank
+            local = rows[lo:hi]  # this rank's share
+            pos_ids = product_row[rows]  # [B] store rows double as product ids
+            logq.update(pos_ids)  # count the global batch first, on every rank: identical sketches
+            log_q_pos = logq.log_q(pos_ids, batch_size=B).to(device)  # [B]
+            products = store.batch(np.concatenate([pairs.product_row[local], negs[rlo:rhi]])).to(device)
+            with amp:  # one tower call over this rank's positives and random negatives
+                q, p, scale = ddp(products, _query_groups(queries, pairs, local, device), hi - lo)  # [b, D], [b + r, D]
+            q, p = q.float(), p.float()
+            w = loss_weight[rows].to(device)  # [B]
+            parts = mixed_negative_loss(
+                q, p[: hi - lo], _gather(p[hi - lo :], world) if R else None,
+                pos_ids=pos_ids[lo:hi].to(device), query_keys=query_key[local].to(device),
+                log_q_pos=log_q_pos[lo:hi], neg_ids=torch.from_numpy(negs).to(device) if R else None,
+                log_q_neg=log_q_neg if R else None, logit_scale=scale, weights=w[lo:hi], negatives=cfg.negatives,
+                candidates=_gather(p[: hi - lo], world), candidate_ids=pos_ids.to(device),
+                candidate_keys=query_key[rows].to(device), candidate_log_q=log_q_pos,
+                weight_sum=w.sum() / world)  # DDP averages gradients: the global weighted mean
+            optimizer.zero_grad(set_to_none=True)
+            parts.total.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+
+            losses = _mean_over_ranks(torch.stack([parts.total, parts.in_batch, parts.random]).detach(), world)
+            total_steps = clock.tick(step, total_steps, time.perf_counter() - t0)
+            show(completed=step, total=total_steps, pps=clock.pairs_per_s, loss=float(losses[0]))
+            _log_scalars(writer, step, {"loss/total": losses[0], "loss/in_batch": losses[1], "loss/random": losses[2],
+                                        "lr": lr, "logit_scale": float(scale.detach()), "pairs_per_s": clock.pairs_per_s})
+            last = step >= total_steps if total_steps is not None else False
+            if cfg.eval_every and step % cfg.eval_every == 0 and not last:
+                evaluate()
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last:
+                checkpoint()
+
+    checkpoint()
+    evaluate()
+    model_dir = out_dir / MODEL_DIR
+    summary = {"steps": step, "pairs_per_s": clock.pairs_per_s, "final_loss": losses[0], "recall": recall,
+               "world_size": world, "train_pairs": len(pairs), "catalog": len(store)}
+    if lead:
+        save_model(model_dir, module.tower, module.adapters, mcfg, vocab, image_dim=store.image_dim,
+                   query_dims=pairs.query_dims, logit_scale=module.logit_scale,
+                   extra={"train_config": to_dict(cfg), "training": summary})
+        writer.close()
+    if world > 1:
+        dist.barrier()
+        if own_group:
+            dist.destroy_process_group()
+    return TrainResult(model_dir=model_dir, steps=step, pairs_per_s=clock.pairs_per_s, final_recall=recall,
+                       final_loss=losses[0], elapsed_s=time.perf_counter() - clock.start, resumed_from=resumed_from,
+                       median_step_s=float(np.median(clock.step_times)) if clock.step_times else float("nan"))

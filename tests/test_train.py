@@ -1,0 +1,390 @@
+"""Training loop tests on a tiny hand-written dataset directory (tiny preset, CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from itemsage import schema
+from itemsage.config import ConfigError
+from itemsage.features import Vocabulary
+from itemsage.train import (
+    Lamb,
+    Sampler,
+    TrainConfig,
+    _flatten,
+    _loss_weights,
+    _mixture,
+    _unflatten,
+    latest_checkpoint,
+    load_pairs,
+    lr_at,
+    train,
+)
+
+IMAGE_DIM, SEARCH_DIM, HOME_DIM = 8, 12, 16  # home == tiny out_dim: an identity adapter
+BRANDS = ["acme", "birch", "cobalt", "delta"]
+COLOURS = ["red", "green", "blue"]
+
+
+def make_dataset(root: Path, n_products: int = 48, n_train: int = 600, n_eval: int = 120, seed: int = 0) -> Path:
+    """A dataset directory in the format `itemsage ingest` writes (docs/ARCHITECTURE.md), with
+    queries that carry signal: closeup = a noisy copy of the product's main image, search and home =
+    fixed random projections of a latent vector the images also depend on."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    latent = rng.normal(size=(n_products, 6)).astype(np.float32)
+    to_image = rng.normal(size=(6, IMAGE_DIM)).astype(np.float32)
+    ids = [f"p{i:03d}" for i in range(n_products)]
+    products: dict[str, list] = {schema.PRODUCT_ID: ids}
+    for f in schema.TEXT_FIELDS:
+        products[f] = [[] for _ in ids]
+    products["brand"] = [[BRANDS[i % 4]] for i in range(n_products)]
+    products["colors"] = [[COLOURS[i % 3]] for i in range(n_products)]
+    products["title"] = [[f"{BRANDS[i % 4]} {COLOURS[i % 3]} chair {i}"] for i in range(n_products)]
+    images = []
+    for i in range(n_products):
+        k = 1 + i % 3
+        main = latent[i] @ to_image
+        images.append([(main + 0.1 * rng.normal(size=IMAGE_DIM)).astype(np.float32).tolist() for _ in range(k)])
+    products[schema.IMAGE_EMBEDDINGS] = images
+    products[schema.CONTENT_HASH] = [f"h{i}" for i in range(n_products)]
+    table = pa.table(products, schema=pa.schema(
+        [(schema.PRODUCT_ID, pa.string())] + [(f, pa.list_(pa.string())) for f in schema.TEXT_FIELDS]
+        + [(schema.IMAGE_EMBEDDINGS, pa.list_(pa.list_(pa.float32()))), (schema.CONTENT_HASH, pa.string())]))
+    pq.write_table(table, root / schema.PRODUCTS_FILE)
+    Vocabulary.build(v for f in schema.TEXT_FIELDS for v in products[f]).save(root / schema.VOCAB_FILE)
+
+    to_search = rng.normal(size=(6, SEARCH_DIM)).astype(np.float32)
+    to_home = rng.normal(size=(6, HOME_DIM)).astype(np.float32)
+    engagement_p = [0.7, 0.2, 0.07, 0.03]
+
+    def logs(n: int, start_ms: int) -> pa.Table:
+        surface = rng.choice(schema.SURFACES, n, p=[0.4, 0.4, 0.2])
+        engagement = rng.choice(schema.ENGAGEMENTS, n, p=engagement_p)
+        product = rng.integers(0, n_products, n)
+        vectors = []
+        for s, p in zip(surface, product):
+            if s == "closeup":
+                v = np.asarray(images[p][0]) + 0.2 * rng.normal(size=IMAGE_DIM)
+            elif s == "search":  # few distinct queries: quantised latent, so queries repeat
+                v = np.round(latent[p]) @ to_search
+            else:
+                v = latent[p] @ to_home + 0.3 * rng.normal(size=HOME_DIM)
+            vectors.append(np.asarray(v, np.float32).tolist())
+        return pa.table({
+            schema.SURFACE: surface.tolist(), schema.ENGAGEMENT: engagement.tolist(),
+            schema.PRODUCT_ID: [ids[p] for p in product],
+            schema.TIMESTAMP: pa.array(start_ms + np.arange(n) * 1000, pa.timestamp("ms", tz="UTC")),
+            schema.USER_ID: pa.array([None] * n, pa.string()),
+            schema.WEIGHT: pa.array(np.ones(n, np.float32)),
+            schema.QUERY_TEXT: pa.array([None] * n, pa.string()),
+            schema.QUERY_EMBEDDING: pa.array(vectors, pa.list_(pa.float32())),
+        })
+
+    pq.write_table(logs(n_train, 0), root / schema.TRAIN_FILE)
+    pq.write_table(logs(n_eval, 10**9), root / schema.EVAL_FILE)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+def tiny(**kw) -> TrainConfig:
+    base = dict(preset="tiny", batch_size=16, random_negatives_ratio=2, max_steps=6, warmup_steps=2, lr=3e-3,
+                checkpoint_every=0, eval_every=0, eval_sample=60, device="cpu", seed=3)
+    return TrainConfig(**(base | kw))
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+# ---- config --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw, option", [
+    (dict(batch_size=0), "train.batch_size"),
+    (dict(negatives="hard"), "train.negatives"),
+    (dict(optimizer="sgd"), "train.optimizer"),
+    (dict(lr=-1.0), "train.lr"),
+    (dict(tasks=("search.like",)), "train.tasks"),
+    (dict(max_steps=None, max_minutes=None), "train.max_steps"),
+    (dict(upweight_conversions=0), "train.upweight_conversions"),
+    (dict(engagement_weights={"purchase": 2.0}), "train.engagement_weights"),
+    (dict(preset="huge"), "train.preset"),
+    (dict(model={"aggregator": "mean"}), "model.aggregator"),
+    (dict(random_negatives_ratio=0), "train.random_negatives_ratio"),
+])
+def test_bad_config_is_refused_by_name(kw, option):
+    with pytest.raises(ConfigError, match=option.replace(".", r"\.")):
+        tiny(**kw)
+
+
+def test_batch_size_error_message_shows_value():
+    with pytest.raises(ConfigError, match=r"train\.batch_size \(0\) must be an integer >= 2"):
+        tiny(batch_size=0)
+
+
+# ---- pieces against references -------------------------------------------------------------------
+
+
+def test_lr_schedule_hand_computed():
+    assert lr_at(0, 20, 2, 1.0) == pytest.approx(0.5)
+    assert lr_at(1, 20, 2, 1.0) == pytest.approx(1.0)
+    assert lr_at(2, 20, 2, 1.0) == pytest.approx(1.0)  # cosine starts at the peak
+    assert lr_at(11, 20, 2, 1.0) == pytest.approx(0.5)  # halfway through the decay
+    assert lr_at(20, 20, 2, 1.0) == pytest.approx(0.0)
+    # warm-up capped at a tenth of the run: 100 asked, 2 of 20 used
+    assert lr_at(0, 20, 100, 1.0) == pytest.approx(0.5) and lr_at(11, 20, 100, 1.0) == pytest.approx(0.5)
+
+
+def test_lamb_matches_numpy_reference():
+    g = torch.Generator().manual_seed(0)
+    p0 = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    grads = [torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(3)]
+    p = torch.nn.Parameter(p0.clone())
+    opt = Lamb([p], lr=0.1, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.01)
+    for grad in grads:
+        p.grad = grad.clone()
+        opt.step()
+    # reference: the LAMB update written out in numpy
+    x, m, v = p0.numpy().copy(), np.zeros((5, 3)), np.zeros((5, 3))
+    for t, grad in enumerate(grads, start=1):
+        gr = grad.numpy()
+        m = 0.9 * m + 0.1 * gr
+        v = 0.99 * v + 0.01 * gr**2
+        u = (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.99**t)) + 1e-6) + 0.01 * x
+        x = x - 0.1 * (np.linalg.norm(x) / np.linalg.norm(u)) * u
+    np.testing.assert_allclose(p.detach().numpy(), x, rtol=1e-10)
+
+
+def test_state_flatten_roundtrip_keeps_int_keys_and_tensors():
+    param = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.AdamW([param])
+    param.grad = torch.ones(3)
+    opt.step()
+    tensors: dict = {}
+    skeleton = json.loads(json.dumps(_flatten(opt.state_dict(), "opt", tensors)))
+    back = _unflatten(skeleton, tensors)
+    assert list(back["state"]) == [0]
+    torch.testing.assert_close(back["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    opt2 = torch.optim.AdamW([torch.nn.Parameter(torch.randn(3))])
+    opt2.load_state_dict(back)  # loads without complaint, betas as a list included
+
+
+def test_load_pairs_dedupes_queries_and_keys_them(dataset):
+    from itemsage.features import ProductStore
+
+    vocab = Vocabulary.load(dataset / schema.VOCAB_FILE)
+    store = ProductStore.from_dataset(dataset, vocab, schema.TEXT_FIELDS, 20, progress=False)
+    pairs = load_pairs(dataset, schema.TRAIN_FILE, store)
+    table = pq.read_table(dataset / schema.TRAIN_FILE)
+    assert len(pairs) == table.num_rows
+    vecs = table[schema.QUERY_EMBEDDING].to_pylist()
+    for i in range(0, len(pairs), 37):  # each row's query vector is its own, exactly
+        s = pairs.surface[i]
+        np.testing.assert_array_equal(pairs.queries[s][pairs.query_row[i]].numpy(), np.float32(vecs[i]))
+        assert store.ids[pairs.product_row[i]] == table[schema.PRODUCT_ID][i].as_py()
+    # equal (surface, vector) <=> equal key; search queries repeat by construction
+    seen = {}
+    for i in range(len(pairs)):
+        ident = (pairs.surface[i], tuple(vecs[i]))
+        assert seen.setdefault(ident, pairs.query_key[i]) == pairs.query_key[i]
+    assert len(set(seen.values())) == len(seen)
+    assert len(pairs.queries["search"]) < (pairs.surface == "search").sum()
+
+
+def test_tasks_filter_and_conversion_upweighting(dataset):
+    from itemsage.features import ProductStore
+
+    vocab = Vocabulary.load(dataset / schema.VOCAB_FILE)
+    store = ProductStore.from_dataset(dataset, vocab, schema.TEXT_FIELDS, 20, progress=False)
+    only = load_pairs(dataset, schema.TRAIN_FILE, store, tasks=("closeup.click", "search.checkout"))
+    assert set(only.task) <= {"closeup.click", "search.checkout"} and len(only) > 0
+
+    pairs = load_pairs(dataset, schema.TRAIN_FILE, store)
+    cfg = tiny(upweight_conversions=5.0, engagement_weights={"save": 2.0})
+    probs = _mixture(pairs, cfg)
+    conv = np.isin(pairs.engagement, ["add_to_cart", "checkout"])
+    sampler = Sampler(probs, len(store), seed=0)
+    draws = np.concatenate([sampler.positives(1000) for _ in range(40)])
+    expected = 5 * conv.sum() / (5 * conv.sum() + (~conv).sum())
+    assert abs(conv[draws].mean() - expected) < 0.01  # 40k draws: sd ~ 0.002
+    w = _loss_weights(pairs, cfg)
+    np.testing.assert_array_equal(w, np.where(pairs.engagement == "save", 2.0, 1.0).astype(np.float32))
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+
+def test_train_writes_model_and_learns(dataset, tmp_path):
+    cfg = tiny(max_steps=60, eval_sample=120)
+    result = train(dataset, tmp_path / "run", cfg, progress=False)
+    assert result.steps == 60 and result.pairs_per_s > 0
+    from itemsage.model import load_model
+
+    loaded = load_model(result.model_dir)
+    assert loaded.extra["train_config"]["batch_size"] == 16
+    assert set(loaded.query_dims) == {"closeup", "home", "search"} and loaded.adapters.is_identity("home")
+    assert (tmp_path / "run" / "tensorboard").is_dir()
+    # Recall@10 among 48 products: random is 10/48 ~ 0.21; the queries carry strong signal.
+    assert result.final_recall["all"]["recall@10"] > 0.5, result.final_recall
+
+
+def test_resume_after_kill_is_bit_identical(dataset, tmp_path, monkeypatch):
+    cfg = tiny(max_steps=7, checkpoint_every=3, model={"dropout": 0.2}, eval_sample=0)
+    straight = train(dataset, tmp_path / "straight", cfg, progress=False)
+
+    # Kill the second run while it draws step 6's batch (after the step-3 checkpoint, before step 6's).
+    import itemsage.train as train_module
+
+    calls = {"n": 0}
+    real = train_module.Sampler.positives
+
+    def dying(self, b):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt("killed")
+        return real(self, b)
+
+    monkeypatch.setattr(train_module.Sampler, "positives", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(dataset, tmp_path / "killed", cfg, progress=False)
+    monkeypatch.setattr(train_module.Sampler, "positives", real)
+    assert latest_checkpoint(tmp_path / "killed").name == "step-00000003"
+    # a torn newer checkpoint (no manifest) must be skipped
+    (tmp_path / "killed" / "checkpoints" / "step-00000005").mkdir()
+    with pytest.raises(ConfigError, match="--resume"):
+        train(dataset, tmp_path / "killed", cfg, progress=False)
+    resumed = train(dataset, tmp_path / "killed", cfg, progress=False, resume=True)
+    assert resumed.resumed_from == 3 and resumed.steps == 7
+
+    a, b = weights(straight.model_dir), weights(resumed.model_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # and the runs really trained: weights moved from their initial values
+    fresh = train(dataset, tmp_path / "short", tiny(max_steps=1, model={"dropout": 0.2}, eval_sample=0), progress=False)
+    assert not torch.equal(weights(fresh.model_dir)["tower.head.fc2.weight"], a["tower.head.fc2.weight"])
+
+
+def test_resume_refuses_changed_options(dataset, tmp_path):
+    train(dataset, tmp_path / "run", tiny(max_steps=2, eval_sample=0), progress=False)
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        train(dataset, tmp_path / "run", tiny(max_steps=2, eval_sample=0, lr=0.5), progress=False, resume=True)
+
+
+@pytest.mark.parametrize("negatives, optimizer", [("in_batch", "lamb"), ("random", "adamw")])
+def test_negative_modes_and_lamb_run(dataset, tmp_path, negatives, optimizer):
+    result = train(dataset, tmp_path / "run", tiny(max_steps=3, negatives=negatives, optimizer=optimizer),
+                   progress=False)
+    assert result.steps == 3 and math.isfinite(result.final_loss)
+
+
+def test_clock_turns_minute_budget_into_steps():
+    from itemsage.train import Clock
+
+    t = [0.0]
+    clock = Clock(tiny(max_steps=None, max_minutes=1.0), world=1, device=torch.device("cpu"), calibrated=False,
+                  now=lambda: t[0])
+    total = None
+    for step in range(1, 12):  # 0.5 s per step; the first step is not timed
+        t[0] += 0.5
+        total = clock.tick(step, total, 0.5)
+    # 10 timed steps in 5 s = 2 steps/s; at 5.5 s, 90% of 60 s leaves 48.5 s -> 97 more steps
+    assert total == 11 + 97
+    assert clock.pairs_per_s == pytest.approx(16 / 0.5)
+    t[0] = 60.1  # past the budget: stop now, whatever the schedule says
+    assert clock.tick(50, total, 0.5) == 50
+
+
+def test_minute_budget_wiring(dataset, tmp_path):
+    # A budget far larger than the run: calibration after 10 timed steps keeps max_steps (12).
+    result = train(dataset, tmp_path / "run", tiny(max_steps=12, max_minutes=10.0, eval_sample=0), progress=False)
+    assert result.steps == 12
+    state = json.loads((latest_checkpoint(tmp_path / "run") / "state.json").read_text())
+    assert state["schedule"] == {"step": 12, "total_steps": 12, "calibrated": True}
+
+
+def test_cli_train_and_resume(dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from itemsage.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "run"
+    args = ["train", str(dataset), "--out", str(out), "--preset", "tiny", "--steps", "4", "--batch-size", "16",
+            "--checkpoint-every", "2", "--eval-sample", "60", "--device", "cpu", "--no-progress",
+            "--tasks", "closeup.click,search.click,home.click", "--aggregator", "sum"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "Recall@10" in result.output and "closeup.click" in result.output and "model:" in result.output
+    saved = json.loads((out / "model" / "config.json").read_text())
+    assert saved["model"]["aggregator"] == "sum"
+    assert saved["extra"]["train_config"]["tasks"] == ["closeup.click", "search.click", "home.click"]
+    # --resume with only a longer --steps: the other options come from the checkpoint
+    result = runner.invoke(app, ["train", str(dataset), "--out", str(out), "--resume", "--steps", "6",
+                                 "--no-progress"])
+    assert result.exit_code == 2 and "train.max_steps" in result.output  # the schedule length is fixed
+    result = runner.invoke(app, ["train", str(dataset), "--out", str(out), "--resume", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    # bad option: refused by name, no traceback
+    result = runner.invoke(app, ["train", str(dataset), "--out", str(tmp_path / "x"), "--batch-size", "1"])
+    assert result.exit_code == 2 and "train.batch_size (1) must be an integer >= 2" in result.output
+
+
+def test_search_text_queries_use_cached_frozen_encoder(dataset, tmp_path, monkeypatch):
+    """Search rows with text go through query_encoder.cached_text_embeddings (a fake encoder here),
+    once per distinct text; equal texts share a query key."""
+    import shutil
+
+    import itemsage.query_encoder as qe
+    from itemsage.features import ProductStore
+
+    calls: list[list[str]] = []
+
+    class FakeEncoder:  # deterministic 384-d unit vectors from the text's bytes
+        dim, name = qe.TextQueryEncoder.dim, qe.TextQueryEncoder.name
+
+        def encode(self, texts, batch_size=256, progress=True):
+            calls.append(list(texts))
+            out = np.stack([np.random.default_rng(sum(t.encode())).normal(size=self.dim) for t in texts])
+            return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
+
+    monkeypatch.setattr(qe, "TextQueryEncoder", FakeEncoder)
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    logs = pq.read_table(data / schema.TRAIN_FILE)
+    search = np.asarray(logs[schema.SURFACE].to_pylist()) == "search"
+    texts = [f"{BRANDS[i % 4]} chair" if s else None for i, s in enumerate(search)]
+    vectors = [None if s else v for s, v in zip(search, logs[schema.QUERY_EMBEDDING].to_pylist())]
+    logs = logs.set_column(logs.schema.get_field_index(schema.QUERY_TEXT), schema.QUERY_TEXT,
+                           pa.array(texts, pa.string()))
+    logs = logs.set_column(logs.schema.get_field_index(schema.QUERY_EMBEDDING), schema.QUERY_EMBEDDING,
+                           pa.array(vectors, pa.list_(pa.float32())))
+    pq.write_table(logs, data / schema.TRAIN_FILE)
+
+    store = ProductStore.from_dataset(data, Vocabulary.load(data / schema.VOCAB_FILE), schema.TEXT_FIELDS, 20,
+                                      progress=False)
+    pairs = load_pairs(data, schema.TRAIN_FILE, store)
+    assert sorted(calls[0]) == sorted(set(t for t in texts if t))  # each distinct text encoded once
+    assert pairs.queries["search"].shape == (4, 384)
+    reference = FakeEncoder().encode(["acme chair"])[0]
+    i = texts.index("acme chair")
+    np.testing.assert_allclose(pairs.queries["search"][pairs.query_row[i]].numpy(), reference)
+    same = [j for j, t in enumerate(texts) if t == "acme chair"]
+    assert len({pairs.query_key[j] for j in same}) == 1
+    n_calls = len(calls)
+    load_pairs(data, schema.TRAIN_FILE, store)  # second load: served from the dataset's cache
+    assert len(calls) == n_calls and (data / schema.QUERY_CACHE_DIR).is_dir()
