@@ -24,6 +24,12 @@ class DemoSettings:
     products: int = 20_000
     train_minutes: float = 6.0  # the training budget; the rest of the demo takes a few minutes
     preset: str = "cpu"
+    train_steps: int | None = None  # optional step cap on top of the minute budget (tests)
+    batch_size: int = 1024
+    # 1 random negative per positive, not the paper's 4: on two CPU cores the tower's cost is per
+    # product, and at a fixed minute budget 4x steps with a smaller random pool learned far more
+    # (measured in BENCHMARKS.md). `itemsage train` keeps 4 by default.
+    random_negatives_ratio: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -78,7 +84,8 @@ def run_demo(settings: DemoSettings, progress: bool = True, say: Callable[[str],
     # A half-finished training run resumes from its newest checkpoint.
     resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())
     stage("train", _done(model), lambda: train(dataset, run, TrainConfig(
-        preset=settings.preset, max_steps=None, max_minutes=settings.train_minutes, seed=settings.seed,
+        preset=settings.preset, max_steps=settings.train_steps, max_minutes=settings.train_minutes, seed=settings.seed,
+        batch_size=settings.batch_size, random_negatives_ratio=settings.random_negatives_ratio,
         checkpoint_every=200), progress=progress, resume=resume))
     stage("embed", _done(embeddings), lambda: embed(model, dataset, embeddings, progress=progress))
     stage("index", (index / "CURRENT").is_file(), lambda: build_from_embeddings(embeddings, index, IndexConfig()))
