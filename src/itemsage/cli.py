@@ -349,6 +349,8 @@ def compare_cmd(
     batch_size: int = typer.Option(1024, "--batch-size", help="Positives per step of every run."),
     runs: Optional[str] = typer.Option(None, "--runs", help="Comma-separated subset of runs [all]."),
     eval_sample: Optional[int] = typer.Option(None, "--eval-sample", help="Eval pairs per run [all]."),
+    random_negatives_ratio: float = typer.Option(
+        4.0, "--random-negatives-ratio", help="Random negatives per positive in every run (paper: 4)."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Train and evaluate the paper's comparisons on one split and write a Markdown report."""
@@ -358,6 +360,7 @@ def compare_cmd(
 
     try:
         cfg = CompareConfig(preset=preset, steps=steps, batch_size=batch_size, eval_sample=eval_sample, seed=seed,
+                            train_overrides={"random_negatives_ratio": random_negatives_ratio},
                             **({"runs": runs} if runs else {}))
         report = compare(dataset, out, cfg)
     except (ConfigError, ArtifactError) as err:
@@ -373,7 +376,7 @@ def compare_cmd(
 def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory for every artifact of the demo."),
     products: int = typer.Option(20_000, "--products", help="Products in the generated shop."),
-    train_minutes: float = typer.Option(6.0, "--train-minutes", help="Training budget in minutes."),
+    train_minutes: float = typer.Option(8.0, "--train-minutes", help="Training budget in minutes."),
     preset: str = typer.Option("cpu", "--preset", help="Model preset: cpu, paper or tiny."),
     seed: int = typer.Option(0, "--seed"),
     serve: bool = typer.Option(False, "--serve", help="Then start the service on the demo's model and index."),
@@ -388,7 +391,7 @@ def demo_cmd(
     start = time.perf_counter()
     try:
         result = run_demo(DemoSettings(out=out, products=products, train_minutes=train_minutes, preset=preset,
-                                       seed=seed), say=lambda m: console.print(m, highlight=False))
+                                       seed=seed), say=lambda m: console.print(m, highlight=False, markup=False))
     except ConfigError as err:
         fail(str(err))
     console.print(_recall_table(result.evaluation, "ItemSage demo: Recall@10 on the eval window"))

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class DemoSettings:
     out: Path = Path("runs/demo")
     products: int = 20_000
-    train_minutes: float = 6.0  # the training budget; the rest of the demo takes a few minutes
+    train_minutes: float = 8.0  # the training budget; the rest of the demo takes a few minutes
     preset: str = "cpu"
     train_steps: int | None = None  # optional step cap on top of the minute budget (tests)
     batch_size: int = 1024
