@@ -1,0 +1,458 @@
+"""Embed the catalog: the product tower over every product, in streaming batches (SPEC §7).
+
+Output, an embeddings directory:
+
+    part-00000.parquet ...   product_id: string, vector: fixed_size_list<float32, D>, content_hash: string
+    manifest.json            kind 'embeddings', written last: model and dataset fingerprints, count, dim,
+                             the shard files in catalog order
+
+Shards. Shard s holds catalog rows [s * shard_rows, (s + 1) * shard_rows) of products.parquet, in
+catalog order. It is streamed into a temp file batch by batch and renamed into place after its last
+row, so a shard file exists only when it is complete. A re-run after a kill skips the shards that
+exist (seeking to the first missing one by Parquet row group) and redoes the one that was torn: each
+product lands in exactly one shard. `progress.json` pins the run's identity (model and dataset
+fingerprints, shard_rows, generation) so a resumed run uses the same row ranges, and refuses to mix
+shards from another model.
+
+Incremental (`incremental=True`). Given a finished directory from the same model, a new
+*generation* of shards is written beside the old one (`part-00000-g1.parquet`, ...) over the current
+catalog: products whose `content_hash` equals the old one keep their old vector (copied), new or
+changed products go through the tower, products no longer in the catalog simply are not written.
+The new manifest (one atomic replace) switches readers to the new generation; the old generation's
+files are deleted after it. A kill at any point leaves either the old set or the new set readable,
+and the partial new generation resumes like a full run. The lookup of old vectors holds a
+product_id -> (old shard, row, content_hash) map in memory (~150 bytes per product), and reads old
+shards' vectors with a small cache; that suits catalogs of tens of millions on one machine.
+
+Engines. `embed_batch(model, table) -> table` is a pure function of one batch; `embed` drives it
+locally with resume and incremental, `embed_with_ray` hands it to Ray Data's `map_batches` to scale
+out (no resume: Ray re-runs failed tasks itself).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from itemsage import artifacts, schema
+from itemsage.artifacts import ArtifactError
+from itemsage.config import require
+from itemsage.features import featurize
+
+log = logging.getLogger(__name__)
+
+PROGRESS_FILE = "progress.json"
+VECTOR = "vector"
+DEFAULT_SHARD_ROWS = 100_000
+
+
+@dataclasses.dataclass
+class EmbedSummary:
+    out_dir: Path
+    count: int  # products in the finished directory
+    dim: int
+    shards: int
+    embedded: int  # products run through the tower by this call
+    reused: int  # incremental: vectors copied from the previous generation
+    removed: int  # incremental: products of the previous generation no longer in the catalog
+    skipped_shards: int  # shards already complete from an interrupted earlier run
+    seconds: float
+    model_fingerprint: str
+    dataset_fingerprint: str
+    generation: int
+
+    @property
+    def products_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+
+def shard_name(shard: int, generation: int = 0) -> str:
+    return f"part-{shard:05d}.parquet" if generation == 0 else f"part-{shard:05d}-g{generation}.parquet"
+
+
+def output_schema(dim: int) -> pa.Schema:
+    return pa.schema([
+        pa.field(schema.PRODUCT_ID, pa.string(), nullable=False),
+        pa.field(VECTOR, pa.list_(pa.float32(), dim), nullable=False),
+        pa.field(schema.CONTENT_HASH, pa.string()),
+    ])
+
+
+def _vectors_table(ids: pa.Array, vectors: np.ndarray, hashes: pa.Array) -> pa.Table:
+    """ids [B], vectors [B, D] float32, hashes [B] -> the shard schema."""
+    dim = vectors.shape[1]
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), pa.float32())
+    return pa.Table.from_arrays(
+        [ids.cast(pa.string()), pa.FixedSizeListArray.from_arrays(flat, dim), hashes.cast(pa.string())],
+        schema=output_schema(dim),
+    )
+
+
+def _column_or_nulls(table: pa.Table, name: str) -> pa.Array:
+    if name in table.column_names:
+        return table.column(name).combine_chunks()
+    return pa.nulls(table.num_rows, pa.string())
+
+
+# ---- the engine-agnostic batch function ---------------------------------------------------------
+
+
+def embed_batch(model: Any, batch: pa.RecordBatch | pa.Table) -> pa.Table:
+    """Products (dataset format, B rows) -> table of product_id, vector [B, D] float32, content_hash.
+
+    `model` is an `itemsage.model.LoadedModel`. Pure: the same rows give the same vectors whatever
+    batch they come in (up to float rounding), which is what lets any engine split the catalog.
+    """
+    table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+    ids = table.column(schema.PRODUCT_ID).combine_chunks()
+    hashes = _column_or_nulls(table, schema.CONTENT_HASH)
+    if table.num_rows == 0:
+        return _vectors_table(ids, np.zeros((0, model.config.out_dim), np.float32), hashes)
+    features = featurize(table, model.vocab, model.config.text_fields, model.config.max_images, model.image_dim)
+    device = next(model.tower.parameters()).device
+    with torch.inference_mode():
+        vectors = model.tower(features.to(device))  # [B, D] unit rows
+    return _vectors_table(ids, vectors.float().cpu().numpy(), hashes)
+
+
+# ---- the local engine: resumable, incremental ---------------------------------------------------
+
+
+def _dataset_fingerprint(dataset_dir: Path) -> str:
+    if not (dataset_dir / artifacts.MANIFEST).is_file():
+        raise ArtifactError(f"{dataset_dir} has no {artifacts.MANIFEST}: it is not a finished dataset. "
+                            "Write it with `itemsage ingest`.")
+    return artifacts.fingerprint(dataset_dir)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _row_pieces(parquet: pq.ParquetFile, first_row: int, batch_size: int, shard_rows: int,
+                columns: list[str]) -> Iterator[tuple[int, int, pa.Table]]:
+    """(shard, global start row, table) pieces of at most batch_size rows, never crossing a shard
+    boundary, from the row group holding `first_row` on (earlier row groups are not read)."""
+    meta = parquet.metadata
+    starts = np.concatenate([[0], np.cumsum([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])])
+    group = int(np.searchsorted(starts, first_row, side="right") - 1) if meta.num_row_groups else 0
+    row = int(starts[group]) if meta.num_row_groups else 0
+    batches = parquet.iter_batches(batch_size=batch_size, columns=columns,
+                                   row_groups=list(range(group, meta.num_row_groups)))
+    for record_batch in batches:
+        table = pa.Table.from_batches([record_batch])
+        offset = 0
+        while offset < table.num_rows:
+            shard = (row + offset) // shard_rows
+            take = min(table.num_rows - offset, (shard + 1) * shard_rows - (row + offset))
+            yield shard, row + offset, table.slice(offset, take)
+            offset += take
+        row += table.num_rows
+
+
+class _OldVectors:
+    """The previous generation, for incremental runs: product_id -> (shard, row, content_hash), and
+    vectors read from its shards on demand (a small cache; shards are visited roughly in order)."""
+
+    def __init__(self, out_dir: Path, manifest: dict[str, Any]) -> None:
+        self.out_dir = out_dir
+        self.shards: list[str] = list(manifest["shards"])
+        self.where: dict[str, tuple[int, int, str | None]] = {}
+        for s, name in enumerate(self.shards):
+            table = pq.read_table(out_dir / name, columns=[schema.PRODUCT_ID, schema.CONTENT_HASH])
+            for row, (pid, h) in enumerate(zip(table.column(0).to_pylist(), table.column(1).to_pylist())):
+                self.where[pid] = (s, row, h)
+        self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+
+    def vectors(self, shard: int) -> np.ndarray:
+        if shard not in self._cache:
+            column = pq.read_table(self.out_dir / self.shards[shard], columns=[VECTOR]).column(VECTOR)
+            dim = column.type.list_size
+            values = pa.chunked_array([c.flatten() for c in column.chunks], pa.float32()).to_numpy()
+            self._cache[shard] = values.reshape(-1, dim)  # [rows, D]
+            if len(self._cache) > 4:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(shard)
+        return self._cache[shard]
+
+
+def _embed_piece(model: Any, piece: pa.Table, old: _OldVectors | None) -> tuple[pa.Table, int, int]:
+    """(output table, products embedded, vectors reused) for one piece of the catalog."""
+    if old is None:
+        return embed_batch(model, piece), piece.num_rows, 0
+    ids = piece.column(schema.PRODUCT_ID).to_pylist()
+    hashes = piece.column(schema.CONTENT_HASH).to_pylist()
+    found = [old.where.get(pid) for pid in ids]
+    keep = np.array([f is not None and h is not None and f[2] == h for f, h in zip(found, hashes)], dtype=bool)
+    vectors = np.empty((piece.num_rows, model.config.out_dim), dtype=np.float32)  # [B, D]
+    for i in np.flatnonzero(keep):
+        s, row, _ = found[i]
+        vectors[i] = old.vectors(s)[row]
+    todo = np.flatnonzero(~keep)
+    if len(todo):
+        fresh = embed_batch(model, piece.take(pa.array(todo)))
+        values = fresh.column(VECTOR).combine_chunks().flatten().to_numpy()
+        vectors[todo] = values.reshape(len(todo), -1)
+    table = _vectors_table(piece.column(schema.PRODUCT_ID).combine_chunks(), vectors,
+                           piece.column(schema.CONTENT_HASH).combine_chunks())
+    return table, len(todo), int(keep.sum())
+
+
+def _after_shard(shard: int) -> None:
+    """Called after each shard is complete (tests patch it to simulate a kill)."""
+
+
+def _plan(out_dir: Path, model_fp: str, dataset_fp: str, incremental: bool,
+          shard_rows: int) -> tuple[dict[str, Any] | None, int, int] | None:
+    """Decide from what `out_dir` holds what this run is: None when it is already complete, else
+    (finished manifest of the previous generation or None, generation to write, shard_rows).
+    Refuses to mix models; pins the run's identity in progress.json so a kill can be resumed."""
+    finished = None
+    if (out_dir / artifacts.MANIFEST).is_file():
+        finished = artifacts.read_manifest(out_dir, kind="embeddings")
+        old_model = finished["inputs"].get("model")
+        if old_model != model_fp:
+            raise ArtifactError(
+                f"{out_dir} holds embeddings from model {old_model}, this run uses model {model_fp}; "
+                "vectors of two models must never be mixed. Pass a new --out directory.")
+        if finished["inputs"].get("dataset") == dataset_fp:
+            (out_dir / PROGRESS_FILE).unlink(missing_ok=True)  # left if a run died right after its manifest
+            _remove_unreferenced(out_dir, keep=set(finished["shards"]))
+            return None
+        if not incremental:
+            raise ArtifactError(
+                f"{out_dir} holds finished embeddings of another version of the catalog (dataset "
+                f"{finished['inputs'].get('dataset')}, now {dataset_fp}). Pass --incremental to update "
+                "them, or a new --out directory to embed from scratch.")
+    elif incremental:
+        log.info("%s holds no finished embeddings; embedding the whole catalog", out_dir)
+    generation = finished["generation"] + 1 if finished is not None else 0
+
+    identity = {"model": model_fp, "dataset": dataset_fp, "generation": generation,
+                "base": artifacts.fingerprint(out_dir) if finished is not None else None}
+    pending = _read_json(out_dir / PROGRESS_FILE)
+    if finished is None and pending is None and any(out_dir.glob("part-*.parquet")):
+        raise ArtifactError(f"{out_dir} holds part-*.parquet files but no {PROGRESS_FILE} or manifest of an "
+                            "itemsage embed run; refusing to overwrite them. Pass an empty --out directory.")
+    if pending is not None and pending.get("model") != model_fp:
+        raise ArtifactError(
+            f"{out_dir} holds a partial run of model {pending.get('model')}, this run uses model "
+            f"{model_fp}; shards of two models must never be mixed. Pass a new --out directory "
+            f"(or delete {out_dir} to start over).")
+    if pending is not None and {k: pending.get(k) for k in identity} == identity:
+        shard_rows = int(pending["shard_rows"])  # the row ranges of the run being resumed
+    else:
+        if pending is not None:  # a partial run over an older catalog: no manifest refers to its shards
+            log.info("discarding a partial run over another catalog version in %s", out_dir)
+        _remove_unreferenced(out_dir, keep=set(finished["shards"]) if finished else set())
+        artifacts.atomic_write_json(out_dir / PROGRESS_FILE, {**identity, "shard_rows": shard_rows})
+    for stale in out_dir.glob(".part-*.tmp"):  # temp files of a killed writer
+        stale.unlink()
+    return finished, generation, shard_rows
+
+
+def embed(
+    model_dir: str | Path,
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    batch_size: int = 1024,
+    incremental: bool = False,
+    progress: bool = True,
+    *,
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+    device: str | None = None,
+) -> EmbedSummary:
+    """Embed every product of `dataset_dir/products.parquet` into `out_dir` (see the module doc).
+
+    Re-running after a kill resumes; re-running on a finished directory with the same model and
+    dataset does nothing; `incremental` re-embeds only new or changed products.
+    """
+    from itemsage.model import load_model
+
+    require(isinstance(batch_size, int) and batch_size >= 1, f"embed.batch_size must be >= 1, got {batch_size!r}")
+    require(isinstance(shard_rows, int) and shard_rows >= 1, f"embed.shard_rows must be >= 1, got {shard_rows!r}")
+    model_dir, dataset_dir, out_dir = Path(model_dir), Path(dataset_dir), Path(out_dir)
+    products = dataset_dir / schema.PRODUCTS_FILE
+    if not products.is_file():
+        raise FileNotFoundError(f"{products} does not exist; write the dataset with `itemsage ingest`.")
+    started = time.perf_counter()
+    model_fp = artifacts.fingerprint(model_dir)  # reads the manifest only; load_model verifies files
+    dataset_fp = _dataset_fingerprint(dataset_dir)
+    parquet = pq.ParquetFile(products)
+    if incremental and schema.CONTENT_HASH not in parquet.schema_arrow.names:
+        raise ArtifactError(f"{products} has no {schema.CONTENT_HASH} column, so --incremental cannot "
+                            "tell changed products; re-run `itemsage ingest`, which writes it.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = _plan(out_dir, model_fp, dataset_fp, incremental, shard_rows)
+    if plan is None:
+        manifest = artifacts.read_manifest(out_dir, kind="embeddings")
+        log.info("%s is already complete for this model and dataset; nothing to do", out_dir)
+        return EmbedSummary(out_dir, manifest["count"], manifest["dim"], len(manifest["shards"]), 0, 0, 0,
+                            len(manifest["shards"]), time.perf_counter() - started, model_fp, dataset_fp,
+                            manifest["generation"])
+    finished, generation, shard_rows = plan
+
+    model = load_model(model_dir, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dim = model.config.out_dim
+    old = _OldVectors(out_dir, finished) if finished is not None else None
+    num_rows = parquet.metadata.num_rows
+    num_shards = -(-num_rows // shard_rows)
+    names = [shard_name(s, generation) for s in range(num_shards)]
+    done = {s for s, name in enumerate(names) if (out_dir / name).is_file()}  # files appear only complete
+    first_missing = next((s for s in range(num_shards) if s not in done), num_shards)
+    columns = [c for c in parquet.schema_arrow.names
+               if c in (schema.PRODUCT_ID, schema.IMAGE_EMBEDDINGS, schema.CONTENT_HASH, *model.config.text_fields)]
+    if done:
+        log.info("resuming: %d of %d shards already complete", len(done), num_shards)
+
+    embedded = reused = 0
+    with _progress_bar(progress) as bar:
+        task = bar.add_task("embedding products", total=num_rows,
+                            completed=sum(min(shard_rows, num_rows - s * shard_rows) for s in done))
+        pieces = _row_pieces(parquet, first_missing * shard_rows, batch_size, shard_rows, columns)
+        for shard, shard_pieces in itertools.groupby(pieces, key=lambda p: p[0]):
+            if shard in done:
+                continue
+            # The shard streams into a temp file and is renamed into place after its last row.
+            with artifacts.atomic_path(out_dir / names[shard]) as tmp:
+                with pq.ParquetWriter(tmp, output_schema(dim)) as writer:
+                    for _, _, piece in shard_pieces:
+                        table, n_embedded, n_reused = _embed_piece(model, piece, old)
+                        writer.write_table(table)
+                        embedded += n_embedded
+                        reused += n_reused
+                        bar.advance(task, piece.num_rows)
+            _after_shard(shard)
+
+    # All shards exist: the manifest (written last, atomically) makes the directory finished and
+    # switches readers to this generation; then the previous generation's files go.
+    removed = len(old.where) - sum(pid in old.where for pid in _catalog_ids(parquet)) if old else 0
+    artifacts.write_manifest(
+        out_dir, "embeddings",
+        config={"batch_size": batch_size, "shard_rows": shard_rows},
+        inputs={"model": model_fp, "dataset": dataset_fp},
+        counts={"products": num_rows},
+        files=names,
+        extra={"count": num_rows, "dim": dim, "shards": names, "generation": generation},
+    )
+    (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
+    _remove_unreferenced(out_dir, keep=set(names))
+    seconds = time.perf_counter() - started
+    log.info("embedded %d products (%d reused, %d removed) into %s in %.1f s", embedded, reused,
+             removed, out_dir, seconds)
+    return EmbedSummary(out_dir, num_rows, dim, num_shards, embedded, reused, removed,
+                        len(done), seconds, model_fp, dataset_fp, generation)
+
+
+def _catalog_ids(parquet: pq.ParquetFile) -> Iterator[str]:
+    for record_batch in parquet.iter_batches(columns=[schema.PRODUCT_ID]):
+        yield from record_batch.column(0).to_pylist()
+
+
+def _remove_unreferenced(out_dir: Path, keep: set[str]) -> None:
+    """Delete shard files no manifest or current run refers to (an old generation, a discarded run)."""
+    for path in out_dir.glob("part-*.parquet"):
+        if path.name not in keep:
+            path.unlink()
+
+
+def _progress_bar(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Speed(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            return Text(f"{task.speed:,.0f} products/s" if task.speed else "")
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Speed(),
+                    TimeRemainingColumn(), disable=not enabled)
+
+
+# ---- Ray Data engine ----------------------------------------------------------------------------
+
+
+class _RayEmbedder:
+    """Ray actor UDF: loads the model once per actor, then embeds each batch with `embed_batch`."""
+
+    def __init__(self, model_dir: str) -> None:
+        from itemsage.model import load_model
+
+        self.model = load_model(model_dir)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return embed_batch(self.model, batch)
+
+
+def embed_with_ray(
+    model_dir: str | Path,
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    batch_size: int = 1024,
+    *,
+    concurrency: int = 2,
+    num_gpus: float = 0,
+) -> EmbedSummary:
+    """Embed the catalog with Ray Data: `read_parquet(...).map_batches(actor UDF, batch_format='pyarrow')`.
+
+    Needs the optional extra: `pip install 'itemsage[ray]'`. Connects to the running Ray cluster, or
+    starts a local one. Not resumable shard by shard (Ray retries failed tasks itself) and not
+    incremental: `out_dir` must be empty or absent. Shards are renamed part-00000.parquet, ... and
+    the manifest is written last, like `embed`.
+    """
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as err:
+        raise ImportError("embed_with_ray needs Ray Data, an optional extra: pip install 'itemsage[ray]' "
+                          "(or use the local engine: itemsage embed --engine local).") from err
+    started = time.perf_counter()
+    model_dir, dataset_dir, out_dir = Path(model_dir), Path(dataset_dir), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ArtifactError(f"{out_dir} is not empty; the Ray engine writes a fresh directory. Pass a new "
+                            "--out directory (or use --engine local to resume or update).")
+    model_fp = artifacts.fingerprint(model_dir)
+    dataset_fp = _dataset_fingerprint(dataset_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    text_fields = config["model"]["text_fields"]
+    products = dataset_dir / schema.PRODUCTS_FILE
+    names = pq.ParquetFile(products).schema_arrow.names
+    columns = [c for c in names if c in (schema.PRODUCT_ID, schema.IMAGE_EMBEDDINGS, schema.CONTENT_HASH, *text_fields)]
+
+    ray.init(ignore_reinit_error=True)
+    staging = out_dir / ".ray-staging"
+    dataset = ray.data.read_parquet(str(products), columns=columns)
+    dataset.map_batches(
+        _RayEmbedder, fn_constructor_args=(str(model_dir),), batch_size=batch_size,
+        batch_format="pyarrow", concurrency=concurrency, num_gpus=num_gpus,
+    ).write_parquet(str(staging))
+
+    written = sorted(staging.glob("*.parquet"))  # Ray's own names; order does not matter for an index
+    shard_names = [shard_name(s) for s in range(len(written))]
+    count, dim = 0, int(config["model"]["out_dim"])
+    for path, name in zip(written, shard_names):
+        count += pq.ParquetFile(path).metadata.num_rows
+        path.replace(out_dir / name)
+    for leftover in staging.glob("*"):
+        leftover.unlink()
+    staging.rmdir()
+    artifacts.write_manifest(
+        out_dir, "embeddings",
+        config={"batch_size": batch_size, "engine": "ray", "concurrency": concurrency},
+        inputs={"model": model_fp, "dataset": dataset_fp},
+        counts={"products": count},
+        files=shard_names,
+        extra={"count": count, "dim": dim, "shards": shard_names, "generation": 0},
+    )
+    seconds = time.perf_counter() - started
+    return EmbedSummary(out_dir, count, dim, len(shard_names), count, 0, 0, 0, seconds, model_fp, dataset_fp, 0)
