@@ -95,7 +95,9 @@ def run_wrk(url: str, path: str, bodies: list[str], conns: int, duration: float,
         ).stdout
     finally:
         os.unlink(f.name)
-    pct = dict(re.findall(r"^\s+(\d+)%\s+(\S+)$", out, re.M))
+    pct = {str(int(float(p))): v for p, v in re.findall(r"^\s+([\d.]+)%\s+(\S+)$", out, re.M)}
+    if "50" not in pct or "99" not in pct:
+        raise RuntimeError(f"could not read wrk's latency distribution:\n{out}")
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     return {
