@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from itemsage import artifacts, schema
 from itemsage.config import ConfigError, require, to_dict
-from itemsage.evaluate import exact_ranks, group_recall
+from itemsage.evaluate import embed_catalog, embed_pair_queries, exact_ranks, group_recall
 from itemsage.features import ProductStore, Vocabulary
 from itemsage.losses import NEGATIVE_MODES, LogQ, mixed_negative_loss
 from itemsage.model import PRESETS, ItemSage, LogitScale, QueryAdapters, model_config, save_model
@@ -448,21 +448,12 @@ def _query_groups(queries: dict[str, Tensor], pairs: Pairs, rows: np.ndarray, de
     return groups
 
 
-@torch.no_grad()
 def held_out_recall(tower: ItemSage, adapters: QueryAdapters, store: ProductStore, pairs: Pairs,
                     device: torch.device, chunk: int = 2048) -> dict[str, dict[str, float]]:
     """Exact Recall@{1,10,100} per task: each pair's product ranked among the whole catalog."""
-    was = tower.training, adapters.training
-    tower.eval(), adapters.eval()
-    try:
-        catalog = torch.cat([tower(store.batch(np.arange(i, min(i + chunk, len(store)))).to(device)).float()
-                             for i in range(0, len(store), chunk)])  # [N, D]
-        queries = torch.zeros(len(pairs), adapters.out_dim, device=device)  # [Q, D]
-        for surface, pos, vec in _query_groups(pairs.queries, pairs, np.arange(len(pairs)), device):
-            queries[pos] = adapters(surface, vec).float()
-        ranks = exact_ranks(queries, catalog, torch.from_numpy(pairs.product_row).to(device))
-    finally:
-        tower.train(was[0]), adapters.train(was[1])
+    catalog = embed_catalog(tower, store, device, chunk)  # [N, D]
+    queries = embed_pair_queries(adapters, pairs, device)  # [Q, D]
+    ranks = exact_ranks(queries, catalog, torch.from_numpy(pairs.product_row).to(device))
     return group_recall(ranks, pairs.task.astype(str))
 
 
