@@ -537,3 +537,78 @@ def test_cli_prints_the_summary_and_refuses_bad_files_with_exit_2(tmp_path):
     assert "product_id" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, args + ["--eval-fraction", "0.3"])
     assert result.exit_code == 2
+
+
+# ---- memory: bounded by the batch and the slab, not by the log's length --------------------------
+
+# Runs in a fresh process, so Arrow's peak (default_memory_pool().max_memory(), which never resets)
+# is this run's. tracemalloc adds the peak of Python objects and numpy arrays.
+PEAK_SCRIPT = """
+import json, sys, tracemalloc
+import pyarrow as pa
+from itemsage.ingest import IngestConfig, ingest
+catalog, warm_up, logs, out, options = sys.argv[1:]
+config = IngestConfig(**json.loads(options))
+ingest(catalog, warm_up, out + "-warm-up", config)  # first-use imports and caches are not the log's
+tracemalloc.start()
+ingest(catalog, logs, out, config)
+print(pa.default_memory_pool().max_memory() + tracemalloc.get_traced_memory()[1])
+"""
+
+
+def test_memory_does_not_grow_with_the_log(tmp_path):
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    dim = 128
+    cat = write([{"product_id": f"p{i}", "title": f"item {i}", "image_embeddings": [[1.0] * 4]} for i in range(50)],
+                tmp_path / "catalog.parquet")
+
+    def logs(rows: int) -> Path:
+        # closeup rows with 128-d query vectors over ten days, in random time order; row groups that
+        # do not line up with the batches
+        ts = T0.timestamp() * 1000 + rng.integers(0, 10 * 86_400_000, rows)
+        table = pa.table({
+            "surface": ["closeup"] * rows, "engagement": ["click"] * rows,
+            "product_id": [f"p{i}" for i in rng.integers(0, 50, rows)],
+            "timestamp": pa.array(ts.astype(np.int64), pa.int64()).cast(pa.timestamp("ms", tz="UTC")),
+            "query_embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(rng.standard_normal(rows * dim, dtype=np.float32)), dim).cast(pa.list_(pa.float32())),
+        })
+        path = tmp_path / f"logs{rows}.parquet"
+        pq.write_table(table, path, row_group_size=1_500)
+        return path
+
+    small, large = 20_000, 80_000
+    options = json.dumps({**SMALL, "batch_rows": 1_000, "sort_rows": 4_000})
+    warm_up = logs(1_000)
+    peaks = {}
+    for rows in (small, large):
+        out = tmp_path / f"ds{rows}"
+        done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(cat), str(warm_up), str(logs(rows)), str(out),
+                               options], capture_output=True, text=True, check=True)
+        peaks[rows] = int(done.stdout.split()[-1])
+        kept = pq.read_table(out / schema.TRAIN_FILE).num_rows + pq.read_table(out / schema.EVAL_FILE).num_rows
+        assert kept == rows
+    # The large log holds 30 MB more vectors; holding even a quarter of them would show.
+    extra_vectors = (large - small) * dim * 4
+    assert peaks[large] - peaks[small] < extra_vectors / 4, (peaks, extra_vectors)
+
+
+def test_fast_take_matches_arrow_take():
+    from itemsage.validate import take_rows
+
+    rng = np.random.default_rng(0)
+    # null vectors, empty vectors, two widths; sliced and chunked, as scratch slabs come
+    values = [None if i % 7 == 0 else [] if i % 11 == 0 else rng.standard_normal(3 if i % 2 else 5).tolist()
+              for i in range(300)]
+    vectors = pa.array(values, pa.list_(pa.float32()))
+    table = pa.table({"id": pa.array([f"r{i}" for i in range(300)]), "v": vectors})
+    chunked = pa.concat_tables([table.slice(0, 120), table.slice(120, 100), table.slice(220)])
+    rows = rng.permutation(300)[:250]
+    for t in (table, chunked, table.slice(40, 200)):
+        picked = rows[rows < t.num_rows]
+        got = take_rows(t, picked)
+        assert got.equals(t.take(pa.array(picked))), t.num_rows
+        assert got.column("v").to_pylist() == [t.column("v")[int(r)].as_py() for r in picked]

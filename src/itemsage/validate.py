@@ -1,0 +1,760 @@
+"""Row checks for `itemsage ingest`: every column normalised to one Arrow type, every row kept or given
+exactly one reject reason (SPEC §1). Internal to itemsage.ingest, which reads the files, writes the
+rejects and the dataset, and documents the rules a user sees.
+
+Everything here works on one batch at a time and is vectorised with pyarrow and numpy: a log batch
+costs no Python loop over its rows except where a row is rejected (its detail message) or its values
+came as JSON (Python objects already). The state a check carries across batches (ids seen, widths
+fixed so far, the image encoder) lives in `RowChecks`; it is O(products), never O(log rows).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from itemsage import schema
+
+log = logging.getLogger(__name__)
+
+TEXT_QUERY_DIM = 384  # all-MiniLM-L6-v2; used when itemsage.query_encoder cannot be imported
+
+# ------------------------------------------------------------------------------------------------
+# Column kinds: which input types a column accepts and what it is normalised to
+# ------------------------------------------------------------------------------------------------
+
+KIND_EXPECTED = {
+    "id": "a string (or integer) column",
+    "str": "a string column",
+    "label": "a string (or integer) column",
+    "text": "a string or list-of-strings column",
+    "paths": "a string or list-of-strings column of image file paths",
+    "time": "a timestamp, an ISO-8601 string or an integer epoch (seconds or milliseconds)",
+    "num": "a numeric column",
+    "vec": "a list-of-numbers column (one vector per row)",
+    "vecs": "a list-of-lists-of-numbers column (one vector per image)",
+}
+KIND_FIX = {
+    "id": "store ids as strings, e.g. df['{c}'] = df['{c}'].astype(str) before writing",
+    "str": "store the values as strings",
+    "label": "store the values as strings",
+    "text": "store the field as a string or a list of strings",
+    "paths": "store image paths as a string or a list of strings",
+    "time": "store times as timestamps or ISO-8601 strings like 2024-03-01T12:00:00Z",
+    "num": "store the values as floats",
+    "vec": "store each vector as a list of floats",
+    "vecs": "store each product's images as a list of float vectors",
+}
+# JSON value types that show a column has the right kind (checked on the first records).
+KIND_JSON = {
+    "id": (str, int), "str": (str,), "label": (str, int), "text": (str, list, int, float), "paths": (str, list),
+    "time": (str, int, float), "num": (int, float), "vec": (list,), "vecs": (list,),
+}
+_CANONICAL = {
+    "id": pa.string(), "str": pa.string(), "label": pa.string(),
+    "text": pa.list_(pa.string()), "paths": pa.list_(pa.string()),
+    "time": pa.int64(),  # epoch milliseconds, UTC
+    "num": pa.float64(), "vec": pa.list_(pa.float32()), "vecs": pa.list_(pa.list_(pa.float32())),
+}
+
+LOG_KINDS = {
+    schema.SURFACE: "str", schema.ENGAGEMENT: "str", schema.PRODUCT_ID: "id", schema.TIMESTAMP: "time",
+    schema.USER_ID: "label", schema.WEIGHT: "num", schema.QUERY_TEXT: "str",
+    schema.QUERY_EMBEDDING: "vec", schema.QUERY_IMAGE_PATH: "str",
+}
+LOG_REQUIRED = (schema.SURFACE, schema.ENGAGEMENT, schema.PRODUCT_ID, schema.TIMESTAMP)
+# train.parquet / eval.parquet. Only user_id, query_text and query_embedding hold nulls.
+LOG_SCHEMA = pa.schema([
+    (schema.SURFACE, pa.string()),
+    (schema.ENGAGEMENT, pa.string()),
+    (schema.PRODUCT_ID, pa.string()),
+    (schema.TIMESTAMP, pa.timestamp("ms", tz="UTC")),
+    (schema.USER_ID, pa.string()),
+    (schema.WEIGHT, pa.float32()),
+    (schema.QUERY_TEXT, pa.string()),
+    (schema.QUERY_EMBEDDING, pa.list_(pa.float32())),
+])
+
+
+def catalog_kinds(text_columns: Sequence[str]) -> dict[str, str]:
+    kinds = {schema.PRODUCT_ID: "id", schema.IMAGE_EMBEDDINGS: "vecs", schema.IMAGE_PATHS: "paths"}
+    kinds.update({f: "text" for f in text_columns})
+    return kinds
+
+
+def products_schema(text_columns: Sequence[str]) -> pa.Schema:
+    """products.parquet before the extra input columns are appended."""
+    return pa.schema([(schema.PRODUCT_ID, pa.string()), *[(f, pa.list_(pa.string())) for f in text_columns],
+                      (schema.IMAGE_EMBEDDINGS, pa.list_(pa.list_(pa.float32()))), (schema.CONTENT_HASH, pa.string())])
+
+
+def _strlike(t: pa.DataType) -> bool:
+    is_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow >= 16
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or is_view(t)
+
+
+def _listlike(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def arrow_accepts(kind: str, t: pa.DataType) -> bool:
+    """Whether a Parquet column of type `t` can hold a column of this kind."""
+    if pa.types.is_null(t):
+        return True
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if kind in ("id", "label"):
+        return _strlike(t) or pa.types.is_integer(t)
+    if kind == "str":
+        return _strlike(t)
+    if kind == "text" and pa.types.is_integer(t):  # e.g. a numeric size; written as its decimal text
+        return True
+    if kind in ("text", "paths"):
+        return _strlike(t) or (_listlike(t) and (_strlike(t.value_type) or pa.types.is_null(t.value_type)))
+    if kind == "time":
+        return pa.types.is_timestamp(t) or pa.types.is_date(t) or _strlike(t) or _numeric(t)
+    if kind == "num":
+        return _numeric(t)
+    if kind == "vec":
+        return _listlike(t) and (_numeric(t.value_type) or pa.types.is_null(t.value_type))
+    if kind == "vecs":
+        return _listlike(t) and (pa.types.is_null(t.value_type) or (
+            _listlike(t.value_type) and arrow_accepts("vec", t.value_type)))
+    raise ValueError(kind)
+
+
+# ------------------------------------------------------------------------------------------------
+# Normalising one column to its canonical Arrow type
+# ------------------------------------------------------------------------------------------------
+
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_MS = dt.timedelta(milliseconds=1)
+_MIN_MS = (dt.datetime(1, 1, 1, tzinfo=dt.timezone.utc) - EPOCH) // _MS
+_MAX_MS = (dt.datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=dt.timezone.utc) - EPOCH) // _MS
+_SECONDS_BELOW = 10**11  # an epoch number below this magnitude is seconds, else milliseconds
+
+# column errors: row -> (reason or None for the column's default reason, detail)
+Errors = dict[int, tuple[str | None, str]]
+
+
+def parse_iso_ms(text: str) -> int | None:
+    """Epoch milliseconds of an ISO-8601 time (no zone = UTC), or None."""
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except (ValueError, TypeError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return (when - EPOCH) // _MS
+
+
+def _epoch_ms(value: int | float) -> int | None:
+    """Epoch milliseconds of a number of seconds (|v| < 1e11) or milliseconds; None if unusable."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        ms = math.floor(value * 1000 if abs(value) < _SECONDS_BELOW else value)
+    else:
+        ms = value * 1000 if abs(value) < _SECONDS_BELOW else value
+    return ms if _MIN_MS <= ms <= _MAX_MS else None
+
+
+def _time_ms(value: Any) -> tuple[int | None, str | None]:
+    """(epoch ms, None) or (None, why) for one Python value."""
+    if value is None:
+        return None, None
+    if isinstance(value, str):
+        ms = parse_iso_ms(value)
+        return (ms, None) if ms is not None else (None, f"timestamp {value!r} is not an ISO-8601 time")
+    if isinstance(value, dt.datetime):
+        value = value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+        return (value - EPOCH) // _MS, None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        ms = _epoch_ms(value)
+        return (ms, None) if ms is not None else (None, f"timestamp {value!r} is not a usable epoch time")
+    return None, f"timestamp {value!r} ({type(value).__name__}) is neither an ISO-8601 string nor an epoch number"
+
+
+def _clean_string_lists(arr: pa.Array) -> pa.Array:
+    """list<string> with null lists as [] and null or blank items dropped (like features.field_strings)."""
+    arr = arr.cast(pa.list_(pa.string()))
+    n = len(arr)
+    values = pc.list_flatten(arr)
+    parents = pc.list_parent_indices(arr).to_numpy()
+    keep = pc.and_(pc.is_valid(values), pc.not_equal(pc.utf8_trim_whitespace(values), "")).fill_null(False)
+    keep_np = keep.to_numpy(zero_copy_only=False)
+    counts = np.bincount(parents[keep_np], minlength=n) if n else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), values.filter(keep))
+
+
+def _from_arrow(kind: str, arr: pa.Array) -> tuple[pa.Array, Errors]:
+    """A Parquet column (already type-checked) in its canonical type."""
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if pa.types.is_null(arr.type):
+        arr = pa.nulls(len(arr), _CANONICAL[kind])
+        return (_clean_string_lists(arr) if kind in ("text", "paths") else arr), {}
+    if kind in ("text", "paths"):
+        if not _listlike(arr.type):  # one string -> a one-element list
+            arr = pa.ListArray.from_arrays(pa.array(np.arange(len(arr) + 1, dtype=np.int32)), arr.cast(pa.string()))
+        return _clean_string_lists(arr), {}
+    if kind == "time":
+        return _arrow_times(arr)
+    return arr.cast(_CANONICAL[kind]), {}
+
+
+def _arrow_times(arr: pa.Array) -> tuple[pa.Array, Errors]:
+    t = arr.type
+    if pa.types.is_timestamp(t):  # the stored value is UTC (naive ones are read as UTC)
+        return arr.cast(pa.timestamp("ms", tz=t.tz), safe=False).cast(pa.int64()), {}
+    if pa.types.is_date(t):
+        return arr.cast(pa.timestamp("ms")).cast(pa.int64()), {}
+    if pa.types.is_integer(t) and arr.null_count == 0:  # vectorised; with nulls: the loop below
+        v = arr.cast(pa.int64()).to_numpy()
+        ms = np.where(np.abs(v) < _SECONDS_BELOW, v * 1000, v)
+        bad = (ms < _MIN_MS) | (ms > _MAX_MS)
+        errors: Errors = {int(i): (None, f"timestamp {int(v[i])} is not a usable epoch time")
+                          for i in np.flatnonzero(bad)}
+        return pa.array(ms, pa.int64(), mask=bad), errors
+    values, errors = [], {}
+    for i, value in enumerate(arr.to_pylist()):  # strings, floats, or integers with nulls
+        ms, why = _time_ms(value)
+        values.append(ms)
+        if why:
+            errors[i] = (None, why)
+    return pa.array(values, pa.int64()), errors
+
+
+def _from_json(kind: str, name: str, values: list[Any]) -> tuple[pa.Array, Errors]:
+    """A JSON column (a list of Python values, one per record) in its canonical type; values of the
+    wrong type become null plus a row error."""
+    from itemsage.features import field_strings
+
+    errors: Errors = {}
+    if kind in ("text", "paths"):
+        return pa.array([field_strings(v) for v in values], _CANONICAL[kind]), {}
+    if kind == "time":
+        out = []
+        for i, v in enumerate(values):
+            ms, why = _time_ms(v)
+            out.append(ms)
+            if why:
+                errors[i] = (None, why)
+        return pa.array(out, pa.int64()), errors
+    if kind in ("vec", "vecs"):
+        try:  # fast path: the whole column converts
+            return pa.array(values, _CANONICAL[kind]), {}
+        except (pa.ArrowException, TypeError, ValueError):
+            pass
+        out = []
+        for i, v in enumerate(values):
+            why = _vector_problem(kind, name, v)
+            if why is not None:
+                errors[i] = why
+                out.append(None)
+            else:
+                out.append(v)
+        return pa.array(out, _CANONICAL[kind]), errors
+    ok_types = {"id": (str, int), "label": (str, int), "str": (str,), "num": (int, float)}[kind]
+    out = []
+    for i, v in enumerate(values):
+        if v is None or (isinstance(v, ok_types) and not isinstance(v, bool)):
+            out.append(v if v is None or kind == "num" else str(v))
+        elif kind == "label":  # a user id is only carried along: keep any value as text
+            out.append(json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+        else:
+            errors[i] = (None, f"{name} must be {KIND_EXPECTED[kind].replace(' column', '')} "
+                               f"value, got {type(v).__name__} {_short(v)}")
+            out.append(None)
+    return pa.array(out, _CANONICAL[kind]), errors
+
+
+def _vector_problem(kind: str, name: str, value: Any) -> tuple[str | None, str] | None:
+    def numbers(v: Any) -> bool:
+        return all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        return "bad_vector_width", f"{name} must be a list, got {type(value).__name__} {_short(value)}"
+    if kind == "vec":
+        return None if numbers(value) else ("non_finite_vector", f"{name} holds a value that is not a number")
+    for j, vector in enumerate(value):
+        if not isinstance(vector, list):
+            return "bad_vector_width", f"{name}[{j}] must be a list of numbers, got {type(vector).__name__}"
+        if not numbers(vector):
+            return "non_finite_vector", f"{name}[{j}] holds a value that is not a number"
+    return None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def canonical(fmt: str, batch: Any, kinds: dict[str, str]) -> tuple[int, dict[str, pa.Array], dict[str, Errors]]:
+    """(rows, canonical columns, row errors per column) of one batch (a Parquet RecordBatch when `fmt`
+    is "parquet", else a list of JSON dicts); absent columns are null."""
+    columns: dict[str, pa.Array] = {}
+    errors: dict[str, Errors] = {}
+    if fmt == "parquet":
+        n = batch.num_rows
+        for name, kind in kinds.items():
+            arr = batch.column(name) if name in batch.schema.names else pa.nulls(n)
+            columns[name], errors[name] = _from_arrow(kind, arr)
+    else:
+        n = len(batch)
+        for name, kind in kinds.items():
+            columns[name], errors[name] = _from_json(kind, name, [r.get(name) for r in batch])
+    return n, columns, errors
+
+
+def raw_records(fmt: str, batch: Any, rows: np.ndarray) -> list[dict[str, Any]]:
+    """The input records of `rows` as JSON-safe dicts (for rejects.jsonl); one Arrow take per batch."""
+    if fmt == "parquet":
+        records = batch.take(pa.array(rows, pa.int64())).to_pylist() if len(rows) else []
+    else:
+        records = [batch[int(r)] for r in rows]
+    return [json_safe(r) for r in records]
+
+
+def json_safe(value: Any) -> Any:
+    """A value JSON can hold: NaN/inf become the strings "NaN"/"Infinity"/"-Infinity", times ISO text."""
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    if hasattr(value, "item"):
+        return json_safe(value.item())
+    return str(value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Vectorised helpers
+# ------------------------------------------------------------------------------------------------
+
+
+class Rejector:
+    """The reason of each row of a batch; the first check that fails a row names its reason."""
+
+    def __init__(self, n: int):
+        self.code = np.full(n, -1, dtype=np.int16)  # index into REJECT_REASONS, -1 = alive
+        self.details: dict[int, str] = {}
+
+    @property
+    def alive(self) -> np.ndarray:
+        return self.code < 0
+
+    def reject(self, mask: np.ndarray, reason: str, detail: str | Callable[[int], str]) -> None:
+        rows = np.flatnonzero(mask & self.alive)
+        self.code[rows] = schema.REJECT_REASONS.index(reason)
+        for r in rows:
+            self.details[int(r)] = detail(int(r)) if callable(detail) else detail
+
+    def reject_errors(self, errors: Errors, default_reason: str) -> None:
+        """Reject rows whose value could not be converted (JSON values of the wrong type)."""
+        for row, (reason, detail) in errors.items():
+            if self.code[row] < 0:
+                self.code[row] = schema.REJECT_REASONS.index(reason or default_reason)
+                self.details[row] = detail
+
+
+def _np(arr: pa.Array, fill: Any) -> np.ndarray:
+    return arr.fill_null(fill).to_numpy(zero_copy_only=False)
+
+
+def _present(arr: pa.Array) -> np.ndarray:
+    """[n] bool: a string that is not null or blank."""
+    return _np(pc.not_equal(pc.utf8_trim_whitespace(arr), ""), False)
+
+
+def codes(arr: pa.Array | pa.ChunkedArray, values: Sequence[str]) -> np.ndarray:
+    """[n] int64: the index of each string in `values`; -1 for null or a string not there."""
+    return _np(pc.index_in(arr, value_set=pa.array(values, pa.string())), -1).astype(np.int64)
+
+
+def _member(values: list[Any], allowed: set[str]) -> np.ndarray:
+    """[n] bool: value in `allowed` (a C-level set lookup per row; None is never a member)."""
+    return np.fromiter(map(allowed.__contains__, values), bool, count=len(values))
+
+
+def _vector_stats(vectors: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For a list<float32> array [n]: (lengths [n] with null = 0, has a NaN/inf/null value [n],
+    flat values [V] with V = lengths.sum()). No per-row or per-value index arrays: a prefix sum of the
+    bad values, read at each row's end and start, counts each row's bad values."""
+    lengths = _np(pc.list_value_length(vectors), 0).astype(np.int64)
+    flat = pc.list_flatten(vectors)  # [V]; values under null lists are skipped, as lengths says
+    values = _np(flat, np.nan) if flat.null_count else flat.to_numpy(zero_copy_only=False)
+    values = values.astype(np.float32, copy=False)
+    bad = ~np.isfinite(values)  # [V]
+    nonfinite = np.zeros(len(lengths), bool)
+    if bad.any():
+        ends = np.cumsum(lengths)
+        seen = np.concatenate([[0], np.cumsum(bad)])  # bad values before each position
+        nonfinite = seen[ends] > seen[ends - lengths]
+    return lengths, nonfinite, values
+
+
+def _as_binary(vectors: pa.Array) -> pa.Array:
+    """A list<float32> array seen as large_binary (one byte string per vector), sharing its buffers."""
+    child = vectors.values
+    byte_offsets = (vectors.offsets.to_numpy().astype(np.int64) + child.offset) * 4
+    validity = None if vectors.null_count == 0 else pa.array(vectors.is_valid()).buffers()[1]
+    return pa.Array.from_buffers(pa.large_binary(), len(vectors), [validity, pa.py_buffer(byte_offsets),
+                                                                   child.buffers()[1]])
+
+
+def _from_binary(data: pa.Array, list_type: pa.DataType) -> pa.Array:
+    """The inverse of `_as_binary`."""
+    bufs = data.buffers()
+    offsets = np.frombuffer(bufs[1], np.int64)[data.offset: data.offset + len(data) + 1]
+    first = int(offsets[0]) // 4
+    values = pa.Array.from_buffers(pa.float32(), int(offsets[-1]) // 4 - first, [None, bufs[2]], offset=first)
+    validity = None if data.null_count == 0 else pa.array(data.is_valid()).buffers()[1]
+    list_offsets = pa.py_buffer((offsets // 4 - first).astype(np.int32))
+    return pa.Array.from_buffers(list_type, len(data), [validity, list_offsets], children=[values])
+
+
+def _take_column(column: pa.Array | pa.ChunkedArray, indices: pa.Array) -> pa.Array | pa.ChunkedArray:
+    # Arrow's take on list<float> gathers value by value (about 80 MB/s here); seen as one byte string
+    # per vector, the same take is a memcpy per row, about 6x faster.
+    t = column.type
+    if not (pa.types.is_list(t) and t.value_type == pa.float32()):
+        return column.take(indices)
+    if isinstance(column, pa.ChunkedArray):
+        arr = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    else:
+        arr = column
+    if len(arr.values) == 0 or arr.values.null_count or len(arr.values) >= 2**31:
+        return arr.take(indices)  # no values, null floats (never in kept rows), or past int32 offsets
+    return _from_binary(_as_binary(arr).take(indices), t)
+
+
+def take_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """table.take(rows), fast for vector columns; `rows` [k] int64 row numbers."""
+    indices = pa.array(rows, pa.int64())
+    return pa.table({name: _take_column(table.column(name), indices) for name in table.column_names},
+                    schema=table.schema)
+
+
+def _nested(blocks: list[np.ndarray], dim: int) -> pa.Array:
+    """list<list<float32>> from one [m_i, dim] block per row."""
+    counts = np.array([len(b) for b in blocks], dtype=np.int64)
+    flat = np.concatenate([b.reshape(-1) for b in blocks]) if counts.sum() else np.zeros(0, np.float32)
+    inner_offsets = np.arange(int(counts.sum()) + 1, dtype=np.int64) * dim
+    inner = pa.ListArray.from_arrays(pa.array(inner_offsets.astype(np.int32)), pa.array(flat, pa.float32()))
+    outer = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(outer), inner)
+
+
+def content_hash(texts: Sequence[Sequence[str]], images: np.ndarray) -> str:
+    """sha256 of a product's features, stable across runs, machines and input formats.
+
+    Hashed bytes: the text fields (lists of strings, in the dataset's text-column order) as compact
+    UTF-8 JSON, then `\\nimages:<M>x<D>\\n`, then the [M, D] image vectors as little-endian float32.
+    """
+    images = np.asarray(images, dtype="<f4")
+    m = images.shape[0] if images.size else 0
+    d = images.shape[1] if m and images.ndim == 2 else 0
+    h = hashlib.sha256(json.dumps([list(t) for t in texts], ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+    h.update(f"\nimages:{m}x{d}\n".encode())
+    h.update(np.ascontiguousarray(images.reshape(m, d)).tobytes())
+    return h.hexdigest()
+
+
+def _resolve(base: Path, path: str) -> Path:
+    """Relative image paths are relative to the directory of the file that names them."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _image_error(path: str, error: str) -> str:
+    return error if path in error else f"could not read image {path}: {error}"
+
+
+def _text_query_dim() -> int:
+    try:
+        from itemsage.query_encoder import TextQueryEncoder
+
+        return int(TextQueryEncoder.dim)
+    except ImportError:
+        return TEXT_QUERY_DIM
+
+
+def _query_width_detail(surface: str, got: int, expected: int, text_only: bool, image_only: bool) -> str:
+    what = ("query_text stands for a {g}-d text-encoder vector" if text_only else
+            "query_image_path encodes to a {g}-d image vector" if image_only else
+            "query_embedding has width {g}").format(g=got)
+    return (f"{what}, but {surface} query vectors in this dataset are {expected}-d (fixed by the first "
+            f"valid {surface} row); give all {surface} rows query vectors of one width")
+
+
+# ------------------------------------------------------------------------------------------------
+# The checks
+# ------------------------------------------------------------------------------------------------
+
+
+class RowChecks:
+    """Checks catalog and log batches. Holds what a check needs from earlier batches: the product ids
+    seen and kept, the image and query widths fixed so far, and the image encoder (loaded on first use)."""
+
+    def __init__(self, *, text_columns: Sequence[str], max_images: int, image_dim: int | None,
+                 image_batch_size: int, image_encoder: Any = None):
+        self.text_columns = tuple(text_columns)
+        self.max_images = max_images
+        self.image_dim = image_dim
+        self.image_dim_given = image_dim is not None
+        self.image_batch_size = image_batch_size
+        self._image_encoder = image_encoder
+        self.seen_ids: set[str] = set()
+        self.kept_ids: set[str] = set()
+        self.query_dims: dict[str, int] = {}
+        self.images_truncated = 0
+
+    # -- the image encoder
+
+    def image_encoder(self) -> Any:
+        if self._image_encoder is None:
+            from itemsage.image_encoder import ImageEncoder
+
+            self._image_encoder = ImageEncoder()
+        return self._image_encoder
+
+    def image_encoder_dim(self) -> int:
+        if self._image_encoder is not None:
+            return int(self._image_encoder.dim)
+        from itemsage.image_encoder import ImageEncoder
+
+        return int(ImageEncoder.dim)
+
+    def encode_images(self, paths: list[str]) -> tuple[np.ndarray, list[str | None]]:
+        vectors, errors = self.image_encoder().encode_paths(paths, batch_size=self.image_batch_size, progress=False)
+        return np.asarray(vectors, dtype=np.float32), list(errors)
+
+    # -- catalog
+
+    def catalog_batch(self, base: Path, n: int, cols: dict[str, pa.Array], errors: dict[str, Errors],
+                      rej: Rejector) -> pa.Table:
+        """Check one catalog batch (rejections land in `rej`) and return its kept products in
+        `products_schema` order. `base`: the directory relative image paths are resolved against."""
+        max_images = self.max_images
+        ids = cols[schema.PRODUCT_ID].to_pylist()
+        rej.reject_errors(errors[schema.PRODUCT_ID], "missing_product_id")
+        rej.reject(~_present(cols[schema.PRODUCT_ID]), "missing_product_id", "product_id is missing or empty")
+        duplicate = np.zeros(n, bool)
+        for r in np.flatnonzero(rej.alive):  # the first row with an id claims it, kept or not
+            if ids[r] in self.seen_ids:
+                duplicate[r] = True
+            else:
+                self.seen_ids.add(ids[r])
+        rej.reject(duplicate, "duplicate_product_id",
+                   lambda r: f"product_id {ids[r]!r} appeared in an earlier catalog row; the first one is kept")
+
+        # Given image vectors: cut to max_images, then NaN/inf. [I] below = all image vectors of the batch.
+        rej.reject_errors(errors[schema.IMAGE_EMBEDDINGS], "non_finite_vector")
+        given = cols[schema.IMAGE_EMBEDDINGS]
+        given_counts = _np(pc.list_value_length(given), 0)  # [n] before the cut
+        if given_counts.max(initial=0) > max_images:
+            given = pc.list_slice(given, 0, max_images)
+        given_kept = np.minimum(given_counts, max_images)  # [n]
+        inner = pc.list_flatten(given)  # [I] list<float32>
+        inner_row = pc.list_parent_indices(given).to_numpy()  # [I] row of each vector
+        widths, vec_bad, values = _vector_stats(inner)  # [I], [I], flat values
+        row_nonfinite = np.bincount(inner_row[vec_bad], minlength=n) > 0
+        rej.reject(row_nonfinite, "non_finite_vector",
+                   lambda r: f"image vector {int(np.flatnonzero(vec_bad[inner_row == r])[0])} contains NaN or inf")
+
+        # Image files, for products without given vectors.
+        rej.reject_errors(errors[schema.IMAGE_PATHS], "unreadable_image")
+        paths_col = cols[schema.IMAGE_PATHS]
+        path_counts = _np(pc.list_value_length(paths_col), 0)
+        use_paths = rej.alive & (given_counts == 0) & (path_counts > 0)
+        encoded: dict[int, np.ndarray] = {}  # row -> [m, D] vectors of its image files
+        if use_paths.any():
+            rows = np.flatnonzero(use_paths)
+            row_paths = [[str(_resolve(base, p)) for p in paths_col[int(r)].as_py()[:max_images]] for r in rows]
+            vectors, errs = self.encode_images([p for ps in row_paths for p in ps])
+            failed: dict[int, str] = {}
+            at = 0
+            for r, ps in zip(rows, row_paths):
+                bad = [_image_error(p, e) for p, e in zip(ps, errs[at:at + len(ps)]) if e is not None]
+                if bad:
+                    failed[int(r)] = bad[0]
+                else:
+                    encoded[int(r)] = vectors[at:at + len(ps)]
+                at += len(ps)
+            rej.reject(np.isin(np.arange(n), list(failed)), "unreadable_image", lambda r: failed[r])
+        image_counts = np.where(use_paths, path_counts, given_counts)  # [n] before the cut
+
+        # Image width: the first valid vector (in row order) fixes it, unless configured.
+        alive = rej.alive
+        if self.image_dim is None:
+            firsts = []
+            candidates = np.flatnonzero(~vec_bad & (widths > 0) & alive[inner_row])
+            if len(candidates):
+                firsts.append((int(inner_row[candidates[0]]), int(widths[candidates[0]])))
+            firsts += [(r, v.shape[1]) for r, v in encoded.items() if alive[r]][:1]
+            if firsts:
+                self.image_dim = min(firsts)[1]
+                log.info("image width %d, fixed by the first valid image vector", self.image_dim)
+        dim = self.image_dim
+        # With no width yet, every vector an alive row has is empty (width 0): wrong too.
+        wrong = np.bincount(inner_row[(widths != dim) if dim is not None else (widths == 0)], minlength=n) > 0
+        for r, v in encoded.items():
+            wrong[r] |= v.shape[1] != dim
+        rej.reject(wrong, "bad_vector_width", lambda r: self._image_width_detail(r, encoded, widths, inner_row))
+
+        # Kept products: text lists, images [m, D], content hash.
+        keep = rej.alive
+        keep_rows = np.flatnonzero(keep)
+        self.images_truncated += int((image_counts[keep] > max_images).sum())
+        mask = pa.array(keep)
+        texts = {f: cols[f].filter(mask) for f in self.text_columns}
+        text_lists = [texts[f].to_pylist() for f in self.text_columns]
+        starts = np.concatenate([[0], np.cumsum(given_kept)])  # first vector of each row in [I]
+        vec_starts = np.concatenate([[0], np.cumsum(widths)])  # first value of each vector
+        blocks, hashes = [], []
+        for j, r in enumerate(keep_rows):
+            if r in encoded:
+                block = encoded[r]
+            elif given_kept[r]:
+                a, b = vec_starts[starts[r]], vec_starts[starts[r + 1]]
+                block = values[a:b].reshape(given_kept[r], dim)
+            else:
+                block = np.zeros((0, dim or 0), np.float32)
+            blocks.append(block)
+            hashes.append(content_hash([t[j] for t in text_lists], block))
+        self.kept_ids.update(ids[r] for r in keep_rows)
+        columns = {schema.PRODUCT_ID: cols[schema.PRODUCT_ID].filter(mask), **texts,
+                   schema.IMAGE_EMBEDDINGS: _nested(blocks, dim or 0),
+                   schema.CONTENT_HASH: pa.array(hashes, pa.string())}
+        return pa.table(columns).cast(products_schema(self.text_columns))
+
+    def _image_width_detail(self, r: int, encoded: dict[int, np.ndarray], widths: np.ndarray,
+                            inner_row: np.ndarray) -> str:
+        how = "--image-dim" if self.image_dim_given else "the first valid image vector"
+        if r in encoded:
+            return (f"image files encode to {encoded[r].shape[1]}-d vectors, but the dataset's image width is "
+                    f"{self.image_dim} (fixed by {how})")
+        row_widths = widths[inner_row == r]
+        if self.image_dim is None:
+            return f"image vector {int(np.flatnonzero(row_widths == 0)[0])} is empty"
+        j = int(np.flatnonzero(row_widths != self.image_dim)[0])
+        return (f"image vector {j} has width {int(row_widths[j])}, the dataset's image width is "
+                f"{self.image_dim} (fixed by {how})")
+
+    # -- logs
+
+    def log_batch(self, where: Path, n: int, cols: dict[str, pa.Array], errors: dict[str, Errors],
+                  rej: Rejector) -> pa.Table:
+        """Check one batch of log rows (rejections land in `rej`) and return its kept rows in
+        LOG_SCHEMA. `where`: the file, whose directory relative image paths are resolved against."""
+        surface_col, engagement_col = cols[schema.SURFACE], cols[schema.ENGAGEMENT]
+        surf = codes(surface_col, schema.SURFACES)  # [n] index into SURFACES, -1 = unknown
+        eng = codes(engagement_col, schema.ENGAGEMENTS)  # [n]
+
+        rej.reject_errors(errors[schema.PRODUCT_ID], "missing_product_id")
+        rej.reject(~_present(cols[schema.PRODUCT_ID]), "missing_product_id", "product_id is missing or empty")
+        rej.reject_errors(errors[schema.SURFACE], "unknown_surface")
+        rej.reject(surf < 0, "unknown_surface", lambda r: (
+            f"surface {surface_col[r].as_py()!r} is not one of {', '.join(schema.SURFACES)}"))
+        rej.reject_errors(errors[schema.ENGAGEMENT], "unknown_engagement")
+        rej.reject(eng < 0, "unknown_engagement", lambda r: (
+            f"engagement {engagement_col[r].as_py()!r} is not one of {', '.join(schema.ENGAGEMENTS)}"))
+        rej.reject_errors(errors[schema.TIMESTAMP], "bad_timestamp")
+        rej.reject(~_np(pc.is_valid(cols[schema.TIMESTAMP]), False), "bad_timestamp", "timestamp is missing")
+        rej.reject_errors(errors[schema.WEIGHT], "bad_weight")
+        weight = _np(cols[schema.WEIGHT], 1.0)
+        rej.reject(~(np.isfinite(weight) & (weight >= 0)), "bad_weight",
+                   lambda r: f"weight {weight[r]} must be a finite number >= 0")
+
+        # The query: search needs text or a vector, closeup a vector or an image, home a vector.
+        rej.reject_errors(errors[schema.QUERY_TEXT], "missing_query")
+        rej.reject_errors(errors[schema.QUERY_IMAGE_PATH], "unreadable_image")
+        rej.reject_errors(errors[schema.QUERY_EMBEDDING], "non_finite_vector")
+        emb = cols[schema.QUERY_EMBEDDING]
+        emb_len, emb_nonfinite, _ = _vector_stats(emb)  # [n], [n]
+        has_emb = emb_len > 0
+        has_text = _present(cols[schema.QUERY_TEXT])
+        has_img = _present(cols[schema.QUERY_IMAGE_PATH])
+        is_search, is_closeup, is_home = (surf == schema.SURFACES.index(s) for s in ("search", "closeup", "home"))
+        ok_query = (is_search & (has_text | has_emb)) | (is_closeup & (has_emb | has_img)) | (is_home & has_emb)
+        needs = {"search": "query_text or query_embedding", "closeup": "query_embedding or query_image_path",
+                 "home": "query_embedding"}
+        rej.reject(~ok_query, "missing_query",
+                   lambda r: f"a {schema.SURFACES[surf[r]]} row needs {needs[schema.SURFACES[surf[r]]]}")
+
+        ids = cols[schema.PRODUCT_ID].to_pylist()
+        rej.reject(~_member(ids, self.kept_ids), "unknown_product",
+                   lambda r: f"product_id {ids[r]!r} is not in the catalog (or its catalog row was rejected)")
+        rej.reject(has_emb & emb_nonfinite, "non_finite_vector", "query_embedding contains NaN or inf")
+
+        # Query width: the vector's length, or the width its encoder will give; one per surface.
+        implied = emb_len.copy()
+        text_only = is_search & has_text & ~has_emb
+        image_only = is_closeup & has_img & ~has_emb
+        if (text_only & rej.alive).any():
+            implied[text_only] = _text_query_dim()
+        if (image_only & rej.alive).any():
+            implied[image_only] = self.image_encoder_dim()
+        alive = rej.alive
+        for k, s in enumerate(schema.SURFACES):
+            rows = np.flatnonzero(alive & (surf == k))
+            if s not in self.query_dims and len(rows):
+                self.query_dims[s] = int(implied[rows[0]])
+                log.info("%s query width %d, fixed by %s row %d", s, self.query_dims[s], where, rows[0])
+        # [n] the surface's width; the extra last entry (-1) is read by surf == -1
+        expected = np.array([self.query_dims.get(s, -1) for s in schema.SURFACES] + [-1], np.int64)[surf]
+        rej.reject(implied != expected, "bad_vector_width", lambda r: _query_width_detail(
+            schema.SURFACES[surf[r]], int(implied[r]), int(expected[r]), bool(text_only[r]), bool(image_only[r])))
+
+        # Closeup image queries: encode now, store as query_embedding.
+        encode = image_only & rej.alive
+        if encode.any():
+            rows = np.flatnonzero(encode)
+            paths_col = cols[schema.QUERY_IMAGE_PATH]
+            paths = [str(_resolve(where.parent, paths_col[int(r)].as_py())) for r in rows]
+            vectors, errs = self.encode_images(paths)
+            failed = {int(r): _image_error(p, e) for r, p, e in zip(rows, paths, errs) if e is not None}
+            rej.reject(np.isin(np.arange(n), list(failed)), "unreadable_image", lambda r: failed[r])
+            # Splice the vectors in: take from [given rows ; encoded rows].
+            take = np.arange(n)
+            take[rows] = n + np.arange(len(rows))
+            new = pa.array(list(vectors), pa.list_(pa.float32())) if len(rows) else pa.nulls(0, emb.type)
+            emb = _take_column(pa.concat_arrays([emb, new]), pa.array(take))
+
+        table = pa.Table.from_pydict({
+            schema.SURFACE: surface_col, schema.ENGAGEMENT: engagement_col,
+            schema.PRODUCT_ID: cols[schema.PRODUCT_ID],
+            schema.TIMESTAMP: cols[schema.TIMESTAMP].cast(pa.timestamp("ms", tz="UTC")),
+            schema.USER_ID: cols[schema.USER_ID],
+            schema.WEIGHT: pa.array(weight.astype(np.float32)),
+            schema.QUERY_TEXT: cols[schema.QUERY_TEXT],
+            schema.QUERY_EMBEDDING: emb,
+        }).cast(LOG_SCHEMA)
+        keep = rej.alive
+        return table if keep.all() else take_rows(table, np.flatnonzero(keep))
