@@ -192,6 +192,73 @@ def test_image_dim_option_fixes_the_width(tmp_path):
     assert "--image-dim" in rejects(out)[0]["detail"]
 
 
+def test_an_odd_first_row_fixes_the_width_and_the_run_warns(tmp_path):
+    rows = catalog_rows()
+    rows[0]["image_embeddings"] = [[1.0, 2.0]]  # p1 (row 0) is the odd one: 2-d, the others 4-d
+    summary, out = run(tmp_path, "jsonl", catalog=rows, split_at=iso(6))
+    found = rejects(out)
+    widths = [r for r in found if r["reason"] == "bad_vector_width"]
+    assert [r["row"] for r in widths] == [1, 2]
+    detail = widths[0]["detail"]
+    assert "width is 2" in detail and "catalog.jsonl row 0" in detail and "--image-dim" in detail
+    # 2 of 3 catalog rows and 3 of 4 log rows (p2, p3 unknown) rejected: one warning each, in the summary
+    assert len(summary.warnings) == 2
+    assert "2 of 3 catalog rows" in summary.warnings[0] and "bad_vector_width" in summary.warnings[0]
+    assert "3 of 4 log rows" in summary.warnings[1] and "unknown_product" in summary.warnings[1]
+    assert all(str(out / schema.REJECTS_FILE) in w for w in summary.warnings)
+    assert json.loads((out / "manifest.json").read_text())["warnings"] == summary.warnings
+
+    from rich.console import Console
+
+    console = Console(width=1000, record=True)
+    from itemsage.ingest import summary_table
+
+    console.print(summary_table(summary))
+    assert console.export_text().startswith("WARNING: 2 of 3 catalog rows")
+
+
+def test_no_warning_when_at_most_half_is_rejected(tmp_path):
+    rows = catalog_rows() + [{"product_id": "p9", "image_embeddings": [[1.0]]}]  # 1 of 4 rejected
+    summary, _ = run(tmp_path, "jsonl", catalog=rows, split_at=iso(6))
+    assert summary.rejected == 1 and summary.warnings == []
+
+
+def test_all_catalog_rows_rejected_warns_but_writes_the_dataset(tmp_path):
+    # Kept a warning, not a DataError: test_image_dim_option_fixes_the_width expects a dataset here.
+    summary, out = run(tmp_path, "jsonl", image_dim=2, split_at=iso(6))
+    assert summary.products == 0 and (out / schema.PRODUCTS_FILE).exists()
+    assert summary.warnings[0].startswith("ALL 3 catalog rows were rejected, most as bad_vector_width (3)")
+    assert "No product was kept" in summary.warnings[0]
+    assert summary.warnings[1].startswith("ALL 4 log rows were rejected, most as unknown_product (4)")
+
+
+def test_query_width_detail_names_surface_and_origin(tmp_path):
+    rows = log_rows()
+    rows.insert(3, log_row(query_embedding=[0.1, 0.2, 0.3]))  # closeup width fixed by row 1 (4-d)
+    _, out = run(tmp_path, "parquet", logs=rows, split_at=iso(6))
+    detail = only_reject(out, "bad_vector_width", 3, "logs.parquet")["detail"]
+    assert "width 3" in detail and "closeup query vectors in this dataset are 4-d" in detail
+    assert "logs.parquet row 1" in detail
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_duplicate_detail_names_the_first_row_and_its_fate(tmp_path, fmt):
+    rows = catalog_rows()
+    rows[1]["image_embeddings"] = [[1.0, 2.0]]  # p2's first row (row 1) rejected: wrong width
+    rows += [{**rows[1], "image_embeddings": [[0.0, 0.0, 0.0, 1.0]]},  # row 3: p2 again, valid
+             {**rows[0], "title": "p1 again"}]  # row 4: p1 again; its first row is kept
+    summary, out = run(tmp_path, fmt, catalog=rows, split_at=iso(6), batch_rows=2)  # first rows in earlier batches
+    dups = {r["row"]: r["detail"] for r in rejects(out) if r["reason"] == "duplicate_product_id"}
+    assert set(dups) == {3, 4}
+    assert "'p2' appeared first at" in dups[3] and f"catalog.{fmt} row 1" in dups[3]
+    assert "rejected (bad_vector_width)" in dups[3] and "no row with this id is kept" in dups[3]
+    assert f"catalog.{fmt} row 0" in dups[4] and "the one kept" in dups[4] and "rejected" not in dups[4]
+    # one batch: the first row's fate is only known at the batch's end, and must still be right
+    _, out = run(tmp_path / "one", fmt, catalog=rows, split_at=iso(6))
+    dups_one = {r["row"]: r["detail"] for r in rejects(out) if r["reason"] == "duplicate_product_id"}
+    assert {k: v.replace(str(tmp_path / "one"), str(tmp_path)) for k, v in dups_one.items()} == dups
+
+
 def test_more_than_max_images_are_cut_not_rejected(tmp_path):
     rows = catalog_rows()
     rows[1]["image_embeddings"] = [[float(i), 0.0, 0.0, 0.0] for i in range(25)]
@@ -311,6 +378,8 @@ def test_refuses_float_product_id_column(tmp_path, fmt):
     lg = write(log_rows(), tmp_path / f"l.{fmt}")
     message = assert_refused(tmp_path, cat, lg, cat, "'product_id'", "expected a string")
     assert "double" in message or "float" in message
+    # plain astype(str) would write "1.0", which no log id matches
+    assert "astype('Int64').astype(str)" in message and ".astype(str) " not in message
 
 
 def test_refuses_wrong_type_in_logs(tmp_path):
@@ -337,7 +406,9 @@ def test_refuses_unknown_and_unreadable_files(tmp_path):
     cat = write(catalog_rows(), tmp_path / "c.parquet")
     csv = tmp_path / "l.csv"
     csv.write_text("surface,engagement\n")
-    assert_refused(tmp_path, cat, csv, csv, "unknown format")
+    message = assert_refused(tmp_path, cat, csv, csv, "unknown format", "Convert", ".parquet", ".jsonl")
+    assert "pandas.read_csv('l.csv'" in message and "to_parquet('l.parquet')" in message
+    assert "Rename" not in message
     broken = tmp_path / "l.parquet"
     broken.write_bytes(b"this is not parquet")
     assert_refused(tmp_path, cat, broken, broken, "Parquet")

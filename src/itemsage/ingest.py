@@ -28,7 +28,10 @@ Rules a user may need to know:
   cut is counted in the summary, not rejected. The checks (width, NaN/inf) apply to the kept vectors.
   `image_paths` are used only for products without `image_embeddings`; relative paths are resolved
   against the directory of the file that names them; any unreadable file rejects the row. The first
-  valid image vector (or `image_dim`) fixes the dataset's image width.
+  valid image vector (or `image_dim`, `--image-dim`) fixes the dataset's image width; a
+  bad_vector_width detail names the width and the file and row that fixed it.
+- More than half of the catalog (or log) rows rejected: the run still writes the dataset (the rejects
+  are its report), but logs a warning, shown first in the summary, with the top reason.
 - Query vectors: one width per surface, fixed by its first valid row; a search row with only
   `query_text` stands for a 384-d text-encoder vector and a closeup row with only `query_image_path`
   for an image-encoder vector (the path is encoded here and stored as `query_embedding`). A
@@ -71,7 +74,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -189,6 +192,7 @@ class IngestSummary:
     query_dims: dict[str, int]  # surface -> query vector width, for surfaces with rows
     images_truncated: int
     files: list[Path]
+    warnings: list[str] = field(default_factory=list)  # shown first in the summary: most rows rejected
 
     @property
     def rejected(self) -> int:
@@ -199,6 +203,7 @@ def summary_table(summary: IngestSummary) -> Any:
     """A Rich renderable of the summary (the CLI and the demo print it)."""
     from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     inputs = Table(title="inputs", title_justify="left")
     for col in ("input", "role", "read", "kept", "rejected"):
@@ -225,7 +230,9 @@ def summary_table(summary: IngestSummary) -> Any:
     facts = (f"products kept: {summary.products:,}; eval from {summary.split_at}; "
              f"image width: {summary.image_dim}; query widths: {summary.query_dims}; "
              f"products with image lists cut to the maximum: {summary.images_truncated:,}")
-    return Group(inputs, *([rejects] if summary.rejected else []), tasks, facts, files)
+    # Text, not markup: a detail may hold [brackets].
+    warnings = [Text(f"WARNING: {w}", style="bold red") for w in summary.warnings]
+    return Group(*warnings, inputs, *([rejects] if summary.rejected else []), tasks, facts, files)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -331,10 +338,22 @@ def _input_files(path: str | Path, role: str) -> list[_Source]:
     for p in files:
         suffix = p.suffix.lower()
         if suffix not in _PARQUET + _JSONL:
-            raise DataError(f"{role} file {p}: unknown format '{suffix or '(no extension)'}'; expected "
-                            ".parquet or .jsonl/.json (JSON Lines). Rename or convert the file.")
+            raise DataError(f"{role} file {p}: unknown format '{suffix or '(no extension)'}'; accepted "
+                            f"extensions: {', '.join(_PARQUET + _JSONL)} (Parquet, or JSON Lines: one JSON "
+                            f"object per line). Convert the file (renaming it does not change its format), "
+                            f"e.g. {_convert_hint(p)}.")
         sources.append(_Source(p, role, "parquet" if suffix in _PARQUET else "jsonl"))
     return sources
+
+
+def _convert_hint(p: Path) -> str:
+    """How to convert a file of an unknown format to Parquet, with pandas."""
+    target = p.with_suffix(".parquet").name
+    if p.suffix.lower() in (".csv", ".tsv", ".txt"):
+        sep = ", sep='\\t'" if p.suffix.lower() == ".tsv" else ""
+        return (f"pandas.read_csv('{p.name}'{sep}, dtype={{'product_id': str}}).to_parquet('{target}') "
+                "(list columns such as image_embeddings need parsing first)")
+    return f"load it with pandas (pandas.read_excel, read_json, ...) and write df.to_parquet('{target}')"
 
 
 def _check_schema(src: _Source, kinds: dict[str, str], required: Sequence[str]) -> None:
@@ -586,6 +605,9 @@ class _Ingest:
                                 image_encoder=image_encoder)
         self.rejects_file = open(tmp / schema.REJECTS_FILE, "w", encoding="utf-8")
         self.reject_counts: collections.Counter[str] = collections.Counter()
+        # role -> reason -> rows, and the first detail of each (role, reason): the summary's warnings
+        self.role_rejects: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self.first_details: dict[tuple[str, str], str] = {}
         self.stats: list[InputStats] = []
         self.products = 0
         self.extras = _Extras()
@@ -603,6 +625,8 @@ class _Ingest:
         for r, record in zip(rows.tolist(), raw_records(src.fmt, batch, rows)):
             reason = schema.REJECT_REASONS[rej.code[r]]
             self.reject_counts[reason] += 1
+            self.role_rejects[src.role][reason] += 1
+            self.first_details.setdefault((src.role, reason), f"{src.path} row {start + r}: {rej.details[r]}")
             entry = {"file": str(src.path), "row": start + r, "reason": reason, "detail": rej.details[r],
                      "record": record}
             self.rejects_file.write(json.dumps(entry, ensure_ascii=False, allow_nan=False) + "\n")
@@ -622,7 +646,8 @@ class _Ingest:
                 for start, batch in src.batches(self.config.batch_rows):
                     n, cols, errors = canonical(src.fmt, batch, kinds)
                     rej = Rejector(n)
-                    table = self.checks.catalog_batch(src.path.parent, n, cols, errors, rej)
+                    table = self.checks.catalog_batch(src.path.parent, n, cols, errors, rej, source=src.path,
+                                                      start=start)
                     keep = rej.alive
                     if src.fmt == "parquet":
                         mask = pa.array(keep)
@@ -719,12 +744,30 @@ class _Ingest:
             for start, batch in src.batches(self.config.batch_rows, list(LOG_KINDS)):
                 n, cols, errors = canonical(src.fmt, batch, LOG_KINDS)
                 rej = Rejector(n)
-                table = self.checks.log_batch(src.path, n, cols, errors, rej)
+                table = self.checks.log_batch(src.path, n, cols, errors, rej, start=start)
                 slabs.add(table)
                 stats.rows_read += n
                 stats.rows_rejected += self.write_rejects(src, batch, start, rej)
                 stats.rows_kept += table.num_rows
                 self.progress.advance(task, n)
+
+    def rejection_warning(self, role: str, out: Path) -> str | None:
+        """A warning when more than half of the `role` rows were rejected (None otherwise): how many,
+        the top reason with its first detail, and where every row's reason is."""
+        read = sum(s.rows_read for s in self.stats if s.role == role)
+        rejected = sum(s.rows_rejected for s in self.stats if s.role == role)
+        if not read or 2 * rejected <= read:
+            return None
+        reason, count = self.role_rejects[role].most_common(1)[0]
+        what = {"catalog": "catalog", "logs": "log"}[role]
+        share = (f"ALL {read:,} {what} rows were" if rejected == read else
+                 f"{rejected:,} of {read:,} {what} rows ({100 * rejected // read}%) were")
+        text = (f"{share} rejected, most as {reason} ({count:,}). "
+                f"First: {self.first_details[(role, reason)]}. Every rejected row and its reason: "
+                f"{out / schema.REJECTS_FILE}")
+        if role == "catalog" and rejected == read:
+            text += ". No product was kept, so every log row is rejected too"
+        return text + "."
 
 
 def _check_out(out: Path) -> None:
@@ -813,8 +856,9 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
             lap = _Laps()
             run.read_catalog(catalog_sources)
             lap("catalog", sum(s.rows_read for s in run.stats))
-            if run.products == 0:
-                log.warning("no catalog row was kept; every log row will be rejected (see %s)", schema.REJECTS_FILE)
+            # Not an error, even with every catalog row rejected: the rejects are the run's report (tests
+            # expect a dataset then), but the summary must not look like a success.
+            warnings = [run.rejection_warning("catalog", out)]
 
             minutes = run.time_pass(log_sources)
             lap("time pass", _total_rows(log_sources))
@@ -827,6 +871,9 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
             slabs = _TimeSlabs(tmp / ".scratch", minutes.slab_edges(split_ms, config.sort_rows), split_ms)
             del minutes
             run.read_logs(log_sources, slabs)
+            warnings = [w for w in warnings + [run.rejection_warning("logs", out)] if w]
+            for w in warnings:
+                log.warning("%s", w)
             run.close_rejects()
             run.checks.seen_ids.clear()  # O(products) strings no later pass needs
             run.checks.kept_ids.clear()
@@ -860,7 +907,8 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
         inputs = {str(s.path): _fingerprint(s.path, config.sha256_max_bytes) for s in catalog_sources + log_sources}
         artifacts.write_manifest(tmp, "dataset", config=manifest_config, inputs=inputs, counts=counts,
                                  extra={"input_files": {"catalog": [str(s.path) for s in catalog_sources],
-                                                        "logs": [str(s.path) for s in log_sources]}})
+                                                        "logs": [str(s.path) for s in log_sources]},
+                                        "warnings": warnings})
         lap("manifest", None)
         _publish(tmp, out)
     except BaseException:  # nothing half-written survives, not even on Ctrl-C
@@ -876,7 +924,7 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
     summary = IngestSummary(out=out, inputs=run.stats, rejects=rejects, products=run.products,
                             train_rows=train_rows, eval_rows=eval_rows, split_at=_iso(split_ms),
                             image_dim=image_dim, query_dims=dict(checks.query_dims),
-                            images_truncated=checks.images_truncated, files=files)
+                            images_truncated=checks.images_truncated, files=files, warnings=warnings)
     log.info("ingest: %d products, %d train and %d eval rows, %d rejected rows -> %s",
              summary.products, slabs.train_rows, slabs.eval_rows, summary.rejected, out)
     return summary

@@ -10,6 +10,7 @@ fixed so far, the image encoder) lives in `RowChecks`; it is O(products), never 
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import hashlib
 import json
@@ -44,7 +45,9 @@ KIND_EXPECTED = {
     "vecs": "a list-of-lists-of-numbers column (one vector per image)",
 }
 KIND_FIX = {
-    "id": "store ids as strings, e.g. df['{c}'] = df['{c}'].astype(str) before writing",
+    # Not plain astype(str): a float id 1.0 would become "1.0", which matches no log id "1".
+    "id": ("write ids as strings at the source, or convert before writing: "
+           "df['{c}'] = df['{c}'].astype('Int64').astype(str)"),
     "str": "store the values as strings",
     "label": "store the values as strings",
     "text": "store the field as a string or a list of strings",
@@ -505,12 +508,14 @@ def _text_query_dim() -> int:
         return TEXT_QUERY_DIM
 
 
-def _query_width_detail(surface: str, got: int, expected: int, text_only: bool, image_only: bool) -> str:
+def _query_width_detail(surface: str, got: int, expected: int, text_only: bool, image_only: bool,
+                        origin: str) -> str:
     what = ("query_text stands for a {g}-d text-encoder vector" if text_only else
             "query_image_path encodes to a {g}-d image vector" if image_only else
             "query_embedding has width {g}").format(g=got)
-    return (f"{what}, but {surface} query vectors in this dataset are {expected}-d (fixed by the first "
-            f"valid {surface} row); give all {surface} rows query vectors of one width")
+    return (f"{what}, but {surface} query vectors in this dataset are {expected}-d, fixed by the first "
+            f"valid {surface} row ({origin}); give all {surface} rows query vectors of one width "
+            f"(if that first row is the odd one, fix or remove it)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -530,10 +535,22 @@ class RowChecks:
         self.image_dim_given = image_dim is not None
         self.image_batch_size = image_batch_size
         self._image_encoder = image_encoder
-        self.seen_ids: set[str] = set()
+        # product id -> catalog row number counted over all catalog files (see `_catalog_row`)
+        self.seen_ids: dict[str, int] = {}
         self.kept_ids: set[str] = set()
+        self.first_rejected: dict[str, str] = {}  # id -> reject reason of its first row (rejected ones only)
+        self._file_starts: list[int] = []  # catalog row number of each catalog file's first row
+        self._file_names: list[str] = []
+        self._catalog_rows = 0
+        self.image_dim_origin: str | None = None  # "<file> row <r>" of the vector that fixed image_dim
         self.query_dims: dict[str, int] = {}
+        self.query_dim_origins: dict[str, str] = {}  # surface -> "<file> row <r>" that fixed its width
         self.images_truncated = 0
+
+    def _catalog_row(self, number: int) -> str:
+        """ "<file> row <r>" of a catalog row number (one int per id is all `seen_ids` holds)."""
+        k = bisect.bisect_right(self._file_starts, number) - 1
+        return f"{self._file_names[k]} row {number - self._file_starts[k]}"
 
     # -- the image encoder
 
@@ -558,10 +575,17 @@ class RowChecks:
     # -- catalog
 
     def catalog_batch(self, base: Path, n: int, cols: dict[str, pa.Array], errors: dict[str, Errors],
-                      rej: Rejector) -> pa.Table:
+                      rej: Rejector, *, source: Path | str | None = None, start: int = 0) -> pa.Table:
         """Check one catalog batch (rejections land in `rej`) and return its kept products in
-        `products_schema` order. `base`: the directory relative image paths are resolved against."""
+        `products_schema` order. `base`: the directory relative image paths are resolved against;
+        `source` and `start`: the file and the batch's first row in it, named in reject details."""
         max_images = self.max_images
+        name = str(source) if source is not None else str(base)
+        if not self._file_names or self._file_names[-1] != name:
+            self._file_starts.append(self._catalog_rows - start)
+            self._file_names.append(name)
+        first_number = self._file_starts[-1] + start  # catalog row number of this batch's row 0
+        self._catalog_rows = first_number + n
         ids = cols[schema.PRODUCT_ID].to_pylist()
         rej.reject_errors(errors[schema.PRODUCT_ID], "missing_product_id")
         rej.reject(~_present(cols[schema.PRODUCT_ID]), "missing_product_id", "product_id is missing or empty")
@@ -570,9 +594,8 @@ class RowChecks:
             if ids[r] in self.seen_ids:
                 duplicate[r] = True
             else:
-                self.seen_ids.add(ids[r])
-        rej.reject(duplicate, "duplicate_product_id",
-                   lambda r: f"product_id {ids[r]!r} appeared in an earlier catalog row; the first one is kept")
+                self.seen_ids[ids[r]] = first_number + int(r)
+        rej.reject(duplicate, "duplicate_product_id", "")  # the detail is written below, once the first rows' fate is known
 
         # Given image vectors: cut to max_images, then NaN/inf. [I] below = all image vectors of the batch.
         rej.reject_errors(errors[schema.IMAGE_EMBEDDINGS], "non_finite_vector")
@@ -619,8 +642,10 @@ class RowChecks:
                 firsts.append((int(inner_row[candidates[0]]), int(widths[candidates[0]])))
             firsts += [(r, v.shape[1]) for r, v in encoded.items() if alive[r]][:1]
             if firsts:
-                self.image_dim = min(firsts)[1]
-                log.info("image width %d, fixed by the first valid image vector", self.image_dim)
+                row, self.image_dim = min(firsts)
+                self.image_dim_origin = f"{name} row {start + row}"
+                log.info("image width %d, fixed by the first valid image vector (%s)", self.image_dim,
+                         self.image_dim_origin)
         dim = self.image_dim
         # With no width yet, every vector an alive row has is empty (width 0): wrong too.
         wrong = np.bincount(inner_row[(widths != dim) if dim is not None else (widths == 0)], minlength=n) > 0
@@ -631,6 +656,12 @@ class RowChecks:
         # Kept products: text lists, images [m, D], content hash.
         keep = rej.alive
         keep_rows = np.flatnonzero(keep)
+        self.kept_ids.update(ids[r] for r in keep_rows)
+        for r in np.flatnonzero(~keep & (rej.code >= 0)):  # first rows that were rejected: duplicates say so
+            if ids[r] is not None and self.seen_ids.get(ids[r]) == first_number + int(r):
+                self.first_rejected[ids[r]] = schema.REJECT_REASONS[rej.code[r]]
+        for r in np.flatnonzero(duplicate & (rej.code == schema.REJECT_REASONS.index("duplicate_product_id"))):
+            rej.details[int(r)] = self._duplicate_detail(ids[r])
         self.images_truncated += int((image_counts[keep] > max_images).sum())
         mask = pa.array(keep)
         texts = {f: cols[f].filter(mask) for f in self.text_columns}
@@ -648,31 +679,43 @@ class RowChecks:
                 block = np.zeros((0, dim or 0), np.float32)
             blocks.append(block)
             hashes.append(content_hash([t[j] for t in text_lists], block))
-        self.kept_ids.update(ids[r] for r in keep_rows)
         columns = {schema.PRODUCT_ID: cols[schema.PRODUCT_ID].filter(mask), **texts,
                    schema.IMAGE_EMBEDDINGS: _nested(blocks, dim or 0),
                    schema.CONTENT_HASH: pa.array(hashes, pa.string())}
         return pa.table(columns).cast(products_schema(self.text_columns))
 
+    def _duplicate_detail(self, pid: str) -> str:
+        first = self._catalog_row(self.seen_ids[pid])
+        if pid in self.first_rejected:
+            return (f"product_id {pid!r} appeared first at {first}, which was itself rejected "
+                    f"({self.first_rejected[pid]}); the first row with an id claims it, so no row with this id "
+                    f"is kept. Fix or remove that first row")
+        return f"product_id {pid!r} appeared first at {first}, which is the one kept"
+
     def _image_width_detail(self, r: int, encoded: dict[int, np.ndarray], widths: np.ndarray,
                             inner_row: np.ndarray) -> str:
-        how = "--image-dim" if self.image_dim_given else "the first valid image vector"
+        if self.image_dim_given:
+            how = "set by --image-dim (ingest.image_dim)"
+        else:
+            how = (f"fixed by the first valid image vector, at {self.image_dim_origin}. If that row is the "
+                   "odd one, fix or remove it, or choose the width with --image-dim N (ingest.image_dim)")
         if r in encoded:
             return (f"image files encode to {encoded[r].shape[1]}-d vectors, but the dataset's image width is "
-                    f"{self.image_dim} (fixed by {how})")
+                    f"{self.image_dim}, {how}")
         row_widths = widths[inner_row == r]
         if self.image_dim is None:
             return f"image vector {int(np.flatnonzero(row_widths == 0)[0])} is empty"
         j = int(np.flatnonzero(row_widths != self.image_dim)[0])
-        return (f"image vector {j} has width {int(row_widths[j])}, the dataset's image width is "
-                f"{self.image_dim} (fixed by {how})")
+        return (f"image vector {j} has width {int(row_widths[j])}, but the dataset's image width is "
+                f"{self.image_dim}, {how}")
 
     # -- logs
 
     def log_batch(self, where: Path, n: int, cols: dict[str, pa.Array], errors: dict[str, Errors],
-                  rej: Rejector) -> pa.Table:
+                  rej: Rejector, *, start: int = 0) -> pa.Table:
         """Check one batch of log rows (rejections land in `rej`) and return its kept rows in
-        LOG_SCHEMA. `where`: the file, whose directory relative image paths are resolved against."""
+        LOG_SCHEMA. `where`: the file, whose directory relative image paths are resolved against;
+        `start`: the batch's first row in it."""
         surface_col, engagement_col = cols[schema.SURFACE], cols[schema.ENGAGEMENT]
         surf = codes(surface_col, schema.SURFACES)  # [n] index into SURFACES, -1 = unknown
         eng = codes(engagement_col, schema.ENGAGEMENTS)  # [n]
@@ -726,11 +769,13 @@ class RowChecks:
             rows = np.flatnonzero(alive & (surf == k))
             if s not in self.query_dims and len(rows):
                 self.query_dims[s] = int(implied[rows[0]])
-                log.info("%s query width %d, fixed by %s row %d", s, self.query_dims[s], where, rows[0])
+                self.query_dim_origins[s] = f"{where} row {start + int(rows[0])}"
+                log.info("%s query width %d, fixed by %s", s, self.query_dims[s], self.query_dim_origins[s])
         # [n] the surface's width; the extra last entry (-1) is read by surf == -1
         expected = np.array([self.query_dims.get(s, -1) for s in schema.SURFACES] + [-1], np.int64)[surf]
         rej.reject(implied != expected, "bad_vector_width", lambda r: _query_width_detail(
-            schema.SURFACES[surf[r]], int(implied[r]), int(expected[r]), bool(text_only[r]), bool(image_only[r])))
+            schema.SURFACES[surf[r]], int(implied[r]), int(expected[r]), bool(text_only[r]), bool(image_only[r]),
+            self.query_dim_origins[schema.SURFACES[surf[r]]]))
 
         # Closeup image queries: encode now, store as query_embedding.
         encode = image_only & rej.alive

@@ -1,0 +1,271 @@
+"""Show what a user sees when `itemsage ingest` meets bad input (SPEC §1: reported, never dropped).
+
+In a temporary directory this builds a small valid catalog and engagement log (Parquet), then, for
+each kind of bad input, a copy holding exactly that one defect. It runs the real command line on
+each copy and records what a user sees: for a bad ROW, the printed summary and the rejects.jsonl
+record, plus the "nothing lost" check (rows read = kept + rejected); for a bad FILE, the exit code
+and the message. The result is a Markdown document (docs/BAD_INPUT.md).
+
+    python benchmarks/show_bad_inputs.py                        # print the document
+    python benchmarks/show_bad_inputs.py --write docs/BAD_INPUT.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+T0 = dt.datetime(2024, 3, 1, tzinfo=dt.timezone.utc)
+CATALOG_SCHEMA = pa.schema([("product_id", pa.string()), ("title", pa.string()), ("brand", pa.string()),
+                            ("image_embeddings", pa.list_(pa.list_(pa.float32()))),
+                            ("image_paths", pa.list_(pa.string()))])
+LOG_SCHEMA = pa.schema([("surface", pa.string()), ("engagement", pa.string()), ("product_id", pa.string()),
+                        ("timestamp", pa.timestamp("ms", tz="UTC")), ("user_id", pa.string()),
+                        ("weight", pa.float32()), ("query_text", pa.string()),
+                        ("query_embedding", pa.list_(pa.float32()))])
+
+
+def vec(seed: int, width: int = 8) -> list[float]:
+    return [round(((seed * 7 + j * 3) % 11) / 10 - 0.5, 2) for j in range(width)]
+
+
+def product(pid: str | None, title: str, images: list[list[float]] | None = None, paths=None) -> dict:
+    return {"product_id": pid, "title": title, "brand": "Acme", "image_embeddings": images, "image_paths": paths}
+
+
+def log_row(surface: str, engagement: str, pid: str | None, hours: float, /, **extra) -> dict:
+    """A valid row of `surface` (search: query_text; else an 8-d query_embedding), then `extra` over it."""
+    query = {"query_text": "oak chair"} if surface == "search" else {"query_embedding": vec(int(hours))}
+    row = {"surface": surface, "engagement": engagement, "product_id": pid, "user_id": f"u{int(hours) % 3}",
+           "timestamp": T0 + dt.timedelta(hours=hours), "weight": 1.0, **query}
+    return {**row, **extra}
+
+
+@dataclass
+class Inputs:
+    """One run's input files; a case edits a copy of the valid ones."""
+    catalog: list[dict] = field(default_factory=lambda: [
+        product(f"p{i}", t, [vec(i), vec(i + 20)]) for i, t in enumerate(
+            ["Oak chair", "Pine table", "Linen sofa", "Wool rug", "Brass lamp", "Glass vase"])])
+    logs: list[dict] = field(default_factory=lambda: [
+        log_row(s, e, f"p{i % 6}", 12.0 * i) for i, (s, e) in enumerate(
+            [("closeup", "click"), ("home", "save"), ("search", "click"), ("search", "add_to_cart"),
+             ("closeup", "checkout"), ("home", "click"), ("closeup", "save"), ("search", "checkout")])])
+    catalog_schema: pa.Schema = CATALOG_SCHEMA
+    log_schema: pa.Schema = LOG_SCHEMA
+    catalog_name: str = "catalog.parquet"
+    files: dict[str, bytes] = field(default_factory=dict)  # extra files (images), relative path -> bytes
+
+    def write(self, where: Path) -> None:
+        for name, rows, sch in ((self.catalog_name, self.catalog, self.catalog_schema),
+                                ("logs.parquet", self.logs, self.log_schema)):
+            table = pa.Table.from_pylist(rows, schema=sch)
+            if name.endswith(".csv"):
+                import pyarrow.csv as pacsv
+                pacsv.write_csv(table.drop_columns(["image_embeddings", "image_paths"]), where / name)
+            else:
+                pq.write_table(table, where / name)
+        for name, data in self.files.items():
+            (where / name).parent.mkdir(parents=True, exist_ok=True)
+            (where / name).write_bytes(data)
+
+
+def rename(sch: pa.Schema, old: str, new: str, rows: list[dict]) -> pa.Schema:
+    for r in rows:
+        r[new] = r.pop(old)
+    return sch.set(sch.get_field_index(old), pa.field(new, sch.field(old).type))
+
+
+def retype(sch: pa.Schema, name: str, typ: pa.DataType) -> pa.Schema:
+    return sch.set(sch.get_field_index(name), pa.field(name, typ))
+
+
+def ts_as_text(i: Inputs, bad: str) -> None:
+    """Timestamps as ISO strings (a Parquet timestamp cannot hold an unreadable value), one bad."""
+    for r in i.logs:
+        r["timestamp"] = r["timestamp"].isoformat().replace("+00:00", "Z")
+    i.log_schema = retype(i.log_schema, "timestamp", pa.string())
+    i.logs.append(log_row("search", "click", "p1", 30, timestamp=bad))
+
+
+MANY = " (most rows, with a warning)"  # suffix of an expected reason: the good rows are rejected too
+
+# (title, the defect in words, expected reject reason or None = the file must be refused, edit)
+CASES: list[tuple[str, str, str | None, Callable[[Inputs], None]]] = [
+    ("Missing product_id", "one extra catalog row has product_id null", "missing_product_id",
+     lambda i: i.catalog.append(product(None, "Nameless stool", [vec(9), vec(10)]))),
+    ("Duplicate product_id", "one extra catalog row reuses product_id 'p2'", "duplicate_product_id",
+     lambda i: i.catalog.append(product("p2", "Linen sofa, again", [vec(2), vec(3)]))),
+    ("Image vector of the wrong width", "product p9's second image vector has 7 numbers, the others 8",
+     "bad_vector_width", lambda i: i.catalog.append(product("p9", "Teak bench", [vec(9), vec(10, 7)]))),
+    # The documented rule (the first valid vector fixes the width) rejects the good rows here; the run
+    # must say so loudly: a warning in the summary, and details naming the width's origin and --image-dim.
+    ("Wrong width in the first catalog row", "product p0 (row 0) has one 7-d image vector, every other one is 8-d",
+     "bad_vector_width" + MANY, lambda i: i.catalog[0].update(image_embeddings=[vec(0, 7)])),
+    ("Image vector with NaN", "product p9's first image vector holds a NaN", "non_finite_vector",
+     lambda i: i.catalog.append(product("p9", "Teak bench", [vec(9)[:3] + [float("nan")] + vec(9)[4:]]))),
+    ("Image vector with inf", "product p9's second image vector holds +inf", "non_finite_vector",
+     lambda i: i.catalog.append(product("p9", "Teak bench", [vec(9), [float("inf")] + vec(10)[1:]]))),
+    ("Unknown surface", "one extra log row has surface 'Search' (capital S)", "unknown_surface",
+     lambda i: i.logs.append(log_row("search", "click", "p1", 30, surface="Search"))),
+    ("Unknown engagement", "one extra log row has engagement 'purchase'", "unknown_engagement",
+     lambda i: i.logs.append(log_row("search", "purchase", "p1", 30))),
+    ("Log row whose product is not in the catalog", "one extra log row names product 'p404'",
+     "unknown_product", lambda i: i.logs.append(log_row("closeup", "click", "p404", 30))),
+    ("Unreadable timestamp", "timestamps are ISO strings; one extra log row has '2024-02-30T10:00:00Z'",
+     "bad_timestamp", lambda i: ts_as_text(i, "2024-02-30T10:00:00Z")),
+    ("Missing query", "one extra search row has neither query_text nor query_embedding", "missing_query",
+     lambda i: i.logs.append(log_row("search", "click", "p1", 30, query_text=None))),
+    ("Query vector of the wrong width", "one extra home row has a 5-d query_embedding (other home rows: 8-d)",
+     "bad_vector_width", lambda i: i.logs.append(log_row("home", "click", "p1", 30, query_embedding=vec(1, 5)))),
+    ("Negative weight", "one extra log row has weight -1", "bad_weight",
+     lambda i: i.logs.append(log_row("search", "click", "p1", 30, weight=-1.0))),
+    ("Image file that does not exist", "product p9 has no vectors, image_paths ['img/missing.jpg'] (no such file)",
+     "unreadable_image", lambda i: i.catalog.append(product("p9", "Teak bench", None, ["img/missing.jpg"]))),
+    ("Image file that is not an image", "product p9's image_paths ['img/corrupt.jpg'] holds 16 bytes of text",
+     "unreadable_image", lambda i: (i.catalog.append(product("p9", "Teak bench", None, ["img/corrupt.jpg"])),
+                                    i.files.update({"img/corrupt.jpg": b"this is no jpeg\n"}))),
+    ("Catalog without a product_id column", "the id column is called 'sku'", None,
+     lambda i: setattr(i, "catalog_schema", rename(i.catalog_schema, "product_id", "sku", i.catalog))),
+    ("product_id stored as floats", "catalog product_id is a float64 column (1.0, 2.0, ...)", None,
+     lambda i: (setattr(i, "catalog_schema", retype(i.catalog_schema, "product_id", pa.float64())),
+                [r.update(product_id=float(n)) for n, r in enumerate(i.catalog)])),
+    ("Logs without a timestamp column", "the time column is called 'event_time'", None,
+     lambda i: setattr(i, "log_schema", rename(i.log_schema, "timestamp", "event_time", i.logs))),
+    ("Catalog with no rows", "catalog.parquet has the right columns and zero rows", None,
+     lambda i: i.catalog.clear()),
+    ("Catalog as CSV", "the catalog is catalog.csv (text columns only)", None,
+     lambda i: setattr(i, "catalog_name", "catalog.csv")),
+]
+
+LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ")  # the CLI's logging format
+
+
+def run_case(root: Path, n: int, edit: Callable[[Inputs], None] | None) -> dict:
+    """Write the inputs into root/case-n, run `itemsage ingest` there, collect what a user sees."""
+    where = root / f"case-{n:02d}"
+    where.mkdir()
+    inputs = Inputs()
+    if edit:
+        edit(inputs)
+    inputs.write(where)
+    cmd = ["itemsage", "ingest", "--catalog", inputs.catalog_name, "--logs", "logs.parquet",
+           "--out", "dataset", "--no-progress"]
+    env = {**os.environ, "COLUMNS": "1000"}  # no wrapping: one message, one line
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "itemsage.cli", *cmd[1:]], cwd=where, env=env,
+                          capture_output=True, text=True)
+    result = {"cmd": " ".join(cmd), "rc": proc.returncode, "seconds": time.perf_counter() - start,
+              "stdout": proc.stdout.replace(str(where), "."),
+              "stderr": "\n".join(LOG_PREFIX.sub("", ln) for ln in proc.stderr.replace(str(where), ".").splitlines()),
+              "written": (where / "dataset").exists()}
+    if result["written"]:
+        result["manifest"] = json.loads((where / "dataset" / "manifest.json").read_text())
+        result["rejects"] = [json.loads(ln) for ln in (where / "dataset" / "rejects.jsonl").read_text().splitlines()]
+    return result
+
+
+def summary_lines(stdout: str) -> str:
+    """The printed inputs and rejects tables (everything before 'pairs per task')."""
+    head = stdout.split("pairs per task")[0].rstrip().splitlines()
+    return "\n".join(ln.rstrip() for ln in head)
+
+
+def row_section(r: dict, expect: str) -> tuple[list[str], bool]:
+    if not r["written"]:
+        return [f"**NOT HANDLED: exit code {r['rc']}, no dataset written.**", "```text",
+                (r["stdout"] + r["stderr"]).strip()[-3000:], "```"], False
+    c = r["manifest"]["counts"]
+    read, kept = c["catalog_rows"] + c["log_rows"], c["products"] + c["train"] + c["eval"]
+    lost_ok = read == kept + c["rejected"] and len(r["rejects"]) == c["rejected"]
+    if expect.endswith(MANY):
+        expect = expect[: -len(MANY)]
+        details = [rec["detail"] for rec in r["rejects"] if rec["reason"] == expect]
+        caught = (c["rejects"][expect] >= 1 and "WARNING" in summary_lines(r["stdout"])
+                  and all("fixed by" in d and "--image-dim" in d for d in details))
+    else:
+        caught = c["rejected"] == 1 and c["rejects"][expect] == 1
+    out = [f"Printed summary (exit code {r['rc']}):", "```text", summary_lines(r["stdout"]), "```"]
+    warnings = [ln for ln in r["stderr"].splitlines() if ln.startswith(("WARNING", "ERROR"))]
+    if warnings:
+        out += ["Also logged:", "```text", *warnings, "```"]
+    out += ["rejects.jsonl (each record's `record` copy of the input row left out here):", "```json"]
+    out += [json.dumps({k: v for k, v in rec.items() if k != "record"}, ensure_ascii=False) for rec in r["rejects"][:4]]
+    out += [f"... and {len(r['rejects']) - 4} more"] * (len(r["rejects"]) > 4)
+    got = {k: v for k, v in c["rejects"].items() if v}
+    out += ["```", f"Nothing lost: read {read} = kept {kept} + rejected {c['rejected']}: "
+            f"{'yes' if lost_ok else '**NO**'}; rejects.jsonl lines: {len(r['rejects'])}.",
+            "Verdict: " + ("caught." if caught else f"**PROBLEM: expected exactly the defective row rejected "
+                                                    f"as `{expect}`, got {got}.**")]
+    if caught and c["rejected"] > 1:
+        out[-1] = ("Verdict: caught, loudly: by the documented rule the odd first row fixed the width, so the "
+                   "good rows were rejected; the summary warns, and each detail names where the width was "
+                   "fixed and `--image-dim`.")
+    return out, caught and lost_ok and "Traceback" not in r["stderr"]
+
+
+def file_section(r: dict) -> tuple[list[str], bool]:
+    shown = (r["stdout"].rstrip() + "\n" + r["stderr"]).strip()
+    ok = r["rc"] != 0 and not r["written"] and "Traceback" not in shown
+    verdict = ("refused, no traceback, nothing written" if ok else
+               f"**NOT REFUSED CLEANLY** (exit {r['rc']}, dataset written: {r['written']}, "
+               f"traceback: {'Traceback' in shown})")
+    return [f"Exit code {r['rc']}. Printed:", "```text", shown[-3000:], "```", f"Verdict: {verdict}."], ok
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", type=Path, help="Also write the Markdown document to this file.")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    doc = ["# What `itemsage ingest` says about bad input", "",
+           "Generated by `python benchmarks/show_bad_inputs.py --write docs/BAD_INPUT.md`: each case below is a "
+           "valid 6-product catalog (8-d `image_embeddings`) and 8-row engagement log (closeup/home rows with "
+           "8-d `query_embedding`, search rows with `query_text`) plus exactly one defect, run through "
+           "the real command line in a scratch directory. Paths are relative to that directory.",
+           "", "A bad **row** goes to `dataset/rejects.jsonl` with one reason and the run goes on; a bad "
+           "**file** stops the run before anything is written (SPEC §1).", ""]
+    failures = []
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=2) as pool:  # 2 runs at a time
+        results = list(pool.map(lambda job: run_case(Path(tmp), *job), enumerate([None] + [c[3] for c in CASES])))
+    base = results[0]
+    ok = base["rc"] == 0 and base["written"] and base["manifest"]["counts"]["rejected"] == 0
+    doc += ["## 0. The valid inputs", "", f"`{base['cmd']}` exit code {base['rc']}, rejected rows: "
+            f"{base['manifest']['counts']['rejected'] if base['written'] else '?'} (must be 0).", ""]
+    if not ok:
+        failures.append("0. the valid inputs")
+        doc += ["```text", (base["stdout"] + base["stderr"])[-3000:], "```", ""]
+    for n, ((title, defect, expect, _), r) in enumerate(zip(CASES, results[1:]), start=1):
+        kind = (f"row defect, expected reason `{expect.removesuffix(MANY)}`{MANY if expect.endswith(MANY) else ''}"
+                if expect else "file defect, must be refused")
+        lines, ok = row_section(r, expect) if expect else file_section(r)
+        doc += [f"## {n}. {title}", "", f"Defect: {defect} ({kind}).", "", *lines, ""]
+        if not ok:
+            failures.append(f"{n}. {title}")
+        print(f"{n:2d}. {title}: {'ok' if ok else 'PROBLEM'} ({r['seconds']:.1f} s)", file=sys.stderr)
+    doc += ["## Result", "", f"{len(CASES)} cases; not caught or not refused cleanly: "
+            f"{', '.join(failures) if failures else 'none'}.", ""]
+    text = "\n".join(doc)
+    print(text)
+    if args.write:
+        args.write.write_text(text, encoding="utf-8")
+        print(f"wrote {args.write}", file=sys.stderr)
+    print(f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
