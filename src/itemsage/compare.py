@@ -200,13 +200,17 @@ def write_report(results: dict[str, Any], out_dir: Path, cfg: CompareConfig, dat
     by_group: dict[str, list[str]] = {}
     for name, r in results.items():
         by_group.setdefault(r["run"]["group"], []).append(name)
+    train_rows = dataset.get("counts", {}).get("train_rows", {})
+    train_pairs = sum(train_rows.values()) if isinstance(train_rows, dict) else train_rows
+    ratio = cfg.train_overrides.get("random_negatives_ratio", 4.0)
+    sampled = "" if cfg.eval_sample is None else f" (a stratified sample of about {cfg.eval_sample:,}: an equal share per task, all pairs of smaller tasks)"
     lines = [
         "# ItemSage comparisons",
         "",
-        f"Data: `{dataset_dir}` — {data['products']:,} products, {dataset.get('counts', {}).get('train_rows', '?')} "
-        f"train-window pairs, {data['eval_pairs']:,} eval-window pairs ({data['cold_start_pairs']:,} on cold-start products).",
+        f"Data: {data['products']:,} products, {train_pairs:,} train-window pairs, {data['eval_pairs']:,} "
+        f"eval-window pairs{sampled}, {data['cold_start_pairs']:,} of them on cold-start products.",
         f"Budget, the same for every row: preset `{cfg.preset}`, {cfg.steps} steps of {cfg.batch_size} positives "
-        f"(+ 4× random negatives where used), seed {cfg.seed}. Recall@10, exact search over the whole catalog, "
+        f"(+ {ratio:g}× random negatives where used), seed {cfg.seed}. Recall@10, exact search over the whole catalog, "
         "per surface (pair-weighted over its engagement types).",
         "",
         "| run | group | params | steps | train s | pairs/s |",
