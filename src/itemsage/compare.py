@@ -234,6 +234,12 @@ def write_report(results: dict[str, Any], out_dir: Path, cfg: CompareConfig, dat
                 _fmt(_surface_recall(pop, s)) for s in schema.SURFACES) + f" | {_fmt(_recall(pop, 'all'))} |")
         _plot(out_dir / f"{key}.png", names, results, f"{title}: Recall@10")
         lines += ["", f"![{title}]({key}.png)"]
+    arch = ["itemsage"] + by_group.get("architecture", [])
+    lines += ["", "## Recall@10 per task", "", "| task | pairs | " + " | ".join(arch) + " | popularity |",
+              "|---|---:|" + "---:|" * (len(arch) + 1)]
+    for t in [t for t in ref["exact"] if t != "all"]:
+        cells = [_fmt(_recall(results[n], t)) for n in arch] + [_fmt(_recall(pop, t))]
+        lines.append(f"| {t} | {ref['exact'][t]['n']} | " + " | ".join(cells) + " |")
     if by_group.get("tasks"):
         lines += ["", "## Multi-task against single-task", "",
                   "Each single-task model is trained on one engagement type (all three surfaces).", "",
