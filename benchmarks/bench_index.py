@@ -21,7 +21,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from itemsage.index import IndexConfig, ProductIndex, recall_at_k
+from itemsage.index import IndexConfig, ProductIndex, neighbour_recall
 
 
 def rss_bytes() -> int:
@@ -130,7 +130,7 @@ def main() -> None:
         hnsw.ef_search = ef
         found, qps = timed_search(hnsw, queries, k, repeats=3)
         single = one_at_a_time(hnsw, queries[: args.single], k)
-        points.append({"ef_search": ef, "recall_at_10": recall_at_k(found, exact_ids), "qps": qps,
+        points.append({"ef_search": ef, "recall_at_10": neighbour_recall(found, exact_ids), "qps": qps,
                        "qps_single": single})
 
     _, exact_qps_after = timed_search(flat, queries, k)

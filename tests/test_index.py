@@ -18,7 +18,7 @@ from itemsage.index import (
     current_version,
     load_current,
     publish,
-    recall_at_k,
+    neighbour_recall,
     version_path,
 )
 
@@ -57,7 +57,7 @@ def test_hnsw_recall_at_10_against_exact():
     exact = ProductIndex.build(ids, base, kind="flat")
     ann_ids, ann_scores = hnsw.search(queries, 10)
     exact_ids, _ = exact.search(queries, 10)
-    assert recall_at_k(ann_ids, exact_ids) >= 0.95
+    assert neighbour_recall(ann_ids, exact_ids) >= 0.95
     # Scores are true inner products of the returned products, whatever the search path.
     ref = np.einsum("qd,qkd->qk", queries, base[[[int(i[1:]) for i in row] for row in ann_ids]])
     np.testing.assert_allclose(ann_scores, ref, atol=1e-5)
@@ -68,7 +68,7 @@ def test_hnsw_recall_at_10_against_exact():
 def test_recall_at_k_by_hand():
     found = np.array([["a", "b", "c"], ["x", "y", ""]], dtype=object)
     exact = np.array([["a", "c", "d"], ["y", "z", "w"]], dtype=object)
-    assert recall_at_k(found, exact) == pytest.approx(3 / 6)
+    assert neighbour_recall(found, exact) == pytest.approx(3 / 6)
 
 
 def test_pads_when_fewer_than_k_and_vector_lookup():

@@ -129,13 +129,6 @@ def embed_batch(model: Any, batch: pa.RecordBatch | pa.Table) -> pa.Table:
 # ---- the local engine: resumable, incremental ---------------------------------------------------
 
 
-def _dataset_fingerprint(dataset_dir: Path) -> str:
-    if not (dataset_dir / artifacts.MANIFEST).is_file():
-        raise ArtifactError(f"{dataset_dir} has no {artifacts.MANIFEST}: it is not a finished dataset. "
-                            "Write it with `itemsage ingest`.")
-    return artifacts.fingerprint(dataset_dir)
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -288,7 +281,7 @@ def embed(
         raise FileNotFoundError(f"{products} does not exist; write the dataset with `itemsage ingest`.")
     started = time.perf_counter()
     model_fp = artifacts.fingerprint(model_dir)  # reads the manifest only; load_model verifies files
-    dataset_fp = _dataset_fingerprint(dataset_dir)
+    dataset_fp = artifacts.fingerprint(dataset_dir)  # read_manifest refuses an unfinished dataset
     parquet = pq.ParquetFile(products)
     if incremental and schema.CONTENT_HASH not in parquet.schema_arrow.names:
         raise ArtifactError(f"{products} has no {schema.CONTENT_HASH} column, so --incremental cannot "
@@ -422,7 +415,7 @@ def embed_with_ray(
         raise ArtifactError(f"{out_dir} is not empty; the Ray engine writes a fresh directory. Pass a new "
                             "--out directory (or use --engine local to resume or update).")
     model_fp = artifacts.fingerprint(model_dir)
-    dataset_fp = _dataset_fingerprint(dataset_dir)
+    dataset_fp = artifacts.fingerprint(dataset_dir)  # read_manifest refuses an unfinished dataset
     config = json.loads((model_dir / "config.json").read_text())
     text_fields = config["model"]["text_fields"]
     products = dataset_dir / schema.PRODUCTS_FILE

@@ -305,7 +305,7 @@ class ProductIndex:
         _, exact_rows = faiss.knn(queries, base, min(k, len(self)), metric=faiss.METRIC_INNER_PRODUCT)
         _, ann_rows = self._index.search(queries, min(k, len(self)))
         return {
-            "recall_at_10": recall_at_k(ann_rows, exact_rows),
+            "recall_at_10": neighbour_recall(ann_rows, exact_rows),
             "recall_queries": n,
             "recall_reference": "exact inner product on perturbed stored vectors",
         }
@@ -332,8 +332,9 @@ def perturbed_queries(vectors: np.ndarray, n: int, rng: np.random.Generator, noi
     return np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True))
 
 
-def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
-    """Mean over rows of |found ∩ exact| / |exact|, for [Q, K] row (or id) arrays; -1 means none."""
+def neighbour_recall(found: np.ndarray, exact: np.ndarray) -> float:
+    """ANN quality: mean over rows of |found ∩ exact| / |exact|, for [Q, K] row (or id) arrays; -1 means
+    none. Not evaluate.recall_at_k, which asks whether one engaged product is among the first k."""
     hits = 0
     total = 0
     for f, e in zip(found, exact):
