@@ -257,7 +257,7 @@ def test_ingest_killed_at_random_points_then_rerun(tmp_path):
     full = time.monotonic() - start  # one whole run, imports included
     reference = artifacts.read_manifest(out)["files"]
     rng = random.Random(12)
-    kills = 0
+    kills, stranded = 0, 0
     for attempt in range(10):
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.3, full))
@@ -265,7 +265,8 @@ def test_ingest_killed_at_random_points_then_rerun(tmp_path):
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
-    assert kills >= 5  # most attempts were killed mid-run
+        stranded += bool(leftovers(out))  # what this kill left for the next run to clean up
+    assert kills >= 5 and stranded >= 3  # most attempts were killed mid-run, leaving a temp directory
     subprocess.run(argv, env=env, check=True, capture_output=True)
     manifest = artifacts.verify_manifest(out, kind="dataset")
     assert {n: m["sha256"] for n, m in manifest["files"].items()} == {n: m["sha256"] for n, m in reference.items()}

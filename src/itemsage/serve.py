@@ -657,7 +657,7 @@ class Service:
     def _as_matrix(self, rows: list[list[float]], width: int, what: str) -> np.ndarray:
         """JSON rows -> float32 [N, width], refusing wrong widths, overflow to inf, and zero rows.
 
-        The rows come back as sent (float32); `_unit_rows` scales query rows for the adapters.
+        The rows come back as sent (float32); `_query_rows` scales query rows for the adapters.
         """
         for i, row in enumerate(rows):
             if len(row) != width:
