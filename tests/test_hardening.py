@@ -8,7 +8,6 @@ SIGKILL of a real `ingest` subprocess at random points.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -19,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import json
 import logging
 import time
 from pathlib import Path
