@@ -507,7 +507,7 @@ def test_reload_needs_the_token(client, world):
 
 
 def test_reload_swaps_and_refuses_bad_versions(client, world):
-    r = client.post("/admin/reload", json={"version": "v2"}, headers=auth())
+    r = client.post("/admin/reload", json={"version": "v2", "persist": False}, headers=auth())  # CURRENT stays v1
     assert r.status_code == 200, r.text
     assert r.json()["index_version"] == "v2" and r.json()["previous_version"] == "v1"
     assert client.post("/v1/closeup", json={"product_id": "p01"}).json()["index_version"] == "v2"
@@ -577,7 +577,8 @@ def test_hot_swap_under_concurrent_requests(world):
         swaps = 0
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline or swaps < 6:
-            r = c.post("/admin/reload", json={"version": "v2" if swaps % 2 == 0 else "v1"}, headers=auth())
+            r = c.post("/admin/reload", json={"version": "v2" if swaps % 2 == 0 else "v1", "persist": False},
+                       headers=auth())
             assert r.status_code == 200, r.text
             swaps += 1
         stop.set()

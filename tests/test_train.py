@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from itemsage import schema
+from itemsage import artifacts, schema
 from itemsage.config import ConfigError
 from itemsage.features import Vocabulary
 from itemsage.train import (
@@ -92,6 +92,7 @@ def make_dataset(root: Path, n_products: int = 48, n_train: int = 600, n_eval: i
 
     pq.write_table(logs(n_train, 0), root / schema.TRAIN_FILE)
     pq.write_table(logs(n_eval, 10**9), root / schema.EVAL_FILE)
+    artifacts.write_manifest(root, "dataset")  # train verifies its dataset against the manifest
     return root
 
 

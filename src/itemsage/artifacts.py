@@ -3,6 +3,17 @@
 A write goes to a temp file in the same directory, is fsynced, then `os.replace`d over the target,
 so a killed job never leaves a torn file. Each artifact directory ends with a `manifest.json`
 written last: what produced it (config, inputs' fingerprints), counts, and the sha256 of every file.
+
+Every stage verifies its inputs against their manifest before use (`verify_manifest`). Datasets,
+which can be gigabytes and are read by several stages, are verified with a record of the last full
+check (`verify_dataset`): `<dataset>/.verified.json` holds, per listed file, the sha256 it was found
+to have and the file's size, mtime, ctime and inode at that time. A file whose four values are
+unchanged and whose manifest sha256 is the recorded one is not hashed again; any other is hashed in
+full (first use, a new dataset, a copy, any write). Setting mtime back does not hide a change:
+ctime cannot be set from user space and moves on every write. The record is written atomically and
+is a hidden file, so it is not part of the manifest; if the directory is read-only, every use hashes.
+A file changed in the last two seconds is not recorded (file times tick coarsely: a second write in
+the same tick would look unchanged), as git does with its index.
 """
 
 from __future__ import annotations
@@ -11,15 +22,21 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
+VERIFIED = ".verified.json"  # a dataset's record of its last full verification (see the module doc)
+_RACY_NS = 2_000_000_000  # a file changed this recently is not recorded: file times tick coarsely
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # read once: os.umask can only be read by setting it
 FORMAT_VERSION = 1
@@ -144,7 +161,10 @@ def read_manifest(directory: str | Path, kind: str | None = None) -> dict[str, A
             f"{directory} has no {MANIFEST}: it is not a finished itemsage artifact "
             "(the job that writes it may have been killed; run it again)."
         )
-    manifest = json.loads(path.read_text())
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise ArtifactError(f"{path} is not an itemsage manifest (no `files` table); the file is damaged. "
+                            "Rebuild the artifact.")
     if kind is not None and manifest.get("kind") != kind:
         raise ArtifactError(f"{directory} holds a '{manifest.get('kind')}' artifact, expected '{kind}'.")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -155,20 +175,71 @@ def read_manifest(directory: str | Path, kind: str | None = None) -> dict[str, A
     return manifest
 
 
-def verify_manifest(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
-    """Read the manifest and check every listed file's size and sha256; raise on any mismatch."""
+def read_json(path: str | Path) -> Any:
+    """A JSON file's value; ArtifactError naming the file if it is unreadable or not valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes())
+    except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError is a ValueError
+        raise ArtifactError(f"{path} is not valid JSON ({err}); the file is damaged or was edited by hand. "
+                            "Rebuild the artifact that holds it.") from None
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _read_record(directory: Path) -> dict[str, Any]:
+    try:
+        record = json.loads((directory / VERIFIED).read_bytes())
+    except (OSError, ValueError):
+        return {}  # none yet, or damaged: hash everything
+    return record.get("files", {}) if isinstance(record, dict) and isinstance(record.get("files"), dict) else {}
+
+
+def verify_manifest(directory: str | Path, kind: str | None = None, *, record: bool = False) -> dict[str, Any]:
+    """Read the manifest and check every listed file's size and sha256; raise on any mismatch.
+
+    With `record`, files unchanged since the last full check recorded in `.verified.json` are not
+    hashed again, and the record is updated (see the module doc).
+    """
     directory = Path(directory)
     manifest = read_manifest(directory, kind)
+    known = _read_record(directory) if record else {}
+    checked: dict[str, Any] = {}
     for name, meta in manifest["files"].items():
         path = directory / name
         if not path.is_file():
-            raise ArtifactError(f"{path} is listed in the manifest but missing.")
-        if path.stat().st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
-            raise ArtifactError(
-                f"{path} does not match its manifest checksum: the file is corrupted or was changed "
-                "after it was written. Rebuild the artifact."
-            )
+            raise ArtifactError(f"{path} is listed in the manifest but missing; rebuild the artifact.")
+        stamp = _stamp(path)
+        if stamp[0] != meta["bytes"]:
+            raise ArtifactError(f"{path} is {stamp[0]:,} bytes, its manifest says {meta['bytes']:,}: the file is "
+                                "truncated or was changed after it was written. Rebuild the artifact.")
+        entry = {"sha256": meta["sha256"], "stat": stamp}
+        if known.get(name) != entry:
+            if sha256_file(path) != meta["sha256"]:
+                raise ArtifactError(f"{path} does not match its manifest checksum: the file is corrupted or was "
+                                    "changed after it was written. Rebuild the artifact.")
+            if _stamp(path) != stamp:  # written while we hashed: do not vouch for it
+                raise ArtifactError(f"{path} changed while it was being verified; run again once nothing writes it.")
+        if time.time_ns() - max(stamp[1], stamp[2]) > _RACY_NS:  # else a write in the same tick could hide
+            checked[name] = entry
+    if record and checked != known:
+        try:
+            atomic_write_json(directory / VERIFIED, {"format_version": FORMAT_VERSION, "files": checked})
+        except OSError as err:
+            log.debug("cannot record the verification of %s (%s); the next use hashes in full", directory, err)
     return manifest
+
+
+def verify_dataset(dataset_dir: str | Path) -> dict[str, Any]:
+    """Verify a dataset directory (every file its manifest lists) before a stage reads it.
+
+    Refuses a directory without a finished manifest (an interrupted or hand-made dataset) and names
+    the file that is missing, truncated or corrupted. Unchanged files are not re-hashed (module doc).
+    """
+    return verify_manifest(dataset_dir, kind="dataset", record=True)
 
 
 def fingerprint(directory: str | Path) -> str:

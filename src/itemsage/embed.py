@@ -34,7 +34,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import json
 import logging
 import time
 from pathlib import Path
@@ -130,7 +129,7 @@ def embed_batch(model: Any, batch: pa.RecordBatch | pa.Table) -> pa.Table:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return artifacts.read_json(path) if path.is_file() else None
 
 
 def _row_pieces(parquet: pq.ParquetFile, first_row: int, batch_size: int, shard_rows: int,
@@ -281,7 +280,8 @@ def embed(
         raise FileNotFoundError(f"{products} does not exist; write the dataset with `itemsage ingest`.")
     started = time.perf_counter()
     model_fp = artifacts.fingerprint(model_dir)  # reads the manifest only; load_model verifies files
-    dataset_fp = artifacts.fingerprint(dataset_dir)  # read_manifest refuses an unfinished dataset
+    artifacts.verify_dataset(dataset_dir)  # refuses an unfinished or corrupted dataset, naming the file
+    dataset_fp = artifacts.fingerprint(dataset_dir)
     parquet = pq.ParquetFile(products)
     if incremental and schema.CONTENT_HASH not in parquet.schema_arrow.names:
         raise ArtifactError(f"{products} has no {schema.CONTENT_HASH} column, so --incremental cannot "
@@ -415,8 +415,10 @@ def embed_with_ray(
         raise ArtifactError(f"{out_dir} is not empty; the Ray engine writes a fresh directory. Pass a new "
                             "--out directory (or use --engine local to resume or update).")
     model_fp = artifacts.fingerprint(model_dir)
-    dataset_fp = artifacts.fingerprint(dataset_dir)  # read_manifest refuses an unfinished dataset
-    config = json.loads((model_dir / "config.json").read_text())
+    artifacts.verify_dataset(dataset_dir)  # refuses an unfinished or corrupted dataset, naming the file
+    dataset_fp = artifacts.fingerprint(dataset_dir)
+    artifacts.verify_manifest(model_dir, kind="model")
+    config = artifacts.read_json(model_dir / "config.json")
     text_fields = config["model"]["text_fields"]
     products = dataset_dir / schema.PRODUCTS_FILE
     names = pq.ParquetFile(products).schema_arrow.names

@@ -164,6 +164,9 @@ def evaluate(
     from itemsage.model import load_model
     from itemsage.train import load_pairs
 
+    from itemsage.artifacts import verify_dataset
+
+    verify_dataset(dataset_dir)  # refuses a dataset without a manifest, or a file that does not match it
     loaded = load_model(model_dir, device=device)
     cfg = loaded.config
     store = ProductStore.from_dataset(dataset_dir, loaded.vocab, cfg.text_fields, cfg.max_images)

@@ -12,6 +12,10 @@ scale to [0, 1] and normalise with mean 0.5 and std 0.5 per channel, i.e. to [-1
 models were trained in TensorFlow on (x - 127) / 128, which is this normalisation; the package's
 docstring shows the ImageNet mean/std of the non-Lite models instead. Checked on a photograph: both
 give the same top-1 class, and we follow the training-time recipe.
+
+Decompression bombs: a file whose header declares more than `max_pixels` pixels (default 40 million,
+a 40-megapixel photo, about 120 MB decoded as RGB) is refused before it is decoded; a small PNG can
+declare 13,000 x 13,000 pixels (a gigabyte decoded). PIL's own limit (about 179 million) stays too.
 """
 
 from __future__ import annotations
@@ -31,6 +35,20 @@ MODEL_NAME = "efficientnet-lite0"
 IMAGE_SIZE = 224
 RESIZE_SHORTER = 256  # then center-crop IMAGE_SIZE
 FEATURE_DIM = 1280
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ImageTooLarge(ValueError):
+    """An image declares more pixels than the limit; nothing was decoded."""
+
+
+def check_pixels(image: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Raise ImageTooLarge if an opened (not yet decoded) image holds more than `max_pixels` pixels."""
+    width, height = image.size  # from the header: Image.open decodes nothing
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"is {width:,} x {height:,} = {width * height:,} pixels, over the limit of "
+                            f"{max_pixels:,} (decoding it would take about {width * height * 3 / 1e9:.1f} GB); "
+                            "scale it down (224 x 224 is all the encoder reads)")
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,8 +85,9 @@ def preprocess(image: Image.Image) -> np.ndarray:
     return ((x - 0.5) / 0.5).transpose(2, 0, 1)  # [3, H, W] in [-1, 1]
 
 
-def _read(path: str | Path) -> np.ndarray:
+def _read(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     with Image.open(path) as image:
+        check_pixels(image, max_pixels)  # before any decoding: the header's size
         image.load()  # decode now, so a truncated file fails here and not later
         return preprocess(ImageOps.exif_transpose(image))  # phone photos store their rotation in EXIF
 
@@ -78,8 +97,9 @@ class ImageEncoder:
 
     dim = FEATURE_DIM
 
-    def __init__(self, device: str | torch.device = "cpu"):
+    def __init__(self, device: str | torch.device = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS):
         self.device = str(device)
+        self.max_pixels = int(max_pixels)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -116,10 +136,12 @@ class ImageEncoder:
                 rows, arrays = [], []
                 for row in range(start, min(start + batch_size, len(paths))):
                     try:
-                        arrays.append(_read(paths[row]))
+                        arrays.append(_read(paths[row], self.max_pixels))
                         rows.append(row)
                     # Any decoder failure (missing, truncated, not an image, too large) is that
                     # file's problem, reported on its row; the batch goes on.
+                    except ImageTooLarge as exc:
+                        errors[row] = f"cannot read image {str(paths[row])!r}: it {exc}"
                     except Exception as exc:  # noqa: BLE001
                         errors[row] = f"cannot read image {str(paths[row])!r}: {type(exc).__name__}: {exc}"
                 if arrays:

@@ -366,8 +366,14 @@ def publish(index_root: str | Path, version_dir: str | Path) -> None:
         raise ValueError(f"{version_dir} is not under {index_root / VERSIONS_DIR}; publish only a "
                          "version written into this index root")
     artifacts.verify_manifest(version_dir, kind="index")
-    artifacts.atomic_write_text(index_root / CURRENT_FILE, version_dir.name + "\n")
+    point_current(index_root, version_dir.name)
     log.info("published index version %s", version_dir.name)
+
+
+def point_current(index_root: str | Path, version: str) -> None:
+    """Replace INDEX_ROOT/CURRENT atomically with `version` (checked by the caller; see `publish`)."""
+    version_path(index_root, version)  # the name's rules
+    artifacts.atomic_write_text(Path(index_root) / CURRENT_FILE, version + "\n")
 
 
 def current_version(index_root: str | Path) -> Path:
@@ -411,6 +417,25 @@ def read_embeddings(embeddings_dir: str | Path) -> tuple[np.ndarray, np.ndarray,
     return all_ids, np.ascontiguousarray(all_vectors, dtype=np.float32), manifest
 
 
+def _finished_version(embeddings_dir: str | Path, index_root: str | Path, version_dir: Path,
+                      config: IndexConfig, publish_it: bool) -> tuple[ProductIndex, Path]:
+    """The existing `version_dir`, published, if it is what this build would write; else an error."""
+    manifest = artifacts.read_manifest(version_dir, kind="index")
+    embeddings = artifacts.fingerprint(embeddings_dir)
+    same_input = manifest.get("inputs", {}).get("embeddings") == embeddings
+    given = {k: v for k, v in dataclasses.asdict(config).items() if k != "threads"}  # threads: speed only
+    built = {k: v for k, v in manifest.get("config", {}).items() if k != "threads"}
+    if not same_input or built != given:
+        what = "other embeddings" if not same_input else "other index options"
+        raise ArtifactError(f"index version {version_dir} already exists, built from {what}; an index version is "
+                            "never overwritten. Pass another --version name.")
+    index = ProductIndex.load(version_dir)  # verifies every file against the manifest
+    log.info("index version %s is already built from these embeddings; verified it", version_dir.name)
+    if publish_it:
+        publish(index_root, version_dir)
+    return index, version_dir
+
+
 def build_from_embeddings(
     embeddings_dir: str | Path,
     index_root: str | Path,
@@ -419,11 +444,15 @@ def build_from_embeddings(
     version: str | None = None,
     publish_it: bool = True,
 ) -> tuple[ProductIndex, Path]:
-    """Index a finished embeddings directory into INDEX_ROOT/versions/<version>/ and publish it."""
+    """Index a finished embeddings directory into INDEX_ROOT/versions/<version>/ and publish it.
+
+    Re-running with the name of a finished version built from the same embeddings and config (a run
+    killed after its manifest, before CURRENT) verifies that version and publishes it, without a rebuild.
+    """
     config = config or IndexConfig()
     version_dir = version_path(index_root, version or new_version_name())
     if (version_dir / artifacts.MANIFEST).exists():
-        raise ArtifactError(f"index version {version_dir} already exists; pass another --version name")
+        return _finished_version(embeddings_dir, index_root, version_dir, config, publish_it)
     ids, vectors, emb_manifest = read_embeddings(embeddings_dir)
     require(len(ids) > 0, f"{embeddings_dir} holds no embeddings; nothing to index")
     index = ProductIndex.build(ids, vectors, **dataclasses.asdict(config))

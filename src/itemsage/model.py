@@ -540,7 +540,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Loa
     """Load a model directory after checking every file against its manifest; modules in eval mode."""
     directory = Path(directory)
     artifacts.verify_manifest(directory, kind="model")
-    config = json.loads((directory / CONFIG_FILE).read_text())
+    config = artifacts.read_json(directory / CONFIG_FILE)  # an error names the file
     cfg = from_dict(ModelConfig, config["model"], section="model")
     vocab = Vocabulary.load(directory / VOCAB_FILE)
     if len(vocab) != config["vocab_size"]:

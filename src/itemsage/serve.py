@@ -11,9 +11,16 @@ similar, best first) and the `index_version` that answered. Query vectors pass t
 query adapter of their surface; a product id is looked up in the index, whose vectors already live
 in product space, so it needs no adapter.
 
-Bad requests get a 4xx with a message, never a 5xx: bodies are pydantic models that refuse unknown
-fields and NaN/inf, widths and ids are checked against the model and the index, and the validation
+Bad requests get a 4xx with a message, never a 5xx: bodies are strict pydantic models that refuse
+unknown fields, NaN/inf, booleans or strings as numbers, and strings that are not valid UTF-8 (a
+lone surrogate); widths and ids are checked against the model and the index, and the validation
 handler never echoes the offending input (echoing a NaN back is itself a 500 in FastAPI's default).
+Query vectors are scaled to unit length in float64 before the adapter (which is scale-invariant), so
+values up to float32's limit search by their direction; an embedding that still comes out non-finite
+is refused with a 422. An uploaded image larger than `max_image_pixels` is refused from its header
+(413) before it is decoded. A body that stops arriving gets a 408 after `body_timeout_s` of silence
+(or `body_deadline_s` in all) and the connection is closed; idle keep-alive connections close after
+`keep_alive_s` (uvicorn's setting). A real bug is a 500 that keeps the connection open.
 
 Hot reload loads and verifies a whole index version before swapping one reference; a request reads
 that reference once, so requests in flight finish on the old index and none fails.
@@ -25,10 +32,12 @@ parallelism comes from concurrent requests.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import dataclasses
 import hmac
+import io
 import logging
 import math
 import tempfile
@@ -43,7 +52,7 @@ import torch
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from itemsage import index as index_lib
@@ -55,6 +64,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20  # a home request of 1000 x 256 floats as JSON is ~5 MB
 DEFAULT_MAX_K = 1000
+DEFAULT_BODY_TIMEOUT_S = 10.0  # silence while a request body is still expected -> 408
+DEFAULT_BODY_DEADLINE_S = 60.0  # a whole body must arrive within this (an 8 MB body at ~1 Mbit/s)
+DEFAULT_KEEP_ALIVE_S = 5.0  # an idle keep-alive connection is closed after this
+MAX_VERSION_CHARS = 255  # an index version is a directory name
 MAX_HISTORY = 1000  # history items (ids or vectors) per home request
 MAX_VECTOR_WIDTH = 8192  # a cheap upper bound before the exact width check
 MAX_TEXT_CHARS = 2048  # MiniLM reads at most 256 tokens anyway
@@ -68,11 +81,24 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 # ---- request and response bodies ----------------------------------------------------------------
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+def _utf8(value: str) -> str:
+    """Refuse a string that cannot be written as UTF-8 (JSON's `\\ud800` escape alone gives one)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"text is not valid UTF-8: a lone surrogate at character {err.start}; send "
+                         "characters outside the Basic Multilingual Plane as a surrogate pair or as UTF-8") from None
+    return value
+
+
+# Strict: a JSON number for a float (integers too), never true/false or "1.5"; a JSON string for a str.
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Vector = Annotated[list[FiniteFloat], Field(min_length=1, max_length=MAX_VECTOR_WIDTH)]
-ProductId = Annotated[str, Field(min_length=1, max_length=1024)]
+Text = Annotated[str, Field(strict=True), AfterValidator(_utf8)]
+ProductId = Annotated[Text, Field(min_length=1, max_length=1024)]
 TopK = Annotated[int, Field(strict=True, description="Number of results; 1 <= k <= the server's max_k.")]
-TextValue = Optional[str | list[str]]
+StrictBool = Annotated[bool, Field(strict=True)]
+TextValue = Optional[Text | list[Text]]
 
 
 class _Body(BaseModel):
@@ -88,7 +114,7 @@ def _exactly_one(body: BaseModel, names: tuple[str, ...]) -> None:
 
 
 class SearchRequest(_Body):
-    text: Optional[Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]] = None
+    text: Optional[Annotated[Text, Field(min_length=1, max_length=MAX_TEXT_CHARS)]] = None
     vector: Optional[Vector] = Field(None, description="A precomputed search-query vector (instead of text).")
     k: TopK = 10
 
@@ -101,9 +127,9 @@ class SearchRequest(_Body):
 class CloseupRequest(_Body):
     product_id: Optional[ProductId] = Field(None, description="An indexed product: find products like it.")
     vector: Optional[Vector] = Field(None, description="An image vector of the closeup query width.")
-    image: Optional[str] = Field(None, description="An image file's bytes, base64-encoded.")
+    image: Optional[Text] = Field(None, description="An image file's bytes, base64-encoded.")
     k: TopK = 10
-    exclude_self: bool = Field(True, description="With product_id: leave the product itself out.")
+    exclude_self: StrictBool = Field(True, description="With product_id: leave the product itself out.")
 
     @model_validator(mode="after")
     def _one_query(self) -> CloseupRequest:
@@ -183,8 +209,10 @@ class EmbedResponse(BaseModel):
 
 
 class ReloadRequest(_Body):
-    version: Optional[str] = Field(None, description="Version name under INDEX_ROOT/versions; "
-                                   "default: the one CURRENT points at.")
+    version: Optional[Annotated[Text, Field(min_length=1, max_length=MAX_VERSION_CHARS)]] = Field(
+        None, description="Version name under INDEX_ROOT/versions; default: the one CURRENT points at.")
+    persist: StrictBool = Field(True, description="Also point INDEX_ROOT/CURRENT at the version (atomically), "
+                                "so a restarted server serves it; false for a trial swap.")
 
 
 class ReloadResponse(BaseModel):
@@ -204,6 +232,16 @@ class RequestError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def _printable(text: str) -> str:
+    """`text` with anything UTF-8 cannot hold (a lone surrogate from the request) as a `\\udXXX` escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def error_response(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    """The JSON body of every refusal, {"detail": message, ...}; always encodable, whatever the request held."""
+    return JSONResponse({"detail": _printable(detail), **extra}, status_code=status, headers=headers)
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> str:
@@ -311,19 +349,57 @@ class MetricsMiddleware:
             self.metrics.observe(endpoint, scope.get("method", ""), status, time.perf_counter() - start)
 
 
+class InternalErrorMiddleware:
+    """A real bug (an exception no handler turned into a 4xx) becomes a logged 500 JSON response.
+
+    Done here rather than with an `Exception` handler: Starlette re-raises after such a handler, and
+    uvicorn then closes the keep-alive connection; answering here leaves it open for the next request.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method", ""), scope.get("path", ""))
+            if started:  # half a response is out: the server can only close the connection
+                raise
+            await error_response(500, "internal error; the server log has the traceback")(scope, receive, send)
+
+
 class BodyLimitMiddleware:
     """413 for a body over `max_bytes`: by its Content-Length, or by counting a streamed body.
 
     The body is read here in full (it is small by construction) and replayed to the app, so a
     chunked upload without Content-Length is held to the same limit before any parsing starts.
+    A body that stops arriving for `timeout_s` (or is not complete after `deadline_s`) gets a 408
+    and the connection is closed: a client that declares more than it sends is not held forever.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+                 deadline_s: float = DEFAULT_BODY_DEADLINE_S) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+        self.deadline_s = deadline_s
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
-        await JSONResponse({"detail": message}, status_code=status)(scope, receive, send)
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, message: str,
+                      close: bool = False) -> None:
+        headers = {"connection": "close"} if close else None  # the unread rest of the body cannot be skipped
+        await error_response(status, message, headers)(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -341,8 +417,20 @@ class BodyLimitMiddleware:
                 return
         chunks: list[bytes] = []
         size = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.deadline_s
         while True:
-            message = await receive()
+            wait = min(self.timeout_s, deadline - loop.time())
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(wait, 0.0))
+            except asyncio.TimeoutError:
+                declared_text = f"of the {int(declared)} declared " if declared is not None else ""
+                await self._refuse(scope, receive, send, 408,
+                                   f"the request body stopped arriving: {size} bytes {declared_text}came, then "
+                                   f"none for {wait:g} s (the server waits {self.timeout_s:g} s between pieces and "
+                                   f"{self.deadline_s:g} s in all); send the whole body, with a Content-Length "
+                                   "that matches it", close=True)
+                return
             if message["type"] == "http.disconnect":
                 return  # the client left; nothing to answer
             chunk = message.get("body", b"")
@@ -364,6 +452,15 @@ class BodyLimitMiddleware:
             return await receive()  # later calls wait for the disconnect, as the server's would
 
         await self.app(scope, replay, send)
+
+
+def _norms(x: np.ndarray) -> np.ndarray:
+    """L2 norms [N] of rows [N, D], scaled by each row's largest |value| first: exact in float64 for
+    any finite float32 values (a plain float32 norm overflows from about 1e19 and underflows below 1e-19)."""
+    x = np.asarray(x, dtype=np.float64)
+    peak = np.abs(x).max(axis=1)  # [N]
+    safe = np.where(peak > 0, peak, 1.0)
+    return np.linalg.norm(x / safe[:, None], axis=1) * peak
 
 
 # ---- home: PinnerSage clusters and the merge of their candidate lists ----------------------------
@@ -468,11 +565,15 @@ class Service:
         max_k: int = DEFAULT_MAX_K,
         text_encoder: Any = None,
         image_encoder: Any = None,
+        max_image_pixels: int | None = None,
     ) -> None:
+        from itemsage.image_encoder import DEFAULT_MAX_PIXELS
         from itemsage.model import load_model
 
         require(max_k >= 1, f"max_k must be >= 1, got {max_k}")
         self.max_k = max_k
+        self.max_image_pixels = int(max_image_pixels or DEFAULT_MAX_PIXELS)
+        require(self.max_image_pixels >= 1, f"max_image_pixels must be >= 1, got {max_image_pixels}")
         self.index_root = Path(index_root)
         self.model = load_model(model_dir)
         self.model.tower.eval()
@@ -500,8 +601,11 @@ class Service:
                                 "re-embed the catalog with this model and index it")
         return Served(index, str(index.version))
 
-    def reload(self, version: str | None) -> ReloadResponse:
-        """Load (and verify) a version fully, then swap one reference. Old requests keep the old one."""
+    def reload(self, version: str | None, persist: bool = True) -> ReloadResponse:
+        """Load (and verify) a version fully, then swap one reference. Old requests keep the old one.
+
+        `persist`: also point CURRENT at the version (an atomic replace), so a restart serves it too.
+        """
         with self._reload_lock:  # one reload at a time; requests never wait on this lock
             start = time.perf_counter()
             try:
@@ -513,14 +617,22 @@ class Service:
                 raise RequestError(404, str(err)) from None
             if not version_dir.is_dir():
                 known = sorted(p.name for p in (self.index_root / index_lib.VERSIONS_DIR).glob("*") if p.is_dir())
+                shown = ", ".join(known[:20]) + (f" (and {len(known) - 20} more)" if len(known) > 20 else "")
                 raise RequestError(404, f"index version '{version_dir.name}' does not exist; known "
-                                   f"versions: {', '.join(known) or 'none'}")
+                                   f"versions: {shown or 'none'}")
             try:
                 new = self._check_index(index_lib.ProductIndex.load(version_dir))
             except (ArtifactError, ConfigError, OSError, RuntimeError, ValueError, KeyError) as err:
                 # faiss raises RuntimeError on unreadable files; the manifest check usually comes first.
                 raise RequestError(409, f"index version '{version_dir.name}' was refused and the "
                                    f"previous version ({self.served.version}) keeps serving: {err}") from None
+            if persist and version:
+                try:
+                    index_lib.point_current(self.index_root, version_dir.name)
+                except OSError as err:
+                    raise RequestError(409, f"index version '{version_dir.name}' was not swapped in: CURRENT "
+                                       f"could not be written ({err}); fix the index root's permissions or "
+                                       'reload with "persist": false') from None
             previous = self.served
             self.served = new  # the swap: one reference assignment
             seconds = time.perf_counter() - start
@@ -543,7 +655,10 @@ class Service:
         return int(dims[surface])
 
     def _as_matrix(self, rows: list[list[float]], width: int, what: str) -> np.ndarray:
-        """JSON rows -> float32 [N, width], refusing wrong widths, overflow to inf, and zero rows."""
+        """JSON rows -> float32 [N, width], refusing wrong widths, overflow to inf, and zero rows.
+
+        The rows come back as sent (float32); `_query_rows` scales query rows for the adapters.
+        """
         for i, row in enumerate(rows):
             if len(row) != width:
                 where = f"{what}[{i}]" if len(rows) > 1 else what
@@ -553,10 +668,19 @@ class Service:
             x32 = x.astype(np.float32)
         if not np.all(np.isfinite(x32)):
             raise RequestError(422, f"{what} holds values outside the float32 range; send finite values")
-        norms = np.linalg.norm(x32.astype(np.float64), axis=1)  # [N]; float32 underflow counts as zero
+        norms = _norms(x32)  # [N]; float32 underflow counts as zero
         if np.any(norms < 1e-12):
             raise RequestError(422, f"{what} is all zeros (or nearly); a zero vector has no direction to search by")
         return x32
+
+    def _query_rows(self, rows: list[list[float]], width: int, what: str) -> np.ndarray:
+        """Query rows -> unit rows float32 [N, width], the norm taken in float64.
+
+        The query adapters are bias-free linear maps followed by L2 normalisation, so scaling a row
+        changes nothing but keeps float32 from overflowing (values near 1e19 square past its range).
+        """
+        x = self._as_matrix(rows, width, what)
+        return (x / _norms(x)[:, None]).astype(np.float32)
 
     def _adapt(self, surface: str, x: np.ndarray) -> np.ndarray:
         """Query vectors [B, Dq] -> product space [B, D] unit rows via the surface's adapter."""
@@ -607,7 +731,7 @@ class Service:
             if self._image_encoder is None:
                 from itemsage.image_encoder import ImageEncoder
 
-                self._image_encoder = ImageEncoder()
+                self._image_encoder = ImageEncoder(max_pixels=self.max_image_pixels)
             return self._image_encoder
 
     # -- endpoints --
@@ -625,7 +749,7 @@ class Service:
                 raise RequestError(422, "text is blank; send the words of the search query")
             x = np.asarray(encoder.encode([req.text]), dtype=np.float32)  # [1, 384]
         else:
-            x = self._as_matrix([req.vector], width, "vector")
+            x = self._query_rows([req.vector], width, "vector")
         return self._top_k(served, self._adapt("search", x), req.k)
 
     def closeup(self, req: CloseupRequest) -> Candidates:
@@ -637,7 +761,7 @@ class Service:
             return self._top_k(served, q, req.k, exclude)
         width = self._query_width("closeup")
         if req.vector is not None:
-            x = self._as_matrix([req.vector], width, "vector")
+            x = self._query_rows([req.vector], width, "vector")
         else:
             x = self._encode_image(req.image or "", width)
         return self._top_k(served, self._adapt("closeup", x), req.k)
@@ -654,13 +778,30 @@ class Service:
             raise RequestError(422, "image is not valid base64; send the file's bytes base64-encoded") from None
         if not data:
             raise RequestError(422, "image is empty; send the file's bytes base64-encoded")
+        self._check_pixels(data)
         with tempfile.TemporaryDirectory(prefix="itemsage-image-") as tmp:
             path = Path(tmp) / "query"
             path.write_bytes(data)
             vectors, errors = self.image_encoder().encode_paths([str(path)], progress=False)
         if errors and errors[0]:  # the message names our temp file; the user knows it as "the image"
             raise RequestError(422, errors[0].replace(repr(str(path)), "the uploaded image"))
-        return self._as_matrix(np.asarray(vectors, dtype=np.float64).tolist(), width, "image vector")
+        return self._query_rows(np.asarray(vectors, dtype=np.float64).tolist(), width, "image vector")
+
+    def _check_pixels(self, data: bytes) -> None:
+        """413 for an image whose header declares more than `max_image_pixels` (nothing is decoded)."""
+        from PIL import Image, UnidentifiedImageError
+
+        from itemsage.image_encoder import ImageTooLarge, check_pixels
+
+        try:
+            with Image.open(io.BytesIO(data)) as image:  # reads the header only
+                check_pixels(image, self.max_image_pixels)
+        except ImageTooLarge as err:
+            raise RequestError(413, f"the uploaded image {err}") from None
+        except Image.DecompressionBombError as err:  # PIL's own limit, met while reading some headers
+            raise RequestError(413, f"the uploaded image is too large to decode: {err}") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            pass  # not an image PIL knows: the encoder reports it in its own words
 
     def home(self, req: HomeRequest) -> HomeResponse:
         self._check_k(req.k)
@@ -670,7 +811,7 @@ class Service:
             exclude = set(req.history)
         else:
             width = self._query_width("home")
-            x = self._adapt("home", self._as_matrix(req.vectors or [], width, "vectors"))  # [H, D]
+            x = self._adapt("home", self._query_rows(req.vectors or [], width, "vectors"))  # [H, D]
             exclude = set()
         labels, medoids = cluster_history(x, req.max_clusters)
         sizes = [int((labels == c).sum()) for c in range(len(medoids))]
@@ -703,7 +844,7 @@ class Service:
             raise RequestError(422, "this model was trained without image vectors; leave out image_embeddings")
         if images:
             image_rows = self._as_matrix(images, int(self.model.image_dim), "product.image_embeddings")
-            images = image_rows.tolist()
+            images = image_rows.tolist()  # as sent: the tower is not scale-invariant in its image inputs
         from itemsage.features import field_strings
 
         columns: dict[str, pa.Array] = {PRODUCT_ID: pa.array([product.product_id or ""], pa.string())}
@@ -715,6 +856,13 @@ class Service:
                           int(self.model.image_dim))
         with torch.inference_mode():
             vector = self.model.tower(batch)[0].float().numpy()  # [D]
+        if not np.all(np.isfinite(vector)) or abs(float(_norms(vector[None])[0]) - 1.0) > 1e-3:
+            largest = max((abs(v) for row in images for v in row), default=0.0)
+            if not images:  # text alone cannot overflow the tower: a bug, not a bad request
+                raise RuntimeError(f"the embedding of a text-only product is not a finite unit vector: {vector[:4]}")
+            raise RequestError(422, f"this product's embedding is not finite: the image_embeddings (largest |value| "
+                               f"{largest:.3g}) are too large for this model; send the vectors of the catalog's "
+                               "image encoder, on the scale the model was trained on")
         return EmbedResponse(product_id=product.product_id, vector=vector.tolist(), dim=len(vector),
                              model_fingerprint=self.model.fingerprint)
 
@@ -744,15 +892,22 @@ def create_app(
     max_k: int = DEFAULT_MAX_K,
     text_encoder: Any = None,
     image_encoder: Any = None,
+    max_image_pixels: int | None = None,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    body_deadline_s: float = DEFAULT_BODY_DEADLINE_S,
 ) -> FastAPI:
     """The service over the model in `model_dir` and the index version CURRENT names in `index_root`.
 
     The model and index load now, so a broken artifact stops the server before it binds. Encoders
     left as None are the built-in ones, created on first use; tests pass fakes with `dim` and
     `encode(texts)` / `encode_paths(paths, progress=False)`. `reload_token` None disables reload.
+    `max_image_pixels` (default: the image encoder's) bounds an uploaded image by its header's size.
     """
     require(max_body_bytes >= 1024, f"max_body_bytes must be >= 1024, got {max_body_bytes}")
-    service = Service(model_dir, index_root, max_k=max_k, text_encoder=text_encoder, image_encoder=image_encoder)
+    require(body_timeout_s > 0 and body_deadline_s >= body_timeout_s,
+            f"body_timeout_s ({body_timeout_s}) must be > 0 and body_deadline_s ({body_deadline_s}) at least as long")
+    service = Service(model_dir, index_root, max_k=max_k, text_encoder=text_encoder, image_encoder=image_encoder,
+                      max_image_pixels=max_image_pixels)
     metrics = Metrics()
     app = FastAPI(
         title="ItemSage candidate generation",
@@ -764,19 +919,15 @@ def create_app(
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, err: RequestError) -> JSONResponse:
-        return JSONResponse({"detail": err.message}, status_code=err.status)
+        return error_response(err.status, err.message)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        # Never echo `input` (a NaN there makes the JSON response itself fail) or `ctx`.
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
-                  for e in err.errors()]
-        return JSONResponse({"detail": _validation_message(err.errors()), "errors": errors}, status_code=422)
-
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, err: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"detail": "internal error; the server log has the traceback"}, status_code=500)
+        # Never echo `input` (a NaN there makes the JSON response itself fail) or `ctx`; a field name
+        # from the request (an unknown key) may hold a lone surrogate, so locations are made printable.
+        errors = [{"loc": [_printable(p) if isinstance(p, str) else p for p in e.get("loc", ())],
+                   "msg": _printable(str(e.get("msg", ""))), "type": e.get("type", "")} for e in err.errors()]
+        return error_response(422, _validation_message(err.errors()), errors=errors)
 
     @app.post("/v1/search", response_model=Candidates, tags=["retrieval"])
     def search(req: SearchRequest) -> Candidates:
@@ -819,7 +970,10 @@ def create_app(
                          404: {"description": "unknown version"}, 409: {"description": "version refused"}})
     def reload(body: Optional[ReloadRequest] = None,
                authorization: Optional[str] = Header(None)) -> ReloadResponse:
-        """Swap to another index version (default: CURRENT) after loading and verifying it in full."""
+        """Swap to another index version (default: CURRENT) after loading and verifying it in full.
+
+        A named version also becomes CURRENT (atomically), so a restart serves it, unless `persist` is false.
+        """
         if reload_token is None:
             raise RequestError(403, "reload is disabled: start the server with a reload token "
                                "(itemsage serve --reload-token-env VAR, with VAR set)")
@@ -829,7 +983,7 @@ def create_app(
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), reload_token.encode()):
             raise RequestError(403, "wrong reload token")
         try:
-            result = service.reload(body.version if body else None)
+            result = service.reload(body.version if body else None, body.persist if body else True)
         except RequestError:
             metrics.reloads["refused"] = metrics.reloads.get("refused", 0) + 1
             raise
@@ -843,10 +997,22 @@ def create_app(
             paths.update(getattr(r, "path", "") for r in app.routes)
         return paths
 
-    # Added last = outermost: metrics see the body limit's 413s too.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    # Added last = outermost: metrics see the body limit's 413s and the 500s too.
+    app.add_middleware(InternalErrorMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, timeout_s=body_timeout_s,
+                       deadline_s=body_deadline_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics, paths=route_paths)
     return app
+
+
+def uvicorn_config(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+                   keep_alive_s: float = DEFAULT_KEEP_ALIVE_S) -> Any:
+    """The uvicorn settings the service runs with: idle keep-alive connections close after `keep_alive_s`."""
+    import uvicorn
+
+    require(keep_alive_s > 0, f"keep_alive_s must be > 0, got {keep_alive_s}")
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                          timeout_keep_alive=keep_alive_s)
 
 
 def run(
@@ -858,6 +1024,8 @@ def run(
     reload_token: str | None = None,
     threads: int = 1,
     log_level: str = "info",
+    keep_alive_s: float = DEFAULT_KEEP_ALIVE_S,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> None:
     """Serve with uvicorn (blocking). `threads` = torch and faiss threads per request."""
     import uvicorn
@@ -867,6 +1035,7 @@ def run(
     import faiss
 
     faiss.omp_set_num_threads(threads)
-    app = create_app(model_dir, index_root, reload_token=reload_token)
+    app = create_app(model_dir, index_root, reload_token=reload_token, body_timeout_s=body_timeout_s,
+                     body_deadline_s=max(DEFAULT_BODY_DEADLINE_S, body_timeout_s))
     app.state.service.warm_up()
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level, keep_alive_s=keep_alive_s)).run()

@@ -741,6 +741,7 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
     rank 0 writes. `resume` continues from the newest complete checkpoint in out_dir/checkpoints/.
     """
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
+    artifacts.verify_dataset(dataset_dir)  # refuses an unfinished or corrupted dataset, naming the file
     rank, world, own_group = _init_distributed(cfg.device)
     device = _resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
