@@ -88,9 +88,19 @@ def ingest_cmd(
     catalog: Path = typer.Option(..., "--catalog", help="Catalog: a .parquet / .jsonl file or a directory of them."),
     logs: Path = typer.Option(..., "--logs", help="Engagement logs: a .parquet / .jsonl file or a directory of them."),
     out: Path = typer.Option(..., "--out", help="Dataset directory to write (an existing dataset there is replaced)."),
-    split_at: Optional[str] = typer.Option(None, "--split-at", help="ISO time; log rows at or after it are eval."),
-    eval_fraction: Optional[float] = typer.Option(
-        None, "--eval-fraction", help="Without --split-at: the last fraction of the logs' time span is eval (default 0.2)."),
+    split: str = typer.Option(
+        "global", "--split", help="global (one pair of split times for every row) or per-user (each user's last "
+                                  "engagements are validation and test; rows without user_id go to train)."),
+    validation_fraction: Optional[float] = typer.Option(
+        None, "--validation-fraction", help="Fraction before the test window that is validation, of the logs' time "
+                                            "span (global) or of each user's engagements (per-user) (default 0.1)."),
+    test_fraction: Optional[float] = typer.Option(
+        None, "--test-fraction", help="The last fraction that is test, as for --validation-fraction (default 0.1)."),
+    validation_from: Optional[str] = typer.Option(
+        None, "--validation-from", help="ISO time; rows at or after it (and before --test-from) are validation."),
+    test_from: Optional[str] = typer.Option(None, "--test-from", help="ISO time; rows at or after it are test."),
+    gap_hours: float = typer.Option(
+        0.0, "--gap-hours", help="Drop the train rows this many hours before the validation window (leakage)."),
     text_fields: Optional[str] = typer.Option(
         None, "--text-fields", help="Comma-separated text fields for the vocabulary (default: the twelve of the paper)."),
     max_unigrams: int = typer.Option(200_000, "--max-unigrams", help="Vocabulary cap on word unigrams."),
@@ -105,13 +115,15 @@ def ingest_cmd(
     from itemsage.config import ConfigError
     from itemsage.ingest import DataError, IngestConfig, ingest, summary_table
 
-    if split_at is not None and eval_fraction is not None:
-        fail("give either --split-at or --eval-fraction, not both")
+    if (validation_from or test_from) and (validation_fraction is not None or test_fraction is not None):
+        fail("give either split times (--validation-from, --test-from) or fractions (--validation-fraction, "
+             "--test-fraction), not both")
     try:
-        options = dict(split_at=split_at, max_unigrams=max_unigrams, max_bigrams=max_bigrams,
+        options = dict(split=split, validation_from=validation_from, test_from=test_from, gap_hours=gap_hours,
+                       max_unigrams=max_unigrams, max_bigrams=max_bigrams,
                        max_trigrams=max_trigrams, batch_rows=batch_rows, image_dim=image_dim, progress=progress)
-        if eval_fraction is not None:
-            options["eval_fraction"] = eval_fraction
+        options.update({k: v for k, v in (("validation_fraction", validation_fraction),
+                                          ("test_fraction", test_fraction)) if v is not None})
         if text_fields is not None:
             options["text_fields"] = tuple(f.strip() for f in text_fields.split(",") if f.strip())
         summary = ingest(catalog, logs, out, IngestConfig(**options))
