@@ -159,9 +159,13 @@ def train_cmd(
     checkpoint_every: Optional[int] = typer.Option(
         None, "--checkpoint-every", help="Steps between checkpoints (default 500)."),
     eval_every: Optional[int] = typer.Option(
-        None, "--eval-every", help="Steps between held-out Recall@10 (default 500)."),
+        None, "--eval-every", help="Steps between validation-window Recall@10 evaluations (default 500)."),
     eval_sample: Optional[int] = typer.Option(
-        None, "--eval-sample", help="Held-out pairs per evaluation (default 2000)."),
+        None, "--eval-sample", help="Validation pairs per evaluation (default 2000; 0: no evaluation, keep the last step)."),
+    patience: Optional[int] = typer.Option(
+        None, "--patience", help="Stop after this many evaluations (not steps; one every --eval-every steps) without "
+                                 "a better validation Recall@10; the best evaluation's model is kept (default 5; 0: never "
+                                 "stop early)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (default auto)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in --out."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
@@ -181,6 +185,7 @@ def train_cmd(
              "negatives": negatives, "random_negatives_ratio": random_negatives_ratio, "optimizer": optimizer,
              "upweight_conversions": upweight_conversions,
              "checkpoint_every": checkpoint_every, "eval_every": eval_every, "eval_sample": eval_sample,
+             "patience": patience,
              "device": device, "seed": seed,
              "tasks": tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks is not None else None}
     given = {k: v for k, v in given.items() if v is not None}
@@ -200,7 +205,10 @@ def train_cmd(
         return
     table = Table(title=f"trained {result.steps} steps in {result.elapsed_s:.0f} s, "
                         f"{result.pairs_per_s:,.0f} pairs/s, final loss {result.final_loss:.4f}")
-    for name, justify in (("task", "left"), ("eval pairs", "right"), ("Recall@1", "right"),
+    if result.best_step is not None:
+        console.print(f"model: the step-{result.best_step} evaluation, the best validation Recall@10"
+                      + (" (stopped early: no gain for --patience evaluations)" if result.stopped_early else ""))
+    for name, justify in (("task", "left"), ("validation pairs", "right"), ("Recall@1", "right"),
                           ("Recall@10", "right"), ("Recall@100", "right")):
         table.add_column(name, justify=justify)
     for task, r in result.final_recall.items():
