@@ -277,6 +277,7 @@ class Pairs:
     task: np.ndarray  # [N] str (object), surface.engagement
     engagement: np.ndarray  # [N] str (object)
     weight: np.ndarray  # [N] float32, the row's `weight` column
+    source_row: np.ndarray | None = None  # [N] int64 row of each pair in its window's file
 
     def __len__(self) -> int:
         return len(self.product_row)
@@ -387,6 +388,7 @@ def load_pairs(dataset_dir: str | Path, file: str, store: ProductStore, *, tasks
         task=np.asarray(task, dtype=object),
         engagement=np.asarray(table[schema.ENGAGEMENT].to_numpy(zero_copy_only=False), dtype=object),
         weight=np.nan_to_num(weight, nan=1.0),
+        source_row=rows.astype(np.int64),
     )
 
 
@@ -740,7 +742,8 @@ def _load_data(dataset_dir: Path, cfg: TrainConfig, text_fields: tuple[str, ...]
     held_out = dataclasses.replace(
         held_out, surface=held_out.surface[keep], query_row=held_out.query_row[keep],
         query_key=held_out.query_key[keep], product_row=held_out.product_row[keep],
-        task=held_out.task[keep], engagement=held_out.engagement[keep], weight=held_out.weight[keep])
+        task=held_out.task[keep], engagement=held_out.engagement[keep], weight=held_out.weight[keep],
+        source_row=held_out.source_row[keep])
     for s, q in held_out.queries.items():
         if s in pairs.queries and q.shape[1] != pairs.queries[s].shape[1]:
             raise ValueError(f"{s} queries are {q.shape[1]}-d in {schema.VALIDATION_FILE} but "
