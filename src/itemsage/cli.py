@@ -341,10 +341,11 @@ def evaluate_cmd(
     dataset: Path = typer.Argument(..., help="Dataset directory from `itemsage ingest`."),
     out: Path = typer.Option(..., "--out", help="Directory for report.md and evaluation.json."),
     index: Optional[Path] = typer.Option(None, "--index", help="Index root: also rank through the ANN index."),
-    sample: Optional[int] = typer.Option(None, "--sample", help="Evaluate a stratified sample of eval pairs [all]."),
+    sample: Optional[int] = typer.Option(None, "--sample", help="Evaluate a stratified sample of test-window pairs [all]."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
-    """Recall@1/10/100 per surface x engagement on the eval window: exact, ANN, popularity, cold start."""
+    """Recall@1/10/100 per surface x engagement on the test window (exact, ANN, popularity, cold start), with
+    Recall@K curves, training curves and a gallery of nearest neighbours in the report."""
     from itemsage.artifacts import ArtifactError
     from itemsage.evaluate import evaluate, write_report
 
@@ -353,7 +354,7 @@ def evaluate_cmd(
     except (ArtifactError, FileNotFoundError, ValueError) as err:
         fail(str(err))
     report = write_report(result, out)
-    console.print(_recall_table(result, "Recall@10 on the eval window"))
+    console.print(_recall_table(result, "Recall@10 on the test window"))
     console.print(f"report: {report}")
 
 
@@ -368,18 +369,22 @@ def compare_cmd(
     steps: int = typer.Option(800, "--steps", help="Training steps of every run (the same budget for all)."),
     batch_size: int = typer.Option(1024, "--batch-size", help="Positives per step of every run."),
     runs: Optional[str] = typer.Option(None, "--runs", help="Comma-separated subset of runs [all]."),
-    eval_sample: Optional[int] = typer.Option(None, "--eval-sample", help="Eval pairs per run [all]."),
+    eval_sample: Optional[int] = typer.Option(None, "--eval-sample", help="Test-window pairs per run [all]."),
+    evals: int = typer.Option(
+        4, "--evals", help="Validation-window evaluations per run, spread over --steps; each run keeps its best "
+                           "(0: none, the last step's model)."),
     random_negatives_ratio: float = typer.Option(
         4.0, "--random-negatives-ratio", help="Random negatives per positive in every run (paper: 4)."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Train and evaluate the paper's comparisons on one split and write a Markdown report."""
+    """Train the paper's comparisons (models chosen on the validation window) and report them on the test window."""
     from itemsage.artifacts import ArtifactError
     from itemsage.compare import RUNS, CompareConfig, compare
     from itemsage.config import ConfigError
 
     try:
         cfg = CompareConfig(preset=preset, steps=steps, batch_size=batch_size, eval_sample=eval_sample, seed=seed,
+                            evals=evals,
                             train_overrides={"random_negatives_ratio": random_negatives_ratio},
                             **({"runs": runs} if runs else {}))
         report = compare(dataset, out, cfg)
@@ -414,7 +419,7 @@ def demo_cmd(
                                        seed=seed), say=lambda m: console.print(m, highlight=False, markup=False))
     except ConfigError as err:
         fail(str(err))
-    console.print(_recall_table(result.evaluation, "ItemSage demo: Recall@10 on the eval window"))
+    console.print(_recall_table(result.evaluation, "ItemSage demo: Recall@10 on the test window"))
     console.print(f"stage seconds: {result.seconds}; total {time.perf_counter() - start:.0f} s")
     console.print(f"report: {result.report}")
     if serve:
@@ -434,7 +439,7 @@ def _serve_demo(result, port: int) -> None:
 
     product = pq.read_table(result.dataset / schema.PRODUCTS_FILE, columns=[schema.PRODUCT_ID]).slice(0, 3)
     ids = product[schema.PRODUCT_ID].to_pylist()
-    evals = pq.read_table(result.dataset / schema.EVAL_FILE, columns=[schema.SURFACE, schema.QUERY_TEXT])
+    evals = pq.read_table(result.dataset / schema.TEST_FILE, columns=[schema.SURFACE, schema.QUERY_TEXT])
     texts = [t for s, t in zip(evals[schema.SURFACE].to_pylist(), evals[schema.QUERY_TEXT].to_pylist())
              if s == "search" and t][:1] or ["oak chair"]
     base = f"http://127.0.0.1:{port}"
