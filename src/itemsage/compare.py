@@ -247,8 +247,9 @@ def write_report(results: dict[str, Any], out_dir: Path, cfg: CompareConfig, dat
         f"Budget, the same for every row: preset `{cfg.preset}`, {cfg.steps} steps of {cfg.batch_size} positives "
         f"(+ {ratio:g}× random negatives where used), seed {cfg.seed}. Recall@10, exact search over the whole catalog, "
         "per surface (pair-weighted over its engagement types), on the test window.",
-        (f"Each run's model is its best of {cfg.evals} validation-window evaluations (`best step`); the validation "
-         "window chose the models, so no figure here comes from it." if cfg.evals else
+        (f"Each run's model is its best validation-window evaluation (one every {-(-cfg.steps // cfg.evals)} steps "
+         "and one at the end; `best step`); the validation window chose the models, so no figure here comes from it."
+         if cfg.evals else
          "No validation evaluations: each run's model is its last step's."),
         "",
         "| run | group | params | steps | best step | train s | pairs/s |",

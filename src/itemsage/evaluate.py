@@ -384,8 +384,10 @@ def plot_training_curves(path: str | Path, runs: dict[str, dict[str, list[list[f
         if curves.get(VALIDATION_TAG):
             steps, values = zip(*curves[VALIDATION_TAG])
             recall_ax.plot(steps, values, marker="o", markersize=3, label=name, linewidth=1.2)
+    top = max((v for c in runs.values() for _, v in c.get(VALIDATION_TAG, [])), default=1.0)
     loss_ax.set(title="training loss", xlabel="step", ylabel="loss (mixed-negative softmax)")
-    recall_ax.set(title="validation Recall@10 (chooses the model)", xlabel="step", ylabel="Recall@10", ylim=(0, 1))
+    recall_ax.set(title="validation Recall@10 (chooses the model)", xlabel="step", ylabel="Recall@10",
+                  ylim=(0, min(1.0, 1.2 * top + 0.02)))
     for ax in (loss_ax, recall_ax):
         ax.grid(alpha=0.3)
     if len(runs) > 1:
