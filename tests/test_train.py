@@ -288,6 +288,21 @@ def test_early_stopping_keeps_the_best_checkpoint(dataset, tmp_path, monkeypatch
     assert result.steps == 5 and not result.stopped_early and result.best_step == 1
 
 
+def test_an_empty_validation_window_keeps_the_last_step(dataset, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    validation = pq.read_table(data / schema.VALIDATION_FILE)
+    pq.write_table(validation.slice(0, 0), data / schema.VALIDATION_FILE)
+    result = train(data, tmp_path / "run", tiny(max_steps=3, eval_every=1, checkpoint_every=3), progress=False)
+    assert result.steps == 3 and result.best_step is None and result.final_recall == {}
+    last = load_file(str(tmp_path / "run/checkpoints/step-00000003/state.safetensors"))
+    saved = weights(result.model_dir)
+    for key in saved:
+        assert torch.equal(saved[key], last[f"state.model.{key}"]), key
+
+
 def test_resume_keeps_the_best_so_far_and_the_patience_count(dataset, tmp_path, monkeypatch):
     import itemsage.train as train_module
 

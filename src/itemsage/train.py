@@ -930,21 +930,27 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
                        final_recall=selection["recall"] if selection["best_step"] is not None else recall,
                        final_loss=losses[0], elapsed_s=time.perf_counter() - clock.start, resumed_from=resumed_from,
                        median_step_s=float(np.median(clock.step_times)) if clock.step_times else float("nan"),
-                       best_step=selection["best_step"], stopped_early=stopped_early)
+                       best_step=selection["best_step"], stopped_early=bool(selection.get("stopped")))
 
 
 def _publish_model(out_dir: Path, module: Towers, selection: dict[str, Any], save: Any) -> None:
     """out_dir/model/ := the best evaluation's weights (from best/), or the last step's when nothing
     was evaluated. Loads the best weights into `module` (training is over)."""
     best = out_dir / BEST_DIR
-    if selection["best_step"] is not None:
-        if not (best / "model.safetensors").is_file():  # a finished run resumed: model/ holds the best already
-            if (out_dir / MODEL_DIR / artifacts.MANIFEST).is_file():
-                return
-            raise artifacts.ArtifactError(f"{best} is missing; train into a new --out directory")
+    if selection["best_step"] is not None and not best.is_dir() and (out_dir / MODEL_DIR / artifacts.MANIFEST).is_file():
+        return  # a finished run resumed: model/ holds the best already
+    try:  # best/ must be complete and from the recorded step (a kill can leave a torn or newer one)
+        artifacts.verify_manifest(best, kind="model")
+        saved_step = json.loads((best / "config.json").read_text())["extra"]["training"]["steps"]
+    except (artifacts.ArtifactError, OSError, ValueError, KeyError):
+        saved_step = None
+    if selection["best_step"] is not None and saved_step == selection["best_step"]:
         module.load_state_dict(load_file(str(best / "model.safetensors")))  # keys tower.*, adapters.*, logit_scale.*
         log.info("model: the step-%d weights, validation Recall@10 %.4f", selection["best_step"],
                  selection["best_recall"])
+    elif selection["best_step"] is not None:
+        log.warning("%s does not hold the step-%d model; the model is the last step's", best, selection["best_step"])
+        selection.update(best_step=None)
     else:
         log.info("no validation evaluation: the model is the last step's")
     save(out_dir / MODEL_DIR)
