@@ -71,7 +71,7 @@ def test_training_curves_come_from_the_run(run):
     assert [s for s, _ in curves[VALIDATION_TAG]] == [4, 8, 12]  # every --eval-every steps
     # the chosen model's validation score is the best point of the curve
     best = max(curves[VALIDATION_TAG], key=lambda p: p[1])
-    assert trained.best_step == best[0]
+    assert trained.best_step == best[0] == result["data"]["best_step"]
     assert trained.final_recall["all"]["recall@10"] == pytest.approx(best[1], rel=1e-6)
 
 
@@ -111,3 +111,20 @@ def test_gallery_marks_the_engaged_product_among_exact_neighbours(run):
         assert marked == ([engaged] if engaged in marked or engaged in store.ids[order] else [])
         assert g["engaged_rank"] == 1 + int((scores >= scores[store.index_of([engaged])[0]]).sum()) - 1
         assert f"*{g['engaged']['title']}*" in report.read_text()
+
+
+def test_gallery_markdown_keeps_a_title_with_a_pipe_in_its_cell():
+    import re
+
+    from itemsage.evaluate import gallery_markdown
+
+    title = "sconce light - purple | Garwyn *new*"
+    g = {"surface": "search", "task": "search.click", "query": '"lamp | light"', "user_id": "u1",
+         "engaged": {"product_id": "p1", "title": title}, "engaged_rank": 1,
+         "top": [{"product_id": "p1", "title": title, "score": 0.5, "engaged": True},
+                 {"product_id": "p2", "title": "plain", "score": 0.25, "engaged": False}]}
+    rows = [line for line in gallery_markdown([g]) if line.startswith("| ") and "score" not in line]
+    assert len(rows) == 2
+    for row in rows:  # 4 cell borders that are not escaped: 3 cells
+        assert len(re.findall(r"(?<!\\)\|", row)) == 4, row
+    assert "purple \\| Garwyn \\*new\\*" in rows[0]

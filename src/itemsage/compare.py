@@ -190,7 +190,8 @@ def _pictures(results: dict[str, Any], out_dir: Path) -> list[str]:
     lines = []
     curves = {n: r["training_curves"] for n, r in results.items() if r.get("training_curves")}
     if curves:
-        plot_training_curves(out_dir / "training_curves.png", curves, "Training loss and validation Recall@10")
+        plot_training_curves(out_dir / "training_curves.png", curves, "Training loss and validation Recall@10",
+                             chosen={n: results[n]["run"].get("best_step") for n in curves})
         lines += ["", "## Training curves", "", "Loss per step, and the validation Recall@10 that chose each "
                   "run's model (its best point).", "", "![Training curves](training_curves.png)"]
     recall = {n: r["recall_curve"] for n, r in results.items() if r.get("recall_curve")}

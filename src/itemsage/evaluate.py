@@ -207,6 +207,7 @@ def evaluate(
             "cold_start_pairs": int(cold.sum()),
             "cold_start_products": int((train_counts == 0).sum()),
             "model_fingerprint": loaded.fingerprint,
+            "best_step": (loaded.extra.get("training") or {}).get("best_step"),  # the validation evaluation it won
         },
         "exact": group_recall(exact, tasks, ks),
         "popularity": group_recall(popular, tasks, ks),
@@ -372,9 +373,10 @@ def plot_recall_curves(path: str | Path, curves: dict[str, dict[str, Any]], titl
     return Path(path)
 
 
-def plot_training_curves(path: str | Path, runs: dict[str, dict[str, list[list[float]]]], title: str) -> Path:
-    """Training loss and validation Recall@10 against steps, one line per run.
-    `runs`: run name -> training_curves()."""
+def plot_training_curves(path: str | Path, runs: dict[str, dict[str, list[list[float]]]], title: str,
+                         chosen: dict[str, int | None] | None = None) -> Path:
+    """Training loss and validation Recall@10 against steps, one line per run, the chosen model's
+    evaluation circled. `runs`: run name -> training_curves(); `chosen`: run name -> its best step."""
     plt = _pyplot()
     fig, (loss_ax, recall_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, curves in runs.items():
@@ -383,15 +385,19 @@ def plot_training_curves(path: str | Path, runs: dict[str, dict[str, list[list[f
             loss_ax.plot(steps, values, label=name, linewidth=1.0)
         if curves.get(VALIDATION_TAG):
             steps, values = zip(*curves[VALIDATION_TAG])
-            recall_ax.plot(steps, values, marker="o", markersize=3, label=name, linewidth=1.2)
+            line, = recall_ax.plot(steps, values, marker="o", markersize=3, label=name, linewidth=1.2)
+            best = (chosen or {}).get(name)
+            if best in steps:
+                recall_ax.plot([best], [values[steps.index(best)]], marker="o", markersize=10, fillstyle="none",
+                               color=line.get_color(), label="the chosen model" if len(runs) == 1 else None)
     top = max((v for c in runs.values() for _, v in c.get(VALIDATION_TAG, [])), default=1.0)
     loss_ax.set(title="training loss", xlabel="step", ylabel="loss (mixed-negative softmax)")
     recall_ax.set(title="validation Recall@10 (chooses the model)", xlabel="step", ylabel="Recall@10",
                   ylim=(0, min(1.0, 1.2 * top + 0.02)))
     for ax in (loss_ax, recall_ax):
         ax.grid(alpha=0.3)
-    if len(runs) > 1:
-        recall_ax.legend(fontsize=7)
+    if recall_ax.get_legend_handles_labels()[0]:
+        recall_ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
     _save_png(fig, Path(path))
@@ -400,14 +406,17 @@ def plot_training_curves(path: str | Path, runs: dict[str, dict[str, list[list[f
 
 def gallery_markdown(gallery: list[dict[str, Any]]) -> list[str]:
     """The gallery as Markdown: per query, its top-10 titles with the engaged product in bold."""
+    def md(text: str) -> str:  # a title may hold characters that Markdown tables and emphasis read
+        return "".join("\\" + c if c in "|*_`[]<>\\" else c for c in text)
+
     lines = []
     for g in gallery:
         user = f", user `{g['user_id']}`" if g.get("user_id") else ""
-        lines += [f"**{g['surface']}** ({g['task']}{user}): {g['query']}; engaged: *{g['engaged']['title']}* "
+        lines += [f"**{g['surface']}** ({g['task']}{user}): {md(g['query'])}; engaged: *{md(g['engaged']['title'])}* "
                   f"(`{g['engaged']['product_id']}`), rank {g['engaged_rank']} in the catalog", "",
                   "| # | product | score |", "|---:|---|---:|"]
         for i, t in enumerate(g["top"], 1):
-            name = f"{t['title'] or '(no title)'} (`{t['product_id']}`)"
+            name = f"{md(t['title']) or '(no title)'} (`{t['product_id']}`)"
             lines.append(f"| {i} | {'**✔ ' + name + '**' if t['engaged'] else name} | {t['score']:.3f} |")
         lines.append("")
     return lines
@@ -444,7 +453,8 @@ def write_report(result: dict[str, Any], out_dir: str | Path, *, title: str = "E
         files.append("recall_at_k.png")
     lines += ["## Training curves", ""]
     if result.get("training_curves"):
-        plot_training_curves(out_dir / "training_curves.png", {"model": result["training_curves"]}, "Training")
+        plot_training_curves(out_dir / "training_curves.png", {"model": result["training_curves"]}, "Training",
+                             chosen={"model": data.get("best_step")})
         lines += ["![Training loss and validation Recall@10](training_curves.png)", ""]
         files.append("training_curves.png")
     else:
