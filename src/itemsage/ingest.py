@@ -596,8 +596,9 @@ class _PerUserSplit:
 
     def _users(self, column: Any, grow: bool) -> np.ndarray:
         """[n] user numbers of a user_id column, -1 where it is null."""
-        encoded = pc.dictionary_encode(column).combine_chunks() if isinstance(column, pa.ChunkedArray) \
-            else pc.dictionary_encode(column)
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()  # one array, so one dictionary
+        encoded = pc.dictionary_encode(column)
         names = encoded.dictionary.to_pylist()
         number = np.array([self.codes.setdefault(u, len(self.codes)) if grow else self.codes[u] for u in names]
                           + [-1], np.int64)  # the last entry stands for null
