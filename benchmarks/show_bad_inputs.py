@@ -190,7 +190,7 @@ def row_section(r: dict, expect: str) -> tuple[list[str], bool]:
         return [f"**NOT HANDLED: exit code {r['rc']}, no dataset written.**", "```text",
                 (r["stdout"] + r["stderr"]).strip()[-3000:], "```"], False
     c = r["manifest"]["counts"]
-    read, kept = c["catalog_rows"] + c["log_rows"], c["products"] + c["train"] + c["eval"]
+    read, kept = c["catalog_rows"] + c["log_rows"], c["products"] + c["train"] + c["validation"] + c["test"] + c["gap_rows"]
     lost_ok = read == kept + c["rejected"] and len(r["rejects"]) == c["rejected"]
     if expect.endswith(MANY):
         expect = expect[: -len(MANY)]

@@ -167,8 +167,8 @@ def test_ingest_sweeps_the_temp_dirs_of_killed_runs(tmp_path):
 
 def test_a_kill_between_the_two_renames_is_recovered(tmp_path):
     cat, logs = ingest_inputs(tmp_path)
-    ingest(cat, logs, tmp_path / "old", IngestConfig(**SMALL, split_at="2024-01-01T06:00:00Z"))
-    ingest(cat, logs, tmp_path / "new", IngestConfig(**SMALL, split_at="2024-01-01T09:00:00Z"))
+    ingest(cat, logs, tmp_path / "old", IngestConfig(**SMALL, validation_fraction=0.2))
+    ingest(cat, logs, tmp_path / "new", IngestConfig(**SMALL, validation_fraction=0.3))
     new_manifest = artifacts.read_manifest(tmp_path / "new")
     out = tmp_path / "ds"
     # What _publish leaves when killed after `out -> out.old-PID`, before `out.tmp-PID -> out`:

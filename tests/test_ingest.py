@@ -91,9 +91,10 @@ FORMATS = ["parquet", "jsonl"]
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_happy_path_writes_the_dataset(tmp_path, fmt):
-    summary, out = run(tmp_path, fmt, split_at=iso(6))
+    summary, out = run(tmp_path, fmt, validation_from=iso(6), test_from=iso(9))
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["products.parquet", "train.parquet", "eval.parquet", "rejects.jsonl", "vocab.json", "manifest.json"])
+        ["products.parquet", "train.parquet", "validation.parquet", "test.parquet", "rejects.jsonl", "vocab.json",
+         "manifest.json"])
     assert rejects(out) == []
     assert summary.rejected == 0 and summary.products == 3
     check_conservation(summary)
@@ -109,18 +110,21 @@ def test_happy_path_writes_the_dataset(tmp_path, fmt):
     assert products.column("price").to_pylist() == [10, 20, 30]  # extra column kept
 
     train = pq.read_table(out / schema.TRAIN_FILE)
-    evals = pq.read_table(out / schema.EVAL_FILE)
+    validation = pq.read_table(out / schema.VALIDATION_FILE)
+    test = pq.read_table(out / schema.TEST_FILE)
     assert train.schema.field("timestamp").type == pa.timestamp("ms", tz="UTC")
     assert train.schema.field("weight").type == pa.float32()
-    # timestamps 0, 5, 10, 8 h; split at 6 h; each file sorted by time
+    # timestamps 0, 5, 10, 8 h; validation from 6 h, test from 9 h; each file sorted by time
     assert train.column("product_id").to_pylist() == ["p1", "p2"]
-    assert evals.column("product_id").to_pylist() == ["p2", "p3"]
+    assert validation.column("product_id").to_pylist() == ["p2"]
+    assert test.column("product_id").to_pylist() == ["p3"]
     assert train.column("weight").to_pylist() == [1.0, 2.0]  # missing weight -> 1.0
-    assert evals.column("weight").to_pylist() == [0.0, 1.0]
+    assert validation.column("weight").to_pylist() == [0.0] and test.column("weight").to_pylist() == [1.0]
     assert train.column("user_id").to_pylist() == ["u1", "u2"]
     assert summary.train_rows["search.click"] == 1 and summary.train_rows["closeup.save"] == 1
-    assert summary.eval_rows["search.add_to_cart"] == 1 and summary.eval_rows["home.checkout"] == 1
-    assert sum(summary.train_rows.values()) == 2 and sum(summary.eval_rows.values()) == 2
+    assert summary.validation_rows["search.add_to_cart"] == 1 and summary.test_rows["home.checkout"] == 1
+    assert sum(summary.train_rows.values()) == 2
+    assert sum(summary.validation_rows.values()) == 1 and sum(summary.test_rows.values()) == 1
     assert summary.image_dim == 4
     assert summary.query_dims == {"search": 384, "closeup": 4, "home": 2}
 
@@ -131,7 +135,7 @@ def test_happy_path_writes_the_dataset(tmp_path, fmt):
 
 
 def test_content_hash_follows_the_documented_recipe(tmp_path):
-    _, out = run(tmp_path, "jsonl", split_at=iso(6))
+    _, out = run(tmp_path, "jsonl", validation_from=iso(6), test_from=iso(9))
     products = pq.read_table(out / schema.PRODUCTS_FILE).to_pylist()
     p1 = products[0]
     texts = [p1[f] for f in schema.TEXT_FIELDS]
@@ -172,7 +176,7 @@ def test_catalog_row_rejections(tmp_path, fmt, case):
     bad, reason = CATALOG_CASES[case]
     rows = catalog_rows()
     rows.insert(2, {**{k: None for k in rows[0]}, **bad})  # every column present, for Parquet
-    summary, out = run(tmp_path, fmt, catalog=rows, split_at=iso(6))
+    summary, out = run(tmp_path, fmt, catalog=rows, validation_from=iso(6), test_from=iso(9))
     entry = only_reject(out, reason, 2, f"catalog.{fmt}")
     assert entry["record"]["product_id"] == bad["product_id"]
     assert summary.rejects[reason] == 1 and summary.rejected == 1
@@ -181,11 +185,11 @@ def test_catalog_row_rejections(tmp_path, fmt, case):
     products = pq.read_table(out / schema.PRODUCTS_FILE)
     assert products.column("product_id").to_pylist() == ["p1", "p2", "p3"]
     assert products.column("title").to_pylist()[0] == ["Oak chair"]  # the first p1 is the one kept
-    assert pq.read_table(out / schema.TRAIN_FILE).num_rows + pq.read_table(out / schema.EVAL_FILE).num_rows == 4
+    assert kept_rows(out) == 4
 
 
 def test_image_dim_option_fixes_the_width(tmp_path):
-    summary, out = run(tmp_path, "jsonl", image_dim=2, split_at=iso(6))
+    summary, out = run(tmp_path, "jsonl", image_dim=2, validation_from=iso(6), test_from=iso(9))
     # every catalog row has 4-d vectors: all rejected, so every log row names an unknown product
     assert summary.rejects["bad_vector_width"] == 3 and summary.products == 0
     assert summary.rejects["unknown_product"] == 4
@@ -195,7 +199,7 @@ def test_image_dim_option_fixes_the_width(tmp_path):
 def test_an_odd_first_row_fixes_the_width_and_the_run_warns(tmp_path):
     rows = catalog_rows()
     rows[0]["image_embeddings"] = [[1.0, 2.0]]  # p1 (row 0) is the odd one: 2-d, the others 4-d
-    summary, out = run(tmp_path, "jsonl", catalog=rows, split_at=iso(6))
+    summary, out = run(tmp_path, "jsonl", catalog=rows, validation_from=iso(6), test_from=iso(9))
     found = rejects(out)
     widths = [r for r in found if r["reason"] == "bad_vector_width"]
     assert [r["row"] for r in widths] == [1, 2]
@@ -219,13 +223,13 @@ def test_an_odd_first_row_fixes_the_width_and_the_run_warns(tmp_path):
 
 def test_no_warning_when_at_most_half_is_rejected(tmp_path):
     rows = catalog_rows() + [{"product_id": "p9", "image_embeddings": [[1.0]]}]  # 1 of 4 rejected
-    summary, _ = run(tmp_path, "jsonl", catalog=rows, split_at=iso(6))
+    summary, _ = run(tmp_path, "jsonl", catalog=rows, validation_from=iso(6), test_from=iso(9))
     assert summary.rejected == 1 and summary.warnings == []
 
 
 def test_all_catalog_rows_rejected_warns_but_writes_the_dataset(tmp_path):
     # Kept a warning, not a DataError: test_image_dim_option_fixes_the_width expects a dataset here.
-    summary, out = run(tmp_path, "jsonl", image_dim=2, split_at=iso(6))
+    summary, out = run(tmp_path, "jsonl", image_dim=2, validation_from=iso(6), test_from=iso(9))
     assert summary.products == 0 and (out / schema.PRODUCTS_FILE).exists()
     assert summary.warnings[0].startswith("ALL 3 catalog rows were rejected, most as bad_vector_width (3)")
     assert "No product was kept" in summary.warnings[0]
@@ -235,7 +239,7 @@ def test_all_catalog_rows_rejected_warns_but_writes_the_dataset(tmp_path):
 def test_query_width_detail_names_surface_and_origin(tmp_path):
     rows = log_rows()
     rows.insert(3, log_row(query_embedding=[0.1, 0.2, 0.3]))  # closeup width fixed by row 1 (4-d)
-    _, out = run(tmp_path, "parquet", logs=rows, split_at=iso(6))
+    _, out = run(tmp_path, "parquet", logs=rows, validation_from=iso(6), test_from=iso(9))
     detail = only_reject(out, "bad_vector_width", 3, "logs.parquet")["detail"]
     assert "width 3" in detail and "closeup query vectors in this dataset are 4-d" in detail
     assert "logs.parquet row 1" in detail
@@ -247,14 +251,14 @@ def test_duplicate_detail_names_the_first_row_and_its_fate(tmp_path, fmt):
     rows[1]["image_embeddings"] = [[1.0, 2.0]]  # p2's first row (row 1) rejected: wrong width
     rows += [{**rows[1], "image_embeddings": [[0.0, 0.0, 0.0, 1.0]]},  # row 3: p2 again, valid
              {**rows[0], "title": "p1 again"}]  # row 4: p1 again; its first row is kept
-    summary, out = run(tmp_path, fmt, catalog=rows, split_at=iso(6), batch_rows=2)  # first rows in earlier batches
+    summary, out = run(tmp_path, fmt, catalog=rows, validation_from=iso(6), test_from=iso(9), batch_rows=2)  # first rows in earlier batches
     dups = {r["row"]: r["detail"] for r in rejects(out) if r["reason"] == "duplicate_product_id"}
     assert set(dups) == {3, 4}
     assert "'p2' appeared first at" in dups[3] and f"catalog.{fmt} row 1" in dups[3]
     assert "rejected (bad_vector_width)" in dups[3] and "no row with this id is kept" in dups[3]
     assert f"catalog.{fmt} row 0" in dups[4] and "the one kept" in dups[4] and "rejected" not in dups[4]
     # one batch: the first row's fate is only known at the batch's end, and must still be right
-    _, out = run(tmp_path / "one", fmt, catalog=rows, split_at=iso(6))
+    _, out = run(tmp_path / "one", fmt, catalog=rows, validation_from=iso(6), test_from=iso(9))
     dups_one = {r["row"]: r["detail"] for r in rejects(out) if r["reason"] == "duplicate_product_id"}
     assert {k: v.replace(str(tmp_path / "one"), str(tmp_path)) for k, v in dups_one.items()} == dups
 
@@ -262,7 +266,7 @@ def test_duplicate_detail_names_the_first_row_and_its_fate(tmp_path, fmt):
 def test_more_than_max_images_are_cut_not_rejected(tmp_path):
     rows = catalog_rows()
     rows[1]["image_embeddings"] = [[float(i), 0.0, 0.0, 0.0] for i in range(25)]
-    summary, out = run(tmp_path, "parquet", catalog=rows, split_at=iso(6))
+    summary, out = run(tmp_path, "parquet", catalog=rows, validation_from=iso(6), test_from=iso(9))
     assert summary.rejected == 0 and summary.images_truncated == 1
     kept = pq.read_table(out / schema.PRODUCTS_FILE).column("image_embeddings").to_pylist()[1]
     assert kept == [[float(i), 0.0, 0.0, 0.0] for i in range(20)]
@@ -300,21 +304,21 @@ def test_log_row_rejections(tmp_path, fmt, case):
     bad, reason = LOG_CASES[case]
     rows = log_rows()
     rows.insert(3, bad)
-    summary, out = run(tmp_path, fmt, logs=rows, split_at=iso(6))
+    summary, out = run(tmp_path, fmt, logs=rows, validation_from=iso(6), test_from=iso(9))
     only_reject(out, reason, 3, f"logs.{fmt}")
     assert summary.rejects[reason] == 1 and summary.rejected == 1
     check_conservation(summary)
     logs_stats = summary.inputs[1]
     assert (logs_stats.rows_read, logs_stats.rows_kept) == (5, 4)
-    kept = pq.read_table(out / schema.TRAIN_FILE).num_rows + pq.read_table(out / schema.EVAL_FILE).num_rows
-    assert kept == sum(summary.train_rows.values()) + sum(summary.eval_rows.values()) == 4
+    assert kept_rows(out) == sum(sum(rows.values()) for rows in (
+        summary.train_rows, summary.validation_rows, summary.test_rows)) == 4
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_log_rows_of_a_rejected_product_are_unknown_product(tmp_path, fmt):
     cat = catalog_rows()
     cat[2]["image_embeddings"] = [[1.0, 2.0]]  # p3 rejected: wrong width
-    summary, out = run(tmp_path, fmt, catalog=cat, split_at=iso(6))
+    summary, out = run(tmp_path, fmt, catalog=cat, validation_from=iso(6), test_from=iso(9))
     found = rejects(out)
     assert [(Path(r["file"]).name, r["row"], r["reason"]) for r in found] == [
         (f"catalog.{fmt}", 2, "bad_vector_width"), (f"logs.{fmt}", 2, "unknown_product")]
@@ -324,7 +328,7 @@ def test_log_rows_of_a_rejected_product_are_unknown_product(tmp_path, fmt):
 def test_json_values_of_the_wrong_type_are_row_rejects(tmp_path):
     rows = log_rows() + [log_row(product_id=1.5), log_row(weight="heavy"), log_row(timestamp=[1]),
                          log_row(query_embedding=["a", "b", "c", "d"]), log_row(query_embedding="0.1,0.2")]
-    summary, out = run(tmp_path, "jsonl", logs=rows, split_at=iso(6))
+    summary, out = run(tmp_path, "jsonl", logs=rows, validation_from=iso(6), test_from=iso(9))
     assert [(r["row"], r["reason"]) for r in rejects(out)] == [
         (4, "missing_product_id"), (5, "bad_weight"), (6, "bad_timestamp"), (7, "non_finite_vector"),
         (8, "bad_vector_width")]
@@ -338,7 +342,7 @@ def test_integer_epochs_are_seconds_or_milliseconds(tmp_path):
     rows[3]["timestamp"] = (seconds + 3600) * 1000  # milliseconds
     for r in rows[1:3]:
         r["timestamp"] = int(dt.datetime.fromisoformat(r["timestamp"]).timestamp())
-    summary, out = run(tmp_path, "parquet", logs=rows, split_at=iso(6))
+    summary, out = run(tmp_path, "parquet", logs=rows, validation_from=iso(6), test_from=iso(9))
     train = pq.read_table(out / schema.TRAIN_FILE).column("timestamp").to_pylist()
     assert train == [T0 + dt.timedelta(hours=2), T0 + dt.timedelta(hours=3), T0 + dt.timedelta(hours=5)]
 
@@ -415,7 +419,7 @@ def test_refuses_unknown_and_unreadable_files(tmp_path):
     assert_refused(tmp_path, cat, tmp_path / "nowhere.jsonl", "nowhere.jsonl", "does not exist")
 
 
-@pytest.mark.parametrize("split", [{"split_at": iso(6)}, {}])
+@pytest.mark.parametrize("split", [{"validation_from": iso(6), "test_from": iso(9)}, {}])
 def test_a_bad_json_line_late_in_a_file_leaves_nothing(tmp_path, split):
     cat = write(catalog_rows(), tmp_path / "c.jsonl")
     lg = tmp_path / "l.jsonl"
@@ -430,23 +434,35 @@ def test_refuses_to_overwrite_a_directory_that_is_not_a_dataset(tmp_path):
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "precious.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="not an itemsage dataset"):
-        run(tmp_path, "jsonl", split_at=iso(6))
+        run(tmp_path, "jsonl", validation_from=iso(6), test_from=iso(9))
     assert (tmp_path / "ds" / "precious.txt").read_text() == "keep me"
 
 
 def test_rerun_replaces_a_previous_dataset(tmp_path):
-    run(tmp_path, "jsonl", split_at=iso(6))
-    summary, out = run(tmp_path, "jsonl", split_at=iso(1))
-    assert json.loads((out / "manifest.json").read_text())["config"]["split_at"] == "2024-01-01T01:00:00Z"
-    assert sum(summary.eval_rows.values()) == 3
+    run(tmp_path, "jsonl", validation_from=iso(6), test_from=iso(9))
+    summary, out = run(tmp_path, "jsonl", validation_from=iso(1), test_from=iso(7))
+    assert json.loads((out / "manifest.json").read_text())["config"]["validation_from"] == "2024-01-01T01:00:00Z"
+    assert sum(summary.validation_rows.values()) == 1 and sum(summary.test_rows.values()) == 2
     assert not list(tmp_path.glob("ds.*"))
 
 
 def test_config_errors_name_the_option():
-    with pytest.raises(ConfigError, match="eval_fraction"):
-        IngestConfig(eval_fraction=1.5)
-    with pytest.raises(ConfigError, match="split_at"):
-        IngestConfig(split_at="next tuesday")
+    with pytest.raises(ConfigError, match="test_fraction"):
+        IngestConfig(test_fraction=1.5)
+    with pytest.raises(ConfigError, match="validation_fraction"):
+        IngestConfig(validation_fraction=0.5, test_fraction=0.5)  # nothing left for train
+    with pytest.raises(ConfigError, match="validation_from"):
+        IngestConfig(validation_from="next tuesday", test_from=iso(1))
+    with pytest.raises(ConfigError, match="go together"):
+        IngestConfig(test_from=iso(1))
+    with pytest.raises(ConfigError, match="after `ingest.test_from`"):
+        IngestConfig(validation_from=iso(2), test_from=iso(1))
+    with pytest.raises(ConfigError, match="per-user split takes fractions"):
+        IngestConfig(split="per-user", validation_from=iso(1), test_from=iso(2))
+    with pytest.raises(ConfigError, match="ingest.split"):
+        IngestConfig(split="random")
+    with pytest.raises(ConfigError, match="gap_hours"):
+        IngestConfig(gap_hours=-1)
     with pytest.raises(ConfigError, match="text_fields"):
         IngestConfig(text_fields=("title", "title"))
 
@@ -455,21 +471,102 @@ def test_config_errors_name_the_option():
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_eval_fraction_splits_the_last_part_of_the_time_span(tmp_path, fmt):
-    hours = [7, 0, 3, 10, 8, 8, 2, 9]  # span 0..10 h; eval_fraction 0.25 -> split at 7.5 h
+def test_fractions_split_the_last_parts_of_the_time_span(tmp_path, fmt):
+    hours = [7, 0, 3, 10, 8, 8, 2, 9]  # span 0..10 h; test 0.15 -> from 8.5 h; validation 0.2 -> from 6.5 h
     rows = [dict(log_rows()[0], timestamp=iso(h), query_text=f"q{i}") for i, h in enumerate(hours)]
-    summary, out = run(tmp_path, fmt, logs=rows, eval_fraction=0.25)
-    assert summary.split_at == "2024-01-01T07:30:00Z"
-    train = pq.read_table(out / schema.TRAIN_FILE).column("query_text").to_pylist()
-    evals = pq.read_table(out / schema.EVAL_FILE).column("query_text").to_pylist()
-    assert train == ["q1", "q6", "q2", "q0"]  # 0, 2, 3, 7 h
-    assert evals == ["q4", "q5", "q7", "q3"]  # 8, 8 (input order kept), 9, 10 h
+    summary, out = run(tmp_path, fmt, logs=rows, validation_fraction=0.2, test_fraction=0.15)
+    assert (summary.validation_from, summary.test_from) == ("2024-01-01T06:30:00Z", "2024-01-01T08:30:00Z")
+    assert window_texts(out) == {
+        "train": ["q1", "q6", "q2"],  # 0, 2, 3 h
+        "validation": ["q0", "q4", "q5"],  # 7, 8, 8 h (input order kept)
+        "test": ["q7", "q3"],  # 9, 10 h
+    }
 
 
-def test_split_at_puts_rows_at_the_split_time_in_eval(tmp_path):
-    summary, out = run(tmp_path, "jsonl", split_at=iso(5))  # the closeup row is at exactly 5 h
-    evals = pq.read_table(out / schema.EVAL_FILE).column("timestamp").to_pylist()
-    assert evals[0] == T0 + dt.timedelta(hours=5) and len(evals) == 3
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gap_drops_the_train_rows_just_before_validation(tmp_path, fmt):
+    hours = [7, 0, 3, 10, 8, 8, 2, 9, 6, 5.5]  # validation from 6.5 h, a 1-hour gap: 5.5 and 6 h are dropped
+    rows = [dict(log_rows()[0], timestamp=iso(h), query_text=f"q{i}") for i, h in enumerate(hours)]
+    summary, out = run(tmp_path, fmt, logs=rows, validation_from=iso(6.5), test_from=iso(8.5), gap_hours=1)
+    assert window_texts(out) == {"train": ["q1", "q6", "q2"], "validation": ["q0", "q4", "q5"], "test": ["q7", "q3"]}
+    assert summary.gap_rows == 2
+    assert json.loads((out / "manifest.json").read_text())["counts"]["gap_rows"] == 2
+
+
+def window_texts(out: Path) -> dict[str, list[str]]:
+    return {w: pq.read_table(out / schema.WINDOW_FILES[w]).column("query_text").to_pylist() for w in schema.WINDOWS}
+
+
+def kept_rows(out: Path) -> int:
+    return sum(pq.read_metadata(out / schema.WINDOW_FILES[w]).num_rows for w in schema.WINDOWS)
+
+
+def per_user_reference(rows: list[dict], fv: float, ft: float, gap_h: float = 0) -> dict[str, list[str]]:
+    """RecBole's ratio split, written out one user at a time: sort the user's rows by time (ties in
+    input order), test gets int(ft * n), validation int(fv * n), and a window whose share is in (0, 1)
+    takes one row from train while train keeps more than one (test first). Rows without a user: train."""
+    window = {}
+    users = sorted({r["user_id"] for r in rows if r["user_id"] is not None})
+    for u in users:
+        mine = sorted((i for i, r in enumerate(rows) if r["user_id"] == u), key=lambda i: rows[i]["timestamp"])
+        n = len(mine)
+        cnt = [0, int(fv * n), int(ft * n)]
+        cnt[0] = n - cnt[1] - cnt[2]
+        for i, ratio in ((2, ft), (1, fv)):
+            if cnt[0] <= 1:
+                break
+            if 0 < ratio * n < 1:
+                cnt[i] += 1
+                cnt[0] -= 1
+        for rank, i in enumerate(mine):
+            window[i] = "train" if rank < cnt[0] else "validation" if rank < cnt[0] + cnt[1] else "test"
+        if gap_h and cnt[0] < n:
+            start = rows[mine[cnt[0]]]["timestamp"]
+            for i in mine[: cnt[0]]:
+                if start - rows[i]["timestamp"] <= dt.timedelta(hours=gap_h):
+                    window[i] = "gap"
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["timestamp"])  # each file in time order
+    return {w: [rows[i]["query_text"] for i in order if window.get(i, "train") == w] for w in schema.WINDOWS}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("gap_h", [0, 1.5])
+def test_per_user_split_matches_a_one_user_at_a_time_reference(tmp_path, fmt, gap_h):
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(300):  # 12 users with 1..~50 rows each, repeated timestamps (ties), some rows without a user
+        user = None if i % 17 == 0 else f"u{int(rng.integers(0, 12)) ** 2 % 37}"
+        rows.append(dict(log_rows()[0], timestamp=iso(float(rng.integers(0, 40)) / 2), query_text=f"q{i}",
+                         user_id=user))
+    rows.append(dict(log_rows()[0], timestamp=iso(3), query_text="lonely", user_id="single"))  # 1 row: train
+    summary, out = run(tmp_path, fmt, logs=rows, split="per-user", validation_fraction=0.2, test_fraction=0.1,
+                       gap_hours=gap_h, sort_rows=16, batch_rows=29)  # many slabs and batches
+    for r in rows:
+        r["timestamp"] = dt.datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00"))
+    expected = per_user_reference(rows, 0.2, 0.1, gap_h)
+    assert window_texts(out) == expected
+    assert "lonely" in expected["train"] and all(expected.values())
+    assert summary.validation_from is None and summary.split == "per-user"
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["no_user_train_rows"] == sum(r["user_id"] is None for r in rows)
+    assert counts["gap_rows"] == len(rows) - sum(len(v) for v in expected.values())
+    assert (counts["gap_rows"] > 0) == (gap_h > 0)
+
+
+def test_per_user_split_of_logs_without_users_warns_of_empty_windows(tmp_path, caplog):
+    rows = [dict(r, user_id=None) for r in log_rows()]
+    with caplog.at_level("WARNING", logger="itemsage.ingest"):
+        summary, out = run(tmp_path, "jsonl", logs=rows, split="per-user")
+    assert kept_rows(out) == pq.read_metadata(out / schema.TRAIN_FILE).num_rows == 4
+    assert "validation window is empty" in caplog.text and "test window is empty" in caplog.text
+
+
+def test_rows_at_a_split_time_go_to_the_later_window(tmp_path):
+    summary, out = run(tmp_path, "jsonl", validation_from=iso(5), test_from=iso(8))  # rows at exactly 5 and 8 h
+    validation = pq.read_table(out / schema.VALIDATION_FILE).column("timestamp").to_pylist()
+    test = pq.read_table(out / schema.TEST_FILE).column("timestamp").to_pylist()
+    assert validation == [T0 + dt.timedelta(hours=5)]
+    assert test == [T0 + dt.timedelta(hours=8), T0 + dt.timedelta(hours=10)]
 
 
 def test_sorting_in_small_slabs_matches_a_full_sort(tmp_path):
@@ -477,9 +574,9 @@ def test_sorting_in_small_slabs_matches_a_full_sort(tmp_path):
     minutes = rng.integers(0, 300, size=200)
     rows = [dict(log_rows()[0], timestamp=iso(m / 60), query_text=f"q{i}") for i, m in enumerate(minutes)]
     # slabs of ~7 rows and batches of 13: many runs, many slabs
-    summary, out = run(tmp_path, "parquet", logs=rows, split_at=iso(2), sort_rows=7, batch_rows=13)
-    got = (pq.read_table(out / schema.TRAIN_FILE).column("query_text").to_pylist()
-           + pq.read_table(out / schema.EVAL_FILE).column("query_text").to_pylist())
+    summary, out = run(tmp_path, "parquet", logs=rows, validation_from=iso(2), test_from=iso(3.5), sort_rows=7,
+                       batch_rows=13)
+    got = sum(window_texts(out).values(), [])
     expected = [f"q{i}" for i in sorted(range(len(minutes)), key=lambda i: minutes[i])]  # stable
     assert got == expected
     assert sum(summary.train_rows.values()) == int((minutes < 120).sum())
@@ -503,14 +600,14 @@ def test_jsonl_and_parquet_give_identical_datasets(tmp_path):
     for d, fmt in (("a", "jsonl"), ("b", "parquet")):
         summaries[d] = ingest(tmp_path / d / f"catalog.{fmt}", tmp_path / d / f"logs.{fmt}", tmp_path / f"ds_{d}",
                               IngestConfig(**SMALL))
-    for name in (schema.PRODUCTS_FILE, schema.TRAIN_FILE, schema.EVAL_FILE):
+    for name in (schema.PRODUCTS_FILE, schema.TRAIN_FILE, schema.VALIDATION_FILE, schema.TEST_FILE):
         a, b = pq.read_table(tmp_path / "ds_a" / name), pq.read_table(tmp_path / "ds_b" / name)
         assert a.equals(b), name
     assert (tmp_path / "ds_a/vocab.json").read_bytes() == (tmp_path / "ds_b/vocab.json").read_bytes()
     ra, rb = rejects(tmp_path / "ds_a"), rejects(tmp_path / "ds_b")
     assert [(r["row"], r["reason"]) for r in ra] == [(r["row"], r["reason"]) for r in rb] == [
         (3, "duplicate_product_id"), (4, "unknown_surface")]
-    assert summaries["a"].split_at == summaries["b"].split_at
+    assert summaries["a"].test_from == summaries["b"].test_from
 
 
 def test_a_directory_of_files_is_read_in_name_order(tmp_path):
@@ -519,13 +616,13 @@ def test_a_directory_of_files_is_read_in_name_order(tmp_path):
     write([cat[2], dict(cat[0], title="later p1")], tmp_path / "cat/part-1.jsonl")
     (tmp_path / "cat/_SUCCESS").write_text("")
     write(log_rows(), tmp_path / "logs/a.jsonl")
-    summary = ingest(tmp_path / "cat", tmp_path / "logs", tmp_path / "ds", IngestConfig(**SMALL, split_at=iso(6)))
+    summary = ingest(tmp_path / "cat", tmp_path / "logs", tmp_path / "ds", IngestConfig(**SMALL, validation_from=iso(6), test_from=iso(9)))
     assert summary.products == 3 and summary.rejects["duplicate_product_id"] == 1
     assert [r["file"].endswith("part-1.jsonl") and r["row"] for r in rejects(tmp_path / "ds")] == [1]
 
 
 def test_manifest_lists_every_file_with_its_sha256(tmp_path):
-    summary, out = run(tmp_path, "parquet", split_at=iso(6))
+    summary, out = run(tmp_path, "parquet", validation_from=iso(6), test_from=iso(9))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "dataset"
     on_disk = sorted(p.name for p in out.iterdir() if p.name != "manifest.json")
@@ -537,9 +634,12 @@ def test_manifest_lists_every_file_with_its_sha256(tmp_path):
         assert manifest["inputs"][str(path)] == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
     counts = manifest["counts"]
     assert counts["products"] == 3 and counts["rejected"] == 0 and counts["image_dim"] == 4
-    assert counts["train_rows"]["search.click"] == 1 and counts["eval_rows"]["home.checkout"] == 1
+    assert counts["train_rows"]["search.click"] == 1 and counts["test_rows"]["home.checkout"] == 1
+    assert counts["validation_rows"]["search.add_to_cart"] == 1 and counts["gap_rows"] == 0
+    assert (counts["train"], counts["validation"], counts["test"]) == (2, 1, 1)
     assert counts["query_dims"] == {"search": 384, "closeup": 4, "home": 2}
-    assert manifest["config"]["split_at"] == "2024-01-01T06:00:00Z"
+    assert manifest["config"]["validation_from"] == "2024-01-01T06:00:00Z"
+    assert manifest["config"]["test_from"] == "2024-01-01T09:00:00Z"
 
 
 # ---- image files through the image encoder ----------------------------------------------------
@@ -570,7 +670,7 @@ def test_image_paths_go_through_the_image_encoder(tmp_path, encoder):
         {"surface": "closeup", "engagement": "save", "product_id": "p2", "timestamp": iso(2),
          "query_image_path": "img/nothing.png"},
     ]
-    summary, out = run(tmp_path, "jsonl", catalog=cat, logs=logs, split_at=iso(6))
+    summary, out = run(tmp_path, "jsonl", catalog=cat, logs=logs, validation_from=iso(6), test_from=iso(9))
     assert [(r["row"], r["reason"]) for r in rejects(out)] == [(2, "unreadable_image"), (1, "unreadable_image")]
     assert summary.image_dim == encoder.dim and summary.query_dims == {"closeup": encoder.dim}
 
@@ -596,18 +696,25 @@ def test_cli_prints_the_summary_and_refuses_bad_files_with_exit_2(tmp_path):
     lg = write(log_rows(), tmp_path / "l.jsonl")
     runner = CliRunner()
     args = ["ingest", "--catalog", str(cat), "--logs", str(lg), "--out", str(tmp_path / "ds"), "--no-progress",
-            "--split-at", iso(6), "--max-trigrams", "50"]
+            "--validation-from", iso(6), "--test-from", iso(9), "--gap-hours", "0.5", "--max-trigrams", "50"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "search.click" in result.output and "products.parquet" in result.output
-    assert json.loads((tmp_path / "ds/manifest.json").read_text())["config"]["max_trigrams"] == 50
+    config = json.loads((tmp_path / "ds/manifest.json").read_text())["config"]
+    assert config["max_trigrams"] == 50 and config["gap_hours"] == 0.5 and config["test_from"] == iso(9)
+    assert "validation" in result.output and "test" in result.output
 
     bad = write([{"title": "no id"}], tmp_path / "bad.jsonl")
     result = runner.invoke(app, ["ingest", "--catalog", str(bad), "--logs", str(lg), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2
     assert "product_id" in result.output and "Traceback" not in result.output
-    result = runner.invoke(app, args + ["--eval-fraction", "0.3"])
-    assert result.exit_code == 2
+    result = runner.invoke(app, args + ["--test-fraction", "0.3"])  # split times and fractions: one or the other
+    assert result.exit_code == 2 and "not both" in result.output
+    result = runner.invoke(app, ["ingest", "--catalog", str(cat), "--logs", str(lg), "--out", str(tmp_path / "pu"),
+                                 "--no-progress", "--split", "per-user", "--validation-fraction", "0.25"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "pu/manifest.json").read_text())["config"]
+    assert config["split"] == "per-user" and config["validation_fraction"] == 0.25
 
 
 # ---- memory: bounded by the batch and the slab, not by the log's length --------------------------
@@ -660,7 +767,7 @@ def test_memory_does_not_grow_with_the_log(tmp_path):
         done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(cat), str(warm_up), str(logs(rows)), str(out),
                                options], capture_output=True, text=True, check=True)
         peaks[rows] = int(done.stdout.split()[-1])
-        kept = pq.read_table(out / schema.TRAIN_FILE).num_rows + pq.read_table(out / schema.EVAL_FILE).num_rows
+        kept = kept_rows(out)
         assert kept == rows
     # The large log holds 30 MB more vectors; holding even a quarter of them would show.
     extra_vectors = (large - small) * dim * 4

@@ -26,8 +26,8 @@ def test_demo_writes_every_artifact(demo):
     assert demo.report.is_file()
     products = pq.read_table(demo.dataset / schema.PRODUCTS_FILE, columns=[schema.PRODUCT_ID]).num_rows
     assert demo.evaluation["data"]["products"] == products
-    # Every eval pair was ranked, exact and through the index.
-    n_eval = pq.read_metadata(demo.dataset / schema.EVAL_FILE).num_rows
+    # Every test-window pair was ranked, exact and through the index.
+    n_eval = pq.read_metadata(demo.dataset / schema.TEST_FILE).num_rows
     assert demo.evaluation["exact"]["all"]["n"] == n_eval
     assert demo.evaluation["ann"]["all"]["n"] == n_eval
 
@@ -66,6 +66,12 @@ def test_compare_report(demo, tmp_path):
     assert results["single_task_click"]["run"]["train_config"]["tasks"] == [
         "search.click", "closeup.click", "home.click"]
     assert results["text_only"]["run"]["parameters"] < results["itemsage"]["run"]["parameters"]
-    for png in ("architecture.png", "negatives.png", "tasks.png"):
+    for png in ("architecture.png", "negatives.png", "tasks.png", "training_curves.png", "recall_at_k.png"):
         assert (tmp_path / "cmp" / png).read_bytes()[:4] == b"\x89PNG"
+    assert "## Nearest neighbours (itemsage)" in text and "![Training curves](training_curves.png)" in text
+    for name, r in results.items():  # each run's model: its best validation evaluation, from its own logs
+        points = r["training_curves"]["validation/recall@10/all"]
+        assert [s for s, _ in points] == [2, 4, 5]  # evals=4 over 5 steps: every 2 steps, and the last
+        assert r["run"]["best_step"] == max(points, key=lambda p: p[1])[0]
+        assert r["recall_curve"]["exact"]["all"][9] == pytest.approx(r["exact"]["all"]["recall@10"])
     artifacts.verify_manifest(tmp_path / "cmp", kind="comparison")

@@ -35,7 +35,8 @@ BRANDS = ["acme", "birch", "cobalt", "delta"]
 COLOURS = ["red", "green", "blue"]
 
 
-def make_dataset(root: Path, n_products: int = 48, n_train: int = 600, n_eval: int = 120, seed: int = 0) -> Path:
+def make_dataset(root: Path, n_products: int = 48, n_train: int = 600, n_eval: int = 120, seed: int = 0,
+                 n_test: int = 90) -> Path:
     """A dataset directory in the format `itemsage ingest` writes (docs/ARCHITECTURE.md), with
     queries that carry signal: closeup = a noisy copy of the product's main image, search and home =
     fixed random projections of a latent vector the images also depend on."""
@@ -91,7 +92,8 @@ def make_dataset(root: Path, n_products: int = 48, n_train: int = 600, n_eval: i
         })
 
     pq.write_table(logs(n_train, 0), root / schema.TRAIN_FILE)
-    pq.write_table(logs(n_eval, 10**9), root / schema.EVAL_FILE)
+    pq.write_table(logs(n_eval, 10**9), root / schema.VALIDATION_FILE)
+    pq.write_table(logs(n_test, 2 * 10**9), root / schema.TEST_FILE)
     artifacts.write_manifest(root, "dataset")  # train verifies its dataset against the manifest
     return root
 
@@ -126,6 +128,7 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
     (dict(preset="huge"), "train.preset"),
     (dict(model={"aggregator": "mean"}), "model.aggregator"),
     (dict(random_negatives_ratio=0), "train.random_negatives_ratio"),
+    (dict(patience=-1), "train.patience"),
 ])
 def test_bad_config_is_refused_by_name(kw, option):
     with pytest.raises(ConfigError, match=option.replace(".", r"\.")):
@@ -230,7 +233,7 @@ def test_tasks_filter_and_conversion_upweighting(dataset):
 
 
 def test_train_writes_model_and_learns(dataset, tmp_path):
-    cfg = tiny(max_steps=60, eval_sample=120)
+    cfg = tiny(max_steps=60, eval_sample=5000)  # more than the window: every validation pair
     result = train(dataset, tmp_path / "run", cfg, progress=False)
     assert result.steps == 60 and result.pairs_per_s > 0
     from itemsage.model import load_model
@@ -241,6 +244,101 @@ def test_train_writes_model_and_learns(dataset, tmp_path):
     assert (tmp_path / "run" / "tensorboard").is_dir()
     # Recall@10 among 48 products: random is 10/48 ~ 0.21; the queries carry strong signal.
     assert result.final_recall["all"]["recall@10"] > 0.5, result.final_recall
+    # measured on the validation window (120 rows), never the test window (90)
+    assert result.final_recall["all"]["n"] == 120
+    assert loaded.extra["training"]["best_step"] == result.best_step == 60  # the only evaluation
+    assert not (tmp_path / "run" / "best").exists()
+
+
+def scripted_recall(monkeypatch, values: list[float]) -> list[float]:
+    """held_out_recall returning `values` in turn (Recall@10 of `all`); returns the list it consumes."""
+    import itemsage.train as train_module
+
+    queue = list(values)
+
+    def fake(tower, adapters, store, pairs, device, chunk=2048):
+        r = queue.pop(0)
+        return {"all": {"recall@1": r, "recall@10": r, "recall@100": r, "n": len(pairs)}}
+
+    monkeypatch.setattr(train_module, "held_out_recall", fake)
+    return queue
+
+
+def test_early_stopping_keeps_the_best_checkpoint(dataset, tmp_path, monkeypatch):
+    # evaluations after steps 1, 2, 3, ...: best at step 2, then 2 without a gain -> stop after step 4
+    left = scripted_recall(monkeypatch, [0.1, 0.3, 0.2, 0.3, 0.9, 0.9])
+    cfg = tiny(max_steps=20, eval_every=1, patience=2, checkpoint_every=1, keep_checkpoints=20)
+    result = train(dataset, tmp_path / "run", cfg, progress=False)
+    assert result.steps == 4 and result.stopped_early and result.best_step == 2
+    assert left == [0.9, 0.9]  # no evaluation after the stop
+    assert result.final_recall["all"]["recall@10"] == 0.3
+    from itemsage.model import load_model
+
+    summary = load_model(result.model_dir).extra["training"]
+    assert summary["best_step"] == 2 and summary["steps"] == 4 and summary["stopped_early"]
+    # model/ holds the step-2 weights, not the last step's
+    at = {s: load_file(str(tmp_path / f"run/checkpoints/step-{s:08d}/state.safetensors")) for s in (2, 4)}
+    saved = weights(result.model_dir)
+    for key in ("tower.head.fc2.weight", "adapters.search.weight"):
+        if key in saved:
+            assert torch.equal(saved[key], at[2][f"state.model.{key}"]), key
+            assert not torch.equal(saved[key], at[4][f"state.model.{key}"]), key
+    # patience 0: no early stop, the run goes to its step budget and still keeps the best
+    scripted_recall(monkeypatch, [0.5, 0.1, 0.1, 0.1, 0.1])
+    result = train(dataset, tmp_path / "no_patience", tiny(max_steps=5, eval_every=1, patience=0), progress=False)
+    assert result.steps == 5 and not result.stopped_early and result.best_step == 1
+
+
+def test_an_empty_validation_window_keeps_the_last_step(dataset, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    validation = pq.read_table(data / schema.VALIDATION_FILE)
+    pq.write_table(validation.slice(0, 0), data / schema.VALIDATION_FILE)
+    result = train(data, tmp_path / "run", tiny(max_steps=3, eval_every=1, checkpoint_every=3), progress=False)
+    assert result.steps == 3 and result.best_step is None and result.final_recall == {}
+    last = load_file(str(tmp_path / "run/checkpoints/step-00000003/state.safetensors"))
+    saved = weights(result.model_dir)
+    for key in saved:
+        assert torch.equal(saved[key], last[f"state.model.{key}"]), key
+
+
+def test_resume_keeps_the_best_so_far_and_the_patience_count(dataset, tmp_path, monkeypatch):
+    import itemsage.train as train_module
+
+    recall = [0.1, 0.3, 0.2, 0.25, 0.2, 0.1, 0.1, 0.1]  # after steps 1..8; best at 2, patience 3 -> stop at 5
+    cfg = tiny(max_steps=8, eval_every=1, patience=3, checkpoint_every=3)
+    scripted_recall(monkeypatch, recall)
+    straight = train(dataset, tmp_path / "straight", cfg, progress=False)
+    assert (straight.steps, straight.best_step, straight.stopped_early) == (5, 2, True)
+
+    scripted_recall(monkeypatch, recall[:3])  # killed while drawing step 4's batch: evaluations 1..3 done
+    real = train_module.Sampler.positives
+    calls = {"n": 0}
+
+    def dying(self, b):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("killed")
+        return real(self, b)
+
+    monkeypatch.setattr(train_module.Sampler, "positives", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(dataset, tmp_path / "killed", cfg, progress=False)
+    monkeypatch.setattr(train_module.Sampler, "positives", real)
+    scripted_recall(monkeypatch, recall[3:])
+    resumed = train(dataset, tmp_path / "killed", cfg, progress=False, resume=True)
+    assert (resumed.resumed_from, resumed.steps, resumed.best_step, resumed.stopped_early) == (3, 5, 2, True)
+    a, b = weights(straight.model_dir), weights(resumed.model_dir)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # resuming a run that stopped early does not train on
+    scripted_recall(monkeypatch, [0.0])
+    again = train(dataset, tmp_path / "killed", cfg, progress=False, resume=True)
+    assert again.steps == 5 and again.best_step == 2
+    for k in a:
+        assert torch.equal(a[k], weights(again.model_dir)[k]), k
 
 
 def test_resume_after_kill_is_bit_identical(dataset, tmp_path, monkeypatch):

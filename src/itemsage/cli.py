@@ -88,9 +88,19 @@ def ingest_cmd(
     catalog: Path = typer.Option(..., "--catalog", help="Catalog: a .parquet / .jsonl file or a directory of them."),
     logs: Path = typer.Option(..., "--logs", help="Engagement logs: a .parquet / .jsonl file or a directory of them."),
     out: Path = typer.Option(..., "--out", help="Dataset directory to write (an existing dataset there is replaced)."),
-    split_at: Optional[str] = typer.Option(None, "--split-at", help="ISO time; log rows at or after it are eval."),
-    eval_fraction: Optional[float] = typer.Option(
-        None, "--eval-fraction", help="Without --split-at: the last fraction of the logs' time span is eval (default 0.2)."),
+    split: str = typer.Option(
+        "global", "--split", help="global (one pair of split times for every row) or per-user (each user's last "
+                                  "engagements are validation and test; rows without user_id go to train)."),
+    validation_fraction: Optional[float] = typer.Option(
+        None, "--validation-fraction", help="Fraction before the test window that is validation, of the logs' time "
+                                            "span (global) or of each user's engagements (per-user) (default 0.1)."),
+    test_fraction: Optional[float] = typer.Option(
+        None, "--test-fraction", help="The last fraction that is test, as for --validation-fraction (default 0.1)."),
+    validation_from: Optional[str] = typer.Option(
+        None, "--validation-from", help="ISO time; rows at or after it (and before --test-from) are validation."),
+    test_from: Optional[str] = typer.Option(None, "--test-from", help="ISO time; rows at or after it are test."),
+    gap_hours: float = typer.Option(
+        0.0, "--gap-hours", help="Drop the train rows this many hours before the validation window (leakage)."),
     text_fields: Optional[str] = typer.Option(
         None, "--text-fields", help="Comma-separated text fields for the vocabulary (default: the twelve of the paper)."),
     max_unigrams: int = typer.Option(200_000, "--max-unigrams", help="Vocabulary cap on word unigrams."),
@@ -105,13 +115,15 @@ def ingest_cmd(
     from itemsage.config import ConfigError
     from itemsage.ingest import DataError, IngestConfig, ingest, summary_table
 
-    if split_at is not None and eval_fraction is not None:
-        fail("give either --split-at or --eval-fraction, not both")
+    if (validation_from or test_from) and (validation_fraction is not None or test_fraction is not None):
+        fail("give either split times (--validation-from, --test-from) or fractions (--validation-fraction, "
+             "--test-fraction), not both")
     try:
-        options = dict(split_at=split_at, max_unigrams=max_unigrams, max_bigrams=max_bigrams,
+        options = dict(split=split, validation_from=validation_from, test_from=test_from, gap_hours=gap_hours,
+                       max_unigrams=max_unigrams, max_bigrams=max_bigrams,
                        max_trigrams=max_trigrams, batch_rows=batch_rows, image_dim=image_dim, progress=progress)
-        if eval_fraction is not None:
-            options["eval_fraction"] = eval_fraction
+        options.update({k: v for k, v in (("validation_fraction", validation_fraction),
+                                          ("test_fraction", test_fraction)) if v is not None})
         if text_fields is not None:
             options["text_fields"] = tuple(f.strip() for f in text_fields.split(",") if f.strip())
         summary = ingest(catalog, logs, out, IngestConfig(**options))
@@ -147,9 +159,13 @@ def train_cmd(
     checkpoint_every: Optional[int] = typer.Option(
         None, "--checkpoint-every", help="Steps between checkpoints (default 500)."),
     eval_every: Optional[int] = typer.Option(
-        None, "--eval-every", help="Steps between held-out Recall@10 (default 500)."),
+        None, "--eval-every", help="Steps between validation-window Recall@10 evaluations (default 500)."),
     eval_sample: Optional[int] = typer.Option(
-        None, "--eval-sample", help="Held-out pairs per evaluation (default 2000)."),
+        None, "--eval-sample", help="Validation pairs per evaluation (default 2000; 0: no evaluation, keep the last step)."),
+    patience: Optional[int] = typer.Option(
+        None, "--patience", help="Stop after this many evaluations (not steps; one every --eval-every steps) without "
+                                 "a better validation Recall@10; the best evaluation's model is kept (default 5; 0: never "
+                                 "stop early)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (default auto)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in --out."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
@@ -169,6 +185,7 @@ def train_cmd(
              "negatives": negatives, "random_negatives_ratio": random_negatives_ratio, "optimizer": optimizer,
              "upweight_conversions": upweight_conversions,
              "checkpoint_every": checkpoint_every, "eval_every": eval_every, "eval_sample": eval_sample,
+             "patience": patience,
              "device": device, "seed": seed,
              "tasks": tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks is not None else None}
     given = {k: v for k, v in given.items() if v is not None}
@@ -188,7 +205,10 @@ def train_cmd(
         return
     table = Table(title=f"trained {result.steps} steps in {result.elapsed_s:.0f} s, "
                         f"{result.pairs_per_s:,.0f} pairs/s, final loss {result.final_loss:.4f}")
-    for name, justify in (("task", "left"), ("eval pairs", "right"), ("Recall@1", "right"),
+    if result.best_step is not None:
+        console.print(f"model: the step-{result.best_step} evaluation, the best validation Recall@10"
+                      + (" (stopped early: no gain for --patience evaluations)" if result.stopped_early else ""))
+    for name, justify in (("task", "left"), ("validation pairs", "right"), ("Recall@1", "right"),
                           ("Recall@10", "right"), ("Recall@100", "right")):
         table.add_column(name, justify=justify)
     for task, r in result.final_recall.items():
@@ -321,10 +341,11 @@ def evaluate_cmd(
     dataset: Path = typer.Argument(..., help="Dataset directory from `itemsage ingest`."),
     out: Path = typer.Option(..., "--out", help="Directory for report.md and evaluation.json."),
     index: Optional[Path] = typer.Option(None, "--index", help="Index root: also rank through the ANN index."),
-    sample: Optional[int] = typer.Option(None, "--sample", help="Evaluate a stratified sample of eval pairs [all]."),
+    sample: Optional[int] = typer.Option(None, "--sample", help="Evaluate a stratified sample of test-window pairs [all]."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
-    """Recall@1/10/100 per surface x engagement on the eval window: exact, ANN, popularity, cold start."""
+    """Recall@1/10/100 per surface x engagement on the test window (exact, ANN, popularity, cold start), with
+    Recall@K curves, training curves and a gallery of nearest neighbours in the report."""
     from itemsage.artifacts import ArtifactError
     from itemsage.evaluate import evaluate, write_report
 
@@ -333,7 +354,7 @@ def evaluate_cmd(
     except (ArtifactError, FileNotFoundError, ValueError) as err:
         fail(str(err))
     report = write_report(result, out)
-    console.print(_recall_table(result, "Recall@10 on the eval window"))
+    console.print(_recall_table(result, "Recall@10 on the test window"))
     console.print(f"report: {report}")
 
 
@@ -348,18 +369,22 @@ def compare_cmd(
     steps: int = typer.Option(800, "--steps", help="Training steps of every run (the same budget for all)."),
     batch_size: int = typer.Option(1024, "--batch-size", help="Positives per step of every run."),
     runs: Optional[str] = typer.Option(None, "--runs", help="Comma-separated subset of runs [all]."),
-    eval_sample: Optional[int] = typer.Option(None, "--eval-sample", help="Eval pairs per run [all]."),
+    eval_sample: Optional[int] = typer.Option(None, "--eval-sample", help="Test-window pairs per run [all]."),
+    evals: int = typer.Option(
+        4, "--evals", help="Validation-window evaluations per run, spread over --steps; each run keeps its best "
+                           "(0: none, the last step's model)."),
     random_negatives_ratio: float = typer.Option(
         4.0, "--random-negatives-ratio", help="Random negatives per positive in every run (paper: 4)."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Train and evaluate the paper's comparisons on one split and write a Markdown report."""
+    """Train the paper's comparisons (models chosen on the validation window) and report them on the test window."""
     from itemsage.artifacts import ArtifactError
     from itemsage.compare import RUNS, CompareConfig, compare
     from itemsage.config import ConfigError
 
     try:
         cfg = CompareConfig(preset=preset, steps=steps, batch_size=batch_size, eval_sample=eval_sample, seed=seed,
+                            evals=evals,
                             train_overrides={"random_negatives_ratio": random_negatives_ratio},
                             **({"runs": runs} if runs else {}))
         report = compare(dataset, out, cfg)
@@ -394,7 +419,7 @@ def demo_cmd(
                                        seed=seed), say=lambda m: console.print(m, highlight=False, markup=False))
     except ConfigError as err:
         fail(str(err))
-    console.print(_recall_table(result.evaluation, "ItemSage demo: Recall@10 on the eval window"))
+    console.print(_recall_table(result.evaluation, "ItemSage demo: Recall@10 on the test window"))
     console.print(f"stage seconds: {result.seconds}; total {time.perf_counter() - start:.0f} s")
     console.print(f"report: {result.report}")
     if serve:
@@ -414,7 +439,7 @@ def _serve_demo(result, port: int) -> None:
 
     product = pq.read_table(result.dataset / schema.PRODUCTS_FILE, columns=[schema.PRODUCT_ID]).slice(0, 3)
     ids = product[schema.PRODUCT_ID].to_pylist()
-    evals = pq.read_table(result.dataset / schema.EVAL_FILE, columns=[schema.SURFACE, schema.QUERY_TEXT])
+    evals = pq.read_table(result.dataset / schema.TEST_FILE, columns=[schema.SURFACE, schema.QUERY_TEXT])
     texts = [t for s, t in zip(evals[schema.SURFACE].to_pylist(), evals[schema.QUERY_TEXT].to_pylist())
              if s == "search" and t][:1] or ["oak chair"]
     base = f"http://127.0.0.1:{port}"

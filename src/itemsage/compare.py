@@ -6,8 +6,14 @@ Rows are configurations of the same `train()`, never copies of the model:
 - multi-task against one single-task model per engagement type (all surfaces of that engagement);
 - negatives: in-batch only and random only against mixed.
 Every run gets the same data, batch size, step budget and seed, and is ranked against the whole
-catalog by exact search, so the differences are the configuration's. A re-run skips runs whose
-result is already on disk.
+catalog by exact search, so the differences are the configuration's. Each run's model is its best
+evaluation on the validation window (`evals` evaluations spread over the steps, no early stop, so the
+budget stays equal); every reported figure is on the test window. A re-run skips runs whose result
+is already on disk.
+
+The report shows, besides the tables: every run's training loss and validation Recall@10 against
+steps (training_curves.png), every run's Recall@K curve per surface (recall_at_k.png), and the
+reference model's nearest neighbours for a few test queries per surface.
 """
 
 from __future__ import annotations
@@ -51,7 +57,9 @@ class CompareConfig:
     steps: int = 800  # per run, the same for every row
     batch_size: int = 1024
     runs: tuple[str, ...] = tuple(RUNS)
-    eval_sample: int | None = None  # eval pairs per run; None = the whole eval window
+    eval_sample: int | None = None  # test pairs per run; None = the whole test window
+    evals: int = 4  # validation evaluations per run (they choose its model); 0 = none, the last step's model
+    validation_sample: int = 2000  # validation pairs per evaluation
     seed: int = 0
     train_overrides: dict[str, Any] = field(default_factory=dict)  # any other TrainConfig option
 
@@ -63,6 +71,9 @@ class CompareConfig:
         require(isinstance(self.steps, int) and self.steps >= 1, f"compare.steps ({self.steps!r}) must be >= 1")
         require(isinstance(self.batch_size, int) and self.batch_size >= 2,
                 f"compare.batch_size ({self.batch_size!r}) must be >= 2")
+        require(isinstance(self.evals, int) and self.evals >= 0, f"compare.evals ({self.evals!r}) must be >= 0")
+        require(isinstance(self.validation_sample, int) and self.validation_sample >= 1,
+                f"compare.validation_sample ({self.validation_sample!r}) must be >= 1")
 
 
 def train_config(name: str, cfg: CompareConfig):
@@ -72,7 +83,8 @@ def train_config(name: str, cfg: CompareConfig):
     _, train_over, model_over = RUNS[name]
     options = {
         "preset": cfg.preset, "max_steps": cfg.steps, "batch_size": cfg.batch_size, "seed": cfg.seed,
-        "eval_every": 0, "eval_sample": 0, "checkpoint_every": 0,
+        "eval_every": -(-cfg.steps // cfg.evals) if cfg.evals else 0,
+        "eval_sample": cfg.validation_sample if cfg.evals else 0, "patience": 0, "checkpoint_every": 0,
         **cfg.train_overrides, **train_over,
     }
     options["model"] = {**cfg.train_overrides.get("model", {}), **model_over}
@@ -107,6 +119,7 @@ def run_one(name: str, dataset_dir: Path, out_dir: Path, cfg: CompareConfig, pro
         "model_config": dataclasses.asdict(loaded.config),
         "parameters": sum(p.numel() for p in loaded.tower.parameters()),
         "steps": trained.steps,
+        "best_step": trained.best_step,
         "train_seconds": round(train_s, 1),
         "pairs_per_s": round(trained.pairs_per_s, 1),
         "final_loss": trained.final_loss,
@@ -170,6 +183,29 @@ def _task_rows(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _pictures(results: dict[str, Any], out_dir: Path) -> list[str]:
+    """training_curves.png and recall_at_k.png over every run, and the reference run's gallery."""
+    from itemsage.evaluate import gallery_markdown, plot_recall_curves, plot_training_curves
+
+    lines = []
+    curves = {n: r["training_curves"] for n, r in results.items() if r.get("training_curves")}
+    if curves:
+        plot_training_curves(out_dir / "training_curves.png", curves, "Training loss and validation Recall@10",
+                             chosen={n: results[n]["run"].get("best_step") for n in curves})
+        lines += ["", "## Training curves", "", "Loss per step, and the validation Recall@10 that chose each "
+                  "run's model (its best point).", "", "![Training curves](training_curves.png)"]
+    recall = {n: r["recall_curve"] for n, r in results.items() if r.get("recall_curve")}
+    if recall:
+        plot_recall_curves(out_dir / "recall_at_k.png", recall, "Recall@K per surface, test window")
+        lines += ["", "## Recall@K, K = 1..100", "", "![Recall@K per surface](recall_at_k.png)"]
+    gallery = results["itemsage"].get("gallery")
+    if gallery:
+        lines += ["", "## Nearest neighbours (itemsage)", "",
+                  "A few test-window queries per surface, their top 10 by exact search; the engaged product "
+                  "in bold with ✔ (if it is in the top 10).", "", *gallery_markdown(gallery)]
+    return lines
+
+
 def _plot(path: Path, names: list[str], results: dict[str, Any], title: str) -> None:
     import matplotlib
 
@@ -208,18 +244,23 @@ def write_report(results: dict[str, Any], out_dir: Path, cfg: CompareConfig, dat
         "# ItemSage comparisons",
         "",
         f"Data: {data['products']:,} products, {train_pairs:,} train-window pairs, {data['eval_pairs']:,} "
-        f"eval-window pairs{sampled}, {data['cold_start_pairs']:,} of them on cold-start products.",
+        f"test-window pairs{sampled}, {data['cold_start_pairs']:,} of them on cold-start products.",
         f"Budget, the same for every row: preset `{cfg.preset}`, {cfg.steps} steps of {cfg.batch_size} positives "
         f"(+ {ratio:g}× random negatives where used), seed {cfg.seed}. Recall@10, exact search over the whole catalog, "
-        "per surface (pair-weighted over its engagement types).",
+        "per surface (pair-weighted over its engagement types), on the test window.",
+        (f"Each run's model is its best validation-window evaluation (one every {-(-cfg.steps // cfg.evals)} steps "
+         "and one at the end; `best step`); the validation window chose the models, so no figure here comes from it."
+         if cfg.evals else
+         "No validation evaluations: each run's model is its last step's."),
         "",
-        "| run | group | params | steps | train s | pairs/s |",
-        "|---|---|---:|---:|---:|---:|",
+        "| run | group | params | steps | best step | train s | pairs/s |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
         run = r["run"]
+        best = run.get("best_step")
         lines.append(f"| {name} | {run['group']} | {run['parameters']:,} | {run['steps']} | "
-                     f"{run['train_seconds']} | {run['pairs_per_s']} |")
+                     f"{'–' if best is None else best} | {run['train_seconds']} | {run['pairs_per_s']} |")
     pop = {"run": {"parameters": 0}, "exact": ref["popularity"]}
     sections = [
         ("architecture", "Architecture and modalities", ["itemsage"] + by_group.get("architecture", [])),
@@ -246,11 +287,12 @@ def write_report(results: dict[str, Any], out_dir: Path, cfg: CompareConfig, dat
                   *_task_rows(results)]
         _plot(out_dir / "tasks.png", ["itemsage"] + by_group["tasks"], results, "Multi-task vs single-task: Recall@10")
         lines += ["", "![Multi-task vs single-task](tasks.png)"]
-    lines += ["", "## Cold start", "", "Recall@10 on eval pairs whose product was never engaged in the train window.", "",
+    lines += ["", "## Cold start", "", "Recall@10 on test pairs whose product was never engaged in the train window.", "",
               "| run | pairs | Recall@10 |", "|---|---:|---:|"]
     for name, r in results.items():
         cold = r["cold_start"]["exact"]["all"]
         lines.append(f"| {name} | {cold['n']} | {_fmt(cold['recall@10'] if cold['n'] else None)} |")
+    lines += _pictures(results, out_dir)
     report = out_dir / "report.md"
     artifacts.atomic_write_json(out_dir / "results.json", results)
     artifacts.atomic_write_text(report, "\n".join(lines) + "\n")

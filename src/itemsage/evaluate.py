@@ -2,6 +2,15 @@
 
 The metric is a pure function of plain arrays (as in sentence-transformers' evaluators), so it is
 tested on hand-built cases; `evaluate()` only gathers the arrays.
+
+Every figure comes from the test window (test.parquet). The validation window chose the model
+(train.py's best checkpoint and early stopping), so a figure from it would flatter the model.
+
+The report (`write_report`) adds pictures to the tables: a Recall@K curve per surface (K = 1..100,
+recall_at_k.png), the training curves read from the run's TensorBoard logs (loss and validation
+Recall@10 against steps, training_curves.png; the logs are found beside the model, RUN/tensorboard
+for RUN/model), and a gallery of nearest neighbours (a few test queries per surface with their
+top-10 titles, the engaged product marked).
 """
 
 from __future__ import annotations
@@ -17,6 +26,9 @@ import torch
 log = logging.getLogger(__name__)
 
 DEFAULT_KS: tuple[int, ...] = (1, 10, 100)
+CURVE_KS: tuple[int, ...] = tuple(range(1, 101))  # the Recall@K curve
+GALLERY_QUERIES = 3  # per surface
+LOSS_TAG, VALIDATION_TAG = "loss/total", "validation/recall@10/all"  # train.py's TensorBoard scalars
 
 
 def recall_at_k(
@@ -151,11 +163,14 @@ def evaluate(
     sample: int | None = None,
     seed: int = 0,
     device: str = "cpu",
+    gallery: int = GALLERY_QUERIES,
 ) -> dict[str, Any]:
-    """Recall@K of every eval-window pair, ranking its product among the whole catalog.
+    """Recall@K of every test-window pair, ranking its product among the whole catalog.
 
     Returns {"exact": ..., "ann": ... (when an index is given), "cold_start": {...},
-    "popularity": ..., "data": counts}; each block maps task -> {"recall@k": .., "n": ..}.
+    "popularity": ..., "data": counts, "recall_curve": {"k": [1..100], "exact": {surface: [..], "all": [..]}},
+    "gallery": [...] (`gallery` queries per surface), "training_curves": {tag: [[step, value], ..]}};
+    each block maps task -> {"recall@k": .., "n": ..}.
     The ANN block ranks through the served index (its version is recorded); the exact block uses
     the model's own embeddings of the catalog, the reference the index is measured against.
     """
@@ -170,10 +185,11 @@ def evaluate(
     loaded = load_model(model_dir, device=device)
     cfg = loaded.config
     store = ProductStore.from_dataset(dataset_dir, loaded.vocab, cfg.text_fields, cfg.max_images)
-    pairs = load_pairs(dataset_dir, schema.EVAL_FILE, store, sample=sample, seed=seed)
+    pairs = load_pairs(dataset_dir, schema.TEST_FILE, store, sample=sample, seed=seed)
     if len(pairs) == 0:
-        raise ValueError(f"{dataset_dir}/{schema.EVAL_FILE} has no pairs to evaluate")
-    log.info("evaluating %d eval pairs against %d products", len(pairs), len(store))
+        raise ValueError(f"{Path(dataset_dir) / schema.TEST_FILE} has no pairs to evaluate; re-run `itemsage ingest` "
+                         "with a larger --test-fraction or an earlier --test-from")
+    log.info("evaluating %d test-window pairs against %d products", len(pairs), len(store))
 
     catalog = embed_catalog(loaded.tower, store, device)  # [N, D]
     queries = embed_pair_queries(loaded.adapters, pairs, device)  # [Q, D]
@@ -189,14 +205,19 @@ def evaluate(
     result: dict[str, Any] = {
         "data": {
             "products": len(store),
+            "window": "test",
             "eval_pairs": len(pairs),
             "cold_start_pairs": int(cold.sum()),
             "cold_start_products": int((train_counts == 0).sum()),
             "model_fingerprint": loaded.fingerprint,
+            "best_step": (loaded.extra.get("training") or {}).get("best_step"),  # the validation evaluation it won
         },
         "exact": group_recall(exact, tasks, ks),
         "popularity": group_recall(popular, tasks, ks),
         "cold_start": {"exact": group_recall(exact[cold], tasks[cold], ks)},
+        "recall_curve": recall_curve(exact, pairs.surface.astype(str)),
+        "gallery": neighbour_gallery(dataset_dir, store, pairs, queries, catalog, exact, gallery, seed),
+        "training_curves": training_curves(model_dir),
     }
     if index_root is not None:
         from itemsage.index import load_current
@@ -209,6 +230,84 @@ def evaluate(
         result["data"]["index_version"] = index.version
         result["data"]["index_recall_vs_exact"] = index.manifest.get("recall_at_10")
     return result
+
+
+def recall_curve(ranks: np.ndarray, surfaces: np.ndarray, ks: Sequence[int] = CURVE_KS) -> dict[str, Any]:
+    """Recall@k for every k in `ks`, per surface and for all pairs: {"k": ks, "exact": {surface: [..]}}."""
+    curves = {s: list(recall_from_ranks(ranks[surfaces == s], ks).values()) for s in sorted(set(surfaces.tolist()))}
+    curves["all"] = list(recall_from_ranks(ranks, ks).values())
+    return {"k": list(ks), "exact": curves}
+
+
+def _titles(dataset_dir: str | Path, ids: Iterable[str]) -> dict[str, str]:
+    """product_id -> its title (the title field's strings joined), for `ids` only."""
+    from itemsage import schema
+
+    wanted = set(ids)
+    table = pq.read_table(Path(dataset_dir) / schema.PRODUCTS_FILE, columns=[schema.PRODUCT_ID, "title"])
+    out = {}
+    for pid, title in zip(table[schema.PRODUCT_ID].to_pylist(), table["title"].to_pylist()):
+        if pid in wanted:
+            out[pid] = " ".join(title or []) or "(no title)"
+    return out
+
+
+@torch.inference_mode()
+def neighbour_gallery(dataset_dir: str | Path, store, pairs, queries: torch.Tensor, catalog: torch.Tensor,
+                      ranks: np.ndarray, per_surface: int, seed: int = 0, k: int = 10) -> list[dict[str, Any]]:
+    """A few seeded test pairs per surface: the query, its top-k products (id, title, score) with the
+    engaged one marked, and the engaged product's rank among the whole catalog."""
+    from itemsage import schema
+
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for s in sorted(set(pairs.surface.astype(str).tolist())):
+        rows = np.flatnonzero(pairs.surface.astype(str) == s)
+        chosen += sorted(rng.choice(rows, min(per_surface, len(rows)), replace=False).tolist())
+    if not chosen:
+        return []
+    scores, top = (queries[chosen] @ catalog.T).topk(min(k, catalog.shape[0]), dim=1)  # [G, k]
+    top_ids = store.ids[top.cpu().numpy()]  # [G, k]
+    engaged_ids = store.ids[pairs.product_row[chosen]]  # [G]
+    titles = _titles(dataset_dir, set(top_ids.ravel().tolist()) | set(engaged_ids.tolist()))
+    source = pq.read_table(Path(dataset_dir) / schema.TEST_FILE, columns=[schema.QUERY_TEXT, schema.USER_ID])
+    gallery = []
+    for g, i in enumerate(chosen):
+        row = int(pairs.source_row[i]) if pairs.source_row is not None else None
+        text = source[schema.QUERY_TEXT][row].as_py() if row is not None else None
+        user = source[schema.USER_ID][row].as_py() if row is not None else None
+        surface = str(pairs.surface[i])
+        query = (f'"{text}"' if text else {"search": "a search query vector", "closeup": "a closeup query vector",
+                                            "home": "a home-feed user vector"}.get(surface, "a query vector"))
+        gallery.append({
+            "surface": surface, "task": str(pairs.task[i]), "query": query, "user_id": user, "test_row": row,
+            "engaged": {"product_id": str(engaged_ids[g]), "title": titles.get(str(engaged_ids[g]), "")},
+            "engaged_rank": int(ranks[i]) + 1,  # 1-based, among the whole catalog
+            "top": [{"product_id": str(pid), "title": titles.get(str(pid), ""), "score": round(float(sc), 4),
+                     "engaged": str(pid) == str(engaged_ids[g])}
+                    for pid, sc in zip(top_ids[g].tolist(), scores[g].tolist())],
+        })
+    return gallery
+
+
+def training_curves(model_dir: str | Path) -> dict[str, list[list[float]]]:
+    """{tag: [[step, value], ...]} of the training loss and validation Recall@10, read from the run's
+    TensorBoard logs beside the model (RUN/tensorboard for RUN/model); {} when there are none.
+    A resumed run's logs repeat steps after its checkpoint; TensorBoard's reader drops the orphaned ones."""
+    from itemsage.train import TENSORBOARD_DIR
+
+    logs = Path(model_dir).resolve().parent / TENSORBOARD_DIR
+    if not logs.is_dir():
+        return {}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logs), size_guidance={"scalars": 0}).Reload()  # 0: keep every point
+    tags = set(events.Tags().get("scalars", []))
+    return {tag: [[e.step, e.value] for e in events.Scalars(tag)] for tag in (LOSS_TAG, VALIDATION_TAG) if tag in tags}
 
 
 def recall_table(result: dict[str, Any], k: int = 10) -> list[tuple[str, ...]]:
@@ -234,8 +333,101 @@ def recall_table(result: dict[str, Any], k: int = 10) -> list[tuple[str, ...]]:
     return rows
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(fig: Any, path: Path) -> None:
+    from itemsage import artifacts
+
+    with artifacts.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    _pyplot().close(fig)
+
+
+def plot_recall_curves(path: str | Path, curves: dict[str, dict[str, Any]], title: str) -> Path:
+    """Recall@K against K (log axis), one panel per surface plus all, one line per run.
+    `curves`: run name -> evaluate()'s "recall_curve"."""
+    plt = _pyplot()
+    panels = sorted({s for c in curves.values() for s in c["exact"] if s != "all"}) + ["all"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), sharey=True, squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for name, c in curves.items():
+            if panel in c["exact"]:
+                ax.plot(c["k"], c["exact"][panel], label=name, linewidth=1.4)
+        ax.set_xscale("log")
+        ax.set_xlim(1, max(max(c["k"]) for c in curves.values()))
+        ax.set_ylim(0, 1)
+        ax.axvline(10, color="grey", linewidth=0.6, linestyle=":")
+        ax.set_title(panel)
+        ax.set_xlabel("K")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("Recall@K (exact, test window)")
+    if len(curves) > 1:
+        axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save_png(fig, Path(path))
+    return Path(path)
+
+
+def plot_training_curves(path: str | Path, runs: dict[str, dict[str, list[list[float]]]], title: str,
+                         chosen: dict[str, int | None] | None = None) -> Path:
+    """Training loss and validation Recall@10 against steps, one line per run, the chosen model's
+    evaluation circled. `runs`: run name -> training_curves(); `chosen`: run name -> its best step."""
+    plt = _pyplot()
+    fig, (loss_ax, recall_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, curves in runs.items():
+        if curves.get(LOSS_TAG):
+            steps, values = zip(*curves[LOSS_TAG])
+            loss_ax.plot(steps, values, label=name, linewidth=1.0)
+        if curves.get(VALIDATION_TAG):
+            steps, values = zip(*curves[VALIDATION_TAG])
+            line, = recall_ax.plot(steps, values, marker="o", markersize=3, label=name, linewidth=1.2)
+            best = (chosen or {}).get(name)
+            if best in steps:
+                recall_ax.plot([best], [values[steps.index(best)]], marker="o", markersize=10, fillstyle="none",
+                               color=line.get_color(), label="the chosen model" if len(runs) == 1 else None)
+    top = max((v for c in runs.values() for _, v in c.get(VALIDATION_TAG, [])), default=1.0)
+    loss_ax.set(title="training loss", xlabel="step", ylabel="loss (mixed-negative softmax)")
+    recall_ax.set(title="validation Recall@10 (chooses the model)", xlabel="step", ylabel="Recall@10",
+                  ylim=(0, min(1.0, 1.2 * top + 0.02)))
+    for ax in (loss_ax, recall_ax):
+        ax.grid(alpha=0.3)
+    if recall_ax.get_legend_handles_labels()[0]:
+        recall_ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save_png(fig, Path(path))
+    return Path(path)
+
+
+def gallery_markdown(gallery: list[dict[str, Any]]) -> list[str]:
+    """The gallery as Markdown: per query, its top-10 titles with the engaged product in bold."""
+    def md(text: str) -> str:  # a title may hold characters that Markdown tables and emphasis read
+        return "".join("\\" + c if c in "|*_`[]<>\\" else c for c in text)
+
+    lines = []
+    for g in gallery:
+        user = f", user `{g['user_id']}`" if g.get("user_id") else ""
+        lines += [f"**{g['surface']}** ({g['task']}{user}): {md(g['query'])}; engaged: *{md(g['engaged']['title'])}* "
+                  f"(`{g['engaged']['product_id']}`), rank {g['engaged_rank']} in the catalog", "",
+                  "| # | product | score |", "|---:|---|---:|"]
+        for i, t in enumerate(g["top"], 1):
+            name = f"{md(t['title']) or '(no title)'} (`{t['product_id']}`)"
+            lines.append(f"| {i} | {'**✔ ' + name + '**' if t['engaged'] else name} | {t['score']:.3f} |")
+        lines.append("")
+    return lines
+
+
 def write_report(result: dict[str, Any], out_dir: str | Path, *, title: str = "Evaluation") -> Path:
-    """evaluation.json (every number) + report.md (Recall@1/10/100 tables) + manifest, atomically."""
+    """evaluation.json (every number) + report.md (Recall@1/10/100 tables, the gallery) +
+    recall_at_k.png + training_curves.png (when the run's logs were found) + manifest, atomically."""
     from itemsage import artifacts
 
     out_dir = Path(out_dir)
@@ -244,8 +436,9 @@ def write_report(result: dict[str, Any], out_dir: str | Path, *, title: str = "E
     lines = [f"# {title}", ""]
     data = result["data"]
     lines += [
-        f"{data['eval_pairs']} eval-window pairs ranked against {data['products']} products "
-        f"({data['cold_start_pairs']} pairs on cold-start products, never engaged in the train window).",
+        f"{data['eval_pairs']} test-window pairs ranked against {data['products']} products "
+        f"({data['cold_start_pairs']} pairs on cold-start products, never engaged in the train window). "
+        "The validation window chose the model; no figure here comes from it.",
         "",
     ]
     if "index_version" in data:
@@ -256,7 +449,24 @@ def write_report(result: dict[str, Any], out_dir: str | Path, *, title: str = "E
                   "|---|---:|---:|---:|---:|---:|"]
         lines += ["| " + " | ".join(row) + " |" for row in recall_table(result, k)]
         lines.append("")
+    files = ["report.md", "evaluation.json"]
+    if result.get("recall_curve"):
+        plot_recall_curves(out_dir / "recall_at_k.png", {"model": result["recall_curve"]}, "Recall@K per surface")
+        lines += ["## Recall@K, K = 1..100", "", "![Recall@K per surface](recall_at_k.png)", ""]
+        files.append("recall_at_k.png")
+    lines += ["## Training curves", ""]
+    if result.get("training_curves"):
+        plot_training_curves(out_dir / "training_curves.png", {"model": result["training_curves"]}, "Training",
+                             chosen={"model": data.get("best_step")})
+        lines += ["![Training loss and validation Recall@10](training_curves.png)", ""]
+        files.append("training_curves.png")
+    else:
+        lines += ["No TensorBoard logs beside the model (RUN/tensorboard for RUN/model).", ""]
+    if result.get("gallery"):
+        lines += ["## Nearest neighbours", "",
+                  "A few test-window queries per surface, their top 10 by exact search; the engaged product "
+                  "in bold with ✔ (if it is in the top 10).", "", *gallery_markdown(result["gallery"])]
     artifacts.atomic_write_text(out_dir / "report.md", "\n".join(lines))
     artifacts.write_manifest(out_dir, "evaluation", counts={"eval_pairs": data["eval_pairs"]},
-                             inputs={"model": data["model_fingerprint"]})
+                             inputs={"model": data["model_fingerprint"]}, files=files)
     return out_dir / "report.md"

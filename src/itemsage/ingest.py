@@ -2,8 +2,8 @@
 
 `ingest(catalog, logs, out, config)` reads Parquet and JSON Lines files (or directories of them, in
 sorted name order) in streaming batches and writes the dataset directory described in
-docs/ARCHITECTURE.md: products.parquet, train.parquet, eval.parquet, rejects.jsonl, vocab.json and
-manifest.json. The row checks themselves are in itemsage.validate.
+docs/ARCHITECTURE.md: products.parquet, train.parquet, validation.parquet, test.parquet, rejects.jsonl,
+vocab.json and manifest.json. The row checks themselves are in itemsage.validate.
 
 Two kinds of bad input:
 - a bad ROW goes to rejects.jsonl with exactly one reason from `schema.REJECT_REASONS`, and the run
@@ -41,8 +41,24 @@ Rules a user may need to know:
 - Input fingerprints in the manifest: `sha256:<hex>` of the file's bytes, or `size-mtime:<bytes>:<ns>`
   for files larger than `sha256_max_bytes` (1 GiB by default), where hashing would be a long extra pass.
 
-Split: rows at or after the split time are eval. Without `split_at` the split time is
-`max - eval_fraction * (max - min)` over every readable timestamp in the logs.
+Split: three windows in time order. train.parquet trains the model, validation.parquet chooses it
+(early stopping and the best checkpoint), test.parquet gives every reported figure. Two protocols:
+- `split="global"` (default): one pair of split times for every row. Rows at or after `test_from` are
+  test, rows at or after `validation_from` (and before `test_from`) are validation, the rest train.
+  Without given times: test_from = max - test_fraction * span and validation_from = test_from -
+  validation_fraction * span, over every readable timestamp in the logs (span = max - min).
+- `split="per-user"`: each user's own engagements in time order (ties in input order); the user's
+  last `test_fraction` of them are test, the `validation_fraction` before those validation, the rest
+  train. Counts are floor(fraction * n), and a window whose share is between 0 and 1 row gets one
+  row while the user keeps at least 2 for train, test first (RecBole's ratio split; Microsoft
+  Recommenders' python_chrono_split is the same idea). A user with one engagement is train only.
+  Rows without a user_id cannot be held out per user: they all go to train (counted in the
+  manifest as `no_user_train_rows`). This mode holds 12 bytes per kept log row (user code and time)
+  until the logs are read, plus O(users).
+`gap_hours` drops the train rows in the hours before the validation window (global: before
+validation_from; per-user: before that user's first validation row), since engagement right before
+the split leaks into the later windows; they are counted as `gap_rows`. An empty validation or test
+window is not an error, but is named in the summary's warnings.
 
 Passes and memory. Nothing here holds the logs, or the catalog's vectors, all at once:
 1. catalog: each batch is checked and its kept products appended to a scratch Arrow IPC file; held
@@ -55,7 +71,7 @@ Passes and memory. Nothing here holds the logs, or the catalog's vectors, all at
    worth: at most 257 scratch files are open at once); the split time is always a slab edge.
 4. output: products.parquet is copied from its scratch file in batches, the vocabulary is counted
    from it in batches, and each slab in turn is read, sorted by time (ties keep input order) and
-   appended to train.parquet or eval.parquet.
+   appended to train.parquet, validation.parquet or test.parquet (or dropped, in the gap).
 So peak memory is about one batch while reading (`batch_rows` rows, fewer where rows are wide: a
 Parquet batch holds about 64 MiB of decoded data), one slab (twice: read and sorted) while writing,
 plus the O(products) state: the id sets, the vocabulary counts and the extra catalog columns.
@@ -73,9 +89,11 @@ removed. Directories of a running process (another ingest into the same `<out>`)
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -129,12 +147,17 @@ class DataError(ValueError):
 # ------------------------------------------------------------------------------------------------
 
 _RESERVED = {schema.PRODUCT_ID, schema.IMAGE_EMBEDDINGS, schema.IMAGE_PATHS, schema.CONTENT_HASH}
+SPLITS = ("global", "per-user")
 
 
 @dataclass
 class IngestConfig:
-    split_at: str | None = None  # ISO time; rows at or after it are eval. Wins over eval_fraction.
-    eval_fraction: float = 0.2  # else: the last fraction of the logs' time span is eval
+    split: str = "global"  # global | per-user (see the module doc)
+    validation_fraction: float = 0.1  # global: of the logs' time span; per-user: of each user's engagements
+    test_fraction: float = 0.1  # the last fraction; validation is the one before it
+    validation_from: str | None = None  # global only: ISO times that start validation and test (both or
+    test_from: str | None = None  # neither); they win over the fractions
+    gap_hours: float = 0.0  # train rows this close before the validation window are dropped
     text_fields: tuple[str, ...] = schema.TEXT_FIELDS  # fields the vocabulary is built from
     max_unigrams: int = 200_000
     max_bigrams: int = 1_000_000
@@ -151,13 +174,30 @@ class IngestConfig:
         if isinstance(self.text_fields, str):
             self.text_fields = tuple(f.strip() for f in self.text_fields.split(",") if f.strip())
         self.text_fields = tuple(self.text_fields)
-        if self.split_at is not None:
-            require(isinstance(self.split_at, str) and parse_iso_ms(self.split_at) is not None,
-                    f"`ingest.split_at` ({self.split_at!r}) is not an ISO-8601 time; "
+        require(self.split in SPLITS, f"`ingest.split` ({self.split!r}) must be one of {', '.join(SPLITS)}.")
+        for name in ("validation_from", "test_from"):
+            value = getattr(self, name)
+            require(value is None or (isinstance(value, str) and parse_iso_ms(value) is not None),
+                    f"`ingest.{name}` ({value!r}) is not an ISO-8601 time; "
                     "write it like 2024-03-01T00:00:00Z (no zone = UTC).")
-        require(isinstance(self.eval_fraction, (int, float)) and 0.0 < self.eval_fraction < 1.0,
-                f"`ingest.eval_fraction` ({self.eval_fraction}) must be between 0 and 1 (exclusive), "
-                "e.g. 0.2 for the last fifth of the time span.")
+        require((self.validation_from is None) == (self.test_from is None),
+                "`ingest.validation_from` and `ingest.test_from` go together: give both split times, or neither "
+                "(then the fractions place them).")
+        if self.validation_from is not None:
+            require(self.split == "global", "`ingest.validation_from`/`ingest.test_from` are split times of the "
+                                            "global split; the per-user split takes fractions only.")
+            require(parse_iso_ms(self.validation_from) <= parse_iso_ms(self.test_from),
+                    f"`ingest.validation_from` ({self.validation_from}) is after `ingest.test_from` "
+                    f"({self.test_from}); validation comes before test.")
+        require(isinstance(self.test_fraction, (int, float)) and 0.0 < self.test_fraction < 1.0,
+                f"`ingest.test_fraction` ({self.test_fraction}) must be between 0 and 1 (exclusive), "
+                "e.g. 0.1 for the last tenth.")
+        require(isinstance(self.validation_fraction, (int, float))
+                and 0.0 <= self.validation_fraction < 1.0 - self.test_fraction,
+                f"`ingest.validation_fraction` ({self.validation_fraction}) must be >= 0 and leave room for train "
+                f"(validation + test fractions < 1; test is {self.test_fraction}).")
+        require(isinstance(self.gap_hours, (int, float)) and math.isfinite(self.gap_hours) and self.gap_hours >= 0,
+                f"`ingest.gap_hours` ({self.gap_hours}) must be a number of hours >= 0.")
         require(len(self.text_fields) > 0, "`ingest.text_fields` is empty; name at least one text field.")
         require(len(set(self.text_fields)) == len(self.text_fields),
                 f"`ingest.text_fields` lists a field twice: {list(self.text_fields)}")
@@ -192,8 +232,12 @@ class IngestSummary:
     rejects: dict[str, int]  # reason -> rows, every reason listed
     products: int
     train_rows: dict[str, int]  # task "surface.engagement" -> rows, every task listed
-    eval_rows: dict[str, int]
-    split_at: str  # ISO time, UTC
+    validation_rows: dict[str, int]
+    test_rows: dict[str, int]
+    split: str  # global | per-user
+    validation_from: str | None  # ISO times, UTC (global split; None for per-user)
+    test_from: str | None
+    gap_rows: int  # train rows dropped in the gap before validation
     image_dim: int  # 0 = the catalog has no images
     query_dims: dict[str, int]  # surface -> query vector width, for surfaces with rows
     images_truncated: int
@@ -223,17 +267,21 @@ def summary_table(summary: IngestSummary) -> Any:
         if n:
             rejects.add_row(reason, f"{n:,}")
     tasks = Table(title="pairs per task", title_justify="left")
-    for col in ("task", "train", "eval"):
+    for col in ("task",) + schema.WINDOWS:
         tasks.add_column(col, justify="left" if col == "task" else "right")
+    windows = (summary.train_rows, summary.validation_rows, summary.test_rows)
     for task in schema.ALL_TASKS:
-        tasks.add_row(task, f"{summary.train_rows[task]:,}", f"{summary.eval_rows[task]:,}")
-    tasks.add_row("total", f"{sum(summary.train_rows.values()):,}", f"{sum(summary.eval_rows.values()):,}")
+        tasks.add_row(task, *(f"{w[task]:,}" for w in windows))
+    tasks.add_row("total", *(f"{sum(w.values()):,}" for w in windows))
     files = Table(title=f"written to {summary.out}", title_justify="left")
     files.add_column("file")
     files.add_column("bytes", justify="right")
     for path in summary.files:
         files.add_row(path.name, f"{path.stat().st_size:,}" if path.exists() else "")
-    facts = (f"products kept: {summary.products:,}; eval from {summary.split_at}; "
+    split = (f"validation from {summary.validation_from}, test from {summary.test_from}" if summary.split == "global"
+             else "per-user split (each user's last engagements are validation and test)")
+    gap = f", {summary.gap_rows:,} train rows dropped in the gap before validation" if summary.gap_rows else ""
+    facts = (f"products kept: {summary.products:,}; {split}{gap}; "
              f"image width: {summary.image_dim}; query widths: {summary.query_dims}; "
              f"products with image lists cut to the maximum: {summary.images_truncated:,}")
     # Text, not markup: a detail may hold [brackets].
@@ -431,7 +479,9 @@ _COMPRESSION = "zstd"
 _SCRATCH = pa.ipc.IpcWriteOptions(compression="lz4")
 # Dictionary encoding only where values repeat; a float vector column would only pay for the attempt.
 _LOG_DICTIONARY = [schema.SURFACE, schema.ENGAGEMENT, schema.PRODUCT_ID, schema.USER_ID, schema.QUERY_TEXT]
-_MAX_SLABS = 256  # time slabs (scratch files open at once while reading the logs), plus one at the split
+_MAX_SLABS = 256  # time slabs (scratch files open at once while reading the logs), plus one per split time
+TRAIN, GAP, VALIDATION, TEST = 0, 1, 2, 3  # window code of a kept log row (GAP rows are dropped)
+_WINDOW_CODES = {"train": TRAIN, "validation": VALIDATION, "test": TEST}
 
 
 class _Extras:
@@ -505,40 +555,137 @@ class _MinuteCounts:
             self.counts = np.bincount(where, weights=counts, minlength=len(self.minutes)).astype(np.int64)
             self._pending, self._pending_len = [], 0
 
-    def slab_edges(self, split_ms: int, sort_rows: int) -> np.ndarray:
+    def slab_edges(self, split_ms: Sequence[int], sort_rows: int) -> np.ndarray:
         """Sorted inner edges (ms) of the time slabs: runs of whole minutes with about `sort_rows`
         rows each (more when one minute holds more, or when more than _MAX_SLABS slabs would be
-        needed), plus the split time, so no slab straddles it."""
+        needed), plus the global split times, so no slab straddles one."""
         self._merge()
         target = max(sort_rows, -(-int(self.counts.sum()) // _MAX_SLABS))
         slab = (np.cumsum(self.counts) - self.counts) // target  # [minutes] slab of each minute's first row
         starts = np.flatnonzero(np.diff(slab) > 0) + 1  # minutes that open a new slab
-        return np.union1d(self.minutes[starts] * 60_000, np.array([split_ms], np.int64))
+        return np.union1d(self.minutes[starts] * 60_000, np.array(split_ms, np.int64))
+
+
+class _GlobalSplit:
+    """Windows by time alone: train before validation_ms - gap_ms, then the gap, then validation from
+    validation_ms, then test from test_ms."""
+
+    def __init__(self, validation_ms: int, test_ms: int, gap_ms: int):
+        self.bounds = np.array([validation_ms - gap_ms, validation_ms, test_ms], np.int64)
+
+    def add(self, table: pa.Table) -> None:
+        """Nothing to learn from the rows."""
+
+    def fit(self) -> None:
+        """Nothing to learn from the rows."""
+
+    def label(self, table: pa.Table) -> np.ndarray:
+        ts = table.column(schema.TIMESTAMP).cast(pa.int64()).to_numpy()  # [n]
+        return np.searchsorted(self.bounds, ts, side="right")  # [n] TRAIN, GAP, VALIDATION or TEST
+
+    def first_open(self, ms: int) -> int:
+        """The first window code that rows at or after `ms` can still have."""
+        return int(np.searchsorted(self.bounds, ms, side="right"))
+
+
+class _PerUserSplit:
+    """Each user's last engagements to validation and test (module doc). `add` sees every kept row in
+    read order, `fit` fixes each user's cut ranks, then `label` must see the rows in time order (ties
+    in read order), as `_TimeSlabs.finish` writes them: a row's rank in its user's history is the
+    count of that user's rows labelled before it."""
+
+    def __init__(self, validation_fraction: float, test_fraction: float, gap_ms: int):
+        self.fractions = (validation_fraction, test_fraction)
+        self.gap_ms = gap_ms
+        self.codes: dict[str, int] = {}  # user_id -> user number
+        self.parts: list[tuple[np.ndarray, np.ndarray]] = []  # per batch: user numbers (-1: none), times
+
+    def _users(self, column: Any, grow: bool) -> np.ndarray:
+        """[n] user numbers of a user_id column, -1 where it is null."""
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()  # one array, so one dictionary
+        encoded = pc.dictionary_encode(column)
+        names = encoded.dictionary.to_pylist()
+        number = np.array([self.codes.setdefault(u, len(self.codes)) if grow else self.codes[u] for u in names]
+                          + [-1], np.int64)  # the last entry stands for null
+        index = encoded.indices.fill_null(len(names)).to_numpy()
+        return number[index]
+
+    def add(self, table: pa.Table) -> None:
+        ts = table.column(schema.TIMESTAMP).cast(pa.int64()).to_numpy()
+        self.parts.append((self._users(table.column(schema.USER_ID), grow=True).astype(np.int32), ts))
+
+    def fit(self) -> None:
+        users = np.concatenate([u for u, _ in self.parts]) if self.parts else np.zeros(0, np.int32)
+        ts = np.concatenate([t for _, t in self.parts]) if self.parts else np.zeros(0, np.int64)
+        self.parts = []
+        has = users >= 0
+        users, ts = users[has], ts[has]
+        order = np.argsort(ts, kind="stable")  # time order, ties in read order ...
+        order = order[np.argsort(users[order], kind="stable")]  # ... within each user
+        n = np.bincount(users, minlength=len(self.codes))  # [U] rows per user
+        fv, ft = self.fractions
+        n_val, n_test = np.floor(fv * n + 1e-9).astype(np.int64), np.floor(ft * n + 1e-9).astype(np.int64)
+        n_train = n - n_val - n_test
+        for share, counts in ((ft * n, n_test), (fv * n, n_val)):  # RecBole: test first, then validation
+            bump = (n_train > 1) & (share > 0) & (share < 1)
+            counts += bump
+            n_train -= bump
+        self.cut_validation, self.cut_test = n_train, n_train + n_val  # [U] ranks where the windows start
+        first = np.cumsum(n) - n  # [U] each user's first row in `order`
+        later = n_val + n_test > 0
+        self.validation_ms = np.full(len(n), np.iinfo(np.int64).max, np.int64)  # [U] time of the first later row
+        self.validation_ms[later] = ts[order[first[later] + n_train[later]]]
+        self.seen = np.zeros(len(n), np.int64)  # [U] rows labelled so far
+
+    def label(self, table: pa.Table) -> np.ndarray:
+        users = self._users(table.column(schema.USER_ID), grow=False)  # [n]
+        ts = table.column(schema.TIMESTAMP).cast(pa.int64()).to_numpy()  # [n]
+        label = np.full(len(users), TRAIN, np.int64)
+        has = np.flatnonzero(users >= 0)
+        u = users[has]
+        by_user = np.argsort(u, kind="stable")  # rows grouped by user, time order within each
+        sorted_u = u[by_user]
+        group_start = np.flatnonzero(np.r_[True, sorted_u[1:] != sorted_u[:-1]])
+        sizes = np.diff(np.r_[group_start, len(sorted_u)])
+        within = np.arange(len(sorted_u)) - np.repeat(group_start, sizes)  # [m] rank within this table
+        rank = np.empty(len(u), np.int64)
+        rank[by_user] = self.seen[sorted_u] + within
+        self.seen += np.bincount(u, minlength=len(self.seen))
+        window = np.where(rank >= self.cut_test[u], TEST, np.where(rank >= self.cut_validation[u], VALIDATION, TRAIN))
+        if self.gap_ms:
+            window[(window == TRAIN) & (ts[has] >= self.validation_ms[u] - self.gap_ms)] = GAP
+        label[has] = window
+        return label
+
+    def first_open(self, ms: int) -> int:
+        """Every window stays open: any user's next row may be train, validation or test."""
+        return TRAIN
 
 
 class _TimeSlabs:
     """Kept log rows, bucketed by time into one scratch Arrow IPC file per slab, in input order; at
-    the end each slab in turn is read, sorted by time and appended to train.parquet or eval.parquet."""
+    the end each slab in turn is read, sorted by time and its rows appended to train.parquet,
+    validation.parquet or test.parquet (or dropped, in the gap), as `split` labels them."""
 
-    def __init__(self, scratch: Path, edges: np.ndarray, split_ms: int):
+    def __init__(self, scratch: Path, edges: np.ndarray, split: _GlobalSplit | _PerUserSplit):
         self.scratch = scratch
         self.edges = edges  # [E] sorted; slab k holds edges[k-1] <= t < edges[k]
-        self.first_eval = int(np.searchsorted(edges, split_ms, "left")) + 1  # slabs from here on are eval
+        self.split = split
         self.files: dict[int, tuple[Any, Any]] = {}  # slab -> (file, IPC writer)
-        self.train_tasks = np.zeros(len(schema.ALL_TASKS), np.int64)  # rows per task, ALL_TASKS order
-        self.eval_tasks = np.zeros(len(schema.ALL_TASKS), np.int64)
+        self.rows = 0  # kept rows added
+        # rows per task (ALL_TASKS order), per window code TRAIN, GAP, VALIDATION, TEST
+        self.tasks = np.zeros((4, len(schema.ALL_TASKS)), np.int64)
+        self.no_user_train_rows = 0  # per-user split: rows without a user_id, all train
 
     def add(self, table: pa.Table) -> None:
         n = table.num_rows
         if n == 0:
             return
+        self.rows += n
+        self.split.add(table)
         ts = table.column(schema.TIMESTAMP).cast(pa.int64()).to_numpy()  # [n] never null in kept rows
         slab = np.searchsorted(self.edges, ts, side="right")  # [n]
-        task = codes(table.column(schema.SURFACE), schema.SURFACES) * len(schema.ENGAGEMENTS) + codes(
-            table.column(schema.ENGAGEMENT), schema.ENGAGEMENTS)  # [n] index into ALL_TASKS
-        is_eval = slab >= self.first_eval
-        self.train_tasks += np.bincount(task[~is_eval], minlength=len(schema.ALL_TASKS))
-        self.eval_tasks += np.bincount(task[is_eval], minlength=len(schema.ALL_TASKS))
         if (slab == slab[0]).all():  # time-ordered input: the common case, no reordering
             self._write(int(slab[0]), table)
             return
@@ -560,37 +707,51 @@ class _TimeSlabs:
                 writer.close()
                 sink.close()
 
-    def finish(self, train_target: Path, eval_target: Path, on_rows: Callable[[int], None]) -> None:
-        """Write train, then eval, in time order: one slab and one Parquet writer in memory at a time."""
+    def finish(self, targets: dict[str, Path], on_rows: Callable[[int], None]) -> None:
+        """Write the windows (`targets`: window name -> file) in time order: one slab in memory at a
+        time, one Parquet writer per window."""
         self.close()
-        train = [k for k in sorted(self.files) if k < self.first_eval]
-        evals = [k for k in sorted(self.files) if k >= self.first_eval]
-        for target, slabs in ((train_target, train), (eval_target, evals)):
-            with artifacts.atomic_path(target) as tmp:
-                writer = pq.ParquetWriter(tmp, LOG_SCHEMA, use_dictionary=_LOG_DICTIONARY, compression=_COMPRESSION)
-                try:
-                    for k in slabs:
-                        path = self.scratch / f"slab-{k:05d}.arrow"
-                        # one chunk per column: the scratch's record batches are freed as soon as they are copied
-                        slab = pa.Table.from_batches(list(_scratch_batches(path)), LOG_SCHEMA).combine_chunks()
-                        path.unlink()
-                        ts = slab.column(schema.TIMESTAMP).cast(pa.int64()).to_numpy()
-                        order = np.argsort(ts, kind="stable")  # ties keep input order
-                        if (np.diff(order) < 0).any():
-                            slab = take_rows(slab, order)
-                        writer.write_table(slab, row_group_size=_ROW_GROUP_ROWS)
-                        on_rows(slab.num_rows)
-                        del slab
-                finally:
-                    writer.close()
+        self.split.fit()
+        with contextlib.ExitStack() as stack:
+            writers = {}
+            for window, target in targets.items():
+                tmp = stack.enter_context(artifacts.atomic_path(target))
+                writers[_WINDOW_CODES[window]] = stack.enter_context(contextlib.closing(pq.ParquetWriter(
+                    tmp, LOG_SCHEMA, use_dictionary=_LOG_DICTIONARY, compression=_COMPRESSION)))
+            for k in sorted(self.files):
+                path = self.scratch / f"slab-{k:05d}.arrow"
+                # one chunk per column: the scratch's record batches are freed as soon as they are copied
+                slab = pa.Table.from_batches(list(_scratch_batches(path)), LOG_SCHEMA).combine_chunks()
+                path.unlink()
+                ts = slab.column(schema.TIMESTAMP).cast(pa.int64()).to_numpy()
+                order = np.argsort(ts, kind="stable")  # ties keep input order
+                if (np.diff(order) < 0).any():
+                    slab = take_rows(slab, order)
+                window = self.split.label(slab)  # [n]
+                task = codes(slab.column(schema.SURFACE), schema.SURFACES) * len(schema.ENGAGEMENTS) + codes(
+                    slab.column(schema.ENGAGEMENT), schema.ENGAGEMENTS)  # [n] index into ALL_TASKS
+                np.add.at(self.tasks, (window, task), 1)
+                if isinstance(self.split, _PerUserSplit):
+                    self.no_user_train_rows += int(slab.column(schema.USER_ID).null_count)
+                for code, writer in writers.items():
+                    rows = np.flatnonzero(window == code)
+                    if len(rows):
+                        writer.write_table(slab if len(rows) == slab.num_rows else take_rows(slab, rows),
+                                           row_group_size=_ROW_GROUP_ROWS)
+                on_rows(slab.num_rows)
+                # A Parquet writer holds buffers about a slab's size: close each one as soon as its
+                # window is over (global split: every later row is at least this late).
+                for code in [c for c in writers if c < self.split.first_open(int(ts.max()) if len(ts) else 0)]:
+                    writers.pop(code).close()
+                del slab
+
+    def window_rows(self, window: str) -> dict[str, int]:
+        """Rows per task (every task listed) of a window: train, validation or test."""
+        return dict(zip(schema.ALL_TASKS, self.tasks[_WINDOW_CODES[window]].tolist()))
 
     @property
-    def train_rows(self) -> int:
-        return int(self.train_tasks.sum())
-
-    @property
-    def eval_rows(self) -> int:
-        return int(self.eval_tasks.sum())
+    def gap_rows(self) -> int:
+        return int(self.tasks[GAP].sum())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -915,13 +1076,24 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
 
             minutes = run.time_pass(log_sources)
             lap("time pass", _total_rows(log_sources))
-            if config.split_at is not None:
-                split_ms = parse_iso_ms(config.split_at)
+            gap_ms = int(round(config.gap_hours * 3_600_000))
+            split: _GlobalSplit | _PerUserSplit
+            if config.split == "per-user":
+                split_ms: list[int] = []
+                split = _PerUserSplit(config.validation_fraction, config.test_fraction, gap_ms)
+                log.info("per-user split: each user's last %g of engagements is test, the %g before it validation",
+                         config.test_fraction, config.validation_fraction)
             else:
-                lo, hi = (run.lo_ms, run.hi_ms) if run.lo_ms is not None else (0, 0)
-                split_ms = hi - int(config.eval_fraction * (hi - lo))
-            log.info("split at %s: rows at or after it are eval", _iso(split_ms))
-            slabs = _TimeSlabs(tmp / ".scratch", minutes.slab_edges(split_ms, config.sort_rows), split_ms)
+                if config.validation_from is not None:
+                    split_ms = [parse_iso_ms(config.validation_from), parse_iso_ms(config.test_from)]
+                else:
+                    lo, hi = (run.lo_ms, run.hi_ms) if run.lo_ms is not None else (0, 0)
+                    test_ms = hi - int(config.test_fraction * (hi - lo))
+                    split_ms = [test_ms - int(config.validation_fraction * (hi - lo)), test_ms]
+                split = _GlobalSplit(split_ms[0], split_ms[1], gap_ms)
+                log.info("validation from %s, test from %s", _iso(split_ms[0]), _iso(split_ms[1]))
+            edges = [split_ms[0] - gap_ms, *split_ms] if split_ms else []
+            slabs = _TimeSlabs(tmp / ".scratch", minutes.slab_edges(edges, config.sort_rows), split)
             del minutes
             run.read_logs(log_sources, slabs)
             warnings = [w for w in warnings + [run.rejection_warning("logs", out)] if w]
@@ -936,26 +1108,35 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
             vocab = run.build_vocabulary()
             vocab.save(tmp / schema.VOCAB_FILE)
             lap("products and vocabulary", run.products)
-            task = progress.add_task("sorting train/eval", total=slabs.train_rows + slabs.eval_rows)
-            slabs.finish(tmp / schema.TRAIN_FILE, tmp / schema.EVAL_FILE, lambda k: progress.advance(task, k))
+            task = progress.add_task("sorting into windows", total=slabs.rows)
+            slabs.finish({w: tmp / schema.WINDOW_FILES[w] for w in schema.WINDOWS}, lambda k: progress.advance(task, k))
             shutil.rmtree(tmp / ".scratch")
-            lap("train/eval in time order", slabs.train_rows + slabs.eval_rows)
+            lap("train/validation/test in time order", slabs.rows)
 
         checks = run.checks
         rejects = {reason: run.reject_counts.get(reason, 0) for reason in schema.REJECT_REASONS}
-        train_rows = dict(zip(schema.ALL_TASKS, slabs.train_tasks.tolist()))
-        eval_rows = dict(zip(schema.ALL_TASKS, slabs.eval_tasks.tolist()))
+        rows = {w: slabs.window_rows(w) for w in schema.WINDOWS}  # window -> task -> rows
+        for w in ("validation", "test"):  # logged, not a summary warning: those are about rejected rows
+            if slabs.rows and not sum(rows[w].values()):
+                log.warning("the %s window is empty: %s; change --%s-fraction%s.", w,
+                            "no user has enough engagements (or no row has a user_id) for the per-user split"
+                            if config.split == "per-user" else "no log row falls in it", w,
+                            f" or --{w}-from" if config.split == "global" else "")
         image_dim = checks.image_dim or 0
         counts = {
             "products": run.products, "catalog_rows": sum(s.rows_read for s in run.stats if s.role == "catalog"),
             "log_rows": sum(s.rows_read for s in run.stats if s.role == "logs"),
             "rejects": rejects, "rejected": sum(rejects.values()),
-            "train_rows": train_rows, "eval_rows": eval_rows, "train": slabs.train_rows, "eval": slabs.eval_rows,
+            **{f"{w}_rows": rows[w] for w in schema.WINDOWS}, **{w: sum(rows[w].values()) for w in schema.WINDOWS},
+            "gap_rows": slabs.gap_rows, "no_user_train_rows": slabs.no_user_train_rows,
             "image_dim": image_dim, "query_dims": dict(checks.query_dims), "images_truncated": checks.images_truncated,
             "vocab_size": len(vocab),
         }
-        manifest_config = {**to_dict(config), "split_at": _iso(split_ms), "split_at_ms": split_ms,
-                           "split_rule": "given" if config.split_at is not None else "eval_fraction",
+        windows_from = {"validation_from": _iso(split_ms[0]), "test_from": _iso(split_ms[1])} if split_ms else \
+            {"validation_from": None, "test_from": None}
+        manifest_config = {**to_dict(config), **windows_from,
+                           "split_rule": ("per-user" if config.split == "per-user" else
+                                          "given" if config.validation_from is not None else "fractions"),
                            "text_columns": list(text_columns), "catalog": str(catalog), "logs": str(logs)}
         inputs = {str(s.path): _fingerprint(s.path, config.sha256_max_bytes) for s in catalog_sources + log_sources}
         artifacts.write_manifest(tmp, "dataset", config=manifest_config, inputs=inputs, counts=counts,
@@ -972,12 +1153,15 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-    files = [out / name for name in (schema.PRODUCTS_FILE, schema.TRAIN_FILE, schema.EVAL_FILE,
-                                     schema.REJECTS_FILE, schema.VOCAB_FILE, artifacts.MANIFEST)]
+    files = [out / name for name in (schema.PRODUCTS_FILE, schema.TRAIN_FILE, schema.VALIDATION_FILE,
+                                     schema.TEST_FILE, schema.REJECTS_FILE, schema.VOCAB_FILE, artifacts.MANIFEST)]
     summary = IngestSummary(out=out, inputs=run.stats, rejects=rejects, products=run.products,
-                            train_rows=train_rows, eval_rows=eval_rows, split_at=_iso(split_ms),
+                            train_rows=rows["train"], validation_rows=rows["validation"], test_rows=rows["test"],
+                            split=config.split, validation_from=windows_from["validation_from"],
+                            test_from=windows_from["test_from"], gap_rows=slabs.gap_rows,
                             image_dim=image_dim, query_dims=dict(checks.query_dims),
                             images_truncated=checks.images_truncated, files=files, warnings=warnings)
-    log.info("ingest: %d products, %d train and %d eval rows, %d rejected rows -> %s",
-             summary.products, slabs.train_rows, slabs.eval_rows, summary.rejected, out)
+    log.info("ingest: %d products, %d train, %d validation and %d test rows (%d dropped in the gap), "
+             "%d rejected rows -> %s", summary.products, counts["train"], counts["validation"], counts["test"],
+             slabs.gap_rows, summary.rejected, out)
     return summary

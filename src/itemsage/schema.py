@@ -47,10 +47,13 @@ CONTENT_HASH = "content_hash"  # sha256 of a product's features, for `embed --in
 
 # Files of a dataset directory (written by `itemsage ingest`).
 PRODUCTS_FILE = "products.parquet"
-TRAIN_FILE = "train.parquet"
-EVAL_FILE = "eval.parquet"
+TRAIN_FILE = "train.parquet"  # the three log windows, in time order: train, validation, test
+VALIDATION_FILE = "validation.parquet"  # chooses the model (early stopping, best checkpoint)
+TEST_FILE = "test.parquet"  # every reported figure
 REJECTS_FILE = "rejects.jsonl"
 VOCAB_FILE = "vocab.json"
+WINDOWS: tuple[str, ...] = ("train", "validation", "test")
+WINDOW_FILES: dict[str, str] = {"train": TRAIN_FILE, "validation": VALIDATION_FILE, "test": TEST_FILE}
 QUERY_CACHE_DIR = "query_cache"  # frozen query embeddings, computed once (train/evaluate)
 
 # Reasons a row is rejected; each rejected row carries exactly one.

@@ -30,7 +30,14 @@ Choices written down here:
 - The held-out Recall@K is exact: the whole catalog is embedded with the current tower and each
   pair's engaged product is ranked among all products (evaluate.exact_ranks), per task. The sample
   is stratified: an equal share of `eval_sample` per task (all pairs of a smaller task), so the
-  sparse conversion tasks get a usable count.
+  sparse conversion tasks get a usable count. It comes from the validation window only (the test
+  window is for `itemsage evaluate`), the same seeded sample at every evaluation.
+- Model selection: each evaluation whose overall validation Recall@10 beats the best so far saves the
+  model to `best/`; the run stops early after `patience` evaluations without a gain, or at the
+  step/minute budget. The final `model/` is the best evaluation's model (its step is recorded as
+  `best_step` in the training summary), or the last step's when nothing was evaluated (no
+  validation rows, or eval_sample 0). Best score, best step and the evaluations since are in each
+  checkpoint, so a resumed run selects and stops as the uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -70,10 +77,11 @@ OPTIMIZERS = ("adamw", "lamb")
 CONVERSIONS = ("add_to_cart", "checkout")
 CHECKPOINT_DIR = "checkpoints"
 MODEL_DIR = "model"
+BEST_DIR = "best"  # the best model so far, renamed to MODEL_DIR at the end
 TENSORBOARD_DIR = "tensorboard"
 _CALIBRATION_STEPS = 10  # steps timed to turn a minute budget into a step count
 # Options a resumed run may change; every other option must equal the checkpoint's.
-_RESUME_FREE = ("max_minutes", "checkpoint_every", "eval_every", "eval_sample", "keep_checkpoints", "device")
+_RESUME_FREE = ("max_minutes", "checkpoint_every", "eval_every", "keep_checkpoints", "device", "patience")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,8 +114,9 @@ class TrainConfig:
     sketch_width: int = 2**20
     checkpoint_every: int = 500  # steps; 0 = only at the end
     keep_checkpoints: int = 2  # newest complete checkpoints kept
-    eval_every: int = 500  # steps between held-out Recall@K; 0 = only at the end
-    eval_sample: int = 2000  # held-out pairs from eval.parquet; 0 = no evaluation
+    eval_every: int = 500  # steps between validation Recall@K; 0 = only at the end
+    eval_sample: int = 2000  # validation pairs per evaluation (validation.parquet); 0 = no evaluation
+    patience: int = 5  # evaluations without a better validation Recall@10 before stopping; 0 = never stop early
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast, on CUDA only
@@ -162,6 +171,7 @@ class TrainConfig:
         integer("keep_checkpoints", 1)
         integer("eval_every", 0)
         integer("eval_sample", 0)
+        integer("patience", 0)
         integer("seed", 0)
         require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                 f"train.device ({self.device!r}) must be auto, cpu, cuda or cuda:N")
@@ -182,6 +192,8 @@ class TrainResult:
     elapsed_s: float
     resumed_from: int | None = None
     median_step_s: float = float("nan")  # median seconds of one training step (first step excluded)
+    best_step: int | None = None  # the step of the saved model (None: no evaluation, the last step)
+    stopped_early: bool = False  # patience ran out before the step/minute budget
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,6 +277,7 @@ class Pairs:
     task: np.ndarray  # [N] str (object), surface.engagement
     engagement: np.ndarray  # [N] str (object)
     weight: np.ndarray  # [N] float32, the row's `weight` column
+    source_row: np.ndarray | None = None  # [N] int64 row of each pair in its window's file
 
     def __len__(self) -> int:
         return len(self.product_row)
@@ -293,7 +306,7 @@ def _vectors(column: Any) -> np.ndarray:
 
 def load_pairs(dataset_dir: str | Path, file: str, store: ProductStore, *, tasks: tuple[str, ...] = (),
                sample: int | None = None, seed: int = 0, progress: bool = False) -> Pairs:
-    """Read a split (train.parquet / eval.parquet) and build its query vectors once.
+    """Read a window (train.parquet, validation.parquet or test.parquet) and build its query vectors once.
 
     Search rows with text use the frozen text encoder (query_encoder.cached_text_embeddings, cached in
     the dataset directory); every other row uses its `query_embedding`. `tasks` keeps only those
@@ -375,6 +388,7 @@ def load_pairs(dataset_dir: str | Path, file: str, store: ProductStore, *, tasks
         task=np.asarray(task, dtype=object),
         engagement=np.asarray(table[schema.ENGAGEMENT].to_numpy(zero_copy_only=False), dtype=object),
         weight=np.nan_to_num(weight, nan=1.0),
+        source_row=rows.astype(np.int64),
     )
 
 
@@ -719,16 +733,21 @@ def _load_data(dataset_dir: Path, cfg: TrainConfig, text_fields: tuple[str, ...]
                             f"{list(cfg.tasks) or 'all'}; check the task names against the dataset manifest's counts")
     if not cfg.eval_sample:
         return vocab, store, pairs, None
-    held_out = load_pairs(dataset_dir, schema.EVAL_FILE, store, sample=cfg.eval_sample, seed=cfg.seed,
+    held_out = load_pairs(dataset_dir, schema.VALIDATION_FILE, store, sample=cfg.eval_sample, seed=cfg.seed,
                           progress=progress)
+    if not len(held_out):
+        log.warning("%s has no rows: no model selection or early stopping, the model is the last step's",
+                    dataset_dir / schema.VALIDATION_FILE)
     keep = np.isin(held_out.surface, list(pairs.queries))  # a surface absent from training has no adapter
     held_out = dataclasses.replace(
         held_out, surface=held_out.surface[keep], query_row=held_out.query_row[keep],
         query_key=held_out.query_key[keep], product_row=held_out.product_row[keep],
-        task=held_out.task[keep], engagement=held_out.engagement[keep], weight=held_out.weight[keep])
+        task=held_out.task[keep], engagement=held_out.engagement[keep], weight=held_out.weight[keep],
+        source_row=held_out.source_row[keep])
     for s, q in held_out.queries.items():
         if s in pairs.queries and q.shape[1] != pairs.queries[s].shape[1]:
-            raise ValueError(f"{s} queries are {q.shape[1]}-d in eval.parquet but {pairs.queries[s].shape[1]}-d in "
+            raise ValueError(f"{s} queries are {q.shape[1]}-d in {schema.VALIDATION_FILE} but "
+                             f"{pairs.queries[s].shape[1]}-d in "
                              "train.parquet; re-run `itemsage ingest`")
     return vocab, store, pairs, held_out
 
@@ -778,6 +797,8 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
     sampler = Sampler(_mixture(pairs, cfg), len(store), cfg.seed)
     torch.manual_seed(cfg.seed + 1 + rank)  # each rank its own dropout stream
     schedule = {"step": 0, "total_steps": cfg.max_steps, "calibrated": False}
+    # Model selection on validation Recall@10 (all tasks): the best so far and evaluations since it.
+    selection: dict[str, Any] = {"best_recall": None, "best_step": None, "since_best": 0, "recall": {}}
     if ckpt is not None:
         state = load_checkpoint(ckpt)
         _check_resume_config(state["config"], cfg)
@@ -785,9 +806,12 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
         optimizer.load_state_dict(state["optimizer"])
         logq.load_state_dict(state["logq"])
         schedule = state["schedule"]
+        selection = state.get("selection", selection)
         _set_rng_state(state["rng"], sampler, rank, device)
         log.info("resumed from %s (step %d)", ckpt, schedule["step"])
     step, total_steps = int(schedule["step"]), schedule["total_steps"]
+    if selection.get("stopped"):  # the resumed run had stopped early: it is over
+        total_steps = step
     resumed_from = step if ckpt is not None else None
     ddp = module
     if world > 1:
@@ -805,6 +829,7 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
     clock = Clock(cfg, world, device, calibrated=bool(schedule["calibrated"]))
     recall: dict[str, dict[str, float]] = {}
     losses = [float("nan")] * 3
+    stopped_early = False
 
     def checkpoint() -> None:
         torch_states, cuda_states = _all_rng_states(world, device)  # a collective: every rank calls it
@@ -812,15 +837,41 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
             save_checkpoint(out_dir, step, {
                 "config": to_dict(cfg), "model": module.state_dict(), "optimizer": optimizer.state_dict(),
                 "logq": logq.state_dict(), "rng": _rng_state(sampler, torch_states, cuda_states),
-                "schedule": {"step": step, "total_steps": total_steps, "calibrated": clock.calibrated}},
-                cfg.keep_checkpoints)
+                "schedule": {"step": step, "total_steps": total_steps, "calibrated": clock.calibrated},
+                "selection": selection}, cfg.keep_checkpoints)
 
-    def evaluate() -> None:
+    def save(directory: Path) -> None:
+        summary = {"steps": step, "pairs_per_s": clock.pairs_per_s, "final_loss": losses[0], "world_size": world,
+                   "train_pairs": len(pairs), "catalog": len(store), "best_step": selection["best_step"],
+                   "stopped_early": stopped_early or bool(selection.get("stopped")),
+                   "validation_recall": selection["recall"] if selection["best_step"] is not None else recall}
+        save_model(directory, module.tower, module.adapters, mcfg, vocab, image_dim=store.image_dim,
+                   query_dims=pairs.query_dims, logit_scale=module.logit_scale,
+                   extra={"train_config": to_dict(cfg), "training": summary})
+
+    def evaluate() -> bool:
+        """Validation Recall@K; a new best is saved to best/. True (on every rank) when patience is spent."""
         nonlocal recall
+        stop = 0
         if lead and held_out is not None and len(held_out):
             recall = held_out_recall(module.tower, module.adapters, store, held_out, device)
-            _log_scalars(writer, step, {f"recall@10/{t}": r["recall@10"] for t, r in recall.items()})
-            log.info("step %d Recall@10: %s", step, ", ".join(f"{t} {r['recall@10']:.3f}" for t, r in recall.items()))
+            _log_scalars(writer, step, {f"validation/recall@10/{t}": r["recall@10"] for t, r in recall.items()})
+            log.info("step %d validation Recall@10: %s", step,
+                     ", ".join(f"{t} {r['recall@10']:.3f}" for t, r in recall.items()))
+            score = recall["all"]["recall@10"]
+            if selection["best_step"] == step:  # re-evaluated (the final call after a periodic one)
+                pass
+            elif selection["best_recall"] is None or score > selection["best_recall"]:
+                selection.update(best_recall=score, best_step=step, since_best=0, recall=recall)
+                save(out_dir / BEST_DIR)
+            else:
+                selection["since_best"] += 1
+            stop = int(bool(cfg.patience) and selection["since_best"] >= cfg.patience)
+            if stop:
+                selection["stopped"] = True
+                log.info("stopping at step %d: validation Recall@10 has not beaten %.4f (step %d) for %d evaluations",
+                         step, selection["best_recall"], selection["best_step"], cfg.patience)
+        return bool(_broadcast_int(stop, world, device))
 
     with _progress_bar(progress and lead, total_steps, step) as show:
         while total_steps is None or step < total_steps:
@@ -859,25 +910,49 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
             _log_scalars(writer, step, {"loss/total": losses[0], "loss/in_batch": losses[1], "loss/random": losses[2],
                                         "lr": lr, "logit_scale": float(scale.detach()), "pairs_per_s": clock.pairs_per_s})
             last = step >= total_steps if total_steps is not None else False
-            if cfg.eval_every and step % cfg.eval_every == 0 and not last:
-                evaluate()
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last:
+            stopped_early = bool(cfg.eval_every and step % cfg.eval_every == 0 and not last and evaluate())
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last and not stopped_early:
                 checkpoint()
+            if stopped_early:
+                break
 
+    if not stopped_early:  # the last step's evaluation (an early stop has just had it)
+        evaluate()
     checkpoint()
-    evaluate()
     model_dir = out_dir / MODEL_DIR
-    summary = {"steps": step, "pairs_per_s": clock.pairs_per_s, "final_loss": losses[0], "recall": recall,
-               "world_size": world, "train_pairs": len(pairs), "catalog": len(store)}
     if lead:
-        save_model(model_dir, module.tower, module.adapters, mcfg, vocab, image_dim=store.image_dim,
-                   query_dims=pairs.query_dims, logit_scale=module.logit_scale,
-                   extra={"train_config": to_dict(cfg), "training": summary})
+        _publish_model(out_dir, module, selection, save)
         writer.close()
     if world > 1:
         dist.barrier()
         if own_group:
             dist.destroy_process_group()
-    return TrainResult(model_dir=model_dir, steps=step, pairs_per_s=clock.pairs_per_s, final_recall=recall,
+    return TrainResult(model_dir=model_dir, steps=step, pairs_per_s=clock.pairs_per_s,
+                       final_recall=selection["recall"] if selection["best_step"] is not None else recall,
                        final_loss=losses[0], elapsed_s=time.perf_counter() - clock.start, resumed_from=resumed_from,
-                       median_step_s=float(np.median(clock.step_times)) if clock.step_times else float("nan"))
+                       median_step_s=float(np.median(clock.step_times)) if clock.step_times else float("nan"),
+                       best_step=selection["best_step"], stopped_early=bool(selection.get("stopped")))
+
+
+def _publish_model(out_dir: Path, module: Towers, selection: dict[str, Any], save: Any) -> None:
+    """out_dir/model/ := the best evaluation's weights (from best/), or the last step's when nothing
+    was evaluated. Loads the best weights into `module` (training is over)."""
+    best = out_dir / BEST_DIR
+    if selection["best_step"] is not None and not best.is_dir() and (out_dir / MODEL_DIR / artifacts.MANIFEST).is_file():
+        return  # a finished run resumed: model/ holds the best already
+    try:  # best/ must be complete and from the recorded step (a kill can leave a torn or newer one)
+        artifacts.verify_manifest(best, kind="model")
+        saved_step = json.loads((best / "config.json").read_text())["extra"]["training"]["steps"]
+    except (artifacts.ArtifactError, OSError, ValueError, KeyError):
+        saved_step = None
+    if selection["best_step"] is not None and saved_step == selection["best_step"]:
+        module.load_state_dict(load_file(str(best / "model.safetensors")))  # keys tower.*, adapters.*, logit_scale.*
+        log.info("model: the step-%d weights, validation Recall@10 %.4f", selection["best_step"],
+                 selection["best_recall"])
+    elif selection["best_step"] is not None:
+        log.warning("%s does not hold the step-%d model; the model is the last step's", best, selection["best_step"])
+        selection.update(best_step=None)
+    else:
+        log.info("no validation evaluation: the model is the last step's")
+    save(out_dir / MODEL_DIR)
+    shutil.rmtree(best, ignore_errors=True)

@@ -75,7 +75,7 @@ LOG_KINDS = {
     schema.QUERY_EMBEDDING: "vec", schema.QUERY_IMAGE_PATH: "str",
 }
 LOG_REQUIRED = (schema.SURFACE, schema.ENGAGEMENT, schema.PRODUCT_ID, schema.TIMESTAMP)
-# train.parquet / eval.parquet. Only user_id, query_text and query_embedding hold nulls.
+# train.parquet / validation.parquet / test.parquet. Only user_id, query_text and query_embedding hold nulls.
 LOG_SCHEMA = pa.schema([
     (schema.SURFACE, pa.string()),
     (schema.ENGAGEMENT, pa.string()),
