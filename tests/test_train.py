@@ -296,6 +296,7 @@ def test_an_empty_validation_window_keeps_the_last_step(dataset, tmp_path):
     shutil.copytree(dataset, data)
     validation = pq.read_table(data / schema.VALIDATION_FILE)
     pq.write_table(validation.slice(0, 0), data / schema.VALIDATION_FILE)
+    artifacts.write_manifest(data, "dataset")  # the dataset as if ingest had written it so
     result = train(data, tmp_path / "run", tiny(max_steps=3, eval_every=1, checkpoint_every=3), progress=False)
     assert result.steps == 3 and result.best_step is None and result.final_recall == {}
     last = load_file(str(tmp_path / "run/checkpoints/step-00000003/state.safetensors"))
