@@ -164,6 +164,14 @@ class LiveLog:
                                 "to that one (one writer per index root)") from None
         self._writer_fd = fd  # held for the life of the process
 
+    def close(self) -> None:
+        """Give up the writer lock (another process may append after this)."""
+        with self._lock:
+            if self._writer_fd is not None:
+                os.close(self._writer_fd)
+                self._writer_fd = None
+                self._last_seq = None
+
     def drop_through(self, seq: int, version: str) -> None:
         """After a compaction into `version`: keep only updates after `seq`, behind a COMPACTED mark."""
         with self._lock, self._locked():

@@ -92,7 +92,7 @@ class TextQueryEncoder:
 # ---- the ONNX Runtime encoder (the server's query path) -------------------------------------------
 
 ONNX_OPSET = 17
-ONNX_EXPORT_FORMAT = 1  # bump when the exported graph changes: old cache files are then ignored
+ONNX_EXPORT_FORMAT = 2  # bump when the exported graph changes: old cache files are then ignored
 CACHE_ENV = "ITEMSAGE_CACHE_DIR"
 
 
@@ -149,7 +149,10 @@ def export_onnx(target: str | Path, *, quantize: bool = False) -> Path:
 
         fp32 = onnx_model_path(quantize=False)
         with atomic_path(target) as tmp:
-            quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8)
+            # Per-channel int8 weights of the MatMuls only: per-tensor scales or a quantised embedding
+            # table cost far more accuracy (cosine to fp32 down to 0.86 vs 0.99 on short queries).
+            quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                             per_channel=True)
         return target
     bert = _load_model("cpu")[0].auto_model.eval()  # the sentence-transformers Transformer module
     example = torch.tensor([[101, 2417, 7123, 3242, 102]])  # "[CLS] red oak chair [SEP]"
