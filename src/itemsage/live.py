@@ -115,9 +115,12 @@ class LiveLog:
         return records, complete
 
     def read(self, after: int = 0) -> tuple[list[dict[str, Any]], int]:
-        """(the updates with seq > `after`, in order; the seq through which the log was compacted)."""
-        with self._locked():
-            records, _ = self._read_lines()
+        """(the updates with seq > `after`, in order; the seq through which the log was compacted).
+
+        No lock (an index root may be read-only): a rewrite is an atomic rename, and a line being
+        appended is an unacknowledged torn tail.
+        """
+        records, _ = self._read_lines()
         floor = max((int(r["seq"]) for r in records if r["op"] == COMPACTED), default=0)
         return [r for r in records if r["op"] != COMPACTED and int(r["seq"]) > after], floor
 
