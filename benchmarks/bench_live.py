@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_serve import COLORS, ITEMS, MATERIALS, index_facts, random_fixture, run_wrk, wait_ready  # noqa: E402
 
 TOKEN = "bench-live-token"
+HTTP = httpx.Client(timeout=30)  # one client: httpx.post() alone builds a client (and TLS context) per call
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -55,11 +56,14 @@ def start(args, index_root: Path, log_file) -> subprocess.Popen:
          str(args.model), "--index", str(index_root), "--port", str(args.port), "--threads", "1"],
         stdout=log_file, stderr=subprocess.STDOUT, env=env)
     wait_ready(f"http://127.0.0.1:{args.port}", server)
+    global HTTP
+    HTTP.close()  # drop keep-alive connections to a killed server
+    HTTP = httpx.Client(timeout=30)
     return server
 
 
 def closeup(url: str, pid: str, k: int) -> list[str]:
-    r = httpx.post(f"{url}/v1/closeup", json={"product_id": pid, "k": k, "exclude_self": False}, timeout=30)
+    r = HTTP.post(f"{url}/v1/closeup", json={"product_id": pid, "k": k, "exclude_self": False}, timeout=30)
     return r.json()["ids"] if r.status_code == 200 else []
 
 
@@ -69,7 +73,7 @@ def check(url: str, upserted: list[str], deleted: dict[str, str]) -> tuple[int, 
     leaked = short = 0
     for pid, neighbour in deleted.items():
         ids = closeup(url, neighbour, 50)
-        leaked += pid in ids or httpx.post(f"{url}/v1/closeup", json={"product_id": pid}).status_code != 404
+        leaked += pid in ids or HTTP.post(f"{url}/v1/closeup", json={"product_id": pid}).status_code != 404
         short += len(ids) != 50
     return found, leaked, short
 
@@ -113,7 +117,7 @@ def main() -> None:
         for i in range(args.upserts):
             pid = f"live-{i:05d}"
             t0 = time.perf_counter()
-            r = httpx.post(f"{url}/admin/products", json={"products": [new_product(pid, rng, image_dim)]},
+            r = HTTP.post(f"{url}/admin/products", json={"products": [new_product(pid, rng, image_dim)]},
                            headers=AUTH, timeout=30)
             r.raise_for_status()
             t1 = time.perf_counter()
@@ -132,7 +136,7 @@ def main() -> None:
                 deleted[ids[0]] = neighbour
             if len(deleted) == args.deletes:
                 break
-        r = httpx.post(f"{url}/admin/products/delete", json={"ids": list(deleted)}, headers=AUTH, timeout=30)
+        r = HTTP.post(f"{url}/admin/products/delete", json={"ids": list(deleted)}, headers=AUTH, timeout=30)
         r.raise_for_status()
         before_kill = check(url, upserted, deleted)
         # 3. kill -9 and restart
@@ -145,7 +149,7 @@ def main() -> None:
         # 4. sustained upserts
         throughput = {}
         for batch in (1, args.batch):
-            bodies = [json.dumps({"products": [new_product(f"bulk-{b}-{j}-{n}", rng, image_dim) for n in range(batch)]})
+            bodies = [json.dumps({"products": [new_product(f"bulk-{batch}-{j}-{n}", rng, image_dim) for n in range(batch)]})
                       for j in range(200 if batch == 1 else 50)]
             runs = []
             for _ in range(args.runs):
@@ -159,7 +163,7 @@ def main() -> None:
         if out.returncode:
             raise SystemExit(out.stdout + out.stderr)
         t0 = time.perf_counter()
-        reload = httpx.post(f"{url}/admin/reload", headers=AUTH, timeout=600).json()
+        reload = HTTP.post(f"{url}/admin/reload", headers=AUTH, timeout=600).json()
         reload_s = time.perf_counter() - t0
         after_compact = check(url, upserted, deleted)
         log_bytes = (index_root / "live" / "log.jsonl").stat().st_size

@@ -100,7 +100,7 @@ def run_wrk(url: str, path: str, bodies: list[str], conns: int, duration: float,
         ).stdout
     finally:
         os.unlink(f.name)
-    pct = {str(int(float(p))): v for p, v in re.findall(r"^\s+([\d.]+)%\s+(\S+)$", out, re.M)}
+    pct = {str(int(float(p))): v for p, v in re.findall(r"^\s+([\d.]+)%\s+(\S+)\s*$", out, re.M)}
     if "50" not in pct or "99" not in pct:
         raise RuntimeError(f"could not read wrk's latency distribution:\n{out}")
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -242,6 +242,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=1, help="runs per row; the table shows their median")
     p.add_argument("--query-encoder", default=None, help="the server's --query-encoder (onnx, onnx-int8, torch)")
     p.add_argument("--query-cache", type=int, default=None, help="the server's --query-cache (0: off)")
+    p.add_argument("--query-batch", type=int, default=None, help="the server's --query-batch (1: off)")
     args = p.parse_args()
 
     tmp = None
@@ -270,7 +271,8 @@ def main() -> None:
         ["taskset", "-c", str(args.server_core), sys.executable, "-m", "itemsage.cli", "serve",
          "--model", str(args.model), "--index", str(args.index), "--port", str(args.port), "--threads", "1"]
         + (["--query-encoder", args.query_encoder] if args.query_encoder else [])
-        + (["--query-cache", str(args.query_cache)] if args.query_cache is not None else []),
+        + (["--query-cache", str(args.query_cache)] if args.query_cache is not None else [])
+        + (["--query-batch", str(args.query_batch)] if args.query_batch is not None else []),
         stdout=log_file, stderr=subprocess.STDOUT, env=env,
     )
     rows = []
@@ -310,7 +312,8 @@ def main() -> None:
     print(f"Server: 1 uvicorn worker pinned to core {args.server_core}, 1 torch/faiss thread; load: {tool} "
           f"pinned to core {args.client_core}; {args.duration:.0f} s per run, median of {args.runs} run(s) per row "
           f"(errors: total); k = {args.k}; query encoder {args.query_encoder or 'default'}, query cache "
-          f"{'default' if args.query_cache is None else args.query_cache}.\n")
+          f"{'default' if args.query_cache is None else args.query_cache}, query batch "
+          f"{'default' if args.query_batch is None else args.query_batch}.\n")
     print("| endpoint | connections | requests/s | p50 (ms) | p99 (ms) | errors | recall@10 |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for endpoint, conns, r in rows:

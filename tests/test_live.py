@@ -316,3 +316,31 @@ def test_updates_survive_kill_9(model_dir, tmp_path):
     finally:
         server.kill()
         server.wait(timeout=30)
+
+
+# ---- the search path's query-vector cache ------------------------------------------------------------
+
+
+class CountingTextEncoder:
+    dim = QUERY_DIMS["search"]
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def encode(self, texts, batch_size=64, progress=False):
+        self.calls.append(list(texts))
+        return unit(np.random.default_rng(len(texts[0])), len(texts), self.dim)
+
+
+@pytest.mark.parametrize("query_batch", [1, 4])
+def test_search_text_is_encoded_once_and_answers_as_the_vector_does(model_dir, tmp_path, query_batch):
+    make_root(tmp_path, 30, model_fp=load_model(model_dir).fingerprint)
+    encoder = CountingTextEncoder()
+    app = serve.create_app(model_dir, tmp_path, text_encoder=encoder, query_cache=2, query_batch=query_batch)
+    with TestClient(app) as c:
+        first = c.post("/v1/search", json={"text": "red oak chair", "k": 5}).json()
+        again = c.post("/v1/search", json={"text": "red oak chair", "k": 5}).json()
+        by_vector = c.post("/v1/search", json={"vector": encoder.encode(["red oak chair"])[0].tolist(), "k": 5}).json()
+    assert encoder.calls == [["red oak chair"], ["red oak chair"]]  # the search itself encoded it once
+    assert first == again and first["ids"] == by_vector["ids"]
+    np.testing.assert_allclose(first["scores"], by_vector["scores"], atol=1e-6)

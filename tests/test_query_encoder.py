@@ -147,3 +147,60 @@ def test_query_vector_cache_is_lru():
     off = QueryVectorCache(maxsize=0)
     off.put("a", np.array([1.0]))
     assert off.get("a") is None
+
+
+class SlowEncoder:
+    """A deterministic encoder that takes 20 ms per call and records each call's batch."""
+
+    dim = 4
+    name = "slow"
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def encode(self, texts, batch_size=64, progress=False):
+        import time
+
+        self.calls.append(list(texts))
+        time.sleep(0.02)
+        return np.asarray([[len(t), t.count("a"), 1.0, float(i)] for i, t in enumerate(texts)], dtype=np.float32)
+
+
+def test_batching_encoder_groups_concurrent_calls_and_keeps_each_answer():
+    import threading
+
+    from itemsage.query_encoder import BatchingEncoder
+
+    inner = SlowEncoder()
+    batching = BatchingEncoder(inner, max_batch=4)
+    texts = [f"q{'a' * i}" for i in range(12)]
+    results: dict[str, np.ndarray] = {}
+
+    def ask(text: str) -> None:
+        results[text] = batching.encode([text])
+
+    threads = [threading.Thread(target=ask, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for text in texts:  # each caller gets its own text's vector (not a neighbour's in the batch)
+        assert results[text].shape == (1, 4)
+        assert results[text][0, 0] == len(text) and results[text][0, 1] == text.count("a")
+    assert sorted(t for call in inner.calls for t in call) == sorted(texts)
+    assert max(len(call) for call in inner.calls) <= 4
+    assert len(inner.calls) < len(texts), "12 concurrent calls on a 20 ms encoder must share batches"
+    assert batching.encode(["x", "y"]).shape == (2, 4)  # several texts: straight through
+
+
+def test_batching_encoder_passes_errors_to_every_caller():
+    from itemsage.query_encoder import BatchingEncoder
+
+    class Broken:
+        dim = 4
+
+        def encode(self, texts, batch_size=64, progress=False):
+            raise RuntimeError("encoder down")
+
+    with pytest.raises(RuntimeError, match="encoder down"):
+        BatchingEncoder(Broken()).encode(["a"])

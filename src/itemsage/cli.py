@@ -304,6 +304,8 @@ def serve_cmd(
     query_encoder: str = typer.Option("onnx", "--query-encoder",
                                       help="Text query encoder: onnx (MiniLM via ONNX Runtime), onnx-int8, or torch."),
     query_cache: int = typer.Option(10_000, "--query-cache", help="Recent search texts whose vectors are kept (0: off)."),
+    query_batch: int = typer.Option(1, "--query-batch", help="Encode up to this many concurrent search texts "
+                                    "together (1: one at a time)."),
 ) -> None:
     """Serve candidate retrieval over HTTP: search, closeup, home, embed, metrics and hot reload."""
     import os
@@ -320,7 +322,7 @@ def serve_cmd(
                       "/admin/reload; put it behind your own gateway", highlight=False)
     try:
         run(model, index, host=host, port=port, reload_token=token, threads=threads, query_encoder=query_encoder,
-            query_cache=query_cache)
+            query_cache=query_cache, query_batch=query_batch)
     except (ConfigError, ArtifactError, ValueError, OSError) as err:
         fail(str(err))
 

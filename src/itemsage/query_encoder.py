@@ -24,7 +24,7 @@ import os
 import threading
 import uuid
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -233,6 +233,59 @@ class OnnxTextQueryEncoder:
             out[start : start + len(encodings)] = pooled / np.maximum(
                 np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         return out
+
+
+class BatchingEncoder:
+    """Encodes concurrent one-text calls together (opportunistic batching, no added wait).
+
+    A call that finds the encoder idle encodes what is queued (up to `max_batch`, its own text
+    included); calls arriving meanwhile queue, and the next idle moment encodes them in one batch.
+    A lone request is never delayed. Calls with several texts go straight to `inner`.
+    """
+
+    def __init__(self, inner: _Encoder, max_batch: int = 8) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.inner = inner
+        self.dim = inner.dim
+        self.name = getattr(inner, "name", type(inner).__name__)
+        self.max_batch = max_batch
+        self._cond = threading.Condition()
+        self._queue: list[list[Any]] = []  # [text, vector or None, error or None]
+        self._busy = False
+        self.batches = 0  # encoder calls made, for tests and metrics
+        self.texts = 0
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        texts = list(texts)
+        if len(texts) != 1:
+            return self.inner.encode(texts)
+        slot: list[Any] = [texts[0], None, None]
+        with self._cond:
+            self._queue.append(slot)
+            while slot[1] is None and slot[2] is None:
+                if self._busy:
+                    self._cond.wait()
+                    continue
+                self._busy = True
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+                self._cond.release()  # encode outside the lock; others queue meanwhile
+                try:
+                    vectors = np.asarray(self.inner.encode([b[0] for b in batch]), dtype=np.float32)  # [B, D]
+                    for b, vector in zip(batch, vectors):
+                        b[1] = vector
+                except Exception as err:  # every caller of the batch sees the failure
+                    for b in batch:
+                        b[2] = err
+                finally:
+                    self._cond.acquire()
+                    self._busy = False
+                    self.batches += 1
+                    self.texts += len(batch)
+                    self._cond.notify_all()
+        if slot[2] is not None:
+            raise slot[2]
+        return slot[1][None, :]
 
 
 class QueryVectorCache:

@@ -64,6 +64,7 @@ MAX_VECTOR_WIDTH = 8192  # a cheap upper bound before the exact width check
 MAX_TEXT_CHARS = 2048  # MiniLM reads at most 256 tokens anyway
 MAX_UPDATE_BATCH = 1000  # products per upsert or delete request
 DEFAULT_QUERY_CACHE = 10_000  # recent search texts whose query vectors are kept
+DEFAULT_QUERY_BATCH = 1  # concurrent search texts encoded together (1: one at a time)
 QUERY_ENCODERS = ("onnx", "onnx-int8", "torch")
 # PinnerSage cuts the Ward tree at a distance threshold, then keeps a few clusters. For unit
 # vectors two single items merge below 1.0 when their cosine is above 0.5; larger clusters merge
@@ -494,6 +495,7 @@ class Service:
         image_encoder: Any = None,
         query_encoder: str = "onnx",
         query_cache: int = DEFAULT_QUERY_CACHE,
+        query_batch: int = DEFAULT_QUERY_BATCH,
     ) -> None:
         from itemsage.model import load_model
         from itemsage.query_encoder import QueryVectorCache
@@ -501,7 +503,9 @@ class Service:
         require(max_k >= 1, f"max_k must be >= 1, got {max_k}")
         require(query_encoder in QUERY_ENCODERS,
                 f"query_encoder must be one of {', '.join(QUERY_ENCODERS)}, got '{query_encoder}'")
+        require(query_batch >= 1, f"query_batch must be >= 1 (1: no batching), got {query_batch}")
         self.query_encoder = query_encoder
+        self.query_batch = query_batch
         self.query_cache = QueryVectorCache(query_cache)  # text -> product-space query vector
         self.live_log = live_lib.LiveLog(index_root)
         self._live_lock = threading.Lock()  # orders updates against the reload swap
@@ -621,12 +625,16 @@ class Service:
         return Candidates(ids=[p for p, _ in keep], scores=[s for _, s in keep], index_version=served.version)
 
     def text_encoder(self) -> Any:
+        from itemsage.query_encoder import BatchingEncoder
+
         with self._encoder_lock:  # created once, on first use (loading MiniLM takes seconds)
             if self._text_encoder is None:
                 from itemsage.query_encoder import OnnxTextQueryEncoder, TextQueryEncoder
 
                 self._text_encoder = (TextQueryEncoder() if self.query_encoder == "torch" else
                                       OnnxTextQueryEncoder(quantize=self.query_encoder == "onnx-int8"))
+            if self.query_batch > 1 and not isinstance(self._text_encoder, BatchingEncoder):
+                self._text_encoder = BatchingEncoder(self._text_encoder, self.query_batch)  # concurrent searches
             return self._text_encoder
 
     def warm_up(self) -> None:
@@ -635,6 +643,7 @@ class Service:
 
         if self._text_encoder is not None or self.model.query_dims.get("search") == TextQueryEncoder.dim:
             self.text_encoder().encode(["warm up"])
+        self._embed_products([ProductIn(product_id="warm-up", title="warm up")], ["warm-up"])  # first tower run
 
     def _image_encoder_dim(self) -> int:
         if self._image_encoder is not None:
@@ -840,6 +849,7 @@ def create_app(
     image_encoder: Any = None,
     query_encoder: str = "onnx",
     query_cache: int = DEFAULT_QUERY_CACHE,
+    query_batch: int = DEFAULT_QUERY_BATCH,
 ) -> FastAPI:
     """The service over the model in `model_dir` and the index version CURRENT names in `index_root`.
 
@@ -847,11 +857,12 @@ def create_app(
     left as None are the built-in ones, created on first use; tests pass fakes with `dim` and
     `encode(texts)` / `encode_paths(paths, progress=False)`. `reload_token` None disables reload and
     the live-update endpoints. `query_encoder`: 'onnx' (default), 'onnx-int8' or 'torch' for the
-    built-in text encoder; `query_cache`: how many recent search texts keep their vectors (0: none).
+    built-in text encoder; `query_cache`: how many recent search texts keep their vectors (0: none);
+    `query_batch`: up to this many concurrent search texts are encoded in one call (1: no batching).
     """
     require(max_body_bytes >= 1024, f"max_body_bytes must be >= 1024, got {max_body_bytes}")
     service = Service(model_dir, index_root, max_k=max_k, text_encoder=text_encoder, image_encoder=image_encoder,
-                      query_encoder=query_encoder, query_cache=query_cache)
+                      query_encoder=query_encoder, query_cache=query_cache, query_batch=query_batch)
     metrics = Metrics()
     app = FastAPI(
         title="ItemSage candidate generation",
@@ -985,6 +996,7 @@ def run(
     log_level: str = "info",
     query_encoder: str = "onnx",
     query_cache: int = DEFAULT_QUERY_CACHE,
+    query_batch: int = DEFAULT_QUERY_BATCH,
 ) -> None:
     """Serve with uvicorn (blocking). `threads` = torch, faiss and ONNX Runtime threads per request."""
     import uvicorn
@@ -995,6 +1007,6 @@ def run(
 
     faiss.omp_set_num_threads(threads)
     app = create_app(model_dir, index_root, reload_token=reload_token, query_encoder=query_encoder,
-                     query_cache=query_cache)
+                     query_cache=query_cache, query_batch=query_batch)
     app.state.service.warm_up()
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
