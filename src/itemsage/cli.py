@@ -304,7 +304,7 @@ def serve_cmd(
     query_encoder: str = typer.Option("onnx", "--query-encoder",
                                       help="Text query encoder: onnx (MiniLM via ONNX Runtime), onnx-int8, or torch."),
     query_cache: int = typer.Option(10_000, "--query-cache", help="Recent search texts whose vectors are kept (0: off)."),
-    query_batch: int = typer.Option(1, "--query-batch", help="Encode up to this many concurrent search texts "
+    query_batch: int = typer.Option(8, "--query-batch", help="Encode up to this many concurrent search texts "
                                     "together (1: one at a time)."),
 ) -> None:
     """Serve candidate retrieval over HTTP: search, closeup, home, embed, metrics and hot reload."""

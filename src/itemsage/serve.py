@@ -64,7 +64,7 @@ MAX_VECTOR_WIDTH = 8192  # a cheap upper bound before the exact width check
 MAX_TEXT_CHARS = 2048  # MiniLM reads at most 256 tokens anyway
 MAX_UPDATE_BATCH = 1000  # products per upsert or delete request
 DEFAULT_QUERY_CACHE = 10_000  # recent search texts whose query vectors are kept
-DEFAULT_QUERY_BATCH = 1  # concurrent search texts encoded together (1: one at a time)
+DEFAULT_QUERY_BATCH = 8  # concurrent search texts encoded together (1: one at a time; BENCHMARKS.md)
 QUERY_ENCODERS = ("onnx", "onnx-int8", "torch")
 # PinnerSage cuts the Ward tree at a distance threshold, then keeps a few clusters. For unit
 # vectors two single items merge below 1.0 when their cosine is above 0.5; larger clusters merge
