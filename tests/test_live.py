@@ -344,3 +344,11 @@ def test_search_text_is_encoded_once_and_answers_as_the_vector_does(model_dir, t
     assert encoder.calls == [["red oak chair"], ["red oak chair"]]  # the search itself encoded it once
     assert first == again and first["ids"] == by_vector["ids"]
     np.testing.assert_allclose(first["scores"], by_vector["scores"], atol=1e-6)
+
+
+def test_updates_of_another_model_are_refused(tmp_path):
+    make_root(tmp_path, 10, model_fp="model-a")
+    log = live.LiveLog(tmp_path)
+    log.append([live.upsert_record("n0", np.ones(DIM, np.float32), "model-b", {"product_id": "n0"})])
+    with pytest.raises(ArtifactError, match="model-b"):
+        live.replay(load_current(tmp_path), log, "model-a")

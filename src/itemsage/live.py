@@ -209,8 +209,8 @@ class _View:
     side_row: dict[str, int]  # product id -> its live side row
 
 
-def _selector(hidden: np.ndarray, n: int) -> Any:
-    inner = faiss.IDSelectorBitmap(n, faiss.swig_ptr(hidden))  # bit r of the bitmap: LSB-first
+def _selector(hidden: np.ndarray) -> Any:
+    inner = faiss.IDSelectorBitmap(len(hidden), faiss.swig_ptr(hidden))  # bytes; row r = bit r % 8 of byte r // 8
     outer = faiss.IDSelectorNot(inner)
     outer.referenced = (inner, hidden)  # the C++ objects point into these; keep them alive
     return outer
@@ -317,17 +317,18 @@ class LiveIndex:
                         f"the live log holds updates embedded by model {', '.join(map(str, sorted(other)))}, "
                         f"but this index serves model {model}; compact them into an index of that model, or "
                         "move the live log away (its updates are then lost)")
-            need = self._count + len(upserts)
+            count, applied, counts = self._count, self.applied_seq, [0, 0]  # committed at the end
+            need = count + len(upserts)
             if need > len(self._buffer):  # grow: old views keep the old buffer
                 grown = np.zeros((max(need, 2 * len(self._buffer)), self.dim), dtype=np.float32)
-                grown[: self._count] = self._buffer[: self._count]
+                grown[:count] = self._buffer[:count]
                 self._buffer = grown
             ids = list(view.side_ids)
             alive = np.concatenate([view.side_alive, np.zeros(len(upserts), dtype=bool)])
             for record in records:
                 seq, pid = int(record["seq"]), record["id"]
-                if seq <= self.applied_seq:
-                    raise ValueError(f"update {seq} is not after the last applied update {self.applied_seq}")
+                if seq <= applied:
+                    raise ValueError(f"update {seq} is not after the last applied update {applied}")
                 row = self.base.row(pid)
                 if row >= 0 and not hidden[row >> 3] >> (row & 7) & 1:
                     hidden[row >> 3] |= np.uint8(1 << (row & 7))  # the version's vector is never returned again
@@ -336,19 +337,22 @@ class LiveIndex:
                     alive[side_row.pop(pid)] = False
                 if record["op"] == UPSERT:
                     vector = decode_vector(record["vector"], self.dim)
-                    self._buffer[self._count] = vector / max(float(np.linalg.norm(vector)), 1e-12)
-                    side_row[pid] = self._count
+                    self._buffer[count] = vector / max(float(np.linalg.norm(vector)), 1e-12)  # past every view
+                    side_row[pid] = count
                     ids.append(pid)
-                    alive[self._count] = True
-                    self._count += 1
-                    self.upserts += 1
+                    alive[count] = True
+                    count += 1
+                    counts[0] += 1
                 elif record["op"] == DELETE:
-                    self.deletes += 1
+                    counts[1] += 1
                 else:
                     raise ValueError(f"unknown update op {record['op']!r} in update {seq}")
-                self.applied_seq = seq
-            selector = _selector(hidden, len(self.base)) if hidden_count else None
-            self._view = _View(hidden, hidden_count, selector, self._buffer[: self._count],
+                applied = seq
+            selector = _selector(hidden) if hidden_count else None
+            self._count, self.applied_seq = count, applied
+            self.upserts += counts[0]
+            self.deletes += counts[1]
+            self._view = _View(hidden, hidden_count, selector, self._buffer[:count],
                                np.asarray(ids, dtype=object), alive, side_row)
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
