@@ -319,7 +319,7 @@ def serve_cmd(
         console.print(f"reload and live updates disabled: ${reload_token_env} is not set", highlight=False)
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] binding {host}: the service has no authentication except on "
-                      "/admin/reload; put it behind your own gateway", highlight=False)
+                      "/admin/*; put it behind your own gateway", highlight=False)
     try:
         run(model, index, host=host, port=port, reload_token=token, threads=threads, query_encoder=query_encoder,
             query_cache=query_cache, query_batch=query_batch)
