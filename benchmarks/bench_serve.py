@@ -2,13 +2,18 @@
 
 The server runs on loopback pinned to one core (`taskset -c 0`, one torch/faiss thread); the load
 comes from another core (`taskset -c 1`) so client and server do not compete. Load generator: `wrk`
-(Debian package `wrk`) when installed, else `hey`, else a small asyncio + httpx generator in this
-file (it saturates near 1-2k requests/s on one core, so its numbers are a floor). The table names
+when installed (`apt-get install wrk` on Debian/Ubuntu, `brew install wrk` on macOS), else `hey`,
+else a small asyncio + httpx generator in this file (it saturates near 1-2k requests/s on one core,
+so its numbers are a floor). The table names
 the one used, and carries the index's recall@10 against exact search from its manifest: a speed
 figure without its recall means nothing.
 
     python benchmarks/bench_serve.py --model runs/demo/model --index runs/demo/index
     python benchmarks/bench_serve.py --random-fixture 50000 --duration 5     # smoke run, random init
+    python benchmarks/bench_serve.py ... --runs 3 --query-cache 0   # medians of 3; every search encoded
+
+Search bodies cycle through 500 distinct texts, so with the server's query-vector cache on (its
+default) a warm server encodes none of them: `--query-cache 0` measures the encoder on every request.
 
 Closeup by product id does one index lookup and one HNSW search; search adds the MiniLM text encoder
 (the dominant cost on CPU) and the search adapter.
@@ -95,7 +100,7 @@ def run_wrk(url: str, path: str, bodies: list[str], conns: int, duration: float,
         ).stdout
     finally:
         os.unlink(f.name)
-    pct = {str(int(float(p))): v for p, v in re.findall(r"^\s+([\d.]+)%\s+(\S+)$", out, re.M)}
+    pct = {str(int(float(p))): v for p, v in re.findall(r"^\s+([\d.]+)%\s+(\S+)\s*$", out, re.M)}
     if "50" not in pct or "99" not in pct:
         raise RuntimeError(f"could not read wrk's latency distribution:\n{out}")
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -234,6 +239,10 @@ def main() -> None:
     p.add_argument("--client-core", type=int, default=1)
     p.add_argument("--tool", choices=["auto", "wrk", "hey", "python"], default="auto")
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--runs", type=int, default=1, help="runs per row; the table shows their median")
+    p.add_argument("--query-encoder", default=None, help="the server's --query-encoder (onnx, onnx-int8, torch)")
+    p.add_argument("--query-cache", type=int, default=None, help="the server's --query-cache (0: off)")
+    p.add_argument("--query-batch", type=int, default=None, help="the server's --query-batch (1: off)")
     args = p.parse_args()
 
     tmp = None
@@ -260,7 +269,10 @@ def main() -> None:
     log_file = open(Path(tempfile.gettempdir()) / f"bench-serve-{args.port}.log", "w")
     server = subprocess.Popen(
         ["taskset", "-c", str(args.server_core), sys.executable, "-m", "itemsage.cli", "serve",
-         "--model", str(args.model), "--index", str(args.index), "--port", str(args.port), "--threads", "1"],
+         "--model", str(args.model), "--index", str(args.index), "--port", str(args.port), "--threads", "1"]
+        + (["--query-encoder", args.query_encoder] if args.query_encoder else [])
+        + (["--query-cache", str(args.query_cache)] if args.query_cache is not None else [])
+        + (["--query-batch", str(args.query_batch)] if args.query_batch is not None else []),
         stdout=log_file, stderr=subprocess.STDOUT, env=env,
     )
     rows = []
@@ -274,8 +286,13 @@ def main() -> None:
                 r.raise_for_status()
         for endpoint in endpoints:
             for conns in [int(c) for c in args.connections.split(",")]:
-                print(f"{endpoint} x {conns} connections, {args.duration:.0f} s ...", file=sys.stderr)
-                result = runner(url, f"/v1/{endpoint}", bodies[endpoint], conns, args.duration, args.client_core)
+                runs = []
+                for run in range(args.runs):
+                    print(f"{endpoint} x {conns} connections, {args.duration:.0f} s, run {run + 1} ...", file=sys.stderr)
+                    runs.append(runner(url, f"/v1/{endpoint}", bodies[endpoint], conns, args.duration, args.client_core))
+                    print(f"  {runs[-1]}", file=sys.stderr)
+                result = {key: float(np.median([r[key] for r in runs])) for key in ("rps", "p50_ms", "p99_ms")}
+                result["errors"] = sum(r["errors"] for r in runs)
                 rows.append((endpoint, conns, result))
     finally:
         server.terminate()
@@ -293,11 +310,14 @@ def main() -> None:
           f"recall@10 vs exact = {recall if recall is None else f'{recall:.4f}'} "
           f"({facts['recall_queries']} queries, from the index manifest).")
     print(f"Server: 1 uvicorn worker pinned to core {args.server_core}, 1 torch/faiss thread; load: {tool} "
-          f"pinned to core {args.client_core}; {args.duration:.0f} s per row; k = {args.k}.\n")
+          f"pinned to core {args.client_core}; {args.duration:.0f} s per run, median of {args.runs} run(s) per row "
+          f"(errors: total); k = {args.k}; query encoder {args.query_encoder or 'default'}, query cache "
+          f"{'default' if args.query_cache is None else args.query_cache}, query batch "
+          f"{'default' if args.query_batch is None else args.query_batch}.\n")
     print("| endpoint | connections | requests/s | p50 (ms) | p99 (ms) | errors | recall@10 |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for endpoint, conns, r in rows:
-        label = "closeup (product id)" if endpoint == "closeup" else "search (text, MiniLM)" if endpoint == "search" else endpoint
+        label = "closeup (product id)" if endpoint == "closeup" else "search (text)" if endpoint == "search" else endpoint
         print(f"| {label} | {conns} | {r['rps']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
               f"{recall if recall is None else f'{recall:.3f}'} |")
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -75,3 +78,129 @@ def test_text_key_is_sha256_of_utf8():
 def test_cache_refuses_non_strings(tmp_path):
     with pytest.raises(TypeError, match="item 1"):
         cached_text_embeddings(tmp_path, ["ok", None], encoder=CountingEncoder(TextQueryEncoder()), progress=False)
+
+
+# ---- the ONNX Runtime encoder and the query-vector LRU --------------------------------------------
+
+TEXTS = ["red leather sofa", "a", "Ünïcödé café naïve 東京 chair", "wireless noise cancelling headphones " * 80,
+         "oak dining table for six", "!!!"]
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory):
+    """A private cache directory: the export happens here, once for the module."""
+    from itemsage import query_encoder
+
+    old = os.environ.get(query_encoder.CACHE_ENV)
+    os.environ[query_encoder.CACHE_ENV] = str(tmp_path_factory.mktemp("itemsage-cache"))
+    yield Path(os.environ[query_encoder.CACHE_ENV])
+    if old is None:
+        del os.environ[query_encoder.CACHE_ENV]
+    else:
+        os.environ[query_encoder.CACHE_ENV] = old
+
+
+def test_onnx_encoder_equals_pytorch_within_1e5(encoder, onnx_cache):
+    from itemsage.query_encoder import OnnxTextQueryEncoder
+
+    onnx = OnnxTextQueryEncoder()
+    assert onnx.path.parent == onnx_cache / "onnx" and onnx.path.is_file()
+    reference = encoder.encode(TEXTS)  # [N, 384] unit rows from sentence-transformers on torch
+    together = onnx.encode(TEXTS, batch_size=4)  # padding inside a batch must not change a vector
+    np.testing.assert_allclose(together, reference, atol=1e-5)
+    for i, text in enumerate(TEXTS):
+        np.testing.assert_allclose(onnx.encode([text])[0], reference[i], atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+    assert onnx.encode([]).shape == (0, 384)
+    # Cached: a second encoder reuses the file; a damaged file is exported again.
+    mtime = onnx.path.stat().st_mtime_ns
+    assert OnnxTextQueryEncoder().path.stat().st_mtime_ns == mtime
+    onnx.path.write_bytes(b"not an onnx model")
+    again = OnnxTextQueryEncoder()
+    np.testing.assert_allclose(again.encode(TEXTS[:2]), reference[:2], atol=1e-5)
+    assert not [p for p in onnx.path.parent.iterdir() if p.name.endswith(".tmp")]  # no temp file left behind
+
+
+@pytest.mark.slow  # a second export and a quantisation: tens of seconds on a busy machine
+def test_int8_encoder_is_close_not_equal(encoder, onnx_cache):
+    from itemsage.query_encoder import OnnxTextQueryEncoder
+
+    int8 = OnnxTextQueryEncoder(quantize=True)
+    assert "int8" in int8.path.name and int8.name != encoder.name  # its vectors never mix with fp32 caches
+    reference = encoder.encode(TEXTS[:4])
+    cosines = (int8.encode(TEXTS[:4]) * reference).sum(axis=1)
+    assert cosines.min() > 0.98 and cosines.max() < 1 - 1e-6, cosines
+
+
+def test_query_vector_cache_is_lru():
+    from itemsage.query_encoder import QueryVectorCache
+
+    cache = QueryVectorCache(maxsize=2)
+    cache.put("a", np.array([1.0]))
+    cache.put("b", np.array([2.0]))
+    assert cache.get("a")[0] == 1.0  # "a" is now the most recent
+    cache.put("c", np.array([3.0]))  # evicts "b", the least recently used
+    assert cache.get("b") is None and cache.get("c")[0] == 3.0 and len(cache) == 2
+    assert (cache.hits, cache.misses) == (2, 1)
+    with pytest.raises(ValueError):
+        cache.get("a")[0] = 5.0  # read-only: a caller cannot change what later requests get
+    off = QueryVectorCache(maxsize=0)
+    off.put("a", np.array([1.0]))
+    assert off.get("a") is None
+
+
+class SlowEncoder:
+    """A deterministic encoder that takes 20 ms per call and records each call's batch."""
+
+    dim = 4
+    name = "slow"
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def encode(self, texts, batch_size=64, progress=False):
+        import time
+
+        self.calls.append(list(texts))
+        time.sleep(0.02)
+        return np.asarray([[len(t), t.count("a"), 1.0, float(i)] for i, t in enumerate(texts)], dtype=np.float32)
+
+
+def test_batching_encoder_groups_concurrent_calls_and_keeps_each_answer():
+    import threading
+
+    from itemsage.query_encoder import BatchingEncoder
+
+    inner = SlowEncoder()
+    batching = BatchingEncoder(inner, max_batch=4)
+    texts = [f"q{'a' * i}" for i in range(12)]
+    results: dict[str, np.ndarray] = {}
+
+    def ask(text: str) -> None:
+        results[text] = batching.encode([text])
+
+    threads = [threading.Thread(target=ask, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for text in texts:  # each caller gets its own text's vector (not a neighbour's in the batch)
+        assert results[text].shape == (1, 4)
+        assert results[text][0, 0] == len(text) and results[text][0, 1] == text.count("a")
+    assert sorted(t for call in inner.calls for t in call) == sorted(texts)
+    assert max(len(call) for call in inner.calls) <= 4
+    assert len(inner.calls) < len(texts), "12 concurrent calls on a 20 ms encoder must share batches"
+    assert batching.encode(["x", "y"]).shape == (2, 4)  # several texts: straight through
+
+
+def test_batching_encoder_passes_errors_to_every_caller():
+    from itemsage.query_encoder import BatchingEncoder
+
+    class Broken:
+        dim = 4
+
+        def encode(self, texts, batch_size=64, progress=False):
+            raise RuntimeError("encoder down")
+
+    with pytest.raises(RuntimeError, match="encoder down"):
+        BatchingEncoder(Broken()).encode(["a"])

@@ -256,7 +256,8 @@ def embed_cmd(
 
 @app.command("index")
 def index_cmd(
-    embeddings_dir: Path = typer.Argument(..., help="A finished embeddings directory (itemsage embed)."),
+    embeddings_dir: Optional[Path] = typer.Argument(None, help="A finished embeddings directory (itemsage embed); "
+                                                     "not with --compact."),
     out: Path = typer.Option(..., "--out", help="Index root: versions/<version>/ and CURRENT go here."),
     kind: str = typer.Option("hnsw", "--kind", help="hnsw (approximate, fast) or flat (exact)."),
     m: int = typer.Option(32, "--m", help="HNSW links per node."),
@@ -264,12 +265,34 @@ def index_cmd(
     ef_search: int = typer.Option(128, "--ef-search", help="HNSW search candidate list (recall vs speed)."),
     version: Optional[str] = typer.Option(None, "--version", help="Version name (default: UTC timestamp)."),
     publish: bool = typer.Option(True, "--publish/--no-publish", help="Point CURRENT at the new version."),
+    compact: bool = typer.Option(False, "--compact", help="Fold the live updates logged under --out into a new "
+                                 "version of CURRENT (same kind and parameters); then POST /admin/reload."),
 ) -> None:
     """Build an ANN index over product embeddings, report its recall@10 against exact search."""
     from itemsage.artifacts import ArtifactError
     from itemsage.config import ConfigError
     from itemsage.index import IndexConfig, build_from_embeddings
 
+    if compact:
+        from itemsage.live import compact as compact_live
+
+        if embeddings_dir is not None:
+            fail("--compact rebuilds CURRENT's version with its live updates; give no EMBEDDINGS_DIR")
+        try:
+            result = compact_live(out, version=version, publish=publish)
+        except (ConfigError, ArtifactError, ValueError) as err:
+            fail(str(err))
+        if result is None:
+            console.print("no live updates to compact; CURRENT is unchanged")
+            return
+        index, version_dir, folded = result
+        console.print(f"folded {folded:,} live updates: {len(index):,} vectors x {index.dim} dims in "
+                      f"{index.stats['build_seconds']:.1f} s, recall@10 vs exact {index.stats['recall_at_10']:.4f}")
+        console.print(f"version: {version_dir}" + (" (published as CURRENT; POST /admin/reload to serve it)"
+                                                   if publish else ""))
+        return
+    if embeddings_dir is None:
+        fail("give the EMBEDDINGS_DIR to index (or --compact to fold live updates into CURRENT)")
     try:
         config = IndexConfig(kind=kind, m=m, ef_construction=ef_construction, ef_search=ef_search)
         index, version_dir = build_from_embeddings(
@@ -298,6 +321,11 @@ def serve_cmd(
              "A variable, not an option, so the token never shows in `ps`.",
     ),
     threads: int = typer.Option(1, "--threads", help="Torch and faiss threads per request (requests run concurrently)."),
+    query_encoder: str = typer.Option("onnx", "--query-encoder",
+                                      help="Text query encoder: onnx (MiniLM via ONNX Runtime), onnx-int8, or torch."),
+    query_cache: int = typer.Option(10_000, "--query-cache", help="Recent search texts whose vectors are kept (0: off)."),
+    query_batch: int = typer.Option(8, "--query-batch", help="Encode up to this many concurrent search texts "
+                                    "together (1: one at a time)."),
 ) -> None:
     """Serve candidate retrieval over HTTP: search, closeup, home, embed, metrics and hot reload."""
     import os
@@ -308,12 +336,13 @@ def serve_cmd(
 
     token = os.environ.get(reload_token_env) or None
     if token is None:
-        console.print(f"reload disabled: ${reload_token_env} is not set", highlight=False)
+        console.print(f"reload and live updates disabled: ${reload_token_env} is not set", highlight=False)
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] binding {host}: the service has no authentication except on "
-                      "/admin/reload; put it behind your own gateway", highlight=False)
+                      "/admin/*; put it behind your own gateway", highlight=False)
     try:
-        run(model, index, host=host, port=port, reload_token=token, threads=threads)
+        run(model, index, host=host, port=port, reload_token=token, threads=threads, query_encoder=query_encoder,
+            query_cache=query_cache, query_batch=query_batch)
     except (ConfigError, ArtifactError, ValueError, OSError) as err:
         fail(str(err))
 

@@ -156,11 +156,15 @@ class ProductIndex:
         self._ids = np.concatenate([self._ids, ids])
         self._row_of = row_of
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, *, selector: faiss.IDSelector | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-`k` products per query row.
 
         queries [Q, D] -> (ids [Q, K] str (object array), scores [Q, K] float32), best first.
         With fewer than k products (or HNSW returning fewer), the tail is padded with '' and -inf.
+        `selector` (a faiss IDSelector over faiss row numbers) limits the search to the rows it
+        accepts, inside faiss, so k results still come back when rows are left out (live deletes).
         """
         queries = self._check_matrix(queries, "queries")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -171,7 +175,11 @@ class ProductIndex:
             return np.full((q, k), "", dtype=object), np.full((q, k), -np.inf, dtype=np.float32)
         # Faiss cannot return more than ntotal results usefully; pad the rest ourselves.
         kk = min(k, len(self))
-        scores, rows = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), kk)  # [Q, kk]
+        params = None
+        if selector is not None:  # HNSW takes its efSearch from the parameters when they are given
+            params = (faiss.SearchParametersHNSW(sel=selector, efSearch=int(self._index.hnsw.efSearch))
+                      if self.config.kind == "hnsw" else faiss.SearchParameters(sel=selector))
+        scores, rows = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), kk, params=params)  # [Q, kk]
         ids = np.full((q, k), "", dtype=object)
         out_scores = np.full((q, k), -np.inf, dtype=np.float32)
         found = rows >= 0  # faiss marks missing results with -1
@@ -261,6 +269,10 @@ class ProductIndex:
 
     def __contains__(self, product_id: object) -> bool:
         return product_id in self._row_of
+
+    def row(self, product_id: str) -> int:
+        """The faiss row number of `product_id`, -1 if it is not in the index."""
+        return self._row_of.get(product_id, -1)
 
     @property
     def ids(self) -> np.ndarray:

@@ -5,6 +5,8 @@
     POST /v1/home     {history | vectors, k, max_clusters}      PinnerSage clusters -> merged top-k
     POST /v1/embed    {product: {text fields, image_embeddings}} one product -> its embedding
     GET  /healthz, /readyz, /metrics (Prometheus text);  POST /admin/reload (Bearer token)
+    POST /admin/products {products: [...]}  upsert: embed with the served model, searchable on reply
+    POST /admin/products/delete {ids}       delete: never returned again (both Bearer token; live.py)
 
 Every retrieval response carries `ids` and `scores` (inner products of unit vectors, higher = more
 similar, best first) and the `index_version` that answered. Query vectors pass through the model's
@@ -35,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import dataclasses
 import hmac
 import io
@@ -56,6 +59,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from itemsage import index as index_lib
+from itemsage import live as live_lib
 from itemsage.artifacts import ArtifactError
 from itemsage.config import ConfigError, require
 from itemsage.schema import IMAGE_EMBEDDINGS, PRODUCT_ID
@@ -71,6 +75,10 @@ MAX_VERSION_CHARS = 255  # an index version is a directory name
 MAX_HISTORY = 1000  # history items (ids or vectors) per home request
 MAX_VECTOR_WIDTH = 8192  # a cheap upper bound before the exact width check
 MAX_TEXT_CHARS = 2048  # MiniLM reads at most 256 tokens anyway
+MAX_UPDATE_BATCH = 1000  # products per upsert or delete request
+DEFAULT_QUERY_CACHE = 10_000  # recent search texts whose query vectors are kept
+DEFAULT_QUERY_BATCH = 8  # concurrent search texts encoded together (1: one at a time; BENCHMARKS.md)
+QUERY_ENCODERS = ("onnx", "onnx-int8", "torch")
 # PinnerSage cuts the Ward tree at a distance threshold, then keeps a few clusters. For unit
 # vectors two single items merge below 1.0 when their cosine is above 0.5; larger clusters merge
 # later (the Ward distance grows with cluster size). `max_clusters` caps the count.
@@ -220,6 +228,23 @@ class ReloadResponse(BaseModel):
     previous_version: str
     products: int
     seconds: float
+
+
+class UpsertRequest(_Body):
+    products: Annotated[list[ProductIn], Field(min_length=1, max_length=MAX_UPDATE_BATCH)] = Field(
+        description="Products with their `product_id`: new ones are added, existing ones replaced.")
+
+
+class DeleteRequest(_Body):
+    ids: Annotated[list[ProductId], Field(min_length=1, max_length=MAX_UPDATE_BATCH)]
+
+
+class UpdateResponse(BaseModel):
+    ids: list[str] = Field(description="Products upserted (or deleted), in request order.")
+    unknown: list[str] = Field(default_factory=list, description="Delete: ids not in the index (nothing done).")
+    seq: int = Field(description="The last update's number in the live log (durable on reply).")
+    index_version: str
+    products: int = Field(description="Products served after the update.")
 
 
 # ---- errors -------------------------------------------------------------------------------------
@@ -566,11 +591,23 @@ class Service:
         text_encoder: Any = None,
         image_encoder: Any = None,
         max_image_pixels: int | None = None,
+        query_encoder: str = "onnx",
+        query_cache: int = DEFAULT_QUERY_CACHE,
+        query_batch: int = DEFAULT_QUERY_BATCH,
     ) -> None:
         from itemsage.image_encoder import DEFAULT_MAX_PIXELS
         from itemsage.model import load_model
+        from itemsage.query_encoder import QueryVectorCache
 
         require(max_k >= 1, f"max_k must be >= 1, got {max_k}")
+        require(query_encoder in QUERY_ENCODERS,
+                f"query_encoder must be one of {', '.join(QUERY_ENCODERS)}, got '{query_encoder}'")
+        require(query_batch >= 1, f"query_batch must be >= 1 (1: no batching), got {query_batch}")
+        self.query_encoder = query_encoder
+        self.query_batch = query_batch
+        self.query_cache = QueryVectorCache(query_cache)  # text -> product-space query vector
+        self.live_log = live_lib.LiveLog(index_root)
+        self._live_lock = threading.Lock()  # orders updates against the reload swap
         self.max_k = max_k
         self.max_image_pixels = int(max_image_pixels or DEFAULT_MAX_PIXELS)
         require(self.max_image_pixels >= 1, f"max_image_pixels must be >= 1, got {max_image_pixels}")
@@ -579,7 +616,7 @@ class Service:
         self.model.tower.eval()
         self.model.adapters.eval()
         self.out_dim = int(self.model.config.out_dim)
-        self.served = self._check_index(index_lib.load_current(self.index_root))
+        self.served = self._with_live(self._check_index(index_lib.load_current(self.index_root)))
         self._text_encoder = text_encoder
         self._image_encoder = image_encoder
         self._encoder_lock = threading.Lock()
@@ -600,6 +637,11 @@ class Service:
                                 f"{built_from}, but the server runs model {self.model.fingerprint}; "
                                 "re-embed the catalog with this model and index it")
         return Served(index, str(index.version))
+
+    def _with_live(self, served: Served) -> Served:
+        """The version with the live log's later updates replayed onto it."""
+        index = live_lib.replay(served.index, self.live_log, self.model.fingerprint)  # type: ignore[arg-type]
+        return Served(index, served.version)  # type: ignore[arg-type]
 
     def reload(self, version: str | None, persist: bool = True) -> ReloadResponse:
         """Load (and verify) a version fully, then swap one reference. Old requests keep the old one.
@@ -622,19 +664,21 @@ class Service:
                                    f"versions: {shown or 'none'}")
             try:
                 new = self._check_index(index_lib.ProductIndex.load(version_dir))
+                with self._live_lock:  # no update lands between the log's replay and the swap
+                    new = self._with_live(new)
+                    if persist and version:
+                        try:
+                            index_lib.point_current(self.index_root, version_dir.name)
+                        except OSError as err:
+                            raise RequestError(409, f"index version '{version_dir.name}' was not swapped in: "
+                                               f"CURRENT could not be written ({err}); fix the index root's "
+                                               'permissions or reload with "persist": false') from None
+                    previous = self.served
+                    self.served = new  # the swap: one reference assignment
             except (ArtifactError, ConfigError, OSError, RuntimeError, ValueError, KeyError) as err:
                 # faiss raises RuntimeError on unreadable files; the manifest check usually comes first.
                 raise RequestError(409, f"index version '{version_dir.name}' was refused and the "
                                    f"previous version ({self.served.version}) keeps serving: {err}") from None
-            if persist and version:
-                try:
-                    index_lib.point_current(self.index_root, version_dir.name)
-                except OSError as err:
-                    raise RequestError(409, f"index version '{version_dir.name}' was not swapped in: CURRENT "
-                                       f"could not be written ({err}); fix the index root's permissions or "
-                                       'reload with "persist": false') from None
-            previous = self.served
-            self.served = new  # the swap: one reference assignment
             seconds = time.perf_counter() - start
             log.info("reloaded index: %s -> %s in %.2f s", previous.version, new.version, seconds)
             return ReloadResponse(index_version=new.version, previous_version=previous.version,
@@ -705,11 +749,16 @@ class Service:
         return Candidates(ids=[p for p, _ in keep], scores=[s for _, s in keep], index_version=served.version)
 
     def text_encoder(self) -> Any:
+        from itemsage.query_encoder import BatchingEncoder
+
         with self._encoder_lock:  # created once, on first use (loading MiniLM takes seconds)
             if self._text_encoder is None:
-                from itemsage.query_encoder import TextQueryEncoder
+                from itemsage.query_encoder import OnnxTextQueryEncoder, TextQueryEncoder
 
-                self._text_encoder = TextQueryEncoder()
+                self._text_encoder = (TextQueryEncoder() if self.query_encoder == "torch" else
+                                      OnnxTextQueryEncoder(quantize=self.query_encoder == "onnx-int8"))
+            if self.query_batch > 1 and not isinstance(self._text_encoder, BatchingEncoder):
+                self._text_encoder = BatchingEncoder(self._text_encoder, self.query_batch)  # concurrent searches
             return self._text_encoder
 
     def warm_up(self) -> None:
@@ -718,6 +767,7 @@ class Service:
 
         if self._text_encoder is not None or self.model.query_dims.get("search") == TextQueryEncoder.dim:
             self.text_encoder().encode(["warm up"])
+        self._embed_products([ProductIn(product_id="warm-up", title="warm up")], ["warm-up"])  # first tower run
 
     def _image_encoder_dim(self) -> int:
         if self._image_encoder is not None:
@@ -747,9 +797,13 @@ class Service:
                                    f"encoder gives {encoder.dim}-d; send `vector` of width {width} instead")
             if not req.text.strip():
                 raise RequestError(422, "text is blank; send the words of the search query")
-            x = np.asarray(encoder.encode([req.text]), dtype=np.float32)  # [1, 384]
-        else:
-            x = self._query_rows([req.vector], width, "vector")
+            q = self.query_cache.get(req.text)  # [D]: the adapter is fixed for the server's life
+            if q is None:
+                x = np.asarray(encoder.encode([req.text]), dtype=np.float32)  # [1, 384]
+                q = self._adapt("search", x)[0]
+                self.query_cache.put(req.text, q)
+            return self._top_k(served, q[None, :], req.k)
+        x = self._query_rows([req.vector], width, "vector")
         return self._top_k(served, self._adapt("search", x), req.k)
 
     def closeup(self, req: CloseupRequest) -> Candidates:
@@ -827,44 +881,95 @@ class Service:
                             cluster_of=cluster_of)
 
     def embed(self, req: EmbedRequest) -> EmbedResponse:
-        from itemsage.features import featurize
+        vector = self._embed_products([req.product], ["product"])[0]  # [D]
+        return EmbedResponse(product_id=req.product.product_id, vector=vector.tolist(), dim=len(vector),
+                             model_fingerprint=self.model.fingerprint)
+
+    def _embed_products(self, products: list[ProductIn], names: list[str]) -> np.ndarray:
+        """Products -> their embeddings [N, D] by the served tower; `names` label each in errors."""
+        from itemsage.features import featurize, field_strings
 
         cfg = self.model.config
-        product = req.product
-        extra = product.__pydantic_extra__ or {}
-        unknown = sorted(set(extra) - set(cfg.text_fields))
-        if unknown:
-            raise RequestError(422, f"unknown product field(s) {', '.join(unknown)}; this model reads "
-                               f"{', '.join(cfg.text_fields)} and {IMAGE_EMBEDDINGS}")
-        images = product.image_embeddings or []
-        if len(images) > cfg.max_images:
-            raise RequestError(422, f"{len(images)} image embeddings given; this model reads at most "
-                               f"{cfg.max_images} (main image first)")
-        if images and not self.model.image_dim:
-            raise RequestError(422, "this model was trained without image vectors; leave out image_embeddings")
-        if images:
-            image_rows = self._as_matrix(images, int(self.model.image_dim), "product.image_embeddings")
-            images = image_rows.tolist()  # as sent: the tower is not scale-invariant in its image inputs
-        from itemsage.features import field_strings
-
-        columns: dict[str, pa.Array] = {PRODUCT_ID: pa.array([product.product_id or ""], pa.string())}
-        for field in cfg.text_fields:
-            value = extra[field] if field in extra else getattr(product, field, None)
-            columns[field] = pa.array([field_strings(value)], pa.list_(pa.string()))
-        columns[IMAGE_EMBEDDINGS] = pa.array([images], pa.list_(pa.list_(pa.float32())))
-        batch = featurize(pa.table(columns), self.model.vocab, cfg.text_fields, cfg.max_images,
-                          int(self.model.image_dim))
+        columns: dict[str, list] = {PRODUCT_ID: [], IMAGE_EMBEDDINGS: [], **{f: [] for f in cfg.text_fields}}
+        for product, name in zip(products, names):
+            extra = product.__pydantic_extra__ or {}
+            unknown = sorted(set(extra) - set(cfg.text_fields))
+            if unknown:
+                raise RequestError(422, f"unknown {name} field(s) {', '.join(unknown)}; this model reads "
+                                   f"{', '.join(cfg.text_fields)} and {IMAGE_EMBEDDINGS}")
+            images = product.image_embeddings or []
+            if len(images) > cfg.max_images:
+                raise RequestError(422, f"{len(images)} image embeddings given in {name}; this model reads at "
+                                   f"most {cfg.max_images} (main image first)")
+            if images and not self.model.image_dim:
+                raise RequestError(422, "this model was trained without image vectors; leave out image_embeddings")
+            if images:
+                image_rows = self._as_matrix(images, int(self.model.image_dim), f"{name}.image_embeddings")
+                images = image_rows.tolist()  # as sent: the tower is not scale-invariant in its image inputs
+            columns[PRODUCT_ID].append(product.product_id or "")
+            for field in cfg.text_fields:
+                value = extra[field] if field in extra else getattr(product, field, None)
+                columns[field].append(field_strings(value))
+            columns[IMAGE_EMBEDDINGS].append(images)
+        table = pa.table({
+            PRODUCT_ID: pa.array(columns[PRODUCT_ID], pa.string()),
+            **{f: pa.array(columns[f], pa.list_(pa.string())) for f in cfg.text_fields},
+            IMAGE_EMBEDDINGS: pa.array(columns[IMAGE_EMBEDDINGS], pa.list_(pa.list_(pa.float32()))),
+        })
+        batch = featurize(table, self.model.vocab, cfg.text_fields, cfg.max_images, int(self.model.image_dim))
         with torch.inference_mode():
-            vector = self.model.tower(batch)[0].float().numpy()  # [D]
-        if not np.all(np.isfinite(vector)) or abs(float(_norms(vector[None])[0]) - 1.0) > 1e-3:
-            largest = max((abs(v) for row in images for v in row), default=0.0)
+            vectors = self.model.tower(batch).float().numpy()  # [N, D]
+        bad = ~np.all(np.isfinite(vectors), axis=1) | (np.abs(_norms(np.nan_to_num(vectors)) - 1.0) > 1e-3)  # [N]
+        for i in np.flatnonzero(bad):
+            images = columns[IMAGE_EMBEDDINGS][i]
             if not images:  # text alone cannot overflow the tower: a bug, not a bad request
-                raise RuntimeError(f"the embedding of a text-only product is not a finite unit vector: {vector[:4]}")
-            raise RequestError(422, f"this product's embedding is not finite: the image_embeddings (largest |value| "
-                               f"{largest:.3g}) are too large for this model; send the vectors of the catalog's "
-                               "image encoder, on the scale the model was trained on")
-        return EmbedResponse(product_id=product.product_id, vector=vector.tolist(), dim=len(vector),
-                             model_fingerprint=self.model.fingerprint)
+                raise RuntimeError(f"the embedding of a text-only product is not a finite unit vector: {vectors[i, :4]}")
+            largest = max(abs(v) for row in images for v in row)
+            raise RequestError(422, f"the embedding of {names[i]} is not finite: its image_embeddings (largest "
+                               f"|value| {largest:.3g}) are too large for this model; send the vectors of the "
+                               "catalog's image encoder, on the scale the model was trained on")
+        return vectors
+
+    # -- live updates (live.py) --
+
+    def upsert(self, req: UpsertRequest) -> UpdateResponse:
+        """Embed the products, log them durably, and serve them from the next request on."""
+        ids = [p.product_id for p in req.products]
+        for i, pid in enumerate(ids):
+            if not pid:
+                raise RequestError(422, f"products[{i}] has no product_id; an upsert needs the id to add or replace")
+        repeated = sorted({p for p in ids if ids.count(p) > 1}) if len(set(ids)) < len(ids) else []
+        if repeated:
+            raise RequestError(422, f"product id(s) {', '.join(map(repr, repeated[:5]))} appear more than once in "
+                               "this request; send each product once")
+        vectors = self._embed_products(req.products, [f"products[{i}]" for i in range(len(ids))])  # [N, D]
+        updates = [live_lib.upsert_record(pid, v, self.model.fingerprint, p.model_dump(exclude_none=True))
+                   for pid, v, p in zip(ids, vectors, req.products)]
+        return self._apply_updates(updates, ids, [])
+
+    def delete(self, req: DeleteRequest) -> UpdateResponse:
+        """Log the deletes durably; the products are never returned again."""
+        ids = list(dict.fromkeys(req.ids))
+        with self._live_lock:
+            index = self.served.index
+            known = [p for p in ids if p in index]
+            unknown = [p for p in ids if p not in index]
+            return self._apply_updates([live_lib.delete_record(p) for p in known], known, unknown, locked=True)
+
+    def _apply_updates(self, updates: list[dict], ids: list[str], unknown: list[str], *,
+                       locked: bool = False) -> UpdateResponse:
+        with contextlib.nullcontext() if locked else self._live_lock:
+            served = self.served
+            index: live_lib.LiveIndex = served.index  # type: ignore[assignment]
+            try:
+                records = self.live_log.append(updates, floor=index.applied_seq)  # fsynced
+            except ArtifactError as err:
+                raise RequestError(409, str(err)) from None
+            except OSError as err:
+                raise RequestError(503, f"the live log could not be written ({err}); nothing was changed") from None
+            index.apply(records)
+            return UpdateResponse(ids=ids, unknown=unknown, seq=index.applied_seq, index_version=served.version,
+                                  products=len(index))
 
     def info(self) -> dict[str, Any]:
         served = self.served
@@ -873,6 +978,7 @@ class Service:
             "products": len(served.index),
             "index_kind": served.index.config.kind,
             "index_recall_at_10": served.index.stats.get("recall_at_10"),
+            "live_updates": served.index.info() if isinstance(served.index, live_lib.LiveIndex) else None,
             "model_fingerprint": self.model.fingerprint,
             "query_dims": dict(self.model.query_dims),
             "dim": self.out_dim,
@@ -895,19 +1001,26 @@ def create_app(
     max_image_pixels: int | None = None,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     body_deadline_s: float = DEFAULT_BODY_DEADLINE_S,
+    query_encoder: str = "onnx",
+    query_cache: int = DEFAULT_QUERY_CACHE,
+    query_batch: int = DEFAULT_QUERY_BATCH,
 ) -> FastAPI:
     """The service over the model in `model_dir` and the index version CURRENT names in `index_root`.
 
     The model and index load now, so a broken artifact stops the server before it binds. Encoders
     left as None are the built-in ones, created on first use; tests pass fakes with `dim` and
-    `encode(texts)` / `encode_paths(paths, progress=False)`. `reload_token` None disables reload.
-    `max_image_pixels` (default: the image encoder's) bounds an uploaded image by its header's size.
+    `encode(texts)` / `encode_paths(paths, progress=False)`. `reload_token` None disables reload and
+    the live-update endpoints. `max_image_pixels` (default: the image encoder's) bounds an uploaded
+    image by its header's size. `query_encoder`: 'onnx' (default), 'onnx-int8' or 'torch' for the
+    built-in text encoder; `query_cache`: how many recent search texts keep their vectors (0: none);
+    `query_batch`: up to this many concurrent search texts are encoded in one call (1: no batching).
     """
     require(max_body_bytes >= 1024, f"max_body_bytes must be >= 1024, got {max_body_bytes}")
     require(body_timeout_s > 0 and body_deadline_s >= body_timeout_s,
             f"body_timeout_s ({body_timeout_s}) must be > 0 and body_deadline_s ({body_deadline_s}) at least as long")
     service = Service(model_dir, index_root, max_k=max_k, text_encoder=text_encoder, image_encoder=image_encoder,
-                      max_image_pixels=max_image_pixels)
+                      max_image_pixels=max_image_pixels, query_encoder=query_encoder, query_cache=query_cache,
+                      query_batch=query_batch)
     metrics = Metrics()
     app = FastAPI(
         title="ItemSage candidate generation",
@@ -990,6 +1103,32 @@ def create_app(
         metrics.reloads["ok"] = metrics.reloads.get("ok", 0) + 1
         return result
 
+    def authorize(authorization: Optional[str]) -> None:
+        """The reload token scheme, for the live-update endpoints."""
+        if reload_token is None:
+            raise RequestError(403, "live updates are disabled: start the server with a reload token "
+                               "(itemsage serve --reload-token-env VAR, with VAR set)")
+        if not authorization:
+            raise RequestError(401, "live updates need the header `Authorization: Bearer <token>`")
+        scheme, _, given = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), reload_token.encode()):
+            raise RequestError(403, "wrong token")
+
+    auth_errors = {401: {"description": "no token"}, 403: {"description": "wrong token or updates disabled"},
+                   409: {"description": "another process writes this index root's live log"}}
+
+    @app.post("/admin/products", response_model=UpdateResponse, tags=["live updates"], responses=auth_errors)
+    def upsert(req: UpsertRequest, authorization: Optional[str] = Header(None)) -> UpdateResponse:
+        """Add or replace products: embedded by the served model, durable and searchable on reply."""
+        authorize(authorization)
+        return service.upsert(req)
+
+    @app.post("/admin/products/delete", response_model=UpdateResponse, tags=["live updates"], responses=auth_errors)
+    def delete(req: DeleteRequest, authorization: Optional[str] = Header(None)) -> UpdateResponse:
+        """Delete products: durable on reply, never returned again (ids not indexed come back as `unknown`)."""
+        authorize(authorization)
+        return service.delete(req)
+
     paths: set[str] = set()
 
     def route_paths() -> set[str]:
@@ -1026,8 +1165,11 @@ def run(
     log_level: str = "info",
     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    query_encoder: str = "onnx",
+    query_cache: int = DEFAULT_QUERY_CACHE,
+    query_batch: int = DEFAULT_QUERY_BATCH,
 ) -> None:
-    """Serve with uvicorn (blocking). `threads` = torch and faiss threads per request."""
+    """Serve with uvicorn (blocking). `threads` = torch, faiss and ONNX Runtime threads per request."""
     import uvicorn
 
     require(threads >= 1, f"threads must be >= 1, got {threads}")
@@ -1036,6 +1178,7 @@ def run(
 
     faiss.omp_set_num_threads(threads)
     app = create_app(model_dir, index_root, reload_token=reload_token, body_timeout_s=body_timeout_s,
-                     body_deadline_s=max(DEFAULT_BODY_DEADLINE_S, body_timeout_s))
+                     body_deadline_s=max(DEFAULT_BODY_DEADLINE_S, body_timeout_s), query_encoder=query_encoder,
+                     query_cache=query_cache, query_batch=query_batch)
     app.state.service.warm_up()
     uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level, keep_alive_s=keep_alive_s)).run()

@@ -1,0 +1,426 @@
+"""Live updates: products upserted and deleted between index builds, durable across a kill -9.
+
+An index version is built in batch; a shop changes products all day. The server takes upserts
+(features in, embedded by the served model) and deletes, writes each to an append-only log and
+fsyncs it before answering, and applies it to a `LiveIndex`: the served version plus
+
+- a small exact side index of upserted vectors, searched with the main index and merged by score;
+- a bitmap of the main index's rows that are hidden (deleted, or replaced by a newer upsert),
+  handed to faiss as an ID selector, so hidden rows are skipped inside the search and k results
+  still come back.
+
+On disk, beside the versions:
+
+    INDEX_ROOT/live/log.jsonl   one JSON object per line:
+        {"seq": 7, "op": "upsert", "id": "p1", "vector": "<base64 float32 LE>", "model": "<fp>", "product": {...}}
+        {"seq": 8, "op": "delete", "id": "p2"}
+        {"seq": 6, "op": "compacted", "version": "v..."}   (first line after a compaction)
+    INDEX_ROOT/live/LOCK        flock'd around every append and every rewrite of the log
+    INDEX_ROOT/live/WRITER      flock'd by the one server process that appends
+
+An index version's manifest may carry `live_seq`: the last logged update folded into it. What is
+served is that version plus every logged update with a larger `seq`, replayed at start and at each
+reload. `compact` (`itemsage index --compact`) folds the log into a new version, publishes it
+(CURRENT, as for any build) and drops the folded lines from the log; the server picks the new
+version up on its next `/admin/reload`, replaying only what came after.
+
+A line torn by a kill mid-write was never acknowledged (the reply waits for the fsync), so it is
+ignored at replay and cut off before the next append.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import faiss
+import numpy as np
+
+from itemsage import artifacts
+from itemsage import index as index_lib
+from itemsage.artifacts import ArtifactError
+
+log = logging.getLogger(__name__)
+
+LIVE_DIR = "live"
+LOG_FILE = "log.jsonl"
+LOCK_FILE = "LOCK"
+WRITER_FILE = "WRITER"
+UPSERT, DELETE, COMPACTED = "upsert", "delete", "compacted"
+
+
+def encode_vector(vector: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_vector(text: str, dim: int) -> np.ndarray:
+    vector = np.frombuffer(base64.b64decode(text), dtype="<f4")
+    if vector.shape != (dim,) or not np.all(np.isfinite(vector)):
+        raise ValueError(f"a logged vector has {vector.size} values (or non-finite ones), expected {dim}")
+    return vector.astype(np.float32)
+
+
+# ---- the log --------------------------------------------------------------------------------------
+
+
+class LiveLog:
+    """The append-only log of one index root. One server process appends; `compact` rewrites."""
+
+    def __init__(self, index_root: str | Path) -> None:
+        self.dir = Path(index_root) / LIVE_DIR
+        self.path = self.dir / LOG_FILE
+        self._last_seq: int | None = None  # the writer's counter, read from the log on first append
+        self._writer_fd: int | None = None
+        self._lock = threading.Lock()  # threads of this process; LOCK orders processes
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def _read_lines(self) -> tuple[list[dict[str, Any]], int]:
+        """(records, length of the complete part in bytes). A torn last line is left out."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return [], 0
+        complete = data.rfind(b"\n") + 1  # a kill mid-append leaves a tail without its newline
+        if complete < len(data):
+            log.warning("%s ends with a torn line of %d bytes (an update killed before its reply); ignoring it",
+                        self.path, len(data) - complete)
+        records = []
+        for number, line in enumerate(data[:complete].splitlines(), start=1):
+            try:
+                record = json.loads(line)
+                int(record["seq"]), record["op"]
+            except (ValueError, KeyError, TypeError):
+                raise ArtifactError(f"{self.path} line {number} is not a valid update record; the live log is "
+                                    "damaged. Restore it from a backup, or move it away to serve the index "
+                                    "version alone (its updates are then lost).") from None
+            records.append(record)
+        return records, complete
+
+    def read(self, after: int = 0) -> tuple[list[dict[str, Any]], int]:
+        """(the updates with seq > `after`, in order; the seq through which the log was compacted).
+
+        No lock (an index root may be read-only): a rewrite is an atomic rename, and a line being
+        appended is an unacknowledged torn tail.
+        """
+        records, _ = self._read_lines()
+        floor = max((int(r["seq"]) for r in records if r["op"] == COMPACTED), default=0)
+        return [r for r in records if r["op"] != COMPACTED and int(r["seq"]) > after], floor
+
+    def append(self, updates: list[dict[str, Any]], *, floor: int = 0) -> list[dict[str, Any]]:
+        """Number `updates` (seq), append them, fsync; return them numbered. `floor`: seq already used.
+
+        Raises ArtifactError when another process holds the writer lock of this index root.
+        """
+        if not updates:
+            return []
+        with self._lock, self._locked():
+            self._take_writer()
+            if self._last_seq is None:
+                records, complete = self._read_lines()
+                if self.path.exists() and complete < self.path.stat().st_size:
+                    os.truncate(self.path, complete)  # cut off the torn line before appending after it
+                self._last_seq = max((int(r["seq"]) for r in records), default=0)
+            first = max(self._last_seq, floor) + 1
+            numbered = [{"seq": first + i, **u} for i, u in enumerate(updates)]
+            payload = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in numbered).encode()
+            created = not self.path.exists()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)  # durable before the reply
+            finally:
+                os.close(fd)
+            if created:
+                artifacts._fsync_dir(self.dir)
+            self._last_seq = numbered[-1]["seq"]
+            return numbered
+
+    def _take_writer(self) -> None:
+        if self._writer_fd is not None:
+            return
+        fd = os.open(self.dir / WRITER_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ArtifactError(f"another server process is writing live updates to {self.dir}; send updates "
+                                "to that one (one writer per index root)") from None
+        self._writer_fd = fd  # held for the life of the process
+
+    def close(self) -> None:
+        """Give up the writer lock (another process may append after this)."""
+        with self._lock:
+            if self._writer_fd is not None:
+                os.close(self._writer_fd)
+                self._writer_fd = None
+                self._last_seq = None
+
+    def drop_through(self, seq: int, version: str) -> None:
+        """After a compaction into `version`: keep only updates after `seq`, behind a COMPACTED mark."""
+        with self._lock, self._locked():
+            records, _ = self._read_lines()
+            kept = [{"seq": seq, "op": COMPACTED, "version": version}]
+            kept += [r for r in records if r["op"] != COMPACTED and int(r["seq"]) > seq]
+            artifacts.atomic_write_text(self.path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept))
+
+
+def upsert_record(product_id: str, vector: np.ndarray, model: str, product: dict[str, Any]) -> dict[str, Any]:
+    return {"op": UPSERT, "id": product_id, "vector": encode_vector(vector), "model": model, "product": product,
+            "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")}
+
+
+def delete_record(product_id: str) -> dict[str, Any]:
+    return {"op": DELETE, "id": product_id, "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")}
+
+
+# ---- the served index with its updates ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _View:
+    """One consistent state, swapped whole by each update; a search reads it once."""
+
+    hidden: np.ndarray  # uint8 [ceil(N/8)]: bit r set = main-index row r is deleted or replaced
+    hidden_count: int
+    selector: Any  # faiss selector accepting the rows not hidden (None when none are)
+    side_vectors: np.ndarray  # [M, D] upserted unit vectors (rows never change once published)
+    side_ids: np.ndarray  # [M] product ids (object)
+    side_alive: np.ndarray  # bool [M]: False once the id is upserted again or deleted
+    side_row: dict[str, int]  # product id -> its live side row
+
+
+def _selector(hidden: np.ndarray) -> Any:
+    inner = faiss.IDSelectorBitmap(len(hidden), faiss.swig_ptr(hidden))  # bytes; row r = bit r % 8 of byte r // 8
+    outer = faiss.IDSelectorNot(inner)
+    outer.referenced = (inner, hidden)  # the C++ objects point into these; keep them alive
+    return outer
+
+
+class LiveIndex:
+    """A `ProductIndex` version plus the updates logged after it, with the index's search verbs.
+
+    `search`, `vector`, `in` and `len` see deletes and upserts; `config`, `stats`, `manifest` and
+    `version` are the version's. Updates are applied under a lock; searches never wait for them.
+    """
+
+    def __init__(self, base: index_lib.ProductIndex) -> None:
+        self.base = base
+        self.applied_seq = int(base.manifest.get("live_seq", 0))
+        n = len(base)
+        self._buffer = np.zeros((64, base.dim), dtype=np.float32)  # grows by doubling
+        self._count = 0
+        self._lock = threading.Lock()
+        self.upserts = 0
+        self.deletes = 0
+        self._view = _View(np.zeros((n + 7) // 8, dtype=np.uint8), 0, None, self._buffer[:0],
+                           np.empty(0, dtype=object), np.zeros(0, dtype=bool), {})
+
+    # -- what the served index delegates --
+
+    config = property(lambda self: self.base.config)
+    stats = property(lambda self: self.base.stats)
+    manifest = property(lambda self: self.base.manifest)
+    version = property(lambda self: self.base.version)
+    dim = property(lambda self: self.base.dim)
+
+    def _base_row(self, view: _View, product_id: str) -> int:
+        row = self.base.row(product_id)
+        if row >= 0 and view.hidden[row >> 3] >> (row & 7) & 1:
+            return -1
+        return row
+
+    def __contains__(self, product_id: object) -> bool:
+        view = self._view
+        return product_id in view.side_row or (isinstance(product_id, str) and self._base_row(view, product_id) >= 0)
+
+    def __len__(self) -> int:
+        view = self._view
+        return len(self.base) - view.hidden_count + len(view.side_row)
+
+    def vector(self, product_ids: list[str] | np.ndarray) -> np.ndarray:
+        """The current unit vectors [N, D] of `product_ids`; KeyError names ids deleted or never indexed."""
+        view = self._view
+        product_ids = list(product_ids)
+        out = np.empty((len(product_ids), self.dim), dtype=np.float32)
+        missing, base_at, base_ids = [], [], []
+        for i, pid in enumerate(product_ids):
+            if pid in view.side_row:
+                out[i] = view.side_vectors[view.side_row[pid]]
+            elif self._base_row(view, pid) >= 0:
+                base_at.append(i)
+                base_ids.append(pid)
+            else:
+                missing.append(pid)
+        if missing:
+            shown = ", ".join(repr(p) for p in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise KeyError(f"{len(missing)} product id(s) not in the index: {shown}")
+        if base_ids:
+            out[base_at] = self.base.vector(base_ids)
+        return out
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k over the version (hidden rows skipped inside faiss) and the upserts, merged by score.
+
+        queries [Q, D] -> (ids [Q, K], scores [Q, K]) like `ProductIndex.search`, padded with '' / -inf.
+        """
+        view = self._view
+        ids, scores = self.base.search(queries, k, selector=view.selector)  # [Q, K]
+        m = len(view.side_ids)
+        if not view.side_row:
+            return ids, scores
+        side = np.asarray(queries, dtype=np.float32) @ view.side_vectors.T  # [Q, M] exact inner products
+        side[:, ~view.side_alive] = -np.inf
+        take = min(k, m)
+        top = np.argpartition(-side, take - 1, axis=1)[:, :take] if take < m else np.tile(np.arange(m), (len(side), 1))
+        all_ids = np.concatenate([ids, view.side_ids[top]], axis=1)  # [Q, K + take]
+        all_scores = np.concatenate([scores, np.take_along_axis(side, top, axis=1)], axis=1)
+        all_ids[~np.isfinite(all_scores)] = ""  # a dead side row is padding, like faiss's misses
+        order = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]  # [Q, K] best first
+        return np.take_along_axis(all_ids, order, axis=1), np.take_along_axis(all_scores, order, axis=1)
+
+    # -- applying updates --
+
+    def apply(self, records: list[dict[str, Any]], model: str | None = None) -> None:
+        """Apply logged updates in order (each with seq > `applied_seq`), publishing one new view."""
+        if not records:
+            return
+        with self._lock:
+            view = self._view
+            hidden = view.hidden.copy()
+            hidden_count = view.hidden_count
+            side_row = dict(view.side_row)
+            upserts = [r for r in records if r["op"] == UPSERT]
+            if model is not None:
+                other = {r.get("model") for r in upserts} - {model}
+                if other:
+                    raise ArtifactError(
+                        f"the live log holds updates embedded by model {', '.join(map(str, sorted(other)))}, "
+                        f"but this index serves model {model}; compact them into an index of that model, or "
+                        "move the live log away (its updates are then lost)")
+            count, applied, counts = self._count, self.applied_seq, [0, 0]  # committed at the end
+            need = count + len(upserts)
+            if need > len(self._buffer):  # grow: old views keep the old buffer
+                grown = np.zeros((max(need, 2 * len(self._buffer)), self.dim), dtype=np.float32)
+                grown[:count] = self._buffer[:count]
+                self._buffer = grown
+            ids = list(view.side_ids)
+            alive = np.concatenate([view.side_alive, np.zeros(len(upserts), dtype=bool)])
+            for record in records:
+                seq, pid = int(record["seq"]), record["id"]
+                if seq <= applied:
+                    raise ValueError(f"update {seq} is not after the last applied update {applied}")
+                row = self.base.row(pid)
+                if row >= 0 and not hidden[row >> 3] >> (row & 7) & 1:
+                    hidden[row >> 3] |= np.uint8(1 << (row & 7))  # the version's vector is never returned again
+                    hidden_count += 1
+                if pid in side_row:
+                    alive[side_row.pop(pid)] = False
+                if record["op"] == UPSERT:
+                    vector = decode_vector(record["vector"], self.dim)
+                    self._buffer[count] = vector / max(float(np.linalg.norm(vector)), 1e-12)  # past every view
+                    side_row[pid] = count
+                    ids.append(pid)
+                    alive[count] = True
+                    count += 1
+                    counts[0] += 1
+                elif record["op"] == DELETE:
+                    counts[1] += 1
+                else:
+                    raise ValueError(f"unknown update op {record['op']!r} in update {seq}")
+                applied = seq
+            selector = _selector(hidden) if hidden_count else None
+            self._count, self.applied_seq = count, applied
+            self.upserts += counts[0]
+            self.deletes += counts[1]
+            self._view = _View(hidden, hidden_count, selector, self._buffer[:count],
+                               np.asarray(ids, dtype=object), alive, side_row)
+
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [N], vectors [N, D]) of every live product: the version's visible rows, then the upserts."""
+        view = self._view
+        rows = np.arange(len(self.base))
+        visible = ~(np.unpackbits(view.hidden, bitorder="little")[: len(self.base)].astype(bool))
+        base_ids = self.base.ids[rows[visible]]
+        side_rows = np.fromiter(view.side_row.values(), dtype=np.int64, count=len(view.side_row))
+        ids = np.concatenate([base_ids, view.side_ids[side_rows]]).astype(object)
+        vectors = np.concatenate([self.base.vector(base_ids), view.side_vectors[side_rows]]).astype(np.float32)
+        return ids, vectors
+
+    def info(self) -> dict[str, Any]:
+        view = self._view
+        return {"applied_seq": self.applied_seq, "upserted": len(view.side_row), "hidden": view.hidden_count,
+                "upserts_applied": self.upserts, "deletes_applied": self.deletes}
+
+
+def replay(base: index_lib.ProductIndex, live_log: LiveLog, model: str | None = None) -> LiveIndex:
+    """The version `base` with every logged update after the ones folded into it."""
+    live = LiveIndex(base)
+    records, floor = live_log.read(after=live.applied_seq)
+    if floor > live.applied_seq:
+        raise ArtifactError(
+            f"the live log was compacted through update {floor}, but index version {base.version} holds "
+            f"updates only through {live.applied_seq}: serving it would lose updates. Serve the version the "
+            f"compaction published (see {live_log.path}'s first line), or move the live log away.")
+    live.apply(records, model)
+    if records:
+        log.info("replayed %d live updates onto index version %s (through update %d)",
+                 len(records), base.version, live.applied_seq)
+    return live
+
+
+# ---- compaction (`itemsage index --compact`) -----------------------------------------------------------
+
+
+def compact(
+    index_root: str | Path, *, version: str | None = None, publish: bool = True
+) -> tuple[index_lib.ProductIndex, Path, int] | None:
+    """Fold the live log into a new index version of CURRENT's kind and parameters; publish it.
+
+    Returns (the new index, its directory, updates folded), or None when there is nothing to fold.
+    The log keeps only updates that arrived during the build; a running server serves the new
+    version after its next reload. With `publish=False` the log is left whole.
+    """
+    index_root = Path(index_root)
+    base = index_lib.load_current(index_root)
+    live_log = LiveLog(index_root)
+    live = replay(base, live_log, base.manifest.get("inputs", {}).get("model"))
+    folded = live.upserts + live.deletes
+    if not folded:
+        return None
+    ids, vectors = live.snapshot()
+    if not len(ids):
+        raise ArtifactError("the live updates delete every product of the index; an index needs at least one")
+    version_dir = index_lib.version_path(index_root, version or index_lib.new_version_name())
+    if (version_dir / artifacts.MANIFEST).exists():
+        raise ArtifactError(f"index version {version_dir} already exists; pass another --version name")
+    config = dataclasses.asdict(base.config)
+    new = index_lib.ProductIndex.build(ids, vectors, **config)
+    inputs = {"base_version": base.version or "", "live_log": f"through update {live.applied_seq}"}
+    if base.manifest.get("inputs", {}).get("model"):
+        inputs["model"] = base.manifest["inputs"]["model"]
+    new.save(version_dir, inputs=inputs, extra={"live_seq": live.applied_seq})
+    if publish:
+        index_lib.publish(index_root, version_dir)
+        live_log.drop_through(live.applied_seq, version_dir.name)
+    log.info("compacted %d live updates into index version %s (%d products)", folded, version_dir.name, len(new))
+    return new, version_dir, folded
