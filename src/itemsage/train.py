@@ -182,6 +182,7 @@ class TrainResult:
     elapsed_s: float
     resumed_from: int | None = None
     median_step_s: float = float("nan")  # median seconds of one training step (first step excluded)
+    notes: list[str] = field(default_factory=list)  # choices made from the data, for the user to read
 
 
 # ----------------------------------------------------------------------------------------------
@@ -764,6 +765,15 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
     vocab, store, pairs, held_out = _load_data(dataset_dir, cfg, mcfg.text_fields, mcfg.max_images, progress and lead)
     if world > 1 and lead:
         dist.barrier()
+    notes = []
+    if store.image_dim == 0 and "modalities" not in cfg.model and mcfg.modalities != "text":
+        # Modalities follow the data: a catalog without images trains a text-only tower. The saved
+        # config records the choice, so a re-run from it (or a resume) reads the same features.
+        cfg = dataclasses.replace(cfg, model={**cfg.model, "modalities": "text"})
+        mcfg = model_config(cfg.preset, **cfg.model)
+        notes.append("the catalog has no image vectors (image width 0), so the tower reads text only "
+                     "(modalities 'text'); give image_embeddings or image_paths in the catalog to use images")
+        log.info("%s", notes[-1])
     queries = {s: q.to(device) for s, q in pairs.queries.items()}  # surface -> [U_s, Dq] frozen
     loss_weight = torch.from_numpy(_loss_weights(pairs, cfg))  # [N]
     query_key, product_row = torch.from_numpy(pairs.query_key), torch.from_numpy(pairs.product_row)  # [N], [N]
@@ -879,4 +889,5 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
             dist.destroy_process_group()
     return TrainResult(model_dir=model_dir, steps=step, pairs_per_s=clock.pairs_per_s, final_recall=recall,
                        final_loss=losses[0], elapsed_s=time.perf_counter() - clock.start, resumed_from=resumed_from,
-                       median_step_s=float(np.median(clock.step_times)) if clock.step_times else float("nan"))
+                       median_step_s=float(np.median(clock.step_times)) if clock.step_times else float("nan"),
+                       notes=notes)
