@@ -159,10 +159,9 @@ def flag_names(message: str, config_file: Optional[Path] = None) -> str:
 
 def _given(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
     """The options typed on the command line (not left at their default), enum values unwrapped."""
-    from click.core import ParameterSource
-
+    # By name: Typer may carry its own copy of click, whose ParameterSource is another class.
     return {k: v.value if isinstance(v, enum.Enum) else v for k, v in values.items()
-            if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+            if getattr(ctx.get_parameter_source(k), "name", None) in ("COMMANDLINE", "ENVIRONMENT")}
 
 
 _CONFIG_HELP = ("A run file (.toml; the [{0}] table) whose values replace the defaults; flags given here "
