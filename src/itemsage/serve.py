@@ -100,7 +100,11 @@ class SearchRequest(_Body):
 
 class CloseupRequest(_Body):
     product_id: Optional[ProductId] = Field(None, description="An indexed product: find products like it.")
-    vector: Optional[Vector] = Field(None, description="An image vector of the closeup query width.")
+    vector: Optional[Vector] = Field(
+        None, description="A closeup query vector: the kind of vector the closeup rows of the training logs held "
+        "as query_embedding (the demo shop: the viewed product's image vector; a shop's own logs may hold text "
+        "or other vectors), of that width (GET /readyz: query_dims.closeup). The model's closeup adapter maps "
+        "it into product space.")
     image: Optional[str] = Field(None, description="An image file's bytes, base64-encoded.")
     k: TopK = 10
     exclude_self: bool = Field(True, description="With product_id: leave the product itself out.")
@@ -119,7 +123,9 @@ class HomeRequest(_Body):
         None, description="History as vectors of the home query width (instead of ids)."
     )
     k: TopK = 10
-    max_clusters: Annotated[int, Field(strict=True, ge=1, le=20)] = 5
+    max_clusters: Annotated[int, Field(strict=True, ge=1, le=20, description=(
+        "Most interest clusters the history is split into (PinnerSage: Ward clustering of the history's "
+        "vectors); each cluster's medoid retrieves a share of k by its importance. 1 = one cluster."))] = 5
 
     @model_validator(mode="after")
     def _one_history(self) -> HomeRequest:
@@ -744,12 +750,14 @@ def create_app(
     max_k: int = DEFAULT_MAX_K,
     text_encoder: Any = None,
     image_encoder: Any = None,
+    products: str | Path | None = None,
 ) -> FastAPI:
     """The service over the model in `model_dir` and the index version CURRENT names in `index_root`.
 
     The model and index load now, so a broken artifact stops the server before it binds. Encoders
     left as None are the built-in ones, created on first use; tests pass fakes with `dim` and
     `encode(texts)` / `encode_paths(paths, progress=False)`. `reload_token` None disables reload.
+    `products` (a dataset or catalog) gives the page at `/` its titles and images (itemsage.page).
     """
     require(max_body_bytes >= 1024, f"max_body_bytes must be >= 1024, got {max_body_bytes}")
     service = Service(model_dir, index_root, max_k=max_k, text_encoder=text_encoder, image_encoder=image_encoder)
@@ -836,6 +844,9 @@ def create_app(
         metrics.reloads["ok"] = metrics.reloads.get("ok", 0) + 1
         return result
 
+    from itemsage.page import add_page
+
+    add_page(app, products)
     paths: set[str] = set()
 
     def route_paths() -> set[str]:
@@ -858,6 +869,7 @@ def run(
     reload_token: str | None = None,
     threads: int = 1,
     log_level: str = "info",
+    products: str | Path | None = None,
 ) -> None:
     """Serve with uvicorn (blocking). `threads` = torch and faiss threads per request."""
     import uvicorn
@@ -867,6 +879,6 @@ def run(
     import faiss
 
     faiss.omp_set_num_threads(threads)
-    app = create_app(model_dir, index_root, reload_token=reload_token)
+    app = create_app(model_dir, index_root, reload_token=reload_token, products=products)
     app.state.service.warm_up()
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
