@@ -219,3 +219,12 @@ def test_a_catalog_without_images_trains_text_only_with_the_defaults(dataset, tm
     result = invoke("train", str(text_only), "--out", str(tmp_path / "run2"), "--preset", "tiny", "--steps", "2",
                     "--batch-size", "16", "--eval-sample", "0", "--modalities", "both", "--no-progress")
     assert result.exit_code == 2 and "no image vectors" in plain(result.output)
+
+
+def test_faiss_loader_info_is_silenced(tmp_path):
+    import logging
+
+    logging.getLogger("faiss.loader").setLevel(logging.NOTSET)
+    result = invoke("index", str(tmp_path / "none"), "--out", str(tmp_path / "idx"))
+    assert result.exit_code != 0  # no embeddings there; the callback ran all the same
+    assert logging.getLogger("faiss.loader").level == logging.WARNING  # set, not inherited
