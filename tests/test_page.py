@@ -202,10 +202,10 @@ def test_the_page_in_a_browser(world, server, tmp_path):
             # Click a result: its neighbours by closeup, the exact top 12 of the index (itself left out).
             clicked = shown[2]
             items.nth(2).click()
-            page.wait_for_function("document.querySelector('#status .surface').textContent === 'closeup'")
+            page.wait_for_function("document.querySelector('#status .surface')?.textContent === 'closeup'")
             page.wait_for_function(
                 f"document.querySelector('#results li') && "
-                f"document.querySelector('#query .pid').textContent === '{clicked}'")
+                f"document.querySelector('#query .pid')?.textContent === '{clicked}'")
             scores = vectors @ vectors[ids.index(clicked)]
             expected = [ids[j] for j in np.argsort(-scores, kind="stable") if ids[j] != clicked][:12]
             got = [items.nth(i).get_attribute("data-id") for i in range(items.count())]

@@ -478,7 +478,8 @@ def check_products(
 
     `catalog` is anything `catalog_sources` reads. `image_dim` given (a model's image width) rejects
     image vectors of another width, as `--image-dim` does in ingest. Raises DataError for a catalog
-    that cannot be used at all (missing product_id, a column of the wrong type, no rows).
+    that cannot be used at all (missing product_id, a column of the wrong type, no rows). Relative
+    `image_paths` resolve against the file's directory, or the working directory for data in memory.
     """
     text_columns = schema.TEXT_FIELDS + tuple(f for f in text_fields if f not in schema.TEXT_FIELDS)
     kinds = catalog_kinds(text_columns)
