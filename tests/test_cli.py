@@ -43,6 +43,9 @@ def test_choices_mirror_the_library():
     assert values(cli.Modalities) == MODALITIES
     assert values(cli.Optimizer) == OPTIMIZERS
     assert values(cli.Kind) == KINDS
+    from itemsage.compare import RUNS
+
+    assert cli.RUNS == tuple(RUNS)
 
 
 @pytest.mark.parametrize("command, config, flags", [

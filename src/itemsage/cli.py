@@ -17,7 +17,10 @@ from rich.console import Console
 from rich.text import Text
 
 from itemsage import __version__, schema
-from itemsage.compare import RUNS
+
+# compare.RUNS, written out so `--help` does not import pyarrow (tests/test_cli.py checks they agree).
+RUNS = ("itemsage", "image_only", "text_only", "sum_pooling", "concat_mlp", "single_task_click", "single_task_save",
+        "single_task_add_to_cart", "single_task_checkout", "in_batch_negatives", "random_negatives")
 
 app = typer.Typer(
     name="itemsage",
