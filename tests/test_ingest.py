@@ -189,10 +189,10 @@ def test_catalog_row_rejections(tmp_path, fmt, case):
 
 
 def test_image_dim_option_fixes_the_width(tmp_path):
-    summary, out = run(tmp_path, "jsonl", image_dim=2, validation_from=iso(6), test_from=iso(9))
-    # every catalog row has 4-d vectors: all rejected, so every log row names an unknown product
-    assert summary.rejects["bad_vector_width"] == 3 and summary.products == 0
-    assert summary.rejects["unknown_product"] == 4
+    rows = catalog_rows()
+    rows[0]["image_embeddings"] = [[1.0, 2.0]]  # p1 has 2-d vectors, p2 and p3 4-d: with --image-dim 2 they go
+    summary, out = run(tmp_path, "jsonl", catalog=rows, image_dim=2, validation_from=iso(6), test_from=iso(9))
+    assert summary.rejects["bad_vector_width"] == 2 and summary.products == 1
     assert "--image-dim" in rejects(out)[0]["detail"]
 
 
@@ -227,13 +227,54 @@ def test_no_warning_when_at_most_half_is_rejected(tmp_path):
     assert summary.rejected == 1 and summary.warnings == []
 
 
-def test_all_catalog_rows_rejected_warns_but_writes_the_dataset(tmp_path):
-    # Kept a warning, not a DataError: test_image_dim_option_fixes_the_width expects a dataset here.
-    summary, out = run(tmp_path, "jsonl", image_dim=2, validation_from=iso(6), test_from=iso(9))
-    assert summary.products == 0 and (out / schema.PRODUCTS_FILE).exists()
-    assert summary.warnings[0].startswith("ALL 3 catalog rows were rejected, most as bad_vector_width (3)")
-    assert "No product was kept" in summary.warnings[0]
-    assert summary.warnings[1].startswith("ALL 4 log rows were rejected, most as unknown_product (4)")
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_all_catalog_rows_rejected_is_refused_and_nothing_is_written(tmp_path, fmt):
+    # every catalog row has 4-d vectors, the option says 2: nothing could be trained on
+    with pytest.raises(DataError) as err:
+        run(tmp_path, fmt, image_dim=2, validation_from=iso(6), test_from=iso(9))
+    message = str(err.value)
+    assert "every one of the 3 catalog rows was rejected" in message and "bad_vector_width (3)" in message
+    assert "nothing was written" in message and "--image-dim" in message  # the first detail says how to fix
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no dataset, no temp directory
+
+
+def test_all_log_rows_rejected_is_refused_and_nothing_is_written(tmp_path):
+    logs = [dict(r, product_id="p9") for r in log_rows()]  # no such product
+    with pytest.raises(DataError) as err:
+        run(tmp_path, "parquet", logs=logs, validation_from=iso(6), test_from=iso(9))
+    assert "every one of the 4 log rows was rejected" in str(err.value)
+    assert "unknown_product (4)" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_cli_refuses_an_all_rejected_logs_file_with_one_message(tmp_path):
+    from typer.testing import CliRunner
+
+    from itemsage.cli import app
+
+    cat = write(catalog_rows(), tmp_path / "in/catalog.jsonl")
+    lg = write([dict(r, product_id="p9") for r in log_rows()], tmp_path / "in/logs.jsonl")
+    result = CliRunner().invoke(app, ["ingest", "--catalog", str(cat), "--logs", str(lg), "--out",
+                                      str(tmp_path / "ds"), "--no-progress"])
+    assert result.exit_code != 0
+    assert result.output.count("every one of the 4 log rows was rejected") == 1, result.output
+    assert not (tmp_path / "ds").exists()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_small_integer_timestamps_warn(tmp_path, fmt):
+    logs = [dict(r, timestamp=i + 1) for i, r in enumerate(log_rows())]  # 1, 2, 3, 4: a counter, not epoch
+    summary, _ = run(tmp_path, fmt, logs=logs)
+    assert len(summary.warnings) == 1
+    assert "numbers and all read as times before 1990" in summary.warnings[0]
+    assert "1970-01-01T00:00:01Z" in summary.warnings[0] and "1970-01-01T00:00:04Z" in summary.warnings[0]
+
+
+def test_epoch_integer_timestamps_do_not_warn(tmp_path):
+    base = int(T0.timestamp())  # 2024, as epoch seconds
+    logs = [dict(r, timestamp=base + 3600 * i) for i, r in enumerate(log_rows())]
+    summary, _ = run(tmp_path, "parquet", logs=logs)
+    assert summary.warnings == []
 
 
 def test_query_width_detail_names_surface_and_origin(tmp_path):

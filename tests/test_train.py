@@ -436,12 +436,12 @@ def test_cli_train_and_resume(dataset, tmp_path):
     # --resume with only a longer --steps: the other options come from the checkpoint
     result = runner.invoke(app, ["train", str(dataset), "--out", str(out), "--resume", "--steps", "6",
                                  "--no-progress"])
-    assert result.exit_code == 2 and "train.max_steps" in result.output  # the schedule length is fixed
+    assert result.exit_code == 2 and "--steps" in result.output  # the schedule length is fixed
     result = runner.invoke(app, ["train", str(dataset), "--out", str(out), "--resume", "--no-progress"])
     assert result.exit_code == 0, result.output
     # bad option: refused by name, no traceback
     result = runner.invoke(app, ["train", str(dataset), "--out", str(tmp_path / "x"), "--batch-size", "1"])
-    assert result.exit_code == 2 and "train.batch_size (1) must be an integer >= 2" in result.output
+    assert result.exit_code == 2 and "--batch-size (1) must be an integer >= 2" in result.output
 
 
 def test_search_text_queries_use_cached_frozen_encoder(dataset, tmp_path, monkeypatch):

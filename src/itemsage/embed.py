@@ -24,6 +24,13 @@ and the partial new generation resumes like a full run. The lookup of old vector
 product_id -> (old shard, row, content_hash) map in memory (~150 bytes per product), and reads old
 shards' vectors with a small cache; that suits catalogs of tens of millions on one machine.
 
+A catalog alone (`embed_from_catalog`, `itemsage embed MODEL --catalog FILE`). No logs, no
+ingest: the catalog is checked row by row with ingest's own checks (`ingest.check_products`: the
+same reasons, the model's text fields and image width) into `OUT/catalog/` (products.parquet,
+rejects.jsonl, manifest.json of kind 'catalog'), and that directory is then embedded exactly like a
+dataset's products, so a re-run resumes and `incremental` re-embeds only new or changed products.
+The validation is skipped when the input files (sha256) and the model's fields are unchanged.
+
 Engines. `embed_batch(model, table) -> table` is a pure function of one batch; `embed` drives it
 locally with resume and incremental, `embed_with_ray` hands it to Ray Data's `map_batches` to scale
 out (no resume: Ray re-runs failed tasks itself).
@@ -35,6 +42,7 @@ import collections
 import dataclasses
 import itertools
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -346,6 +354,104 @@ def embed(
              removed, out_dir, seconds)
     return EmbedSummary(out_dir, num_rows, dim, num_shards, embedded, reused, removed,
                         len(done), seconds, model_fp, dataset_fp, generation)
+
+
+# ---- a catalog alone: validated like ingest, then embedded like a dataset -----------------------
+
+CATALOG_DIR = "catalog"  # OUT/catalog: the validated catalog of embed_from_catalog
+
+
+def embed_from_catalog(
+    model_dir: str | Path,
+    catalog: str | Path,
+    out_dir: str | Path,
+    batch_size: int = 1024,
+    incremental: bool = False,
+    progress: bool = True,
+    *,
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+    device: str | None = None,
+    image_encoder: Any = None,
+) -> tuple[EmbedSummary, int]:
+    """Embed a catalog file or directory (Parquet or JSON Lines) without engagement logs.
+
+    Returns (the embed summary, rows rejected). Rejected rows, with their reasons, are in
+    `out_dir/catalog/rejects.jsonl`; a catalog whose every row is rejected raises DataError.
+    """
+    from itemsage.model import CONFIG_FILE
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    artifacts.read_manifest(model_dir, kind="model")
+    config = json.loads((model_dir / CONFIG_FILE).read_text())
+    existed = out_dir.exists()
+    try:
+        rejected = stage_catalog(catalog, out_dir / CATALOG_DIR, text_fields=tuple(config["model"]["text_fields"]),
+                                 image_dim=int(config["image_dim"]) or None,
+                                 max_images=int(config["model"]["max_images"]), image_encoder=image_encoder)
+    except BaseException:
+        if not existed and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a refused catalog leaves nothing behind
+        raise
+    summary = embed(model_dir, out_dir / CATALOG_DIR, out_dir, batch_size, incremental, progress,
+                    shard_rows=shard_rows, device=device)
+    return summary, rejected
+
+
+def stage_catalog(catalog: str | Path, target: str | Path, *, text_fields: tuple[str, ...], image_dim: int | None,
+                  max_images: int, image_encoder: Any = None, batch_rows: int = 65_536) -> int:
+    """Validate `catalog` into the directory `target` (products.parquet, rejects.jsonl, manifest.json,
+    written under a temp name and renamed); returns the rows rejected. Nothing is done when `target`
+    already holds this catalog (same input sha256s) checked for the same fields and image width."""
+    import shutil
+
+    from itemsage.ingest import DataError, catalog_sources, check_products
+
+    target = Path(target)
+    sources = catalog_sources(catalog)
+    identity = {"text_fields": list(text_fields), "image_dim": image_dim, "max_images": max_images}
+    inputs = {str(s.path): f"sha256:{artifacts.sha256_file(s.path)}" for s in sources}
+    if (target / artifacts.MANIFEST).is_file():
+        old = artifacts.read_manifest(target, kind="catalog")
+        if old["config"] == identity and old["inputs"] == inputs:
+            log.info("%s already holds this catalog, validated; not checking it again", target)
+            return int(old["counts"]["rejected"])
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    kept = rejected = 0
+    reasons: collections.Counter[str] = collections.Counter()
+    first: dict[str, str] = {}
+    try:
+        writer = None
+        with open(tmp / schema.REJECTS_FILE, "w", encoding="utf-8") as rejects:
+            for table, entries in check_products(catalog, text_fields=text_fields, image_dim=image_dim,
+                                                 max_images=max_images, batch_rows=batch_rows,
+                                                 image_encoder=image_encoder):
+                for entry in entries:
+                    rejects.write(json.dumps(entry, ensure_ascii=False, allow_nan=False) + "\n")
+                    reasons[entry["reason"]] += 1
+                    first.setdefault(entry["reason"], f"{entry['file']} row {entry['row']}: {entry['detail']}")
+                rejected += len(entries)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp / schema.PRODUCTS_FILE, table.schema, compression="zstd")
+                writer.write_table(table)  # one row group per batch: embed seeks by row group
+                kept += table.num_rows
+        if writer is not None:
+            writer.close()
+        if kept == 0:
+            top = "; ".join(f"{r} ({n:,}), first: {first[r]}" for r, n in reasons.most_common(3))
+            raise DataError(f"every one of the {rejected:,} catalog rows was rejected; nothing was written. "
+                            f"Reasons: {top}. Fix the rows (the reasons say how) and run again.")
+        artifacts.write_manifest(tmp, "catalog", config=identity, inputs=inputs,
+                                 counts={"products": kept, "rejected": rejected, "rejects": dict(reasons)},
+                                 files=[schema.PRODUCTS_FILE, schema.REJECTS_FILE])
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("catalog: %d products kept, %d rejected -> %s", kept, rejected, target)
+    return rejected
 
 
 def _catalog_ids(parquet: pq.ParquetFile) -> Iterator[str]:

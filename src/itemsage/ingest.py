@@ -30,8 +30,11 @@ Rules a user may need to know:
   against the directory of the file that names them; any unreadable file rejects the row. The first
   valid image vector (or `image_dim`, `--image-dim`) fixes the dataset's image width; a
   bad_vector_width detail names the width and the file and row that fixed it.
-- More than half of the catalog (or log) rows rejected: the run still writes the dataset (the rejects
-  are its report), but logs a warning, shown first in the summary, with the top reason.
+- Every catalog (or log) row rejected: DataError naming the top reasons, nothing written. More than
+  half rejected: the run still writes the dataset (the rejects are its report), with a warning shown
+  first in the summary (and kept in the manifest) naming the top reason.
+- Numeric timestamps that all fall before 1990 (e.g. 1, 2, 3: read as seconds after 1970) give a
+  warning in the summary: they are probably counters, not epoch times.
 - Query vectors: one width per surface, fixed by its first valid row; a search row with only
   `query_text` stands for a 384-d text-encoder vector and a closeup row with only `query_image_path`
   for an image-encoder vector (the path is encoded here and stored as `query_embedding`). A
@@ -306,10 +309,18 @@ class _Source:
     role: str
     fmt: str  # "parquet" | "jsonl"
     num_rows: int | None = None  # known from Parquet metadata; for JSON Lines after a full pass
+    data: Any = None  # in memory instead of a file: a pyarrow Table ("parquet") or a list of dicts ("jsonl")
 
     def batches(self, batch_rows: int, columns: Sequence[str] | None = None) -> Iterator[tuple[int, Any]]:
         """Yield (index of the batch's first row, batch)."""
-        if self.fmt == "parquet":
+        if self.data is not None:
+            step = max(1, batch_rows)
+            for start in range(0, len(self.data), step):
+                if self.fmt == "parquet":
+                    yield start, self.data.slice(start, step).combine_chunks().to_batches()[0]
+                else:
+                    yield start, self.data[start:start + step]
+        elif self.fmt == "parquet":
             yield from self._parquet_batches(batch_rows, columns)
         else:
             yield from self._jsonl_batches(batch_rows)
@@ -414,7 +425,13 @@ def _check_schema(src: _Source, kinds: dict[str, str], required: Sequence[str]) 
     """Refuse a file that cannot be used at all: unreadable, no rows, required column missing or of
     the wrong type. Cheap: Parquet metadata, or the first 1,000 JSON records."""
     where = f"{src.role} file {src.path}"
-    if src.fmt == "parquet":
+    if src.fmt == "parquet" and src.data is not None:
+        arrow_schema, rows = src.data.schema, src.data.num_rows
+        names = arrow_schema.names
+        found = {name: str(arrow_schema.field(name).type) for name in names}
+        bad = [name for name in names
+               if name in kinds and not arrow_accepts(kinds[name], arrow_schema.field(name).type)]
+    elif src.fmt == "parquet":
         try:
             meta = pq.read_metadata(src.path)
             arrow_schema = meta.schema.to_arrow_schema()
@@ -466,6 +483,69 @@ def _fingerprint(path: Path, sha256_max_bytes: int) -> str:
 def _total_rows(sources: list[_Source]) -> int | None:
     """Rows of all sources, when known (Parquet metadata; JSON Lines after the time pass)."""
     return None if any(s.num_rows is None for s in sources) else sum(s.num_rows for s in sources)
+
+
+def _reject_entries(src: _Source, batch: Any, start: int, rej: Rejector) -> list[dict[str, Any]]:
+    """The rejects.jsonl entries of one checked batch: file, row, reason, detail and the input record."""
+    rows = np.flatnonzero(~rej.alive)
+    return [{"file": str(src.path), "row": start + r, "reason": schema.REJECT_REASONS[rej.code[r]],
+             "detail": rej.details[r], "record": record}
+            for r, record in zip(rows.tolist(), raw_records(src.fmt, batch, rows))]
+
+
+def _check_catalog_batch(checks: RowChecks, src: _Source, start: int, batch: Any,
+                         kinds: dict[str, str]) -> tuple[int, pa.Table, Rejector]:
+    """(rows read, kept products in `products_schema` order, the rejections) of one catalog batch."""
+    n, cols, errors = canonical(src.fmt, batch, kinds)
+    rej = Rejector(n)
+    table = checks.catalog_batch(src.path.parent, n, cols, errors, rej, source=src.path, start=start)
+    return n, table, rej
+
+
+def catalog_sources(catalog: Any) -> list[_Source]:
+    """Sources of a catalog: a .parquet/.jsonl/.json file or a directory of them, or in memory a
+    pyarrow Table, a pandas DataFrame or a list of dicts (one per product)."""
+    if isinstance(catalog, (str, Path)):
+        return _input_files(catalog, "catalog")
+    if isinstance(catalog, pa.Table):
+        return [_Source(Path("<table>"), "catalog", "parquet", catalog.num_rows, data=catalog)]
+    if type(catalog).__name__ == "DataFrame" and hasattr(catalog, "to_dict"):  # pandas, without importing it
+        table = pa.Table.from_pandas(catalog, preserve_index=False)
+        return [_Source(Path("<dataframe>"), "catalog", "parquet", table.num_rows, data=table)]
+    if isinstance(catalog, list):
+        bad = next((i for i, r in enumerate(catalog) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise DataError(f"catalog list item {bad} is a {type(catalog[bad]).__name__}; expected one dict per "
+                            "product ({'product_id': ..., 'title': ...}).")
+        return [_Source(Path("<records>"), "catalog", "jsonl", len(catalog), data=catalog)]
+    raise DataError(f"catalog of type {type(catalog).__name__} is not readable; pass a path to a .parquet/.jsonl "
+                    "file or directory, a pyarrow Table, a pandas DataFrame or a list of dicts.")
+
+
+def check_products(
+    catalog: Any, *, text_fields: Sequence[str] = schema.TEXT_FIELDS, image_dim: int | None = None,
+    max_images: int = schema.MAX_IMAGES, batch_rows: int = 65_536, image_batch_size: int = 32,
+    image_encoder: Any = None,
+) -> Iterator[tuple[pa.Table, list[dict[str, Any]]]]:
+    """Validate a catalog alone, with ingest's own checks: yields, per batch, (kept products in
+    products.parquet's schema with their content_hash, rejects.jsonl entries of the batch).
+
+    `catalog` is anything `catalog_sources` reads. `image_dim` given (a model's image width) rejects
+    image vectors of another width, as `--image-dim` does in ingest. Raises DataError for a catalog
+    that cannot be used at all (missing product_id, a column of the wrong type, no rows). Relative
+    `image_paths` resolve against the file's directory, or the working directory for data in memory.
+    """
+    text_columns = schema.TEXT_FIELDS + tuple(f for f in text_fields if f not in schema.TEXT_FIELDS)
+    kinds = catalog_kinds(text_columns)
+    sources = catalog_sources(catalog)
+    for src in sources:
+        _check_schema(src, kinds, [schema.PRODUCT_ID])
+    checks = RowChecks(text_columns=text_columns, max_images=max_images, image_dim=image_dim,
+                       image_batch_size=image_batch_size, image_encoder=image_encoder)
+    for src in sources:
+        for start, batch in src.batches(batch_rows):
+            _, table, rej = _check_catalog_batch(checks, src, start, batch, kinds)
+            yield table, _reject_entries(src, batch, start, rej)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -780,6 +860,7 @@ class _Ingest:
         self.extras = _Extras()
         self.lo_ms: int | None = None  # earliest and latest readable log timestamp
         self.hi_ms: int | None = None
+        self.numeric_times = False  # some log timestamps were given as numbers (epoch seconds or ms)
 
     def close_rejects(self) -> None:
         if not self.rejects_file.closed:
@@ -788,16 +869,14 @@ class _Ingest:
             self.rejects_file.close()
 
     def write_rejects(self, src: _Source, batch: Any, start: int, rej: Rejector) -> int:
-        rows = np.flatnonzero(~rej.alive)
-        for r, record in zip(rows.tolist(), raw_records(src.fmt, batch, rows)):
-            reason = schema.REJECT_REASONS[rej.code[r]]
+        entries = _reject_entries(src, batch, start, rej)
+        for entry in entries:
+            reason = entry["reason"]
             self.reject_counts[reason] += 1
             self.role_rejects[src.role][reason] += 1
-            self.first_details.setdefault((src.role, reason), f"{src.path} row {start + r}: {rej.details[r]}")
-            entry = {"file": str(src.path), "row": start + r, "reason": reason, "detail": rej.details[r],
-                     "record": record}
+            self.first_details.setdefault((src.role, reason), f"{src.path} row {entry['row']}: {entry['detail']}")
             self.rejects_file.write(json.dumps(entry, ensure_ascii=False, allow_nan=False) + "\n")
-        return len(rows)
+        return len(entries)
 
     # -- catalog
 
@@ -811,10 +890,7 @@ class _Ingest:
                 stats = InputStats(str(src.path), "catalog")
                 self.stats.append(stats)
                 for start, batch in src.batches(self.config.batch_rows):
-                    n, cols, errors = canonical(src.fmt, batch, kinds)
-                    rej = Rejector(n)
-                    table = self.checks.catalog_batch(src.path.parent, n, cols, errors, rej, source=src.path,
-                                                      start=start)
+                    n, table, rej = _check_catalog_batch(self.checks, src, start, batch, kinds)
                     keep = rej.alive
                     if src.fmt == "parquet":
                         mask = pa.array(keep)
@@ -891,6 +967,7 @@ class _Ingest:
             rows = 0
             for _, batch in src.batches(self.config.batch_rows, [schema.TIMESTAMP]):
                 n, cols, _ = canonical(src.fmt, batch, {schema.TIMESTAMP: "time"})
+                self.numeric_times = self.numeric_times or _numeric_times(src.fmt, batch)
                 ts = cols[schema.TIMESTAMP]
                 if ts.null_count < n:
                     ms = ts.drop_null().to_numpy()
@@ -918,6 +995,28 @@ class _Ingest:
                 stats.rows_kept += table.num_rows
                 self.progress.advance(task, n)
 
+    def time_warning(self) -> str | None:
+        """A warning when numeric timestamps all read as times before 1990: small numbers such as
+        1, 2, 3 (a step counter, days) are seconds after 1970-01-01 here, not what was meant."""
+        if not self.numeric_times or self.hi_ms is None or self.hi_ms >= _PLAUSIBLE_EPOCH_MS:
+            return None
+        return (f"the log timestamps are numbers and all read as times before 1990 (from {_iso(self.lo_ms)} to "
+                f"{_iso(self.hi_ms)}): numbers are seconds since 1970-01-01 UTC (milliseconds from 1e11 on). "
+                "If they count steps or days, write epoch seconds or ISO-8601 times instead; the time split "
+                "only needs their order, so it is still made.")
+
+    def refusal(self, role: str) -> str | None:
+        """The error when every `role` row was rejected (None otherwise): nothing is written then."""
+        read = sum(s.rows_read for s in self.stats if s.role == role)
+        rejected = sum(s.rows_rejected for s in self.stats if s.role == role)
+        if not read or rejected < read:
+            return None
+        what = {"catalog": "catalog", "logs": "log"}[role]
+        reasons = "; ".join(f"{reason} ({count:,}), first: {self.first_details[(role, reason)]}"
+                            for reason, count in self.role_rejects[role].most_common(3))
+        return (f"every one of the {read:,} {what} rows was rejected; nothing was written. Reasons: {reasons}. "
+                "Fix the rows (the reasons say how) and run again.")
+
     def rejection_warning(self, role: str, out: Path) -> str | None:
         """A warning when more than half of the `role` rows were rejected (None otherwise): how many,
         the top reason with its first detail, and where every row's reason is."""
@@ -935,6 +1034,19 @@ class _Ingest:
         if role == "catalog" and rejected == read:
             text += ". No product was kept, so every log row is rejected too"
         return text + "."
+
+
+_PLAUSIBLE_EPOCH_MS = 631_152_000_000  # 1990-01-01 UTC: engagement logs from before it are unlikely
+
+
+def _numeric_times(fmt: str, batch: Any) -> bool:
+    """Whether a batch gives its timestamps as numbers (read as epoch seconds or milliseconds)."""
+    if fmt == "parquet":
+        names = batch.schema.names
+        return schema.TIMESTAMP in names and (pa.types.is_integer(batch.schema.field(schema.TIMESTAMP).type)
+                                              or pa.types.is_floating(batch.schema.field(schema.TIMESTAMP).type))
+    return any(isinstance(r.get(schema.TIMESTAMP), (int, float)) and not isinstance(r.get(schema.TIMESTAMP), bool)
+               for r in batch)
 
 
 def _check_out(out: Path) -> None:
@@ -1070,8 +1182,10 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
             lap = _Laps()
             run.read_catalog(catalog_sources)
             lap("catalog", sum(s.rows_read for s in run.stats))
-            # Not an error, even with every catalog row rejected: the rejects are the run's report (tests
-            # expect a dataset then), but the summary must not look like a success.
+            # Every row rejected: refused, nothing written (the error names the reasons). More than
+            # half: the dataset is written, with a warning first in the summary.
+            if refusal := run.refusal("catalog"):
+                raise DataError(refusal)
             warnings = [run.rejection_warning("catalog", out)]
 
             minutes = run.time_pass(log_sources)
@@ -1096,9 +1210,10 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
             slabs = _TimeSlabs(tmp / ".scratch", minutes.slab_edges(edges, config.sort_rows), split)
             del minutes
             run.read_logs(log_sources, slabs)
-            warnings = [w for w in warnings + [run.rejection_warning("logs", out)] if w]
-            for w in warnings:
-                log.warning("%s", w)
+            if refusal := run.refusal("logs"):
+                raise DataError(refusal)
+            # Not logged here: the summary shows them first (the CLI prints it), and the manifest keeps them.
+            warnings = [w for w in warnings + [run.rejection_warning("logs", out), run.time_warning()] if w]
             run.close_rejects()
             run.checks.seen_ids.clear()  # O(products) strings no later pass needs
             run.checks.kept_ids.clear()

@@ -134,7 +134,11 @@ class SearchRequest(_Body):
 
 class CloseupRequest(_Body):
     product_id: Optional[ProductId] = Field(None, description="An indexed product: find products like it.")
-    vector: Optional[Vector] = Field(None, description="An image vector of the closeup query width.")
+    vector: Optional[Vector] = Field(
+        None, description="A closeup query vector: the kind of vector the closeup rows of the training logs held "
+        "as query_embedding (the demo shop: the viewed product's image vector; a shop's own logs may hold text "
+        "or other vectors), of that width (GET /readyz: query_dims.closeup). The model's closeup adapter maps "
+        "it into product space.")
     image: Optional[Text] = Field(None, description="An image file's bytes, base64-encoded.")
     k: TopK = 10
     exclude_self: StrictBool = Field(True, description="With product_id: leave the product itself out.")
@@ -153,7 +157,9 @@ class HomeRequest(_Body):
         None, description="History as vectors of the home query width (instead of ids)."
     )
     k: TopK = 10
-    max_clusters: Annotated[int, Field(strict=True, ge=1, le=20)] = 5
+    max_clusters: Annotated[int, Field(strict=True, ge=1, le=20, description=(
+        "Most interest clusters the history is split into (PinnerSage: Ward clustering of the history's "
+        "vectors); each cluster's medoid retrieves a share of k by its importance. 1 = one cluster."))] = 5
 
     @model_validator(mode="after")
     def _one_history(self) -> HomeRequest:
@@ -1004,6 +1010,7 @@ def create_app(
     query_encoder: str = "onnx",
     query_cache: int = DEFAULT_QUERY_CACHE,
     query_batch: int = DEFAULT_QUERY_BATCH,
+    products: str | Path | None = None,
 ) -> FastAPI:
     """The service over the model in `model_dir` and the index version CURRENT names in `index_root`.
 
@@ -1014,6 +1021,7 @@ def create_app(
     image by its header's size. `query_encoder`: 'onnx' (default), 'onnx-int8' or 'torch' for the
     built-in text encoder; `query_cache`: how many recent search texts keep their vectors (0: none);
     `query_batch`: up to this many concurrent search texts are encoded in one call (1: no batching).
+    `products` (a dataset or catalog) gives the page at `/` its titles and images (itemsage.page).
     """
     require(max_body_bytes >= 1024, f"max_body_bytes must be >= 1024, got {max_body_bytes}")
     require(body_timeout_s > 0 and body_deadline_s >= body_timeout_s,
@@ -1129,6 +1137,9 @@ def create_app(
         authorize(authorization)
         return service.delete(req)
 
+    from itemsage.page import add_page
+
+    add_page(app, products)
     paths: set[str] = set()
 
     def route_paths() -> set[str]:
@@ -1168,6 +1179,7 @@ def run(
     query_encoder: str = "onnx",
     query_cache: int = DEFAULT_QUERY_CACHE,
     query_batch: int = DEFAULT_QUERY_BATCH,
+    products: str | Path | None = None,
 ) -> None:
     """Serve with uvicorn (blocking). `threads` = torch, faiss and ONNX Runtime threads per request."""
     import uvicorn
@@ -1179,6 +1191,7 @@ def run(
     faiss.omp_set_num_threads(threads)
     app = create_app(model_dir, index_root, reload_token=reload_token, body_timeout_s=body_timeout_s,
                      body_deadline_s=max(DEFAULT_BODY_DEADLINE_S, body_timeout_s), query_encoder=query_encoder,
-                     query_cache=query_cache, query_batch=query_batch)
+                     query_cache=query_cache, query_batch=query_batch,
+                     products=products)
     app.state.service.warm_up()
     uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level, keep_alive_s=keep_alive_s)).run()

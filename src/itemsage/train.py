@@ -194,6 +194,7 @@ class TrainResult:
     median_step_s: float = float("nan")  # median seconds of one training step (first step excluded)
     best_step: int | None = None  # the step of the saved model (None: no evaluation, the last step)
     stopped_early: bool = False  # patience ran out before the step/minute budget
+    notes: list[str] = field(default_factory=list)  # choices made from the data, for the user to read
 
 
 # ----------------------------------------------------------------------------------------------
@@ -784,6 +785,15 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
     vocab, store, pairs, held_out = _load_data(dataset_dir, cfg, mcfg.text_fields, mcfg.max_images, progress and lead)
     if world > 1 and lead:
         dist.barrier()
+    notes = []
+    if store.image_dim == 0 and "modalities" not in cfg.model and mcfg.modalities != "text":
+        # Modalities follow the data: a catalog without images trains a text-only tower. The saved
+        # config records the choice, so a re-run from it (or a resume) reads the same features.
+        cfg = dataclasses.replace(cfg, model={**cfg.model, "modalities": "text"})
+        mcfg = model_config(cfg.preset, **cfg.model)
+        notes.append("the catalog has no image vectors (image width 0), so the tower reads text only "
+                     "(modalities 'text'); give image_embeddings or image_paths in the catalog to use images")
+        log.info("%s", notes[-1])
     queries = {s: q.to(device) for s, q in pairs.queries.items()}  # surface -> [U_s, Dq] frozen
     loss_weight = torch.from_numpy(_loss_weights(pairs, cfg))  # [N]
     query_key, product_row = torch.from_numpy(pairs.query_key), torch.from_numpy(pairs.product_row)  # [N], [N]
@@ -931,7 +941,7 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
                        final_recall=selection["recall"] if selection["best_step"] is not None else recall,
                        final_loss=losses[0], elapsed_s=time.perf_counter() - clock.start, resumed_from=resumed_from,
                        median_step_s=float(np.median(clock.step_times)) if clock.step_times else float("nan"),
-                       best_step=selection["best_step"], stopped_early=bool(selection.get("stopped")))
+                       best_step=selection["best_step"], stopped_early=bool(selection.get("stopped")), notes=notes)
 
 
 def _publish_model(out_dir: Path, module: Towers, selection: dict[str, Any], save: Any) -> None:

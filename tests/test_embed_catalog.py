@@ -1,0 +1,140 @@
+"""embed --catalog: a catalog alone is checked by ingest's own checks and embedded like a dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from itemsage import schema
+from itemsage.embed import CATALOG_DIR, embed_batch, embed_from_catalog
+from itemsage.features import Vocabulary
+from itemsage.index import read_embeddings
+from itemsage.ingest import DataError, IngestConfig, check_products, ingest
+from itemsage.model import ItemSage, QueryAdapters, load_model, model_config, save_model
+
+IMAGE_DIM = 8
+
+
+def catalog_rows(n: int = 12, seed: int = 0) -> list[dict]:
+    """Raw catalog rows as a shop writes them: text fields as strings, image vectors as lists."""
+    rng = np.random.default_rng(seed)
+    words = "oak pine chair table lamp red blue linen wool modern rustic".split()
+    return [{"product_id": f"p{i:03d}", "title": " ".join(rng.choice(words, 3)), "brand": str(rng.choice(words)),
+             "colors": [str(rng.choice(words))],
+             "image_embeddings": rng.standard_normal((1 + i % 2, IMAGE_DIM)).round(3).tolist()} for i in range(n)]
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    cfg = model_config("tiny")
+    vocab = Vocabulary.build([[r["title"]] for r in catalog_rows(30)])
+    directory = tmp_path_factory.mktemp("model")
+    save_model(directory, ItemSage(cfg, len(vocab), IMAGE_DIM), QueryAdapters({"search": 384}, cfg.out_dim), cfg,
+               vocab, image_dim=IMAGE_DIM, query_dims={"search": 384})
+    return directory
+
+
+def bad_rows() -> list[dict]:
+    rows = catalog_rows()
+    rows[3]["image_embeddings"] = [[1.0, 2.0, 3.0]]  # wrong width for this model (8)
+    rows[5]["product_id"] = "p000"  # duplicate of row 0
+    rows[7]["product_id"] = ""  # missing
+    return rows
+
+
+def test_catalog_is_checked_as_ingest_checks_it(tmp_path, model_dir):
+    catalog = write_jsonl(bad_rows(), tmp_path / "in" / "catalog.jsonl")
+    summary, rejected = embed_from_catalog(model_dir, catalog, tmp_path / "emb", batch_size=4, progress=False)
+    assert rejected == 3 and summary.count == 9
+
+    # The reference: ingest of the same catalog (with one log row), image width fixed to the model's.
+    log_row = {"surface": "search", "engagement": "click", "product_id": "p001", "timestamp": "2024-01-01T00:00:00Z",
+               "query_text": "oak"}
+    logs = write_jsonl([log_row], tmp_path / "in" / "logs.jsonl")
+    ingest(catalog, logs, tmp_path / "ds", IngestConfig(image_dim=IMAGE_DIM, progress=False, max_unigrams=100,
+                                                        max_bigrams=100, max_trigrams=100))
+
+    def entries(path: Path) -> list[tuple]:
+        return [(e["file"], e["row"], e["reason"], e["detail"])
+                for e in map(json.loads, path.read_text().splitlines()) if e["file"].endswith("catalog.jsonl")]
+
+    staged = tmp_path / "emb" / CATALOG_DIR
+    assert entries(staged / schema.REJECTS_FILE) == entries(tmp_path / "ds" / schema.REJECTS_FILE)
+    assert [r for _, _, r, _ in entries(staged / schema.REJECTS_FILE)] == [
+        "bad_vector_width", "duplicate_product_id", "missing_product_id"]
+    ours = pq.read_table(staged / schema.PRODUCTS_FILE)
+    theirs = pq.read_table(tmp_path / "ds" / schema.PRODUCTS_FILE).select(ours.column_names)
+    assert ours.equals(theirs)
+
+    # Each vector equals the product embedded alone from ingest's products.parquet.
+    ids, vectors, _ = read_embeddings(tmp_path / "emb")
+    model = load_model(model_dir)
+    for row in range(theirs.num_rows):
+        alone = embed_batch(model, theirs.slice(row, 1))
+        assert ids[row] == alone.column(schema.PRODUCT_ID)[0].as_py()
+        np.testing.assert_allclose(vectors[row], alone.column("vector")[0].as_py(), atol=1e-5)
+
+
+def test_in_memory_catalogs_give_the_same_products(tmp_path):
+    rows = bad_rows()
+    path = write_jsonl(rows, tmp_path / "catalog.jsonl")
+
+    def products(catalog) -> pa.Table:
+        return pa.concat_tables(t for t, _ in check_products(catalog, image_dim=IMAGE_DIM))
+
+    from_file = products(path)
+    assert from_file.num_rows == 9
+    assert products(rows).equals(from_file)
+    assert products(pa.Table.from_pylist(rows)).equals(from_file)
+    pd = pytest.importorskip("pandas")
+    assert products(pd.DataFrame(rows)).equals(from_file)
+
+
+def test_rerun_resumes_and_incremental_reembeds_only_changes(tmp_path, model_dir):
+    rows = catalog_rows()
+    catalog = write_jsonl(rows, tmp_path / "catalog.jsonl")
+    first, _ = embed_from_catalog(model_dir, catalog, tmp_path / "emb", batch_size=4, progress=False)
+    assert first.embedded == 12
+    again, _ = embed_from_catalog(model_dir, catalog, tmp_path / "emb", batch_size=4, progress=False)
+    assert again.embedded == 0  # already complete
+    rows[2]["title"] = "brand new title"
+    rows.append({"product_id": "p999", "title": "new lamp", "image_embeddings": [[0.5] * IMAGE_DIM]})
+    write_jsonl(rows, catalog)
+    update, _ = embed_from_catalog(model_dir, catalog, tmp_path / "emb", batch_size=4, incremental=True,
+                                   progress=False)
+    assert (update.embedded, update.reused, update.count) == (2, 11, 13)
+
+
+def test_a_catalog_with_every_row_rejected_is_refused(tmp_path, model_dir):
+    rows = [dict(r, image_embeddings=[[1.0, 2.0]]) for r in catalog_rows(4)]
+    catalog = write_jsonl(rows, tmp_path / "catalog.jsonl")
+    with pytest.raises(DataError, match="every one of the 4 catalog rows was rejected"):
+        embed_from_catalog(model_dir, catalog, tmp_path / "emb", progress=False)
+    assert not (tmp_path / "emb").exists()
+
+
+def test_cli_embeds_a_catalog(tmp_path, model_dir):
+    from typer.testing import CliRunner
+
+    from itemsage.cli import app
+
+    catalog = write_jsonl(bad_rows(), tmp_path / "catalog.jsonl")
+    result = CliRunner().invoke(app, ["embed", str(model_dir), "--catalog", str(catalog), "--out",
+                                      str(tmp_path / "emb"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "3 catalog row(s) rejected" in result.output and "9 products x 16 dims" in result.output
+    result = CliRunner().invoke(app, ["embed", str(model_dir), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--catalog" in result.output

@@ -1,0 +1,224 @@
+"""The page at `/` of the service: its helpers (titles, images) over HTTP, and the page itself in a
+real browser (headless Chromium driven by Playwright: type a query, click a result).
+
+The browser test skips when Playwright or Chromium is absent. Its screenshots are saved under the
+test's tmp dir, or under $ITEMSAGE_SCREENSHOTS when that is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from itemsage import schema, serve
+from itemsage.embed import embed_batch
+from itemsage.features import Vocabulary
+from itemsage.index import ProductIndex, publish, version_path
+from itemsage.model import ItemSage, QueryAdapters, load_model, model_config, save_model
+
+IMAGE_DIM = 8
+COLOURS = {"red": (200, 40, 40), "blue": (40, 70, 200), "green": (40, 160, 70), "black": (30, 30, 30),
+           "white": (250, 246, 232), "brown": (120, 80, 40)}
+KINDS = [("chair", "oak"), ("table", "pine"), ("lamp", "brass"), ("sofa", "linen")]
+
+
+class FakeTextEncoder:
+    """text -> a unit vector of width 384 seeded by the text's sha256 (no model download)."""
+
+    dim = 384
+
+    def encode(self, texts, batch_size=256):
+        out = []
+        for t in texts:
+            v = np.random.default_rng(int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "little")).standard_normal(384)
+            out.append(v / np.linalg.norm(v))
+        return np.asarray(out, np.float32)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A model, a flat index over 24 products, and a catalog file with titles and (for even
+    products) image files."""
+    base = tmp_path_factory.mktemp("page")
+    rng = np.random.default_rng(0)
+    (base / "img").mkdir()
+    rows, catalog = [], []
+    for k, (item, material) in enumerate(KINDS):
+        for c, colour in enumerate(COLOURS):
+            pid = f"p{6 * k + c:02d}"
+            title = f"{colour} {material} {item}"
+            row = {schema.PRODUCT_ID: pid, **{f: [] for f in schema.TEXT_FIELDS}, "title": [title],
+                   schema.IMAGE_EMBEDDINGS: [rng.standard_normal(IMAGE_DIM).astype(np.float32).tolist()]}
+            rows.append(row)
+            entry = {"product_id": pid, "title": title}
+            if (6 * k + c) % 2 == 0:
+                Image.new("RGB", (64, 64), COLOURS[colour]).save(base / "img" / f"{pid}.png")
+                entry["image_paths"] = [f"img/{pid}.png"]  # relative to the catalog file
+            catalog.append(entry)
+    (base / "catalog.jsonl").write_text("".join(json.dumps(e) + "\n" for e in catalog))
+    table = pa.Table.from_pylist(rows, schema=pa.schema(
+        [(schema.PRODUCT_ID, pa.string())] + [(f, pa.list_(pa.string())) for f in schema.TEXT_FIELDS]
+        + [(schema.IMAGE_EMBEDDINGS, pa.list_(pa.list_(pa.float32())))]))
+    torch.manual_seed(0)
+    cfg = model_config("tiny", dropout=0.0)
+    vocab = Vocabulary.build(r["title"] for r in rows)
+    save_model(base / "model", ItemSage(cfg, len(vocab), IMAGE_DIM),
+               QueryAdapters({"search": 384, "closeup": IMAGE_DIM, "home": cfg.out_dim}, cfg.out_dim), cfg, vocab,
+               image_dim=IMAGE_DIM, query_dims={"search": 384, "closeup": IMAGE_DIM, "home": cfg.out_dim})
+    model = load_model(base / "model")
+    vectors = embed_batch(model, table)
+    ids = np.asarray(vectors.column(schema.PRODUCT_ID).to_pylist(), dtype=object)
+    matrix = np.asarray(vectors.column("vector").to_pylist(), np.float32)
+    index = ProductIndex.build(ids, matrix, kind="flat")
+    directory = version_path(base / "index", "v1")
+    index.save(directory, inputs={"model": model.fingerprint})
+    publish(base / "index", directory)
+    return {"base": base, "ids": list(ids), "vectors": matrix, "catalog": base / "catalog.jsonl",
+            "titles": {e["product_id"]: e["title"] for e in catalog}}
+
+
+def make_app(world, products=None):
+    return serve.create_app(world["base"] / "model", world["base"] / "index", text_encoder=FakeTextEncoder(),
+                            products=products if products is not None else world["catalog"])
+
+
+def test_page_and_helpers(world):
+    client = TestClient(make_app(world))
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "ItemSage neighbours" in page.text and 'api("/v1/" + surface' in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing fetched from elsewhere
+    found = client.get("/page/products", params={"ids": "p00,p01,nope"}).json()["products"]
+    assert found == [{"id": "p00", "title": "red oak chair", "images": 1},
+                     {"id": "p01", "title": "blue oak chair", "images": 0},
+                     {"id": "nope", "title": None, "images": 0}]
+    image = client.get("/page/image/p00")
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    assert image.content == (world["base"] / "img" / "p00.png").read_bytes()
+    assert client.get("/page/image/p01").status_code == 404  # no image in the catalog
+    assert client.get("/page/image/p00", params={"i": 5}).status_code == 404
+    assert client.get("/page/image/..%2F..%2Fetc%2Fpasswd").status_code == 404  # only catalog paths
+
+
+def test_titles_from_a_dataset_directory(world, tmp_path):
+    from itemsage.ingest import IngestConfig, ingest
+
+    logs = tmp_path / "logs.jsonl"
+    logs.write_text(json.dumps({"surface": "search", "engagement": "click", "product_id": "p00",
+                                "timestamp": "2024-01-01T00:00:00Z", "query_text": "oak"}) + "\n")
+    catalog = tmp_path / "catalog.jsonl"  # images given as vectors in the dataset; paths kept for the page
+    rows = [json.loads(line) for line in world["catalog"].read_text().splitlines()]
+    shutil.copytree(world["base"] / "img", tmp_path / "img")
+    catalog.write_text("".join(json.dumps(dict(r, image_embeddings=[[0.5] * IMAGE_DIM])) + "\n" for r in rows))
+    ingest(catalog, logs, tmp_path / "ds", IngestConfig(progress=False, max_unigrams=100, max_bigrams=100,
+                                                        max_trigrams=100))
+    from itemsage.page import load_titles
+
+    titles = load_titles(tmp_path / "ds")
+    assert titles.titles == world["titles"]
+    assert titles.images["p02"] == [tmp_path / "img" / "p02.png"] and "p03" not in titles.images
+
+
+def test_openapi_describes_closeup_vector_and_max_clusters(world):
+    spec = TestClient(make_app(world)).get("/openapi.json").json()["components"]["schemas"]
+    vector = spec["CloseupRequest"]["properties"]["vector"]["description"]
+    assert "query_embedding" in vector and "query_dims.closeup" in vector and not vector.startswith("An image vector")
+    assert "clusters" in spec["HomeRequest"]["properties"]["max_clusters"]["description"]
+
+
+# ---- the page in a real browser -----------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+
+
+@pytest.fixture()
+def server(world):
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(make_app(world), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    instance = uvicorn.Server(config)
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not instance.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert instance.started, "the test server did not start"
+    yield f"http://127.0.0.1:{port}"
+    instance.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_the_page_in_a_browser(world, server, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    shots = Path(os.environ.get("ITEMSAGE_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    ids, vectors, titles = world["ids"], world["vectors"], world["titles"]
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(server + "/")
+            page.wait_for_function("document.getElementById('info').textContent.includes('24 products')")
+
+            # Search: type a query, see the top k with titles, scores, the surface and the version.
+            page.fill("#search-text", "red oak chair")
+            page.press("#search-text", "Enter")
+            page.wait_for_selector("#results li")
+            items = page.locator("#results li")
+            assert items.count() == 12
+            assert page.locator("#status .surface").inner_text() == "search"
+            assert page.locator("#status .version").inner_text() == "v1"
+            shown = [items.nth(i).get_attribute("data-id") for i in range(12)]
+            for i, pid in enumerate(shown):
+                assert items.nth(i).locator(".title").inner_text() == titles[pid]
+            first_score = float(items.nth(0).locator(".score").inner_text().split()[-1])
+            assert first_score >= float(items.nth(11).locator(".score").inner_text().split()[-1])
+            page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete)")
+            assert page.locator("#results img").count() == sum(int(pid[1:]) % 2 == 0 for pid in shown)
+            assert page.evaluate("document.querySelector('#results img').naturalWidth") == 64
+            page.screenshot(path=str(shots / "page-search.png"), full_page=True)
+
+            # Click a result: its neighbours by closeup, the exact top 12 of the index (itself left out).
+            clicked = shown[2]
+            items.nth(2).click()
+            page.wait_for_function("document.querySelector('#status .surface')?.textContent === 'closeup'")
+            page.wait_for_function(
+                f"document.querySelector('#results li') && "
+                f"document.querySelector('#query .pid')?.textContent === '{clicked}'")
+            scores = vectors @ vectors[ids.index(clicked)]
+            expected = [ids[j] for j in np.argsort(-scores, kind="stable") if ids[j] != clicked][:12]
+            got = [items.nth(i).get_attribute("data-id") for i in range(items.count())]
+            assert got == expected
+            assert page.locator("#query .title").inner_text() == titles[clicked]
+            page.wait_for_function("[...document.querySelectorAll('img')].every(i => i.complete)")
+            page.screenshot(path=str(shots / "page-closeup.png"), full_page=True)
+
+            # A product id typed in; an unknown one shows the server's message.
+            page.fill("#product-id", "nope")
+            page.press("#product-id", "Enter")
+            page.wait_for_function("document.getElementById('error').textContent.length > 0")
+            assert "nope" in page.locator("#error").inner_text()
+        finally:
+            browser.close()
+    assert (shots / "page-search.png").stat().st_size > 0 and (shots / "page-closeup.png").stat().st_size > 0
