@@ -91,7 +91,7 @@ def test_help_lists_choices_defaults_and_run_names():
     compare = plain(invoke("compare", "--help").output)
     assert all(name in compare for name in RUNS)
     evaluate = plain(invoke("evaluate", "--help").output)
-    assert "eval pairs (default: all)" in evaluate  # not swallowed as markup
+    assert "test-window pairs (default: all)" in evaluate  # not swallowed as markup
     assert "hnsw|flat" in plain(invoke("index", "--help").output).replace(" ", "")
     assert "local|ray" in plain(invoke("embed", "--help").output).replace(" ", "")
 
