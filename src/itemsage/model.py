@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from itemsage import artifacts, schema
 from itemsage.config import ConfigError, from_dict, require, to_dict
-from itemsage.features import ProductBatch, Vocabulary, hash_token_ids
+from itemsage.features import ProductBatch, TokenBags, Vocabulary, hash_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -152,29 +152,79 @@ def model_config(preset: str = "cpu", **overrides: Any) -> ModelConfig:
 # --------------------------------------------------------------------------------------------------
 
 
+class _BagSum(torch.autograd.Function):
+    """out[n] = sum of vectors[index[t]] over the occurrences t of bag n: [U, Dh] -> [N, Dh].
+
+    The bag-by-token count matrix S [N, U] times `vectors`, in CSR form. The backward is the
+    transposed product S^T @ grad, run as the same gather-and-sum over the transposed layout (each
+    unique token's bags), so neither direction sorts or scatters the T occurrences.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, vectors: Tensor, index: Tensor, offsets: Tensor, by_token: Tensor,
+                starts: Tensor) -> Tensor:
+        ctx.save_for_backward(by_token, starts)
+        return fn.embedding_bag(index, vectors, offsets, mode="sum")  # [N, Dh]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        by_token, starts = ctx.saved_tensors
+        return fn.embedding_bag(by_token, grad.contiguous(), starts, mode="sum"), None, None, None, None  # [U, Dh]
+
+
+def _token_bags(token_ids: Tensor, offsets: Tensor, transpose: bool) -> TokenBags:
+    """TokenBags of a batch that came without them (torch ops, any device; the transpose sorts)."""
+    counts = torch.bincount(token_ids)
+    unique = counts.nonzero().squeeze(1)  # [U] ascending
+    remap = torch.zeros_like(counts)
+    remap[unique] = torch.arange(unique.numel(), device=unique.device)
+    index = remap[token_ids]  # [T]
+    if not transpose:
+        return TokenBags(unique, index, None, None)
+    lengths = torch.diff(offsets, append=offsets.new_full((1,), token_ids.numel()))  # [N] bag sizes
+    bag_of = torch.repeat_interleave(torch.arange(offsets.numel(), device=offsets.device), lengths)  # [T]
+    order = torch.sort(index, stable=True).indices  # [T] occurrences grouped by unique token
+    starts = torch.cumsum(counts[unique], 0) - counts[unique]  # [U] exclusive prefix sum
+    return TokenBags(unique, index, bag_of[order], starts)
+
+
 class HashEmbedding(nn.Module):
     """Hash embedding of a bag of tokens (Svenstrup et al. 2017).
 
     A token id i has vector W[i,0]·E[h1(i)] + W[i,1]·E[h2(i)] with E [buckets, Dh] shared through
     two fixed hash functions and W [V, 2] its learned importance; a bag's vector is the sum of its
-    tokens' vectors. Both hashes of every token feed one EmbeddingBag, W supplying the per-sample
-    weights, so one gather-and-sum kernel does the whole batch.
+    tokens' vectors.
+
+    Computed on the batch's distinct tokens (`TokenBags`): the U unique tokens' vectors are built
+    once ([U, Dh], two gathers from E), then summed into bags by a sparse bag-by-token product whose
+    backward is the transposed product (`_BagSum`). Each token occurrence is touched once forward
+    and once backward, instead of twice each way plus a sort of all 2T hashed lookups (the plain
+    EmbeddingBag with per-sample weights). docs/METHOD.md has the measurements.
     """
 
     def __init__(self, vocab_size: int, num_buckets: int, dim: int) -> None:
         super().__init__()
         self.num_buckets = num_buckets
-        self.table = nn.EmbeddingBag(num_buckets, dim, mode="sum")  # E [buckets, Dh]
+        self.table = nn.Embedding(num_buckets, dim)  # E [buckets, Dh]
         self.importance = nn.Embedding(vocab_size, 2)  # W [V, 2]
         nn.init.normal_(self.table.weight, std=dim**-0.5)
         nn.init.normal_(self.importance.weight, std=1.0)
 
-    def forward(self, token_ids: Tensor, offsets: Tensor) -> Tensor:
-        """token_ids [T] vocab ids of all bags; offsets [N] start of each bag -> [N, Dh] (0 if empty)."""
-        h1, h2 = hash_token_ids(token_ids, self.num_buckets)  # [T], [T]
-        ids = torch.stack([h1, h2], dim=1).reshape(-1)  # [2T]: h1(t0), h2(t0), h1(t1), ...
-        weights = self.importance(token_ids).reshape(-1)  # [2T]: W[t0,0], W[t0,1], W[t1,0], ...
-        return self.table(ids, offsets * 2, per_sample_weights=weights.to(self.table.weight.dtype))
+    def forward(self, token_ids: Tensor, offsets: Tensor, bags: TokenBags | None = None) -> Tensor:
+        """token_ids [T] vocab ids of all bags; offsets [N] start of each bag -> [N, Dh] (0 if empty).
+
+        `bags`: the same tokens deduplicated (ProductStore.batch builds them); computed here if None.
+        """
+        needs_grad = torch.is_grad_enabled() and (self.table.weight.requires_grad or self.importance.weight.requires_grad)
+        if bags is None or (needs_grad and bags.by_token is None):
+            bags = _token_bags(token_ids.long(), offsets, transpose=needs_grad)
+        h1, h2 = hash_token_ids(bags.unique, self.num_buckets)  # [U], [U]
+        w = self.importance(bags.unique)  # [U, 2]
+        vectors = w[:, :1] * self.table(h1) + w[:, 1:] * self.table(h2)  # [U, Dh]
+        vectors = vectors.to(self.table.weight.dtype)
+        if not needs_grad:
+            return fn.embedding_bag(bags.index, vectors, offsets, mode="sum")  # [N, Dh]
+        return _BagSum.apply(vectors, bags.index, offsets, bags.by_token, bags.starts)  # [N, Dh]
 
 
 class Head(nn.Module):
@@ -281,7 +331,7 @@ class ItemSage(nn.Module):
                              f"{B * Fn} ({Fn} fields: {', '.join(self.cfg.text_fields)})")
         ends = torch.cat([offsets[1:], offsets.new_full((1,), ids.numel())])  # [B*F]
         present = (ends > offsets).view(B, Fn)  # [B, F]
-        bags = self.text_embed(ids, offsets)  # [B*F, Dh]
+        bags = self.text_embed(ids, offsets, batch.bags)  # [B*F, Dh]
         return self.text_proj(bags).view(B, Fn, -1), present  # [B, F, D]
 
     def tokens(self, batch: ProductBatch) -> tuple[Tensor, Tensor]:
