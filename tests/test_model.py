@@ -381,7 +381,27 @@ def test_logit_scale():
     assert math.isclose(scale().item(), 1 / 0.07, rel_tol=1e-6)
     with torch.no_grad():
         scale.log_scale.fill_(10.0)
+    scale.clamp_()
     assert scale().item() == pytest.approx(100.0)
+
+
+def test_logit_scale_cannot_get_stuck_at_the_cap():
+    # Push the temperature up with AdamW far past the cap, then down: clamped after every step, the
+    # stored log-scale never exceeds log 100, and the gradient brings it back down at once.
+    scale = LogitScale()
+    opt = torch.optim.AdamW(scale.parameters(), lr=0.2, weight_decay=0.0)
+    cap = math.log(100.0)
+    for direction, steps in ((-1.0, 60), (1.0, 15)):  # minimise -scale (up), then +scale (down)
+        for _ in range(steps):
+            opt.zero_grad()
+            (direction * scale()).backward()
+            assert scale.log_scale.grad != 0  # never a dead gradient, even at the cap
+            opt.step()
+            scale.clamp_()
+            assert scale.log_scale.item() <= cap + 1e-6
+        if direction < 0:
+            assert scale.log_scale.item() == pytest.approx(cap)  # it did reach the cap
+    assert scale.log_scale.item() < cap - 0.5, scale.log_scale.item()  # and came back down
 
 
 @pytest.mark.parametrize("aggregator", ["transformer", "sum", "concat"])

@@ -404,6 +404,12 @@ class ProductBatch:
         ends = torch.cat([self.token_offsets[1:], self.token_offsets.new_tensor([self.token_ids.numel()])])
         return (ends > self.token_offsets).view(len(self), self.num_fields)
 
+    def pin_memory(self) -> ProductBatch:
+        """A copy in page-locked memory, so `.to(cuda, non_blocking=True)` overlaps with compute."""
+        return ProductBatch(*(t.pin_memory() for t in (self.images, self.image_mask, self.token_ids, self.token_offsets)),
+                            bags=None if self.bags is None else TokenBags(*(t if t is None else t.pin_memory()
+                                                                           for t in self.bags)))
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ProductBatch:
         return ProductBatch(*(t.to(device, non_blocking=non_blocking) for t in
                               (self.images, self.image_mask, self.token_ids, self.token_offsets)),

@@ -444,9 +444,11 @@ class QueryAdapters(nn.Module):
 class LogitScale(nn.Module):
     """The learned temperature of the sampled softmax (SPEC §6): logits = scale · cosine.
 
-    Stored as log(scale), initialised to log(1/0.07); the scale is capped at `max_scale` (100) by
-    clamping the log before exponentiating. It lives here so the model artifact carries it; the
-    losses only receive its value.
+    Stored as log(scale), initialised to log(1/0.07). The scale is capped at `max_scale` (100) by
+    `clamp_`, which the training loop calls after every optimiser step: the stored parameter itself
+    is kept at or below log(max_scale). Clamping inside forward instead would zero the gradient
+    above the cap, and Adam's momentum could push the parameter there and leave it stuck. It lives
+    here so the model artifact carries it; the losses only receive its value.
     """
 
     def __init__(self, init: float = 1 / 0.07, max_scale: float = 100.0) -> None:
@@ -455,7 +457,12 @@ class LogitScale(nn.Module):
         self.log_scale = nn.Parameter(torch.tensor(math.log(init)))  # scalar
 
     def forward(self) -> Tensor:
-        return self.log_scale.clamp(max=math.log(self.max_scale)).exp()
+        return self.log_scale.exp()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Keep the stored log-scale at or below log(max_scale) (call after each optimiser step)."""
+        self.log_scale.clamp_(max=math.log(self.max_scale))
 
 
 # --------------------------------------------------------------------------------------------------
