@@ -19,11 +19,12 @@ Choices the paper leaves open, made here:
   grows with the field's length (a title has tens of n-grams, a description hundreds), and the
   normalisation keeps every field on one scale (Pinterest's production hash bag does the same);
 - only the [CLS] output is read, so the last encoder layer computes its attention query, output
-  projection and feed-forward for the [CLS] position alone (keys and values still come from every
-  token). This is exactly the stock layer's [CLS] output, at a fraction of the cost (~5x fewer FLOPs
-  with 1 layer and S = 33); `test_matches_unpadded_reference` checks it against the stock layer.
-  Attention runs through `scaled_dot_product_attention` (MultiheadAttention with need_weights=False;
-  the earlier stock layers also take PyTorch's fused inference path in eval mode);
+  projection and feed-forward for the [CLS] position alone, and folds the key and value projections
+  into that one query (`_cls_only_layer`: scores and pooling read the normalised tokens directly, so
+  no key or value is projected for any token). This is exactly the stock layer's [CLS] output
+  (`test_matches_unpadded_reference` checks it against the stock layer) at a fraction of the cost:
+  with 1 layer, S = 17 and D = 512 the layer's matmul FLOPs fall ~8x. Earlier stock layers (layers
+  > 1) run `scaled_dot_product_attention` through MultiheadAttention;
 - `aggregator="sum"` includes the [CLS] token in the pooled sum, so it acts as a learned bias and a
   product with no images and no text still gets a learned vector.
 """
@@ -245,15 +246,31 @@ class Head(nn.Module):
 def _cls_only_layer(layer: nn.TransformerEncoderLayer, x: Tensor, pad: Tensor) -> Tensor:
     """The [CLS] output of a pre-LN `layer` on x [B, S, D]: the query is position 0 alone -> [B, D].
 
-    Same parameters and maths as `layer(x, src_key_padding_mask=pad)[:, 0]`; keys and values come
-    from every position, but the query, output projection and feed-forward run once per product.
+    Same parameters and maths as `layer(x, src_key_padding_mask=pad)[:, 0]`, with the key and value
+    projections folded into the single query (exact algebra, no approximation). For head h with
+    query q_h (scaled by dh^-1/2) and normalised inputs x_s:
+        score_hs = q_h · (W_k^h x_s + b_k^h) = (W_k^h^T q_h) · x_s + const_h   (const cancels in softmax)
+        out_h    = sum_s a_hs (W_v^h x_s + b_v^h) = W_v^h (sum_s a_hs x_s) + b_v^h sum_s a_hs
+    so no [S, D] key or value is ever projected: per product the layer costs O(S·D·heads) for the
+    scores and the pooling instead of O(S·D²) for K and V, and the feed-forward runs once.
     """
+    attn = layer.self_attn
+    B, S, D = x.shape
+    H = attn.num_heads
+    dh = D // H
     h = layer.norm1(x)  # [B, S, D]
-    # need_weights=False lets MultiheadAttention run scaled_dot_product_attention.
-    attended = layer.self_attn(h[:, :1], h, h, key_padding_mask=pad, need_weights=False)[0]  # [B, 1, D]
-    c = x[:, :1] + layer.dropout1(attended)  # [B, 1, D]
-    c = c + layer._ff_block(layer.norm2(c))  # [B, 1, D]
-    return c[:, 0]
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)  # [D, D] each, rows = output features (head-major)
+    b_q, _, b_v = attn.in_proj_bias.chunk(3)  # the key bias only shifts every score of a head: it cancels
+    q = fn.linear(h[:, 0], w_q, b_q).view(B, H, dh) * dh**-0.5  # [B, H, dh] the [CLS] query per head
+    qk = torch.einsum("bhe,hed->bhd", q, w_k.view(H, dh, D))  # [B, H, D] the query read in input space
+    scores = torch.bmm(h, qk.transpose(1, 2))  # [B, S, H]
+    scores = scores.masked_fill(pad.unsqueeze(-1), float("-inf"))  # padding: weight exactly 0
+    weights = fn.dropout(scores.softmax(dim=1), attn.dropout, layer.training)  # [B, S, H]
+    pooled = torch.bmm(weights.transpose(1, 2), h)  # [B, H, D] attention-weighted inputs per head
+    values = torch.einsum("bhd,hed->bhe", pooled, w_v.view(H, dh, D))  # [B, H, dh]
+    values = values + weights.sum(1).unsqueeze(-1) * b_v.view(H, dh)  # the value bias, times the weights' sum
+    c = x[:, 0] + layer.dropout1(attn.out_proj(values.reshape(B, D)))  # [B, D]
+    return c + layer._ff_block(layer.norm2(c))  # [B, D]
 
 
 class ItemSage(nn.Module):
@@ -366,8 +383,10 @@ class ItemSage(nn.Module):
         present = torch.cat(masks, dim=1)  # [B, S]
         if self.type_embed is not None:
             x = x + self.type_embed[torch.cat(slots)]  # [B, S, D] + [S, D]
-        # Absent positions hold exact zeros: pooling, concat and attention never see padding values.
-        x = x.masked_fill(~present.unsqueeze(-1), 0.0)
+        # Absent positions hold exact zeros for pooling and concat. Attention masks them as keys (a
+        # weight of exactly 0), so the transformer skips this pass over [B, S, D] (and its backward).
+        if self.cfg.aggregator != "transformer":
+            x = x.masked_fill(~present.unsqueeze(-1), 0.0)
         return x, present
 
     # -- aggregation -------------------------------------------------------------------------------
@@ -476,7 +495,8 @@ def flops_per_product(cfg: ModelConfig, image_count: int, token_count: int, *, i
 
     Counts what `ItemSage.forward` computes for the product: the image and text projections, per
     encoder layer the Q/K/V projections, attention scores and weighted sum, output projection and
-    feed-forward (the last layer for the [CLS] query only, as implemented), and the head. Not
+    feed-forward (the last layer for the [CLS] query only, keys and values folded into the query,
+    as `_cls_only_layer` implements it), and the head. Not
     counted: the hash-bag gather-and-sum, LayerNorms, GELU, softmax and the L2 normalisation (not
     matmuls). To count what a padded batch executes, pass image_count = the batch's image slots and
     token_count = F. Image-only / text-only models ignore the other count.
@@ -494,9 +514,11 @@ def flops_per_product(cfg: ModelConfig, image_count: int, token_count: int, *, i
                       + 2 * S * S * D * 2  # scores Q·K^T and weights·V
                       + 2 * S * D * D  # output projection
                       + 2 * S * D * cfg.ff_dim * 2)  # feed-forward
-        cls_layer = (2 * S * D * 2 * D + 2 * D * D  # K, V for all positions; Q for [CLS]
-                     + 2 * S * D * 2  # [CLS] scores and weighted sum
-                     + 2 * D * D + 2 * D * cfg.ff_dim * 2)  # output projection, feed-forward
+        heads = cfg.heads
+        cls_layer = (2 * D * D * 2  # Q for [CLS], and the query folded through W_k
+                     + 2 * S * D * heads * 2  # scores and weighted inputs, per head over the D inputs
+                     + 2 * D * D * 2  # W_v on the pooled inputs, output projection
+                     + 2 * D * cfg.ff_dim * 2)  # feed-forward
         flops += (cfg.layers - 1) * full_layer + cls_layer
     return flops + 2 * D * H + 2 * H * cfg.out_dim  # head
 
