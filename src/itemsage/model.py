@@ -23,8 +23,9 @@ Choices the paper leaves open, made here:
   into that one query (`_cls_only_layer`: scores and pooling read the normalised tokens directly, so
   no key or value is projected for any token). This is exactly the stock layer's [CLS] output
   (`test_matches_unpadded_reference` checks it against the stock layer) at a fraction of the cost:
-  with 1 layer, S = 17, D = 512 and ff 2048 the layer's matmul FLOPs fall 3.5x (its attention part 8x). Earlier stock layers (layers
-  > 1) run `scaled_dot_product_attention` through MultiheadAttention;
+  with 1 layer, S = 17, D = 512 and ff 2048 the layer's matmul FLOPs fall 3.5x (its attention part
+  8x). Earlier stock layers (layers > 1) run `scaled_dot_product_attention` through
+  MultiheadAttention;
 - `aggregator="sum"` includes the [CLS] token in the pooled sum, so it acts as a learned bias and a
   product with no images and no text still gets a learned vector.
 """
