@@ -248,7 +248,10 @@ def test_resume_after_kill_is_bit_identical(dataset, tmp_path, monkeypatch):
     straight = train(dataset, tmp_path / "straight", cfg, progress=False)
 
     # Kill the second run while it draws step 6's batch (after the step-3 checkpoint, before step 6's).
+    # Batches are built in the background thread here (the harder case: the sampler runs a batch ahead).
     import itemsage.train as train_module
+
+    monkeypatch.setattr(train_module, "_PREFETCH_THREAD", True)
 
     calls = {"n": 0}
     real = train_module.Sampler.positives
@@ -278,6 +281,18 @@ def test_resume_after_kill_is_bit_identical(dataset, tmp_path, monkeypatch):
     # and the runs really trained: weights moved from their initial values
     fresh = train(dataset, tmp_path / "short", tiny(max_steps=1, model={"dropout": 0.2}, eval_sample=0), progress=False)
     assert not torch.equal(weights(fresh.model_dir)["tower.head.fc2.weight"], a["tower.head.fc2.weight"])
+
+
+def test_background_batches_train_exactly_like_inline_ones(dataset, tmp_path, monkeypatch):
+    import itemsage.train as train_module
+
+    results = {}
+    for background in (True, False):
+        monkeypatch.setattr(train_module, "_PREFETCH_THREAD", background)
+        run = train(dataset, tmp_path / f"run-{background}", tiny(max_steps=4, eval_sample=0), progress=False)
+        results[background] = weights(run.model_dir)
+    for k in results[True]:
+        assert torch.equal(results[True][k], results[False][k]), k
 
 
 def test_resume_refuses_changed_options(dataset, tmp_path):

@@ -85,6 +85,7 @@ _CALIBRATION_STEPS = 10  # steps timed to turn a minute budget into a first step
 _REESTIMATE_EVERY = 10  # steps between re-estimates of the step count under a minute budget
 _BUDGET_TARGET = 0.98  # the step count aims at this fraction of the budget (the rest: the last estimate's error)
 _LOG_EVERY_S = 60.0  # seconds between progress log lines when the progress bar is off
+_PREFETCH_THREAD: bool | None = None  # build batches in a background thread; None = where it can overlap
 # Options a resumed run may change; every other option must equal the checkpoint's.
 _RESUME_FREE = ("max_minutes", "checkpoint_every", "eval_every", "eval_sample", "keep_checkpoints", "device")
 
@@ -438,18 +439,23 @@ class Prefetch:
     out (draws stay in order: deterministic), and `build(rows, negatives)` runs in the thread. The
     sampler itself is moved to the state after batch k's draw only when batch k is handed out, so a
     checkpoint taken after step k saves the state that redraws batch k+1 on resume.
+
+    `background=False` builds each batch when it is handed out instead (same batches, same order):
+    on a CPU whose cores all run torch's intra-op threads, a builder thread only competes with the
+    step (measured in docs/METHOD.md); `train` uses the thread on CUDA or when a core is spare.
     """
 
-    def __init__(self, sampler: Sampler, b: int, r: int, build: Any):
+    def __init__(self, sampler: Sampler, b: int, r: int, build: Any, background: bool = True):
         from concurrent.futures import ThreadPoolExecutor
 
         self.sampler, self.ahead, self.b, self.r, self.build = sampler, sampler.fork(), b, r, build
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="itemsage-batch")
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="itemsage-batch") if background else None
         self.pending: tuple[np.ndarray, np.ndarray, dict[str, Any], Any] | None = None
 
     def _start(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any], Any]:
         rows, negs = self.ahead.positives(self.b), self.ahead.negatives(self.r)  # [B], [R]
-        return rows, negs, self.ahead.rng.bit_generator.state, self.pool.submit(self.build, rows, negs)
+        built = self.pool.submit(self.build, rows, negs) if self.pool is not None else None
+        return rows, negs, self.ahead.rng.bit_generator.state, built
 
     def next(self) -> tuple[np.ndarray, np.ndarray, Any]:
         """(positive rows [B], negative rows [R], built batch) of the next step; starts the one after."""
@@ -457,10 +463,11 @@ class Prefetch:
         self.pending = None
         self.sampler.rng.bit_generator.state = state  # the sampler has now drawn this batch
         self.pending = self._start()
-        return rows, negs, built.result()
+        return rows, negs, built.result() if built is not None else self.build(rows, negs)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _mixture(pairs: Pairs, cfg: TrainConfig) -> np.ndarray:
@@ -931,7 +938,9 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
         products = store.batch(np.concatenate([pairs.product_row[rows[lo:hi]], negs[rlo:rhi]]), backward=True)
         return products.pin_memory() if device.type == "cuda" else products
 
-    batches = Prefetch(sampler, B, R, build)
+    background = _PREFETCH_THREAD if _PREFETCH_THREAD is not None else (
+        device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads())  # else it competes with the step
+    batches = Prefetch(sampler, B, R, build, background)
     with _progress_bar(progress and lead, total_steps, step) as show, contextlib.closing(batches):
         while total_steps is None or step < total_steps:
             t0 = time.perf_counter()
