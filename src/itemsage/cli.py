@@ -129,7 +129,8 @@ def train_cmd(
     preset: Optional[str] = typer.Option(None, "--preset", help="Model preset: cpu, paper or tiny (default cpu)."),
     steps: Optional[int] = typer.Option(
         None, "--steps", help="Training steps (default 2000; with --minutes alone: as many as fit)."),
-    minutes: Optional[float] = typer.Option(None, "--minutes", help="Wall-clock budget; fixes the step count."),
+    minutes: Optional[float] = typer.Option(None, "--minutes",
+                                            help="Wall-clock budget; the step count is re-estimated as the run goes."),
     batch_size: Optional[int] = typer.Option(
         None, "--batch-size", help="Positives per step, all processes (default 1024)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 1e-3)."),
