@@ -898,7 +898,12 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
         _set_rng_state(state["rng"], sampler, rank, device)
         log.info("resumed from %s (step %d)", ckpt, schedule["step"])
     step, total_steps = int(schedule["step"]), schedule["total_steps"]
-    progress_done = float(schedule.get("progress", 0.0))  # fraction of the LR decay done (`advance`)
+    progress_done = 0.0  # fraction of the LR decay done (`advance`); a checkpoint from before it: the step's
+    if "progress" in schedule:
+        progress_done = float(schedule["progress"])
+    elif total_steps:
+        w = min(cfg.warmup_steps, total_steps // 10)
+        progress_done = min(1.0, max(0.0, (step - w) / max(1, total_steps - w)))
     resumed_from = step if ckpt is not None else None
     ddp = module
     if world > 1:
