@@ -1,7 +1,8 @@
 """Product features: text tokens, the shared vocabulary, deterministic hashing, batches (SPEC §3).
 
 Text. Each text field of a product becomes one bag of vocabulary ids; the tower sums the bag's
-hash-embedded token vectors (an `EmbeddingBag`). Tokens are word unigrams, word bigrams and
+hash-embedded token vectors. A batch also carries its tokens deduplicated (`TokenBags`), the layout
+the tower's hash bag computes on. Tokens are word unigrams, word bigrams and
 character trigrams of the normalised text (`tokenize` documents the exact rules). One vocabulary,
 built by frequency over every field of the training catalog, maps tokens to ids; out-of-vocabulary
 tokens are dropped.
