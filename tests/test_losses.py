@@ -91,18 +91,35 @@ def test_log_q_correction_matches_hand_built_logits():
 
 def test_log_q_estimator_counts_before_estimating():
     lq = LogQ(depth=4, width=2**16, seed=3)  # width >> distinct ids: counts exact
-    first = lq.step(torch.tensor([5, 6, 6, 7]))  # total 4, batch 4: q = min(1, 4 * count / 4)
-    torch.testing.assert_close(first, torch.log(torch.tensor([1.0, 1.0, 1.0, 1.0])))
+    first = lq.step(torch.tensor([5, 6, 6, 7]))  # total 4, batch 4: Q = 4 * count / 4, no cap
+    torch.testing.assert_close(first, torch.log(torch.tensor([1.0, 2.0, 2.0, 1.0])))
     lq.update(torch.tensor([8] * 12))  # total 16
     got = lq.log_q(torch.tensor([5, 6, 8, 999]), batch_size=4)
-    # 5: 4*1/16 ; 6: 4*2/16 ; 8: min(1, 4*12/16) ; 999 never seen: the floor
-    expected = torch.log(torch.tensor([0.25, 0.5, 1.0, lq.floor], dtype=torch.float64)).float()
+    # 5: 4*1/16 ; 6: 4*2/16 ; 8: 4*12/16 = 3 copies expected per batch (not capped at 1) ; 999: the floor
+    expected = torch.log(torch.tensor([0.25, 0.5, 3.0, lq.floor], dtype=torch.float64)).float()
     torch.testing.assert_close(got, expected)
     assert torch.isfinite(got).all()
 
     fresh = LogQ(depth=4, width=2**16, seed=3)
     fresh.load_state_dict(lq.state_dict())
     torch.testing.assert_close(fresh.log_q(torch.tensor([5, 6, 8]), 4), got[:3])
+
+
+@pytest.mark.parametrize("rep", [1, 3])
+def test_log_q_corrected_in_batch_loss_is_full_softmax_when_every_product_repeats(rep):
+    # Every catalog product is the positive of `rep` rows (distinct queries), no random negatives.
+    # With Q = B * count / total = rep from the sketch, the rep copies of each other product, each
+    # corrected by -log rep, sum to that product's one term of the full-catalog partition function.
+    catalog = unit(12, seed=30)  # C = 12 products
+    target = torch.arange(12).repeat(rep)  # [B = 12 * rep] each product rep times
+    query = unit(len(target), seed=31)
+    scale = 6.0
+    reference = F.cross_entropy(scale * query @ catalog.T, target)  # full softmax, computed independently
+
+    log_q = LogQ(depth=4, width=2**16, seed=0).step(target)  # counts the batch, then estimates
+    parts = loss(query, catalog[target], pos_ids=target, query_keys=torch.arange(len(target)),
+                 log_q_pos=log_q.double(), scale=scale, negatives="in_batch")
+    torch.testing.assert_close(parts.in_batch, reference.float())
 
 
 # ---- (4) accidental hits ----
@@ -264,20 +281,19 @@ def test_gradients_reach_query_positive_and_negatives():
         assert t.grad is not None and torch.all(t.grad.abs().sum(-1) > 0)
 
 
-def test_logit_scale_is_capped():
+def test_logit_scale_is_used_as_given_with_a_gradient():
+    # The cap lives in model.LogitScale (a clamp of the stored parameter after each step); the loss
+    # itself must not clamp, or the gradient would be zero above the cap and the scale could stick.
     query, positive = unit(5, seed=17), unit(5, seed=18)
     kw = dict(pos_ids=torch.arange(5), query_keys=torch.arange(5), negatives="in_batch")
-    reference = F.cross_entropy(LOGIT_SCALE_MAX * query @ positive.T, torch.arange(5))
-    big = torch.tensor(1000.0, requires_grad=True)
-    parts = mixed_negative_loss(query, positive, None, neg_ids=None, log_q_pos=torch.zeros(5), log_q_neg=None,
-                                logit_scale=big, **kw)
-    torch.testing.assert_close(parts.total, reference.float())
-    parts.total.backward()
-    assert big.grad == 0
-    small = torch.tensor(20.0, requires_grad=True)
-    mixed_negative_loss(query, positive, None, neg_ids=None, log_q_pos=torch.zeros(5), log_q_neg=None,
-                        logit_scale=small, **kw).total.backward()
-    assert small.grad != 0
+    for value in (20.0, 2 * LOGIT_SCALE_MAX):
+        reference = F.cross_entropy(value * query @ positive.T, torch.arange(5))
+        s = torch.tensor(value, requires_grad=True)
+        parts = mixed_negative_loss(query, positive, None, neg_ids=None, log_q_pos=torch.zeros(5), log_q_neg=None,
+                                    logit_scale=s, **kw)
+        torch.testing.assert_close(parts.total, reference.float())
+        parts.total.backward()
+        assert s.grad != 0
 
 
 def test_modes_and_bad_arguments():

@@ -200,6 +200,58 @@ def test_hash_embedding_matches_hand_computation():
     assert torch.equal(out[0], torch.zeros(5)) and torch.equal(out[3], torch.zeros(5))
 
 
+def reference_hash_bag(emb: HashEmbedding, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The earlier formulation, kept as the reference: both hashes of every occurrence through one
+    EmbeddingBag over E, W supplying the per-sample weights (2T lookups forward and backward)."""
+    h1, h2 = hash_token_ids(ids, emb.num_buckets)
+    hashed = torch.stack([h1, h2], dim=1).reshape(-1)  # [2T]
+    weights = emb.importance(ids).reshape(-1)  # [2T]
+    return nn.functional.embedding_bag(hashed, emb.table.weight, offsets * 2, mode="sum", per_sample_weights=weights)
+
+
+@pytest.mark.parametrize("source", ["store", "torch"])
+def test_hash_bag_matches_earlier_formulation_forward_and_gradients(source):
+    from itemsage.features import token_bags
+
+    g = torch.Generator().manual_seed(5)
+    vocab, n_bags = 300, 64
+    lengths = torch.randint(0, 40, (n_bags,), generator=g)
+    lengths[[0, 7, 63]] = 0  # empty bags, the last one included
+    ids = torch.randint(0, vocab, (int(lengths.sum()),), generator=g)
+    ids[:30] = 17  # a token repeated within and across bags
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+    torch.manual_seed(0)
+    emb = HashEmbedding(vocab_size=vocab, num_buckets=97, dim=6)
+    grad_out = torch.randn(n_bags, 6, generator=g)
+
+    bags = token_bags(ids.numpy(), offsets.numpy(), transpose=True) if source == "store" else None
+    out = emb(ids, offsets, bags)
+    (out * grad_out).sum().backward()
+    got = out.detach(), emb.table.weight.grad.clone(), emb.importance.weight.grad.clone()
+    emb.zero_grad()
+    expected = reference_hash_bag(emb, ids, offsets)
+    (expected * grad_out).sum().backward()
+    torch.testing.assert_close(got[0], expected.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], emb.table.weight.grad, atol=1e-5, rtol=1e-5)  # dL/dE
+    torch.testing.assert_close(got[2], emb.importance.weight.grad, atol=1e-5, rtol=1e-5)  # dL/dW
+    assert got[2][17].abs().sum() > 0 and got[1].abs().sum() > 0  # the gradients are not trivially zero
+    with torch.no_grad():  # the inference path (no transposed layout) gives the same forward
+        torch.testing.assert_close(emb(ids, offsets), expected.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_store_batch_carries_deduplicated_tokens():
+    from itemsage.features import token_bags
+
+    ids = torch.tensor([5, 9, 5, 2, 9, 9, 7])
+    offsets = torch.tensor([0, 3, 3, 6])  # bags: [5 9 5], [], [2 9 9], [7]
+    bags = token_bags(ids.numpy(), offsets.numpy(), transpose=True)
+    assert bags.unique.tolist() == [2, 5, 7, 9]
+    assert bags.unique[bags.index].tolist() == ids.tolist()
+    # transposed: token 2 in bag 2; 5 twice in bag 0; 7 in bag 3; 9 in bags 0, 2, 2
+    assert bags.by_token.tolist() == [2, 0, 0, 3, 0, 2, 2] and bags.starts.tolist() == [0, 1, 3, 4]
+    assert token_bags(ids.numpy(), offsets.numpy(), transpose=False).by_token is None
+
+
 @pytest.mark.parametrize("aggregator", ["transformer", "sum", "concat"])
 @pytest.mark.parametrize("modalities", ["both", "image", "text"])
 def test_aggregators_and_modalities(batch, aggregator, modalities):
@@ -329,13 +381,34 @@ def test_logit_scale():
     assert math.isclose(scale().item(), 1 / 0.07, rel_tol=1e-6)
     with torch.no_grad():
         scale.log_scale.fill_(10.0)
+    scale.clamp_()
     assert scale().item() == pytest.approx(100.0)
+
+
+def test_logit_scale_cannot_get_stuck_at_the_cap():
+    # Push the temperature up with AdamW far past the cap, then down: clamped after every step, the
+    # stored log-scale never exceeds log 100, and the gradient brings it back down at once.
+    scale = LogitScale()
+    opt = torch.optim.AdamW(scale.parameters(), lr=0.2, weight_decay=0.0)
+    cap = math.log(100.0)
+    for direction, steps in ((-1.0, 60), (1.0, 15)):  # minimise -scale (up), then +scale (down)
+        for _ in range(steps):
+            opt.zero_grad()
+            (direction * scale()).backward()
+            assert scale.log_scale.grad != 0  # never a dead gradient, even at the cap
+            opt.step()
+            scale.clamp_()
+            assert scale.log_scale.item() <= cap + 1e-6
+        if direction < 0:
+            assert scale.log_scale.item() == pytest.approx(cap)  # it did reach the cap
+    assert scale.log_scale.item() < cap - 0.5, scale.log_scale.item()  # and came back down
 
 
 @pytest.mark.parametrize("aggregator", ["transformer", "sum", "concat"])
 def test_flops_per_product_matches_flop_counter(aggregator):
     """Against torch's FlopCounterMode on one unpadded product (every image and field present);
-    the counter does not see CPU attention kernels, so the attention term is added by hand."""
+    the counter does not see CPU attention kernels, so layer 0's attention term is added by hand
+    (the [CLS] layer's scores and pooling are plain bmm, which it counts)."""
     cfg = model_config("tiny", layers=2, dropout=0.0, aggregator=aggregator, max_images=3)
     model = ItemSage(cfg, VOCAB, DI)  # train mode: the stock layers run unfused, visible to the counter
     g = torch.Generator().manual_seed(6)
@@ -343,7 +416,7 @@ def test_flops_per_product_matches_flop_counter(aggregator):
     with FlopCounterMode(display=False) as counter:
         model(make_batch([images], [fields]))
     S, D = 1 + 3 + F, cfg.d_model
-    attention = (2 * S * S * D * 2 + 2 * S * D * 2) if aggregator == "transformer" else 0  # layer 0 full, layer 1 [CLS]
+    attention = 2 * S * S * D * 2 if aggregator == "transformer" else 0  # layer 0: the full S x S attention
     assert flops_per_product(cfg, 3, F, image_dim=DI) == counter.get_total_flops() + attention
 
 

@@ -24,6 +24,7 @@ from itemsage.train import (
     _loss_weights,
     _mixture,
     _unflatten,
+    advance,
     latest_checkpoint,
     load_pairs,
     lr_at,
@@ -347,7 +348,10 @@ def test_resume_after_kill_is_bit_identical(dataset, tmp_path, monkeypatch):
     straight = train(dataset, tmp_path / "straight", cfg, progress=False)
 
     # Kill the second run while it draws step 6's batch (after the step-3 checkpoint, before step 6's).
+    # Batches are built in the background thread here (the harder case: the sampler runs a batch ahead).
     import itemsage.train as train_module
+
+    monkeypatch.setattr(train_module, "_PREFETCH_THREAD", True)
 
     calls = {"n": 0}
     real = train_module.Sampler.positives
@@ -379,6 +383,18 @@ def test_resume_after_kill_is_bit_identical(dataset, tmp_path, monkeypatch):
     assert not torch.equal(weights(fresh.model_dir)["tower.head.fc2.weight"], a["tower.head.fc2.weight"])
 
 
+def test_background_batches_train_exactly_like_inline_ones(dataset, tmp_path, monkeypatch):
+    import itemsage.train as train_module
+
+    results = {}
+    for background in (True, False):
+        monkeypatch.setattr(train_module, "_PREFETCH_THREAD", background)
+        run = train(dataset, tmp_path / f"run-{background}", tiny(max_steps=4, eval_sample=0), progress=False)
+        results[background] = weights(run.model_dir)
+    for k in results[True]:
+        assert torch.equal(results[True][k], results[False][k]), k
+
+
 def test_resume_refuses_changed_options(dataset, tmp_path):
     train(dataset, tmp_path / "run", tiny(max_steps=2, eval_sample=0), progress=False)
     with pytest.raises(ConfigError, match=r"train\.lr"):
@@ -392,7 +408,7 @@ def test_negative_modes_and_lamb_run(dataset, tmp_path, negatives, optimizer):
     assert result.steps == 3 and math.isfinite(result.final_loss)
 
 
-def test_clock_turns_minute_budget_into_steps():
+def test_clock_turns_minute_budget_into_steps_and_re_estimates():
     from itemsage.train import Clock
 
     t = [0.0]
@@ -402,11 +418,49 @@ def test_clock_turns_minute_budget_into_steps():
     for step in range(1, 12):  # 0.5 s per step; the first step is not timed
         t[0] += 0.5
         total = clock.tick(step, total, 0.5)
-    # 10 timed steps in 5 s = 2 steps/s; at 5.5 s, 90% of 60 s leaves 48.5 s -> 97 more steps
-    assert total == 11 + 97
+    # 10 timed steps in 5 s = 2 steps/s; at 5.5 s, 98% of 60 s leaves 53.3 s -> 106 more steps
+    assert total == 11 + 106
     assert clock.pairs_per_s == pytest.approx(16 / 0.5)
+    for step in range(12, 22):  # the machine slows to 1 s a step: re-estimated after 10 more steps
+        t[0] += 1.0
+        total = clock.tick(step, total, 1.0)
+    # 10 steps in the last 10 s = 1 step/s; at 15.5 s, 58.8 - 15.5 = 43.3 s left -> 43 more steps
+    assert total == 21 + 43
     t[0] = 60.1  # past the budget: stop now, whatever the schedule says
     assert clock.tick(50, total, 0.5) == 50
+
+
+@pytest.mark.parametrize("slow_after_s", [20.0, 1e9])
+def test_minute_budget_run_uses_the_budget_and_ends_its_schedule(slow_after_s):
+    # A simulated 2-minute run whose steps take 0.2 s, then 0.6 s after `slow_after_s` (a busy shared
+    # machine). The run must use most of its budget, stop by itself (not at the hard stop), and the
+    # cosine must end at the step it reaches, without the learning rate ever jumping up.
+    from itemsage.train import Clock
+
+    cfg = tiny(max_steps=None, max_minutes=2.0, warmup_steps=5)
+    t = [0.0]
+    clock = Clock(cfg, world=1, device=torch.device("cpu"), calibrated=False, now=lambda: t[0])
+    step, total, progress, lrs = 0, None, 0.0, []
+    while total is None or step < total:
+        lrs.append(lr_at(step, total or 10**9, cfg.warmup_steps, 1.0, progress))
+        progress = advance(progress, step, total or 10**9, cfg.warmup_steps)
+        dt = 0.2 if t[0] < slow_after_s else 0.6
+        t[0] += dt
+        step += 1
+        total = clock.tick(step, total, dt)
+    assert 0.9 * 120 <= t[0] <= 120, t[0]  # used the budget, and ended before the hard stop
+    assert progress == pytest.approx(1.0)  # the decay is complete at the final step reached
+    assert lrs[-1] < 0.01
+    decay = lrs[5:]
+    assert all(b <= a + 1e-12 for a, b in zip(decay, decay[1:]))  # monotone: no jump when the estimate moves
+
+
+def test_advance_with_a_fixed_step_count_is_the_plain_cosine():
+    progress = 0.0
+    for step in range(20):
+        assert lr_at(step, 20, 2, 1.0, progress) == pytest.approx(lr_at(step, 20, 2, 1.0))
+        progress = advance(progress, step, 20, 2)
+    assert progress == pytest.approx(1.0)
 
 
 def test_minute_budget_wiring(dataset, tmp_path):
@@ -414,7 +468,31 @@ def test_minute_budget_wiring(dataset, tmp_path):
     result = train(dataset, tmp_path / "run", tiny(max_steps=12, max_minutes=10.0, eval_sample=0), progress=False)
     assert result.steps == 12
     state = json.loads((latest_checkpoint(tmp_path / "run") / "state.json").read_text())
-    assert state["schedule"] == {"step": 12, "total_steps": 12, "calibrated": True}
+    assert state["schedule"]["step"] == 12 and state["schedule"]["total_steps"] == 12
+    assert state["schedule"]["calibrated"] and state["schedule"]["progress"] == pytest.approx(1.0)
+
+
+def test_random_negatives_capped_at_catalog_and_progress_lines(dataset, tmp_path, monkeypatch, caplog):
+    import itemsage.train as train_module
+
+    drawn = []
+    real = train_module.Sampler.negatives
+
+    def recording(self, r):
+        drawn.append(r)
+        return real(self, r)
+
+    monkeypatch.setattr(train_module.Sampler, "negatives", recording)
+    monkeypatch.setattr(train_module, "_LOG_EVERY_S", 0.0)  # a progress line every step
+    caplog.set_level("INFO", logger="itemsage.train")
+    # 16 positives x ratio 4 = 64 random negatives asked of a 48-product catalog
+    result = train(dataset, tmp_path / "run", tiny(max_steps=3, random_negatives_ratio=4, eval_sample=0),
+                   progress=False)
+    assert result.steps == 3 and set(drawn) == {48}
+    assert "random negatives capped at the catalog size: 48 a step, not 64" in caplog.text
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert any(line.startswith("step 3/3 ") and "pairs/s" in line and "loss" in line and "ETA" in line
+               for line in lines), lines
 
 
 def test_cli_train_and_resume(dataset, tmp_path):

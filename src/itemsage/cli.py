@@ -301,7 +301,7 @@ def train_cmd(
     steps: Optional[int] = typer.Option(
         2000, "--steps", help="Training steps (with --minutes alone: as many as fit in the budget)."),
     minutes: Optional[float] = typer.Option(
-        None, "--minutes", show_default=False, help="Wall-clock budget in minutes; fixes the step count."),
+        None, "--minutes", show_default=False, help="Wall-clock budget in minutes; the step count is re-estimated as the run goes."),
     batch_size: int = typer.Option(1024, "--batch-size", help="Positives per step, all processes."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
     negatives: Negatives = typer.Option(Negatives.mixed, "--negatives", help="Negatives of the sampled softmax."),

@@ -1,7 +1,8 @@
 """Product features: text tokens, the shared vocabulary, deterministic hashing, batches (SPEC §3).
 
 Text. Each text field of a product becomes one bag of vocabulary ids; the tower sums the bag's
-hash-embedded token vectors (an `EmbeddingBag`). Tokens are word unigrams, word bigrams and
+hash-embedded token vectors. A batch also carries its tokens deduplicated (`TokenBags`), the layout
+the tower's hash bag computes on. Tokens are word unigrams, word bigrams and
 character trigrams of the normalised text (`tokenize` documents the exact rules). One vocabulary,
 built by frequency over every field of the training catalog, maps tokens to ids; out-of-vocabulary
 tokens are dropped.
@@ -333,16 +334,62 @@ def hash_token_ids(ids: torch.Tensor, num_buckets: int) -> tuple[torch.Tensor, t
 # ------------------------------------------------------------------------------------------------
 
 
+class TokenBags(NamedTuple):
+    """A batch's text bags with their tokens deduplicated: the layout the hash bag computes on.
+
+    The T token occurrences of the batch's N = B*F bags use U distinct vocabulary ids. Read as a
+    sparse N x U count matrix S, `index` + the batch's token_offsets are S in CSR form (bag n's
+    occurrences are index[offsets[n]:offsets[n+1]]) and `by_token` + `starts` are S transposed
+    (unique token u occurs in bags by_token[starts[u]:starts[u+1]]). The transposed half is only
+    needed for a backward pass; it is None when not built.
+    """
+
+    unique: torch.Tensor  # [U] int64 distinct vocabulary ids, ascending
+    index: torch.Tensor  # [T] int64 position in `unique` of each token occurrence
+    by_token: torch.Tensor | None  # [T] int64 bag of each occurrence, grouped by unique token (bag order within)
+    starts: torch.Tensor | None  # [U] int64 start of each unique token's group in by_token
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TokenBags:
+        return TokenBags(*(t if t is None else t.to(device, non_blocking=non_blocking) for t in self))
+
+
+def token_bags(token_ids: np.ndarray, offsets: np.ndarray, *, transpose: bool) -> TokenBags:
+    """Deduplicate the tokens of N bags (token_ids [T] int, offsets [N] bag starts) -> TokenBags.
+
+    O(T + V) with no sort: the distinct ids come from a bincount, the transposed layout from a
+    CSR -> CSC conversion (a counting sort, scipy.sparse).
+    """
+    ids = np.asarray(token_ids, dtype=np.int64)
+    counts = np.bincount(ids) if len(ids) else np.zeros(0, np.int64)
+    unique = np.flatnonzero(counts)  # [U]
+    remap = np.zeros(len(counts), np.int64)
+    remap[unique] = np.arange(len(unique))
+    index = remap[ids]  # [T]
+    by_token = starts = None
+    if transpose:
+        import scipy.sparse
+
+        n = len(offsets)
+        indptr = np.append(np.asarray(offsets, np.int64), len(ids))  # [N + 1]
+        csc = scipy.sparse.csr_matrix((np.ones(len(ids), np.float32), index, indptr),
+                                      shape=(n, len(unique))).tocsc()  # counting sort by column
+        by_token = torch.from_numpy(csc.indices.astype(np.int64))
+        starts = torch.from_numpy(csc.indptr[:-1].astype(np.int64))
+    return TokenBags(torch.from_numpy(unique), torch.from_numpy(index), by_token, starts)
+
+
 @dataclass
 class ProductBatch:
     """What the product tower eats. Bag (b, f) = text field f of product b is
     token_ids[token_offsets[b*F + f] : token_offsets[b*F + f + 1]] (the last bag runs to the end),
-    the layout `nn.EmbeddingBag(input, offsets)` takes."""
+    the layout `nn.EmbeddingBag(input, offsets)` takes. `bags` is the same text deduplicated
+    (`TokenBags`), built with the batch by `ProductStore.batch`; the tower builds it when absent."""
 
     images: torch.Tensor  # [B, M, Di] float32, zeros where absent
     image_mask: torch.Tensor  # [B, M] bool, True = image present
     token_ids: torch.Tensor  # [T] int64 vocabulary ids of all bags, concatenated
     token_offsets: torch.Tensor  # [B*F] int64 start of each bag in token_ids
+    bags: TokenBags | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -358,9 +405,16 @@ class ProductBatch:
         ends = torch.cat([self.token_offsets[1:], self.token_offsets.new_tensor([self.token_ids.numel()])])
         return (ends > self.token_offsets).view(len(self), self.num_fields)
 
+    def pin_memory(self) -> ProductBatch:
+        """A copy in page-locked memory, so `.to(cuda, non_blocking=True)` overlaps with compute."""
+        return ProductBatch(*(t.pin_memory() for t in (self.images, self.image_mask, self.token_ids, self.token_offsets)),
+                            bags=None if self.bags is None else TokenBags(*(t if t is None else t.pin_memory()
+                                                                           for t in self.bags)))
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ProductBatch:
         return ProductBatch(*(t.to(device, non_blocking=non_blocking) for t in
-                              (self.images, self.image_mask, self.token_ids, self.token_offsets)))
+                              (self.images, self.image_mask, self.token_ids, self.token_offsets)),
+                            bags=None if self.bags is None else self.bags.to(device, non_blocking))
 
 
 def _exclusive_cumsum(lengths: np.ndarray) -> np.ndarray:
@@ -535,8 +589,12 @@ class ProductStore:
             raise KeyError(f"{len(unknown)} product id(s) not in the catalog, e.g. {unknown[:5]}")
         return np.asarray(rows, dtype=np.int64)
 
-    def batch(self, rows: np.ndarray | Sequence[int]) -> ProductBatch:
-        """Gather products `rows` [B] into a ProductBatch (M = most images among them, at least 1)."""
+    def batch(self, rows: np.ndarray | Sequence[int], *, backward: bool = False) -> ProductBatch:
+        """Gather products `rows` [B] into a ProductBatch (M = most images among them, at least 1).
+
+        The text comes deduplicated too (`ProductBatch.bags`); `backward` also builds its transposed
+        layout, which the hash bag's backward pass reads (training asks for it).
+        """
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)  # [B]
         b, n_fields, n = len(rows), self.num_fields, len(self)
         if b and (rows.min() < 0 or rows.max() >= n):
@@ -558,6 +616,7 @@ class ProductStore:
             image_mask=torch.from_numpy(mask),
             token_ids=torch.from_numpy(token_ids),
             token_offsets=torch.from_numpy(offsets[:-1].copy()),
+            bags=token_bags(token_ids, offsets[:-1], transpose=backward),
         )
 
 

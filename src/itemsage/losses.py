@@ -3,8 +3,9 @@
 Three parts:
 
 - `CountMinSketch`: a fixed-memory frequency counter for the ids of a stream.
-- `LogQ`: log of the probability that a product appears in a batch, estimated online from a sketch
-  of the products seen so far as positives. Updated every step BEFORE that step's loss.
+- `LogQ`: log of the expected number of times a product appears in a batch (B * count / total, not
+  capped at 1), estimated online from a sketch of the products seen so far as positives. Updated
+  every step BEFORE that step's loss.
 - `mixed_negative_loss`: two separate softmax terms, summed (the paper found this more stable than
   one normaliser over both sources):
     in-batch: the other positives of the batch are negatives, corrected by -log Q(product);
@@ -13,8 +14,9 @@ Three parts:
 The positive logit is never corrected. With that choice, each row's normaliser is an importance-
 sampled estimate of the full-catalog partition function: the true product counted once with its
 exact logit, plus sum_j exp(s_j) / E[times j is drawn]. This is also what OmniSearchSage does (the
-positive sits in its own column, the negative columns get the correction). It makes the random term
-equal the full-catalog softmax exactly when every catalog product is drawn once (log q = 0).
+positive sits in its own column, the negative columns get the correction). It makes each term
+equal the full-catalog softmax exactly when every catalog product is drawn the same number of times
+k (log q = log k), a test checks both.
 
 Accidental hits (a negative that is the row's own product, or another positive of the same query in
 the batch) are masked with -inf; the positive column is never masked.
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 
 from itemsage.config import require
 
-LOGIT_SCALE_MAX = 100.0  # cap on the learned inverse temperature (CLIP's choice; SPEC §6)
+LOGIT_SCALE_MAX = 100.0  # cap on the learned inverse temperature (CLIP's choice), kept by model.LogitScale
 NEGATIVE_MODES = ("mixed", "in_batch", "random")
 
 _PRIME = (1 << 31) - 1  # Mersenne prime of the universal hash family; width must stay below it
@@ -127,13 +129,15 @@ class CountMinSketch:
 
 
 class LogQ:
-    """log Q(p): the probability that product p appears in a batch, estimated online.
+    """log Q(p): the expected number of times product p appears in a batch, estimated online.
 
-    q(p) = min(1, batch_size * count(p) / total), where count comes from a count-min sketch of every
-    positive product seen so far and total is the number of positives seen. batch_size * count/total
-    is the expected number of times p is drawn in a batch (the unbiased importance weight); the cap
-    at 1 makes it the probability the brief asks for, and only changes products with more than
-    1/batch_size of all traffic. q is floored at `floor` so log never sees 0 (an id never counted).
+    Q(p) = batch_size * count(p) / total, where count comes from a count-min sketch of every
+    positive product seen so far and total is the number of positives seen. Q is not capped at 1:
+    the in-batch loss keeps one column per copy of a product, so a product expected k times per
+    batch contributes about k columns, and subtracting log k is what makes their sum an unbiased
+    estimate of its one term of the full-catalog partition function (a cap at 1 would leave a
+    product drawn 3.5x per batch over-penalised 3.5-fold). Q is floored at `floor` so log never
+    sees 0 (an id never counted).
 
     Call `update` with the step's positive ids BEFORE `log_q` (or use `step`, which does both), so a
     product's first appearance is counted. Under DDP, pass the all-gathered ids and the global batch
@@ -153,10 +157,10 @@ class LogQ:
         self.sketch.update(product_ids)
 
     def log_q(self, product_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """product_ids [*] int64 -> log q [*] float32 on the ids' device, in [log floor, 0]."""
+        """product_ids [*] int64 -> log Q [*] float32 on the ids' device, in [log floor, log batch_size]."""
         counts = self.sketch.estimate(product_ids).to(torch.float64)
         total = max(int(self.sketch.total), 1)
-        q = (batch_size * counts / total).clamp(min=self.floor, max=1.0)
+        q = (batch_size * counts / total).clamp(min=self.floor)  # expected copies per batch, uncapped
         return q.log().to(torch.float32)
 
     def step(self, product_ids: torch.Tensor) -> torch.Tensor:
@@ -257,8 +261,10 @@ def mixed_negative_loss(
         log_q_pos [B]: log Q of each positive (from `LogQ`), the correction of the in-batch columns.
         log_q_neg [R]: log of the expected number of times each negative is drawn, e.g. for R uniform
             draws from a catalog of C products log(R / C) (a constant; 0 when every product is drawn once).
-        logit_scale: scalar tensor, the learned inverse temperature (the multiplier itself, not its log);
-            capped here at LOGIT_SCALE_MAX = 100 (no gradient above the cap).
+        logit_scale: scalar tensor, the learned inverse temperature (the multiplier itself, not its log),
+            used as given: `model.LogitScale` keeps it at most LOGIT_SCALE_MAX = 100 by clamping its
+            stored parameter after each optimiser step. (A clamp here would zero the gradient above
+            the cap, and momentum could then hold the scale there for good.)
         weights [B] or None: per-example weights; each term is sum(w * loss) / sum(w).
         negatives: "mixed" (both terms), "in_batch" or "random" (one term, for the ablations).
         candidates [N, D], candidate_ids [N], candidate_keys [N], candidate_log_q [N]: for a DDP caller,
@@ -284,7 +290,7 @@ def mixed_negative_loss(
     if weights is not None:
         _check_len("weights", weights, b, "row")
 
-    scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=query.device).clamp(max=LOGIT_SCALE_MAX)
+    scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=query.device)
     # Logits in float32 even under autocast: the corrections and the softmax need the range.
     pos_logit = scale * (query * positive).sum(-1).float()  # [B]; never corrected, never masked
 

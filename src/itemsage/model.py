@@ -19,11 +19,13 @@ Choices the paper leaves open, made here:
   grows with the field's length (a title has tens of n-grams, a description hundreds), and the
   normalisation keeps every field on one scale (Pinterest's production hash bag does the same);
 - only the [CLS] output is read, so the last encoder layer computes its attention query, output
-  projection and feed-forward for the [CLS] position alone (keys and values still come from every
-  token). This is exactly the stock layer's [CLS] output, at a fraction of the cost (~5x fewer FLOPs
-  with 1 layer and S = 33); `test_matches_unpadded_reference` checks it against the stock layer.
-  Attention runs through `scaled_dot_product_attention` (MultiheadAttention with need_weights=False;
-  the earlier stock layers also take PyTorch's fused inference path in eval mode);
+  projection and feed-forward for the [CLS] position alone, and folds the key and value projections
+  into that one query (`_cls_only_layer`: scores and pooling read the normalised tokens directly, so
+  no key or value is projected for any token). This is exactly the stock layer's [CLS] output
+  (`test_matches_unpadded_reference` checks it against the stock layer) at a fraction of the cost:
+  with 1 layer, S = 17, D = 512 and ff 2048 the layer's matmul FLOPs fall 3.5x (its attention part
+  8x). Earlier stock layers (layers > 1) run `scaled_dot_product_attention` through
+  MultiheadAttention;
 - `aggregator="sum"` includes the [CLS] token in the pooled sum, so it acts as a learned bias and a
   product with no images and no text still gets a learned vector.
 """
@@ -44,7 +46,7 @@ from torch import Tensor, nn
 
 from itemsage import artifacts, schema
 from itemsage.config import ConfigError, from_dict, require, to_dict
-from itemsage.features import ProductBatch, Vocabulary, hash_token_ids
+from itemsage.features import ProductBatch, TokenBags, Vocabulary, hash_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -152,29 +154,79 @@ def model_config(preset: str = "cpu", **overrides: Any) -> ModelConfig:
 # --------------------------------------------------------------------------------------------------
 
 
+class _BagSum(torch.autograd.Function):
+    """out[n] = sum of vectors[index[t]] over the occurrences t of bag n: [U, Dh] -> [N, Dh].
+
+    The bag-by-token count matrix S [N, U] times `vectors`, in CSR form. The backward is the
+    transposed product S^T @ grad, run as the same gather-and-sum over the transposed layout (each
+    unique token's bags), so neither direction sorts or scatters the T occurrences.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, vectors: Tensor, index: Tensor, offsets: Tensor, by_token: Tensor,
+                starts: Tensor) -> Tensor:
+        ctx.save_for_backward(by_token, starts)
+        return fn.embedding_bag(index, vectors, offsets, mode="sum")  # [N, Dh]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        by_token, starts = ctx.saved_tensors
+        return fn.embedding_bag(by_token, grad.contiguous(), starts, mode="sum"), None, None, None, None  # [U, Dh]
+
+
+def _token_bags(token_ids: Tensor, offsets: Tensor, transpose: bool) -> TokenBags:
+    """TokenBags of a batch that came without them (torch ops, any device; the transpose sorts)."""
+    counts = torch.bincount(token_ids)
+    unique = counts.nonzero().squeeze(1)  # [U] ascending
+    remap = torch.zeros_like(counts)
+    remap[unique] = torch.arange(unique.numel(), device=unique.device)
+    index = remap[token_ids]  # [T]
+    if not transpose:
+        return TokenBags(unique, index, None, None)
+    lengths = torch.diff(offsets, append=offsets.new_full((1,), token_ids.numel()))  # [N] bag sizes
+    bag_of = torch.repeat_interleave(torch.arange(offsets.numel(), device=offsets.device), lengths)  # [T]
+    order = torch.sort(index, stable=True).indices  # [T] occurrences grouped by unique token
+    starts = torch.cumsum(counts[unique], 0) - counts[unique]  # [U] exclusive prefix sum
+    return TokenBags(unique, index, bag_of[order], starts)
+
+
 class HashEmbedding(nn.Module):
     """Hash embedding of a bag of tokens (Svenstrup et al. 2017).
 
     A token id i has vector W[i,0]·E[h1(i)] + W[i,1]·E[h2(i)] with E [buckets, Dh] shared through
     two fixed hash functions and W [V, 2] its learned importance; a bag's vector is the sum of its
-    tokens' vectors. Both hashes of every token feed one EmbeddingBag, W supplying the per-sample
-    weights, so one gather-and-sum kernel does the whole batch.
+    tokens' vectors.
+
+    Computed on the batch's distinct tokens (`TokenBags`): the U unique tokens' vectors are built
+    once ([U, Dh], two gathers from E), then summed into bags by a sparse bag-by-token product whose
+    backward is the transposed product (`_BagSum`). Each token occurrence is touched once forward
+    and once backward, instead of twice each way plus a sort of all 2T hashed lookups (the plain
+    EmbeddingBag with per-sample weights). docs/METHOD.md has the measurements.
     """
 
     def __init__(self, vocab_size: int, num_buckets: int, dim: int) -> None:
         super().__init__()
         self.num_buckets = num_buckets
-        self.table = nn.EmbeddingBag(num_buckets, dim, mode="sum")  # E [buckets, Dh]
+        self.table = nn.Embedding(num_buckets, dim)  # E [buckets, Dh]
         self.importance = nn.Embedding(vocab_size, 2)  # W [V, 2]
         nn.init.normal_(self.table.weight, std=dim**-0.5)
         nn.init.normal_(self.importance.weight, std=1.0)
 
-    def forward(self, token_ids: Tensor, offsets: Tensor) -> Tensor:
-        """token_ids [T] vocab ids of all bags; offsets [N] start of each bag -> [N, Dh] (0 if empty)."""
-        h1, h2 = hash_token_ids(token_ids, self.num_buckets)  # [T], [T]
-        ids = torch.stack([h1, h2], dim=1).reshape(-1)  # [2T]: h1(t0), h2(t0), h1(t1), ...
-        weights = self.importance(token_ids).reshape(-1)  # [2T]: W[t0,0], W[t0,1], W[t1,0], ...
-        return self.table(ids, offsets * 2, per_sample_weights=weights.to(self.table.weight.dtype))
+    def forward(self, token_ids: Tensor, offsets: Tensor, bags: TokenBags | None = None) -> Tensor:
+        """token_ids [T] vocab ids of all bags; offsets [N] start of each bag -> [N, Dh] (0 if empty).
+
+        `bags`: the same tokens deduplicated (ProductStore.batch builds them); computed here if None.
+        """
+        needs_grad = torch.is_grad_enabled() and (self.table.weight.requires_grad or self.importance.weight.requires_grad)
+        if bags is None or (needs_grad and bags.by_token is None):
+            bags = _token_bags(token_ids.long(), offsets, transpose=needs_grad)
+        h1, h2 = hash_token_ids(bags.unique, self.num_buckets)  # [U], [U]
+        w = self.importance(bags.unique)  # [U, 2]
+        vectors = w[:, :1] * self.table(h1) + w[:, 1:] * self.table(h2)  # [U, Dh]
+        vectors = vectors.to(self.table.weight.dtype)
+        if not needs_grad:
+            return fn.embedding_bag(bags.index, vectors, offsets, mode="sum")  # [N, Dh]
+        return _BagSum.apply(vectors, bags.index, offsets, bags.by_token, bags.starts)  # [N, Dh]
 
 
 class Head(nn.Module):
@@ -195,15 +247,31 @@ class Head(nn.Module):
 def _cls_only_layer(layer: nn.TransformerEncoderLayer, x: Tensor, pad: Tensor) -> Tensor:
     """The [CLS] output of a pre-LN `layer` on x [B, S, D]: the query is position 0 alone -> [B, D].
 
-    Same parameters and maths as `layer(x, src_key_padding_mask=pad)[:, 0]`; keys and values come
-    from every position, but the query, output projection and feed-forward run once per product.
+    Same parameters and maths as `layer(x, src_key_padding_mask=pad)[:, 0]`, with the key and value
+    projections folded into the single query (exact algebra, no approximation). For head h with
+    query q_h (scaled by dh^-1/2) and normalised inputs x_s:
+        score_hs = q_h · (W_k^h x_s + b_k^h) = (W_k^h^T q_h) · x_s + const_h   (const cancels in softmax)
+        out_h    = sum_s a_hs (W_v^h x_s + b_v^h) = W_v^h (sum_s a_hs x_s) + b_v^h sum_s a_hs
+    so no [S, D] key or value is ever projected: per product the layer costs O(S·D·heads) for the
+    scores and the pooling instead of O(S·D²) for K and V, and the feed-forward runs once.
     """
+    attn = layer.self_attn
+    B, S, D = x.shape
+    H = attn.num_heads
+    dh = D // H
     h = layer.norm1(x)  # [B, S, D]
-    # need_weights=False lets MultiheadAttention run scaled_dot_product_attention.
-    attended = layer.self_attn(h[:, :1], h, h, key_padding_mask=pad, need_weights=False)[0]  # [B, 1, D]
-    c = x[:, :1] + layer.dropout1(attended)  # [B, 1, D]
-    c = c + layer._ff_block(layer.norm2(c))  # [B, 1, D]
-    return c[:, 0]
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)  # [D, D] each, rows = output features (head-major)
+    b_q, _, b_v = attn.in_proj_bias.chunk(3)  # the key bias only shifts every score of a head: it cancels
+    q = fn.linear(h[:, 0], w_q, b_q).view(B, H, dh) * dh**-0.5  # [B, H, dh] the [CLS] query per head
+    qk = torch.einsum("bhe,hed->bhd", q, w_k.view(H, dh, D))  # [B, H, D] the query read in input space
+    scores = torch.bmm(h, qk.transpose(1, 2))  # [B, S, H]
+    scores = scores.masked_fill(pad.unsqueeze(-1), float("-inf"))  # padding: weight exactly 0
+    weights = fn.dropout(scores.softmax(dim=1), attn.dropout, layer.training)  # [B, S, H]
+    pooled = torch.bmm(weights.transpose(1, 2), h)  # [B, H, D] attention-weighted inputs per head
+    values = torch.einsum("bhd,hed->bhe", pooled, w_v.view(H, dh, D))  # [B, H, dh]
+    values = values + weights.sum(1).unsqueeze(-1) * b_v.view(H, dh)  # the value bias, times the weights' sum
+    c = x[:, 0] + layer.dropout1(attn.out_proj(values.reshape(B, D)))  # [B, D]
+    return c + layer._ff_block(layer.norm2(c))  # [B, D]
 
 
 class ItemSage(nn.Module):
@@ -281,7 +349,7 @@ class ItemSage(nn.Module):
                              f"{B * Fn} ({Fn} fields: {', '.join(self.cfg.text_fields)})")
         ends = torch.cat([offsets[1:], offsets.new_full((1,), ids.numel())])  # [B*F]
         present = (ends > offsets).view(B, Fn)  # [B, F]
-        bags = self.text_embed(ids, offsets)  # [B*F, Dh]
+        bags = self.text_embed(ids, offsets, batch.bags)  # [B*F, Dh]
         return self.text_proj(bags).view(B, Fn, -1), present  # [B, F, D]
 
     def tokens(self, batch: ProductBatch) -> tuple[Tensor, Tensor]:
@@ -316,8 +384,10 @@ class ItemSage(nn.Module):
         present = torch.cat(masks, dim=1)  # [B, S]
         if self.type_embed is not None:
             x = x + self.type_embed[torch.cat(slots)]  # [B, S, D] + [S, D]
-        # Absent positions hold exact zeros: pooling, concat and attention never see padding values.
-        x = x.masked_fill(~present.unsqueeze(-1), 0.0)
+        # Absent positions hold exact zeros for pooling and concat. Attention masks them as keys (a
+        # weight of exactly 0), so the transformer skips this pass over [B, S, D] (and its backward).
+        if self.cfg.aggregator != "transformer":
+            x = x.masked_fill(~present.unsqueeze(-1), 0.0)
         return x, present
 
     # -- aggregation -------------------------------------------------------------------------------
@@ -394,9 +464,11 @@ class QueryAdapters(nn.Module):
 class LogitScale(nn.Module):
     """The learned temperature of the sampled softmax (SPEC §6): logits = scale · cosine.
 
-    Stored as log(scale), initialised to log(1/0.07); the scale is capped at `max_scale` (100) by
-    clamping the log before exponentiating. It lives here so the model artifact carries it; the
-    losses only receive its value.
+    Stored as log(scale), initialised to log(1/0.07). The scale is capped at `max_scale` (100) by
+    `clamp_`, which the training loop calls after every optimiser step: the stored parameter itself
+    is kept at or below log(max_scale). Clamping inside forward instead would zero the gradient
+    above the cap, and Adam's momentum could push the parameter there and leave it stuck. It lives
+    here so the model artifact carries it; the losses only receive its value.
     """
 
     def __init__(self, init: float = 1 / 0.07, max_scale: float = 100.0) -> None:
@@ -405,7 +477,12 @@ class LogitScale(nn.Module):
         self.log_scale = nn.Parameter(torch.tensor(math.log(init)))  # scalar
 
     def forward(self) -> Tensor:
-        return self.log_scale.clamp(max=math.log(self.max_scale)).exp()
+        return self.log_scale.exp()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Keep the stored log-scale at or below log(max_scale) (call after each optimiser step)."""
+        self.log_scale.clamp_(max=math.log(self.max_scale))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -419,7 +496,8 @@ def flops_per_product(cfg: ModelConfig, image_count: int, token_count: int, *, i
 
     Counts what `ItemSage.forward` computes for the product: the image and text projections, per
     encoder layer the Q/K/V projections, attention scores and weighted sum, output projection and
-    feed-forward (the last layer for the [CLS] query only, as implemented), and the head. Not
+    feed-forward (the last layer for the [CLS] query only, keys and values folded into the query,
+    as `_cls_only_layer` implements it), and the head. Not
     counted: the hash-bag gather-and-sum, LayerNorms, GELU, softmax and the L2 normalisation (not
     matmuls). To count what a padded batch executes, pass image_count = the batch's image slots and
     token_count = F. Image-only / text-only models ignore the other count.
@@ -437,9 +515,11 @@ def flops_per_product(cfg: ModelConfig, image_count: int, token_count: int, *, i
                       + 2 * S * S * D * 2  # scores Q·K^T and weights·V
                       + 2 * S * D * D  # output projection
                       + 2 * S * D * cfg.ff_dim * 2)  # feed-forward
-        cls_layer = (2 * S * D * 2 * D + 2 * D * D  # K, V for all positions; Q for [CLS]
-                     + 2 * S * D * 2  # [CLS] scores and weighted sum
-                     + 2 * D * D + 2 * D * cfg.ff_dim * 2)  # output projection, feed-forward
+        heads = cfg.heads
+        cls_layer = (2 * D * D * 2  # Q for [CLS], and the query folded through W_k
+                     + 2 * S * D * heads * 2  # scores and weighted inputs, per head over the D inputs
+                     + 2 * D * D * 2  # W_v on the pooled inputs, output projection
+                     + 2 * D * cfg.ff_dim * 2)  # feed-forward
         flops += (cfg.layers - 1) * full_layer + cls_layer
     return flops + 2 * D * H + 2 * H * cfg.out_dim  # head
 

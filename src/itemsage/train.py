@@ -17,13 +17,23 @@ Choices written down here:
   one-process gradient.
 - The learning rate is linear warm-up (capped at a tenth of the run) then cosine decay to 0 at
   `total_steps`, computed from the step (no scheduler object); its state is (step, total_steps).
-- `max_minutes`: the schedule needs a fixed step count, so the first `_CALIBRATION_STEPS` steps are
-  timed (the first step excluded), and total_steps = min(max_steps, steps that fit in 90% of the
-  budget at that speed). The budget counts from the first step: loading the data (and encoding new
-  search texts once) is not in it. The count is stored in checkpoints, so a resumed run keeps it.
-  Evaluation and checkpoint time are not in the estimate; a hard stop at the budget bounds the run
-  anyway (the learning rate has then not decayed fully). On a shared machine whose speed changes
-  after calibration, the run ends early (it got faster) or at the hard stop (it got slower).
+- `max_minutes`: the step count is an estimate, re-made as the run goes. After `_CALIBRATION_STEPS`
+  timed steps (the first step excluded) and then every `_REESTIMATE_EVERY` steps, total_steps =
+  min(max_steps, step + the steps that fit in the budget left at the recent wall-clock speed, which
+  includes evaluations and checkpoints). The budget counts from the first step: loading the data
+  (and encoding new search texts once) is not in it; a hard stop at the budget bounds the run.
+  The learning rate stays smooth when the estimate moves: the cosine is driven by `progress`, the
+  fraction of the decay done, and each step advances it by (1 - progress) / (steps left), i.e.
+  what is left of the schedule is spread over the steps now expected to be left. With a fixed step
+  count this is exactly the plain cosine of the step; when the count changes only the remaining
+  slope changes (no jump), and the decay reaches 0 at whatever final step the run reaches (as well
+  as the last estimate predicts it). Progress and the estimate are stored in checkpoints.
+- The next batch is drawn and gathered in a background thread while the current step runs
+  (`Prefetch`, as nanoGPT's get_batch). Draws come from a copy of the sampler that runs one batch
+  ahead; the sampler itself advances when its batch is consumed, so a checkpoint saves exactly the
+  state from which a resumed run redraws the same next batch.
+- Random negatives are capped at the catalog size (R uniform draws from N < R products would mostly
+  repeat products the loss already has).
 - Checkpoints are directories `checkpoints/step-XXXXXXXX/` written under a temp name, manifest
   last, then renamed: weights, optimiser, sketch and RNG state (every rank's torch RNG) as
   safetensors tensors plus a JSON of everything else. No pickle.
@@ -79,7 +89,11 @@ CHECKPOINT_DIR = "checkpoints"
 MODEL_DIR = "model"
 BEST_DIR = "best"  # the best model so far, renamed to MODEL_DIR at the end
 TENSORBOARD_DIR = "tensorboard"
-_CALIBRATION_STEPS = 10  # steps timed to turn a minute budget into a step count
+_CALIBRATION_STEPS = 10  # steps timed to turn a minute budget into a first step count
+_REESTIMATE_EVERY = 10  # steps between re-estimates of the step count under a minute budget
+_BUDGET_TARGET = 0.98  # the step count aims at this fraction of the budget (the rest: the last estimate's error)
+_LOG_EVERY_S = 60.0  # seconds between progress log lines when the progress bar is off
+_PREFETCH_THREAD: bool | None = None  # build batches in a background thread; None = where it can overlap
 # Options a resumed run may change; every other option must equal the checkpoint's.
 _RESUME_FREE = ("max_minutes", "checkpoint_every", "eval_every", "keep_checkpoints", "device", "patience")
 
@@ -106,7 +120,7 @@ class TrainConfig:
     warmup_steps: int = 100  # at most a tenth of the total steps
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     max_steps: int | None = 2000
-    max_minutes: float | None = None  # wall-clock budget; fixes the step count (see module doc)
+    max_minutes: float | None = None  # wall-clock budget; the step count is re-estimated (see module doc)
     tasks: tuple[str, ...] = ()  # train only on these surface.engagement tasks; () = all
     upweight_conversions: float = 1.0  # sampling factor of add_to_cart / checkout rows
     engagement_weights: dict[str, float] = field(default_factory=dict)  # loss weight per engagement (x row weight)
@@ -237,17 +251,30 @@ class Lamb(torch.optim.Optimizer):
         return loss
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, progress: float | None = None) -> float:
     """Learning rate of 0-based `step`: linear warm-up to `peak`, then cosine decay to 0 at total_steps.
 
     The warm-up is capped at a tenth of the run, so a short run (a small minute budget) still reaches
-    the peak and decays instead of spending every step warming up.
+    the peak and decays instead of spending every step warming up. `progress` (the fraction of the
+    decay done, see `advance`) replaces the step's own fraction when the step count is an estimate.
     """
     warmup_steps = min(warmup_steps, total_steps // 10)
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if progress is None:
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def advance(progress: float, step: int, total_steps: int, warmup_steps: int) -> float:
+    """Decay progress after 0-based `step`: what is left, (1 - progress), spread over the steps left.
+
+    With a fixed total_steps this gives exactly (step + 1 - warmup) / (total - warmup), the plain
+    cosine's fraction; when total_steps is re-estimated only the remaining slope changes.
+    """
+    if step < min(warmup_steps, total_steps // 10):
+        return progress
+    return min(1.0, progress + (1.0 - progress) / max(1, total_steps - step))
 
 
 def _optimizer(cfg: TrainConfig, params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
@@ -258,7 +285,8 @@ def _optimizer(cfg: TrainConfig, params: list[tuple[str, nn.Parameter]]) -> torc
     ]
     if cfg.optimizer == "lamb":
         return Lamb(groups, lr=cfg.lr, eps=cfg.eps)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.eps)
+    # fused: one kernel over each tensor instead of several elementwise passes (CPU and CUDA alike)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.eps, fused=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,6 +437,52 @@ class Sampler:
 
     def negatives(self, r: int) -> np.ndarray:  # [R] uniform catalog rows
         return self.rng.integers(0, self.catalog_size, r)
+
+    def fork(self) -> Sampler:
+        """A copy with its own generator in the same state (it draws what this sampler would)."""
+        twin = Sampler.__new__(Sampler)
+        twin.cdf, twin.catalog_size = self.cdf, self.catalog_size
+        twin.rng = np.random.default_rng()
+        twin.rng.bit_generator.state = self.rng.bit_generator.state
+        return twin
+
+
+class Prefetch:
+    """The step's batches, each built in a background thread while the step before it runs.
+
+    `ahead`, a fork of the sampler, draws batch k+1 on the calling thread when batch k is handed
+    out (draws stay in order: deterministic), and `build(rows, negatives)` runs in the thread. The
+    sampler itself is moved to the state after batch k's draw only when batch k is handed out, so a
+    checkpoint taken after step k saves the state that redraws batch k+1 on resume.
+
+    `background=False` builds each batch when it is handed out instead (same batches, same order):
+    on a CPU whose cores all run torch's intra-op threads, a builder thread only competes with the
+    step (measured in docs/METHOD.md); `train` uses the thread on CUDA or when a core is spare.
+    """
+
+    def __init__(self, sampler: Sampler, b: int, r: int, build: Any, background: bool = True):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.sampler, self.ahead, self.b, self.r, self.build = sampler, sampler.fork(), b, r, build
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="itemsage-batch") if background else None
+        self.pending: tuple[np.ndarray, np.ndarray, dict[str, Any], Any] | None = None
+
+    def _start(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any], Any]:
+        rows, negs = self.ahead.positives(self.b), self.ahead.negatives(self.r)  # [B], [R]
+        built = self.pool.submit(self.build, rows, negs) if self.pool is not None else None
+        return rows, negs, self.ahead.rng.bit_generator.state, built
+
+    def next(self) -> tuple[np.ndarray, np.ndarray, Any]:
+        """(positive rows [B], negative rows [R], built batch) of the next step; starts the one after."""
+        rows, negs, state, built = self.pending if self.pending is not None else self._start()
+        self.pending = None
+        self.sampler.rng.bit_generator.state = state  # the sampler has now drawn this batch
+        self.pending = self._start()
+        return rows, negs, built.result() if built is not None else self.build(rows, negs)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _mixture(pairs: Pairs, cfg: TrainConfig) -> np.ndarray:
@@ -671,8 +745,9 @@ def _jsonable(value: Any) -> Any:
 
 
 class Clock:
-    """Pairs/s over training steps (the first step, which pays one-off costs, excluded), and the
-    minute budget turned into a fixed step count after `_CALIBRATION_STEPS` timed steps."""
+    """Pairs/s over training steps (the first step, which pays one-off costs, excluded), the minute
+    budget turned into a step count (first after `_CALIBRATION_STEPS` timed steps, then re-estimated
+    every `_REESTIMATE_EVERY` steps), and a progress log line every `_LOG_EVERY_S` seconds."""
 
     def __init__(self, cfg: TrainConfig, world: int, device: torch.device, calibrated: bool,
                  now: Any = time.perf_counter):
@@ -683,29 +758,58 @@ class Clock:
         self.calibrated = calibrated or self.budget_s is None
         self.train_s, self.timed, self.ticks = 0.0, 0, 0
         self.step_times: list[float] = []
+        self.marks: list[tuple[int, float]] = []  # (step, time) at each estimate: the recent wall-clock speed
+        self.last_log = self.start
 
     @property
     def pairs_per_s(self) -> float:
         return self.cfg.batch_size * self.timed / self.train_s if self.train_s else 0.0
 
     def tick(self, step: int, total_steps: int | None, step_s: float) -> int | None:
-        """Record one step of `step_s` seconds; return the (possibly now fixed) total step count."""
+        """Record one step of `step_s` seconds; return the (possibly re-estimated) total step count."""
         self.ticks += 1
         if self.ticks > 1:
             self.train_s, self.timed = self.train_s + step_s, self.timed + 1
             self.step_times.append(step_s)
         if self.budget_s is None:
             return total_steps
-        elapsed = self.now() - self.start
-        if not self.calibrated and self.timed == _CALIBRATION_STEPS:
-            fit = step + int(self.timed / self.train_s * (0.9 * self.budget_s - elapsed))
-            total_steps = _broadcast_int(max(step, min(fit, self.cfg.max_steps or fit)), self.world, self.device)
-            self.calibrated = True
-            log.info("minute budget: %.2f steps/s -> %d steps in total", self.timed / self.train_s, total_steps)
+        now = self.now()
+        elapsed = now - self.start
         if _broadcast_int(int(elapsed > self.budget_s), self.world, self.device):  # rank 0 decides for all
             log.warning("stopping at step %d: the %g-minute budget is spent", step, self.cfg.max_minutes)
             return step
-        return total_steps
+        if not self.calibrated and self.timed == _CALIBRATION_STEPS:
+            rate = self.timed / self.train_s  # steps/s of the timed steps
+        elif self.calibrated and self.marks and step - self.marks[-1][0] >= _REESTIMATE_EVERY:
+            first_step, first_time = self.marks[max(0, len(self.marks) - 3)]  # about the last 30 steps
+            rate = (step - first_step) / max(now - first_time, 1e-9)  # wall clock: evals and checkpoints in
+        elif self.calibrated and not self.marks:  # a resumed run: start measuring from here
+            self.marks.append((step, now))
+            return total_steps
+        else:
+            return total_steps
+        fit = step + int(rate * (_BUDGET_TARGET * self.budget_s - elapsed))
+        new_total = _broadcast_int(max(step + 1, min(fit, self.cfg.max_steps or fit)), self.world, self.device)
+        if not self.calibrated or new_total != total_steps:
+            log.info("minute budget: %.2f steps/s, %.0f s left -> %d steps in total", rate,
+                     self.budget_s - elapsed, new_total)
+        self.calibrated = True
+        self.marks.append((step, now))
+        return new_total
+
+    def report(self, step: int, total_steps: int | None, loss: float) -> None:
+        """Log step, pairs/s, loss and ETA every `_LOG_EVERY_S` seconds (for runs without the bar)."""
+        now = self.now()
+        if now - self.last_log < _LOG_EVERY_S:
+            return
+        self.last_log = now
+        elapsed = now - self.start
+        left = (total_steps - step) * elapsed / step if total_steps is not None and step else math.inf
+        if self.budget_s is not None:
+            left = min(left, self.budget_s - elapsed)
+        eta = f"{left:.0f} s" if math.isfinite(left) else "unknown"
+        log.info("step %d/%s  %.0f pairs/s  loss %.4f  ETA %s", step, total_steps if total_steps is not None else "?",
+                 self.pairs_per_s, loss, eta)
 
 
 def _broadcast_int(value: int, world: int, device: torch.device) -> int:
@@ -794,6 +898,13 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
         notes.append("the catalog has no image vectors (image width 0), so the tower reads text only "
                      "(modalities 'text'); give image_embeddings or image_paths in the catalog to use images")
         log.info("%s", notes[-1])
+    if R > len(store):  # uniform draws beyond the catalog size would only repeat products
+        capped = len(store) // world * world
+        require(capped > 0 or cfg.negatives == "in_batch", f"the catalog has {len(store)} products, too few "
+                f"to draw random negatives over {world} processes; use negatives='in_batch'")
+        log.info("random negatives capped at the catalog size: %d a step, not %d (train.random_negatives_ratio "
+                 "%g x batch %d)", capped, R, cfg.random_negatives_ratio, B)
+        R = capped
     queries = {s: q.to(device) for s, q in pairs.queries.items()}  # surface -> [U_s, Dq] frozen
     loss_weight = torch.from_numpy(_loss_weights(pairs, cfg))  # [N]
     query_key, product_row = torch.from_numpy(pairs.query_key), torch.from_numpy(pairs.product_row)  # [N], [N]
@@ -806,7 +917,7 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
     logq = LogQ(cfg.sketch_depth, cfg.sketch_width, seed=cfg.seed)
     sampler = Sampler(_mixture(pairs, cfg), len(store), cfg.seed)
     torch.manual_seed(cfg.seed + 1 + rank)  # each rank its own dropout stream
-    schedule = {"step": 0, "total_steps": cfg.max_steps, "calibrated": False}
+    schedule = {"step": 0, "total_steps": cfg.max_steps, "calibrated": False, "progress": 0.0}
     # Model selection on validation Recall@10 (all tasks): the best so far and evaluations since it.
     selection: dict[str, Any] = {"best_recall": None, "best_step": None, "since_best": 0, "recall": {}}
     if ckpt is not None:
@@ -822,6 +933,12 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
     step, total_steps = int(schedule["step"]), schedule["total_steps"]
     if selection.get("stopped"):  # the resumed run had stopped early: it is over
         total_steps = step
+    progress_done = 0.0  # fraction of the LR decay done (`advance`); a checkpoint from before it: the step's
+    if "progress" in schedule:
+        progress_done = float(schedule["progress"])
+    elif total_steps:
+        w = min(cfg.warmup_steps, total_steps // 10)
+        progress_done = min(1.0, max(0.0, (step - w) / max(1, total_steps - w)))
     resumed_from = step if ckpt is not None else None
     ddp = module
     if world > 1:
@@ -847,7 +964,8 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
             save_checkpoint(out_dir, step, {
                 "config": to_dict(cfg), "model": module.state_dict(), "optimizer": optimizer.state_dict(),
                 "logq": logq.state_dict(), "rng": _rng_state(sampler, torch_states, cuda_states),
-                "schedule": {"step": step, "total_steps": total_steps, "calibrated": clock.calibrated},
+                "schedule": {"step": step, "total_steps": total_steps, "calibrated": clock.calibrated,
+                             "progress": progress_done},
                 "selection": selection}, cfg.keep_checkpoints)
 
     def save(directory: Path) -> None:
@@ -883,18 +1001,25 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
                          step, selection["best_recall"], selection["best_step"], cfg.patience)
         return bool(_broadcast_int(stop, world, device))
 
-    with _progress_bar(progress and lead, total_steps, step) as show:
+    def build(rows: np.ndarray, negs: np.ndarray) -> Any:  # runs in the Prefetch thread: numpy gathers only
+        products = store.batch(np.concatenate([pairs.product_row[rows[lo:hi]], negs[rlo:rhi]]), backward=True)
+        return products.pin_memory() if device.type == "cuda" else products
+
+    background = _PREFETCH_THREAD if _PREFETCH_THREAD is not None else (
+        device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads())  # else it competes with the step
+    batches = Prefetch(sampler, B, R, build, background)
+    with _progress_bar(progress and lead, total_steps, step) as show, contextlib.closing(batches):
         while total_steps is None or step < total_steps:
             t0 = time.perf_counter()
-            lr = lr_at(step, total_steps or 10**9, cfg.warmup_steps, cfg.lr)
+            lr = lr_at(step, total_steps or 10**9, cfg.warmup_steps, cfg.lr, progress_done)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            rows, negs = sampler.positives(B), sampler.negatives(R)  # [B], [R]: the global batch, same on every rank
+            rows, negs, products = batches.next()  # [B], [R]: the global batch, same on every rank; built ahead
+            products = products.to(device, non_blocking=True)  # this rank's positives, then its negatives
             local = rows[lo:hi]  # this rank's share
             pos_ids = product_row[rows]  # [B] store rows double as product ids
             logq.update(pos_ids)  # count the global batch first, on every rank: identical sketches
             log_q_pos = logq.log_q(pos_ids, batch_size=B).to(device)  # [B]
-            products = store.batch(np.concatenate([pairs.product_row[local], negs[rlo:rhi]])).to(device)
             with amp:  # one tower call over this rank's positives and random negatives
                 q, p, scale = ddp(products, _query_groups(queries, pairs, local, device), hi - lo)  # [b, D], [b + r, D]
             q, p = q.float(), p.float()
@@ -912,11 +1037,15 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
             optimizer.step()
+            module.logit_scale.clamp_()  # the temperature cap, on the stored parameter (model.LogitScale)
+            progress_done = advance(progress_done, step, total_steps or 10**9, cfg.warmup_steps)
             step += 1
 
             losses = _mean_over_ranks(torch.stack([parts.total, parts.in_batch, parts.random]).detach(), world)
             total_steps = clock.tick(step, total_steps, time.perf_counter() - t0)
             show(completed=step, total=total_steps, pps=clock.pairs_per_s, loss=float(losses[0]))
+            if lead and not progress:
+                clock.report(step, total_steps, float(losses[0]))
             _log_scalars(writer, step, {"loss/total": losses[0], "loss/in_batch": losses[1], "loss/random": losses[2],
                                         "lr": lr, "logit_scale": float(scale.detach()), "pairs_per_s": clock.pairs_per_s})
             last = step >= total_steps if total_steps is not None else False
