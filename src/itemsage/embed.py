@@ -41,6 +41,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import json
 import logging
 import os
 import time
@@ -382,7 +383,7 @@ def embed_from_catalog(
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     artifacts.read_manifest(model_dir, kind="model")
-    config = json.loads((model_dir / CONFIG_FILE).read_text())
+    config = artifacts.read_json(model_dir / CONFIG_FILE)
     existed = out_dir.exists()
     try:
         rejected = stage_catalog(catalog, out_dir / CATALOG_DIR, text_fields=tuple(config["model"]["text_fields"]),
