@@ -237,21 +237,52 @@ def embed_cmd(
 @app.command("index")
 def index_cmd(
     embeddings_dir: Path = typer.Argument(..., help="A finished embeddings directory (itemsage embed)."),
-    out: Path = typer.Option(..., "--out", help="Index root: versions/<version>/ and CURRENT go here."),
-    kind: str = typer.Option("hnsw", "--kind", help="hnsw (approximate, fast) or flat (exact)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Index root: versions/<version>/ and CURRENT go here."),
+    kind: str = typer.Option("hnsw", "--kind", help="hnsw (approximate, fast), ivfpq (compressed) or flat (exact)."),
     m: int = typer.Option(32, "--m", help="HNSW links per node."),
     ef_construction: int = typer.Option(200, "--ef-construction", help="HNSW build candidate list."),
     ef_search: int = typer.Option(128, "--ef-search", help="HNSW search candidate list (recall vs speed)."),
+    nlist: int = typer.Option(0, "--nlist", help="IVF-PQ lists (0: from the catalog size)."),
+    pq_m: int = typer.Option(0, "--pq-m", help="IVF-PQ sub-quantizers (0: half the vector width)."),
+    pq_nbits: int = typer.Option(4, "--pq-nbits", help="IVF-PQ bits per sub-quantizer code: 4 (fast-scan) or 8."),
+    nprobe: int = typer.Option(0, "--nprobe", help="IVF-PQ lists probed per query (0: nlist / 16)."),
+    refine_factor: int = typer.Option(10, "--refine-factor", help="IVF-PQ re-ranks factor x k candidates exactly."),
+    backend: str = typer.Option("faiss", "--backend", help="faiss (a local index root) or milvus (--uri)."),
+    uri: Optional[str] = typer.Option(None, "--uri", help="Milvus URI: ./file.db (Milvus Lite) or http://host:19530."),
+    collection: str = typer.Option("itemsage", "--collection", help="Milvus alias; versions are <name>_<version>."),
+    milvus_index: str = typer.Option("HNSW", "--milvus-index", help="Milvus index type: HNSW, FLAT, IVF_FLAT, AUTOINDEX."),
     version: Optional[str] = typer.Option(None, "--version", help="Version name (default: UTC timestamp)."),
-    publish: bool = typer.Option(True, "--publish/--no-publish", help="Point CURRENT at the new version."),
+    publish: bool = typer.Option(True, "--publish/--no-publish", help="Point CURRENT (Milvus: the alias) at the new version."),
 ) -> None:
     """Build an ANN index over product embeddings, report its recall@10 against exact search."""
     from itemsage.artifacts import ArtifactError
     from itemsage.config import ConfigError
+
+    if backend == "milvus":
+        if uri is None:
+            fail("--backend milvus needs --uri (./file.db for Milvus Lite, http://host:19530 for a server)")
+        from itemsage.index_milvus import MilvusConfig, build_milvus
+
+        try:
+            config = MilvusConfig(index_type=milvus_index, m=m, ef_construction=ef_construction, ef_search=ef_search)
+            index = build_milvus(embeddings_dir, uri, collection, config, version=version, publish_it=publish)
+        except (ConfigError, ArtifactError, ValueError, ImportError) as err:
+            fail(str(err))
+        stats = index.stats
+        console.print(f"wrote Milvus collection {index.collection} ({milvus_index}) in {stats['build_seconds']:.1f} s: "
+                      f"{len(index):,} vectors x {index.dim} dims")
+        console.print(f"recall@10 vs exact search: {stats['recall_at_10']:.4f} ({stats['recall_queries']} queries)")
+        console.print(f"version: {index.version}" + (f" (published as alias '{collection}')" if publish else ""))
+        return
+    if backend != "faiss":
+        fail(f"--backend must be 'faiss' or 'milvus', got '{backend}'")
+    if out is None:
+        fail("--out is required with --backend faiss (the index root to write)")
     from itemsage.index import IndexConfig, build_from_embeddings
 
     try:
-        config = IndexConfig(kind=kind, m=m, ef_construction=ef_construction, ef_search=ef_search)
+        config = IndexConfig(kind=kind, m=m, ef_construction=ef_construction, ef_search=ef_search, nlist=nlist,
+                             pq_m=pq_m, pq_nbits=pq_nbits, nprobe=nprobe, refine_factor=refine_factor)
         index, version_dir = build_from_embeddings(
             embeddings_dir, out, config, version=version, publish_it=publish
         )
@@ -259,6 +290,10 @@ def index_cmd(
         fail(str(err))
     stats = index.stats
     console.print(f"built {kind} index in {stats['build_seconds']:.1f} s: {len(index):,} vectors x {index.dim} dims")
+    if kind == "ivfpq":
+        c = index.config
+        console.print(f"IVF-PQ: nlist {c.nlist}, pq_m {c.pq_m}, pq_nbits {c.pq_nbits}, nprobe {c.nprobe}, "
+                      f"re-rank x{c.refine_factor} from vectors.faiss (memory-mapped)")
     console.print(f"recall@10 vs exact search: {stats['recall_at_10']:.4f} ({stats['recall_queries']} queries)")
     console.print(f"version: {version_dir}" + (" (published as CURRENT)" if publish else ""))
 
@@ -269,7 +304,10 @@ def index_cmd(
 @app.command("serve")
 def serve_cmd(
     model: Path = typer.Option(..., "--model", help="A model directory (itemsage train)."),
-    index: Path = typer.Option(..., "--index", help="An index root (itemsage index); serves its CURRENT version."),
+    index: Optional[Path] = typer.Option(None, "--index", help="An index root (itemsage index); serves its CURRENT version."),
+    backend: str = typer.Option("faiss", "--backend", help="faiss (--index) or milvus (--uri)."),
+    uri: Optional[str] = typer.Option(None, "--uri", help="Milvus URI: ./file.db (Milvus Lite) or http://host:19530."),
+    collection: str = typer.Option("itemsage", "--collection", help="Milvus alias naming the served version."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; loopback by default."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
     reload_token_env: str = typer.Option(
@@ -293,8 +331,20 @@ def serve_cmd(
         console.print(f"[yellow]warning:[/] binding {host}: the service has no authentication except on "
                       "/admin/reload; put it behind your own gateway", highlight=False)
     try:
-        run(model, index, host=host, port=port, reload_token=token, threads=threads)
-    except (ConfigError, ArtifactError, ValueError, OSError) as err:
+        if backend == "milvus":
+            if uri is None:
+                fail("--backend milvus needs --uri (the Milvus the index was written to)")
+            from itemsage.index_milvus import MilvusVersions
+
+            source = MilvusVersions(uri, collection)  # reload re-resolves the alias: the hot swap
+        elif backend == "faiss":
+            if index is None:
+                fail("--index is required with --backend faiss (an index root from `itemsage index`)")
+            source = index
+        else:
+            fail(f"--backend must be 'faiss' or 'milvus', got '{backend}'")
+        run(model, source, host=host, port=port, reload_token=token, threads=threads)
+    except (ConfigError, ArtifactError, ValueError, OSError, ImportError) as err:
         fail(str(err))
 
 

@@ -453,7 +453,7 @@ def merge_candidates(
 class Served:
     """What one request reads once: the index and its version, swapped together by reload."""
 
-    index: index_lib.ProductIndex
+    index: Any  # index_lib.ProductIndex, or index_milvus.MilvusIndex (the same search interface)
     version: str
 
 
@@ -463,22 +463,25 @@ class Service:
     def __init__(
         self,
         model_dir: str | Path,
-        index_root: str | Path,
+        index_root: str | Path | Any,
         *,
         max_k: int = DEFAULT_MAX_K,
         text_encoder: Any = None,
         image_encoder: Any = None,
     ) -> None:
+        """`index_root`: a local index root, or a versions object with `resolve(version)` and `load(target)`
+        (index_lib.LocalVersions, index_milvus.MilvusVersions): the index backend seam."""
         from itemsage.model import load_model
 
         require(max_k >= 1, f"max_k must be >= 1, got {max_k}")
         self.max_k = max_k
-        self.index_root = Path(index_root)
+        self.versions = (index_root if hasattr(index_root, "resolve") and hasattr(index_root, "load")
+                         else index_lib.LocalVersions(index_root))
         self.model = load_model(model_dir)
         self.model.tower.eval()
         self.model.adapters.eval()
         self.out_dim = int(self.model.config.out_dim)
-        self.served = self._check_index(index_lib.load_current(self.index_root))
+        self.served = self._check_index(self.versions.load(self.versions.resolve(None)))
         self._text_encoder = text_encoder
         self._image_encoder = image_encoder
         self._encoder_lock = threading.Lock()
@@ -505,21 +508,17 @@ class Service:
         with self._reload_lock:  # one reload at a time; requests never wait on this lock
             start = time.perf_counter()
             try:
-                version_dir = (index_lib.version_path(self.index_root, version) if version
-                               else index_lib.current_version(self.index_root))
+                target = self.versions.resolve(version)  # a version directory, or a Milvus collection
             except ValueError as err:
                 raise RequestError(422, str(err)) from None
-            except ArtifactError as err:  # no CURRENT pointer
+            except index_lib.VersionNotFound as err:  # no CURRENT pointer (alias), or no such version
                 raise RequestError(404, str(err)) from None
-            if not version_dir.is_dir():
-                known = sorted(p.name for p in (self.index_root / index_lib.VERSIONS_DIR).glob("*") if p.is_dir())
-                raise RequestError(404, f"index version '{version_dir.name}' does not exist; known "
-                                   f"versions: {', '.join(known) or 'none'}")
+            name = getattr(target, "name", target)
             try:
-                new = self._check_index(index_lib.ProductIndex.load(version_dir))
+                new = self._check_index(self.versions.load(target))
             except (ArtifactError, ConfigError, OSError, RuntimeError, ValueError, KeyError) as err:
                 # faiss raises RuntimeError on unreadable files; the manifest check usually comes first.
-                raise RequestError(409, f"index version '{version_dir.name}' was refused and the "
+                raise RequestError(409, f"index version '{name}' was refused and the "
                                    f"previous version ({self.served.version}) keeps serving: {err}") from None
             previous = self.served
             self.served = new  # the swap: one reference assignment
