@@ -317,6 +317,9 @@ def test_ivfpq_save_load_round_trip_and_memory(tmp_path):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(loaded.vector(["p00003"]), base[[3]], atol=1e-6)
     assert ProductIndex.load(vdir, nprobe=16).nprobe == 16
+    with pytest.raises(ValueError, match="read-only"):  # faiss itself would abort on the memory map
+        loaded.add(["new"], unit_vectors(1, 32))
+    assert len(loaded) == 4000 and "new" not in loaded
     # A damaged re-rank vectors file is refused like any other file of the version.
     data = bytearray((vdir / "vectors.faiss").read_bytes())
     data[-5] ^= 0x01

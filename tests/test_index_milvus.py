@@ -126,3 +126,7 @@ def test_cli_index_backend_milvus(tmp_path):
     assert "recall@10 vs exact search: 1.0000" in result.output and "cli_v1" in result.output
     result = CliRunner().invoke(app, ["index", str(tmp_path / "emb"), "--backend", "milvus"])
     assert result.exit_code == 2 and "--uri" in result.output
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path), "--backend", "milvus"])
+    assert result.exit_code == 2 and "--uri" in result.output
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path)])
+    assert result.exit_code == 2 and "--index is required" in result.output

@@ -122,6 +122,7 @@ class ProductIndex:
             faiss.omp_set_num_threads(self.config.threads)
         self._ivf: Any = None  # ivfpq: the IVF-PQ index of codes (trained on the first add)
         self._vectors: Any = None  # ivfpq: IndexFlatIP of the full vectors, for re-ranking and lookups
+        self._mapped = False  # ivfpq loaded from disk: _vectors is a read-only memory map
         if self.config.kind == "hnsw":
             self._index = faiss.IndexHNSWFlat(self.dim, self.config.m, faiss.METRIC_INNER_PRODUCT)
             self._index.hnsw.efConstruction = self.config.ef_construction
@@ -162,6 +163,9 @@ class ProductIndex:
         """Append `vectors` [N, D] under product `ids` [N]. Rows are L2-normalised (scores are cosines)."""
         ids = np.asarray(ids, dtype=object)
         vectors = self._check_matrix(vectors, "vectors")
+        if self._mapped:  # faiss would abort the process appending to a memory-mapped IndexFlat
+            raise ValueError("a loaded IVF-PQ index is read-only: its full vectors are memory-mapped from "
+                             f"{VECTORS_FILE}. Build a new version with `itemsage index` instead.")
         if ids.ndim != 1 or len(ids) != len(vectors):
             raise ValueError(f"ids must be 1-D with one id per vector row: got {ids.shape} ids for "
                              f"{len(vectors)} vectors")
@@ -296,6 +300,7 @@ class ProductIndex:
         index = cls(dim, config)
         if config.kind == "ivfpq":
             index._set_ivfpq(raw, vectors)
+            index._mapped = True
         else:
             index._index = raw
         if config.kind == "hnsw":
