@@ -108,6 +108,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write every number here")
     p.add_argument("--save-index", type=Path, help="keep the built HNSW index.faiss here")
+    p.add_argument("--ivf-dir", type=Path, help="keep the IVF-PQ version here; reuse it if it exists (same data)")
     args = p.parse_args()
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
@@ -231,19 +232,25 @@ def main() -> None:
 def bench_ivfpq(args: argparse.Namespace, ids: np.ndarray, base: np.ndarray, queries: np.ndarray,
                 exact_ids: np.ndarray, k: int) -> dict:
     """Build IVF-PQ (parameters from N), save, load it as the service does, sweep nprobe x refine."""
-    index = ProductIndex(args.dim, IndexConfig(kind="ivfpq", threads=args.threads, seed=args.seed))
-    start = time.perf_counter()
-    index.add(ids, base)
-    build_s = time.perf_counter() - start
-    c = index.config
-    spec = f"IVF{c.nlist},PQ{c.pq_m}x{c.pq_nbits}"
-    print(f"IVF-PQ build ({spec}, parameters from N): {build_s:.1f} s, {args.n / build_s:,.0f} vectors/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        index.save(Path(tmp) / "v")
-        del index
+        vdir = args.ivf_dir or Path(tmp) / "v"
+        if (vdir / "manifest.json").exists():  # built by an earlier run on the same --n/--seed data
+            build_s = json.loads((vdir / "manifest.json").read_text())["build_seconds"]
+            print(f"IVF-PQ: reusing {vdir} (built in {build_s:.1f} s)")
+        else:
+            index = ProductIndex(args.dim, IndexConfig(kind="ivfpq", threads=args.threads, seed=args.seed))
+            start = time.perf_counter()
+            index.add(ids, base)
+            build_s = time.perf_counter() - start
+            index.stats = {"build_seconds": round(build_s, 3)}
+            index.save(vdir)
+            del index
         rss0 = anon_bytes()
-        loaded = ProductIndex.load(Path(tmp) / "v")  # re-rank vectors memory-mapped, as served
+        loaded = ProductIndex.load(vdir)  # re-rank vectors memory-mapped, as served
         load_rss = anon_bytes() - rss0  # faiss codes + the Python id map (~200 B/id, as for every kind)
+        c = loaded.config
+        spec = f"IVF{c.nlist},PQ{c.pq_m}x{c.pq_nbits}"
+        print(f"IVF-PQ build ({spec}, parameters from N): {build_s:.1f} s, {args.n / build_s:,.0f} vectors/s", flush=True)
         stats = loaded.stats
         print(f"IVF-PQ: index.faiss {stats['index_bytes'] / args.n:.1f} B/vector, vectors.faiss "
               f"{stats['rerank_vectors_bytes'] / args.n:.0f} B/vector (memory-mapped); anonymous RSS after load "

@@ -87,7 +87,7 @@ class IndexConfig:
     pq_m: int = 0
     pq_nbits: int = 4
     nprobe: int = 0
-    refine_factor: int = 10
+    refine_factor: int = 20
     recall_sample: int = 1000
     threads: int = 0
     seed: int = 0
@@ -432,15 +432,15 @@ def ivfpq_parameters(n: int, dim: int, config: IndexConfig) -> IndexConfig:
         k-means sees >= 39 points per list. 20k -> 512, 100k -> 1,024, 1M -> 4,096, 10M -> 16,384.
     pq_m: D / 2 sub-vectors (the largest divisor of D up to D / 2): two dims per 4-bit code, so a code is
         D / 4 bytes, 1/16 of the float32 vector (64 B at D = 256; faiss adds an 8 B id per entry).
-    nprobe: nlist / 16 lists per query (256 at 1M). Chosen on the clustered benchmark data
-        (benchmarks/bench_index.py), whose neighbours spread over several lists; well-clustered real
-        embeddings reach the same recall with fewer (the build's measured recall says, and nprobe can
-        be lowered at load).
+    nprobe: nlist / 32 lists per query (128 at 1M). On the clustered benchmark data at 1M
+        (benchmarks/bench_index.py) recall stopped rising past nlist / 128: the rest is margin for
+        embeddings whose neighbours spread over more lists (the build's measured recall says; nprobe
+        can change at load).
     """
     nlist = config.nlist or max(1, min(2 ** round(np.log2(4 * np.sqrt(n))), n // 39))
     pq_m = config.pq_m or max(d for d in range(1, max(1, dim // 2) + 1) if dim % d == 0)
     require(dim % pq_m == 0, f"index.pq_m ({pq_m}) must divide the vector width ({dim})")
-    nprobe = min(config.nprobe or max(1, nlist // 16), nlist)
+    nprobe = min(config.nprobe or max(1, nlist // 32), nlist)
     return dataclasses.replace(config, nlist=nlist, pq_m=pq_m, nprobe=nprobe)
 
 
