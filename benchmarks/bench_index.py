@@ -141,7 +141,9 @@ def main() -> None:
     if "hnsw" not in kinds:
         args.ef_search = ""
     rss0 = rss_bytes()
-    hnsw = None if "hnsw" not in kinds else ProductIndex(args.dim, IndexConfig(kind="hnsw", m=args.m, ef_construction=args.ef_construction))
+    hnsw = None
+    if "hnsw" in kinds:
+        hnsw = ProductIndex(args.dim, IndexConfig(kind="hnsw", m=args.m, ef_construction=args.ef_construction))
     if hnsw is not None:
         start = time.perf_counter()
         hnsw.add(ids, base)
@@ -250,7 +252,8 @@ def bench_ivfpq(args: argparse.Namespace, ids: np.ndarray, base: np.ndarray, que
         load_rss = anon_bytes() - rss0  # faiss codes + the Python id map (~200 B/id, as for every kind)
         c = loaded.config
         spec = f"IVF{c.nlist},PQ{c.pq_m}x{c.pq_nbits}"
-        print(f"IVF-PQ build ({spec}, parameters from N): {build_s:.1f} s, {args.n / build_s:,.0f} vectors/s", flush=True)
+        print(f"IVF-PQ build ({spec}, parameters from N): {build_s:.1f} s, {args.n / build_s:,.0f} vectors/s",
+              flush=True)
         stats = loaded.stats
         print(f"IVF-PQ: index.faiss {stats['index_bytes'] / args.n:.1f} B/vector, vectors.faiss "
               f"{stats['rerank_vectors_bytes'] / args.n:.0f} B/vector (memory-mapped); anonymous RSS after load "

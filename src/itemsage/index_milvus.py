@@ -33,7 +33,14 @@ import numpy as np
 from itemsage import artifacts
 from itemsage.artifacts import ArtifactError
 from itemsage.config import from_dict, require
-from itemsage.index import RECALL_K, VersionNotFound, neighbour_recall, new_version_name, perturbed_queries, read_embeddings
+from itemsage.index import (
+    RECALL_K,
+    VersionNotFound,
+    neighbour_recall,
+    new_version_name,
+    perturbed_queries,
+    read_embeddings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +147,8 @@ class MilvusIndex:
         if manifest.get("kind") != "index":
             problems.append(f"its manifest is of kind '{manifest.get('kind')}', not 'index'")
         if not dims or int(dims[0]) != manifest.get("dim"):
-            problems.append(f"its vectors have dimension {dims[0] if dims else '?'}, the manifest says {manifest.get('dim')}")
+            problems.append(f"its vectors have dimension {dims[0] if dims else '?'}, "
+                            f"the manifest says {manifest.get('dim')}")
         if rows != manifest.get("count"):
             problems.append(f"it holds {rows} rows, the manifest says {manifest.get('count')}")
         if problems:
