@@ -113,7 +113,7 @@ def test_serve_from_milvus_and_hot_swap_by_alias(world, versions, tmp_path):  # 
         assert ready["index_kind"] == "milvus" and ready["index_version"] == "v2" and ready["products"] == len(ids)
 
 
-def test_cli_index_backend_milvus(tmp_path):
+def test_cli_index_backend_milvus(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from itemsage.cli import app
@@ -130,3 +130,11 @@ def test_cli_index_backend_milvus(tmp_path):
     assert result.exit_code == 2 and "--uri" in result.output
     result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path)])
     assert result.exit_code == 2 and "--index is required" in result.output
+    # `serve --backend milvus` hands the service a MilvusVersions on the alias (uvicorn itself is not started).
+    calls = []
+    monkeypatch.setattr(serve, "run", lambda model, source, **kw: calls.append((model, source)))
+    result = CliRunner().invoke(app, ["serve", "--model", str(tmp_path), "--backend", "milvus", "--uri", uri,
+                                      "--collection", "cli"])
+    assert result.exit_code == 0, result.output
+    (model, source), = calls
+    assert isinstance(source, MilvusVersions) and source.resolve(None) == "cli_v1"

@@ -63,7 +63,8 @@ _VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 class IndexConfig:
     """How the index is built and searched. Stored in the manifest; `ef_search` can change at load.
 
-    kind: 'hnsw' (approximate, fast) or 'flat' (exact; small catalogs and the evaluation reference).
+    kind: 'hnsw' (approximate, fast), 'ivfpq' (approximate, compressed: tens of millions of vectors
+        on one machine) or 'flat' (exact; small catalogs and the evaluation reference).
     m: HNSW links per node (memory ~ 2*m*4 bytes per vector on top of the vector itself).
     ef_construction: HNSW candidate list while building (higher = better graph, slower build).
     ef_search: HNSW candidate list while searching (higher = better recall, slower queries). With

@@ -295,6 +295,7 @@ def build_milvus(
         client.insert(collection, [{ID_FIELD: pid, VECTOR_FIELD: vec}
                                    for pid, vec in zip(ids[lo : lo + INSERT_BATCH], vectors[lo : lo + INSERT_BATCH])])
     client.flush(collection)
+    wait_for_index(client, collection)
     client.load_collection(collection)
     build_seconds = time.perf_counter() - start
 
@@ -314,6 +315,24 @@ def build_milvus(
     if publish_it:
         publish_milvus(client, name, collection)
     return index
+
+
+def wait_for_index(client: Any, collection: str, timeout_s: float = 3600.0) -> None:
+    """Block until the server has indexed every row, so the recall measured next is the index's own.
+
+    A Milvus server builds indexes in the background after a flush; Milvus Lite reports them
+    finished at once and may build segment indexes on first search."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = client.describe_index(collection, VECTOR_FIELD) or {}
+        if info.get("state", "Finished") == "Finished" and not info.get("pending_index_rows"):
+            return
+        if info.get("state") == "Failed":
+            raise ArtifactError(f"Milvus failed to index collection '{collection}': "
+                                f"{info.get('index_state_fail_reason')}")
+        if time.monotonic() > deadline:
+            raise ArtifactError(f"Milvus has not finished indexing '{collection}' after {timeout_s:.0f} s: {info}")
+        time.sleep(1.0)
 
 
 def publish_milvus(client: Any, name: str, collection: str) -> None:
