@@ -477,6 +477,7 @@ class Service:
         self.max_k = max_k
         self.versions = (index_root if hasattr(index_root, "resolve") and hasattr(index_root, "load")
                          else index_lib.LocalVersions(index_root))
+        self.index_root = getattr(self.versions, "root", None)  # a local index root; None for Milvus
         self.model = load_model(model_dir)
         self.model.tower.eval()
         self.model.adapters.eval()
