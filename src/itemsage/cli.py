@@ -80,7 +80,13 @@ class EvalDevice(str, enum.Enum):
 
 class Kind(str, enum.Enum):  # index.KINDS
     hnsw = "hnsw"
+    ivfpq = "ivfpq"
     flat = "flat"
+
+
+class Backend(str, enum.Enum):  # where the index lives: faiss files, or a Milvus collection
+    faiss = "faiss"
+    milvus = "milvus"
 
 
 class Engine(str, enum.Enum):
@@ -139,7 +145,9 @@ _FLAGS: dict[str, dict[str, str]] = {
                "text_fields": "--text-fields",
                "max_unigrams": "--max-unigrams", "max_bigrams": "--max-bigrams", "max_trigrams": "--max-trigrams",
                "batch_rows": "--batch-rows", "image_dim": "--image-dim"},
-    "index": {"kind": "--kind", "m": "--m", "ef_construction": "--ef-construction", "ef_search": "--ef-search"},
+    "index": {"kind": "--kind", "m": "--m", "ef_construction": "--ef-construction", "ef_search": "--ef-search",
+              "nlist": "--nlist", "pq_m": "--pq-m", "pq_nbits": "--pq-nbits", "nprobe": "--nprobe",
+              "refine_factor": "--refine-factor"},
     "embed": {"batch_size": "--batch-size"},
 }
 _FIELD = re.compile(r"`?\b(train|model|compare|demo|ingest|index|embed)\.([a-z_]+)\b(?!\.)`?")
@@ -479,14 +487,27 @@ def embed_cmd(
 def index_cmd(
     embeddings_dir: Optional[Path] = typer.Argument(None, help="A finished embeddings directory (itemsage embed); "
                                                      "not with --compact."),
-    out: Path = typer.Option(..., "--out", help="Index root: versions/<version>/ and CURRENT go here."),
-    kind: Kind = typer.Option(Kind.hnsw, "--kind", help="hnsw: approximate, fast; flat: exact."),
+    out: Optional[Path] = typer.Option(None, "--out", show_default=False,
+                                       help="Index root: versions/<version>/ and CURRENT go here (faiss backend)."),
+    kind: Kind = typer.Option(Kind.hnsw, "--kind", help="hnsw: approximate, fast; ivfpq: compressed codes with an "
+                              "exact re-ranking; flat: exact."),
     m: int = typer.Option(32, "--m", help="HNSW links per node."),
     ef_construction: int = typer.Option(200, "--ef-construction", help="HNSW build candidate list."),
     ef_search: int = typer.Option(128, "--ef-search", help="HNSW search candidate list (recall vs speed)."),
+    nlist: int = typer.Option(0, "--nlist", help="IVF-PQ lists (0: from the catalog size)."),
+    pq_m: int = typer.Option(0, "--pq-m", help="IVF-PQ sub-quantizers (0: half the vector width)."),
+    pq_nbits: int = typer.Option(4, "--pq-nbits", help="IVF-PQ bits per sub-quantizer code: 4 (fast-scan) or 8."),
+    nprobe: int = typer.Option(0, "--nprobe", help="IVF-PQ lists probed per query (0: nlist / 32)."),
+    refine_factor: int = typer.Option(20, "--refine-factor", help="IVF-PQ re-ranks factor x k candidates exactly."),
+    backend: Backend = typer.Option(Backend.faiss, "--backend", help="faiss (a local index root, --out) or milvus (--uri)."),
+    uri: Optional[str] = typer.Option(None, "--uri", show_default=False,
+                                      help="Milvus URI: ./file.db (Milvus Lite) or http://host:19530."),
+    collection: str = typer.Option("itemsage", "--collection", help="Milvus alias; versions are <name>_<version>."),
+    milvus_index: str = typer.Option("HNSW", "--milvus-index", help="Milvus index type: HNSW, FLAT, IVF_FLAT, AUTOINDEX."),
     version: Optional[str] = typer.Option(None, "--version", show_default=False,
                                           help="Version name (default: the UTC time)."),
-    publish: bool = typer.Option(True, "--publish/--no-publish", help="Point CURRENT at the new version."),
+    publish: bool = typer.Option(True, "--publish/--no-publish",
+                                 help="Point CURRENT (Milvus: the alias) at the new version."),
     compact: bool = typer.Option(False, "--compact", help="Fold the live updates logged under --out into a new "
                                  "version of CURRENT (same kind and parameters); then POST /admin/reload."),
 ) -> None:
@@ -498,6 +519,28 @@ def index_cmd(
     """
     from itemsage.artifacts import ArtifactError
     from itemsage.config import ConfigError
+
+    if backend == Backend.milvus:
+        if uri is None:
+            fail("--backend milvus needs --uri (./file.db for Milvus Lite, http://host:19530 for a server)")
+        if embeddings_dir is None or compact:
+            fail("--backend milvus writes an EMBEDDINGS_DIR into a new collection (no --compact: live updates are "
+                 "for the faiss backend)")
+        from itemsage.index_milvus import MilvusConfig, build_milvus
+
+        try:
+            config = MilvusConfig(index_type=milvus_index, m=m, ef_construction=ef_construction, ef_search=ef_search)
+            index = build_milvus(embeddings_dir, uri, collection, config, version=version, publish_it=publish)
+        except (ConfigError, ArtifactError, ValueError, ImportError) as err:
+            fail(str(err))
+        stats = index.stats
+        console.print(f"wrote Milvus collection {index.collection} ({milvus_index}) in {stats['build_seconds']:.1f} s: "
+                      f"{len(index):,} vectors x {index.dim} dims")
+        console.print(f"recall@10 vs exact search: {stats['recall_at_10']:.4f} ({stats['recall_queries']} queries)")
+        console.print(f"version: {index.version}" + (f" (published as alias '{collection}')" if publish else ""))
+        return
+    if out is None:
+        fail("--out is required with --backend faiss (the index root to write)")
     from itemsage.index import IndexConfig, build_from_embeddings
 
     if compact:
@@ -521,7 +564,8 @@ def index_cmd(
     if embeddings_dir is None:
         fail("give the EMBEDDINGS_DIR to index (or --compact to fold live updates into CURRENT)")
     try:
-        config = IndexConfig(kind=kind.value, m=m, ef_construction=ef_construction, ef_search=ef_search)
+        config = IndexConfig(kind=kind.value, m=m, ef_construction=ef_construction, ef_search=ef_search, nlist=nlist,
+                             pq_m=pq_m, pq_nbits=pq_nbits, nprobe=nprobe, refine_factor=refine_factor)
         index, version_dir = build_from_embeddings(
             embeddings_dir, out, config, version=version, publish_it=publish
         )
@@ -531,6 +575,10 @@ def index_cmd(
         fail(str(err))
     stats = index.stats
     console.print(f"built {kind.value} index in {stats['build_seconds']:.1f} s: {len(index):,} vectors x {index.dim} dims")
+    if kind == Kind.ivfpq:
+        c = index.config
+        console.print(f"IVF-PQ: nlist {c.nlist}, pq_m {c.pq_m}, pq_nbits {c.pq_nbits}, nprobe {c.nprobe}, "
+                      f"re-rank x{c.refine_factor} from vectors.faiss (memory-mapped)")
     console.print(f"recall@10 vs exact search: {stats['recall_at_10']:.4f} ({stats['recall_queries']} queries)")
     console.print(f"version: {version_dir}" + (" (published as CURRENT)" if publish else ""))
 
@@ -541,7 +589,11 @@ def index_cmd(
 @app.command("serve")
 def serve_cmd(
     model: Path = typer.Option(..., "--model", help="A model directory (itemsage train)."),
-    index: Path = typer.Option(..., "--index", help="An index root (itemsage index); serves its CURRENT version."),
+    index: Optional[Path] = typer.Option(None, "--index", help="An index root (itemsage index); serves its CURRENT version."),
+    backend: Backend = typer.Option(Backend.faiss, "--backend", help="faiss (--index) or milvus (--uri)."),
+    uri: Optional[str] = typer.Option(None, "--uri", show_default=False,
+                                      help="Milvus URI: ./file.db (Milvus Lite) or http://host:19530."),
+    collection: str = typer.Option("itemsage", "--collection", help="Milvus alias naming the served version."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; loopback by default."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
     reload_token_env: str = typer.Option(
@@ -580,9 +632,19 @@ def serve_cmd(
                       "/admin/*; put it behind your own gateway", highlight=False)
     console.print(f"page: http://{host}:{port}/   API docs: http://{host}:{port}/docs", highlight=False)
     try:
-        run(model, index, host=host, port=port, reload_token=token, threads=threads, query_encoder=query_encoder,
+        if backend == Backend.milvus:
+            if uri is None:
+                fail("--backend milvus needs --uri (the Milvus the index was written to)")
+            from itemsage.index_milvus import MilvusVersions
+
+            source = MilvusVersions(uri, collection)  # reload re-resolves the alias: the hot swap
+        else:
+            if index is None:
+                fail("--index is required with --backend faiss (an index root from `itemsage index`)")
+            source = index
+        run(model, source, host=host, port=port, reload_token=token, threads=threads, query_encoder=query_encoder,
             query_cache=query_cache, query_batch=query_batch, products=products)
-    except (ConfigError, ArtifactError, ValueError, OSError) as err:
+    except (ConfigError, ArtifactError, ValueError, OSError, ImportError) as err:
         fail(str(err))
 
 

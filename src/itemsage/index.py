@@ -1,4 +1,4 @@
-"""The product index: faiss HNSW (default) or exact flat search over unit vectors (SPEC §8).
+"""The product index: faiss HNSW (default), IVF-PQ (compressed) or exact flat search over unit vectors.
 
 `ProductIndex` has four verbs: `add`, `search`, `save`, `load`. Scores are inner products of unit
 vectors (cosine similarity), higher = more similar, and `search` returns `(ids, scores)` like every
@@ -9,6 +9,7 @@ On disk an index is a version directory (never pickle):
 
     INDEX_ROOT/versions/<version>/index.faiss    faiss.write_index
                                   ids.parquet    product_id per faiss row
+                                  vectors.faiss  ivfpq only: the full vectors (IndexFlatIP), memory-mapped
                                   manifest.json  kind 'index': config, count, dim, inputs, recall
     INDEX_ROOT/CURRENT                           text: the served version's name, replaced atomically
 
@@ -16,6 +17,14 @@ On disk an index is a version directory (never pickle):
 corrupted index is refused, never served. Every build measures recall@10 of the ANN index against
 exact search on a sample of queries and stores it in the manifest: a speed figure without its
 recall means nothing.
+
+IVF-PQ (`kind='ivfpq'`) keeps only a compressed code per vector in memory: an inverted file of
+`nlist` lists (coarse k-means) and a product quantizer of `pq_m` sub-vectors of `pq_nbits` bits (4 bits
+uses faiss's SIMD "fast-scan" kernels). A search probes `nprobe` lists, ranks by the codes, then
+re-ranks a shortlist of `refine_factor * k` candidates with the full vectors (faiss IndexRefine).
+The full vectors live in vectors.faiss, which `load` memory-maps: they stay on disk and the page
+cache holds only the rows searches touch. Parameters left at 0 are chosen from the catalog size by
+`ivfpq_parameters` (the rule is written there and in docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -40,8 +49,9 @@ from itemsage.schema import PRODUCT_ID
 
 log = logging.getLogger(__name__)
 
-KINDS = ("hnsw", "flat")
+KINDS = ("hnsw", "flat", "ivfpq")
 INDEX_FILE = "index.faiss"
+VECTORS_FILE = "vectors.faiss"
 IDS_FILE = "ids.parquet"
 VERSIONS_DIR = "versions"
 CURRENT_FILE = "CURRENT"
@@ -53,13 +63,19 @@ _VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 class IndexConfig:
     """How the index is built and searched. Stored in the manifest; `ef_search` can change at load.
 
-    kind: 'hnsw' (approximate, fast) or 'flat' (exact; small catalogs and the evaluation reference).
+    kind: 'hnsw' (approximate, fast), 'ivfpq' (approximate, compressed: tens of millions of vectors
+        on one machine) or 'flat' (exact; small catalogs and the evaluation reference).
     m: HNSW links per node (memory ~ 2*m*4 bytes per vector on top of the vector itself).
     ef_construction: HNSW candidate list while building (higher = better graph, slower build).
     ef_search: HNSW candidate list while searching (higher = better recall, slower queries). With
         m=32 on 1M x 256 clustered vectors (benchmarks/bench_index.py), recall@10 against exact
         search is 0.934 at 32, 0.987 at 64 and 0.9975 at the default 128: margin for real
         embeddings, which can be harder than the benchmark's mixture.
+    nlist, pq_m, pq_nbits, nprobe: IVF-PQ lists, sub-quantizers, bits per sub-quantizer code and
+        lists probed per query; 0 = chosen from the catalog size and width (`ivfpq_parameters`).
+        `nprobe` can change at load.
+    refine_factor: IVF-PQ re-ranks the `refine_factor * k` best candidates by the codes with the
+        full vectors (1 = only re-score the k found, exactly).
     recall_sample: queries used to measure recall@10 against exact search at build time.
     threads: faiss OpenMP threads; 0 keeps faiss's default (all cores).
     """
@@ -68,6 +84,11 @@ class IndexConfig:
     m: int = 32
     ef_construction: int = 200
     ef_search: int = 128
+    nlist: int = 0
+    pq_m: int = 0
+    pq_nbits: int = 4
+    nprobe: int = 0
+    refine_factor: int = 20
     recall_sample: int = 1000
     threads: int = 0
     seed: int = 0
@@ -77,6 +98,11 @@ class IndexConfig:
         require(self.m >= 2, f"index.m (HNSW links per node) must be >= 2, got {self.m}")
         require(self.ef_construction >= 1, f"index.ef_construction must be >= 1, got {self.ef_construction}")
         require(self.ef_search >= 1, f"index.ef_search must be >= 1, got {self.ef_search}")
+        require(self.nlist >= 0, f"index.nlist must be >= 0 (0 = from the catalog size), got {self.nlist}")
+        require(self.pq_m >= 0, f"index.pq_m must be >= 0 (0 = from the vector width), got {self.pq_m}")
+        require(self.pq_nbits in (4, 8), f"index.pq_nbits must be 4 (fast-scan) or 8, got {self.pq_nbits}")
+        require(self.nprobe >= 0, f"index.nprobe must be >= 0 (0 = from nlist), got {self.nprobe}")
+        require(self.refine_factor >= 1, f"index.refine_factor must be >= 1, got {self.refine_factor}")
         require(self.recall_sample >= 0, f"index.recall_sample must be >= 0, got {self.recall_sample}")
         require(self.threads >= 0, f"index.threads must be >= 0 (0 = all cores), got {self.threads}")
 
@@ -95,12 +121,17 @@ class ProductIndex:
         self.config = config or IndexConfig()
         if self.config.threads:
             faiss.omp_set_num_threads(self.config.threads)
+        self._ivf: Any = None  # ivfpq: the IVF-PQ index of codes (trained on the first add)
+        self._vectors: Any = None  # ivfpq: IndexFlatIP of the full vectors, for re-ranking and lookups
+        self._mapped = False  # ivfpq loaded from disk: _vectors is a read-only memory map
         if self.config.kind == "hnsw":
             self._index = faiss.IndexHNSWFlat(self.dim, self.config.m, faiss.METRIC_INNER_PRODUCT)
             self._index.hnsw.efConstruction = self.config.ef_construction
             self._index.hnsw.efSearch = self.config.ef_search
-        else:
+        elif self.config.kind == "flat":
             self._index = faiss.IndexFlatIP(self.dim)
+        else:
+            self._index = None  # IVF-PQ must see data before it exists: see _train_ivfpq
         self._ids = np.empty(0, dtype=object)  # [N] product_id of faiss row n
         self._row_of: dict[str, int] = {}
         self.manifest: dict[str, Any] = {}  # set by save/load
@@ -133,6 +164,9 @@ class ProductIndex:
         """Append `vectors` [N, D] under product `ids` [N]. Rows are L2-normalised (scores are cosines)."""
         ids = np.asarray(ids, dtype=object)
         vectors = self._check_matrix(vectors, "vectors")
+        if self._mapped:  # faiss would abort the process appending to a memory-mapped IndexFlat
+            raise ValueError("a loaded IVF-PQ index is read-only: its full vectors are memory-mapped from "
+                             f"{VECTORS_FILE}. Build a new version with `itemsage index` instead.")
         if ids.ndim != 1 or len(ids) != len(vectors):
             raise ValueError(f"ids must be 1-D with one id per vector row: got {ids.shape} ids for "
                              f"{len(vectors)} vectors")
@@ -152,6 +186,8 @@ class ProductIndex:
             if pid in row_of:
                 raise ValueError(f"duplicate product id '{pid}': each product may appear once in an index")
             row_of[pid] = start + offset
+        if self._index is None:
+            self._train_ivfpq(vectors)
         self._index.add(vectors)  # HNSW: faiss parallelises insertion over its OpenMP threads
         self._ids = np.concatenate([self._ids, ids])
         self._row_of = row_of
@@ -200,8 +236,16 @@ class ProductIndex:
             raise ArtifactError(f"{version_dir} already holds a finished index; an index version is "
                                 "never overwritten. Choose another --version name.")
         version_dir.mkdir(parents=True, exist_ok=True)
+        files = [INDEX_FILE, IDS_FILE]
         with artifacts.atomic_path(version_dir / INDEX_FILE) as tmp:
-            faiss.write_index(self._index, str(tmp))
+            faiss.write_index(self._ivf if self.config.kind == "ivfpq" else self._index, str(tmp))
+        if self.config.kind == "ivfpq":
+            with artifacts.atomic_path(version_dir / VECTORS_FILE) as tmp:
+                faiss.write_index(self._vectors, str(tmp))
+            files.append(VECTORS_FILE)
+        sizes = {"index_bytes": (version_dir / INDEX_FILE).stat().st_size}
+        if self.config.kind == "ivfpq":
+            sizes["rerank_vectors_bytes"] = (version_dir / VECTORS_FILE).stat().st_size
         artifacts.atomic_write_parquet(
             version_dir / IDS_FILE, pa.table({PRODUCT_ID: pa.array(self._ids.tolist(), pa.string())})
         )
@@ -212,23 +256,29 @@ class ProductIndex:
             config=dataclasses.asdict(self.config),
             inputs=inputs,
             counts={"vectors": len(self)},
-            files=[INDEX_FILE, IDS_FILE],
-            extra={"count": len(self), "dim": self.dim, **stats, **(extra or {})},
+            files=files,
+            extra={"count": len(self), "dim": self.dim, **stats, **sizes, **(extra or {})},
         )
         self.version = version_dir.name
         return version_dir
 
     @classmethod
-    def load(cls, version_dir: str | Path, *, ef_search: int | None = None) -> ProductIndex:
-        """Read a saved version after checking every file's sha256, the dimension and the count."""
+    def load(cls, version_dir: str | Path, *, ef_search: int | None = None,
+             nprobe: int | None = None) -> ProductIndex:
+        """Read a saved version after checking every file's sha256, the dimension and the count.
+
+        IVF-PQ's full vectors (vectors.faiss) are memory-mapped, not read into memory."""
         version_dir = Path(version_dir)
         manifest = artifacts.verify_manifest(version_dir, kind="index")
-        for name in (INDEX_FILE, IDS_FILE):
+        kind = manifest.get("config", {}).get("kind")
+        for name in (INDEX_FILE, IDS_FILE) + ((VECTORS_FILE,) if kind == "ivfpq" else ()):
             if name not in manifest["files"]:
                 raise ArtifactError(f"{version_dir}/{artifacts.MANIFEST} does not list {name}; rebuild the index.")
         config_dict = dict(manifest["config"])
         if ef_search is not None:
             config_dict["ef_search"] = ef_search
+        if nprobe is not None:
+            config_dict["nprobe"] = nprobe
         config = from_dict(IndexConfig, config_dict, section="index")
         raw = faiss.read_index(str(version_dir / INDEX_FILE))
         ids = pq.read_table(version_dir / IDS_FILE, columns=[PRODUCT_ID]).column(PRODUCT_ID)
@@ -242,14 +292,26 @@ class ProductIndex:
             problems.append(f"ids.parquet holds {len(ids)} ids, the manifest says {count}")
         if ids.null_count:
             problems.append(f"ids.parquet has {ids.null_count} null ids")
-        expected_type = faiss.IndexHNSWFlat if config.kind == "hnsw" else faiss.IndexFlatIP
+        expected_type = {"hnsw": faiss.IndexHNSWFlat, "flat": faiss.IndexFlatIP,
+                         "ivfpq": (faiss.IndexIVFPQFastScan, faiss.IndexIVFPQ)}[config.kind]
         if not isinstance(raw, expected_type) or raw.metric_type != faiss.METRIC_INNER_PRODUCT:
             problems.append(f"index.faiss is a {type(raw).__name__}, the manifest says kind '{config.kind}'")
+        vectors = None
+        if config.kind == "ivfpq":
+            # Memory-mapped: the re-rank vectors stay on disk; the page cache keeps the rows searched.
+            vectors = faiss.read_index(str(version_dir / VECTORS_FILE), faiss.IO_FLAG_MMAP_IFC)
+            if not isinstance(vectors, faiss.IndexFlatIP) or vectors.d != dim or vectors.ntotal != count:
+                problems.append(f"{VECTORS_FILE} holds {vectors.ntotal} x {vectors.d} "
+                                f"({type(vectors).__name__}), the manifest says {count} x {dim}")
         if problems:
             raise ArtifactError(f"refusing to load the index in {version_dir}: " + "; ".join(problems)
                                 + ". Rebuild it with `itemsage index`.")
         index = cls(dim, config)
-        index._index = raw
+        if config.kind == "ivfpq":
+            index._set_ivfpq(raw, vectors)
+            index._mapped = True
+        else:
+            index._index = raw
         if config.kind == "hnsw":
             raw.hnsw.efSearch = config.ef_search
         index._ids = np.asarray(ids.to_pylist(), dtype=object)
@@ -258,14 +320,15 @@ class ProductIndex:
             raise ArtifactError(f"refusing to load the index in {version_dir}: ids.parquet has duplicate "
                                 "product ids. Rebuild it with `itemsage index`.")
         index.manifest = manifest
-        index.stats = {k: manifest[k] for k in ("build_seconds", "recall_at_10", "recall_queries") if k in manifest}
+        index.stats = {k: manifest[k] for k in ("build_seconds", "recall_at_10", "recall_queries", "index_bytes",
+                                                "rerank_vectors_bytes") if k in manifest}
         index.version = version_dir.name
         return index
 
     # ---- lookups and tuning ---------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return int(self._index.ntotal)
+        return int(self._index.ntotal) if self._index is not None else 0
 
     def __contains__(self, product_id: object) -> bool:
         return product_id in self._row_of
@@ -289,6 +352,41 @@ class ProductIndex:
         require(int(value) >= 1, f"ef_search must be >= 1, got {value}")
         self._index.hnsw.efSearch = int(value)
 
+    @property
+    def nprobe(self) -> int | None:
+        return int(self._ivf.nprobe) if self._ivf is not None else None
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        require(self._ivf is not None, "nprobe applies only to a trained IVF-PQ index")
+        require(int(value) >= 1, f"nprobe must be >= 1, got {value}")
+        self._ivf.nprobe = int(value)
+
+    def _train_ivfpq(self, vectors: np.ndarray) -> None:
+        """Choose IVF-PQ's parameters from the first `vectors` [N, D] added, train on a sample of them."""
+        n = len(vectors)
+        if n < IVFPQ_MIN_VECTORS:
+            raise ValueError(f"an IVF-PQ index trains on the vectors of its first add: {n} are too few "
+                             f"(at least {IVFPQ_MIN_VECTORS}); use kind 'flat' or 'hnsw' for a catalog this small")
+        self.config = ivfpq_parameters(n, self.dim, self.config)
+        c = self.config
+        code = f"PQ{c.pq_m}x4fs" if c.pq_nbits == 4 else f"PQ{c.pq_m}x{c.pq_nbits}"
+        ivf = faiss.index_factory(self.dim, f"IVF{c.nlist},{code}", faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(c.seed)
+        sample = vectors[np.sort(rng.choice(n, size=min(n, IVFPQ_TRAIN_PER_LIST * c.nlist), replace=False))]
+        start = time.perf_counter()
+        ivf.train(sample)  # k-means for the lists, then the product quantizer on the residuals
+        log.info("trained IVF%d,PQ%dx%d on %d vectors in %.1f s", c.nlist, c.pq_m, c.pq_nbits, len(sample),
+                 time.perf_counter() - start)
+        self._set_ivfpq(ivf, faiss.IndexFlatIP(self.dim))
+
+    def _set_ivfpq(self, ivf: Any, vectors: Any) -> None:
+        """Search through `ivf` (codes) and re-rank with `vectors` (full, IndexFlatIP; maybe memory-mapped)."""
+        self._ivf, self._vectors = ivf, vectors
+        self._ivf.nprobe = self.config.nprobe
+        self._index = faiss.IndexRefine(ivf, vectors)  # add() feeds both; search re-ranks k_factor * k
+        self._index.k_factor = float(self.config.refine_factor)
+
     def vector(self, product_ids: list[str] | np.ndarray) -> np.ndarray:
         """The stored unit vectors [N, D] of `product_ids`; KeyError names the ids not in the index."""
         product_ids = list(product_ids)
@@ -299,7 +397,8 @@ class ProductIndex:
         rows = np.array([self._row_of[p] for p in product_ids], dtype=np.int64)
         if len(rows) == 0:
             return np.empty((0, self.dim), dtype=np.float32)
-        return self._index.reconstruct_batch(rows)  # [N, D]
+        store = self._vectors if self.config.kind == "ivfpq" else self._index  # IVF-PQ: the exact vectors
+        return store.reconstruct_batch(rows)  # [N, D]
 
     def measure_recall(self, vectors: np.ndarray, k: int = RECALL_K) -> dict[str, Any]:
         """Recall@k of this index against exact search over `vectors` (the same rows it holds).
@@ -335,6 +434,29 @@ class ProductIndex:
         return x
 
 
+IVFPQ_MIN_VECTORS = 1000
+IVFPQ_TRAIN_PER_LIST = 40
+
+
+def ivfpq_parameters(n: int, dim: int, config: IndexConfig) -> IndexConfig:
+    """`config` with IVF-PQ's size-dependent parameters filled in where they are 0 (the documented rule).
+
+    nlist: the power of two nearest 4 * sqrt(N) (faiss suggests 4 to 16 sqrt(N) lists), at most N / 39 so
+        k-means sees >= 39 points per list. 20k -> 512, 100k -> 1,024, 1M -> 4,096, 10M -> 16,384.
+    pq_m: D / 2 sub-vectors (the largest divisor of D up to D / 2): two dims per 4-bit code, so a code is
+        D / 4 bytes, 1/16 of the float32 vector (64 B at D = 256; faiss adds an 8 B id per entry).
+    nprobe: nlist / 32 lists per query (128 at 1M). On the clustered benchmark data at 1M
+        (benchmarks/bench_index.py) recall stopped rising past nlist / 128: the rest is margin for
+        embeddings whose neighbours spread over more lists (the build's measured recall says; nprobe
+        can change at load).
+    """
+    nlist = config.nlist or max(1, min(2 ** round(np.log2(4 * np.sqrt(n))), n // 39))
+    pq_m = config.pq_m or max(d for d in range(1, max(1, dim // 2) + 1) if dim % d == 0)
+    require(dim % pq_m == 0, f"index.pq_m ({pq_m}) must divide the vector width ({dim})")
+    nprobe = min(config.nprobe or max(1, nlist // 32), nlist)
+    return dataclasses.replace(config, nlist=nlist, pq_m=pq_m, nprobe=nprobe)
+
+
 def perturbed_queries(vectors: np.ndarray, n: int, rng: np.random.Generator, noise: float = 0.5) -> np.ndarray:
     """`n` random rows of unit `vectors` [N, D] plus noise of relative length `noise`, renormalised."""
     rows = rng.choice(len(vectors), size=n, replace=False)
@@ -357,6 +479,37 @@ def neighbour_recall(found: np.ndarray, exact: np.ndarray) -> float:
 
 
 # ---- version directories and the CURRENT pointer ------------------------------------------------
+
+
+class VersionNotFound(ArtifactError):
+    """No such index version (or none published): the service answers 404, not 409."""
+
+
+class LocalVersions:
+    """The index versions under a local INDEX_ROOT, as the service loads and reloads them.
+
+    The seam between the service and an index backend: `resolve(None)` follows CURRENT,
+    `resolve("v2")` names versions/v2 (ValueError for a bad name, VersionNotFound for a missing
+    one); `load(target)` verifies and loads it. index_milvus.MilvusVersions does the same for Milvus.
+    """
+
+    def __init__(self, index_root: str | Path) -> None:
+        self.root = Path(index_root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def resolve(self, version: str | None) -> Path:
+        version_dir = version_path(self.root, version) if version else current_version(self.root)
+        if not version_dir.is_dir():
+            known = sorted(p.name for p in (self.root / VERSIONS_DIR).glob("*") if p.is_dir())
+            shown = ", ".join(known[:20]) + (f" (and {len(known) - 20} more)" if len(known) > 20 else "")
+            raise VersionNotFound(f"index version '{version_dir.name}' does not exist; known "
+                                  f"versions: {shown or 'none'}")
+        return version_dir
+
+    def load(self, target: Path) -> ProductIndex:
+        return ProductIndex.load(target)
 
 
 def version_path(index_root: str | Path, version: str) -> Path:
@@ -393,7 +546,7 @@ def current_version(index_root: str | Path) -> Path:
     index_root = Path(index_root)
     pointer = index_root / CURRENT_FILE
     if not pointer.is_file():
-        raise ArtifactError(f"{index_root} has no {CURRENT_FILE} file: no index version is published "
+        raise VersionNotFound(f"{index_root} has no {CURRENT_FILE} file: no index version is published "
                             "there. Build one with `itemsage index EMBEDDINGS_DIR --out INDEX_ROOT`.")
     return version_path(index_root, pointer.read_text().strip())
 

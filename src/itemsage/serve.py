@@ -581,7 +581,7 @@ def merge_candidates(
 class Served:
     """What one request reads once: the index and its version, swapped together by reload."""
 
-    index: index_lib.ProductIndex
+    index: Any  # index_lib.ProductIndex, or index_milvus.MilvusIndex (the same search interface)
     version: str
 
 
@@ -591,7 +591,7 @@ class Service:
     def __init__(
         self,
         model_dir: str | Path,
-        index_root: str | Path,
+        index_root: str | Path | Any,
         *,
         max_k: int = DEFAULT_MAX_K,
         text_encoder: Any = None,
@@ -601,6 +601,8 @@ class Service:
         query_cache: int = DEFAULT_QUERY_CACHE,
         query_batch: int = DEFAULT_QUERY_BATCH,
     ) -> None:
+        """`index_root`: a local index root, or a versions object with `resolve(version)` and `load(target)`
+        (index_lib.LocalVersions, index_milvus.MilvusVersions): the index backend seam."""
         from itemsage.image_encoder import DEFAULT_MAX_PIXELS
         from itemsage.model import load_model
         from itemsage.query_encoder import QueryVectorCache
@@ -612,17 +614,20 @@ class Service:
         self.query_encoder = query_encoder
         self.query_batch = query_batch
         self.query_cache = QueryVectorCache(query_cache)  # text -> product-space query vector
-        self.live_log = live_lib.LiveLog(index_root)
         self._live_lock = threading.Lock()  # orders updates against the reload swap
         self.max_k = max_k
         self.max_image_pixels = int(max_image_pixels or DEFAULT_MAX_PIXELS)
         require(self.max_image_pixels >= 1, f"max_image_pixels must be >= 1, got {max_image_pixels}")
-        self.index_root = Path(index_root)
+        self.versions = (index_root if hasattr(index_root, "resolve") and hasattr(index_root, "load")
+                         else index_lib.LocalVersions(index_root))
+        self.index_root = getattr(self.versions, "root", None)  # a local index root; None for Milvus
+        # Live updates log beside a local index root; a Milvus collection is updated in Milvus itself.
+        self.live_log = live_lib.LiveLog(self.index_root) if self.index_root is not None else None
         self.model = load_model(model_dir)
         self.model.tower.eval()
         self.model.adapters.eval()
         self.out_dim = int(self.model.config.out_dim)
-        self.served = self._with_live(self._check_index(index_lib.load_current(self.index_root)))
+        self.served = self._with_live(self._check_index(self.versions.load(self.versions.resolve(None))))
         self._text_encoder = text_encoder
         self._image_encoder = image_encoder
         self._encoder_lock = threading.Lock()
@@ -645,7 +650,9 @@ class Service:
         return Served(index, str(index.version))
 
     def _with_live(self, served: Served) -> Served:
-        """The version with the live log's later updates replayed onto it."""
+        """The version with the live log's later updates replayed onto it (as it is without a log)."""
+        if self.live_log is None:
+            return served
         index = live_lib.replay(served.index, self.live_log, self.model.fingerprint)  # type: ignore[arg-type]
         return Served(index, served.version)  # type: ignore[arg-type]
 
@@ -657,33 +664,28 @@ class Service:
         with self._reload_lock:  # one reload at a time; requests never wait on this lock
             start = time.perf_counter()
             try:
-                version_dir = (index_lib.version_path(self.index_root, version) if version
-                               else index_lib.current_version(self.index_root))
+                target = self.versions.resolve(version)  # a version directory, or a Milvus collection
             except ValueError as err:
                 raise RequestError(422, str(err)) from None
-            except ArtifactError as err:  # no CURRENT pointer
+            except index_lib.VersionNotFound as err:  # no CURRENT pointer (alias), or no such version
                 raise RequestError(404, str(err)) from None
-            if not version_dir.is_dir():
-                known = sorted(p.name for p in (self.index_root / index_lib.VERSIONS_DIR).glob("*") if p.is_dir())
-                shown = ", ".join(known[:20]) + (f" (and {len(known) - 20} more)" if len(known) > 20 else "")
-                raise RequestError(404, f"index version '{version_dir.name}' does not exist; known "
-                                   f"versions: {shown or 'none'}")
+            name = getattr(target, "name", target)
             try:
-                new = self._check_index(index_lib.ProductIndex.load(version_dir))
+                new = self._check_index(self.versions.load(target))
                 with self._live_lock:  # no update lands between the log's replay and the swap
                     new = self._with_live(new)
-                    if persist and version:
+                    if persist and version and self.index_root is not None:
                         try:
-                            index_lib.point_current(self.index_root, version_dir.name)
+                            index_lib.point_current(self.index_root, name)
                         except OSError as err:
-                            raise RequestError(409, f"index version '{version_dir.name}' was not swapped in: "
+                            raise RequestError(409, f"index version '{name}' was not swapped in: "
                                                f"CURRENT could not be written ({err}); fix the index root's "
                                                'permissions or reload with "persist": false') from None
                     previous = self.served
                     self.served = new  # the swap: one reference assignment
             except (ArtifactError, ConfigError, OSError, RuntimeError, ValueError, KeyError) as err:
                 # faiss raises RuntimeError on unreadable files; the manifest check usually comes first.
-                raise RequestError(409, f"index version '{version_dir.name}' was refused and the "
+                raise RequestError(409, f"index version '{name}' was refused and the "
                                    f"previous version ({self.served.version}) keeps serving: {err}") from None
             seconds = time.perf_counter() - start
             log.info("reloaded index: %s -> %s in %.2f s", previous.version, new.version, seconds)
@@ -967,6 +969,9 @@ class Service:
         with contextlib.nullcontext() if locked else self._live_lock:
             served = self.served
             index: live_lib.LiveIndex = served.index  # type: ignore[assignment]
+            if self.live_log is None:
+                raise RequestError(409, "live updates need a local index root (itemsage serve --index); with "
+                                   "--backend milvus, write the products to Milvus and reload")
             try:
                 records = self.live_log.append(updates, floor=index.applied_seq)  # fsynced
             except ArtifactError as err:
