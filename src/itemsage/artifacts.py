@@ -233,13 +233,14 @@ def verify_manifest(directory: str | Path, kind: str | None = None, *, record: b
     return manifest
 
 
-def verify_dataset(dataset_dir: str | Path) -> dict[str, Any]:
+def verify_dataset(dataset_dir: str | Path, kind: str = "dataset") -> dict[str, Any]:
     """Verify a dataset directory (every file its manifest lists) before a stage reads it.
 
     Refuses a directory without a finished manifest (an interrupted or hand-made dataset) and names
     the file that is missing, truncated or corrupted. Unchanged files are not re-hashed (module doc).
+    `kind` "catalog": a catalog checked on its own (embed --catalog), which embed reads like a dataset.
     """
-    return verify_manifest(dataset_dir, kind="dataset", record=True)
+    return verify_manifest(dataset_dir, kind=kind, record=True)
 
 
 def fingerprint(directory: str | Path) -> str:

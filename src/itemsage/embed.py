@@ -289,7 +289,9 @@ def embed(
         raise FileNotFoundError(f"{products} does not exist; write the dataset with `itemsage ingest`.")
     started = time.perf_counter()
     model_fp = artifacts.fingerprint(model_dir)  # reads the manifest only; load_model verifies files
-    artifacts.verify_dataset(dataset_dir)  # refuses an unfinished or corrupted dataset, naming the file
+    staged = artifacts.read_manifest(dataset_dir).get("kind") == "catalog"  # embed --catalog's checked copy
+    # Refuses an unfinished or corrupted dataset, naming the file.
+    artifacts.verify_dataset(dataset_dir, kind="catalog" if staged else "dataset")
     dataset_fp = artifacts.fingerprint(dataset_dir)
     parquet = pq.ParquetFile(products)
     if incremental and schema.CONTENT_HASH not in parquet.schema_arrow.names:
@@ -522,7 +524,9 @@ def embed_with_ray(
         raise ArtifactError(f"{out_dir} is not empty; the Ray engine writes a fresh directory. Pass a new "
                             "--out directory (or use --engine local to resume or update).")
     model_fp = artifacts.fingerprint(model_dir)
-    artifacts.verify_dataset(dataset_dir)  # refuses an unfinished or corrupted dataset, naming the file
+    staged = artifacts.read_manifest(dataset_dir).get("kind") == "catalog"  # embed --catalog's checked copy
+    # Refuses an unfinished or corrupted dataset, naming the file.
+    artifacts.verify_dataset(dataset_dir, kind="catalog" if staged else "dataset")
     dataset_fp = artifacts.fingerprint(dataset_dir)
     artifacts.verify_manifest(model_dir, kind="model")
     config = artifacts.read_json(model_dir / "config.json")
