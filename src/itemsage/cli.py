@@ -80,8 +80,8 @@ class EvalDevice(str, enum.Enum):
 
 class Kind(str, enum.Enum):  # index.KINDS
     hnsw = "hnsw"
-    ivfpq = "ivfpq"
     flat = "flat"
+    ivfpq = "ivfpq"
 
 
 class Backend(str, enum.Enum):  # where the index lives: faiss files, or a Milvus collection
