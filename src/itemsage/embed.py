@@ -289,7 +289,9 @@ def embed(
         raise FileNotFoundError(f"{products} does not exist; write the dataset with `itemsage ingest`.")
     started = time.perf_counter()
     model_fp = artifacts.fingerprint(model_dir)  # reads the manifest only; load_model verifies files
-    artifacts.verify_dataset(dataset_dir)  # refuses an unfinished or corrupted dataset, naming the file
+    # Refuses an unfinished or corrupted dataset (or embed_from_catalog's validated catalog), naming the file.
+    is_catalog = artifacts.read_manifest(dataset_dir).get("kind") == "catalog"
+    artifacts.verify_manifest(dataset_dir, kind="catalog" if is_catalog else "dataset", record=True)
     dataset_fp = artifacts.fingerprint(dataset_dir)
     parquet = pq.ParquetFile(products)
     if incremental and schema.CONTENT_HASH not in parquet.schema_arrow.names:
