@@ -470,7 +470,11 @@ def write_report(results: dict[str, list[dict[str, Any]]], out_dir: Path, cfg: C
     for name, seeds in results.items():
         runs = [r["run"] for r in seeds]
         early = sum(r.get("stopped_by") == "patience" for r in runs)
-        stopped = (f"patience: {early} of {len(runs)} seeds" if cfg.patience else "step cap (no early stop)")
+        if not cfg.patience:
+            stopped = "step cap (no early stop)"
+        else:
+            stopped = ", ".join(f"{what} ({n} of {len(runs)})" for what, n in
+                                (("patience", early), ("step cap", len(runs) - early)) if n)
         lines.append(
             f"| {name} | {runs[0]['group']} | {data_cell} | {params[name]:,} | {len(runs)} | "
             f"{', '.join(str(r['steps']) for r in runs)} | "
