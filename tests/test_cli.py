@@ -55,7 +55,8 @@ def test_choices_mirror_the_library():
       "upweight_conversions": "upweight_conversions", "checkpoint_every": "checkpoint_every",
       "eval_every": "eval_every", "eval_sample": "eval_sample", "device": "device", "seed": "seed"}),
     ("compare", "itemsage.compare:CompareConfig",
-     {"preset": "preset", "steps": "steps", "batch_size": "batch_size", "seed": "seed"}),
+     {"preset": "preset", "steps": "steps", "batch_size": "batch_size", "seed": "seed", "seeds": "seeds",
+      "eval_every": "eval_every", "patience": "patience"}),
     ("demo", "itemsage.demo:DemoSettings",
      {"out": "out", "products": "products", "train_minutes": "train_minutes", "preset": "preset", "seed": "seed"}),
 ])

@@ -22,7 +22,10 @@ def run(tmp_path_factory):
     cfg = TrainConfig(preset="tiny", batch_size=16, random_negatives_ratio=2, max_steps=12, warmup_steps=2, lr=3e-3,
                       checkpoint_every=0, eval_every=4, eval_sample=5000, patience=0, device="cpu", seed=3)
     trained = train(dataset, root / "run", cfg, progress=False)
-    result = evaluate(trained.model_dir, dataset)
+    from itemsage.embed import embed
+
+    embed(trained.model_dir, dataset, root / "embeddings", progress=False)
+    result = evaluate(trained.model_dir, dataset, root / "embeddings")
     report = write_report(result, root / "report")
     return dataset, trained, result, report
 
@@ -66,9 +69,13 @@ def test_report_files_exist_and_are_listed(run):
 def test_training_curves_come_from_the_run(run):
     _, trained, result, _ = run
     curves = result["training_curves"]
-    assert [s for s, _ in curves[LOSS_TAG]] == list(range(1, 13))  # one loss point per step
+    assert [p[0] for p in curves[LOSS_TAG]] == list(range(1, 13))  # one loss point per step
     assert curves[LOSS_TAG][-1][1] == pytest.approx(trained.final_loss, rel=1e-5)
-    assert [s for s, _ in curves[VALIDATION_TAG]] == [4, 8, 12]  # every --eval-every steps
+    assert [p[0] for p in curves[VALIDATION_TAG]] == [4, 8, 12]  # every --eval-every steps
+    # wall time since the first step: starts at 0, never goes back, within the run's elapsed time
+    seconds = [p[2] for p in curves[LOSS_TAG]]
+    assert seconds[0] == 0.0 and np.all(np.diff(seconds) >= 0) and seconds[-1] <= trained.elapsed_s + 1
+    assert [p[2] for p in curves[VALIDATION_TAG]] == sorted(p[2] for p in curves[VALIDATION_TAG])
     # the chosen model's validation score is the best point of the curve
     best = max(curves[VALIDATION_TAG], key=lambda p: p[1])
     assert trained.best_step == best[0] == result["data"]["best_step"]

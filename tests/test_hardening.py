@@ -99,7 +99,7 @@ def test_evaluate_refuses_a_dataset_without_a_manifest(trained, tmp_path):
     copy = shutil.copytree(data, tmp_path / "data")
     (copy / artifacts.MANIFEST).unlink()
     with pytest.raises(ArtifactError, match="no manifest.json"):
-        evaluate(model, copy)
+        evaluate(model, copy, tmp_path / "embeddings")  # the dataset is checked first
 
 
 def logs_files(data: Path) -> list[str]:
@@ -119,7 +119,7 @@ def test_evaluate_and_train_name_a_truncated_file(trained, tmp_path):
         with open(copy / name, "r+b") as f:
             f.truncate((copy / name).stat().st_size - 9)
         with pytest.raises(ArtifactError, match=f"{name} is .* bytes, its manifest says"):
-            evaluate(model, copy)
+            evaluate(model, copy, tmp_path / "embeddings")  # the dataset is checked first
         with pytest.raises(ArtifactError, match=name):
             train(copy, tmp_path / f"run-{name}", tiny(max_steps=1, eval_sample=0), progress=False)
 

@@ -52,26 +52,47 @@ def test_demo_rerun_skips_finished_stages(demo, tmp_path):
 
 
 def test_compare_report(demo, tmp_path):
-    from itemsage.compare import CompareConfig, compare
+    from itemsage.compare import COLOURS, SUMMARY_KEYS, CompareConfig, compare
 
-    cfg = CompareConfig(preset="tiny", steps=5, batch_size=64,
+    cfg = CompareConfig(preset="tiny", steps=6, batch_size=64, seeds=2, eval_every=2, patience=1,
                         runs=("itemsage", "text_only", "single_task_click", "in_batch_negatives"))
     report = compare(demo.dataset, tmp_path / "cmp", cfg, progress=False)
     text = report.read_text()
-    for heading in ("Architecture and modalities", "Negatives", "Multi-task against single-task", "Cold start"):
+    assert text.startswith("# ItemSage comparisons\n\n## What this says\n")
+    for heading in ("Architecture and modalities", "Negatives", "Multi-task against single-task", "## Convergence"):
         assert heading in text
     results = json.loads((tmp_path / "cmp" / "results.json").read_text())
     assert set(results) == set(cfg.runs)
     # The single-task model trained on clicks only: the text-only model has no image projection.
-    assert results["single_task_click"]["run"]["train_config"]["tasks"] == [
+    seeds = {n: r["seeds"] for n, r in results.items()}
+    assert seeds["single_task_click"][0]["run"]["train_config"]["tasks"] == [
         "search.click", "closeup.click", "home.click"]
-    assert results["text_only"]["run"]["parameters"] < results["itemsage"]["run"]["parameters"]
+    assert seeds["text_only"][0]["run"]["parameters"] < seeds["itemsage"][0]["run"]["parameters"]
     for png in ("architecture.png", "negatives.png", "tasks.png", "training_curves.png", "recall_at_k.png"):
         assert (tmp_path / "cmp" / png).read_bytes()[:4] == b"\x89PNG"
-    assert "## Nearest neighbours (itemsage)" in text and "![Training curves](training_curves.png)" in text
-    for name, r in results.items():  # each run's model: its best validation evaluation, from its own logs
-        points = r["training_curves"]["validation/recall@10/all"]
-        assert [s for s, _ in points] == [2, 4, 5]  # evals=4 over 5 steps: every 2 steps, and the last
-        assert r["run"]["best_step"] == max(points, key=lambda p: p[1])[0]
-        assert r["recall_curve"]["exact"]["all"][9] == pytest.approx(r["exact"]["all"]["recall@10"])
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert summary["products"] == demo.evaluation["data"]["products"] and summary["stopping"] == cfg.stopping()
+    for name, runs in seeds.items():
+        assert [r["run"]["seed"] for r in runs] == [0, 1]
+        for r in runs:
+            run = r["run"]
+            # every run was embedded by embed.py and evaluated against those vectors
+            emb = tmp_path / "cmp" / "runs" / name / f"seed-{run['seed']}" / "embeddings"
+            assert r["data"]["embeddings_fingerprint"] == artifacts.fingerprint(emb)
+            # each run's model: its best validation evaluation; it stopped at patience or the step cap
+            points = r["training_curves"]["validation/recall@10/all"]
+            assert [p[0] for p in points] == list(range(2, run["steps"] + 1, 2))
+            assert run["best_step"] == max(points, key=lambda p: p[1])[0]
+            assert run["stopped_by"] == ("patience" if run["steps"] < cfg.steps else "step cap")
+            assert run["stopped_early"] or run["steps"] == cfg.steps
+            assert r["recall_curve"]["exact"]["all"][9] == pytest.approx(r["exact"]["all"]["recall@10"])
+        # summary.json: mean and sd over the two seeds, from each seed's own test figures
+        alls = [r["exact"]["all"]["recall@10"] for r in runs]
+        assert summary[name]["all"]["mean"] == pytest.approx(np.mean(alls))
+        assert summary[name]["all"]["sd"] == pytest.approx(np.std(alls, ddof=1))
+        assert set(summary[name]) == set(SUMMARY_KEYS)
+    assert len({COLOURS[n] for n in cfg.runs}) == len(cfg.runs)
     artifacts.verify_manifest(tmp_path / "cmp", kind="comparison")
+    # a re-run finds every (run, seed) on disk and writes the same summary
+    again = compare(demo.dataset, tmp_path / "cmp", cfg, progress=False)
+    assert json.loads((again.parent / "summary.json").read_text()) == summary

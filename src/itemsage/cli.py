@@ -138,7 +138,8 @@ _FLAGS: dict[str, dict[str, str]] = {
               "eval_sample": "--eval-sample", "patience": "--patience", "device": "--device", "seed": "--seed"},
     "model": {"aggregator": "--aggregator", "modalities": "--modalities"},
     "compare": {"preset": "--preset", "steps": "--steps", "batch_size": "--batch-size", "runs": "--runs",
-                "eval_sample": "--eval-sample", "seed": "--seed", "evals": "--evals"},
+                "eval_sample": "--eval-sample", "seed": "--seed", "seeds": "--seeds", "eval_every": "--eval-every",
+                "patience": "--patience"},
     "demo": {"products": "--products", "train_minutes": "--train-minutes", "preset": "--preset", "seed": "--seed"},
     "ingest": {"split": "--split", "validation_fraction": "--validation-fraction", "test_fraction": "--test-fraction",
                "validation_from": "--validation-from", "test_from": "--test-from", "gap_hours": "--gap-hours",
@@ -658,7 +659,7 @@ def _recall_table(result: dict, title: str):
 
     table = Table(title=title)
     for name, justify in (("task", "left"), ("pairs", "right"), ("exact", "right"), ("ANN", "right"),
-                          ("popularity", "right"), ("cold start", "right")):
+                          ("popularity", "right"), ("cold start", "right"), ("seen", "right"), ("unseen", "right")):
         table.add_column(name, justify=justify)
     for row in recall_table(result, 10):
         table.add_row(*row)
@@ -670,25 +671,30 @@ def evaluate_cmd(
     model: Path = typer.Argument(..., help="Model directory (RUN_DIR/model from `itemsage train`)."),
     dataset: Path = typer.Argument(..., help="Dataset directory from `itemsage ingest`."),
     out: Path = typer.Option(..., "--out", help="Directory for report.md and evaluation.json."),
+    embeddings: Path = typer.Option(
+        ..., "--embeddings", help="Embeddings directory that `itemsage embed` wrote with this model: the catalog "
+                                  "is ranked by these vectors (exact search over them)."),
     index: Optional[Path] = typer.Option(None, "--index", show_default=False,
-                                         help="Index root: also rank through the ANN index."),
+                                         help="Index root built from those embeddings: also rank through it (ANN)."),
     sample: Optional[int] = typer.Option(None, "--sample", show_default=False,
                                          help="Evaluate a stratified sample of N test-window pairs (default: all)."),
     device: EvalDevice = typer.Option(EvalDevice.cpu, "--device", help="Where to run the tower."),
 ) -> None:
-    """Recall@1/10/100 per surface x engagement on the test window: exact, ANN, popularity, cold start.
+    """Recall@1/10/100 per surface x engagement on the test window: exact, ANN, popularity, cold start,
+    and pairs seen / unseen in the train window.
 
-    The report adds Recall@K curves, the training curves and a gallery of nearest neighbours.
+    The catalog is ranked by the vectors `itemsage embed` wrote (not re-embedded here), so the figures
+    are those of what is served. The report adds Recall@K curves, the training curves and a gallery.
 
     Example:
 
-        itemsage evaluate runs/train/model runs/data --index runs/index --out runs/eval
+        itemsage evaluate runs/train/model runs/data --embeddings runs/emb --index runs/index --out runs/eval
     """
     from itemsage.artifacts import ArtifactError
     from itemsage.evaluate import evaluate, write_report
 
     try:
-        result = evaluate(model, dataset, index_root=index, sample=sample, device=device.value)
+        result = evaluate(model, dataset, embeddings, index_root=index, sample=sample, device=device.value)
     except (ArtifactError, FileNotFoundError, ValueError) as err:
         fail(str(err))
     report = write_report(result, out)
@@ -709,27 +715,31 @@ def compare_cmd(
         help="Directory for the runs, report.md, plots and results.json; or `out` in --config."),
     config: Optional[Path] = typer.Option(None, "--config", show_default=False, help=_CONFIG_HELP.format("compare")),
     preset: Preset = typer.Option(Preset.cpu, "--preset", help="Model preset of every run."),
-    steps: int = typer.Option(800, "--steps", help="Training steps of every run (the same budget for all)."),
+    steps: int = typer.Option(3000, "--steps", help="Step cap of every run; early stopping usually ends a run first."),
     batch_size: int = typer.Option(1024, "--batch-size", help="Positives per step of every run."),
     runs: Optional[str] = typer.Option(
         None, "--runs", show_default=False,
         help=f"Comma-separated subset of runs (default: all): {', '.join(RUNS)}."),
     eval_sample: Optional[int] = typer.Option(None, "--eval-sample", show_default=False,
                                               help="Test-window pairs per run (default: all)."),
-    evals: int = typer.Option(
-        4, "--evals", help="Validation-window evaluations per run, spread over --steps; each run keeps its best "
-                           "(0: none, the last step's model)."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds per run (mean and sd over them); fewer for less time."),
+    eval_every: int = typer.Option(
+        100, "--eval-every", help="Steps between validation-window evaluations; each run keeps its best."),
+    patience: int = typer.Option(
+        3, "--patience", help="Evaluations without a gain before a run stops, the same for every run "
+                              "(0: no early stop, every run goes to --steps)."),
     random_negatives_ratio: float = typer.Option(
         4.0, "--random-negatives-ratio", help="Random negatives per positive in every run (paper: 4)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed of every run."),
+    seed: int = typer.Option(0, "--seed", help="First seed: runs use --seed, --seed + 1, ..."),
 ) -> None:
-    """Train the paper's comparisons (models chosen on the validation window) and report them on the test window.
+    """Train the paper's comparisons to convergence (early stopping on the validation window), with
+    seeds, and report them on the test window: mean ± sd, plots, summary.json.
 
-    A re-run skips the runs whose result is already on disk.
+    A re-run skips the (run, seed) pairs whose result is already on disk.
 
     Examples:
 
-        itemsage compare runs/data --out runs/compare --runs itemsage,text_only,sum_pooling
+        itemsage compare runs/data --out runs/compare --runs itemsage,text_only,sum_pooling --seeds 2
 
         itemsage compare --config run.toml
     """
@@ -749,7 +759,8 @@ def compare_cmd(
     if dataset is None or out is None:
         fail("give the DATASET argument and --out (or `dataset` and `out` in the --config file)")
     given = _given(ctx, {"preset": preset, "steps": steps, "batch_size": batch_size, "runs": runs,
-                         "eval_sample": eval_sample, "seed": seed, "evals": evals})
+                         "eval_sample": eval_sample, "seed": seed, "seeds": seeds, "eval_every": eval_every,
+                         "patience": patience})
     overrides = dict(table.pop("train_overrides", None) or {})
     if _given(ctx, {"random_negatives_ratio": random_negatives_ratio}) or "random_negatives_ratio" not in overrides:
         overrides["random_negatives_ratio"] = random_negatives_ratio

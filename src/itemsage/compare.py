@@ -1,19 +1,30 @@
-"""The paper's comparisons on one split (SPEC §9): every row trained and evaluated the same way.
+"""The paper's comparisons on one split: every row trained, embedded and evaluated the same way.
 
 Rows are configurations of the same `train()`, never copies of the model:
 - architecture and modalities: transformer (image + text) against image only, text only,
   sum pooling and the concat MLP;
 - multi-task against one single-task model per engagement type (all surfaces of that engagement);
 - negatives: in-batch only and random only against mixed.
-Every run gets the same data, batch size, step budget and seed, and is ranked against the whole
-catalog by exact search, so the differences are the configuration's. Each run's model is its best
-evaluation on the validation window (`evals` evaluations spread over the steps, no early stop, so the
-budget stays equal); every reported figure is on the test window. A re-run skips runs whose result
-is already on disk.
 
-The report shows, besides the tables: every run's training loss and validation Recall@10 against
-steps (training_curves.png), every run's Recall@K curve per surface (recall_at_k.png), and the
-reference model's nearest neighbours for a few test queries per surface.
+Every row is trained to convergence the same way: validation-window Recall@10 every `eval_every`
+steps, early stopping after `patience` evaluations without a gain (the same patience for all), a
+step cap `steps`, and the best evaluation's model kept. Each row runs `seeds` times (seeds `seed`,
+`seed + 1`, ...); the tables and plots give the mean and the sample standard deviation over seeds.
+Each run's catalog is embedded with `embed.embed` (as `itemsage embed` does) and `evaluate` ranks
+against those vectors by exact search, on the test window. A re-run skips the (run, seed) pairs
+whose result is already on disk.
+
+Written next to the report: results.json (every seed's evaluation), summary.json (what the
+figures are drawn from: `{run: {key: {"mean", "sd", "seeds"}}}` for search, closeup, home, all and
+cold_start, Recall@10 exact on the test window, plus "products" and "stopping"), and the plots:
+Recall@10 per surface with error bars per group (architecture.png, negatives.png), each single-task
+model on its own engagement against the multi-task model (tasks.png), training loss and validation
+Recall@10 against steps and against wall time for every run and seed (training_curves.png),
+Recall@K curves (recall_at_k.png). One colour per run across every figure. The report opens with a
+"what this says" paragraph written by `what_this_says` from the numbers.
+
+Not here: the user-level protocol (per-user Recall/NDCG as recommender libraries report it); it
+needs products as queries, which comes later.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,20 +59,28 @@ RUNS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "random_negatives": ("negatives", {"negatives": "random"}, {}),
 }
 RESULT_FILE = "result.json"
+SUMMARY_FILE = "summary.json"
+SUMMARY_KEYS: tuple[str, ...] = (*schema.SURFACES, "all", "cold_start")  # the keys of summary.json
+CONVERSIONS: tuple[str, ...] = ("add_to_cart", "checkout")
+# One colour per run in every figure (matplotlib's tab10, then black); the popularity baseline is grey.
+COLOURS: dict[str, str] = dict(zip(RUNS, ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+                                          "#e377c2", "#bcbd22", "#17becf", "#000000", "#7f7f7f"]))
 
 
 @dataclass
 class CompareConfig:
-    """The shared budget of every run. Validated at construction; errors name the option."""
+    """The shared budget and stopping rule of every run. Validated at construction; errors name the option."""
 
     preset: str = "cpu"
-    steps: int = 800  # per run, the same for every row
+    steps: int = 3000  # step cap per run; early stopping on the validation window usually ends a run first
     batch_size: int = 1024
     runs: tuple[str, ...] = tuple(RUNS)
+    seeds: int = 3  # runs per row (seeds seed, seed + 1, ...): mean and sd over them
+    eval_every: int = 100  # steps between validation evaluations (they choose the model and stop the run)
+    patience: int = 3  # evaluations without a better validation Recall@10 before a run stops; the same for all
     eval_sample: int | None = None  # test pairs per run; None = the whole test window
-    evals: int = 4  # validation evaluations per run (they choose its model); 0 = none, the last step's model
     validation_sample: int = 2000  # validation pairs per evaluation
-    seed: int = 0
+    seed: int = 0  # the first seed
     train_overrides: dict[str, Any] = field(default_factory=dict)  # any other TrainConfig option
 
     def __post_init__(self) -> None:
@@ -71,38 +91,56 @@ class CompareConfig:
         require(isinstance(self.steps, int) and self.steps >= 1, f"compare.steps ({self.steps!r}) must be >= 1")
         require(isinstance(self.batch_size, int) and self.batch_size >= 2,
                 f"compare.batch_size ({self.batch_size!r}) must be >= 2")
-        require(isinstance(self.evals, int) and self.evals >= 0, f"compare.evals ({self.evals!r}) must be >= 0")
+        require(isinstance(self.seeds, int) and self.seeds >= 1, f"compare.seeds ({self.seeds!r}) must be >= 1")
+        require(isinstance(self.eval_every, int) and self.eval_every >= 1,
+                f"compare.eval_every ({self.eval_every!r}) must be >= 1: the validation window stops every run")
+        require(isinstance(self.patience, int) and self.patience >= 0,
+                f"compare.patience ({self.patience!r}) must be >= 0 (0: no early stop, run to compare.steps)")
         require(isinstance(self.validation_sample, int) and self.validation_sample >= 1,
                 f"compare.validation_sample ({self.validation_sample!r}) must be >= 1")
 
+    @property
+    def seed_list(self) -> list[int]:
+        return [self.seed + i for i in range(self.seeds)]
 
-def train_config(name: str, cfg: CompareConfig):
-    """The TrainConfig of run `name` under the shared budget."""
+    def stopping(self) -> str:
+        """The stopping rule of every run, in words (the report and summary.json state it)."""
+        stop = (f"early stopping after {self.patience} evaluations without a gain, capped at {self.steps} steps"
+                if self.patience else f"no early stop: {self.steps} steps")
+        return (f"validation-window Recall@10 ({self.validation_sample} sampled pairs) every {self.eval_every} steps; "
+                f"{stop}; each run keeps its best evaluation's model")
+
+
+def train_config(name: str, cfg: CompareConfig, seed: int | None = None):
+    """The TrainConfig of run `name` (with `seed`, default cfg.seed) under the shared budget."""
     from itemsage.train import TrainConfig
 
     _, train_over, model_over = RUNS[name]
     options = {
-        "preset": cfg.preset, "max_steps": cfg.steps, "batch_size": cfg.batch_size, "seed": cfg.seed,
-        "eval_every": -(-cfg.steps // cfg.evals) if cfg.evals else 0,
-        "eval_sample": cfg.validation_sample if cfg.evals else 0, "patience": 0, "checkpoint_every": 0,
+        "preset": cfg.preset, "max_steps": cfg.steps, "batch_size": cfg.batch_size,
+        "seed": cfg.seed if seed is None else seed, "eval_every": cfg.eval_every,
+        "eval_sample": cfg.validation_sample, "patience": cfg.patience, "checkpoint_every": 0,
         **cfg.train_overrides, **train_over,
     }
     options["model"] = {**cfg.train_overrides.get("model", {}), **model_over}
     return TrainConfig(**options)
 
 
-def run_one(name: str, dataset_dir: Path, out_dir: Path, cfg: CompareConfig, progress: bool) -> dict[str, Any]:
-    """Train and evaluate one row; its result.json is written last, so a finished run is skipped."""
+def run_one(name: str, seed: int, dataset_dir: Path, out_dir: Path, cfg: CompareConfig,
+            progress: bool) -> dict[str, Any]:
+    """Train, embed and evaluate one row with one seed; its result.json is written last, so a
+    finished (run, seed) is skipped."""
+    from itemsage.embed import embed
     from itemsage.evaluate import evaluate
     from itemsage.model import load_model
     from itemsage.train import train
 
-    run_dir = out_dir / "runs" / name
+    run_dir = out_dir / "runs" / name / f"seed-{seed}"
     done = run_dir / RESULT_FILE
     if done.is_file():
-        log.info("compare: %s already done, skipping", name)
+        log.info("compare: %s seed %d already done, skipping", name, seed)
         return json.loads(done.read_text())
-    tcfg = train_config(name, cfg)
+    tcfg = train_config(name, cfg, seed)
     if run_dir.exists():  # an unfinished earlier attempt: start the run again from scratch
         import shutil
 
@@ -110,17 +148,28 @@ def run_one(name: str, dataset_dir: Path, out_dir: Path, cfg: CompareConfig, pro
     start = time.perf_counter()
     trained = train(dataset_dir, run_dir, tcfg, progress=progress)
     train_s = time.perf_counter() - start
-    result = evaluate(trained.model_dir, dataset_dir, sample=cfg.eval_sample, seed=cfg.seed)
+    embedded = embed(trained.model_dir, dataset_dir, run_dir / "embeddings", progress=progress)
+    # The test sample (if any) is drawn with the first seed, so every row and seed ranks the same pairs.
+    result = evaluate(trained.model_dir, dataset_dir, run_dir / "embeddings", sample=cfg.eval_sample, seed=cfg.seed)
     loaded = load_model(trained.model_dir)
     result["run"] = {
         "name": name,
         "group": RUNS[name][0],
+        "seed": seed,
         "train_config": dataclasses.asdict(tcfg),
         "model_config": dataclasses.asdict(loaded.config),
-        "parameters": sum(p.numel() for p in loaded.tower.parameters()),
+        "parameters": sum(p.numel() for p in loaded.tower.parameters())
+                      + sum(p.numel() for p in loaded.adapters.parameters()),
         "steps": trained.steps,
         "best_step": trained.best_step,
+        "stopped_early": trained.stopped_early,
+        # patience: stopped before the cap; step cap: still improving (or patience ran out at the cap itself)
+        "stopped_by": "patience" if trained.stopped_early and trained.steps < cfg.steps else "step cap",
+        "stopping": cfg.stopping(),
+        "validation_recall_at_10": (trained.final_recall.get("all") or {}).get("recall@10"),
         "train_seconds": round(train_s, 1),
+        "embed_seconds": round(embedded.seconds, 1),
+        "wall_seconds": round(time.perf_counter() - start, 1),
         "pairs_per_s": round(trained.pairs_per_s, 1),
         "final_loss": trained.final_loss,
     }
@@ -129,139 +178,310 @@ def run_one(name: str, dataset_dir: Path, out_dir: Path, cfg: CompareConfig, pro
 
 
 def compare(dataset_dir: str | Path, out_dir: str | Path, cfg: CompareConfig, progress: bool = True) -> Path:
-    """Train and evaluate every configured run, then write report.md, plots and results.json."""
+    """Train, embed and evaluate every configured run with every seed, then write report.md,
+    summary.json, results.json and the plots."""
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     artifacts.read_manifest(dataset_dir, kind="dataset")
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for i, name in enumerate(cfg.runs, 1):
-        log.info("compare: run %d/%d: %s", i, len(cfg.runs), name)
-        results[name] = run_one(name, dataset_dir, out_dir, cfg, progress)
+    results: dict[str, list[dict[str, Any]]] = {}
+    total, i = len(cfg.runs) * cfg.seeds, 0
+    for name in cfg.runs:
+        for seed in cfg.seed_list:
+            i += 1
+            log.info("compare: run %d/%d: %s, seed %d", i, total, name, seed)
+            results.setdefault(name, []).append(run_one(name, seed, dataset_dir, out_dir, cfg, progress))
     return write_report(results, out_dir, cfg, dataset_dir)
 
 
-# ---- the report ---------------------------------------------------------------------------------
+# ---- the numbers: per seed, then mean and sd over seeds -----------------------------------------
 
 
-def _recall(result: dict[str, Any], task: str, k: int = 10) -> float | None:
-    row = result["exact"].get(task)
+def _recall(result: dict[str, Any], task: str, k: int = 10, block: str = "exact") -> float | None:
+    row = result[block].get(task)
     return None if not row or row["n"] == 0 else row[f"recall@{k}"]
+
+
+def _pooled(block: dict[str, Any], tasks: list[str], k: int = 10) -> float | None:
+    """Recall@k over the pairs of `tasks` (the pair-weighted mean of their figures)."""
+    rows = [block[t] for t in tasks if t in block and block[t]["n"]]
+    n = sum(r["n"] for r in rows)
+    return None if n == 0 else sum(r[f"recall@{k}"] * r["n"] for r in rows) / n
 
 
 def _surface_recall(result: dict[str, Any], surface: str, k: int = 10) -> float | None:
     """Recall@k over all of a surface's pairs (pair-weighted mean of its tasks)."""
-    rows = [v for t, v in result["exact"].items() if t.startswith(surface + ".") and v["n"]]
-    n = sum(r["n"] for r in rows)
-    return None if n == 0 else sum(r[f"recall@{k}"] * r["n"] for r in rows) / n
+    return _pooled(result["exact"], [schema.task_name(surface, e) for e in schema.ENGAGEMENTS], k)
+
+
+def seed_scores(result: dict[str, Any], k: int = 10) -> dict[str, float | None]:
+    """One seed's Recall@k (exact, test window) under every key the report uses: each surface, `all`,
+    `cold_start`, `seen`, `unseen`, each engagement (pooled over surfaces) and each task."""
+    scores: dict[str, float | None] = {s: _surface_recall(result, s, k) for s in schema.SURFACES}
+    scores["all"] = _recall(result, "all", k)
+    for block in ("cold_start", "seen", "unseen"):
+        scores[block] = _recall(result[block], "all", k) if result.get(block, {}).get("exact") else None
+    for e in schema.ENGAGEMENTS:
+        scores[e] = _pooled(result["exact"], [schema.task_name(s, e) for s in schema.SURFACES], k)
+    for task in result["exact"]:
+        if task != "all":
+            scores[task] = _recall(result, task, k)
+    return scores
+
+
+def mean_sd(values: list[float | None]) -> dict[str, Any]:
+    """{"mean", "sd", "seeds"} over the seeds that have a value; sd is the sample standard deviation
+    (n - 1), 0.0 for a single seed; mean and sd are None when no seed has a value."""
+    xs = [float(v) for v in values if v is not None and not math.isnan(v)]
+    if not xs:
+        return {"mean": None, "sd": None, "seeds": 0}
+    mean = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return {"mean": mean, "sd": sd, "seeds": len(xs)}
+
+
+def aggregate(results: dict[str, list[dict[str, Any]]], k: int = 10) -> dict[str, dict[str, dict[str, Any]]]:
+    """{run: {key: mean_sd over its seeds}} for every key of `seed_scores`."""
+    out = {}
+    for name, seeds in results.items():
+        per_seed = [seed_scores(r, k) for r in seeds]
+        keys = list(dict.fromkeys(key for s in per_seed for key in s))
+        out[name] = {key: mean_sd([s.get(key) for s in per_seed]) for key in keys}
+    return out
+
+
+def summary(agg: dict[str, dict[str, dict[str, Any]]], products: int, stopping: str) -> dict[str, Any]:
+    """summary.json: {run: {key: {"mean", "sd", "seeds"}}} for SUMMARY_KEYS, plus "products" and "stopping"."""
+    out: dict[str, Any] = {name: {key: by_key.get(key, mean_sd([])) for key in SUMMARY_KEYS}
+                           for name, by_key in agg.items()}
+    out["products"] = int(products)
+    out["stopping"] = stopping
+    return out
+
+
+# ---- "what this says": sentences written from the numbers --------------------------------------
+
+
+def _gap(agg: dict[str, Any], a: str, b: str, key: str) -> tuple[float, bool] | None:
+    """(mean of a - mean of b, whether the gap exceeds the two sds together) on `key`; None if either is missing."""
+    x, y = agg.get(a, {}).get(key), agg.get(b, {}).get(key)
+    if not x or not y or x["mean"] is None or y["mean"] is None:
+        return None
+    return x["mean"] - y["mean"], abs(x["mean"] - y["mean"]) > (x["sd"] or 0.0) + (y["sd"] or 0.0)
+
+
+def _claim(agg: dict[str, Any], ours: str, others: list[str], keys: list[str], claim: str,
+           label: dict[str, str] | None = None) -> str:
+    """One sentence: does `ours` reach every run of `others` on every key, and where it does not, by how much."""
+    label = label or {}
+    losses = []
+    for key in keys:
+        for other in others:
+            g = _gap(agg, ours, other, key)
+            if g is not None and g[0] < 0:
+                losses.append(f"{label.get(key, key)} against {other} ({g[0]:+.3f}, "
+                              f"{'beyond' if g[1] else 'within'} the seeds' spread)")
+    tested = [o for o in others if o in agg]
+    if not tested:
+        return f"{claim}: not tested (its rows were not run)."
+    if not losses:
+        return f"{claim}: holds here ({ours} is at or above {', '.join(tested)} on {', '.join(label.get(k, k) for k in keys)})."
+    return f"{claim}: does not hold everywhere; {ours} trails on " + "; ".join(losses) + "."
+
+
+def what_this_says(agg: dict[str, dict[str, dict[str, Any]]], seeds: int) -> str:
+    """The report's opening paragraph, from the means and sds: who wins each key, and each of the
+    paper's claims tested against these rows."""
+    parts = []
+    wins = []
+    for key in SUMMARY_KEYS:
+        scored = [(by[key]["mean"], name) for name, by in agg.items() if by.get(key) and by[key]["mean"] is not None]
+        if scored:
+            best, name = max(scored)
+            wins.append(f"{key} {name} ({best:.3f})")
+    n = f"{seeds} seed{'s' if seeds > 1 else ''}"
+    parts.append(f"Highest mean Recall@10 (test window, exact, {n}): " + ", ".join(wins) + ".")
+    baselines = [b for b in ("image_only", "text_only", "sum_pooling", "concat_mlp") if b in agg]
+    parts.append(_claim(agg, "itemsage", baselines, list(SUMMARY_KEYS),
+                        "The paper's claim that the transformer is at least as good as every baseline"))
+    singles = {e: f"single_task_{e}" for e in CONVERSIONS if f"single_task_{e}" in agg}
+    if singles:
+        sentences = [_claim(agg, "itemsage", [single], [e], f"Multi-task >= single-task on {e}")
+                     for e, single in singles.items()]
+        parts += sentences
+    else:
+        parts.append("Multi-task >= single-task on the conversion tasks: not tested (no single-task conversion row).")
+    negatives = [r for r in ("in_batch_negatives", "random_negatives") if r in agg]
+    parts.append(_claim(agg, "itemsage", negatives, [*schema.SURFACES, "all"],
+                        "Mixed negatives >= each single source"))
+    return " ".join(parts)
+
+
+# ---- the report ---------------------------------------------------------------------------------
 
 
 def _fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:.3f}"
 
 
-def _surface_table(names: list[str], results: dict[str, Any]) -> list[str]:
-    lines = ["| run | params | " + " | ".join(schema.SURFACES) + " | all |", "|---|---:|" + "---:|" * (len(schema.SURFACES) + 1)]
+def _pm(cell: dict[str, Any] | None) -> str:
+    if not cell or cell["mean"] is None:
+        return "–"
+    return f"{cell['mean']:.3f}" + (f" ± {cell['sd']:.3f}" if cell["seeds"] > 1 else "")
+
+
+def _score_table(names: list[str], agg: dict[str, Any], params: dict[str, int],
+                 keys: tuple[str, ...] = (*SUMMARY_KEYS, "seen", "unseen")) -> list[str]:
+    lines = ["| run | params | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
     for n in names:
-        r = results[n]
-        cells = [_fmt(_surface_recall(r, s)) for s in schema.SURFACES] + [_fmt(_recall(r, "all"))]
-        lines.append(f"| {n} | {r['run']['parameters']:,} | " + " | ".join(cells) + " |")
+        lines.append(f"| {n} | {params[n]:,} | " + " | ".join(_pm(agg[n].get(k)) for k in keys) + " |")
     return lines
 
 
-def _task_rows(results: dict[str, Any]) -> list[str]:
-    """Multi-task against each engagement's single-task model, on that engagement's tasks."""
-    lines = ["| task | pairs | single-task | multi-task |", "|---|---:|---:|---:|"]
-    ref = results["itemsage"]
-    for e in schema.ENGAGEMENTS:
-        single = results.get(f"single_task_{e}")
-        if single is None:
-            continue
-        for s in schema.SURFACES:
-            t = schema.task_name(s, e)
-            n = ref["exact"].get(t, {}).get("n", 0)
-            lines.append(f"| {t} | {n} | {_fmt(_recall(single, t))} | {_fmt(_recall(ref, t))} |")
-    return lines
-
-
-def _pictures(results: dict[str, Any], out_dir: Path) -> list[str]:
-    """training_curves.png and recall_at_k.png over every run, and the reference run's gallery."""
-    from itemsage.evaluate import gallery_markdown, plot_recall_curves, plot_training_curves
-
-    lines = []
-    curves = {n: r["training_curves"] for n, r in results.items() if r.get("training_curves")}
-    if curves:
-        plot_training_curves(out_dir / "training_curves.png", curves, "Training loss and validation Recall@10",
-                             chosen={n: results[n]["run"].get("best_step") for n in curves})
-        lines += ["", "## Training curves", "", "Loss per step, and the validation Recall@10 that chose each "
-                  "run's model (its best point).", "", "![Training curves](training_curves.png)"]
-    recall = {n: r["recall_curve"] for n, r in results.items() if r.get("recall_curve")}
-    if recall:
-        plot_recall_curves(out_dir / "recall_at_k.png", recall, "Recall@K per surface, test window")
-        lines += ["", "## Recall@K, K = 1..100", "", "![Recall@K per surface](recall_at_k.png)"]
-    gallery = results["itemsage"].get("gallery")
-    if gallery:
-        lines += ["", "## Nearest neighbours (itemsage)", "",
-                  "A few test-window queries per surface, their top 10 by exact search; the engaged product "
-                  "in bold with ✔ (if it is in the top 10).", "", *gallery_markdown(gallery)]
-    return lines
-
-
-def _plot(path: Path, names: list[str], results: dict[str, Any], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _bar_plot(path: Path, names: list[str], agg: dict[str, Any], title: str,
+              keys: tuple[str, ...] = SUMMARY_KEYS) -> None:
+    """Mean Recall@10 per key, one bar per run in its colour, the seeds' sd as error bars."""
+    from itemsage.evaluate import _pyplot, _save_png
     import numpy as np
 
-    groups = list(schema.SURFACES) + ["all"]
+    plt = _pyplot()
     width = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     for i, n in enumerate(names):
-        vals = [(_surface_recall(results[n], g) if g != "all" else _recall(results[n], "all")) or 0.0 for g in groups]
-        ax.bar(np.arange(len(groups)) + i * width, vals, width, label=n)
-    ax.set_xticks(np.arange(len(groups)) + width * (len(names) - 1) / 2, groups)
-    ax.set_ylabel("Recall@10 (exact)")
-    ax.set_title(title)
+        cells = [agg[n].get(k) or {} for k in keys]
+        means = [c.get("mean") or 0.0 for c in cells]
+        sds = [c.get("sd") or 0.0 for c in cells]
+        ax.bar(np.arange(len(keys)) + i * width, means, width, yerr=sds, capsize=3, label=n, color=COLOURS[n])
+    ax.set_xticks(np.arange(len(keys)) + width * (len(names) - 1) / 2, keys)
+    ax.set_ylabel("Recall@10 (exact, test window)")
+    ax.set_ylim(0, 1)
+    ax.set_title(title + " (mean ± sd over seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with artifacts.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save_png(fig, path)
 
 
-def write_report(results: dict[str, Any], out_dir: Path, cfg: CompareConfig, dataset_dir: Path) -> Path:
-    ref = results["itemsage"]
+def _tasks_plot(path: Path, agg: dict[str, Any], engagements: list[str]) -> None:
+    """Each single-task model on its own engagement only, beside the multi-task model on that engagement."""
+    from itemsage.evaluate import _pyplot, _save_png
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(2.2 * len(engagements) + 2, 4))
+    labelled = set()
+    for i, e in enumerate(engagements):
+        for j, name in enumerate(("itemsage", f"single_task_{e}")):
+            cell = agg[name].get(e) or {}
+            label = None if name in labelled else ("itemsage (multi-task)" if name == "itemsage" else name)
+            labelled.add(name)
+            ax.bar(i + (j - 0.5) * 0.38, cell.get("mean") or 0.0, 0.36, yerr=cell.get("sd") or 0.0, capsize=3,
+                   color=COLOURS[name], label=label)
+    ax.set_xticks(range(len(engagements)), engagements)
+    ax.set_ylabel("Recall@10 on that engagement (exact, test)")
+    ax.set_ylim(0, 1)
+    ax.set_title("Multi-task vs each single-task model on its own engagement (mean ± sd)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+def _curves_plot(path: Path, results: dict[str, list[dict[str, Any]]]) -> bool:
+    """Training loss against steps, validation Recall@10 against steps and against wall time: every
+    run and seed, one colour per run. False when no run has logs."""
+    from itemsage.evaluate import LOSS_TAG, VALIDATION_TAG, _pyplot, _save_png
+
+    if not any(r.get("training_curves") for seeds in results.values() for r in seeds):
+        return False
+    plt = _pyplot()
+    fig, (loss_ax, step_ax, time_ax) = plt.subplots(1, 3, figsize=(15, 3.8))
+    for name, seeds in results.items():
+        for i, r in enumerate(seeds):
+            curves = r.get("training_curves") or {}
+            label = name if i == 0 else None
+            if curves.get(LOSS_TAG):
+                loss_ax.plot([p[0] for p in curves[LOSS_TAG]], [p[1] for p in curves[LOSS_TAG]], color=COLOURS[name],
+                             linewidth=0.8, alpha=0.8, label=label)
+            points = curves.get(VALIDATION_TAG) or []
+            if points:
+                step_ax.plot([p[0] for p in points], [p[1] for p in points], color=COLOURS[name], marker="o",
+                             markersize=2.5, linewidth=1.0, label=label)
+                time_ax.plot([p[2] if len(p) > 2 else float("nan") for p in points], [p[1] for p in points],
+                             color=COLOURS[name], marker="o", markersize=2.5, linewidth=1.0, label=label)
+    loss_ax.set(title="training loss", xlabel="step", ylabel="loss")
+    step_ax.set(title="validation Recall@10 against steps", xlabel="step", ylabel="Recall@10 (validation)")
+    time_ax.set(title="validation Recall@10 against wall time", xlabel="seconds of training", ylabel="Recall@10 (validation)")
+    for ax in (loss_ax, step_ax, time_ax):
+        ax.grid(alpha=0.3)
+    step_ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Every run and seed (one line per seed)")
+    fig.tight_layout()
+    _save_png(fig, path)
+    return True
+
+
+def _mean_curve(seeds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The Recall@K curves averaged over seeds."""
+    curves = [r["recall_curve"] for r in seeds if r.get("recall_curve")]
+    if not curves:
+        return None
+    panels = [p for p in curves[0]["exact"] if all(p in c["exact"] for c in curves)]
+    return {"k": curves[0]["k"], "exact": {p: [sum(v) / len(v) for v in zip(*(c["exact"][p] for c in curves))]
+                                          for p in panels}}
+
+
+def write_report(results: dict[str, list[dict[str, Any]]], out_dir: Path, cfg: CompareConfig,
+                 dataset_dir: Path) -> Path:
+    """report.md, summary.json, results.json and the plots from every run's seeds' results."""
+    from itemsage.evaluate import gallery_markdown, plot_recall_curves
+
+    ref = results["itemsage"][0]
     data = ref["data"]
     dataset = artifacts.read_manifest(dataset_dir, kind="dataset")
+    agg = aggregate(results)
+    params = {n: seeds[0]["run"]["parameters"] for n, seeds in results.items()}
     by_group: dict[str, list[str]] = {}
-    for name, r in results.items():
-        by_group.setdefault(r["run"]["group"], []).append(name)
-    train_rows = dataset.get("counts", {}).get("train_rows", {})
-    train_pairs = sum(train_rows.values()) if isinstance(train_rows, dict) else train_rows
+    for name, seeds in results.items():
+        by_group.setdefault(seeds[0]["run"]["group"], []).append(name)
+    counts = dataset.get("counts", {})
+    train_pairs = counts.get("train", sum((counts.get("train_rows") or {}).values()))
     ratio = cfg.train_overrides.get("random_negatives_ratio", 4.0)
-    sampled = "" if cfg.eval_sample is None else f" (a stratified sample of about {cfg.eval_sample:,}: an equal share per task, all pairs of smaller tasks)"
+    sampled = "" if cfg.eval_sample is None else f" (a stratified sample of about {cfg.eval_sample:,})"
+    data_cell = f"{data['products']:,} products, {train_pairs:,} train / {data['eval_pairs']:,} test pairs"
     lines = [
         "# ItemSage comparisons",
         "",
-        f"Data: {data['products']:,} products, {train_pairs:,} train-window pairs, {data['eval_pairs']:,} "
-        f"test-window pairs{sampled}, {data['cold_start_pairs']:,} of them on cold-start products.",
-        f"Budget, the same for every row: preset `{cfg.preset}`, {cfg.steps} steps of {cfg.batch_size} positives "
-        f"(+ {ratio:g}× random negatives where used), seed {cfg.seed}. Recall@10, exact search over the whole catalog, "
-        "per surface (pair-weighted over its engagement types), on the test window.",
-        (f"Each run's model is its best validation-window evaluation (one every {-(-cfg.steps // cfg.evals)} steps "
-         "and one at the end; `best step`); the validation window chose the models, so no figure here comes from it."
-         if cfg.evals else
-         "No validation evaluations: each run's model is its last step's."),
+        "## What this says",
         "",
-        "| run | group | params | steps | best step | train s | pairs/s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        what_this_says(agg, cfg.seeds),
+        "",
+        f"Data (every row): {data['products']:,} products, {train_pairs:,} train-window pairs, {data['eval_pairs']:,} "
+        f"test-window pairs{sampled}: {data['cold_start_pairs']:,} on cold-start products, {data.get('seen_pairs', 0):,} "
+        f"*seen* (surface, query and product already together in the train window), {data.get('unseen_pairs', 0):,} "
+        "*unseen*.",
+        f"Training, the same for every row: preset `{cfg.preset}`, batches of {cfg.batch_size} positives "
+        f"(+ {ratio:g}× random negatives where used), seeds {', '.join(map(str, cfg.seed_list))}. "
+        f"Stopping rule: {cfg.stopping()}.",
+        "Each run's catalog is embedded as `itemsage embed` does and ranked by exact search over those vectors; "
+        "Recall@10 per surface is pair-weighted over its engagement types, on the test window. Cells: mean ± sample "
+        "standard deviation over seeds. The validation window chose the models and stopped the runs; no figure "
+        "here comes from it.",
+        "",
+        "| run | group | data | params | seeds | steps | best step | stopped by | train s (mean) | wall s (mean) |",
+        "|---|---|---|---:|---:|---|---|---|---:|---:|",
     ]
-    for name, r in results.items():
-        run = r["run"]
-        best = run.get("best_step")
-        lines.append(f"| {name} | {run['group']} | {run['parameters']:,} | {run['steps']} | "
-                     f"{'–' if best is None else best} | {run['train_seconds']} | {run['pairs_per_s']} |")
-    pop = {"run": {"parameters": 0}, "exact": ref["popularity"]}
+    for name, seeds in results.items():
+        runs = [r["run"] for r in seeds]
+        early = sum(r.get("stopped_by") == "patience" for r in runs)
+        if not cfg.patience:
+            stopped = "step cap (no early stop)"
+        else:
+            stopped = ", ".join(f"{what} ({n} of {len(runs)})" for what, n in
+                                (("patience", early), ("step cap", len(runs) - early)) if n)
+        lines.append(
+            f"| {name} | {runs[0]['group']} | {data_cell} | {params[name]:,} | {len(runs)} | "
+            f"{', '.join(str(r['steps']) for r in runs)} | "
+            f"{', '.join('–' if r.get('best_step') is None else str(r['best_step']) for r in runs)} | {stopped} | "
+            f"{sum(r['train_seconds'] for r in runs) / len(runs):.1f} | "
+            f"{sum(r.get('wall_seconds', r['train_seconds']) for r in runs) / len(runs):.1f} |")
+    pop = seed_scores({"exact": ref["popularity"]})  # deterministic: one figure, no seeds
     sections = [
         ("architecture", "Architecture and modalities", ["itemsage"] + by_group.get("architecture", [])),
         ("negatives", "Negatives", by_group.get("negatives", []) + ["itemsage"]),
@@ -269,35 +489,58 @@ def write_report(results: dict[str, Any], out_dir: Path, cfg: CompareConfig, dat
     for key, title, names in sections:
         if len(names) < 2:
             continue
-        lines += ["", f"## {title}", "", *_surface_table(names, results)]
+        lines += ["", f"## {title}", "", *_score_table(names, agg, params)]
         if key == "architecture":
-            lines.append(f"| popularity baseline | 0 | " + " | ".join(
-                _fmt(_surface_recall(pop, s)) for s in schema.SURFACES) + f" | {_fmt(_recall(pop, 'all'))} |")
-        _plot(out_dir / f"{key}.png", names, results, f"{title}: Recall@10")
+            lines.append("| popularity baseline | 0 | " + " | ".join(
+                _fmt(pop.get(k)) for k in SUMMARY_KEYS) + " | – | – |")
+        _bar_plot(out_dir / f"{key}.png", names, agg, f"{title}: Recall@10")
         lines += ["", f"![{title}]({key}.png)"]
     arch = ["itemsage"] + by_group.get("architecture", [])
+    tasks = [t for t in ref["exact"] if t != "all"]
     lines += ["", "## Recall@10 per task", "", "| task | pairs | " + " | ".join(arch) + " | popularity |",
               "|---|---:|" + "---:|" * (len(arch) + 1)]
-    for t in [t for t in ref["exact"] if t != "all"]:
-        cells = [_fmt(_recall(results[n], t)) for n in arch] + [_fmt(_recall(pop, t))]
+    for t in tasks:
+        cells = [_pm(agg[n].get(t)) for n in arch] + [_fmt(pop.get(t))]
         lines.append(f"| {t} | {ref['exact'][t]['n']} | " + " | ".join(cells) + " |")
-    if by_group.get("tasks"):
+    engagements = [e for e in schema.ENGAGEMENTS if f"single_task_{e}" in results]
+    if engagements:
         lines += ["", "## Multi-task against single-task", "",
-                  "Each single-task model is trained on one engagement type (all three surfaces).", "",
-                  *_task_rows(results)]
-        _plot(out_dir / "tasks.png", ["itemsage"] + by_group["tasks"], results, "Multi-task vs single-task: Recall@10")
+                  "Each single-task model is trained on one engagement type (all three surfaces) and is compared "
+                  "on that engagement only.", "",
+                  "| engagement / task | pairs | single-task | multi-task |", "|---|---:|---:|---:|"]
+        for e in engagements:
+            single = agg[f"single_task_{e}"]
+            pairs = sum(ref["exact"].get(schema.task_name(s, e), {}).get("n", 0) for s in schema.SURFACES)
+            lines.append(f"| **{e}** (all surfaces) | {pairs} | {_pm(single.get(e))} | {_pm(agg['itemsage'].get(e))} |")
+            for s in schema.SURFACES:
+                t = schema.task_name(s, e)
+                lines.append(f"| {t} | {ref['exact'].get(t, {}).get('n', 0)} | {_pm(single.get(t))} | "
+                             f"{_pm(agg['itemsage'].get(t))} |")
+        _tasks_plot(out_dir / "tasks.png", agg, engagements)
         lines += ["", "![Multi-task vs single-task](tasks.png)"]
-    lines += ["", "## Cold start", "", "Recall@10 on test pairs whose product was never engaged in the train window.", "",
-              "| run | pairs | Recall@10 |", "|---|---:|---:|"]
-    for name, r in results.items():
-        cold = r["cold_start"]["exact"]["all"]
-        lines.append(f"| {name} | {cold['n']} | {_fmt(cold['recall@10'] if cold['n'] else None)} |")
-    lines += _pictures(results, out_dir)
+    if _curves_plot(out_dir / "training_curves.png", results):
+        lines += ["", "## Convergence", "", "Training loss, and the validation Recall@10 that chose each run's model "
+                  "and stopped it, against steps and against wall time; one line per seed.", "",
+                  "![Training curves](training_curves.png)"]
+    recall = {n: c for n, seeds in results.items() if (c := _mean_curve(seeds))}
+    if recall:
+        plot_recall_curves(out_dir / "recall_at_k.png", recall, "Recall@K per surface, test window (mean over seeds)",
+                           colours=COLOURS)
+        lines += ["", "## Recall@K, K = 1..100", "", "![Recall@K per surface](recall_at_k.png)"]
+    if ref.get("gallery"):
+        lines += ["", f"## Nearest neighbours (itemsage, seed {ref['run']['seed']})", "",
+                  "A few test-window queries per surface, their top 10 by exact search; the engaged product "
+                  "in bold with ✔ (if it is in the top 10).", "", *gallery_markdown(ref["gallery"])]
+    lines += ["", "Not reported here: the user-level protocol (per-user Recall@K and NDCG@K from each user's history, "
+              "as recommender libraries report it); it needs products as queries, which comes later."]
     report = out_dir / "report.md"
-    artifacts.atomic_write_json(out_dir / "results.json", results)
+    artifacts.atomic_write_json(out_dir / "results.json", {n: {"seeds": seeds, "aggregate": agg[n]}
+                                                           for n, seeds in results.items()})
+    artifacts.atomic_write_json(out_dir / SUMMARY_FILE, summary(agg, data["products"], cfg.stopping()))
     artifacts.atomic_write_text(report, "\n".join(lines) + "\n")
     artifacts.write_manifest(out_dir, "comparison", config=dataclasses.asdict(cfg),
                              inputs={"dataset": artifacts.fingerprint(dataset_dir)},
-                             counts={"runs": len(results)},
-                             files=["report.md", "results.json"] + sorted(p.name for p in out_dir.glob("*.png")))
+                             counts={"runs": len(results), "seeds": cfg.seeds},
+                             files=["report.md", "results.json", SUMMARY_FILE]
+                             + sorted(p.name for p in out_dir.glob("*.png")))
     return report

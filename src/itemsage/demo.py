@@ -98,7 +98,7 @@ def run_demo(settings: DemoSettings, progress: bool = True, say: Callable[[str],
     result: dict[str, Any] = {}
 
     def evaluation() -> None:
-        result.update(evaluate(model, dataset, index_root=index))
+        result.update(evaluate(model, dataset, embeddings, index_root=index))
         write_report(result, report_dir, title="ItemSage demo: evaluation")
 
     stage("evaluate", False, evaluation)

@@ -1,4 +1,14 @@
-"""Evaluation: Recall@K per surface x engagement, exact and through the ANN index (SPEC §9).
+"""Evaluation: Recall@K per surface x engagement, exact and through the ANN index.
+
+The catalog side is read, not recomputed: `evaluate` ranks against the vectors `itemsage embed`
+wrote (an embeddings directory) and the index built from them, so the figures are those of what is
+served; flat search over those vectors is the exact reference. Only the queries go through the
+model (its adapters). Embeddings or an index made by another model are refused: the embeddings
+manifest and the index manifest record the model fingerprint, as `serve` checks.
+
+Besides cold-start pairs (product never engaged in the train window), test pairs are split into
+*seen* (the same surface, query and product already occur together in the train window: a model can
+score them by memorising) and *unseen* (the rest).
 
 The metric is a pure function of plain arrays (as in sentence-transformers' evaluators), so it is
 tested on hand-built cases; `evaluate()` only gathers the arrays.
@@ -154,9 +164,120 @@ def embed_pair_queries(adapters: torch.nn.Module, pairs, device: torch.device | 
     return out
 
 
+class CatalogIds:
+    """The ranked catalog's product ids (an embeddings directory's, in its order): what `load_pairs`
+    needs of a catalog (`ids`, `index_of`) without featurising any product."""
+
+    def __init__(self, ids: np.ndarray) -> None:
+        self.ids = np.asarray(ids, dtype=object)
+        self._row_of = {pid: i for i, pid in enumerate(self.ids.tolist())}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, product_id: str) -> bool:
+        return product_id in self._row_of
+
+    def index_of(self, product_ids: Iterable[str]) -> np.ndarray:
+        """Rows [K] int64 of `product_ids`; KeyError naming the ids the embeddings do not hold."""
+        product_ids = list(product_ids)
+        rows = [self._row_of.get(pid, -1) for pid in product_ids]
+        if -1 in rows:
+            unknown = [pid for pid, r in zip(product_ids, rows) if r < 0]
+            raise KeyError(f"{len(unknown)} product id(s) not in the embeddings, e.g. {unknown[:5]}")
+        return np.asarray(rows, dtype=np.int64)
+
+
+def read_catalog_embeddings(embeddings_dir: str | Path, model_fingerprint: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(ids [N], vectors [N, D] float32, manifest) of a verified embeddings directory written by
+    `itemsage embed` with the model `model_fingerprint`; ArtifactError for another model's."""
+    from itemsage.artifacts import ArtifactError
+    from itemsage.index import read_embeddings
+
+    ids, vectors, manifest = read_embeddings(embeddings_dir)  # verifies every shard against the manifest
+    made_by = manifest.get("inputs", {}).get("model")
+    if made_by != model_fingerprint:
+        raise ArtifactError(f"{embeddings_dir} holds embeddings of model {made_by}, but the model evaluated is "
+                            f"{model_fingerprint}; embed the catalog with this model (`itemsage embed MODEL DATASET "
+                            "--out DIR`) and pass that directory")
+    return ids, vectors, manifest
+
+
+def check_index(index: Any, model_fingerprint: str, dim: int) -> None:
+    """Refuse an index of another width or built from another model's embeddings (as serve does)."""
+    from itemsage.artifacts import ArtifactError
+
+    if index.dim != dim:
+        raise ArtifactError(f"index version {index.version} holds {index.dim}-d vectors but the model embeds into "
+                            f"{dim}-d; index embeddings of this model")
+    built_from = index.manifest.get("inputs", {}).get("model")
+    if built_from != model_fingerprint:
+        raise ArtifactError(f"index version {index.version} was built from embeddings of model {built_from}, but the "
+                            f"model evaluated is {model_fingerprint}; re-embed the catalog with this model and index it")
+
+
+def encode_queries(loaded: Any, pairs: Any, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Each pair's query in the product space -> [Q, D] unit rows. The one place evaluation encodes
+    queries (the model's adapters over the frozen query vectors)."""
+    return embed_pair_queries(loaded.adapters, pairs, device)
+
+
+def _vector_digests(column: Any) -> list[bytes | None]:
+    """A list<float32> column -> per row a 16-byte digest of its float32 bytes (None where null)."""
+    import hashlib
+
+    import pyarrow as pa
+
+    column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    if len(column) == 0:
+        return []
+    column = column.cast(pa.list_(pa.float32()))
+    values = column.flatten().to_numpy(zero_copy_only=False)  # every row's floats, back to back
+    offsets = column.offsets.to_numpy(zero_copy_only=False) - column.offsets[0].as_py()
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    return [hashlib.blake2b(values[offsets[i]:offsets[i + 1]].tobytes(), digest_size=16).digest() if valid[i] else None
+            for i in range(len(column))]
+
+
+def pair_keys(table: Any) -> list[bytes]:
+    """One key per log row: (surface, query, product), for telling a test pair seen in training.
+
+    A query is told apart as `train.load_pairs` does: a search row's text unless the row gives a
+    vector, otherwise its vector (float32 bytes). `table`: pyarrow, with surface, product_id and
+    any of query_text / query_embedding.
+    """
+    from itemsage import schema
+
+    n = table.num_rows
+    names = table.column_names
+    texts = table[schema.QUERY_TEXT].to_pylist() if schema.QUERY_TEXT in names else [None] * n
+    vectors = _vector_digests(table[schema.QUERY_EMBEDDING]) if schema.QUERY_EMBEDDING in names else [None] * n
+    keys = []
+    for s, t, v, p in zip(table[schema.SURFACE].to_pylist(), texts, vectors, table[schema.PRODUCT_ID].to_pylist()):
+        query = b"v" + v if v is not None else (b"t" + t.encode() if s == "search" and t is not None else b"-")
+        keys.append(b"\0".join((s.encode(), query, p.encode())))
+    return keys
+
+
+def seen_in_train(train_table: Any, test_table: Any) -> np.ndarray:
+    """[N_test] bool: the test row's (surface, query, product) also occurs in the train window.
+    Engagement type and time are ignored: a repeat of the same query leading to the same product
+    is memorisable whatever the engagement."""
+    seen = set(pair_keys(train_table))
+    return np.fromiter((k in seen for k in pair_keys(test_table)), dtype=bool, count=test_table.num_rows)
+
+
+def _log_columns(path: Path) -> list[str]:
+    from itemsage import schema
+
+    names = pq.ParquetFile(path).schema_arrow.names
+    return [c for c in (schema.SURFACE, schema.PRODUCT_ID, schema.QUERY_TEXT, schema.QUERY_EMBEDDING) if c in names]
+
+
 def evaluate(
     model_dir: str | Path,
     dataset_dir: str | Path,
+    embeddings_dir: str | Path,
     *,
     index_root: str | Path | None = None,
     ks: Sequence[int] = DEFAULT_KS,
@@ -165,42 +286,55 @@ def evaluate(
     device: str = "cpu",
     gallery: int = GALLERY_QUERIES,
 ) -> dict[str, Any]:
-    """Recall@K of every test-window pair, ranking its product among the whole catalog.
+    """Recall@K of every test-window pair, ranking its product among the embedded catalog.
 
-    Returns {"exact": ..., "ann": ... (when an index is given), "cold_start": {...},
-    "popularity": ..., "data": counts, "recall_curve": {"k": [1..100], "exact": {surface: [..], "all": [..]}},
-    "gallery": [...] (`gallery` queries per surface), "training_curves": {tag: [[step, value], ..]}};
-    each block maps task -> {"recall@k": .., "n": ..}.
-    The ANN block ranks through the served index (its version is recorded); the exact block uses
-    the model's own embeddings of the catalog, the reference the index is measured against.
+    The catalog is what `itemsage embed` wrote to `embeddings_dir` (read, not recomputed: the
+    figures are those of the vectors that get served); `exact` is flat search over those vectors,
+    `ann` (when `index_root` is given) the served index built from them. Queries go through the
+    model's adapters. Embeddings or an index made by another model are refused (fingerprint check).
+
+    Returns {"exact", "ann" (with an index), "cold_start", "seen", "unseen" ({"exact", "ann"} each),
+    "popularity", "data": counts, "recall_curve": {"k": [1..100], "exact": {surface: [..], "all": [..]}},
+    "gallery": [...] (`gallery` queries per surface), "training_curves": {tag: [[step, value, seconds], ..]}};
+    each block maps task -> {"recall@k": .., "n": ..}. "seen": test pairs whose (surface, query,
+    product) occurs in the train window; "unseen" the rest.
     """
     from itemsage import schema
-    from itemsage.features import ProductStore
+    from itemsage.artifacts import fingerprint, verify_dataset
     from itemsage.model import load_model
     from itemsage.train import load_pairs
 
-    from itemsage.artifacts import verify_dataset
-
     verify_dataset(dataset_dir)  # refuses a dataset without a manifest, or a file that does not match it
     loaded = load_model(model_dir, device=device)
-    cfg = loaded.config
-    store = ProductStore.from_dataset(dataset_dir, loaded.vocab, cfg.text_fields, cfg.max_images)
-    pairs = load_pairs(dataset_dir, schema.TEST_FILE, store, sample=sample, seed=seed)
+    ids, vectors, emb_manifest = read_catalog_embeddings(embeddings_dir, loaded.fingerprint)
+    if vectors.shape[1] != loaded.config.out_dim:
+        raise ValueError(f"{embeddings_dir} holds {vectors.shape[1]}-d vectors, the model embeds into "
+                         f"{loaded.config.out_dim}-d; re-run `itemsage embed` with this model")
+    store = CatalogIds(ids)
+    try:
+        pairs = load_pairs(dataset_dir, schema.TEST_FILE, store, sample=sample, seed=seed)
+    except KeyError as err:
+        raise ValueError(f"{embeddings_dir} does not hold every product of the test window ({err.args[0]}); embed "
+                         f"this dataset's catalog: `itemsage embed MODEL {dataset_dir} --out DIR`") from None
     if len(pairs) == 0:
         raise ValueError(f"{Path(dataset_dir) / schema.TEST_FILE} has no pairs to evaluate; re-run `itemsage ingest` "
                          "with a larger --test-fraction or an earlier --test-from")
-    log.info("evaluating %d test-window pairs against %d products", len(pairs), len(store))
+    log.info("evaluating %d test-window pairs against %d embedded products", len(pairs), len(store))
 
-    catalog = embed_catalog(loaded.tower, store, device)  # [N, D]
-    queries = embed_pair_queries(loaded.adapters, pairs, device)  # [Q, D]
+    catalog = torch.from_numpy(vectors).to(device)  # [N, D], as embed wrote them
+    queries = encode_queries(loaded, pairs, device)  # [Q, D]
     positive_rows = torch.from_numpy(pairs.product_row).to(catalog.device)
     tasks = pairs.task.astype(str)
     exact = exact_ranks(queries, catalog, positive_rows)
 
-    train_ids = pq.read_table(Path(dataset_dir) / schema.TRAIN_FILE, columns=[schema.PRODUCT_ID])
-    train_counts = np.bincount(store.index_of(train_ids[schema.PRODUCT_ID].to_pylist()), minlength=len(store))
+    train_path, test_path = Path(dataset_dir) / schema.TRAIN_FILE, Path(dataset_dir) / schema.TEST_FILE
+    train_table = pq.read_table(train_path, columns=_log_columns(train_path))
+    train_ids = [pid for pid in train_table[schema.PRODUCT_ID].to_pylist() if pid in store]
+    train_counts = np.bincount(store.index_of(train_ids), minlength=len(store))
     popular = popularity_ranks(train_counts, pairs.product_row)
     cold = train_counts[pairs.product_row] == 0
+    test_rows = pq.read_table(test_path, columns=_log_columns(test_path)).take(pairs.source_row)
+    seen = seen_in_train(train_table, test_rows)
 
     result: dict[str, Any] = {
         "data": {
@@ -209,12 +343,18 @@ def evaluate(
             "eval_pairs": len(pairs),
             "cold_start_pairs": int(cold.sum()),
             "cold_start_products": int((train_counts == 0).sum()),
+            "seen_pairs": int(seen.sum()),
+            "unseen_pairs": int((~seen).sum()),
             "model_fingerprint": loaded.fingerprint,
+            "embeddings_fingerprint": fingerprint(embeddings_dir),
+            "embeddings_dataset_matches": emb_manifest.get("inputs", {}).get("dataset") == fingerprint(dataset_dir),
             "best_step": (loaded.extra.get("training") or {}).get("best_step"),  # the validation evaluation it won
         },
         "exact": group_recall(exact, tasks, ks),
         "popularity": group_recall(popular, tasks, ks),
         "cold_start": {"exact": group_recall(exact[cold], tasks[cold], ks)},
+        "seen": {"exact": group_recall(exact[seen], tasks[seen], ks)},
+        "unseen": {"exact": group_recall(exact[~seen], tasks[~seen], ks)},
         "recall_curve": recall_curve(exact, pairs.surface.astype(str)),
         "gallery": neighbour_gallery(dataset_dir, store, pairs, queries, catalog, exact, gallery, seed),
         "training_curves": training_curves(model_dir),
@@ -223,12 +363,16 @@ def evaluate(
         from itemsage.index import load_current
 
         index = load_current(index_root)
+        check_index(index, loaded.fingerprint, int(loaded.config.out_dim))
         retrieved, _ = index.search(queries.cpu().numpy(), max(ks))
         ann = first_hit_positions(retrieved, store.ids[pairs.product_row])
         result["ann"] = group_recall(ann, tasks, ks)
-        result["cold_start"]["ann"] = group_recall(ann[cold], tasks[cold], ks)
+        for name, mask in (("cold_start", cold), ("seen", seen), ("unseen", ~seen)):
+            result[name]["ann"] = group_recall(ann[mask], tasks[mask], ks)
         result["data"]["index_version"] = index.version
         result["data"]["index_recall_vs_exact"] = index.manifest.get("recall_at_10")
+        result["data"]["index_from_these_embeddings"] = (
+            index.manifest.get("inputs", {}).get("embeddings") == result["data"]["embeddings_fingerprint"])
     return result
 
 
@@ -291,9 +435,11 @@ def neighbour_gallery(dataset_dir: str | Path, store, pairs, queries: torch.Tens
 
 
 def training_curves(model_dir: str | Path) -> dict[str, list[list[float]]]:
-    """{tag: [[step, value], ...]} of the training loss and validation Recall@10, read from the run's
-    TensorBoard logs beside the model (RUN/tensorboard for RUN/model); {} when there are none.
-    A resumed run's logs repeat steps after its checkpoint; TensorBoard's reader drops the orphaned ones."""
+    """{tag: [[step, value, seconds], ...]} of the training loss and validation Recall@10, read from the
+    run's TensorBoard logs beside the model (RUN/tensorboard for RUN/model); {} when there are none.
+    `seconds`: wall time since the run's first logged point (its first step), so curves of runs of
+    different speeds can be set against time. A resumed run's logs repeat steps after its checkpoint;
+    TensorBoard's reader drops the orphaned ones (its seconds then include the pause)."""
     from itemsage.train import TENSORBOARD_DIR
 
     logs = Path(model_dir).resolve().parent / TENSORBOARD_DIR
@@ -307,11 +453,14 @@ def training_curves(model_dir: str | Path) -> dict[str, list[list[float]]]:
 
     events = EventAccumulator(str(logs), size_guidance={"scalars": 0}).Reload()  # 0: keep every point
     tags = set(events.Tags().get("scalars", []))
-    return {tag: [[e.step, e.value] for e in events.Scalars(tag)] for tag in (LOSS_TAG, VALIDATION_TAG) if tag in tags}
+    scalars = {tag: events.Scalars(tag) for tag in (LOSS_TAG, VALIDATION_TAG) if tag in tags}
+    start = min((e.wall_time for points in scalars.values() for e in points), default=0.0)
+    return {tag: [[e.step, e.value, round(e.wall_time - start, 3)] for e in points] for tag, points in scalars.items()}
 
 
 def recall_table(result: dict[str, Any], k: int = 10) -> list[tuple[str, ...]]:
-    """Rows (task, n, exact, ann, popularity, cold exact) of Recall@k, for the CLI and the report."""
+    """Rows (task, n, exact, ann, popularity, cold exact, seen exact, unseen exact) of Recall@k, for
+    the CLI and the report (seen: the pair's (surface, query, product) occurs in the train window)."""
     rows = []
     tasks = [t for t in result["exact"] if t != "all"] + ["all"]
     key = f"recall@{k}"
@@ -329,6 +478,8 @@ def recall_table(result: dict[str, Any], k: int = 10) -> list[tuple[str, ...]]:
             cell(result.get("ann"), task),
             cell(result["popularity"], task),
             cell(result["cold_start"]["exact"], task),
+            cell(result.get("seen", {}).get("exact"), task),
+            cell(result.get("unseen", {}).get("exact"), task),
         ))
     return rows
 
@@ -350,16 +501,17 @@ def _save_png(fig: Any, path: Path) -> None:
     _pyplot().close(fig)
 
 
-def plot_recall_curves(path: str | Path, curves: dict[str, dict[str, Any]], title: str) -> Path:
+def plot_recall_curves(path: str | Path, curves: dict[str, dict[str, Any]], title: str,
+                       colours: dict[str, str] | None = None) -> Path:
     """Recall@K against K (log axis), one panel per surface plus all, one line per run.
-    `curves`: run name -> evaluate()'s "recall_curve"."""
+    `curves`: run name -> evaluate()'s "recall_curve"; `colours`: run name -> its colour (optional)."""
     plt = _pyplot()
     panels = sorted({s for c in curves.values() for s in c["exact"] if s != "all"}) + ["all"]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), sharey=True, squeeze=False)
     for ax, panel in zip(axes[0], panels):
         for name, c in curves.items():
             if panel in c["exact"]:
-                ax.plot(c["k"], c["exact"][panel], label=name, linewidth=1.4)
+                ax.plot(c["k"], c["exact"][panel], label=name, linewidth=1.4, color=(colours or {}).get(name))
         ax.set_xscale("log")
         ax.set_xlim(1, max(max(c["k"]) for c in curves.values()))
         ax.set_ylim(0, 1)
@@ -384,16 +536,16 @@ def plot_training_curves(path: str | Path, runs: dict[str, dict[str, list[list[f
     fig, (loss_ax, recall_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, curves in runs.items():
         if curves.get(LOSS_TAG):
-            steps, values = zip(*curves[LOSS_TAG])
+            steps, values = zip(*((p[0], p[1]) for p in curves[LOSS_TAG]))
             loss_ax.plot(steps, values, label=name, linewidth=1.0)
         if curves.get(VALIDATION_TAG):
-            steps, values = zip(*curves[VALIDATION_TAG])
+            steps, values = zip(*((p[0], p[1]) for p in curves[VALIDATION_TAG]))
             line, = recall_ax.plot(steps, values, marker="o", markersize=3, label=name, linewidth=1.2)
             best = (chosen or {}).get(name)
             if best in steps:
                 recall_ax.plot([best], [values[steps.index(best)]], marker="o", markersize=10, fillstyle="none",
                                color=line.get_color(), label="the chosen model" if len(runs) == 1 else None)
-    top = max((v for c in runs.values() for _, v in c.get(VALIDATION_TAG, [])), default=1.0)
+    top = max((p[1] for c in runs.values() for p in c.get(VALIDATION_TAG, [])), default=1.0)
     loss_ax.set(title="training loss", xlabel="step", ylabel="loss (mixed-negative softmax)")
     recall_ax.set(title="validation Recall@10 (chooses the model)", xlabel="step", ylabel="Recall@10",
                   ylim=(0, min(1.0, 1.2 * top + 0.02)))
@@ -437,7 +589,10 @@ def write_report(result: dict[str, Any], out_dir: str | Path, *, title: str = "E
     data = result["data"]
     lines += [
         f"{data['eval_pairs']} test-window pairs ranked against {data['products']} products "
-        f"({data['cold_start_pairs']} pairs on cold-start products, never engaged in the train window). "
+        f"({data['cold_start_pairs']} pairs on cold-start products, never engaged in the train window; "
+        f"{data.get('seen_pairs', 0)} *seen* pairs whose surface, query and product already occur together in the "
+        f"train window, {data.get('unseen_pairs', 0)} *unseen*). The catalog is ranked by its embeddings as "
+        "`itemsage embed` wrote them (exact: flat search over them). "
         "The validation window chose the model; no figure here comes from it.",
         "",
     ]
@@ -445,8 +600,8 @@ def write_report(result: dict[str, Any], out_dir: str | Path, *, title: str = "E
         lines += [f"ANN: index version `{data['index_version']}`, its recall@10 against exact search "
                   f"{data.get('index_recall_vs_exact')}.", ""]
     for k in DEFAULT_KS:
-        lines += [f"## Recall@{k}", "", "| task | pairs | exact | ANN | popularity | cold-start (exact) |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"## Recall@{k}", "", "| task | pairs | exact | ANN | popularity | cold-start (exact) | seen (exact) "
+                  "| unseen (exact) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         lines += ["| " + " | ".join(row) + " |" for row in recall_table(result, k)]
         lines.append("")
     files = ["report.md", "evaluation.json"]
@@ -468,5 +623,6 @@ def write_report(result: dict[str, Any], out_dir: str | Path, *, title: str = "E
                   "in bold with ✔ (if it is in the top 10).", "", *gallery_markdown(result["gallery"])]
     artifacts.atomic_write_text(out_dir / "report.md", "\n".join(lines))
     artifacts.write_manifest(out_dir, "evaluation", counts={"eval_pairs": data["eval_pairs"]},
-                             inputs={"model": data["model_fingerprint"]}, files=files)
+                             inputs={"model": data["model_fingerprint"], "embeddings": data.get("embeddings_fingerprint")},
+                             files=files)
     return out_dir / "report.md"

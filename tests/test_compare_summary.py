@@ -1,0 +1,75 @@
+"""compare's numbers over seeds: mean and sd on fake run results (hand-computed), summary.json's
+schema, and the "what this says" paragraph written from them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from itemsage import schema
+from itemsage.compare import SUMMARY_KEYS, aggregate, mean_sd, seed_scores, summary, what_this_says
+
+
+def fake_result(search: float, closeup: float, home: float, cold: float, n: int = 10) -> dict:
+    """An evaluate() result with one click task per surface, `n` pairs each, and the given Recall@10."""
+    exact = {schema.task_name(s, "click"): {"recall@10": r, "n": n}
+             for s, r in zip(schema.SURFACES, (search, closeup, home))}
+    exact["all"] = {"recall@10": (search + closeup + home) / 3, "n": 3 * n}
+    block = lambda r: {"exact": {"all": {"recall@10": r, "n": 4}}}  # noqa: E731
+    return {"exact": exact, "cold_start": block(cold), "seen": block(0.9), "unseen": block(0.1)}
+
+
+def test_mean_sd_hand_computed():
+    assert mean_sd([0.2, 0.4, 0.6]) == {"mean": pytest.approx(0.4), "sd": pytest.approx(0.2), "seeds": 3}
+    assert mean_sd([0.5]) == {"mean": 0.5, "sd": 0.0, "seeds": 1}
+    assert mean_sd([None, 0.3, float("nan"), 0.5]) == {"mean": pytest.approx(0.4), "sd": pytest.approx(math.sqrt(0.02)),
+                                                       "seeds": 2}
+    assert mean_sd([None]) == {"mean": None, "sd": None, "seeds": 0}
+
+
+def test_aggregate_over_fake_seeds():
+    results = {"itemsage": [fake_result(0.5, 0.6, 0.3, 0.1), fake_result(0.7, 0.6, 0.5, 0.3)],
+               "text_only": [fake_result(0.8, 0.2, 0.2, 0.0)]}
+    agg = aggregate(results)
+    assert agg["itemsage"]["search"] == {"mean": pytest.approx(0.6), "sd": pytest.approx(math.sqrt(0.02)), "seeds": 2}
+    assert agg["itemsage"]["closeup"]["sd"] == pytest.approx(0.0)
+    assert agg["itemsage"]["all"]["mean"] == pytest.approx((1.4 / 3 + 1.8 / 3) / 2)
+    assert agg["itemsage"]["cold_start"]["mean"] == pytest.approx(0.2)
+    assert agg["itemsage"]["click"]["mean"] == pytest.approx(agg["itemsage"]["all"]["mean"])  # click is every pair
+    assert agg["text_only"]["home"] == {"mean": pytest.approx(0.2), "sd": 0.0, "seeds": 1}
+    # a surface's figure pools its tasks by pairs: two tasks of 10 and 30 pairs
+    r = fake_result(0.5, 0.5, 0.5, 0.0)
+    r["exact"]["search.save"] = {"recall@10": 0.1, "n": 30}
+    assert seed_scores(r)["search"] == pytest.approx((0.5 * 10 + 0.1 * 30) / 40)
+
+
+def test_summary_schema():
+    results = {"itemsage": [fake_result(0.5, 0.6, 0.3, 0.1), fake_result(0.7, 0.6, 0.5, 0.3)],
+               "image_only": [fake_result(0.4, 0.7, 0.4, 0.4), fake_result(0.4, 0.7, 0.4, 0.4)]}
+    out = summary(aggregate(results), products=2000, stopping="the rule")
+    assert set(out) == {"itemsage", "image_only", "products", "stopping"}
+    assert out["products"] == 2000 and out["stopping"] == "the rule"
+    for run in ("itemsage", "image_only"):
+        assert tuple(out[run]) == SUMMARY_KEYS == ("search", "closeup", "home", "all", "cold_start")
+        for cell in out[run].values():
+            assert set(cell) == {"mean", "sd", "seeds"} and cell["seeds"] == 2
+            assert isinstance(cell["mean"], float) and isinstance(cell["sd"], float)
+    import json
+
+    assert json.loads(json.dumps(out, allow_nan=False)) == out  # strict JSON
+
+
+def test_what_this_says_is_written_from_the_numbers():
+    results = {"itemsage": [fake_result(0.5, 0.6, 0.3, 0.1), fake_result(0.7, 0.6, 0.5, 0.3)],
+               "text_only": [fake_result(0.9, 0.2, 0.2, 0.0), fake_result(0.9, 0.2, 0.2, 0.0)],
+               "in_batch_negatives": [fake_result(0.1, 0.1, 0.1, 0.0), fake_result(0.1, 0.1, 0.1, 0.0)]}
+    text = what_this_says(aggregate(results), seeds=2)
+    assert "search text_only (0.900)" in text and "closeup itemsage (0.600)" in text
+    # the transformer trails text-only on search by 0.3, beyond the spread (sd 0.141 + 0)
+    assert "trails on search against text_only (-0.300, beyond the seeds' spread)" in text
+    assert "Mixed negatives >= each single source: holds here" in text
+    assert "not tested" in text  # no single-task conversion rows
+    # turn the numbers round and the paragraph changes with them
+    results["text_only"] = [fake_result(0.1, 0.1, 0.1, 0.0)] * 2
+    assert "at least as good as every baseline: holds here" in what_this_says(aggregate(results), seeds=2)
