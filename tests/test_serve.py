@@ -245,6 +245,17 @@ def test_embed_matches_the_indexed_vector_one_at_a_time(client, world):
     np.testing.assert_allclose(r.json()["vector"], world["vectors"]["v1"][4], rtol=1e-4, atol=1e-5)
 
 
+def test_embed_endpoint_equals_the_python_api(client, world):
+    """/v1/embed and itemsage.load(...).encode_products share ingest's checks: the same vectors."""
+    import itemsage
+
+    rows = [dict(world["rows"][i]) for i in (0, 1, 17)]
+    api = itemsage.load(world["model_dir"]).encode_products(rows)  # [3, D]
+    for row, want in zip(rows, api):
+        r = client.post("/v1/embed", json={"product": row})
+        np.testing.assert_allclose(r.json()["vector"], want, rtol=0, atol=1e-6)
+
+
 # ---- home: PinnerSage clusters -------------------------------------------------------------------
 
 

@@ -257,7 +257,7 @@ def scripted_recall(monkeypatch, values: list[float]) -> list[float]:
 
     queue = list(values)
 
-    def fake(tower, adapters, store, pairs, device, chunk=2048):
+    def fake(model, store, pairs, device, chunk=2048):
         r = queue.pop(0)
         return {"all": {"recall@1": r, "recall@10": r, "recall@100": r, "n": len(pairs)}}
 
@@ -315,20 +315,21 @@ def test_resume_keeps_the_best_so_far_and_the_patience_count(dataset, tmp_path, 
     straight = train(dataset, tmp_path / "straight", cfg, progress=False)
     assert (straight.steps, straight.best_step, straight.stopped_early) == (5, 2, True)
 
-    scripted_recall(monkeypatch, recall[:3])  # killed while drawing step 4's batch: evaluations 1..3 done
-    real = train_module.Sampler.positives
+    scripted_recall(monkeypatch, recall[:3])  # killed while taking step 4's batch: evaluations 1..3 done
+    # (The loop's Prefetch draws batches ahead, so the kill is where the loop takes a batch, not in the sampler.)
+    real = train_module.Prefetch.next
     calls = {"n": 0}
 
-    def dying(self, b):
+    def dying(self):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt("killed")
-        return real(self, b)
+        return real(self)
 
-    monkeypatch.setattr(train_module.Sampler, "positives", dying)
+    monkeypatch.setattr(train_module.Prefetch, "next", dying)
     with pytest.raises(KeyboardInterrupt):
         train(dataset, tmp_path / "killed", cfg, progress=False)
-    monkeypatch.setattr(train_module.Sampler, "positives", real)
+    monkeypatch.setattr(train_module.Prefetch, "next", real)
     scripted_recall(monkeypatch, recall[3:])
     resumed = train(dataset, tmp_path / "killed", cfg, progress=False, resume=True)
     assert (resumed.resumed_from, resumed.steps, resumed.best_step, resumed.stopped_early) == (3, 5, 2, True)

@@ -123,34 +123,34 @@ def popularity_ranks(train_counts: np.ndarray, positive_rows: np.ndarray) -> np.
 
 
 @torch.inference_mode()
-def embed_catalog(tower: torch.nn.Module, store, device: torch.device | str = "cpu", chunk: int = 2048) -> torch.Tensor:
-    """The tower over every product of a ProductStore, in chunks -> [N, D] float32 unit rows."""
-    was = tower.training
-    tower.eval()
+def embed_catalog(model: torch.nn.Module, store, device: torch.device | str = "cpu", chunk: int = 2048) -> torch.Tensor:
+    """model.encode_products over every product of a ProductStore, in chunks -> [N, D] float32 unit rows."""
+    was = model.training
+    model.eval()
     try:
         parts = [
-            tower(store.batch(np.arange(i, min(i + chunk, len(store)))).to(device)).float()
+            model.encode_products(store.batch(np.arange(i, min(i + chunk, len(store)))).to(device)).float()
             for i in range(0, len(store), chunk)
         ]
     finally:
-        tower.train(was)
+        model.train(was)
     return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
 @torch.inference_mode()
-def embed_pair_queries(adapters: torch.nn.Module, pairs, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Each pair's frozen query vector through its surface's adapter -> [Q, D] unit rows."""
-    was = adapters.training
-    adapters.eval()
+def embed_pair_queries(model: torch.nn.Module, pairs, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Each pair's frozen query vector through model.encode_queries -> [Q, D] unit rows."""
+    was = model.training
+    model.eval()
     try:
-        out = torch.zeros(len(pairs), adapters.out_dim, device=device)
+        out = torch.zeros(len(pairs), model.out_dim, device=device)
         for surface, table in pairs.queries.items():
             pos = np.flatnonzero(pairs.surface == surface)
             if len(pos):
                 vectors = table[torch.from_numpy(pairs.query_row[pos])].to(device)
-                out[torch.from_numpy(pos).to(device)] = adapters(surface, vectors).float()
+                out[torch.from_numpy(pos).to(device)] = model.encode_queries(surface, vectors).float()
     finally:
-        adapters.train(was)
+        model.train(was)
     return out
 
 
@@ -191,8 +191,8 @@ def evaluate(
                          "with a larger --test-fraction or an earlier --test-from")
     log.info("evaluating %d test-window pairs against %d products", len(pairs), len(store))
 
-    catalog = embed_catalog(loaded.tower, store, device)  # [N, D]
-    queries = embed_pair_queries(loaded.adapters, pairs, device)  # [Q, D]
+    catalog = embed_catalog(loaded.model, store, device)  # [N, D]
+    queries = embed_pair_queries(loaded.model, pairs, device)  # [Q, D]
     positive_rows = torch.from_numpy(pairs.product_row).to(catalog.device)
     tasks = pairs.task.astype(str)
     exact = exact_ranks(queries, catalog, positive_rows)

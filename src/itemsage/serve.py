@@ -624,8 +624,7 @@ class Service:
         # Live updates log beside a local index root; a Milvus collection is updated in Milvus itself.
         self.live_log = live_lib.LiveLog(self.index_root) if self.index_root is not None else None
         self.model = load_model(model_dir)
-        self.model.tower.eval()
-        self.model.adapters.eval()
+        self.model.model.eval()  # model.ItemSageModel: tower, adapters, logit scale
         self.out_dim = int(self.model.config.out_dim)
         self.served = self._with_live(self._check_index(self.versions.load(self.versions.resolve(None))))
         self._text_encoder = text_encoder
@@ -737,7 +736,7 @@ class Service:
     def _adapt(self, surface: str, x: np.ndarray) -> np.ndarray:
         """Query vectors [B, Dq] -> product space [B, D] unit rows via the surface's adapter."""
         with torch.inference_mode():
-            q = self.model.adapters(surface, torch.from_numpy(x)).float().numpy()  # [B, D]
+            q = self.model.model.encode_queries(surface, torch.from_numpy(x)).float().numpy()  # [B, D]
         if not np.all(np.isfinite(q)):
             raise RequestError(422, f"the {surface} query vector is too large to normalise; scale it down")
         return q
@@ -895,10 +894,9 @@ class Service:
 
     def _embed_products(self, products: list[ProductIn], names: list[str]) -> np.ndarray:
         """Products -> their embeddings [N, D] by the served tower; `names` label each in errors."""
-        from itemsage.features import featurize, field_strings
-
         cfg = self.model.config
-        columns: dict[str, list] = {PRODUCT_ID: [], IMAGE_EMBEDDINGS: [], **{f: [] for f in cfg.text_fields}}
+        columns: dict[str, list] = {IMAGE_EMBEDDINGS: []}
+        records: list[dict[str, Any]] = []
         for product, name in zip(products, names):
             extra = product.__pydantic_extra__ or {}
             unknown = sorted(set(extra) - set(cfg.text_fields))
@@ -914,19 +912,12 @@ class Service:
             if images:
                 image_rows = self._as_matrix(images, int(self.model.image_dim), f"{name}.image_embeddings")
                 images = image_rows.tolist()  # as sent: the tower is not scale-invariant in its image inputs
-            columns[PRODUCT_ID].append(product.product_id or "")
-            for field in cfg.text_fields:
-                value = extra[field] if field in extra else getattr(product, field, None)
-                columns[field].append(field_strings(value))
+            record = {field: (extra[field] if field in extra else getattr(product, field, None))
+                      for field in cfg.text_fields}
             columns[IMAGE_EMBEDDINGS].append(images)
-        table = pa.table({
-            PRODUCT_ID: pa.array(columns[PRODUCT_ID], pa.string()),
-            **{f: pa.array(columns[f], pa.list_(pa.string())) for f in cfg.text_fields},
-            IMAGE_EMBEDDINGS: pa.array(columns[IMAGE_EMBEDDINGS], pa.list_(pa.list_(pa.float32()))),
-        })
-        batch = featurize(table, self.model.vocab, cfg.text_fields, cfg.max_images, int(self.model.image_dim))
-        with torch.inference_mode():
-            vectors = self.model.tower(batch).float().numpy()  # [N, D]
+            records.append({PRODUCT_ID: f"#{len(records)}", **record, IMAGE_EMBEDDINGS: images})  # ids: placeholders
+        table = self._checked_products(records, names)
+        vectors = self.model.embed_table(table)  # [N, D]
         bad = ~np.all(np.isfinite(vectors), axis=1) | (np.abs(_norms(np.nan_to_num(vectors)) - 1.0) > 1e-3)  # [N]
         for i in np.flatnonzero(bad):
             images = columns[IMAGE_EMBEDDINGS][i]
@@ -937,6 +928,22 @@ class Service:
                                f"|value| {largest:.3g}) are too large for this model; send the vectors of the "
                                "catalog's image encoder, on the scale the model was trained on")
         return vectors
+
+    def _checked_products(self, records: list[dict[str, Any]], names: list[str]) -> pa.Table:
+        """Request products -> the dataset format through ingest's own row checks and normalisation
+        (`ingest.check_products`, as `itemsage embed` and `itemsage.load(...).encode_products` do)."""
+        from itemsage.ingest import DataError, check_products
+
+        cfg = self.model.config
+        try:
+            checked = list(check_products(records, text_fields=cfg.text_fields, image_dim=self.model.image_dim or None,
+                                          max_images=cfg.max_images))
+        except DataError as err:
+            raise RequestError(422, str(err)) from err
+        for _, rejects in checked:
+            for entry in rejects:
+                raise RequestError(422, f"{names[entry['row']]} was rejected ({entry['reason']}): {entry['detail']}")
+        return pa.concat_tables([table for table, _ in checked])
 
     # -- live updates (live.py) --
 

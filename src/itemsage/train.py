@@ -79,7 +79,7 @@ from itemsage.config import ConfigError, require, to_dict
 from itemsage.evaluate import embed_catalog, embed_pair_queries, exact_ranks, group_recall
 from itemsage.features import ProductStore, Vocabulary
 from itemsage.losses import NEGATIVE_MODES, LogQ, mixed_negative_loss
-from itemsage.model import PRESETS, ItemSage, LogitScale, QueryAdapters, model_config, save_model
+from itemsage.model import PRESETS, ItemSageModel, model_config, save_model
 
 log = logging.getLogger(__name__)
 
@@ -499,30 +499,8 @@ def _loss_weights(pairs: Pairs, cfg: TrainConfig) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Model wrapper (one module, so DDP syncs tower, adapters and the logit scale together)
+# One step's query groups, and the held-out recall
 # ----------------------------------------------------------------------------------------------
-
-
-class Towers(nn.Module):
-    """Tower, adapters and logit scale: one forward call per step embeds both sides of the batch."""
-
-    def __init__(self, tower: ItemSage, adapters: QueryAdapters, logit_scale: LogitScale):
-        super().__init__()
-        self.tower, self.adapters, self.logit_scale = tower, adapters, logit_scale
-
-    def forward(self, products: Any, queries: list[tuple[str, Tensor, Tensor]], b: int
-                ) -> tuple[Tensor, Tensor, Tensor]:
-        """products: b positives then r negatives; queries: (surface, positions [b_s], vectors [b_s, Dq])
-        -> query embeddings [b, D], product embeddings [b + r, D], logit scale []."""
-        p = self.tower(products)  # [b + r, D]
-        q = p.new_zeros(b, p.shape[1])  # [b, D]
-        given = {surface: (pos, vec) for surface, pos, vec in queries}
-        for surface, dim in self.adapters.query_dims.items():
-            # A surface missing from this batch still runs (on 0 rows), so every adapter weight gets a
-            # (zero) gradient and DDP needs no unused-parameter search.
-            pos, vec = given.get(surface, (p.new_zeros(0, dtype=torch.long), p.new_zeros(0, dim)))
-            q = q.index_copy(0, pos, self.adapters(surface, vec).to(q.dtype))
-        return q, p, self.logit_scale()
 
 
 def _query_groups(queries: dict[str, Tensor], pairs: Pairs, rows: np.ndarray, device: torch.device
@@ -537,11 +515,11 @@ def _query_groups(queries: dict[str, Tensor], pairs: Pairs, rows: np.ndarray, de
     return groups
 
 
-def held_out_recall(tower: ItemSage, adapters: QueryAdapters, store: ProductStore, pairs: Pairs,
+def held_out_recall(model: ItemSageModel, store: ProductStore, pairs: Pairs,
                     device: torch.device, chunk: int = 2048) -> dict[str, dict[str, float]]:
     """Exact Recall@{1,10,100} per task: each pair's product ranked among the whole catalog."""
-    catalog = embed_catalog(tower, store, device, chunk)  # [N, D]
-    queries = embed_pair_queries(adapters, pairs, device)  # [Q, D]
+    catalog = embed_catalog(model, store, device, chunk)  # [N, D]
+    queries = embed_pair_queries(model, pairs, device)  # [Q, D]
     ranks = exact_ranks(queries, catalog, torch.from_numpy(pairs.product_row).to(device))
     return group_recall(ranks, pairs.task.astype(str))
 
@@ -911,8 +889,7 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
 
     # Model, optimiser, sketch, sampler. The same seed on every rank gives identical initial weights.
     torch.manual_seed(cfg.seed)
-    module = Towers(ItemSage(mcfg, len(vocab), store.image_dim),
-                    QueryAdapters(pairs.query_dims, mcfg.out_dim, mcfg.adapter), LogitScale()).to(device)
+    module = ItemSageModel.build(mcfg, len(vocab), store.image_dim, pairs.query_dims).to(device)
     optimizer = _optimizer(cfg, list(module.named_parameters()))
     logq = LogQ(cfg.sketch_depth, cfg.sketch_width, seed=cfg.seed)
     sampler = Sampler(_mixture(pairs, cfg), len(store), cfg.seed)
@@ -982,7 +959,7 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
         nonlocal recall
         stop = 0
         if lead and held_out is not None and len(held_out):
-            recall = held_out_recall(module.tower, module.adapters, store, held_out, device)
+            recall = held_out_recall(module, store, held_out, device)
             _log_scalars(writer, step, {f"validation/recall@10/{t}": r["recall@10"] for t, r in recall.items()})
             log.info("step %d validation Recall@10: %s", step,
                      ", ".join(f"{t} {r['recall@10']:.3f}" for t, r in recall.items()))
@@ -1073,7 +1050,7 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
                        best_step=selection["best_step"], stopped_early=bool(selection.get("stopped")), notes=notes)
 
 
-def _publish_model(out_dir: Path, module: Towers, selection: dict[str, Any], save: Any) -> None:
+def _publish_model(out_dir: Path, module: ItemSageModel, selection: dict[str, Any], save: Any) -> None:
     """out_dir/model/ := the best evaluation's weights (from best/), or the last step's when nothing
     was evaluated. Loads the best weights into `module` (training is over)."""
     best = out_dir / BEST_DIR
