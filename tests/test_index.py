@@ -65,7 +65,8 @@ def test_hnsw_recall_at_10_against_exact():
     assert hnsw.stats["recall_at_10"] >= 0.95 and hnsw.stats["recall_queries"] == 1000
 
 
-def test_recall_at_k_by_hand():
+def test_neighbour_recall_by_hand():
+    """neighbour_recall: the share of the exact top-k ids the index found (padding '' never counts)."""
     found = np.array([["a", "b", "c"], ["x", "y", ""]], dtype=object)
     exact = np.array([["a", "c", "d"], ["y", "z", "w"]], dtype=object)
     assert neighbour_recall(found, exact) == pytest.approx(3 / 6)

@@ -22,7 +22,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from itemsage import serve
+from itemsage import home, serve
 from itemsage.artifacts import ArtifactError
 from itemsage.features import Vocabulary, featurize
 from itemsage.index import ProductIndex, publish, version_path
@@ -333,16 +333,16 @@ def test_home_small_history_is_one_cluster_and_vectors_use_the_adapter(grouped, 
 
 
 def test_allocate_and_merge_by_hand():
-    assert serve.allocate(10, [3, 3]) == [5, 5]
-    assert serve.allocate(10, [5, 3, 1]) == [6, 3, 1]  # 5.56, 3.33, 1.11 -> largest remainder
-    assert serve.allocate(2, [1, 1, 1]) == [1, 1, 0]
+    assert home.allocate(10, [3, 3]) == [5, 5]
+    assert home.allocate(10, [5, 3, 1]) == [6, 3, 1]  # 5.56, 3.33, 1.11 -> largest remainder
+    assert home.allocate(2, [1, 1, 1]) == [1, 1, 0]
     ids = np.array([["a", "b", "c", "x"], ["c", "d", "e", ""]], dtype=object)
     scores = np.array([[0.9, 0.8, 0.5, 0.4], [0.7, 0.6, 0.3, -np.inf]])
     # Cluster 0 takes a, b (quota 2; "x" excluded), cluster 1 takes c (best 0.7 via cluster 1) and d.
-    got = serve.merge_candidates(ids, scores, [2, 2], {"x"}, 4)
+    got = home.merge_candidates(ids, scores, [2, 2], {"x"}, 4)
     assert got == (["a", "b", "c", "d"], [0.9, 0.8, 0.7, 0.6], [0, 0, 1, 1])
     # Quotas short of k: the best remaining fill in.
-    got = serve.merge_candidates(ids, scores, [1, 0], set(), 3)
+    got = home.merge_candidates(ids, scores, [1, 0], set(), 3)
     assert got[0] == ["a", "b", "c"]
 
 

@@ -16,14 +16,13 @@ from safetensors.torch import load_file
 from itemsage import artifacts, schema
 from itemsage.config import ConfigError
 from itemsage.features import Vocabulary
+from itemsage.checkpoint import _flatten, _unflatten
 from itemsage.train import (
     Lamb,
     Sampler,
     TrainConfig,
-    _flatten,
     _loss_weights,
     _mixture,
-    _unflatten,
     advance,
     latest_checkpoint,
     load_pairs,

@@ -177,7 +177,7 @@ def evaluate(
     from itemsage import schema
     from itemsage.features import ProductStore
     from itemsage.model import load_model
-    from itemsage.train import load_pairs
+    from itemsage.pairs import load_pairs
 
     from itemsage.artifacts import verify_dataset
 
@@ -294,7 +294,7 @@ def training_curves(model_dir: str | Path) -> dict[str, list[list[float]]]:
     """{tag: [[step, value], ...]} of the training loss and validation Recall@10, read from the run's
     TensorBoard logs beside the model (RUN/tensorboard for RUN/model); {} when there are none.
     A resumed run's logs repeat steps after its checkpoint; TensorBoard's reader drops the orphaned ones."""
-    from itemsage.train import TENSORBOARD_DIR
+    from itemsage.schema import TENSORBOARD_DIR
 
     logs = Path(model_dir).resolve().parent / TENSORBOARD_DIR
     if not logs.is_dir():

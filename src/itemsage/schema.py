@@ -51,6 +51,7 @@ TRAIN_FILE = "train.parquet"  # the three log windows, in time order: train, val
 VALIDATION_FILE = "validation.parquet"  # chooses the model (early stopping, best checkpoint)
 TEST_FILE = "test.parquet"  # every reported figure
 REJECTS_FILE = "rejects.jsonl"
+TENSORBOARD_DIR = "tensorboard"  # a training run's TensorBoard logs, beside its model/ (train writes, evaluate reads)
 VOCAB_FILE = "vocab.json"
 WINDOWS: tuple[str, ...] = ("train", "validation", "test")
 WINDOW_FILES: dict[str, str] = {"train": TRAIN_FILE, "validation": VALIDATION_FILE, "test": TEST_FILE}

@@ -42,7 +42,6 @@ import dataclasses
 import hmac
 import io
 import logging
-import math
 import tempfile
 import threading
 import time
@@ -62,6 +61,7 @@ from itemsage import index as index_lib
 from itemsage import live as live_lib
 from itemsage.artifacts import ArtifactError
 from itemsage.config import ConfigError, require
+from itemsage.home import allocate, cluster_history, merge_candidates
 from itemsage.schema import IMAGE_EMBEDDINGS, PRODUCT_ID
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,6 @@ MAX_UPDATE_BATCH = 1000  # products per upsert or delete request
 DEFAULT_QUERY_CACHE = 10_000  # recent search texts whose query vectors are kept
 DEFAULT_QUERY_BATCH = 8  # concurrent search texts encoded together (1: one at a time; BENCHMARKS.md)
 QUERY_ENCODERS = ("onnx", "onnx-int8", "torch")
-# PinnerSage cuts the Ward tree at a distance threshold, then keeps a few clusters. For unit
-# vectors two single items merge below 1.0 when their cosine is above 0.5; larger clusters merge
-# later (the Ward distance grows with cluster size). `max_clusters` caps the count.
-WARD_DISTANCE_THRESHOLD = 1.0
-SMALL_HISTORY = 3  # fewer items than this form one cluster: too few to find separate interests
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -492,86 +487,6 @@ def _norms(x: np.ndarray) -> np.ndarray:
     peak = np.abs(x).max(axis=1)  # [N]
     safe = np.where(peak > 0, peak, 1.0)
     return np.linalg.norm(x / safe[:, None], axis=1) * peak
-
-
-# ---- home: PinnerSage clusters and the merge of their candidate lists ----------------------------
-
-
-def cluster_history(vectors: np.ndarray, max_clusters: int) -> tuple[np.ndarray, np.ndarray]:
-    """Ward clusters of a history and each cluster's medoid, as in PinnerSage.
-
-    vectors [H, D] -> (labels [H] in 0..C-1, medoids [C] positions in the history). Clusters are
-    numbered by size, largest first (ties: earliest first member). The medoid is the member with the
-    smallest summed Euclidean distance to the cluster's other members (ties: earliest).
-    """
-    h = len(vectors)
-    if h < SMALL_HISTORY or max_clusters == 1:
-        labels = np.zeros(h, dtype=np.int64)
-    else:
-        from sklearn.cluster import AgglomerativeClustering
-
-        x = np.asarray(vectors, dtype=np.float64)
-        labels = AgglomerativeClustering(
-            n_clusters=None, distance_threshold=WARD_DISTANCE_THRESHOLD, linkage="ward"
-        ).fit(x).labels_
-        if labels.max() + 1 > max_clusters:  # too many interests: cut the same tree higher
-            labels = AgglomerativeClustering(n_clusters=max_clusters, linkage="ward").fit(x).labels_
-    # Renumber: largest first, then by first appearance.
-    found = np.unique(labels)
-    order = sorted(found, key=lambda c: (-int((labels == c).sum()), int(np.argmax(labels == c))))
-    renumber = {int(c): i for i, c in enumerate(order)}
-    labels = np.array([renumber[int(c)] for c in labels], dtype=np.int64)
-    medoids = np.empty(len(order), dtype=np.int64)
-    for c in range(len(order)):
-        members = np.flatnonzero(labels == c)
-        x = vectors[members].astype(np.float64)  # [n, D]
-        sq = (x * x).sum(axis=1)  # [n]
-        dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0))  # [n, n]
-        medoids[c] = members[int(np.argmin(dist.sum(axis=1)))]
-    return labels, medoids
-
-
-def allocate(k: int, sizes: list[int]) -> list[int]:
-    """Split k result slots across clusters in proportion to `sizes` (largest remainder, ties first)."""
-    total = sum(sizes)
-    raw = [k * s / total for s in sizes]
-    quota = [math.floor(r) for r in raw]
-    by_remainder = sorted(range(len(sizes)), key=lambda c: (-(raw[c] - quota[c]), c))
-    for c in by_remainder[: k - sum(quota)]:
-        quota[c] += 1
-    return quota
-
-
-def merge_candidates(
-    ids: np.ndarray, scores: np.ndarray, quotas: list[int], exclude: set[str], k: int
-) -> tuple[list[str], list[float], list[int]]:
-    """Merge per-cluster result lists into one list of up to k products.
-
-    ids, scores [C, K'] (clusters by importance, each list best first). Each cluster contributes
-    up to its quota of products not excluded and not already taken; unfilled slots go to the best
-    remaining candidates of any cluster. A product found by several clusters keeps its best score.
-    Returns (ids, scores, cluster) sorted by score, best first.
-    """
-    best: dict[str, tuple[float, int]] = {}
-    for c in range(len(ids)):
-        for pid, s in zip(ids[c], scores[c]):
-            if pid and pid not in exclude and (pid not in best or s > best[pid][0]):
-                best[pid] = (float(s), c)
-    chosen: dict[str, None] = {}  # insertion-ordered set
-    for c, quota in enumerate(quotas):
-        taken = 0
-        for pid in ids[c]:
-            if taken >= quota:
-                break
-            if pid in best and pid not in chosen:
-                chosen[pid] = None
-                taken += 1
-    for pid in sorted(best, key=lambda p: (-best[p][0], p)):
-        if len(chosen) >= k:
-            break
-        chosen.setdefault(pid, None)
-    ranked = sorted(chosen, key=lambda p: (-best[p][0], p))
-    return ranked, [best[p][0] for p in ranked], [best[p][1] for p in ranked]
 
 
 # ---- the service: model, served index, encoders ------------------------------------------------
