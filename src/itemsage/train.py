@@ -74,7 +74,7 @@ from itemsage import artifacts, schema
 from itemsage.config import ConfigError, require, to_dict
 from itemsage.evaluate import embed_catalog, embed_pair_queries, exact_ranks, group_recall
 from itemsage.features import ProductStore, Vocabulary
-from itemsage.losses import NEGATIVE_MODES, LogQ, mixed_negative_loss
+from itemsage.losses import NEGATIVE_MODES, LogQ, MixedNegativeLoss
 from itemsage.checkpoint import CHECKPOINT_DIR, _rng_state, _set_rng_state, latest_checkpoint, load_checkpoint, save_checkpoint
 from itemsage.model import PRESETS, ItemSageModel, model_config, save_model
 from itemsage.pairs import Pairs, Prefetch, Sampler, _loss_weights, _mixture, load_pairs
@@ -335,19 +335,6 @@ def _init_distributed(cfg_device: str) -> tuple[int, int, bool]:
     cuda = cfg_device != "cpu" and torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank(), dist.get_world_size(), True
-
-
-def _gather(t: Tensor, world: int) -> Tensor:
-    """Concatenate every rank's `t` in rank order, keeping the gradient path to each rank's slice."""
-    if world == 1:
-        return t
-    import warnings
-
-    from torch.distributed.nn.functional import all_gather
-
-    with warnings.catch_warnings():  # deprecated in favour of a private API; still the public autograd gather
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.cat(all_gather(t.contiguous()))
 
 
 def _all_rng_states(world: int, device: torch.device) -> tuple[list[Tensor], list[Tensor]]:
@@ -623,6 +610,7 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
         writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR))
     log_q_neg = torch.full((R,), math.log(R / len(store)) if R else 0.0, device=device)  # [R] uniform draws
     lo, hi, rlo, rhi = rank * B // world, (rank + 1) * B // world, rank * R // world, (rank + 1) * R // world
+    loss_fn = MixedNegativeLoss(cfg.negatives, (lo, hi), world)  # this rank's rows of the global batch
     clock = Clock(cfg, world, device, calibrated=bool(schedule["calibrated"]))
     recall: dict[str, dict[str, float]] = {}
     losses = [float("nan")] * 3
@@ -671,6 +659,16 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
                          step, selection["best_recall"], selection["best_step"], cfg.patience)
         return bool(_broadcast_int(stop, world, device))
 
+    def log_step(parts: Any, lr: float, scale: Tensor, show: Any) -> list[float]:
+        """Progress bar or log line, and TensorBoard scalars, of the step just taken -> the losses."""
+        losses = _mean_over_ranks(torch.stack([parts.total, parts.in_batch, parts.random]).detach(), world)
+        show(completed=step, total=total_steps, pps=clock.pairs_per_s, loss=float(losses[0]))
+        if lead and not progress:
+            clock.report(step, total_steps, float(losses[0]))
+        _log_scalars(writer, step, {"loss/total": losses[0], "loss/in_batch": losses[1], "loss/random": losses[2],
+                                    "lr": lr, "logit_scale": float(scale.detach()), "pairs_per_s": clock.pairs_per_s})
+        return losses
+
     def build(rows: np.ndarray, negs: np.ndarray) -> Any:  # runs in the Prefetch thread: numpy gathers only
         products = store.batch(np.concatenate([pairs.product_row[rows[lo:hi]], negs[rlo:rhi]]), backward=True)
         return products.pin_memory() if device.type == "cuda" else products
@@ -686,22 +684,14 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
                 group["lr"] = lr
             rows, negs, products = batches.next()  # [B], [R]: the global batch, same on every rank; built ahead
             products = products.to(device, non_blocking=True)  # this rank's positives, then its negatives
-            local = rows[lo:hi]  # this rank's share
             pos_ids = product_row[rows]  # [B] store rows double as product ids
             logq.update(pos_ids)  # count the global batch first, on every rank: identical sketches
-            log_q_pos = logq.log_q(pos_ids, batch_size=B).to(device)  # [B]
-            with amp:  # one tower call over this rank's positives and random negatives
-                q, p, scale = ddp(products, _query_groups(queries, pairs, local, device), hi - lo)  # [b, D], [b + r, D]
-            q, p = q.float(), p.float()
-            w = loss_weight[rows].to(device)  # [B]
-            parts = mixed_negative_loss(
-                q, p[: hi - lo], _gather(p[hi - lo :], world) if R else None,
-                pos_ids=pos_ids[lo:hi].to(device), query_keys=query_key[local].to(device),
-                log_q_pos=log_q_pos[lo:hi], neg_ids=torch.from_numpy(negs).to(device) if R else None,
-                log_q_neg=log_q_neg if R else None, logit_scale=scale, weights=w[lo:hi], negatives=cfg.negatives,
-                candidates=_gather(p[: hi - lo], world), candidate_ids=pos_ids.to(device),
-                candidate_keys=query_key[rows].to(device), candidate_log_q=log_q_pos,
-                weight_sum=w.sum() / world)  # DDP averages gradients: the global weighted mean
+            with amp:  # one model call over this rank's queries, positives and random negatives
+                q, p, scale = ddp(products, _query_groups(queries, pairs, rows[lo:hi], device), hi - lo)  # [b, D], [b + r, D]
+            parts = loss_fn(q.float(), p.float(), ids=pos_ids.to(device), keys=query_key[rows].to(device),
+                            log_q=logq.log_q(pos_ids, batch_size=B).to(device), weights=loss_weight[rows].to(device),
+                            logit_scale=scale, neg_ids=torch.from_numpy(negs).to(device) if R else None,
+                            log_q_neg=log_q_neg if R else None)  # DDP gathering inside (losses.MixedNegativeLoss)
             optimizer.zero_grad(set_to_none=True)
             parts.total.backward()
             if cfg.grad_clip:
@@ -711,13 +701,8 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
             progress_done = advance(progress_done, step, total_steps or 10**9, cfg.warmup_steps)
             step += 1
 
-            losses = _mean_over_ranks(torch.stack([parts.total, parts.in_batch, parts.random]).detach(), world)
             total_steps = clock.tick(step, total_steps, time.perf_counter() - t0)
-            show(completed=step, total=total_steps, pps=clock.pairs_per_s, loss=float(losses[0]))
-            if lead and not progress:
-                clock.report(step, total_steps, float(losses[0]))
-            _log_scalars(writer, step, {"loss/total": losses[0], "loss/in_batch": losses[1], "loss/random": losses[2],
-                                        "lr": lr, "logit_scale": float(scale.detach()), "pairs_per_s": clock.pairs_per_s})
+            losses = log_step(parts, lr, scale, show)
             last = step >= total_steps if total_steps is not None else False
             stopped_early = bool(cfg.eval_every and step % cfg.eval_every == 0 and not last and evaluate())
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last and not stopped_early:
