@@ -458,7 +458,7 @@ def test_health_and_readiness(client, world):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready" and ready["products"] == 24 and ready["model_fingerprint"] == world["fp"]
-    assert ready["index_version"] in ("v1", "v2") and ready["index_recall_at_10"] == 1.0
+    assert ready["index_version"] in ("v1", "v2") and ready["neighbour_recall_at_10"] == 1.0
 
 
 def test_metrics_count_requests_and_latency(world):

@@ -910,7 +910,7 @@ class Service:
             "index_version": served.version,
             "products": len(served.index),
             "index_kind": served.index.config.kind,
-            "index_recall_at_10": served.index.stats.get("recall_at_10"),
+            "neighbour_recall_at_10": served.index.stats.get("neighbour_recall_at_10"),
             "live_updates": served.index.info() if isinstance(served.index, live_lib.LiveIndex) else None,
             "model_fingerprint": self.model.fingerprint,
             "query_dims": dict(self.model.query_dims),
