@@ -487,8 +487,9 @@ def test_metrics_count_requests_and_latency(world):
     buckets = [samples[hist % ("bucket", f',le="{b}"')] for b in serve.LATENCY_BUCKETS]
     assert buckets == sorted(buckets) and samples[hist % ("bucket", ',le="+Inf"')] == 5
     assert samples[hist % ("sum", "")] > 0
-    assert samples['itemsage_index_info{version="v1",model="%s"}' % world["fp"]] == 1
+    assert samples['itemsage_index_info{model="%s",version="v1"}' % world["fp"]] == 1  # labels in name order
     assert samples["itemsage_index_products"] == 24
+    assert samples["process_resident_memory_bytes"] > 0 and "process_cpu_seconds_total" in samples  # process metrics
 
 
 def test_openapi_lists_every_endpoint(client):

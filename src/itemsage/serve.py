@@ -46,14 +46,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
 import torch
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -281,69 +281,64 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts) + more
 
 
-# ---- metrics (Prometheus text exposition, written by hand: no client library needed) -------------
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+# ---- metrics (prometheus_client: one registry per app, process metrics included) ----------------
 
 
 class Metrics:
-    """Request counters per endpoint, method and status, and a latency histogram per endpoint.
+    """Request counters per endpoint, method and status, a latency histogram per endpoint, index
+    reloads by outcome, the served index (read at scrape time), and the process's own metrics
+    (CPU, memory, open files: prometheus_client's process and platform collectors, and GC)."""
 
-    Updated and rendered only on the event loop thread (middleware and an async endpoint), so no lock.
-    """
+    def __init__(self, info: Callable[[], dict[str, Any]]) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client.gc_collector import GCCollector
+        from prometheus_client.platform_collector import PlatformCollector
+        from prometheus_client.process_collector import ProcessCollector
 
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, int], int] = {}
-        self.latency: dict[str, list[float]] = {}  # endpoint -> [bucket counts..., sum, count]
-        self.reloads: dict[str, int] = {}
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("itemsage_requests", "HTTP requests by endpoint, method and status.",
+                                ["endpoint", "method", "status"], registry=self.registry)
+        self.latency = Histogram("itemsage_request_duration_seconds",
+                                 "Request latency, from first byte in to last out.", ["endpoint"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.reloads = Counter("itemsage_index_reloads", "Index reloads by outcome.", ["outcome"],
+                               registry=self.registry)
+        self.registry.register(_IndexCollector(info))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
 
     def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
-        key = (endpoint, method, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        h = self.latency.setdefault(endpoint, [0.0] * (len(LATENCY_BUCKETS) + 2))
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                h[i] += 1
-        h[-2] += seconds
-        h[-1] += 1
+        self.requests.labels(endpoint, method, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
 
-    def render(self, info: dict[str, Any]) -> str:
-        out = [
-            "# HELP itemsage_requests_total HTTP requests by endpoint, method and status.",
-            "# TYPE itemsage_requests_total counter",
-        ]
-        for (endpoint, method, status), n in sorted(self.requests.items()):
-            out.append(f'itemsage_requests_total{{endpoint="{_escape(endpoint)}",method="{method}",'
-                       f'status="{status}"}} {n}')
-        out += [
-            "# HELP itemsage_request_duration_seconds Request latency, from first byte in to last out.",
-            "# TYPE itemsage_request_duration_seconds histogram",
-        ]
-        for endpoint, h in sorted(self.latency.items()):
-            label = f'endpoint="{_escape(endpoint)}"'
-            for bound, n in zip(LATENCY_BUCKETS, h):
-                out.append(f'itemsage_request_duration_seconds_bucket{{{label},le="{bound}"}} {int(n)}')
-            out.append(f'itemsage_request_duration_seconds_bucket{{{label},le="+Inf"}} {int(h[-1])}')
-            out.append(f"itemsage_request_duration_seconds_sum{{{label}}} {h[-2]:.6f}")
-            out.append(f"itemsage_request_duration_seconds_count{{{label}}} {int(h[-1])}")
-        out += [
-            "# HELP itemsage_index_reloads_total Index reloads by outcome.",
-            "# TYPE itemsage_index_reloads_total counter",
-        ]
-        for outcome, n in sorted(self.reloads.items()):
-            out.append(f'itemsage_index_reloads_total{{outcome="{outcome}"}} {n}')
-        out += [
-            "# HELP itemsage_index_info The index version being served (value 1).",
-            "# TYPE itemsage_index_info gauge",
-            f'itemsage_index_info{{version="{_escape(info["index_version"])}",'
-            f'model="{_escape(info["model_fingerprint"])}"}} 1',
-            "# HELP itemsage_index_products Products in the served index.",
-            "# TYPE itemsage_index_products gauge",
-            f"itemsage_index_products {info['products']}",
-        ]
-        return "\n".join(out) + "\n"
+    def reload(self, outcome: str) -> None:
+        self.reloads.labels(outcome).inc()
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class _IndexCollector:
+    """The served index version, model and size, read from the service when /metrics is scraped."""
+
+    def __init__(self, info: Callable[[], dict[str, Any]]) -> None:
+        self.info = info
+
+    def describe(self) -> list[Any]:
+        return []  # labels change with reloads: nothing fixed to declare
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        info = self.info()
+        version = GaugeMetricFamily("itemsage_index_info", "The index version being served (value 1).",
+                                    labels=["version", "model"])
+        version.add_metric([str(info["index_version"]), str(info["model_fingerprint"])], 1)
+        yield version
+        yield GaugeMetricFamily("itemsage_index_products", "Products in the served index.", value=info["products"])
 
 
 class MetricsMiddleware:
@@ -956,7 +951,7 @@ def create_app(
     service = Service(model_dir, index_root, max_k=max_k, text_encoder=text_encoder, image_encoder=image_encoder,
                       max_image_pixels=max_image_pixels, query_encoder=query_encoder, query_cache=query_cache,
                       query_batch=query_batch)
-    metrics = Metrics()
+    metrics = Metrics(service.info)
     app = FastAPI(
         title="ItemSage candidate generation",
         description="Top-k products for search, closeup and home from one product embedding.",
@@ -1010,8 +1005,9 @@ def create_app(
     @app.get("/metrics", response_class=PlainTextResponse, tags=["operations"])
     async def metrics_text() -> PlainTextResponse:
         """Prometheus text exposition: requests by endpoint and status, latency histograms."""
-        return PlainTextResponse(metrics.render(service.info()),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/reload", response_model=ReloadResponse, tags=["operations"],
               responses={401: {"description": "no token"}, 403: {"description": "wrong token or reload disabled"},
@@ -1033,9 +1029,9 @@ def create_app(
         try:
             result = service.reload(body.version if body else None, body.persist if body else True)
         except RequestError:
-            metrics.reloads["refused"] = metrics.reloads.get("refused", 0) + 1
+            metrics.reload("refused")
             raise
-        metrics.reloads["ok"] = metrics.reloads.get("ok", 0) + 1
+        metrics.reload("ok")
         return result
 
     def authorize(authorization: Optional[str]) -> None:
