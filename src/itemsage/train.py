@@ -368,11 +368,9 @@ def _log_scalars(writer: Any, step: int, scalars: dict[str, float]) -> None:
 
 @contextlib.contextmanager
 def _progress_bar(enabled: bool, total: int | None, start: int) -> Iterator[Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from itemsage.progress import progress_bar
 
-    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[pps]:>8.0f} pairs/s  loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
-    with Progress(*columns, disable=not enabled) as bar:
+    with progress_bar(enabled, fields="{task.fields[pps]:>8.0f} pairs/s  loss {task.fields[loss]:.4f}") as bar:
         task = bar.add_task("train", total=total, completed=start, pps=0.0, loss=float("nan"))
         yield lambda **kw: bar.update(task, **kw)
 
