@@ -90,6 +90,7 @@ def test_encode_queries_vectors_by_hand(model_dir):
         got = model.encode_queries(surface, x, batch_size=3)
         np.testing.assert_allclose(got, expected, atol=1e-5)
         np.testing.assert_allclose(model.encode_queries(surface, x.tolist()), got, atol=1e-6)
+        np.testing.assert_allclose(model.encode_queries(surface, x[2]), got[2:3], atol=1e-6)  # one vector
 
 
 def test_encode_queries_errors_say_what_to_send(model_dir):

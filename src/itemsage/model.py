@@ -202,8 +202,10 @@ class LoadedModel:
                               f"{', '.join(sorted(self.query_dims)) or 'no'} queries)")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        if isinstance(queries, str):
+        if isinstance(queries, (str, Path)):
             queries = [queries]
+        elif isinstance(queries, np.ndarray) and queries.ndim == 1:
+            queries = queries[None]  # one vector
         items = list(queries) if not isinstance(queries, np.ndarray) else queries
         if len(items) and isinstance(items[0], (str, Path)):
             vectors = self._query_inputs(surface, [str(x) for x in items])
