@@ -34,7 +34,6 @@ parallelism comes from concurrent requests.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import contextlib
@@ -46,7 +45,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -54,425 +53,29 @@ import torch
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from itemsage import index as index_lib
 from itemsage import live as live_lib
 from itemsage.artifacts import ArtifactError
+from itemsage.bodies import (MAX_HISTORY, Candidates,  # noqa: F401  (MAX_HISTORY: serve.MAX_HISTORY, as before)
+                             CloseupRequest, Cluster, DeleteRequest, EmbedRequest, EmbedResponse,
+                             HomeRequest, HomeResponse, ProductIn, ReloadRequest, ReloadResponse, RequestError,
+                             SearchRequest, UpdateResponse, UpsertRequest, _printable, _validation_message,
+                             error_response)
 from itemsage.config import ConfigError, require
 from itemsage.home import allocate, cluster_history, merge_candidates
+from itemsage.middleware import (DEFAULT_BODY_DEADLINE_S, DEFAULT_BODY_TIMEOUT_S, LATENCY_BUCKETS,  # noqa: F401
+                                 BodyLimitMiddleware, InternalErrorMiddleware, Metrics, MetricsMiddleware)
 from itemsage.schema import IMAGE_EMBEDDINGS, PRODUCT_ID
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20  # a home request of 1000 x 256 floats as JSON is ~5 MB
 DEFAULT_MAX_K = 1000
-DEFAULT_BODY_TIMEOUT_S = 10.0  # silence while a request body is still expected -> 408
-DEFAULT_BODY_DEADLINE_S = 60.0  # a whole body must arrive within this (an 8 MB body at ~1 Mbit/s)
 DEFAULT_KEEP_ALIVE_S = 5.0  # an idle keep-alive connection is closed after this
-MAX_VERSION_CHARS = 255  # an index version is a directory name
-MAX_HISTORY = 1000  # history items (ids or vectors) per home request
-MAX_VECTOR_WIDTH = 8192  # a cheap upper bound before the exact width check
-MAX_TEXT_CHARS = 2048  # MiniLM reads at most 256 tokens anyway
-MAX_UPDATE_BATCH = 1000  # products per upsert or delete request
 DEFAULT_QUERY_CACHE = 10_000  # recent search texts whose query vectors are kept
 DEFAULT_QUERY_BATCH = 8  # concurrent search texts encoded together (1: one at a time; BENCHMARKS.md)
 QUERY_ENCODERS = ("onnx", "onnx-int8", "torch")
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-# ---- request and response bodies ----------------------------------------------------------------
-
-def _utf8(value: str) -> str:
-    """Refuse a string that cannot be written as UTF-8 (JSON's `\\ud800` escape alone gives one)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(f"text is not valid UTF-8: a lone surrogate at character {err.start}; send "
-                         "characters outside the Basic Multilingual Plane as a surrogate pair or as UTF-8") from None
-    return value
-
-
-# Strict: a JSON number for a float (integers too), never true/false or "1.5"; a JSON string for a str.
-FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-Vector = Annotated[list[FiniteFloat], Field(min_length=1, max_length=MAX_VECTOR_WIDTH)]
-Text = Annotated[str, Field(strict=True), AfterValidator(_utf8)]
-ProductId = Annotated[Text, Field(min_length=1, max_length=1024)]
-TopK = Annotated[int, Field(strict=True, description="Number of results; 1 <= k <= the server's max_k.")]
-StrictBool = Annotated[bool, Field(strict=True)]
-TextValue = Optional[Text | list[Text]]
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-def _exactly_one(body: BaseModel, names: tuple[str, ...]) -> None:
-    given = [n for n in names if getattr(body, n) is not None]
-    if len(given) != 1:
-        options = ", ".join(f"`{n}`" for n in names)
-        got = ", ".join(f"`{n}`" for n in given) if given else "none"
-        raise ValueError(f"give exactly one of {options}; got {got}")
-
-
-class SearchRequest(_Body):
-    text: Optional[Annotated[Text, Field(min_length=1, max_length=MAX_TEXT_CHARS)]] = None
-    vector: Optional[Vector] = Field(None, description="A precomputed search-query vector (instead of text).")
-    k: TopK = 10
-
-    @model_validator(mode="after")
-    def _one_query(self) -> SearchRequest:
-        _exactly_one(self, ("text", "vector"))
-        return self
-
-
-class CloseupRequest(_Body):
-    product_id: Optional[ProductId] = Field(None, description="An indexed product: find products like it.")
-    vector: Optional[Vector] = Field(
-        None, description="A closeup query vector: the kind of vector the closeup rows of the training logs held "
-        "as query_embedding (the demo shop: the viewed product's image vector; a shop's own logs may hold text "
-        "or other vectors), of that width (GET /readyz: query_dims.closeup). The model's closeup adapter maps "
-        "it into product space.")
-    image: Optional[Text] = Field(None, description="An image file's bytes, base64-encoded.")
-    k: TopK = 10
-    exclude_self: StrictBool = Field(True, description="With product_id: leave the product itself out.")
-
-    @model_validator(mode="after")
-    def _one_query(self) -> CloseupRequest:
-        _exactly_one(self, ("product_id", "vector", "image"))
-        return self
-
-
-class HomeRequest(_Body):
-    history: Optional[Annotated[list[ProductId], Field(min_length=1, max_length=MAX_HISTORY)]] = Field(
-        None, description="Product ids the user engaged with; they are left out of the results."
-    )
-    vectors: Optional[Annotated[list[Vector], Field(min_length=1, max_length=MAX_HISTORY)]] = Field(
-        None, description="History as vectors of the home query width (instead of ids)."
-    )
-    k: TopK = 10
-    max_clusters: Annotated[int, Field(strict=True, ge=1, le=20, description=(
-        "Most interest clusters the history is split into (PinnerSage: Ward clustering of the history's "
-        "vectors); each cluster's medoid retrieves a share of k by its importance. 1 = one cluster."))] = 5
-
-    @model_validator(mode="after")
-    def _one_history(self) -> HomeRequest:
-        _exactly_one(self, ("history", "vectors"))
-        return self
-
-
-class ProductIn(BaseModel):
-    """One product as in the catalog: text fields (a string or a list of strings) and image vectors.
-
-    Fields beyond the twelve standard ones are accepted when the model was trained on them.
-    """
-
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-    __pydantic_extra__: dict[str, TextValue]
-
-    product_id: Optional[ProductId] = None
-    title: TextValue = None
-    description: TextValue = None
-    brand: TextValue = None
-    colors: TextValue = None
-    materials: TextValue = None
-    patterns: TextValue = None
-    size: TextValue = None
-    size_type: TextValue = None
-    product_type: TextValue = None
-    category: TextValue = None
-    domain: TextValue = None
-    links: TextValue = None
-    image_embeddings: Optional[list[Vector]] = Field(None, description="Image vectors, main image first.")
-
-
-class EmbedRequest(_Body):
-    product: ProductIn
-
-
-class Candidates(BaseModel):
-    ids: list[str]
-    scores: list[float] = Field(description="Inner products of unit vectors; higher = more similar.")
-    index_version: str
-
-
-class Cluster(BaseModel):
-    medoid: int = Field(description="Position in the request's history of the cluster's medoid.")
-    size: int
-    importance: float = Field(description="Share of the history in this cluster (PinnerSage uses "
-                              "time-decayed frequency; this service counts items).")
-    members: list[int]
-
-
-class HomeResponse(Candidates):
-    clusters: list[Cluster]
-    cluster_of: list[int] = Field(description="For each result, the cluster whose medoid scored it best.")
-
-
-class EmbedResponse(BaseModel):
-    product_id: Optional[str]
-    vector: list[float]
-    dim: int
-    model_fingerprint: str
-
-
-class ReloadRequest(_Body):
-    version: Optional[Annotated[Text, Field(min_length=1, max_length=MAX_VERSION_CHARS)]] = Field(
-        None, description="Version name under INDEX_ROOT/versions; default: the one CURRENT points at.")
-    persist: StrictBool = Field(True, description="Also point INDEX_ROOT/CURRENT at the version (atomically), "
-                                "so a restarted server serves it; false for a trial swap.")
-
-
-class ReloadResponse(BaseModel):
-    index_version: str
-    previous_version: str
-    products: int
-    seconds: float
-
-
-class UpsertRequest(_Body):
-    products: Annotated[list[ProductIn], Field(min_length=1, max_length=MAX_UPDATE_BATCH)] = Field(
-        description="Products with their `product_id`: new ones are added, existing ones replaced.")
-
-
-class DeleteRequest(_Body):
-    ids: Annotated[list[ProductId], Field(min_length=1, max_length=MAX_UPDATE_BATCH)]
-
-
-class UpdateResponse(BaseModel):
-    ids: list[str] = Field(description="Products upserted (or deleted), in request order.")
-    unknown: list[str] = Field(default_factory=list, description="Delete: ids not in the index (nothing done).")
-    seq: int = Field(description="The last update's number in the live log (durable on reply).")
-    index_version: str
-    products: int = Field(description="Products served after the update.")
-
-
-# ---- errors -------------------------------------------------------------------------------------
-
-
-class RequestError(Exception):
-    """A request the service refuses: `status` is a 4xx (or 503), `message` says what to change."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _printable(text: str) -> str:
-    """`text` with anything UTF-8 cannot hold (a lone surrogate from the request) as a `\\udXXX` escape."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def error_response(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
-    """The JSON body of every refusal, {"detail": message, ...}; always encodable, whatever the request held."""
-    return JSONResponse({"detail": _printable(detail), **extra}, status_code=status, headers=headers)
-
-
-def _validation_message(errors: list[dict[str, Any]]) -> str:
-    parts = []
-    for e in errors[:5]:
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
-        detail = (e.get("ctx") or {}).get("error")
-        why = f" ({detail})" if isinstance(detail, str) else ""  # e.g. the JSON decoder's reason
-        parts.append(f"{loc}: {e.get('msg', 'invalid')}{why}")
-    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-    return "; ".join(parts) + more
-
-
-# ---- metrics (prometheus_client: one registry per app, process metrics included) ----------------
-
-
-class Metrics:
-    """Request counters per endpoint, method and status, a latency histogram per endpoint, index
-    reloads by outcome, the served index (read at scrape time), and the process's own metrics
-    (CPU, memory, open files: prometheus_client's process and platform collectors, and GC)."""
-
-    def __init__(self, info: Callable[[], dict[str, Any]]) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
-        from prometheus_client.gc_collector import GCCollector
-        from prometheus_client.platform_collector import PlatformCollector
-        from prometheus_client.process_collector import ProcessCollector
-
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("itemsage_requests", "HTTP requests by endpoint, method and status.",
-                                ["endpoint", "method", "status"], registry=self.registry)
-        self.latency = Histogram("itemsage_request_duration_seconds",
-                                 "Request latency, from first byte in to last out.", ["endpoint"],
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.reloads = Counter("itemsage_index_reloads", "Index reloads by outcome.", ["outcome"],
-                               registry=self.registry)
-        self.registry.register(_IndexCollector(info))
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        GCCollector(registry=self.registry)
-
-    def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(endpoint, method, str(status)).inc()
-        self.latency.labels(endpoint).observe(seconds)
-
-    def reload(self, outcome: str) -> None:
-        self.reloads.labels(outcome).inc()
-
-    def render(self) -> bytes:
-        from prometheus_client import generate_latest
-
-        return generate_latest(self.registry)
-
-
-class _IndexCollector:
-    """The served index version, model and size, read from the service when /metrics is scraped."""
-
-    def __init__(self, info: Callable[[], dict[str, Any]]) -> None:
-        self.info = info
-
-    def describe(self) -> list[Any]:
-        return []  # labels change with reloads: nothing fixed to declare
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
-
-        info = self.info()
-        version = GaugeMetricFamily("itemsage_index_info", "The index version being served (value 1).",
-                                    labels=["version", "model"])
-        version.add_metric([str(info["index_version"]), str(info["model_fingerprint"])], 1)
-        yield version
-        yield GaugeMetricFamily("itemsage_index_products", "Products in the served index.", value=info["products"])
-
-
-class MetricsMiddleware:
-    """Counts every response (413s and 500s included) under its route path, 'other' if unrouted."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics, paths: Callable[[], set[str]]) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.paths = paths
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500  # what ServerErrorMiddleware answers if the app raises before responding
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            path = scope.get("path", "")
-            endpoint = path if path in self.paths() else "other"  # bounded label set
-            self.metrics.observe(endpoint, scope.get("method", ""), status, time.perf_counter() - start)
-
-
-class InternalErrorMiddleware:
-    """A real bug (an exception no handler turned into a 4xx) becomes a logged 500 JSON response.
-
-    Done here rather than with an `Exception` handler: Starlette re-raises after such a handler, and
-    uvicorn then closes the keep-alive connection; answering here leaves it open for the next request.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def send_tracked(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_tracked)
-        except Exception:
-            log.exception("unhandled error on %s %s", scope.get("method", ""), scope.get("path", ""))
-            if started:  # half a response is out: the server can only close the connection
-                raise
-            await error_response(500, "internal error; the server log has the traceback")(scope, receive, send)
-
-
-class BodyLimitMiddleware:
-    """413 for a body over `max_bytes`: by its Content-Length, or by counting a streamed body.
-
-    The body is read here in full (it is small by construction) and replayed to the app, so a
-    chunked upload without Content-Length is held to the same limit before any parsing starts.
-    A body that stops arriving for `timeout_s` (or is not complete after `deadline_s`) gets a 408
-    and the connection is closed: a client that declares more than it sends is not held forever.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
-                 deadline_s: float = DEFAULT_BODY_DEADLINE_S) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.timeout_s = timeout_s
-        self.deadline_s = deadline_s
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, message: str,
-                      close: bool = False) -> None:
-        headers = {"connection": "close"} if close else None  # the unread rest of the body cannot be skipped
-        await error_response(status, message, headers)(scope, receive, send)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_big = (f"request body is larger than the server's limit of {self.max_bytes} bytes; send "
-                   "fewer or shorter vectors, or start the server with a larger max_body_bytes")
-        declared = dict(scope.get("headers", ())).get(b"content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                await self._refuse(scope, receive, send, 400, "Content-Length must be a non-negative integer")
-                return
-            if int(declared) > self.max_bytes:
-                await self._refuse(scope, receive, send, 413, too_big)
-                return
-        chunks: list[bytes] = []
-        size = 0
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.deadline_s
-        while True:
-            wait = min(self.timeout_s, deadline - loop.time())
-            try:
-                message = await asyncio.wait_for(receive(), timeout=max(wait, 0.0))
-            except asyncio.TimeoutError:
-                declared_text = f"of the {int(declared)} declared " if declared is not None else ""
-                await self._refuse(scope, receive, send, 408,
-                                   f"the request body stopped arriving: {size} bytes {declared_text}came, then "
-                                   f"none for {wait:g} s (the server waits {self.timeout_s:g} s between pieces and "
-                                   f"{self.deadline_s:g} s in all); send the whole body, with a Content-Length "
-                                   "that matches it", close=True)
-                return
-            if message["type"] == "http.disconnect":
-                return  # the client left; nothing to answer
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send, 413, too_big)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # later calls wait for the disconnect, as the server's would
-
-        await self.app(scope, replay, send)
 
 
 def _norms(x: np.ndarray) -> np.ndarray:
