@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from itemsage import artifacts, schema
+from itemsage.checkpoint import _flatten, _unflatten
 from itemsage.config import ConfigError
 from itemsage.features import Vocabulary
-from itemsage.checkpoint import _flatten, _unflatten
 from itemsage.train import (
     Lamb,
     Sampler,
@@ -314,21 +314,20 @@ def test_resume_keeps_the_best_so_far_and_the_patience_count(dataset, tmp_path, 
     straight = train(dataset, tmp_path / "straight", cfg, progress=False)
     assert (straight.steps, straight.best_step, straight.stopped_early) == (5, 2, True)
 
-    scripted_recall(monkeypatch, recall[:3])  # killed while taking step 4's batch: evaluations 1..3 done
-    # (The loop's Prefetch draws batches ahead, so the kill is where the loop takes a batch, not in the sampler.)
-    real = train_module.Prefetch.next
+    scripted_recall(monkeypatch, recall[:3])  # killed while drawing step 4's batch: evaluations 1..3 done
+    real = train_module.Sampler.positives
     calls = {"n": 0}
 
-    def dying(self):
+    def dying(self, b):
         calls["n"] += 1
         if calls["n"] == 5:  # the batches are drawn one step ahead (train.Prefetch): call 5 is step 4's start
             raise KeyboardInterrupt("killed")
-        return real(self)
+        return real(self, b)
 
-    monkeypatch.setattr(train_module.Prefetch, "next", dying)
+    monkeypatch.setattr(train_module.Sampler, "positives", dying)
     with pytest.raises(KeyboardInterrupt):
         train(dataset, tmp_path / "killed", cfg, progress=False)
-    monkeypatch.setattr(train_module.Prefetch, "next", real)
+    monkeypatch.setattr(train_module.Sampler, "positives", real)
     scripted_recall(monkeypatch, recall[3:])
     resumed = train(dataset, tmp_path / "killed", cfg, progress=False, resume=True)
     assert (resumed.resumed_from, resumed.steps, resumed.best_step, resumed.stopped_early) == (3, 5, 2, True)
