@@ -86,7 +86,7 @@ def bench_preset(preset: str, table: pa.Table, batch_size: int, work: Path) -> d
         feat_s = min(feat_s, time.perf_counter() - start)
         start = time.perf_counter()
         with torch.inference_mode():
-            model.tower(batch)
+            model.model.encode_products(batch)
         tower_s = min(tower_s, time.perf_counter() - start)
     slots = batch.images.shape[1]  # M: the padded image slots the batch executes
     flops = flops_per_product(cfg, slots, len(cfg.text_fields), image_dim=IMAGE_DIM)

@@ -61,7 +61,7 @@ def index_facts(index_root: Path) -> dict:
         "ef_search": manifest["config"].get("ef_search"),
         "count": manifest["count"],
         "dim": manifest["dim"],
-        "recall_at_10": manifest.get("recall_at_10"),
+        "recall_at_10": manifest.get("neighbour_recall_at_10", manifest.get("recall_at_10")),
         "recall_queries": manifest.get("recall_queries"),
         "ids": ids,
     }

@@ -98,7 +98,7 @@ def test_gallery_marks_the_engaged_product_among_exact_neighbours(run):
 
     from itemsage.evaluate import embed_catalog
 
-    catalog = embed_catalog(loaded.tower, store).numpy()  # [N, D]
+    catalog = embed_catalog(loaded.model, store).numpy()  # [N, D]
     test = pq.read_table(dataset / schema.TEST_FILE)
     for g in gallery:
         top = g["top"]

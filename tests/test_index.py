@@ -62,10 +62,11 @@ def test_hnsw_recall_at_10_against_exact():
     ref = np.einsum("qd,qkd->qk", queries, base[[[int(i[1:]) for i in row] for row in ann_ids]])
     np.testing.assert_allclose(ann_scores, ref, atol=1e-5)
     # Build measured its own recall against exact search and it agrees with the bar.
-    assert hnsw.stats["recall_at_10"] >= 0.95 and hnsw.stats["recall_queries"] == 1000
+    assert hnsw.stats["neighbour_recall_at_10"] >= 0.95 and hnsw.stats["recall_queries"] == 1000
 
 
-def test_recall_at_k_by_hand():
+def test_neighbour_recall_by_hand():
+    """neighbour_recall: the share of the exact top-k ids the index found (padding '' never counts)."""
     found = np.array([["a", "b", "c"], ["x", "y", ""]], dtype=object)
     exact = np.array([["a", "c", "d"], ["y", "z", "w"]], dtype=object)
     assert neighbour_recall(found, exact) == pytest.approx(3 / 6)
@@ -137,7 +138,7 @@ def test_save_load_round_trip(tmp_path):
     np.testing.assert_allclose(loaded.vector(["p00042"]), base[[42]], atol=1e-6)
     manifest = json.loads((tmp_path / "v1" / "manifest.json").read_text())
     assert manifest["kind"] == "index" and manifest["count"] == 500 and manifest["dim"] == 16
-    assert manifest["inputs"] == {"embeddings": "abc"} and 0.0 <= manifest["recall_at_10"] <= 1.0
+    assert manifest["inputs"] == {"embeddings": "abc"} and 0.0 <= manifest["neighbour_recall_at_10"] <= 1.0
     assert ProductIndex.load(tmp_path / "v1", ef_search=7).ef_search == 7
     with pytest.raises(ArtifactError, match="never overwritten"):
         index.save(tmp_path / "v1")
@@ -294,7 +295,7 @@ def test_ivfpq_recall_against_exact_and_reranking_helps():
     ivf._index.k_factor = 1.0
     assert neighbour_recall(ivf.search(queries, 10)[0], exact_ids) < recall - 0.05
     # The build measured its own recall against exact search, with the re-ranking.
-    assert ivf.stats["recall_at_10"] >= 0.95 and ivf.stats["recall_queries"] == 1000
+    assert ivf.stats["neighbour_recall_at_10"] >= 0.95 and ivf.stats["recall_queries"] == 1000
     # Product vectors come back exactly (from the full vectors, not the lossy codes).
     np.testing.assert_allclose(ivf.vector(["p00042", "p00007"]), base[[42, 7]], atol=1e-6)
 
@@ -331,3 +332,13 @@ def test_ivfpq_save_load_round_trip_and_memory(tmp_path):
 def test_ivfpq_refuses_a_tiny_catalog():
     with pytest.raises(ValueError, match="use kind 'flat' or 'hnsw'"):
         ProductIndex.build(ids_for(500), unit_vectors(500, 8), kind="ivfpq")
+
+
+def test_old_manifests_recall_key_is_read_under_its_new_name():
+    from itemsage.index import NEIGHBOUR_RECALL, stats_from_manifest
+
+    old = {"build_seconds": 1.5, "recall_at_10": 0.97, "recall_queries": 1000, "count": 3}
+    assert stats_from_manifest(old, ("build_seconds", "recall_queries")) == {
+        "build_seconds": 1.5, "recall_queries": 1000, NEIGHBOUR_RECALL: 0.97}
+    assert stats_from_manifest({NEIGHBOUR_RECALL: 0.9}, ())[NEIGHBOUR_RECALL] == 0.9
+    assert NEIGHBOUR_RECALL not in stats_from_manifest({"count": 3}, ())

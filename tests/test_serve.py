@@ -22,7 +22,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from itemsage import serve
+from itemsage import home, serve
 from itemsage.artifacts import ArtifactError
 from itemsage.features import Vocabulary, featurize
 from itemsage.index import ProductIndex, publish, version_path
@@ -245,6 +245,17 @@ def test_embed_matches_the_indexed_vector_one_at_a_time(client, world):
     np.testing.assert_allclose(r.json()["vector"], world["vectors"]["v1"][4], rtol=1e-4, atol=1e-5)
 
 
+def test_embed_endpoint_equals_the_python_api(client, world):
+    """/v1/embed and itemsage.load(...).encode_products share ingest's checks: the same vectors."""
+    import itemsage
+
+    rows = [dict(world["rows"][i]) for i in (0, 1, 17)]
+    api = itemsage.load(world["model_dir"]).encode_products(rows)  # [3, D]
+    for row, want in zip(rows, api):
+        r = client.post("/v1/embed", json={"product": row})
+        np.testing.assert_allclose(r.json()["vector"], want, rtol=0, atol=1e-6)
+
+
 # ---- home: PinnerSage clusters -------------------------------------------------------------------
 
 
@@ -322,16 +333,16 @@ def test_home_small_history_is_one_cluster_and_vectors_use_the_adapter(grouped, 
 
 
 def test_allocate_and_merge_by_hand():
-    assert serve.allocate(10, [3, 3]) == [5, 5]
-    assert serve.allocate(10, [5, 3, 1]) == [6, 3, 1]  # 5.56, 3.33, 1.11 -> largest remainder
-    assert serve.allocate(2, [1, 1, 1]) == [1, 1, 0]
+    assert home.allocate(10, [3, 3]) == [5, 5]
+    assert home.allocate(10, [5, 3, 1]) == [6, 3, 1]  # 5.56, 3.33, 1.11 -> largest remainder
+    assert home.allocate(2, [1, 1, 1]) == [1, 1, 0]
     ids = np.array([["a", "b", "c", "x"], ["c", "d", "e", ""]], dtype=object)
     scores = np.array([[0.9, 0.8, 0.5, 0.4], [0.7, 0.6, 0.3, -np.inf]])
     # Cluster 0 takes a, b (quota 2; "x" excluded), cluster 1 takes c (best 0.7 via cluster 1) and d.
-    got = serve.merge_candidates(ids, scores, [2, 2], {"x"}, 4)
+    got = home.merge_candidates(ids, scores, [2, 2], {"x"}, 4)
     assert got == (["a", "b", "c", "d"], [0.9, 0.8, 0.7, 0.6], [0, 0, 1, 1])
     # Quotas short of k: the best remaining fill in.
-    got = serve.merge_candidates(ids, scores, [1, 0], set(), 3)
+    got = home.merge_candidates(ids, scores, [1, 0], set(), 3)
     assert got[0] == ["a", "b", "c"]
 
 
@@ -447,7 +458,7 @@ def test_health_and_readiness(client, world):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready" and ready["products"] == 24 and ready["model_fingerprint"] == world["fp"]
-    assert ready["index_version"] in ("v1", "v2") and ready["index_recall_at_10"] == 1.0
+    assert ready["index_version"] in ("v1", "v2") and ready["neighbour_recall_at_10"] == 1.0
 
 
 def test_metrics_count_requests_and_latency(world):
@@ -476,8 +487,9 @@ def test_metrics_count_requests_and_latency(world):
     buckets = [samples[hist % ("bucket", f',le="{b}"')] for b in serve.LATENCY_BUCKETS]
     assert buckets == sorted(buckets) and samples[hist % ("bucket", ',le="+Inf"')] == 5
     assert samples[hist % ("sum", "")] > 0
-    assert samples['itemsage_index_info{version="v1",model="%s"}' % world["fp"]] == 1
+    assert samples['itemsage_index_info{model="%s",version="v1"}' % world["fp"]] == 1  # labels in name order
     assert samples["itemsage_index_products"] == 24
+    assert samples["process_resident_memory_bytes"] > 0 and "process_cpu_seconds_total" in samples  # process metrics
 
 
 def test_openapi_lists_every_endpoint(client):

@@ -14,16 +14,15 @@ import torch
 from safetensors.torch import load_file
 
 from itemsage import artifacts, schema
+from itemsage.checkpoint import _flatten, _unflatten
 from itemsage.config import ConfigError
 from itemsage.features import Vocabulary
 from itemsage.train import (
     Lamb,
     Sampler,
     TrainConfig,
-    _flatten,
     _loss_weights,
     _mixture,
-    _unflatten,
     advance,
     latest_checkpoint,
     load_pairs,
@@ -257,7 +256,7 @@ def scripted_recall(monkeypatch, values: list[float]) -> list[float]:
 
     queue = list(values)
 
-    def fake(tower, adapters, store, pairs, device, chunk=2048):
+    def fake(model, store, pairs, device, chunk=2048):
         r = queue.pop(0)
         return {"all": {"recall@1": r, "recall@10": r, "recall@100": r, "n": len(pairs)}}
 
@@ -402,10 +401,28 @@ def test_resume_refuses_changed_options(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("negatives, optimizer", [("in_batch", "lamb"), ("random", "adamw")])
-def test_negative_modes_and_lamb_run(dataset, tmp_path, negatives, optimizer):
-    result = train(dataset, tmp_path / "run", tiny(max_steps=3, negatives=negatives, optimizer=optimizer),
-                   progress=False)
+def test_negative_modes_and_lamb_train(dataset, tmp_path, negatives, optimizer):
+    """Each ablation takes only its own term of the loss, and the optimiser moves every weight."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from itemsage.model import ItemSageModel, load_model
+
+    cfg = tiny(max_steps=3, negatives=negatives, optimizer=optimizer)
+    result = train(dataset, tmp_path / "run", cfg, progress=False)
     assert result.steps == 3 and math.isfinite(result.final_loss)
+    events = EventAccumulator(str(tmp_path / "run" / schema.TENSORBOARD_DIR)).Reload()
+    series = {tag: [e.value for e in events.Scalars(tag)] for tag in ("loss/total", "loss/in_batch", "loss/random")}
+    unused = "loss/random" if negatives == "in_batch" else "loss/in_batch"
+    used = "loss/in_batch" if negatives == "in_batch" else "loss/random"
+    assert len(series["loss/total"]) == 3 and all(v == 0 for v in series[unused])
+    np.testing.assert_allclose(series[used], series["loss/total"], rtol=1e-6)
+    assert all(v > 0 for v in series[used])
+    loaded = load_model(result.model_dir)
+    torch.manual_seed(cfg.seed)  # train's initial weights: the same seed, the same build
+    initial = ItemSageModel.build(loaded.config, len(loaded.vocab), loaded.image_dim, loaded.query_dims).state_dict()
+    moved = {k: not torch.equal(v, initial[k]) for k, v in loaded.model.state_dict().items() if v.is_floating_point()}
+    assert moved["tower.head.fc2.weight"] and moved["logit_scale.log_scale"]
+    assert sum(moved.values()) >= 0.8 * len(moved), [k for k, m in moved.items() if not m]
 
 
 def test_clock_turns_minute_budget_into_steps_and_re_estimates():

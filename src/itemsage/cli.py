@@ -537,7 +537,7 @@ def index_cmd(
         stats = index.stats
         console.print(f"wrote Milvus collection {index.collection} ({milvus_index}) in {stats['build_seconds']:.1f} s: "
                       f"{len(index):,} vectors x {index.dim} dims")
-        console.print(f"recall@10 vs exact search: {stats['recall_at_10']:.4f} ({stats['recall_queries']} queries)")
+        console.print(f"recall@10 vs exact search: {stats['neighbour_recall_at_10']:.4f} ({stats['recall_queries']} queries)")
         console.print(f"version: {index.version}" + (f" (published as alias '{collection}')" if publish else ""))
         return
     if out is None:
@@ -558,7 +558,7 @@ def index_cmd(
             return
         index, version_dir, folded = result
         console.print(f"folded {folded:,} live updates: {len(index):,} vectors x {index.dim} dims in "
-                      f"{index.stats['build_seconds']:.1f} s, recall@10 vs exact {index.stats['recall_at_10']:.4f}")
+                      f"{index.stats['build_seconds']:.1f} s, recall@10 vs exact {index.stats['neighbour_recall_at_10']:.4f}")
         console.print(f"version: {version_dir}" + (" (published as CURRENT; POST /admin/reload to serve it)"
                                                    if publish else ""))
         return
@@ -580,7 +580,7 @@ def index_cmd(
         c = index.config
         console.print(f"IVF-PQ: nlist {c.nlist}, pq_m {c.pq_m}, pq_nbits {c.pq_nbits}, nprobe {c.nprobe}, "
                       f"re-rank x{c.refine_factor} from vectors.faiss (memory-mapped)")
-    console.print(f"recall@10 vs exact search: {stats['recall_at_10']:.4f} ({stats['recall_queries']} queries)")
+    console.print(f"recall@10 vs exact search: {stats['neighbour_recall_at_10']:.4f} ({stats['recall_queries']} queries)")
     console.print(f"version: {version_dir}" + (" (published as CURRENT)" if publish else ""))
 
 

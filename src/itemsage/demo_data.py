@@ -1025,11 +1025,9 @@ def _parquet_writer(target: Path) -> Iterator[Any]:
 
 @contextlib.contextmanager
 def _progress_bar(enabled: bool) -> Iterator[Any]:
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from itemsage.progress import progress_bar
 
-    with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False) as bar:
+    with progress_bar(enabled, unit="rows") as bar:
         yield bar
 
 

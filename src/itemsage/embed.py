@@ -56,7 +56,6 @@ import torch
 from itemsage import artifacts, schema
 from itemsage.artifacts import ArtifactError
 from itemsage.config import require
-from itemsage.features import featurize
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +126,7 @@ def embed_batch(model: Any, batch: pa.RecordBatch | pa.Table) -> pa.Table:
     hashes = _column_or_nulls(table, schema.CONTENT_HASH)
     if table.num_rows == 0:
         return _vectors_table(ids, np.zeros((0, model.config.out_dim), np.float32), hashes)
-    features = featurize(table, model.vocab, model.config.text_fields, model.config.max_images, model.image_dim)
-    device = next(model.tower.parameters()).device
-    with torch.inference_mode():
-        vectors = model.tower(features.to(device))  # [B, D] unit rows
-    return _vectors_table(ids, vectors.float().cpu().numpy(), hashes)
+    return _vectors_table(ids, model.embed_table(table), hashes)  # [B, D] unit rows
 
 
 # ---- the local engine: resumable, incremental ---------------------------------------------------
@@ -470,15 +465,9 @@ def _remove_unreferenced(out_dir: Path, keep: set[str]) -> None:
 
 
 def _progress_bar(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-    from rich.text import Text
+    from itemsage.progress import progress_bar
 
-    class Speed(ProgressColumn):
-        def render(self, task: Any) -> Text:
-            return Text(f"{task.speed:,.0f} products/s" if task.speed else "")
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Speed(),
-                    TimeRemainingColumn(), disable=not enabled)
+    return progress_bar(enabled, unit="products")
 
 
 # ---- Ray Data engine ----------------------------------------------------------------------------

@@ -133,34 +133,34 @@ def popularity_ranks(train_counts: np.ndarray, positive_rows: np.ndarray) -> np.
 
 
 @torch.inference_mode()
-def embed_catalog(tower: torch.nn.Module, store, device: torch.device | str = "cpu", chunk: int = 2048) -> torch.Tensor:
-    """The tower over every product of a ProductStore, in chunks -> [N, D] float32 unit rows."""
-    was = tower.training
-    tower.eval()
+def embed_catalog(model: torch.nn.Module, store, device: torch.device | str = "cpu", chunk: int = 2048) -> torch.Tensor:
+    """model.encode_products over every product of a ProductStore, in chunks -> [N, D] float32 unit rows."""
+    was = model.training
+    model.eval()
     try:
         parts = [
-            tower(store.batch(np.arange(i, min(i + chunk, len(store)))).to(device)).float()
+            model.encode_products(store.batch(np.arange(i, min(i + chunk, len(store)))).to(device)).float()
             for i in range(0, len(store), chunk)
         ]
     finally:
-        tower.train(was)
+        model.train(was)
     return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
 @torch.inference_mode()
-def embed_pair_queries(adapters: torch.nn.Module, pairs, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Each pair's frozen query vector through its surface's adapter -> [Q, D] unit rows."""
-    was = adapters.training
-    adapters.eval()
+def embed_pair_queries(model: torch.nn.Module, pairs, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Each pair's frozen query vector through model.encode_queries -> [Q, D] unit rows."""
+    was = model.training
+    model.eval()
     try:
-        out = torch.zeros(len(pairs), adapters.out_dim, device=device)
+        out = torch.zeros(len(pairs), model.out_dim, device=device)
         for surface, table in pairs.queries.items():
             pos = np.flatnonzero(pairs.surface == surface)
             if len(pos):
                 vectors = table[torch.from_numpy(pairs.query_row[pos])].to(device)
-                out[torch.from_numpy(pos).to(device)] = adapters(surface, vectors).float()
+                out[torch.from_numpy(pos).to(device)] = model.encode_queries(surface, vectors).float()
     finally:
-        adapters.train(was)
+        model.train(was)
     return out
 
 
@@ -219,7 +219,7 @@ def check_index(index: Any, model_fingerprint: str, dim: int) -> None:
 def encode_queries(loaded: Any, pairs: Any, device: torch.device | str = "cpu") -> torch.Tensor:
     """Each pair's query in the product space -> [Q, D] unit rows. The one place evaluation encodes
     queries (the model's adapters over the frozen query vectors)."""
-    return embed_pair_queries(loaded.adapters, pairs, device)
+    return embed_pair_queries(loaded.model, pairs, device)
 
 
 def _vector_digests(column: Any) -> list[bytes | None]:
@@ -302,7 +302,7 @@ def evaluate(
     from itemsage import schema
     from itemsage.artifacts import fingerprint, verify_dataset
     from itemsage.model import load_model
-    from itemsage.train import load_pairs
+    from itemsage.pairs import load_pairs
 
     verify_dataset(dataset_dir)  # refuses a dataset without a manifest, or a file that does not match it
     loaded = load_model(model_dir, device=device)
@@ -370,7 +370,7 @@ def evaluate(
         for name, mask in (("cold_start", cold), ("seen", seen), ("unseen", ~seen)):
             result[name]["ann"] = group_recall(ann[mask], tasks[mask], ks)
         result["data"]["index_version"] = index.version
-        result["data"]["index_recall_vs_exact"] = index.manifest.get("recall_at_10")
+        result["data"]["neighbour_recall_at_10"] = index.stats.get("neighbour_recall_at_10")
         result["data"]["index_from_these_embeddings"] = (
             index.manifest.get("inputs", {}).get("embeddings") == result["data"]["embeddings_fingerprint"])
     return result
@@ -440,7 +440,7 @@ def training_curves(model_dir: str | Path) -> dict[str, list[list[float]]]:
     `seconds`: wall time since the run's first logged point (its first step), so curves of runs of
     different speeds can be set against time. A resumed run's logs repeat steps after its checkpoint;
     TensorBoard's reader drops the orphaned ones (its seconds then include the pause)."""
-    from itemsage.train import TENSORBOARD_DIR
+    from itemsage.schema import TENSORBOARD_DIR
 
     logs = Path(model_dir).resolve().parent / TENSORBOARD_DIR
     if not logs.is_dir():
@@ -598,7 +598,7 @@ def write_report(result: dict[str, Any], out_dir: str | Path, *, title: str = "E
     ]
     if "index_version" in data:
         lines += [f"ANN: index version `{data['index_version']}`, its recall@10 against exact search "
-                  f"{data.get('index_recall_vs_exact')}.", ""]
+                  f"{data.get('neighbour_recall_at_10')}.", ""]
     for k in DEFAULT_KS:
         lines += [f"## Recall@{k}", "", "| task | pairs | exact | ANN | popularity | cold-start (exact) | seen (exact) "
                   "| unseen (exact) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -56,6 +56,20 @@ IDS_FILE = "ids.parquet"
 VERSIONS_DIR = "versions"
 CURRENT_FILE = "CURRENT"
 RECALL_K = 10
+# The index's recall@10 against exact search over its own vectors (how many of the true 10 nearest
+# neighbours it returns): the manifest key. Manifests written before the rename say "recall_at_10".
+NEIGHBOUR_RECALL = "neighbour_recall_at_10"
+_OLD_NEIGHBOUR_RECALL = "recall_at_10"
+
+
+def stats_from_manifest(manifest: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """An index's stats from its manifest: `keys` that are present, and the neighbour recall under
+    its name (read from the old `recall_at_10` key of an older manifest)."""
+    stats = {k: manifest[k] for k in keys if k in manifest}
+    recall = manifest.get(NEIGHBOUR_RECALL, manifest.get(_OLD_NEIGHBOUR_RECALL))
+    if recall is not None:
+        stats[NEIGHBOUR_RECALL] = recall
+    return stats
 _VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -156,7 +170,7 @@ class ProductIndex:
         log.info(
             "built %s index: %d vectors x %d dims in %.1f s; recall@%d vs exact = %.4f (%d queries)",
             config.kind, len(index), index.dim, index.stats["build_seconds"], RECALL_K,
-            index.stats["recall_at_10"], index.stats["recall_queries"],
+            index.stats[NEIGHBOUR_RECALL], index.stats["recall_queries"],
         )
         return index
 
@@ -320,8 +334,8 @@ class ProductIndex:
             raise ArtifactError(f"refusing to load the index in {version_dir}: ids.parquet has duplicate "
                                 "product ids. Rebuild it with `itemsage index`.")
         index.manifest = manifest
-        index.stats = {k: manifest[k] for k in ("build_seconds", "recall_at_10", "recall_queries", "index_bytes",
-                                                "rerank_vectors_bytes") if k in manifest}
+        index.stats = stats_from_manifest(manifest, ("build_seconds", "recall_queries", "index_bytes",
+                                                     "rerank_vectors_bytes"))
         index.version = version_dir.name
         return index
 
@@ -408,7 +422,7 @@ class ProductIndex:
         """
         n = min(self.config.recall_sample, len(self))
         if n == 0 or self.config.kind == "flat":
-            return {"recall_at_10": 1.0, "recall_queries": n, "recall_reference": "exact"}
+            return {NEIGHBOUR_RECALL: 1.0, "recall_queries": n, "recall_reference": "exact"}
         rng = np.random.default_rng(self.config.seed)
         base = np.ascontiguousarray(vectors, dtype=np.float32)
         base = base / np.linalg.norm(base, axis=1, keepdims=True)  # as stored by add()
@@ -416,7 +430,7 @@ class ProductIndex:
         _, exact_rows = faiss.knn(queries, base, min(k, len(self)), metric=faiss.METRIC_INNER_PRODUCT)
         _, ann_rows = self._index.search(queries, min(k, len(self)))
         return {
-            "recall_at_10": neighbour_recall(ann_rows, exact_rows),
+            NEIGHBOUR_RECALL: neighbour_recall(ann_rows, exact_rows),
             "recall_queries": n,
             "recall_reference": "exact inner product on perturbed stored vectors",
         }

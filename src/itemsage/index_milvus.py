@@ -34,12 +34,14 @@ from itemsage import artifacts
 from itemsage.artifacts import ArtifactError
 from itemsage.config import from_dict, require
 from itemsage.index import (
+    NEIGHBOUR_RECALL,
     RECALL_K,
     VersionNotFound,
     neighbour_recall,
     new_version_name,
     perturbed_queries,
     read_embeddings,
+    stats_from_manifest,
 )
 
 log = logging.getLogger(__name__)
@@ -126,8 +128,7 @@ class MilvusIndex:
         self.dim = int(manifest["dim"])
         self.config = from_dict(MilvusConfig, manifest["config"], section="milvus")
         self.version = str(manifest.get("version", collection))
-        self.stats = {k: manifest[k] for k in ("build_seconds", "recall_at_10", "recall_queries", "recall_reference")
-                      if k in manifest}
+        self.stats = stats_from_manifest(manifest, ("build_seconds", "recall_queries", "recall_reference"))
         self._count = int(manifest["count"])
 
     @classmethod
@@ -311,7 +312,7 @@ def build_milvus(
     client.alter_collection_properties(collection, properties={MANIFEST_PROPERTY: json.dumps(manifest)})
     index.manifest = manifest
     log.info("wrote Milvus collection %s: %d vectors x %d dims in %.1f s; recall@%d vs exact = %.4f",
-             collection, len(ids), dim, build_seconds, RECALL_K, index.stats["recall_at_10"])
+             collection, len(ids), dim, build_seconds, RECALL_K, index.stats[NEIGHBOUR_RECALL])
     if publish_it:
         publish_milvus(client, name, collection)
     return index
@@ -353,10 +354,10 @@ def measure_recall(index: MilvusIndex, ids: np.ndarray, vectors: np.ndarray, con
 
     n = min(config.recall_sample, len(vectors))
     if n == 0:
-        return {"recall_at_10": 1.0, "recall_queries": 0, "recall_reference": "exact"}
+        return {NEIGHBOUR_RECALL: 1.0, "recall_queries": 0, "recall_reference": "exact"}
     queries = perturbed_queries(vectors, n, np.random.default_rng(config.seed))  # [n, D]
     kk = min(k, len(vectors))
     _, exact_rows = faiss.knn(queries, vectors, kk, metric=faiss.METRIC_INNER_PRODUCT)  # [n, kk]
     found, _ = index.search(queries, kk)  # [n, kk] ids
-    return {"recall_at_10": neighbour_recall(found, np.asarray(ids, dtype=object)[exact_rows]),
+    return {NEIGHBOUR_RECALL: neighbour_recall(found, np.asarray(ids, dtype=object)[exact_rows]),
             "recall_queries": n, "recall_reference": "exact inner product on perturbed stored vectors"}

@@ -335,3 +335,46 @@ def mixed_negative_loss(
         random = reduce(_softmax_term(pos_logit, logits, hit))
 
     return LossParts(total=in_batch + random, in_batch=in_batch, random=random)
+
+
+def gather_with_grad(t: torch.Tensor, world: int) -> torch.Tensor:
+    """Concatenate every rank's `t` in rank order, keeping the gradient path to each rank's slice."""
+    if world == 1:
+        return t
+    import warnings
+
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():  # deprecated in favour of a private API; still the public autograd gather
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(t.contiguous()))
+
+
+class MixedNegativeLoss(torch.nn.Module):
+    """The training loss as one call, DDP gathering inside (as sentence-transformers' losses do).
+
+    Every rank holds the same global batch of B pairs and embeds its own rows `rows` (lo:hi): its
+    positives and its share of the random negatives. The candidates (every rank's positives and
+    negatives) are all-gathered with gradient here, and each rank's loss is its rows' weighted sum
+    over the global weight sum, so DDP's gradient average equals the one-process gradient.
+    """
+
+    def __init__(self, negatives: str = "mixed", rows: tuple[int, int] | None = None, world: int = 1) -> None:
+        super().__init__()
+        require(negatives in NEGATIVE_MODES, f"negatives must be one of {', '.join(NEGATIVE_MODES)}, got {negatives!r}")
+        self.negatives, self.rows, self.world = negatives, rows, world
+
+    def forward(self, query: torch.Tensor, products: torch.Tensor, *, ids: torch.Tensor, keys: torch.Tensor,
+                log_q: torch.Tensor, weights: torch.Tensor, logit_scale: torch.Tensor | float,
+                neg_ids: torch.Tensor | None = None, log_q_neg: torch.Tensor | None = None) -> LossParts:
+        """query [b, D] this rank's queries; products [b + r, D] this rank's positives then its random
+        negatives; ids, keys, log_q, weights [B]: the global batch's product ids, query keys, log Q and
+        loss weights; neg_ids, log_q_neg [R]: the global random negatives' (None: no random negatives)."""
+        lo, hi = self.rows if self.rows is not None else (0, len(ids))
+        b = hi - lo
+        random = gather_with_grad(products[b:], self.world) if neg_ids is not None else None
+        return mixed_negative_loss(
+            query, products[:b], random, pos_ids=ids[lo:hi], neg_ids=neg_ids, query_keys=keys[lo:hi],
+            log_q_pos=log_q[lo:hi], log_q_neg=log_q_neg, logit_scale=logit_scale, weights=weights[lo:hi],
+            negatives=self.negatives, candidates=gather_with_grad(products[:b], self.world), candidate_ids=ids,
+            candidate_keys=keys, candidate_log_q=log_q, weight_sum=weights.sum() / self.world)

@@ -1,58 +1,57 @@
-"""The ItemSage product tower, the query adapters, presets and the model artifact (SPEC §4, §5).
+"""One model object, `ItemSageModel`, and the model artifact (save/load) with its Python API.
 
-A product becomes one sequence of width-D tokens and one unit vector:
+`ItemSageModel` is the two-tower contract in one `nn.Module`, as CLIP's model is: the product tower,
+the per-surface query adapters and the learned temperature, with
 
-    [CLS]  +  M image vectors  --shared Linear(Di -> D)-->  +  F text fields --hash bag -> LN -> Linear(Dh -> D)-->
-      -> transformer encoder (no positional embeddings) -> output at [CLS]
-      -> LayerNorm -> Linear(D -> H) -> GELU -> Linear(H -> out) -> L2 normalise
+    encode_products(batch: ProductBatch) -> [B, D] unit rows
+    encode_queries(surface, q [B, Dq])   -> [B, D] unit rows
+    forward(products, queries, b)        -> (queries [b, D], products [b + r, D], logit scale)
 
-Baselines are configurations of the same class: `aggregator="sum"` pools the tokens instead of
-attending, `aggregator="concat"` concatenates fixed slots into an MLP, `modalities="image"|"text"`
-leaves the other feature group out of the model entirely.
+Training, embed, evaluate and serve call these; nothing else calls the tower or an adapter. Its
+state-dict keys (`tower.*`, `adapters.*`, `logit_scale.*`) are the artifact's safetensors keys.
 
-Choices the paper leaves open, made here:
-- the [CLS] input is a learned D-vector (a Linear applied to a learned constant input is the same
-  function class, so the extra projection would only add parameters);
-- the encoder is pre-LN (`norm_first=True`); the head's LayerNorm is then its final norm. Pre-LN
-  trains stably when token scales differ (image vectors vs summed hash embeddings);
-- a text field's hash-bag sum goes through a LayerNorm before the shared projection: the sum's scale
-  grows with the field's length (a title has tens of n-grams, a description hundreds), and the
-  normalisation keeps every field on one scale (Pinterest's production hash bag does the same);
-- only the [CLS] output is read, so the last encoder layer computes its attention query, output
-  projection and feed-forward for the [CLS] position alone, and folds the key and value projections
-  into that one query (`_cls_only_layer`: scores and pooling read the normalised tokens directly, so
-  no key or value is projected for any token). This is exactly the stock layer's [CLS] output
-  (`test_matches_unpadded_reference` checks it against the stock layer) at a fraction of the cost:
-  with 1 layer, S = 17, D = 512 and ff 2048 the layer's matmul FLOPs fall 3.5x (its attention part
-  8x). Earlier stock layers (layers > 1) run `scaled_dot_product_attention` through
-  MultiheadAttention;
-- `aggregator="sum"` includes the [CLS] token in the pooled sum, so it acts as a learned bias and a
-  product with no images and no text still gets a learned vector.
+`load_model(directory)` (also `itemsage.load`) gives a `LoadedModel`: the module, its config and
+vocabulary, and the numpy API of sentence-transformers' `encode`:
+
+    model.encode_products(products)                  # list of dicts, Table, DataFrame or path -> [N, D]
+    model.encode_queries("search", ["red linen chair"])  # texts, vectors, or closeup image paths -> [N, D]
+
+Products go through ingest's own row checks (`ingest.check_products`), so a bad row gets the same
+reason and message as in `itemsage ingest`. The network itself (tower, adapters, presets) is in
+tower.py; its names are re-exported here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as fn
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from itemsage import artifacts, schema
-from itemsage.config import ConfigError, from_dict, require, to_dict
-from itemsage.features import ProductBatch, TokenBags, Vocabulary, hash_token_ids
+from itemsage import artifacts
+from itemsage.config import ConfigError, from_dict, to_dict
+from itemsage.features import ProductBatch, Vocabulary
+from itemsage.tower import (
+    ADAPTER_MODES,
+    AGGREGATORS,
+    MODALITIES,
+    PRESETS,
+    HashEmbedding,
+    Head,
+    ItemSage,
+    LogitScale,
+    ModelConfig,
+    QueryAdapters,
+    flops_per_product,
+    model_config,
+)
 
 log = logging.getLogger(__name__)
-
-AGGREGATORS: tuple[str, ...] = ("transformer", "sum", "concat")
-MODALITIES: tuple[str, ...] = ("both", "image", "text")
-ADAPTER_MODES: tuple[str, ...] = ("auto", "linear")
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -60,468 +59,53 @@ VOCAB_FILE = "vocab.json"
 
 
 # --------------------------------------------------------------------------------------------------
-# Config and presets
+# The model: tower, adapters and temperature in one module
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ModelConfig:
-    """The product tower's shape. Defaults are the paper's configuration (preset `paper`)."""
+class ItemSageModel(nn.Module):
+    """The product tower, the query adapters and the logit scale; one module, so DDP syncs them together."""
 
-    d_model: int = 512  # D: token width inside the transformer
-    heads: int = 8
-    layers: int = 1
-    ff_dim: int = 2048  # feed-forward width of each encoder layer
-    dropout: float = 0.1
-    hash_buckets: int = 100_000  # rows of the hash embedding table E
-    hash_dim: int = 256  # Dh: width of E
-    out_dim: int = 256  # width of the product embedding
-    head_hidden: int = 1024  # H: the head's widening layer
-    max_images: int = schema.MAX_IMAGES  # M slots
-    text_fields: tuple[str, ...] = schema.TEXT_FIELDS  # F slots, in sequence order
-    aggregator: str = "transformer"  # transformer | sum | concat
-    modalities: str = "both"  # both | image | text
-    type_embedding: bool = False  # ablation: a learned per-slot embedding added to each token
-    adapter: str = "auto"  # auto: identity where a query space already has out_dim; linear: always learn
+    def __init__(self, tower: ItemSage, adapters: QueryAdapters, logit_scale: LogitScale | None = None) -> None:
+        super().__init__()
+        self.tower, self.adapters = tower, adapters
+        self.logit_scale = logit_scale if logit_scale is not None else LogitScale()
 
-    def __post_init__(self) -> None:
-        for name in ("d_model", "heads", "layers", "ff_dim", "hash_buckets", "hash_dim", "out_dim",
-                     "head_hidden"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                    f"model.{name} must be a positive integer, got {value!r}")
-        require(self.d_model % self.heads == 0,
-                f"model.d_model ({self.d_model}) must be divisible by model.heads ({self.heads})")
-        require(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
-                f"model.dropout must be in [0, 1), got {self.dropout!r}")
-        require(isinstance(self.max_images, int) and 1 <= self.max_images <= schema.MAX_IMAGES,
-                f"model.max_images must be an integer in 1..{schema.MAX_IMAGES}, got {self.max_images!r}")
-        if isinstance(self.text_fields, str):  # one field given as a bare string
-            self.text_fields = (self.text_fields,)
-        self.text_fields = tuple(self.text_fields)
-        require(all(isinstance(f, str) and f for f in self.text_fields),
-                f"model.text_fields must be non-empty field names, got {list(self.text_fields)}")
-        duplicates = sorted({f for f in self.text_fields if self.text_fields.count(f) > 1})
-        require(not duplicates, f"model.text_fields lists {duplicates} more than once")
-        require(self.aggregator in AGGREGATORS,
-                f"model.aggregator must be one of {', '.join(AGGREGATORS)}, got {self.aggregator!r}")
-        require(self.modalities in MODALITIES,
-                f"model.modalities must be one of {', '.join(MODALITIES)}, got {self.modalities!r}")
-        require(self.adapter in ADAPTER_MODES,
-                f"model.adapter must be one of {', '.join(ADAPTER_MODES)}, got {self.adapter!r}")
-        require(isinstance(self.type_embedding, bool),
-                f"model.type_embedding must be true or false, got {self.type_embedding!r}")
-        require(not (self.type_embedding and self.aggregator == "concat"),
-                "model.type_embedding applies to aggregator transformer or sum; concat slots are "
-                "already positional (set model.type_embedding=false)")
-        require(self.modalities == "image" or len(self.text_fields) > 0,
-                f"model.text_fields is empty but model.modalities is {self.modalities!r}; list the "
-                "text fields or set model.modalities='image'")
+    @classmethod
+    def build(cls, cfg: ModelConfig, vocab_size: int, image_dim: int, query_dims: dict[str, int]) -> ItemSageModel:
+        """A freshly initialised model for this config, vocabulary size, image width and query widths."""
+        return cls(ItemSage(cfg, vocab_size, image_dim), QueryAdapters(query_dims, cfg.out_dim, cfg.adapter))
 
     @property
-    def uses_images(self) -> bool:
-        return self.modalities in ("both", "image")
+    def query_dims(self) -> dict[str, int]:
+        return self.adapters.query_dims
 
     @property
-    def uses_text(self) -> bool:
-        return self.modalities in ("both", "text")
+    def out_dim(self) -> int:
+        return self.adapters.out_dim
 
+    def encode_products(self, batch: ProductBatch) -> Tensor:
+        """Featurised products -> [B, D] unit rows (in the module's current train/eval mode)."""
+        return self.tower(batch)
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # SPEC §4: 1 layer, 8 heads, d = 512, head 512 -> 1024 -> 256.
-    "paper": {},
-    # The paper's shape at CPU size, so the demo (20k products) trains in minutes on two cores.
-    # Forward+backward of 1,024 products (~400 n-grams and ~3 images each, 256-d image vectors) on
-    # 2 cores, best of 10: d_model 128 ~0.25 s (3.7M parameters), d_model 256 / 8 heads / ff 1024 /
-    # hash 100k x 128 ~0.65 s (14M). A training step runs the tower over the batch plus 4x random
-    # negatives, so d_model 128 is what fits hundreds of steps into five minutes.
-    "cpu": dict(d_model=128, heads=4, layers=1, ff_dim=512, dropout=0.1, hash_buckets=50_000,
-                hash_dim=64, head_hidden=256, out_dim=256),
-    # Tests: seconds on a CPU.
-    "tiny": dict(d_model=32, heads=2, layers=1, ff_dim=64, dropout=0.1, hash_buckets=1000,
-                 hash_dim=16, head_hidden=64, out_dim=16),
-}
+    def encode_queries(self, surface: str, q: Tensor) -> Tensor:
+        """Frozen query vectors of `surface` [B, Dq] -> [B, D] unit rows via the surface's adapter."""
+        return self.adapters(surface, q)
 
-
-def model_config(preset: str = "cpu", **overrides: Any) -> ModelConfig:
-    """A preset's ModelConfig with `overrides` applied (validated like any config)."""
-    require(preset in PRESETS, f"model preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    return from_dict(ModelConfig, {**PRESETS[preset], **overrides}, section="model")
-
-
-# --------------------------------------------------------------------------------------------------
-# Product tower
-# --------------------------------------------------------------------------------------------------
-
-
-class _BagSum(torch.autograd.Function):
-    """out[n] = sum of vectors[index[t]] over the occurrences t of bag n: [U, Dh] -> [N, Dh].
-
-    The bag-by-token count matrix S [N, U] times `vectors`, in CSR form. The backward is the
-    transposed product S^T @ grad, run as the same gather-and-sum over the transposed layout (each
-    unique token's bags), so neither direction sorts or scatters the T occurrences.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, vectors: Tensor, index: Tensor, offsets: Tensor, by_token: Tensor,
-                starts: Tensor) -> Tensor:
-        ctx.save_for_backward(by_token, starts)
-        return fn.embedding_bag(index, vectors, offsets, mode="sum")  # [N, Dh]
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        by_token, starts = ctx.saved_tensors
-        return fn.embedding_bag(by_token, grad.contiguous(), starts, mode="sum"), None, None, None, None  # [U, Dh]
-
-
-def _token_bags(token_ids: Tensor, offsets: Tensor, transpose: bool) -> TokenBags:
-    """TokenBags of a batch that came without them (torch ops, any device; the transpose sorts)."""
-    counts = torch.bincount(token_ids)
-    unique = counts.nonzero().squeeze(1)  # [U] ascending
-    remap = torch.zeros_like(counts)
-    remap[unique] = torch.arange(unique.numel(), device=unique.device)
-    index = remap[token_ids]  # [T]
-    if not transpose:
-        return TokenBags(unique, index, None, None)
-    lengths = torch.diff(offsets, append=offsets.new_full((1,), token_ids.numel()))  # [N] bag sizes
-    bag_of = torch.repeat_interleave(torch.arange(offsets.numel(), device=offsets.device), lengths)  # [T]
-    order = torch.sort(index, stable=True).indices  # [T] occurrences grouped by unique token
-    starts = torch.cumsum(counts[unique], 0) - counts[unique]  # [U] exclusive prefix sum
-    return TokenBags(unique, index, bag_of[order], starts)
-
-
-class HashEmbedding(nn.Module):
-    """Hash embedding of a bag of tokens (Svenstrup et al. 2017).
-
-    A token id i has vector W[i,0]·E[h1(i)] + W[i,1]·E[h2(i)] with E [buckets, Dh] shared through
-    two fixed hash functions and W [V, 2] its learned importance; a bag's vector is the sum of its
-    tokens' vectors.
-
-    Computed on the batch's distinct tokens (`TokenBags`): the U unique tokens' vectors are built
-    once ([U, Dh], two gathers from E), then summed into bags by a sparse bag-by-token product whose
-    backward is the transposed product (`_BagSum`). Each token occurrence is touched once forward
-    and once backward, instead of twice each way plus a sort of all 2T hashed lookups (the plain
-    EmbeddingBag with per-sample weights). docs/METHOD.md has the measurements.
-    """
-
-    def __init__(self, vocab_size: int, num_buckets: int, dim: int) -> None:
-        super().__init__()
-        self.num_buckets = num_buckets
-        self.table = nn.Embedding(num_buckets, dim)  # E [buckets, Dh]
-        self.importance = nn.Embedding(vocab_size, 2)  # W [V, 2]
-        nn.init.normal_(self.table.weight, std=dim**-0.5)
-        nn.init.normal_(self.importance.weight, std=1.0)
-
-    def forward(self, token_ids: Tensor, offsets: Tensor, bags: TokenBags | None = None) -> Tensor:
-        """token_ids [T] vocab ids of all bags; offsets [N] start of each bag -> [N, Dh] (0 if empty).
-
-        `bags`: the same tokens deduplicated (ProductStore.batch builds them); computed here if None.
-        """
-        needs_grad = torch.is_grad_enabled() and (self.table.weight.requires_grad or self.importance.weight.requires_grad)
-        if bags is None or (needs_grad and bags.by_token is None):
-            bags = _token_bags(token_ids.long(), offsets, transpose=needs_grad)
-        h1, h2 = hash_token_ids(bags.unique, self.num_buckets)  # [U], [U]
-        w = self.importance(bags.unique)  # [U, 2]
-        vectors = w[:, :1] * self.table(h1) + w[:, 1:] * self.table(h2)  # [U, Dh]
-        vectors = vectors.to(self.table.weight.dtype)
-        if not needs_grad:
-            return fn.embedding_bag(bags.index, vectors, offsets, mode="sum")  # [N, Dh]
-        return _BagSum.apply(vectors, bags.index, offsets, bags.by_token, bags.starts)  # [N, Dh]
-
-
-class Head(nn.Module):
-    """LayerNorm -> Linear(in -> H) -> GELU -> Linear(H -> out) -> L2 normalise."""
-
-    def __init__(self, in_dim: int, hidden: int, out_dim: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(in_dim)
-        self.fc1 = nn.Linear(in_dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, out_dim)
-
-    def forward(self, x: Tensor) -> Tensor:  # [B, in] -> [B, out] unit rows
-        # Unit vectors in float32 even under autocast: the logits are scaled by up to 100.
-        return fn.normalize(self.fc2(self.act(self.fc1(self.norm(x)))).float(), dim=-1)
-
-
-def _cls_only_layer(layer: nn.TransformerEncoderLayer, x: Tensor, pad: Tensor) -> Tensor:
-    """The [CLS] output of a pre-LN `layer` on x [B, S, D]: the query is position 0 alone -> [B, D].
-
-    Same parameters and maths as `layer(x, src_key_padding_mask=pad)[:, 0]`, with the key and value
-    projections folded into the single query (exact algebra, no approximation). For head h with
-    query q_h (scaled by dh^-1/2) and normalised inputs x_s:
-        score_hs = q_h · (W_k^h x_s + b_k^h) = (W_k^h^T q_h) · x_s + const_h   (const cancels in softmax)
-        out_h    = sum_s a_hs (W_v^h x_s + b_v^h) = W_v^h (sum_s a_hs x_s) + b_v^h sum_s a_hs
-    so no [S, D] key or value is ever projected: per product the layer costs O(S·D·heads) for the
-    scores and the pooling instead of O(S·D²) for K and V, and the feed-forward runs once.
-    """
-    attn = layer.self_attn
-    B, S, D = x.shape
-    H = attn.num_heads
-    dh = D // H
-    h = layer.norm1(x)  # [B, S, D]
-    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)  # [D, D] each, rows = output features (head-major)
-    b_q, _, b_v = attn.in_proj_bias.chunk(3)  # the key bias only shifts every score of a head: it cancels
-    q = fn.linear(h[:, 0], w_q, b_q).view(B, H, dh) * dh**-0.5  # [B, H, dh] the [CLS] query per head
-    qk = torch.einsum("bhe,hed->bhd", q, w_k.view(H, dh, D))  # [B, H, D] the query read in input space
-    scores = torch.bmm(h, qk.transpose(1, 2))  # [B, S, H]
-    scores = scores.masked_fill(pad.unsqueeze(-1), float("-inf"))  # padding: weight exactly 0
-    weights = fn.dropout(scores.softmax(dim=1), attn.dropout, layer.training)  # [B, S, H]
-    pooled = torch.bmm(weights.transpose(1, 2), h)  # [B, H, D] attention-weighted inputs per head
-    values = torch.einsum("bhd,hed->bhe", pooled, w_v.view(H, dh, D))  # [B, H, dh]
-    values = values + weights.sum(1).unsqueeze(-1) * b_v.view(H, dh)  # the value bias, times the weights' sum
-    c = x[:, 0] + layer.dropout1(attn.out_proj(values.reshape(B, D)))  # [B, D]
-    return c + layer._ff_block(layer.norm2(c))  # [B, D]
-
-
-class ItemSage(nn.Module):
-    """The product tower: ProductBatch -> [B, out_dim] unit vectors (SPEC §4).
-
-    A switched-off part (text for an image-only model, the encoder for `sum`) is `nn.Identity()`,
-    so it holds no weights and takes no input.
-    """
-
-    def __init__(self, cfg: ModelConfig, vocab_size: int, image_dim: int) -> None:
-        super().__init__()
-        require(isinstance(image_dim, int) and image_dim >= 0,
-                f"image_dim must be an integer >= 0, got {image_dim!r}")
-        require(not cfg.uses_images or image_dim > 0,
-                f"the products have no image vectors (image_dim {image_dim}) but model.modalities is "
-                f"{cfg.modalities!r}; give the products images or set model.modalities='text'")
-        require(not cfg.uses_text or (isinstance(vocab_size, int) and vocab_size > 0),
-                f"the text vocabulary is empty (size {vocab_size!r}) but model.modalities is "
-                f"{cfg.modalities!r}; give the products text or set model.modalities='image'")
-        self.cfg = cfg
-        self.image_dim = image_dim
-        self.vocab_size = vocab_size
-        D = cfg.d_model
-        self.num_image_slots = cfg.max_images if cfg.uses_images else 0
-        self.num_text_slots = len(cfg.text_fields) if cfg.uses_text else 0
-
-        # One projection per feature group (SPEC §4).
-        self.image_proj = nn.Linear(image_dim, D) if cfg.uses_images else nn.Identity()
-        if cfg.uses_text:
-            self.text_embed: nn.Module = HashEmbedding(vocab_size, cfg.hash_buckets, cfg.hash_dim)
-            self.text_proj: nn.Module = nn.Sequential(nn.LayerNorm(cfg.hash_dim), nn.Linear(cfg.hash_dim, D))
-        else:
-            self.text_embed = nn.Identity()
-            self.text_proj = nn.Identity()
-
-        if cfg.aggregator == "concat":  # fixed slots, no [CLS]
-            self.cls = None
-            self.type_embed = None
-            self.encoder: nn.Module = nn.Identity()
-            self.head = Head((self.num_image_slots + self.num_text_slots) * D, cfg.head_hidden, cfg.out_dim)
-            return
-
-        self.cls = nn.Parameter(torch.randn(D) * 0.02)  # the learned global [CLS] token
-        num_slots = 1 + self.num_image_slots + self.num_text_slots
-        self.type_embed = nn.Parameter(torch.randn(num_slots, D) * 0.02) if cfg.type_embedding else None
-        if cfg.aggregator == "transformer":
-            layer = nn.TransformerEncoderLayer(
-                D, cfg.heads, cfg.ff_dim, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
-            )
-            # Nested tensors are a post-LN-only inference path; the layers below use SDPA either way.
-            self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
-        else:
-            self.encoder = nn.Identity()
-        self.head = Head(D, cfg.head_hidden, cfg.out_dim)
-
-    # -- the sequence ------------------------------------------------------------------------------
-
-    def _image_tokens(self, batch: ProductBatch) -> tuple[Tensor, Tensor]:
-        """-> tokens [B, M, D], present [B, M]."""
-        images, present = batch.images, batch.image_mask.bool()  # [B, M, Di], [B, M]
-        if images.shape[-1] != self.image_dim:
-            raise ValueError(f"this model takes {self.image_dim}-d image vectors, the batch has "
-                             f"{images.shape[-1]}-d ones; featurise with the model's image_dim")
-        if images.shape[1] > self.num_image_slots:
-            raise ValueError(f"the batch has {images.shape[1]} image slots, the model at most "
-                             f"{self.num_image_slots} (model.max_images); featurise with that max_images")
-        return self.image_proj(images.to(self.image_proj.weight.dtype)), present
-
-    def _text_tokens(self, batch: ProductBatch) -> tuple[Tensor, Tensor]:
-        """-> tokens [B, F, D], present [B, F] (a field with no in-vocabulary token is absent)."""
-        B, Fn = len(batch), self.num_text_slots
-        offsets, ids = batch.token_offsets, batch.token_ids  # [B*F], [T]
-        if offsets.numel() != B * Fn:
-            raise ValueError(f"the batch has {offsets.numel()} text bags for {B} products, expected "
-                             f"{B * Fn} ({Fn} fields: {', '.join(self.cfg.text_fields)})")
-        ends = torch.cat([offsets[1:], offsets.new_full((1,), ids.numel())])  # [B*F]
-        present = (ends > offsets).view(B, Fn)  # [B, F]
-        bags = self.text_embed(ids, offsets, batch.bags)  # [B*F, Dh]
-        return self.text_proj(bags).view(B, Fn, -1), present  # [B, F, D]
-
-    def tokens(self, batch: ProductBatch) -> tuple[Tensor, Tensor]:
-        """The input sequence: x [B, S, D] (zero where absent) and present [B, S] (True = attend).
-
-        S = 1 + M + F ([CLS] first) for transformer/sum; M_max + F fixed slots for concat.
-        """
-        B, D = len(batch), self.cfg.d_model
-        device = batch.image_mask.device
-        parts: list[Tensor] = []
-        masks: list[Tensor] = []
-        slots: list[Tensor] = []  # index of each position into type_embed [S]
-        if self.cls is not None:
-            parts.append(self.cls.expand(B, 1, D))
-            masks.append(torch.ones(B, 1, dtype=torch.bool, device=device))  # [CLS] is never masked
-            slots.append(torch.zeros(1, dtype=torch.long, device=device))
-        if self.cfg.uses_images:
-            img, img_present = self._image_tokens(batch)  # [B, M, D], [B, M]
-            if self.cfg.aggregator == "concat" and img.shape[1] < self.num_image_slots:
-                pad = self.num_image_slots - img.shape[1]  # fixed slots: pad M up to max_images
-                img = fn.pad(img, (0, 0, 0, pad))
-                img_present = fn.pad(img_present, (0, pad), value=False)
-            parts.append(img)
-            masks.append(img_present)
-            slots.append(1 + torch.arange(img.shape[1], device=device))
-        if self.cfg.uses_text:
-            txt, txt_present = self._text_tokens(batch)  # [B, F, D], [B, F]
-            parts.append(txt)
-            masks.append(txt_present)
-            slots.append(1 + self.num_image_slots + torch.arange(txt.shape[1], device=device))
-        x = torch.cat(parts, dim=1)  # [B, S, D]
-        present = torch.cat(masks, dim=1)  # [B, S]
-        if self.type_embed is not None:
-            x = x + self.type_embed[torch.cat(slots)]  # [B, S, D] + [S, D]
-        # Absent positions hold exact zeros for pooling and concat. Attention masks them as keys (a
-        # weight of exactly 0), so the transformer skips this pass over [B, S, D] (and its backward).
-        if self.cfg.aggregator != "transformer":
-            x = x.masked_fill(~present.unsqueeze(-1), 0.0)
-        return x, present
-
-    # -- aggregation -------------------------------------------------------------------------------
-
-    def forward_features(self, batch: ProductBatch) -> Tensor:
-        """The aggregated product before the head: [B, D] ([B, (M+F)·D] for concat)."""
-        x, present = self.tokens(batch)  # [B, S, D], [B, S]
-        if self.cfg.aggregator == "concat":
-            return x.flatten(1)  # [B, S·D]
-        if self.cfg.aggregator == "sum":
-            return x.sum(dim=1)  # [B, D]; absent positions are zero
-        pad = ~present  # [B, S] True = ignore (nn.Transformer's convention)
-        layers = self.encoder.layers
-        for layer in layers[:-1]:
-            x = layer(x, src_key_padding_mask=pad)  # [B, S, D]
-        return _cls_only_layer(layers[-1], x, pad)  # [B, D]
-
-    def forward(self, batch: ProductBatch) -> Tensor:
-        """ProductBatch of B products -> [B, out_dim] unit rows."""
-        if len(batch) == 0:
-            return torch.zeros(0, self.cfg.out_dim, device=batch.image_mask.device)
-        return self.head(self.forward_features(batch))
-
-
-# --------------------------------------------------------------------------------------------------
-# Query side
-# --------------------------------------------------------------------------------------------------
-
-
-class QueryAdapters(nn.Module):
-    """One map per surface from its frozen query space into the product space (SPEC §5).
-
-    mode `auto`: identity where the query width already equals out_dim (the paper's case: the query
-    space is the product space), else a learned Linear without bias; mode `linear`: always learned.
-    Linear maps start orthogonal, so the query neighbourhoods survive the first steps.
-    """
-
-    def __init__(self, query_dims: dict[str, int], out_dim: int, mode: str = "auto") -> None:
-        super().__init__()
-        require(mode in ADAPTER_MODES, f"model.adapter must be one of {', '.join(ADAPTER_MODES)}, got {mode!r}")
-        require(isinstance(out_dim, int) and out_dim > 0, f"model.out_dim must be a positive integer, got {out_dim!r}")
-        for surface, dim in query_dims.items():
-            require(isinstance(surface, str) and surface.isidentifier(),
-                    f"query surface names must be identifiers, got {surface!r}")
-            require(isinstance(dim, int) and not isinstance(dim, bool) and dim > 0,
-                    f"query_dims[{surface!r}] must be a positive integer, got {dim!r}")
-        self.query_dims = dict(query_dims)
-        self.out_dim = out_dim
-        self.mode = mode
-        maps: dict[str, nn.Module] = {}
-        for surface, dim in sorted(self.query_dims.items()):
-            if mode == "auto" and dim == out_dim:
-                maps[surface] = nn.Identity()
-            else:
-                linear = nn.Linear(dim, out_dim, bias=False)  # weight [out, Dq]
-                nn.init.orthogonal_(linear.weight)
-                maps[surface] = linear
-        self.maps = nn.ModuleDict(maps)
-
-    def is_identity(self, surface: str) -> bool:
-        return isinstance(self.maps[surface], nn.Identity)
-
-    def forward(self, surface: str, q: Tensor) -> Tensor:
-        """q [B, Dq] frozen query vectors of `surface` -> [B, out_dim] unit rows."""
-        if surface not in self.maps:
-            raise ConfigError(f"no query adapter for surface {surface!r}; this model was trained for "
-                              f"{', '.join(sorted(self.maps)) or 'no surface'}")
-        if q.shape[-1] != self.query_dims[surface]:
-            raise ValueError(f"{surface} queries must be {self.query_dims[surface]}-d vectors, got "
-                             f"{q.shape[-1]}-d; encode them with the encoder the model was trained on")
-        return fn.normalize(self.maps[surface](q).float(), dim=-1)
-
-
-class LogitScale(nn.Module):
-    """The learned temperature of the sampled softmax (SPEC §6): logits = scale · cosine.
-
-    Stored as log(scale), initialised to log(1/0.07). The scale is capped at `max_scale` (100) by
-    `clamp_`, which the training loop calls after every optimiser step: the stored parameter itself
-    is kept at or below log(max_scale). Clamping inside forward instead would zero the gradient
-    above the cap, and Adam's momentum could push the parameter there and leave it stuck. It lives
-    here so the model artifact carries it; the losses only receive its value.
-    """
-
-    def __init__(self, init: float = 1 / 0.07, max_scale: float = 100.0) -> None:
-        super().__init__()
-        self.max_scale = max_scale
-        self.log_scale = nn.Parameter(torch.tensor(math.log(init)))  # scalar
-
-    def forward(self) -> Tensor:
-        return self.log_scale.exp()
-
-    @torch.no_grad()
-    def clamp_(self) -> None:
-        """Keep the stored log-scale at or below log(max_scale) (call after each optimiser step)."""
-        self.log_scale.clamp_(max=math.log(self.max_scale))
-
-
-# --------------------------------------------------------------------------------------------------
-# FLOPs
-# --------------------------------------------------------------------------------------------------
-
-
-def flops_per_product(cfg: ModelConfig, image_count: int, token_count: int, *, image_dim: int = 256) -> int:
-    """Forward matmul FLOPs (2 per multiply-add) of one product with `image_count` present images
-    and `token_count` non-empty text fields (text tokens of the sequence, not hashed n-grams).
-
-    Counts what `ItemSage.forward` computes for the product: the image and text projections, per
-    encoder layer the Q/K/V projections, attention scores and weighted sum, output projection and
-    feed-forward (the last layer for the [CLS] query only, keys and values folded into the query,
-    as `_cls_only_layer` implements it), and the head. Not
-    counted: the hash-bag gather-and-sum, LayerNorms, GELU, softmax and the L2 normalisation (not
-    matmuls). To count what a padded batch executes, pass image_count = the batch's image slots and
-    token_count = F. Image-only / text-only models ignore the other count.
-    """
-    D, H = cfg.d_model, cfg.head_hidden
-    m = image_count if cfg.uses_images else 0
-    t = token_count if cfg.uses_text else 0
-    flops = 2 * m * image_dim * D + 2 * t * cfg.hash_dim * D  # projections
-    if cfg.aggregator == "concat":
-        slots = (cfg.max_images if cfg.uses_images else 0) + (len(cfg.text_fields) if cfg.uses_text else 0)
-        return flops + 2 * slots * D * H + 2 * H * cfg.out_dim
-    if cfg.aggregator == "transformer":
-        S = 1 + m + t
-        full_layer = (2 * S * D * 3 * D  # Q, K, V projections
-                      + 2 * S * S * D * 2  # scores Q·K^T and weights·V
-                      + 2 * S * D * D  # output projection
-                      + 2 * S * D * cfg.ff_dim * 2)  # feed-forward
-        heads = cfg.heads
-        cls_layer = (2 * D * D * 2  # Q for [CLS], and the query folded through W_k
-                     + 2 * S * D * heads * 2  # scores and weighted inputs, per head over the D inputs
-                     + 2 * D * D * 2  # W_v on the pooled inputs, output projection
-                     + 2 * D * cfg.ff_dim * 2)  # feed-forward
-        flops += (cfg.layers - 1) * full_layer + cls_layer
-    return flops + 2 * D * H + 2 * H * cfg.out_dim  # head
+    def forward(self, products: ProductBatch, queries: list[tuple[str, Tensor, Tensor]], b: int
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """One training step's embeddings. products: b positives then r negatives; queries: (surface,
+        positions [b_s], vectors [b_s, Dq]) -> query embeddings [b, D], product embeddings [b + r, D],
+        logit scale []."""
+        p = self.encode_products(products)  # [b + r, D]
+        q = p.new_zeros(b, p.shape[1])  # [b, D]
+        given = {surface: (pos, vec) for surface, pos, vec in queries}
+        for surface, dim in self.query_dims.items():
+            # A surface missing from this batch still runs (on 0 rows), so every adapter weight gets a
+            # (zero) gradient and DDP needs no unused-parameter search.
+            pos, vec = given.get(surface, (p.new_zeros(0, dtype=torch.long), p.new_zeros(0, dim)))
+            q = q.index_copy(0, pos, self.encode_queries(surface, vec).to(q.dtype))
+        return q, p, self.logit_scale()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -531,17 +115,131 @@ def flops_per_product(cfg: ModelConfig, image_count: int, token_count: int, *, i
 
 @dataclass
 class LoadedModel:
-    """A model directory loaded for inference (modules in eval mode)."""
+    """A model directory loaded for inference (module in eval mode), with the numpy encode API."""
 
-    tower: ItemSage
-    adapters: QueryAdapters
+    model: ItemSageModel
     config: ModelConfig
     vocab: Vocabulary
     image_dim: int
     query_dims: dict[str, int]
     fingerprint: str
-    logit_scale: LogitScale
     extra: dict[str, Any]
+
+    @property
+    def tower(self) -> ItemSage:
+        return self.model.tower
+
+    @property
+    def adapters(self) -> QueryAdapters:
+        return self.model.adapters
+
+    @property
+    def logit_scale(self) -> LogitScale:
+        return self.model.logit_scale
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def featurize(self, table: Any) -> ProductBatch:
+        """Products in the dataset format (pa.Table) -> the model's ProductBatch on the model's device."""
+        from itemsage.features import featurize
+
+        cfg = self.config
+        return featurize(table, self.vocab, cfg.text_fields, cfg.max_images, self.image_dim).to(self.device)
+
+    @torch.inference_mode()
+    def embed_table(self, table: Any) -> np.ndarray:
+        """Products already in the dataset format (pa.Table, checked) -> [B, D] float32 unit rows."""
+        if table.num_rows == 0:
+            return np.zeros((0, self.config.out_dim), np.float32)
+        return self.model.encode_products(self.featurize(table)).float().cpu().numpy()
+
+    def encode_products(self, products: Any, *, batch_size: int = 256, show_progress_bar: bool = False,
+                        image_encoder: Any = None) -> np.ndarray:
+        """Products -> float32 [N, D] unit rows, one per product in input order.
+
+        `products`: a list of dicts (one per product), a pyarrow Table, a pandas DataFrame, or a path
+        to a .parquet/.jsonl file or directory; the columns of ingest's catalog (`product_id`, text
+        fields, `image_embeddings` or `image_paths`). Rows go through ingest's checks
+        (`ingest.check_products`) with this model's text fields and image width; a rejected row
+        raises DataError with ingest's reason and message. Run in eval mode, without gradients.
+        """
+        from itemsage.ingest import DataError, check_products
+        from itemsage.progress import progress_bar
+
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self.model.eval()
+        out: list[np.ndarray] = []
+        with progress_bar(show_progress_bar, unit="products") as bar:
+            task = bar.add_task("encoding products", total=None)
+            for table, rejects in check_products(products, text_fields=self.config.text_fields,
+                                                 image_dim=self.image_dim or None, max_images=self.config.max_images,
+                                                 batch_rows=max(batch_size, 4096), image_encoder=image_encoder):
+                if rejects:
+                    first = rejects[0]
+                    raise DataError(f"{len(rejects)} product(s) rejected by ingest's checks; first: {first['file']} "
+                                    f"row {first['row']}: {first['reason']}: {first['detail']}")
+                for start in range(0, table.num_rows, batch_size):
+                    piece = table.slice(start, batch_size)
+                    out.append(self.embed_table(piece))
+                    bar.advance(task, piece.num_rows)
+        return np.concatenate(out) if out else np.zeros((0, self.config.out_dim), np.float32)
+
+    def encode_queries(self, surface: str, queries: Any, *, batch_size: int = 256,
+                       show_progress_bar: bool = False) -> np.ndarray:
+        """Queries of one surface -> float32 [N, D] unit rows.
+
+        `queries`: vectors of the surface's query width (an array [N, Dq] or a list of lists, any
+        surface); for `search`, texts (encoded by the built-in text encoder the model was trained
+        with); for `closeup`, image file paths (encoded by the built-in image encoder).
+        """
+        from itemsage.progress import progress_bar
+
+        if surface not in self.query_dims:
+            raise ConfigError(f"this model has no {surface!r} query adapter (it was trained on "
+                              f"{', '.join(sorted(self.query_dims)) or 'no'} queries)")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(queries, (str, Path)):
+            queries = [queries]
+        elif isinstance(queries, np.ndarray) and queries.ndim == 1:
+            queries = queries[None]  # one vector
+        items = list(queries) if not isinstance(queries, np.ndarray) else queries
+        if len(items) and isinstance(items[0], (str, Path)):
+            vectors = self._query_inputs(surface, [str(x) for x in items])
+        else:
+            vectors = np.asarray(items, dtype=np.float32).reshape(len(items), -1)  # [N, Dq]
+        width = self.query_dims[surface]
+        if vectors.shape[1] != width and len(vectors):
+            raise ConfigError(f"{surface} query vectors must be {width}-d for this model, got {vectors.shape[1]}-d")
+        self.model.eval()
+        out = []
+        with progress_bar(show_progress_bar, unit="queries") as bar, torch.inference_mode():
+            task = bar.add_task(f"encoding {surface} queries", total=len(vectors))
+            for start in range(0, len(vectors), batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(vectors[start:start + batch_size])).to(self.device)
+                out.append(self.model.encode_queries(surface, x).float().cpu().numpy())
+                bar.advance(task, len(x))
+        return np.concatenate(out) if out else np.zeros((0, self.config.out_dim), np.float32)
+
+    def _query_inputs(self, surface: str, items: list[str]) -> np.ndarray:
+        """Texts (search) or image paths (closeup) -> the frozen encoder's vectors [N, Dq]."""
+        if surface == "search":
+            from itemsage.query_encoder import TextQueryEncoder
+
+            return TextQueryEncoder().encode(items)
+        if surface == "closeup":
+            from itemsage.image_encoder import ImageEncoder
+
+            vectors, errors = ImageEncoder().encode_paths(items, progress=False)
+            bad = [(p, e) for p, e in zip(items, errors) if e]
+            if bad:
+                raise ConfigError(f"{len(bad)} closeup image(s) could not be read; first: {bad[0][0]}: {bad[0][1]}")
+            return vectors
+        raise ConfigError(f"{surface} queries are vectors ([N, {self.query_dims[surface]}]); only search takes "
+                          "texts and only closeup takes image paths")
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -628,9 +326,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Loa
                                       f"was trained with {config['vocab_size']}; rebuild the model")
     image_dim = int(config["image_dim"])
     query_dims = {str(k): int(v) for k, v in config["query_dims"].items()}
-    tower = ItemSage(cfg, len(vocab), image_dim)
-    adapters = QueryAdapters(query_dims, cfg.out_dim, cfg.adapter)
-    logit_scale = LogitScale()
+    model = ItemSageModel.build(cfg, len(vocab), image_dim, query_dims)
 
     state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
     parts: dict[str, dict[str, Tensor]] = {"tower": {}, "adapters": {}, "logit_scale": {}}
@@ -639,42 +335,48 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Loa
         if prefix not in parts:
             raise artifacts.ArtifactError(f"{directory / WEIGHTS_FILE} has an unexpected tensor {key!r}")
         parts[prefix][rest] = value
-    for prefix, module in (("tower", tower), ("adapters", adapters), ("logit_scale", logit_scale)):
+    for prefix, module in (("tower", model.tower), ("adapters", model.adapters), ("logit_scale", model.logit_scale)):
         try:
             module.load_state_dict(parts[prefix], strict=True)
         except RuntimeError as err:
             raise artifacts.ArtifactError(
                 f"{directory / WEIGHTS_FILE} does not fit the model its config.json describes ({prefix}): {err}"
             ) from err
-        module.to(device).eval()
+    model.to(device).eval()
     return LoadedModel(
-        tower=tower,
-        adapters=adapters,
+        model=model,
         config=cfg,
         vocab=vocab,
         image_dim=image_dim,
         query_dims=query_dims,
         fingerprint=artifacts.fingerprint(directory),
-        logit_scale=logit_scale,
         extra=config.get("extra", {}),
     )
 
 
+
+
 @torch.no_grad()
-def encode_products(model: LoadedModel | ItemSage, batch: ProductBatch) -> Tensor:
+def encode_products(model: LoadedModel | ItemSageModel | ItemSage, batch: ProductBatch) -> Tensor:
     """Embed a batch in eval mode without gradients: -> [B, out_dim] unit rows on the model's device."""
-    tower = model.tower if isinstance(model, LoadedModel) else model
-    was_training = tower.training
-    tower.eval()
+    module = model.model if isinstance(model, LoadedModel) else model
+    was_training = module.training
+    module.eval()
     try:
-        device = next(tower.parameters()).device
-        return tower(batch.to(device))
+        device = next(module.parameters()).device
+        batch = batch.to(device)
+        return module.encode_products(batch) if isinstance(module, ItemSageModel) else module(batch)
     finally:
-        tower.train(was_training)
+        module.train(was_training)
+
+
+def load(directory: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """`itemsage.load`: a trained model directory -> LoadedModel (see the module docstring)."""
+    return load_model(directory, device)
 
 
 __all__ = [
     "ADAPTER_MODES", "AGGREGATORS", "MODALITIES", "PRESETS", "HashEmbedding", "Head", "ItemSage",
-    "LoadedModel", "LogitScale", "ModelConfig", "QueryAdapters", "encode_products", "flops_per_product",
-    "load_model", "model_config", "save_model",
+    "ItemSageModel", "LoadedModel", "LogitScale", "ModelConfig", "QueryAdapters", "encode_products",
+    "flops_per_product", "load", "load_model", "model_config", "save_model",
 ]

@@ -6,6 +6,13 @@ The input side is what a user brings (a catalog and engagement logs); the datase
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import pyarrow as pa
+
 SURFACES: tuple[str, ...] = ("search", "closeup", "home")
 ENGAGEMENTS: tuple[str, ...] = ("click", "save", "add_to_cart", "checkout")
 
@@ -51,6 +58,7 @@ TRAIN_FILE = "train.parquet"  # the three log windows, in time order: train, val
 VALIDATION_FILE = "validation.parquet"  # chooses the model (early stopping, best checkpoint)
 TEST_FILE = "test.parquet"  # every reported figure
 REJECTS_FILE = "rejects.jsonl"
+TENSORBOARD_DIR = "tensorboard"  # a training run's TensorBoard logs, beside its model/ (train writes, evaluate reads)
 VOCAB_FILE = "vocab.json"
 WINDOWS: tuple[str, ...] = ("train", "validation", "test")
 WINDOW_FILES: dict[str, str] = {"train": TRAIN_FILE, "validation": VALIDATION_FILE, "test": TEST_FILE}
@@ -78,3 +86,30 @@ def task_name(surface: str, engagement: str) -> str:
 
 
 ALL_TASKS: tuple[str, ...] = tuple(task_name(s, e) for s in SURFACES for e in ENGAGEMENTS)
+
+
+# ---- the dataset's Arrow schemas (pyarrow imported inside: this module stays cheap to import) ----
+
+
+def log_schema() -> pa.Schema:
+    """train.parquet / validation.parquet / test.parquet. Only user_id, query_text and query_embedding hold nulls."""
+    import pyarrow as pa
+
+    return pa.schema([
+        (SURFACE, pa.string()),
+        (ENGAGEMENT, pa.string()),
+        (PRODUCT_ID, pa.string()),
+        (TIMESTAMP, pa.timestamp("ms", tz="UTC")),
+        (USER_ID, pa.string()),
+        (WEIGHT, pa.float32()),
+        (QUERY_TEXT, pa.string()),
+        (QUERY_EMBEDDING, pa.list_(pa.float32())),
+    ])
+
+
+def products_schema(text_columns: Sequence[str]) -> pa.Schema:
+    """products.parquet before the extra input columns are appended."""
+    import pyarrow as pa
+
+    return pa.schema([(PRODUCT_ID, pa.string()), *[(f, pa.list_(pa.string())) for f in text_columns],
+                      (IMAGE_EMBEDDINGS, pa.list_(pa.list_(pa.float32()))), (CONTENT_HASH, pa.string())])

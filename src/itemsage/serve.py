@@ -34,7 +34,6 @@ parallelism comes from concurrent requests.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import contextlib
@@ -42,447 +41,41 @@ import dataclasses
 import hmac
 import io
 import logging
-import math
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
 import torch
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from itemsage import index as index_lib
 from itemsage import live as live_lib
 from itemsage.artifacts import ArtifactError
+from itemsage.bodies import (MAX_HISTORY, Candidates,  # noqa: F401  (MAX_HISTORY: serve.MAX_HISTORY, as before)
+                             CloseupRequest, Cluster, DeleteRequest, EmbedRequest, EmbedResponse,
+                             HomeRequest, HomeResponse, ProductIn, ReloadRequest, ReloadResponse, RequestError,
+                             SearchRequest, UpdateResponse, UpsertRequest, _printable, _validation_message,
+                             error_response)
 from itemsage.config import ConfigError, require
+from itemsage.home import allocate, cluster_history, merge_candidates
+from itemsage.middleware import (DEFAULT_BODY_DEADLINE_S, DEFAULT_BODY_TIMEOUT_S, LATENCY_BUCKETS,  # noqa: F401
+                                 BodyLimitMiddleware, InternalErrorMiddleware, Metrics, MetricsMiddleware)
 from itemsage.schema import IMAGE_EMBEDDINGS, PRODUCT_ID
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20  # a home request of 1000 x 256 floats as JSON is ~5 MB
 DEFAULT_MAX_K = 1000
-DEFAULT_BODY_TIMEOUT_S = 10.0  # silence while a request body is still expected -> 408
-DEFAULT_BODY_DEADLINE_S = 60.0  # a whole body must arrive within this (an 8 MB body at ~1 Mbit/s)
 DEFAULT_KEEP_ALIVE_S = 5.0  # an idle keep-alive connection is closed after this
-MAX_VERSION_CHARS = 255  # an index version is a directory name
-MAX_HISTORY = 1000  # history items (ids or vectors) per home request
-MAX_VECTOR_WIDTH = 8192  # a cheap upper bound before the exact width check
-MAX_TEXT_CHARS = 2048  # MiniLM reads at most 256 tokens anyway
-MAX_UPDATE_BATCH = 1000  # products per upsert or delete request
 DEFAULT_QUERY_CACHE = 10_000  # recent search texts whose query vectors are kept
 DEFAULT_QUERY_BATCH = 8  # concurrent search texts encoded together (1: one at a time; BENCHMARKS.md)
 QUERY_ENCODERS = ("onnx", "onnx-int8", "torch")
-# PinnerSage cuts the Ward tree at a distance threshold, then keeps a few clusters. For unit
-# vectors two single items merge below 1.0 when their cosine is above 0.5; larger clusters merge
-# later (the Ward distance grows with cluster size). `max_clusters` caps the count.
-WARD_DISTANCE_THRESHOLD = 1.0
-SMALL_HISTORY = 3  # fewer items than this form one cluster: too few to find separate interests
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-# ---- request and response bodies ----------------------------------------------------------------
-
-def _utf8(value: str) -> str:
-    """Refuse a string that cannot be written as UTF-8 (JSON's `\\ud800` escape alone gives one)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise ValueError(f"text is not valid UTF-8: a lone surrogate at character {err.start}; send "
-                         "characters outside the Basic Multilingual Plane as a surrogate pair or as UTF-8") from None
-    return value
-
-
-# Strict: a JSON number for a float (integers too), never true/false or "1.5"; a JSON string for a str.
-FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-Vector = Annotated[list[FiniteFloat], Field(min_length=1, max_length=MAX_VECTOR_WIDTH)]
-Text = Annotated[str, Field(strict=True), AfterValidator(_utf8)]
-ProductId = Annotated[Text, Field(min_length=1, max_length=1024)]
-TopK = Annotated[int, Field(strict=True, description="Number of results; 1 <= k <= the server's max_k.")]
-StrictBool = Annotated[bool, Field(strict=True)]
-TextValue = Optional[Text | list[Text]]
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-def _exactly_one(body: BaseModel, names: tuple[str, ...]) -> None:
-    given = [n for n in names if getattr(body, n) is not None]
-    if len(given) != 1:
-        options = ", ".join(f"`{n}`" for n in names)
-        got = ", ".join(f"`{n}`" for n in given) if given else "none"
-        raise ValueError(f"give exactly one of {options}; got {got}")
-
-
-class SearchRequest(_Body):
-    text: Optional[Annotated[Text, Field(min_length=1, max_length=MAX_TEXT_CHARS)]] = None
-    vector: Optional[Vector] = Field(None, description="A precomputed search-query vector (instead of text).")
-    k: TopK = 10
-
-    @model_validator(mode="after")
-    def _one_query(self) -> SearchRequest:
-        _exactly_one(self, ("text", "vector"))
-        return self
-
-
-class CloseupRequest(_Body):
-    product_id: Optional[ProductId] = Field(None, description="An indexed product: find products like it.")
-    vector: Optional[Vector] = Field(
-        None, description="A closeup query vector: the kind of vector the closeup rows of the training logs held "
-        "as query_embedding (the demo shop: the viewed product's image vector; a shop's own logs may hold text "
-        "or other vectors), of that width (GET /readyz: query_dims.closeup). The model's closeup adapter maps "
-        "it into product space.")
-    image: Optional[Text] = Field(None, description="An image file's bytes, base64-encoded.")
-    k: TopK = 10
-    exclude_self: StrictBool = Field(True, description="With product_id: leave the product itself out.")
-
-    @model_validator(mode="after")
-    def _one_query(self) -> CloseupRequest:
-        _exactly_one(self, ("product_id", "vector", "image"))
-        return self
-
-
-class HomeRequest(_Body):
-    history: Optional[Annotated[list[ProductId], Field(min_length=1, max_length=MAX_HISTORY)]] = Field(
-        None, description="Product ids the user engaged with; they are left out of the results."
-    )
-    vectors: Optional[Annotated[list[Vector], Field(min_length=1, max_length=MAX_HISTORY)]] = Field(
-        None, description="History as vectors of the home query width (instead of ids)."
-    )
-    k: TopK = 10
-    max_clusters: Annotated[int, Field(strict=True, ge=1, le=20, description=(
-        "Most interest clusters the history is split into (PinnerSage: Ward clustering of the history's "
-        "vectors); each cluster's medoid retrieves a share of k by its importance. 1 = one cluster."))] = 5
-
-    @model_validator(mode="after")
-    def _one_history(self) -> HomeRequest:
-        _exactly_one(self, ("history", "vectors"))
-        return self
-
-
-class ProductIn(BaseModel):
-    """One product as in the catalog: text fields (a string or a list of strings) and image vectors.
-
-    Fields beyond the twelve standard ones are accepted when the model was trained on them.
-    """
-
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-    __pydantic_extra__: dict[str, TextValue]
-
-    product_id: Optional[ProductId] = None
-    title: TextValue = None
-    description: TextValue = None
-    brand: TextValue = None
-    colors: TextValue = None
-    materials: TextValue = None
-    patterns: TextValue = None
-    size: TextValue = None
-    size_type: TextValue = None
-    product_type: TextValue = None
-    category: TextValue = None
-    domain: TextValue = None
-    links: TextValue = None
-    image_embeddings: Optional[list[Vector]] = Field(None, description="Image vectors, main image first.")
-
-
-class EmbedRequest(_Body):
-    product: ProductIn
-
-
-class Candidates(BaseModel):
-    ids: list[str]
-    scores: list[float] = Field(description="Inner products of unit vectors; higher = more similar.")
-    index_version: str
-
-
-class Cluster(BaseModel):
-    medoid: int = Field(description="Position in the request's history of the cluster's medoid.")
-    size: int
-    importance: float = Field(description="Share of the history in this cluster (PinnerSage uses "
-                              "time-decayed frequency; this service counts items).")
-    members: list[int]
-
-
-class HomeResponse(Candidates):
-    clusters: list[Cluster]
-    cluster_of: list[int] = Field(description="For each result, the cluster whose medoid scored it best.")
-
-
-class EmbedResponse(BaseModel):
-    product_id: Optional[str]
-    vector: list[float]
-    dim: int
-    model_fingerprint: str
-
-
-class ReloadRequest(_Body):
-    version: Optional[Annotated[Text, Field(min_length=1, max_length=MAX_VERSION_CHARS)]] = Field(
-        None, description="Version name under INDEX_ROOT/versions; default: the one CURRENT points at.")
-    persist: StrictBool = Field(True, description="Also point INDEX_ROOT/CURRENT at the version (atomically), "
-                                "so a restarted server serves it; false for a trial swap.")
-
-
-class ReloadResponse(BaseModel):
-    index_version: str
-    previous_version: str
-    products: int
-    seconds: float
-
-
-class UpsertRequest(_Body):
-    products: Annotated[list[ProductIn], Field(min_length=1, max_length=MAX_UPDATE_BATCH)] = Field(
-        description="Products with their `product_id`: new ones are added, existing ones replaced.")
-
-
-class DeleteRequest(_Body):
-    ids: Annotated[list[ProductId], Field(min_length=1, max_length=MAX_UPDATE_BATCH)]
-
-
-class UpdateResponse(BaseModel):
-    ids: list[str] = Field(description="Products upserted (or deleted), in request order.")
-    unknown: list[str] = Field(default_factory=list, description="Delete: ids not in the index (nothing done).")
-    seq: int = Field(description="The last update's number in the live log (durable on reply).")
-    index_version: str
-    products: int = Field(description="Products served after the update.")
-
-
-# ---- errors -------------------------------------------------------------------------------------
-
-
-class RequestError(Exception):
-    """A request the service refuses: `status` is a 4xx (or 503), `message` says what to change."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _printable(text: str) -> str:
-    """`text` with anything UTF-8 cannot hold (a lone surrogate from the request) as a `\\udXXX` escape."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def error_response(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
-    """The JSON body of every refusal, {"detail": message, ...}; always encodable, whatever the request held."""
-    return JSONResponse({"detail": _printable(detail), **extra}, status_code=status, headers=headers)
-
-
-def _validation_message(errors: list[dict[str, Any]]) -> str:
-    parts = []
-    for e in errors[:5]:
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
-        detail = (e.get("ctx") or {}).get("error")
-        why = f" ({detail})" if isinstance(detail, str) else ""  # e.g. the JSON decoder's reason
-        parts.append(f"{loc}: {e.get('msg', 'invalid')}{why}")
-    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-    return "; ".join(parts) + more
-
-
-# ---- metrics (Prometheus text exposition, written by hand: no client library needed) -------------
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-class Metrics:
-    """Request counters per endpoint, method and status, and a latency histogram per endpoint.
-
-    Updated and rendered only on the event loop thread (middleware and an async endpoint), so no lock.
-    """
-
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, int], int] = {}
-        self.latency: dict[str, list[float]] = {}  # endpoint -> [bucket counts..., sum, count]
-        self.reloads: dict[str, int] = {}
-
-    def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
-        key = (endpoint, method, status)
-        self.requests[key] = self.requests.get(key, 0) + 1
-        h = self.latency.setdefault(endpoint, [0.0] * (len(LATENCY_BUCKETS) + 2))
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                h[i] += 1
-        h[-2] += seconds
-        h[-1] += 1
-
-    def render(self, info: dict[str, Any]) -> str:
-        out = [
-            "# HELP itemsage_requests_total HTTP requests by endpoint, method and status.",
-            "# TYPE itemsage_requests_total counter",
-        ]
-        for (endpoint, method, status), n in sorted(self.requests.items()):
-            out.append(f'itemsage_requests_total{{endpoint="{_escape(endpoint)}",method="{method}",'
-                       f'status="{status}"}} {n}')
-        out += [
-            "# HELP itemsage_request_duration_seconds Request latency, from first byte in to last out.",
-            "# TYPE itemsage_request_duration_seconds histogram",
-        ]
-        for endpoint, h in sorted(self.latency.items()):
-            label = f'endpoint="{_escape(endpoint)}"'
-            for bound, n in zip(LATENCY_BUCKETS, h):
-                out.append(f'itemsage_request_duration_seconds_bucket{{{label},le="{bound}"}} {int(n)}')
-            out.append(f'itemsage_request_duration_seconds_bucket{{{label},le="+Inf"}} {int(h[-1])}')
-            out.append(f"itemsage_request_duration_seconds_sum{{{label}}} {h[-2]:.6f}")
-            out.append(f"itemsage_request_duration_seconds_count{{{label}}} {int(h[-1])}")
-        out += [
-            "# HELP itemsage_index_reloads_total Index reloads by outcome.",
-            "# TYPE itemsage_index_reloads_total counter",
-        ]
-        for outcome, n in sorted(self.reloads.items()):
-            out.append(f'itemsage_index_reloads_total{{outcome="{outcome}"}} {n}')
-        out += [
-            "# HELP itemsage_index_info The index version being served (value 1).",
-            "# TYPE itemsage_index_info gauge",
-            f'itemsage_index_info{{version="{_escape(info["index_version"])}",'
-            f'model="{_escape(info["model_fingerprint"])}"}} 1',
-            "# HELP itemsage_index_products Products in the served index.",
-            "# TYPE itemsage_index_products gauge",
-            f"itemsage_index_products {info['products']}",
-        ]
-        return "\n".join(out) + "\n"
-
-
-class MetricsMiddleware:
-    """Counts every response (413s and 500s included) under its route path, 'other' if unrouted."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics, paths: Callable[[], set[str]]) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.paths = paths
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500  # what ServerErrorMiddleware answers if the app raises before responding
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            path = scope.get("path", "")
-            endpoint = path if path in self.paths() else "other"  # bounded label set
-            self.metrics.observe(endpoint, scope.get("method", ""), status, time.perf_counter() - start)
-
-
-class InternalErrorMiddleware:
-    """A real bug (an exception no handler turned into a 4xx) becomes a logged 500 JSON response.
-
-    Done here rather than with an `Exception` handler: Starlette re-raises after such a handler, and
-    uvicorn then closes the keep-alive connection; answering here leaves it open for the next request.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def send_tracked(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_tracked)
-        except Exception:
-            log.exception("unhandled error on %s %s", scope.get("method", ""), scope.get("path", ""))
-            if started:  # half a response is out: the server can only close the connection
-                raise
-            await error_response(500, "internal error; the server log has the traceback")(scope, receive, send)
-
-
-class BodyLimitMiddleware:
-    """413 for a body over `max_bytes`: by its Content-Length, or by counting a streamed body.
-
-    The body is read here in full (it is small by construction) and replayed to the app, so a
-    chunked upload without Content-Length is held to the same limit before any parsing starts.
-    A body that stops arriving for `timeout_s` (or is not complete after `deadline_s`) gets a 408
-    and the connection is closed: a client that declares more than it sends is not held forever.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
-                 deadline_s: float = DEFAULT_BODY_DEADLINE_S) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.timeout_s = timeout_s
-        self.deadline_s = deadline_s
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int, message: str,
-                      close: bool = False) -> None:
-        headers = {"connection": "close"} if close else None  # the unread rest of the body cannot be skipped
-        await error_response(status, message, headers)(scope, receive, send)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_big = (f"request body is larger than the server's limit of {self.max_bytes} bytes; send "
-                   "fewer or shorter vectors, or start the server with a larger max_body_bytes")
-        declared = dict(scope.get("headers", ())).get(b"content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                await self._refuse(scope, receive, send, 400, "Content-Length must be a non-negative integer")
-                return
-            if int(declared) > self.max_bytes:
-                await self._refuse(scope, receive, send, 413, too_big)
-                return
-        chunks: list[bytes] = []
-        size = 0
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.deadline_s
-        while True:
-            wait = min(self.timeout_s, deadline - loop.time())
-            try:
-                message = await asyncio.wait_for(receive(), timeout=max(wait, 0.0))
-            except asyncio.TimeoutError:
-                declared_text = f"of the {int(declared)} declared " if declared is not None else ""
-                await self._refuse(scope, receive, send, 408,
-                                   f"the request body stopped arriving: {size} bytes {declared_text}came, then "
-                                   f"none for {wait:g} s (the server waits {self.timeout_s:g} s between pieces and "
-                                   f"{self.deadline_s:g} s in all); send the whole body, with a Content-Length "
-                                   "that matches it", close=True)
-                return
-            if message["type"] == "http.disconnect":
-                return  # the client left; nothing to answer
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send, 413, too_big)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # later calls wait for the disconnect, as the server's would
-
-        await self.app(scope, replay, send)
 
 
 def _norms(x: np.ndarray) -> np.ndarray:
@@ -492,86 +85,6 @@ def _norms(x: np.ndarray) -> np.ndarray:
     peak = np.abs(x).max(axis=1)  # [N]
     safe = np.where(peak > 0, peak, 1.0)
     return np.linalg.norm(x / safe[:, None], axis=1) * peak
-
-
-# ---- home: PinnerSage clusters and the merge of their candidate lists ----------------------------
-
-
-def cluster_history(vectors: np.ndarray, max_clusters: int) -> tuple[np.ndarray, np.ndarray]:
-    """Ward clusters of a history and each cluster's medoid, as in PinnerSage.
-
-    vectors [H, D] -> (labels [H] in 0..C-1, medoids [C] positions in the history). Clusters are
-    numbered by size, largest first (ties: earliest first member). The medoid is the member with the
-    smallest summed Euclidean distance to the cluster's other members (ties: earliest).
-    """
-    h = len(vectors)
-    if h < SMALL_HISTORY or max_clusters == 1:
-        labels = np.zeros(h, dtype=np.int64)
-    else:
-        from sklearn.cluster import AgglomerativeClustering
-
-        x = np.asarray(vectors, dtype=np.float64)
-        labels = AgglomerativeClustering(
-            n_clusters=None, distance_threshold=WARD_DISTANCE_THRESHOLD, linkage="ward"
-        ).fit(x).labels_
-        if labels.max() + 1 > max_clusters:  # too many interests: cut the same tree higher
-            labels = AgglomerativeClustering(n_clusters=max_clusters, linkage="ward").fit(x).labels_
-    # Renumber: largest first, then by first appearance.
-    found = np.unique(labels)
-    order = sorted(found, key=lambda c: (-int((labels == c).sum()), int(np.argmax(labels == c))))
-    renumber = {int(c): i for i, c in enumerate(order)}
-    labels = np.array([renumber[int(c)] for c in labels], dtype=np.int64)
-    medoids = np.empty(len(order), dtype=np.int64)
-    for c in range(len(order)):
-        members = np.flatnonzero(labels == c)
-        x = vectors[members].astype(np.float64)  # [n, D]
-        sq = (x * x).sum(axis=1)  # [n]
-        dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0))  # [n, n]
-        medoids[c] = members[int(np.argmin(dist.sum(axis=1)))]
-    return labels, medoids
-
-
-def allocate(k: int, sizes: list[int]) -> list[int]:
-    """Split k result slots across clusters in proportion to `sizes` (largest remainder, ties first)."""
-    total = sum(sizes)
-    raw = [k * s / total for s in sizes]
-    quota = [math.floor(r) for r in raw]
-    by_remainder = sorted(range(len(sizes)), key=lambda c: (-(raw[c] - quota[c]), c))
-    for c in by_remainder[: k - sum(quota)]:
-        quota[c] += 1
-    return quota
-
-
-def merge_candidates(
-    ids: np.ndarray, scores: np.ndarray, quotas: list[int], exclude: set[str], k: int
-) -> tuple[list[str], list[float], list[int]]:
-    """Merge per-cluster result lists into one list of up to k products.
-
-    ids, scores [C, K'] (clusters by importance, each list best first). Each cluster contributes
-    up to its quota of products not excluded and not already taken; unfilled slots go to the best
-    remaining candidates of any cluster. A product found by several clusters keeps its best score.
-    Returns (ids, scores, cluster) sorted by score, best first.
-    """
-    best: dict[str, tuple[float, int]] = {}
-    for c in range(len(ids)):
-        for pid, s in zip(ids[c], scores[c]):
-            if pid and pid not in exclude and (pid not in best or s > best[pid][0]):
-                best[pid] = (float(s), c)
-    chosen: dict[str, None] = {}  # insertion-ordered set
-    for c, quota in enumerate(quotas):
-        taken = 0
-        for pid in ids[c]:
-            if taken >= quota:
-                break
-            if pid in best and pid not in chosen:
-                chosen[pid] = None
-                taken += 1
-    for pid in sorted(best, key=lambda p: (-best[p][0], p)):
-        if len(chosen) >= k:
-            break
-        chosen.setdefault(pid, None)
-    ranked = sorted(chosen, key=lambda p: (-best[p][0], p))
-    return ranked, [best[p][0] for p in ranked], [best[p][1] for p in ranked]
 
 
 # ---- the service: model, served index, encoders ------------------------------------------------
@@ -624,8 +137,7 @@ class Service:
         # Live updates log beside a local index root; a Milvus collection is updated in Milvus itself.
         self.live_log = live_lib.LiveLog(self.index_root) if self.index_root is not None else None
         self.model = load_model(model_dir)
-        self.model.tower.eval()
-        self.model.adapters.eval()
+        self.model.model.eval()  # model.ItemSageModel: tower, adapters, logit scale
         self.out_dim = int(self.model.config.out_dim)
         self.served = self._with_live(self._check_index(self.versions.load(self.versions.resolve(None))))
         self._text_encoder = text_encoder
@@ -737,7 +249,7 @@ class Service:
     def _adapt(self, surface: str, x: np.ndarray) -> np.ndarray:
         """Query vectors [B, Dq] -> product space [B, D] unit rows via the surface's adapter."""
         with torch.inference_mode():
-            q = self.model.adapters(surface, torch.from_numpy(x)).float().numpy()  # [B, D]
+            q = self.model.model.encode_queries(surface, torch.from_numpy(x)).float().numpy()  # [B, D]
         if not np.all(np.isfinite(q)):
             raise RequestError(422, f"the {surface} query vector is too large to normalise; scale it down")
         return q
@@ -895,10 +407,9 @@ class Service:
 
     def _embed_products(self, products: list[ProductIn], names: list[str]) -> np.ndarray:
         """Products -> their embeddings [N, D] by the served tower; `names` label each in errors."""
-        from itemsage.features import featurize, field_strings
-
         cfg = self.model.config
-        columns: dict[str, list] = {PRODUCT_ID: [], IMAGE_EMBEDDINGS: [], **{f: [] for f in cfg.text_fields}}
+        columns: dict[str, list] = {IMAGE_EMBEDDINGS: []}
+        records: list[dict[str, Any]] = []
         for product, name in zip(products, names):
             extra = product.__pydantic_extra__ or {}
             unknown = sorted(set(extra) - set(cfg.text_fields))
@@ -914,19 +425,12 @@ class Service:
             if images:
                 image_rows = self._as_matrix(images, int(self.model.image_dim), f"{name}.image_embeddings")
                 images = image_rows.tolist()  # as sent: the tower is not scale-invariant in its image inputs
-            columns[PRODUCT_ID].append(product.product_id or "")
-            for field in cfg.text_fields:
-                value = extra[field] if field in extra else getattr(product, field, None)
-                columns[field].append(field_strings(value))
+            record = {field: (extra[field] if field in extra else getattr(product, field, None))
+                      for field in cfg.text_fields}
             columns[IMAGE_EMBEDDINGS].append(images)
-        table = pa.table({
-            PRODUCT_ID: pa.array(columns[PRODUCT_ID], pa.string()),
-            **{f: pa.array(columns[f], pa.list_(pa.string())) for f in cfg.text_fields},
-            IMAGE_EMBEDDINGS: pa.array(columns[IMAGE_EMBEDDINGS], pa.list_(pa.list_(pa.float32()))),
-        })
-        batch = featurize(table, self.model.vocab, cfg.text_fields, cfg.max_images, int(self.model.image_dim))
-        with torch.inference_mode():
-            vectors = self.model.tower(batch).float().numpy()  # [N, D]
+            records.append({PRODUCT_ID: f"#{len(records)}", **record, IMAGE_EMBEDDINGS: images})  # ids: placeholders
+        table = self._checked_products(records, names)
+        vectors = self.model.embed_table(table)  # [N, D]
         bad = ~np.all(np.isfinite(vectors), axis=1) | (np.abs(_norms(np.nan_to_num(vectors)) - 1.0) > 1e-3)  # [N]
         for i in np.flatnonzero(bad):
             images = columns[IMAGE_EMBEDDINGS][i]
@@ -937,6 +441,22 @@ class Service:
                                f"|value| {largest:.3g}) are too large for this model; send the vectors of the "
                                "catalog's image encoder, on the scale the model was trained on")
         return vectors
+
+    def _checked_products(self, records: list[dict[str, Any]], names: list[str]) -> pa.Table:
+        """Request products -> the dataset format through ingest's own row checks and normalisation
+        (`ingest.check_products`, as `itemsage embed` and `itemsage.load(...).encode_products` do)."""
+        from itemsage.ingest import DataError, check_products
+
+        cfg = self.model.config
+        try:
+            checked = list(check_products(records, text_fields=cfg.text_fields, image_dim=self.model.image_dim or None,
+                                          max_images=cfg.max_images))
+        except DataError as err:
+            raise RequestError(422, str(err)) from err
+        for _, rejects in checked:
+            for entry in rejects:
+                raise RequestError(422, f"{names[entry['row']]} was rejected ({entry['reason']}): {entry['detail']}")
+        return pa.concat_tables([table for table, _ in checked])
 
     # -- live updates (live.py) --
 
@@ -988,7 +508,7 @@ class Service:
             "index_version": served.version,
             "products": len(served.index),
             "index_kind": served.index.config.kind,
-            "index_recall_at_10": served.index.stats.get("recall_at_10"),
+            "neighbour_recall_at_10": served.index.stats.get("neighbour_recall_at_10"),
             "live_updates": served.index.info() if isinstance(served.index, live_lib.LiveIndex) else None,
             "model_fingerprint": self.model.fingerprint,
             "query_dims": dict(self.model.query_dims),
@@ -1034,7 +554,7 @@ def create_app(
     service = Service(model_dir, index_root, max_k=max_k, text_encoder=text_encoder, image_encoder=image_encoder,
                       max_image_pixels=max_image_pixels, query_encoder=query_encoder, query_cache=query_cache,
                       query_batch=query_batch)
-    metrics = Metrics()
+    metrics = Metrics(service.info)
     app = FastAPI(
         title="ItemSage candidate generation",
         description="Top-k products for search, closeup and home from one product embedding.",
@@ -1088,8 +608,9 @@ def create_app(
     @app.get("/metrics", response_class=PlainTextResponse, tags=["operations"])
     async def metrics_text() -> PlainTextResponse:
         """Prometheus text exposition: requests by endpoint and status, latency histograms."""
-        return PlainTextResponse(metrics.render(service.info()),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/reload", response_model=ReloadResponse, tags=["operations"],
               responses={401: {"description": "no token"}, 403: {"description": "wrong token or reload disabled"},
@@ -1111,9 +632,9 @@ def create_app(
         try:
             result = service.reload(body.version if body else None, body.persist if body else True)
         except RequestError:
-            metrics.reloads["refused"] = metrics.reloads.get("refused", 0) + 1
+            metrics.reload("refused")
             raise
-        metrics.reloads["ok"] = metrics.reloads.get("ok", 0) + 1
+        metrics.reload("ok")
         return result
 
     def authorize(authorization: Optional[str]) -> None:

@@ -54,12 +54,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -67,28 +65,26 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from itemsage import artifacts, schema
 from itemsage.config import ConfigError, require, to_dict
 from itemsage.evaluate import embed_catalog, embed_pair_queries, exact_ranks, group_recall
 from itemsage.features import ProductStore, Vocabulary
-from itemsage.losses import NEGATIVE_MODES, LogQ, mixed_negative_loss
-from itemsage.model import PRESETS, ItemSage, LogitScale, QueryAdapters, model_config, save_model
+from itemsage.losses import NEGATIVE_MODES, LogQ, MixedNegativeLoss
+from itemsage.checkpoint import CHECKPOINT_DIR, _rng_state, _set_rng_state, latest_checkpoint, load_checkpoint, save_checkpoint
+from itemsage.model import PRESETS, ItemSageModel, model_config, save_model
+from itemsage.pairs import Pairs, Prefetch, Sampler, _loss_weights, _mixture, load_pairs
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "lamb")
-CONVERSIONS = ("add_to_cart", "checkout")
-CHECKPOINT_DIR = "checkpoints"
 MODEL_DIR = "model"
 BEST_DIR = "best"  # the best model so far, renamed to MODEL_DIR at the end
-TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_DIR = schema.TENSORBOARD_DIR
 _CALIBRATION_STEPS = 10  # steps timed to turn a minute budget into a first step count
 _REESTIMATE_EVERY = 10  # steps between re-estimates of the step count under a minute budget
 _BUDGET_TARGET = 0.98  # the step count aims at this fraction of the budget (the rest: the last estimate's error)
@@ -290,239 +286,8 @@ def _optimizer(cfg: TrainConfig, params: list[tuple[str, nn.Parameter]]) -> torc
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: (query, product) pairs with their frozen query vectors, built once
+# One step's query groups, and the held-out recall
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Pairs:
-    """The (query, engaged product) rows of one split; query vectors deduplicated per surface."""
-
-    queries: dict[str, Tensor]  # surface -> [U_s, Dq_s] distinct frozen query vectors
-    surface: np.ndarray  # [N] str (object)
-    query_row: np.ndarray  # [N] int64 row in queries[surface]
-    query_key: np.ndarray  # [N] int64 stable identity of (surface, query), for accidental-hit masking
-    product_row: np.ndarray  # [N] int64 row in the ProductStore (also the product's id in the loss)
-    task: np.ndarray  # [N] str (object), surface.engagement
-    engagement: np.ndarray  # [N] str (object)
-    weight: np.ndarray  # [N] float32, the row's `weight` column
-    source_row: np.ndarray | None = None  # [N] int64 row of each pair in its window's file
-
-    def __len__(self) -> int:
-        return len(self.product_row)
-
-    @property
-    def query_dims(self) -> dict[str, int]:
-        return {s: int(q.shape[1]) for s, q in self.queries.items()}
-
-
-def _key(data: bytes) -> int:
-    """Stable signed int64 of some bytes (blake2b, never Python's salted hash)."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
-
-
-def _vectors(column: Any) -> np.ndarray:
-    """A list<float> column without nulls -> [N, D] float32 (one width, which ingest guarantees)."""
-    column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
-    n = len(column)
-    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    if n == 0:
-        return np.zeros((0, 0), np.float32)
-    if values.size % n or np.any(pc.list_value_length(column).to_numpy(zero_copy_only=False) != values.size // n):
-        raise ValueError("query_embedding vectors of one surface have different widths; re-run `itemsage ingest`")
-    return values.reshape(n, values.size // n)
-
-
-def load_pairs(dataset_dir: str | Path, file: str, store: ProductStore, *, tasks: tuple[str, ...] = (),
-               sample: int | None = None, seed: int = 0, progress: bool = False) -> Pairs:
-    """Read a window (train.parquet, validation.parquet or test.parquet) and build its query vectors once.
-
-    Search rows with text use the frozen text encoder (query_encoder.cached_text_embeddings, cached in
-    the dataset directory); every other row uses its `query_embedding`. `tasks` keeps only those
-    tasks; `sample` keeps an equal share per task (stratified, seeded).
-    """
-    path = Path(dataset_dir) / file
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; run `itemsage ingest` to write the dataset.")
-    names = pq.ParquetFile(path).schema_arrow.names
-    cols = [c for c in (schema.SURFACE, schema.ENGAGEMENT, schema.PRODUCT_ID, schema.WEIGHT,
-                        schema.QUERY_TEXT, schema.QUERY_EMBEDDING) if c in names]
-    table = pq.read_table(path, columns=cols)
-    task = np.char.add(np.char.add(np.asarray(table[schema.SURFACE].to_numpy(zero_copy_only=False), dtype=str), "."),
-                       np.asarray(table[schema.ENGAGEMENT].to_numpy(zero_copy_only=False), dtype=str))
-    keep = np.isin(task, tasks) if tasks else np.ones(len(task), bool)
-    if sample is not None:  # equal share per task, seeded; a smaller task gives all its rows
-        rng = np.random.default_rng(seed)
-        present = sorted(set(task[keep].tolist()))
-        share = math.ceil(sample / max(1, len(present)))
-        chosen = []
-        for t in present:
-            rows = np.flatnonzero(keep & (task == t))
-            chosen.append(rows if len(rows) <= share else np.sort(rng.choice(rows, share, replace=False)))
-        keep = np.zeros(len(task), bool)
-        keep[np.concatenate(chosen) if chosen else []] = True
-    rows = np.flatnonzero(keep)
-    table, task = table.take(rows), task[rows]
-    n = table.num_rows
-
-    surface = np.asarray(table[schema.SURFACE].to_numpy(zero_copy_only=False), dtype=object)
-    has_text = (pc.is_valid(table[schema.QUERY_TEXT]).to_numpy(zero_copy_only=False)
-                if schema.QUERY_TEXT in names else np.zeros(n, bool))
-    has_vec = (pc.is_valid(table[schema.QUERY_EMBEDDING]).to_numpy(zero_copy_only=False)
-               if schema.QUERY_EMBEDDING in names else np.zeros(n, bool))
-    queries: dict[str, Tensor] = {}
-    query_row = np.zeros(n, np.int64)
-    query_key = np.zeros(n, np.int64)
-    for s in sorted(set(surface.tolist())):
-        in_s = surface == s
-        # Search text: distinct strings through the frozen encoder (cached), unless a vector is given.
-        by_text = in_s & has_text & ~has_vec if s == "search" else np.zeros(n, bool)
-        by_vec = in_s & has_vec
-        missing = in_s & ~by_text & ~by_vec
-        if missing.any():
-            raise ValueError(f"{path}: {int(missing.sum())} {s} row(s) have no query vector or text; "
-                             "re-run `itemsage ingest`, which rejects them (reason missing_query)")
-        parts: list[np.ndarray] = []
-        if by_text.any():
-            from itemsage.query_encoder import cached_text_embeddings
-
-            idx = np.flatnonzero(by_text)
-            texts = np.asarray(table[schema.QUERY_TEXT].filter(by_text).to_pylist(), dtype=object).astype(str)
-            distinct, inverse = np.unique(texts, return_inverse=True)
-            vectors = cached_text_embeddings(dataset_dir, distinct.tolist(), progress=progress)  # [U, 384]
-            parts.append(np.asarray(vectors, dtype=np.float32))
-            query_row[idx] = inverse
-            keys = np.array([_key(f"{s}\0t\0{t}".encode()) for t in distinct.tolist()], np.int64)
-            query_key[idx] = keys[inverse]
-        if by_vec.any():
-            idx = np.flatnonzero(by_vec)
-            vecs = np.ascontiguousarray(_vectors(table[schema.QUERY_EMBEDDING].filter(by_vec)))  # [n_s, Dq]
-            as_bytes = vecs.view(np.dtype((np.void, vecs.shape[1] * 4))).ravel()  # [n_s] one raw row each
-            distinct, inverse = np.unique(as_bytes, return_inverse=True)
-            offset = sum(len(p) for p in parts)
-            if parts and parts[0].shape[1] != vecs.shape[1]:
-                raise ValueError(f"{path}: search query vectors are {vecs.shape[1]}-d but the text encoder "
-                                 f"gives {parts[0].shape[1]}-d; re-run `itemsage ingest`")
-            parts.append(np.frombuffer(distinct.tobytes(), np.float32).reshape(len(distinct), vecs.shape[1]))
-            query_row[idx] = offset + inverse.ravel()
-            keys = np.array([_key(f"{s}\0v\0".encode() + d.tobytes()) for d in distinct], np.int64)
-            query_key[idx] = keys[inverse.ravel()]
-        queries[s] = torch.from_numpy(np.concatenate(parts).copy())
-
-    weight = (table[schema.WEIGHT].to_numpy(zero_copy_only=False).astype(np.float32)
-              if schema.WEIGHT in names else np.ones(n, np.float32))
-    return Pairs(
-        queries=queries, surface=surface, query_row=query_row, query_key=query_key,
-        product_row=store.index_of(table[schema.PRODUCT_ID].to_pylist()),
-        task=np.asarray(task, dtype=object),
-        engagement=np.asarray(table[schema.ENGAGEMENT].to_numpy(zero_copy_only=False), dtype=object),
-        weight=np.nan_to_num(weight, nan=1.0),
-        source_row=rows.astype(np.int64),
-    )
-
-
-class Sampler:
-    """Seeded draws of positives (the task mixture) and uniform random negatives.
-
-    Every DDP rank holds an identical copy and draws the same global batch.
-    """
-
-    def __init__(self, probs: np.ndarray, catalog_size: int, seed: int):
-        self.cdf = np.cumsum(probs / probs.sum())  # [N]
-        self.catalog_size = catalog_size
-        self.rng = np.random.default_rng(seed)
-
-    def positives(self, b: int) -> np.ndarray:  # [B] row indices into Pairs
-        return np.minimum(np.searchsorted(self.cdf, self.rng.random(b), side="right"), len(self.cdf) - 1)
-
-    def negatives(self, r: int) -> np.ndarray:  # [R] uniform catalog rows
-        return self.rng.integers(0, self.catalog_size, r)
-
-    def fork(self) -> Sampler:
-        """A copy with its own generator in the same state (it draws what this sampler would)."""
-        twin = Sampler.__new__(Sampler)
-        twin.cdf, twin.catalog_size = self.cdf, self.catalog_size
-        twin.rng = np.random.default_rng()
-        twin.rng.bit_generator.state = self.rng.bit_generator.state
-        return twin
-
-
-class Prefetch:
-    """The step's batches, each built in a background thread while the step before it runs.
-
-    `ahead`, a fork of the sampler, draws batch k+1 on the calling thread when batch k is handed
-    out (draws stay in order: deterministic), and `build(rows, negatives)` runs in the thread. The
-    sampler itself is moved to the state after batch k's draw only when batch k is handed out, so a
-    checkpoint taken after step k saves the state that redraws batch k+1 on resume.
-
-    `background=False` builds each batch when it is handed out instead (same batches, same order):
-    on a CPU whose cores all run torch's intra-op threads, a builder thread only competes with the
-    step (measured in docs/METHOD.md); `train` uses the thread on CUDA or when a core is spare.
-    """
-
-    def __init__(self, sampler: Sampler, b: int, r: int, build: Any, background: bool = True):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.sampler, self.ahead, self.b, self.r, self.build = sampler, sampler.fork(), b, r, build
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="itemsage-batch") if background else None
-        self.pending: tuple[np.ndarray, np.ndarray, dict[str, Any], Any] | None = None
-
-    def _start(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any], Any]:
-        rows, negs = self.ahead.positives(self.b), self.ahead.negatives(self.r)  # [B], [R]
-        built = self.pool.submit(self.build, rows, negs) if self.pool is not None else None
-        return rows, negs, self.ahead.rng.bit_generator.state, built
-
-    def next(self) -> tuple[np.ndarray, np.ndarray, Any]:
-        """(positive rows [B], negative rows [R], built batch) of the next step; starts the one after."""
-        rows, negs, state, built = self.pending if self.pending is not None else self._start()
-        self.pending = None
-        self.sampler.rng.bit_generator.state = state  # the sampler has now drawn this batch
-        self.pending = self._start()
-        return rows, negs, built.result() if built is not None else self.build(rows, negs)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _mixture(pairs: Pairs, cfg: TrainConfig) -> np.ndarray:
-    """Sampling weight per row: natural frequency, conversions times upweight_conversions."""
-    p = np.ones(len(pairs))
-    p[np.isin(pairs.engagement, CONVERSIONS)] *= cfg.upweight_conversions
-    return p
-
-
-def _loss_weights(pairs: Pairs, cfg: TrainConfig) -> np.ndarray:
-    """Per-row loss weight: the row's weight times its engagement's weight (default 1)."""
-    by_engagement = {e: cfg.engagement_weights.get(e, 1.0) for e in schema.ENGAGEMENTS}
-    return pairs.weight * np.array([by_engagement[e] for e in pairs.engagement], np.float32)
-
-
-# ----------------------------------------------------------------------------------------------
-# Model wrapper (one module, so DDP syncs tower, adapters and the logit scale together)
-# ----------------------------------------------------------------------------------------------
-
-
-class Towers(nn.Module):
-    """Tower, adapters and logit scale: one forward call per step embeds both sides of the batch."""
-
-    def __init__(self, tower: ItemSage, adapters: QueryAdapters, logit_scale: LogitScale):
-        super().__init__()
-        self.tower, self.adapters, self.logit_scale = tower, adapters, logit_scale
-
-    def forward(self, products: Any, queries: list[tuple[str, Tensor, Tensor]], b: int
-                ) -> tuple[Tensor, Tensor, Tensor]:
-        """products: b positives then r negatives; queries: (surface, positions [b_s], vectors [b_s, Dq])
-        -> query embeddings [b, D], product embeddings [b + r, D], logit scale []."""
-        p = self.tower(products)  # [b + r, D]
-        q = p.new_zeros(b, p.shape[1])  # [b, D]
-        given = {surface: (pos, vec) for surface, pos, vec in queries}
-        for surface, dim in self.adapters.query_dims.items():
-            # A surface missing from this batch still runs (on 0 rows), so every adapter weight gets a
-            # (zero) gradient and DDP needs no unused-parameter search.
-            pos, vec = given.get(surface, (p.new_zeros(0, dtype=torch.long), p.new_zeros(0, dim)))
-            q = q.index_copy(0, pos, self.adapters(surface, vec).to(q.dtype))
-        return q, p, self.logit_scale()
 
 
 def _query_groups(queries: dict[str, Tensor], pairs: Pairs, rows: np.ndarray, device: torch.device
@@ -537,107 +302,13 @@ def _query_groups(queries: dict[str, Tensor], pairs: Pairs, rows: np.ndarray, de
     return groups
 
 
-def held_out_recall(tower: ItemSage, adapters: QueryAdapters, store: ProductStore, pairs: Pairs,
+def held_out_recall(model: ItemSageModel, store: ProductStore, pairs: Pairs,
                     device: torch.device, chunk: int = 2048) -> dict[str, dict[str, float]]:
     """Exact Recall@{1,10,100} per task: each pair's product ranked among the whole catalog."""
-    catalog = embed_catalog(tower, store, device, chunk)  # [N, D]
-    queries = embed_pair_queries(adapters, pairs, device)  # [Q, D]
+    catalog = embed_catalog(model, store, device, chunk)  # [N, D]
+    queries = embed_pair_queries(model, pairs, device)  # [Q, D]
     ranks = exact_ranks(queries, catalog, torch.from_numpy(pairs.product_row).to(device))
     return group_recall(ranks, pairs.task.astype(str))
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: a directory per step, written under a temp name then renamed; manifest last
-# ----------------------------------------------------------------------------------------------
-
-
-def _flatten(obj: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
-    """Nested state -> JSON-able skeleton; tensors move to `tensors` under their dotted path."""
-    if isinstance(obj, Tensor):
-        tensors[prefix] = obj.detach().to("cpu").contiguous().clone()
-        return {"__tensor__": prefix}
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj):
-            return {k: _flatten(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}
-        return {"__int_keys__": {str(k): _flatten(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}}
-    if isinstance(obj, (list, tuple)):
-        return [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
-    if isinstance(obj, np.ndarray):
-        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
-    return obj
-
-
-def _unflatten(obj: Any, tensors: dict[str, Tensor]) -> Any:
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__int_keys__" in obj:
-            return {int(k): _unflatten(v, tensors) for k, v in obj["__int_keys__"].items()}
-        if "__ndarray__" in obj:
-            return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
-        return {k: _unflatten(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_unflatten(v, tensors) for v in obj]
-    return obj
-
-
-def _rng_state(sampler: Sampler, torch_states: list[Tensor], cuda_states: list[Tensor]) -> dict[str, Any]:
-    legacy = np.random.get_state()
-    py = random.getstate()
-    return {
-        "sampler": sampler.rng.bit_generator.state,  # PCG64 state: plain ints
-        "numpy_global": [legacy[0], legacy[1], legacy[2], legacy[3], legacy[4]],
-        "python": [py[0], list(py[1]), py[2]],
-        "torch_cpu": torch_states,  # one per rank
-        "torch_cuda": cuda_states,
-    }
-
-
-def _set_rng_state(state: dict[str, Any], sampler: Sampler, rank: int, device: torch.device) -> None:
-    sampler.rng.bit_generator.state = state["sampler"]
-    g = state["numpy_global"]
-    np.random.set_state((g[0], np.asarray(g[1], dtype=np.uint32), g[2], g[3], g[4]))
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    if rank < len(state["torch_cpu"]):
-        torch.set_rng_state(state["torch_cpu"][rank].to(torch.uint8))
-    if device.type == "cuda" and rank < len(state["torch_cuda"]):
-        torch.cuda.set_rng_state(state["torch_cuda"][rank].to(torch.uint8), device)
-
-
-def save_checkpoint(out_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write `checkpoints/step-XXXXXXXX/` atomically (temp dir, manifest last, rename) and keep the newest `keep`."""
-    root = out_dir / CHECKPOINT_DIR
-    final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tensors: dict[str, Tensor] = {}
-    skeleton = _flatten(state, "state", tensors)
-    save_file(tensors, str(tmp / "state.safetensors"))
-    artifacts.atomic_write_json(tmp / "state.json", skeleton)
-    artifacts.write_manifest(tmp, "checkpoint", counts={"step": step}, files=["state.safetensors", "state.json"])
-    shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step (a resumed run that had finished)
-    os.replace(tmp, final)
-    artifacts._fsync_dir(root)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest checkpoint whose files match their manifest (a torn or half-written one is skipped)."""
-    for path in sorted((Path(out_dir) / CHECKPOINT_DIR).glob("step-*"), reverse=True):
-        try:
-            artifacts.verify_manifest(path, kind="checkpoint")
-            return path
-        except artifacts.ArtifactError as err:
-            log.warning("skipping checkpoint %s: %s", path, err)
-    return None
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    tensors = load_file(str(path / "state.safetensors"))
-    return _unflatten(json.loads((path / "state.json").read_text()), tensors)
 
 
 def checkpoint_config(out_dir: str | Path) -> TrainConfig | None:
@@ -664,19 +335,6 @@ def _init_distributed(cfg_device: str) -> tuple[int, int, bool]:
     cuda = cfg_device != "cpu" and torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank(), dist.get_world_size(), True
-
-
-def _gather(t: Tensor, world: int) -> Tensor:
-    """Concatenate every rank's `t` in rank order, keeping the gradient path to each rank's slice."""
-    if world == 1:
-        return t
-    import warnings
-
-    from torch.distributed.nn.functional import all_gather
-
-    with warnings.catch_warnings():  # deprecated in favour of a private API; still the public autograd gather
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.cat(all_gather(t.contiguous()))
 
 
 def _all_rng_states(world: int, device: torch.device) -> tuple[list[Tensor], list[Tensor]]:
@@ -710,11 +368,9 @@ def _log_scalars(writer: Any, step: int, scalars: dict[str, float]) -> None:
 
 @contextlib.contextmanager
 def _progress_bar(enabled: bool, total: int | None, start: int) -> Iterator[Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from itemsage.progress import progress_bar
 
-    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[pps]:>8.0f} pairs/s  loss {task.fields[loss]:.4f}"), TimeRemainingColumn())
-    with Progress(*columns, disable=not enabled) as bar:
+    with progress_bar(enabled, fields="{task.fields[pps]:>8.0f} pairs/s  loss {task.fields[loss]:.4f}") as bar:
         task = bar.add_task("train", total=total, completed=start, pps=0.0, loss=float("nan"))
         yield lambda **kw: bar.update(task, **kw)
 
@@ -911,8 +567,7 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
 
     # Model, optimiser, sketch, sampler. The same seed on every rank gives identical initial weights.
     torch.manual_seed(cfg.seed)
-    module = Towers(ItemSage(mcfg, len(vocab), store.image_dim),
-                    QueryAdapters(pairs.query_dims, mcfg.out_dim, mcfg.adapter), LogitScale()).to(device)
+    module = ItemSageModel.build(mcfg, len(vocab), store.image_dim, pairs.query_dims).to(device)
     optimizer = _optimizer(cfg, list(module.named_parameters()))
     logq = LogQ(cfg.sketch_depth, cfg.sketch_width, seed=cfg.seed)
     sampler = Sampler(_mixture(pairs, cfg), len(store), cfg.seed)
@@ -953,6 +608,7 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
         writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR))
     log_q_neg = torch.full((R,), math.log(R / len(store)) if R else 0.0, device=device)  # [R] uniform draws
     lo, hi, rlo, rhi = rank * B // world, (rank + 1) * B // world, rank * R // world, (rank + 1) * R // world
+    loss_fn = MixedNegativeLoss(cfg.negatives, (lo, hi), world)  # this rank's rows of the global batch
     clock = Clock(cfg, world, device, calibrated=bool(schedule["calibrated"]))
     recall: dict[str, dict[str, float]] = {}
     losses = [float("nan")] * 3
@@ -982,7 +638,7 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
         nonlocal recall
         stop = 0
         if lead and held_out is not None and len(held_out):
-            recall = held_out_recall(module.tower, module.adapters, store, held_out, device)
+            recall = held_out_recall(module, store, held_out, device)
             _log_scalars(writer, step, {f"validation/recall@10/{t}": r["recall@10"] for t, r in recall.items()})
             log.info("step %d validation Recall@10: %s", step,
                      ", ".join(f"{t} {r['recall@10']:.3f}" for t, r in recall.items()))
@@ -1001,6 +657,16 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
                          step, selection["best_recall"], selection["best_step"], cfg.patience)
         return bool(_broadcast_int(stop, world, device))
 
+    def log_step(parts: Any, lr: float, scale: Tensor, show: Any) -> list[float]:
+        """Progress bar or log line, and TensorBoard scalars, of the step just taken -> the losses."""
+        losses = _mean_over_ranks(torch.stack([parts.total, parts.in_batch, parts.random]).detach(), world)
+        show(completed=step, total=total_steps, pps=clock.pairs_per_s, loss=float(losses[0]))
+        if lead and not progress:
+            clock.report(step, total_steps, float(losses[0]))
+        _log_scalars(writer, step, {"loss/total": losses[0], "loss/in_batch": losses[1], "loss/random": losses[2],
+                                    "lr": lr, "logit_scale": float(scale.detach()), "pairs_per_s": clock.pairs_per_s})
+        return losses
+
     def build(rows: np.ndarray, negs: np.ndarray) -> Any:  # runs in the Prefetch thread: numpy gathers only
         products = store.batch(np.concatenate([pairs.product_row[rows[lo:hi]], negs[rlo:rhi]]), backward=True)
         return products.pin_memory() if device.type == "cuda" else products
@@ -1016,22 +682,14 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
                 group["lr"] = lr
             rows, negs, products = batches.next()  # [B], [R]: the global batch, same on every rank; built ahead
             products = products.to(device, non_blocking=True)  # this rank's positives, then its negatives
-            local = rows[lo:hi]  # this rank's share
             pos_ids = product_row[rows]  # [B] store rows double as product ids
             logq.update(pos_ids)  # count the global batch first, on every rank: identical sketches
-            log_q_pos = logq.log_q(pos_ids, batch_size=B).to(device)  # [B]
-            with amp:  # one tower call over this rank's positives and random negatives
-                q, p, scale = ddp(products, _query_groups(queries, pairs, local, device), hi - lo)  # [b, D], [b + r, D]
-            q, p = q.float(), p.float()
-            w = loss_weight[rows].to(device)  # [B]
-            parts = mixed_negative_loss(
-                q, p[: hi - lo], _gather(p[hi - lo :], world) if R else None,
-                pos_ids=pos_ids[lo:hi].to(device), query_keys=query_key[local].to(device),
-                log_q_pos=log_q_pos[lo:hi], neg_ids=torch.from_numpy(negs).to(device) if R else None,
-                log_q_neg=log_q_neg if R else None, logit_scale=scale, weights=w[lo:hi], negatives=cfg.negatives,
-                candidates=_gather(p[: hi - lo], world), candidate_ids=pos_ids.to(device),
-                candidate_keys=query_key[rows].to(device), candidate_log_q=log_q_pos,
-                weight_sum=w.sum() / world)  # DDP averages gradients: the global weighted mean
+            with amp:  # one model call over this rank's queries, positives and random negatives
+                q, p, scale = ddp(products, _query_groups(queries, pairs, rows[lo:hi], device), hi - lo)  # [b, D], [b + r, D]
+            parts = loss_fn(q.float(), p.float(), ids=pos_ids.to(device), keys=query_key[rows].to(device),
+                            log_q=logq.log_q(pos_ids, batch_size=B).to(device), weights=loss_weight[rows].to(device),
+                            logit_scale=scale, neg_ids=torch.from_numpy(negs).to(device) if R else None,
+                            log_q_neg=log_q_neg if R else None)  # DDP gathering inside (losses.MixedNegativeLoss)
             optimizer.zero_grad(set_to_none=True)
             parts.total.backward()
             if cfg.grad_clip:
@@ -1041,13 +699,8 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
             progress_done = advance(progress_done, step, total_steps or 10**9, cfg.warmup_steps)
             step += 1
 
-            losses = _mean_over_ranks(torch.stack([parts.total, parts.in_batch, parts.random]).detach(), world)
             total_steps = clock.tick(step, total_steps, time.perf_counter() - t0)
-            show(completed=step, total=total_steps, pps=clock.pairs_per_s, loss=float(losses[0]))
-            if lead and not progress:
-                clock.report(step, total_steps, float(losses[0]))
-            _log_scalars(writer, step, {"loss/total": losses[0], "loss/in_batch": losses[1], "loss/random": losses[2],
-                                        "lr": lr, "logit_scale": float(scale.detach()), "pairs_per_s": clock.pairs_per_s})
+            losses = log_step(parts, lr, scale, show)
             last = step >= total_steps if total_steps is not None else False
             stopped_early = bool(cfg.eval_every and step % cfg.eval_every == 0 and not last and evaluate())
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last and not stopped_early:
@@ -1073,7 +726,7 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
                        best_step=selection["best_step"], stopped_early=bool(selection.get("stopped")), notes=notes)
 
 
-def _publish_model(out_dir: Path, module: Towers, selection: dict[str, Any], save: Any) -> None:
+def _publish_model(out_dir: Path, module: ItemSageModel, selection: dict[str, Any], save: Any) -> None:
     """out_dir/model/ := the best evaluation's weights (from best/), or the last step's when nothing
     was evaluated. Loads the best weights into `module` (training is over)."""
     best = out_dir / BEST_DIR

@@ -75,17 +75,7 @@ LOG_KINDS = {
     schema.QUERY_EMBEDDING: "vec", schema.QUERY_IMAGE_PATH: "str",
 }
 LOG_REQUIRED = (schema.SURFACE, schema.ENGAGEMENT, schema.PRODUCT_ID, schema.TIMESTAMP)
-# train.parquet / validation.parquet / test.parquet. Only user_id, query_text and query_embedding hold nulls.
-LOG_SCHEMA = pa.schema([
-    (schema.SURFACE, pa.string()),
-    (schema.ENGAGEMENT, pa.string()),
-    (schema.PRODUCT_ID, pa.string()),
-    (schema.TIMESTAMP, pa.timestamp("ms", tz="UTC")),
-    (schema.USER_ID, pa.string()),
-    (schema.WEIGHT, pa.float32()),
-    (schema.QUERY_TEXT, pa.string()),
-    (schema.QUERY_EMBEDDING, pa.list_(pa.float32())),
-])
+LOG_SCHEMA = schema.log_schema()  # the dataset's schemas live in schema.py
 
 
 def catalog_kinds(text_columns: Sequence[str]) -> dict[str, str]:
@@ -94,10 +84,7 @@ def catalog_kinds(text_columns: Sequence[str]) -> dict[str, str]:
     return kinds
 
 
-def products_schema(text_columns: Sequence[str]) -> pa.Schema:
-    """products.parquet before the extra input columns are appended."""
-    return pa.schema([(schema.PRODUCT_ID, pa.string()), *[(f, pa.list_(pa.string())) for f in text_columns],
-                      (schema.IMAGE_EMBEDDINGS, pa.list_(pa.list_(pa.float32()))), (schema.CONTENT_HASH, pa.string())])
+products_schema = schema.products_schema
 
 
 def _strlike(t: pa.DataType) -> bool:

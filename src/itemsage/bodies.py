@@ -1,0 +1,218 @@
+"""The service's HTTP request and response bodies (pydantic) and its error responses.
+
+Every request body refuses unknown fields, non-finite floats, over-long text and oversized lists
+with a 422 that names the field; `RequestError` is the service's own refusal (status, message),
+and `error_response` the one JSON error shape every status uses. serve.py imports these.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
+
+from fastapi.responses import JSONResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+MAX_VERSION_CHARS = 255  # an index version is a directory name
+MAX_HISTORY = 1000  # history items (ids or vectors) per home request
+MAX_VECTOR_WIDTH = 8192  # a cheap upper bound before the exact width check
+MAX_TEXT_CHARS = 2048  # MiniLM reads at most 256 tokens anyway
+MAX_UPDATE_BATCH = 1000  # products per upsert or delete request
+
+
+# ---- request and response bodies ----------------------------------------------------------------
+
+def _utf8(value: str) -> str:
+    """Refuse a string that cannot be written as UTF-8 (JSON's `\\ud800` escape alone gives one)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"text is not valid UTF-8: a lone surrogate at character {err.start}; send "
+                         "characters outside the Basic Multilingual Plane as a surrogate pair or as UTF-8") from None
+    return value
+
+
+# Strict: a JSON number for a float (integers too), never true/false or "1.5"; a JSON string for a str.
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Vector = Annotated[list[FiniteFloat], Field(min_length=1, max_length=MAX_VECTOR_WIDTH)]
+Text = Annotated[str, Field(strict=True), AfterValidator(_utf8)]
+ProductId = Annotated[Text, Field(min_length=1, max_length=1024)]
+TopK = Annotated[int, Field(strict=True, description="Number of results; 1 <= k <= the server's max_k.")]
+StrictBool = Annotated[bool, Field(strict=True)]
+TextValue = Optional[Text | list[Text]]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _exactly_one(body: BaseModel, names: tuple[str, ...]) -> None:
+    given = [n for n in names if getattr(body, n) is not None]
+    if len(given) != 1:
+        options = ", ".join(f"`{n}`" for n in names)
+        got = ", ".join(f"`{n}`" for n in given) if given else "none"
+        raise ValueError(f"give exactly one of {options}; got {got}")
+
+
+class SearchRequest(_Body):
+    text: Optional[Annotated[Text, Field(min_length=1, max_length=MAX_TEXT_CHARS)]] = None
+    vector: Optional[Vector] = Field(None, description="A precomputed search-query vector (instead of text).")
+    k: TopK = 10
+
+    @model_validator(mode="after")
+    def _one_query(self) -> SearchRequest:
+        _exactly_one(self, ("text", "vector"))
+        return self
+
+
+class CloseupRequest(_Body):
+    product_id: Optional[ProductId] = Field(None, description="An indexed product: find products like it.")
+    vector: Optional[Vector] = Field(
+        None, description="A closeup query vector: the kind of vector the closeup rows of the training logs held "
+        "as query_embedding (the demo shop: the viewed product's image vector; a shop's own logs may hold text "
+        "or other vectors), of that width (GET /readyz: query_dims.closeup). The model's closeup adapter maps "
+        "it into product space.")
+    image: Optional[Text] = Field(None, description="An image file's bytes, base64-encoded.")
+    k: TopK = 10
+    exclude_self: StrictBool = Field(True, description="With product_id: leave the product itself out.")
+
+    @model_validator(mode="after")
+    def _one_query(self) -> CloseupRequest:
+        _exactly_one(self, ("product_id", "vector", "image"))
+        return self
+
+
+class HomeRequest(_Body):
+    history: Optional[Annotated[list[ProductId], Field(min_length=1, max_length=MAX_HISTORY)]] = Field(
+        None, description="Product ids the user engaged with; they are left out of the results."
+    )
+    vectors: Optional[Annotated[list[Vector], Field(min_length=1, max_length=MAX_HISTORY)]] = Field(
+        None, description="History as vectors of the home query width (instead of ids)."
+    )
+    k: TopK = 10
+    max_clusters: Annotated[int, Field(strict=True, ge=1, le=20, description=(
+        "Most interest clusters the history is split into (PinnerSage: Ward clustering of the history's "
+        "vectors); each cluster's medoid retrieves a share of k by its importance. 1 = one cluster."))] = 5
+
+    @model_validator(mode="after")
+    def _one_history(self) -> HomeRequest:
+        _exactly_one(self, ("history", "vectors"))
+        return self
+
+
+class ProductIn(BaseModel):
+    """One product as in the catalog: text fields (a string or a list of strings) and image vectors.
+
+    Fields beyond the twelve standard ones are accepted when the model was trained on them.
+    """
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    __pydantic_extra__: dict[str, TextValue]
+
+    product_id: Optional[ProductId] = None
+    title: TextValue = None
+    description: TextValue = None
+    brand: TextValue = None
+    colors: TextValue = None
+    materials: TextValue = None
+    patterns: TextValue = None
+    size: TextValue = None
+    size_type: TextValue = None
+    product_type: TextValue = None
+    category: TextValue = None
+    domain: TextValue = None
+    links: TextValue = None
+    image_embeddings: Optional[list[Vector]] = Field(None, description="Image vectors, main image first.")
+
+
+class EmbedRequest(_Body):
+    product: ProductIn
+
+
+class Candidates(BaseModel):
+    ids: list[str]
+    scores: list[float] = Field(description="Inner products of unit vectors; higher = more similar.")
+    index_version: str
+
+
+class Cluster(BaseModel):
+    medoid: int = Field(description="Position in the request's history of the cluster's medoid.")
+    size: int
+    importance: float = Field(description="Share of the history in this cluster (PinnerSage uses "
+                              "time-decayed frequency; this service counts items).")
+    members: list[int]
+
+
+class HomeResponse(Candidates):
+    clusters: list[Cluster]
+    cluster_of: list[int] = Field(description="For each result, the cluster whose medoid scored it best.")
+
+
+class EmbedResponse(BaseModel):
+    product_id: Optional[str]
+    vector: list[float]
+    dim: int
+    model_fingerprint: str
+
+
+class ReloadRequest(_Body):
+    version: Optional[Annotated[Text, Field(min_length=1, max_length=MAX_VERSION_CHARS)]] = Field(
+        None, description="Version name under INDEX_ROOT/versions; default: the one CURRENT points at.")
+    persist: StrictBool = Field(True, description="Also point INDEX_ROOT/CURRENT at the version (atomically), "
+                                "so a restarted server serves it; false for a trial swap.")
+
+
+class ReloadResponse(BaseModel):
+    index_version: str
+    previous_version: str
+    products: int
+    seconds: float
+
+
+class UpsertRequest(_Body):
+    products: Annotated[list[ProductIn], Field(min_length=1, max_length=MAX_UPDATE_BATCH)] = Field(
+        description="Products with their `product_id`: new ones are added, existing ones replaced.")
+
+
+class DeleteRequest(_Body):
+    ids: Annotated[list[ProductId], Field(min_length=1, max_length=MAX_UPDATE_BATCH)]
+
+
+class UpdateResponse(BaseModel):
+    ids: list[str] = Field(description="Products upserted (or deleted), in request order.")
+    unknown: list[str] = Field(default_factory=list, description="Delete: ids not in the index (nothing done).")
+    seq: int = Field(description="The last update's number in the live log (durable on reply).")
+    index_version: str
+    products: int = Field(description="Products served after the update.")
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+class RequestError(Exception):
+    """A request the service refuses: `status` is a 4xx (or 503), `message` says what to change."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _printable(text: str) -> str:
+    """`text` with anything UTF-8 cannot hold (a lone surrogate from the request) as a `\\udXXX` escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def error_response(status: int, detail: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    """The JSON body of every refusal, {"detail": message, ...}; always encodable, whatever the request held."""
+    return JSONResponse({"detail": _printable(detail), **extra}, status_code=status, headers=headers)
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        detail = (e.get("ctx") or {}).get("error")
+        why = f" ({detail})" if isinstance(detail, str) else ""  # e.g. the JSON decoder's reason
+        parts.append(f"{loc}: {e.get('msg', 'invalid')}{why}")
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(parts) + more

@@ -1,0 +1,97 @@
+"""Home feed: PinnerSage clustering of a user's history and the merge of the clusters' candidates.
+
+`cluster_history` cuts a Ward tree of the history's embeddings into interests and picks each one's
+medoid; `allocate` shares k results among the clusters by size (largest remainder);
+`merge_candidates` interleaves the clusters' ranked lists into one, without repeats. Used by the
+service's `/v1/home` (serve.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# PinnerSage cuts the Ward tree at a distance threshold, then keeps a few clusters. For unit
+# vectors two single items merge below 1.0 when their cosine is above 0.5; larger clusters merge
+# later (the Ward distance grows with cluster size). `max_clusters` caps the count.
+WARD_DISTANCE_THRESHOLD = 1.0
+SMALL_HISTORY = 3  # fewer items than this form one cluster: too few to find separate interests
+
+
+
+def cluster_history(vectors: np.ndarray, max_clusters: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ward clusters of a history and each cluster's medoid, as in PinnerSage.
+
+    vectors [H, D] -> (labels [H] in 0..C-1, medoids [C] positions in the history). Clusters are
+    numbered by size, largest first (ties: earliest first member). The medoid is the member with the
+    smallest summed Euclidean distance to the cluster's other members (ties: earliest).
+    """
+    h = len(vectors)
+    if h < SMALL_HISTORY or max_clusters == 1:
+        labels = np.zeros(h, dtype=np.int64)
+    else:
+        from sklearn.cluster import AgglomerativeClustering
+
+        x = np.asarray(vectors, dtype=np.float64)
+        labels = AgglomerativeClustering(
+            n_clusters=None, distance_threshold=WARD_DISTANCE_THRESHOLD, linkage="ward"
+        ).fit(x).labels_
+        if labels.max() + 1 > max_clusters:  # too many interests: cut the same tree higher
+            labels = AgglomerativeClustering(n_clusters=max_clusters, linkage="ward").fit(x).labels_
+    # Renumber: largest first, then by first appearance.
+    found = np.unique(labels)
+    order = sorted(found, key=lambda c: (-int((labels == c).sum()), int(np.argmax(labels == c))))
+    renumber = {int(c): i for i, c in enumerate(order)}
+    labels = np.array([renumber[int(c)] for c in labels], dtype=np.int64)
+    medoids = np.empty(len(order), dtype=np.int64)
+    for c in range(len(order)):
+        members = np.flatnonzero(labels == c)
+        x = vectors[members].astype(np.float64)  # [n, D]
+        sq = (x * x).sum(axis=1)  # [n]
+        dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * x @ x.T, 0.0))  # [n, n]
+        medoids[c] = members[int(np.argmin(dist.sum(axis=1)))]
+    return labels, medoids
+
+
+def allocate(k: int, sizes: list[int]) -> list[int]:
+    """Split k result slots across clusters in proportion to `sizes` (largest remainder, ties first)."""
+    total = sum(sizes)
+    raw = [k * s / total for s in sizes]
+    quota = [math.floor(r) for r in raw]
+    by_remainder = sorted(range(len(sizes)), key=lambda c: (-(raw[c] - quota[c]), c))
+    for c in by_remainder[: k - sum(quota)]:
+        quota[c] += 1
+    return quota
+
+
+def merge_candidates(
+    ids: np.ndarray, scores: np.ndarray, quotas: list[int], exclude: set[str], k: int
+) -> tuple[list[str], list[float], list[int]]:
+    """Merge per-cluster result lists into one list of up to k products.
+
+    ids, scores [C, K'] (clusters by importance, each list best first). Each cluster contributes
+    up to its quota of products not excluded and not already taken; unfilled slots go to the best
+    remaining candidates of any cluster. A product found by several clusters keeps its best score.
+    Returns (ids, scores, cluster) sorted by score, best first.
+    """
+    best: dict[str, tuple[float, int]] = {}
+    for c in range(len(ids)):
+        for pid, s in zip(ids[c], scores[c]):
+            if pid and pid not in exclude and (pid not in best or s > best[pid][0]):
+                best[pid] = (float(s), c)
+    chosen: dict[str, None] = {}  # insertion-ordered set
+    for c, quota in enumerate(quotas):
+        taken = 0
+        for pid in ids[c]:
+            if taken >= quota:
+                break
+            if pid in best and pid not in chosen:
+                chosen[pid] = None
+                taken += 1
+    for pid in sorted(best, key=lambda p: (-best[p][0], p)):
+        if len(chosen) >= k:
+            break
+        chosen.setdefault(pid, None)
+    ranked = sorted(chosen, key=lambda p: (-best[p][0], p))
+    return ranked, [best[p][0] for p in ranked], [best[p][1] for p in ranked]

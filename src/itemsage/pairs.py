@@ -1,0 +1,237 @@
+"""The training data: (query, engaged product) pairs, their sampler and the batch builder.
+
+`load_pairs` reads one window (train, validation or test) into `Pairs` with each surface's frozen
+query vectors built once; `Sampler` draws seeded positives (the task mixture, `_mixture`) and
+uniform random negatives; `Prefetch` builds the next batch while the current step runs. Used by
+train.py (all of it) and evaluate.py (`load_pairs`).
+
+Choices: sampling is with replacement from a fixed distribution over the training rows (natural
+frequency; add_to_cart/checkout rows times `upweight_conversions`), drawn by one seeded numpy
+Generator; every DDP rank holds an identical sampler and draws the same global batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from itemsage import schema
+from itemsage.features import ProductStore
+
+log = logging.getLogger(__name__)
+
+CONVERSIONS = ("add_to_cart", "checkout")
+
+
+@dataclass
+class Pairs:
+    """The (query, engaged product) rows of one split; query vectors deduplicated per surface."""
+
+    queries: dict[str, Tensor]  # surface -> [U_s, Dq_s] distinct frozen query vectors
+    surface: np.ndarray  # [N] str (object)
+    query_row: np.ndarray  # [N] int64 row in queries[surface]
+    query_key: np.ndarray  # [N] int64 stable identity of (surface, query), for accidental-hit masking
+    product_row: np.ndarray  # [N] int64 row in the ProductStore (also the product's id in the loss)
+    task: np.ndarray  # [N] str (object), surface.engagement
+    engagement: np.ndarray  # [N] str (object)
+    weight: np.ndarray  # [N] float32, the row's `weight` column
+    source_row: np.ndarray | None = None  # [N] int64 row of each pair in its window's file
+
+    def __len__(self) -> int:
+        return len(self.product_row)
+
+    @property
+    def query_dims(self) -> dict[str, int]:
+        return {s: int(q.shape[1]) for s, q in self.queries.items()}
+
+
+def _key(data: bytes) -> int:
+    """Stable signed int64 of some bytes (blake2b, never Python's salted hash)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
+def _vectors(column: Any) -> np.ndarray:
+    """A list<float> column without nulls -> [N, D] float32 (one width, which ingest guarantees)."""
+    column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    n = len(column)
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if n == 0:
+        return np.zeros((0, 0), np.float32)
+    if values.size % n or np.any(pc.list_value_length(column).to_numpy(zero_copy_only=False) != values.size // n):
+        raise ValueError("query_embedding vectors of one surface have different widths; re-run `itemsage ingest`")
+    return values.reshape(n, values.size // n)
+
+
+def load_pairs(dataset_dir: str | Path, file: str, store: ProductStore, *, tasks: tuple[str, ...] = (),
+               sample: int | None = None, seed: int = 0, progress: bool = False) -> Pairs:
+    """Read a window (train.parquet, validation.parquet or test.parquet) and build its query vectors once.
+
+    Search rows with text use the frozen text encoder (query_encoder.cached_text_embeddings, cached in
+    the dataset directory); every other row uses its `query_embedding`. `tasks` keeps only those
+    tasks; `sample` keeps an equal share per task (stratified, seeded).
+    """
+    path = Path(dataset_dir) / file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run `itemsage ingest` to write the dataset.")
+    names = pq.ParquetFile(path).schema_arrow.names
+    cols = [c for c in (schema.SURFACE, schema.ENGAGEMENT, schema.PRODUCT_ID, schema.WEIGHT,
+                        schema.QUERY_TEXT, schema.QUERY_EMBEDDING) if c in names]
+    table = pq.read_table(path, columns=cols)
+    task = np.char.add(np.char.add(np.asarray(table[schema.SURFACE].to_numpy(zero_copy_only=False), dtype=str), "."),
+                       np.asarray(table[schema.ENGAGEMENT].to_numpy(zero_copy_only=False), dtype=str))
+    keep = np.isin(task, tasks) if tasks else np.ones(len(task), bool)
+    if sample is not None:  # equal share per task, seeded; a smaller task gives all its rows
+        rng = np.random.default_rng(seed)
+        present = sorted(set(task[keep].tolist()))
+        share = math.ceil(sample / max(1, len(present)))
+        chosen = []
+        for t in present:
+            rows = np.flatnonzero(keep & (task == t))
+            chosen.append(rows if len(rows) <= share else np.sort(rng.choice(rows, share, replace=False)))
+        keep = np.zeros(len(task), bool)
+        keep[np.concatenate(chosen) if chosen else []] = True
+    rows = np.flatnonzero(keep)
+    table, task = table.take(rows), task[rows]
+    n = table.num_rows
+
+    surface = np.asarray(table[schema.SURFACE].to_numpy(zero_copy_only=False), dtype=object)
+    has_text = (pc.is_valid(table[schema.QUERY_TEXT]).to_numpy(zero_copy_only=False)
+                if schema.QUERY_TEXT in names else np.zeros(n, bool))
+    has_vec = (pc.is_valid(table[schema.QUERY_EMBEDDING]).to_numpy(zero_copy_only=False)
+               if schema.QUERY_EMBEDDING in names else np.zeros(n, bool))
+    queries: dict[str, Tensor] = {}
+    query_row = np.zeros(n, np.int64)
+    query_key = np.zeros(n, np.int64)
+    for s in sorted(set(surface.tolist())):
+        in_s = surface == s
+        # Search text: distinct strings through the frozen encoder (cached), unless a vector is given.
+        by_text = in_s & has_text & ~has_vec if s == "search" else np.zeros(n, bool)
+        by_vec = in_s & has_vec
+        missing = in_s & ~by_text & ~by_vec
+        if missing.any():
+            raise ValueError(f"{path}: {int(missing.sum())} {s} row(s) have no query vector or text; "
+                             "re-run `itemsage ingest`, which rejects them (reason missing_query)")
+        parts: list[np.ndarray] = []
+        if by_text.any():
+            from itemsage.query_encoder import cached_text_embeddings
+
+            idx = np.flatnonzero(by_text)
+            texts = np.asarray(table[schema.QUERY_TEXT].filter(by_text).to_pylist(), dtype=object).astype(str)
+            distinct, inverse = np.unique(texts, return_inverse=True)
+            vectors = cached_text_embeddings(dataset_dir, distinct.tolist(), progress=progress)  # [U, 384]
+            parts.append(np.asarray(vectors, dtype=np.float32))
+            query_row[idx] = inverse
+            keys = np.array([_key(f"{s}\0t\0{t}".encode()) for t in distinct.tolist()], np.int64)
+            query_key[idx] = keys[inverse]
+        if by_vec.any():
+            idx = np.flatnonzero(by_vec)
+            vecs = np.ascontiguousarray(_vectors(table[schema.QUERY_EMBEDDING].filter(by_vec)))  # [n_s, Dq]
+            as_bytes = vecs.view(np.dtype((np.void, vecs.shape[1] * 4))).ravel()  # [n_s] one raw row each
+            distinct, inverse = np.unique(as_bytes, return_inverse=True)
+            offset = sum(len(p) for p in parts)
+            if parts and parts[0].shape[1] != vecs.shape[1]:
+                raise ValueError(f"{path}: search query vectors are {vecs.shape[1]}-d but the text encoder "
+                                 f"gives {parts[0].shape[1]}-d; re-run `itemsage ingest`")
+            parts.append(np.frombuffer(distinct.tobytes(), np.float32).reshape(len(distinct), vecs.shape[1]))
+            query_row[idx] = offset + inverse.ravel()
+            keys = np.array([_key(f"{s}\0v\0".encode() + d.tobytes()) for d in distinct], np.int64)
+            query_key[idx] = keys[inverse.ravel()]
+        queries[s] = torch.from_numpy(np.concatenate(parts).copy())
+
+    weight = (table[schema.WEIGHT].to_numpy(zero_copy_only=False).astype(np.float32)
+              if schema.WEIGHT in names else np.ones(n, np.float32))
+    return Pairs(
+        queries=queries, surface=surface, query_row=query_row, query_key=query_key,
+        product_row=store.index_of(table[schema.PRODUCT_ID].to_pylist()),
+        task=np.asarray(task, dtype=object),
+        engagement=np.asarray(table[schema.ENGAGEMENT].to_numpy(zero_copy_only=False), dtype=object),
+        weight=np.nan_to_num(weight, nan=1.0),
+        source_row=rows.astype(np.int64),
+    )
+
+
+class Sampler:
+    """Seeded draws of positives (the task mixture) and uniform random negatives.
+
+    Every DDP rank holds an identical copy and draws the same global batch.
+    """
+
+    def __init__(self, probs: np.ndarray, catalog_size: int, seed: int):
+        self.cdf = np.cumsum(probs / probs.sum())  # [N]
+        self.catalog_size = catalog_size
+        self.rng = np.random.default_rng(seed)
+
+    def positives(self, b: int) -> np.ndarray:  # [B] row indices into Pairs
+        return np.minimum(np.searchsorted(self.cdf, self.rng.random(b), side="right"), len(self.cdf) - 1)
+
+    def negatives(self, r: int) -> np.ndarray:  # [R] uniform catalog rows
+        return self.rng.integers(0, self.catalog_size, r)
+
+    def fork(self) -> Sampler:
+        """A copy with its own generator in the same state (it draws what this sampler would)."""
+        twin = Sampler.__new__(Sampler)
+        twin.cdf, twin.catalog_size = self.cdf, self.catalog_size
+        twin.rng = np.random.default_rng()
+        twin.rng.bit_generator.state = self.rng.bit_generator.state
+        return twin
+
+
+class Prefetch:
+    """The step's batches, each built in a background thread while the step before it runs.
+
+    `ahead`, a fork of the sampler, draws batch k+1 on the calling thread when batch k is handed
+    out (draws stay in order: deterministic), and `build(rows, negatives)` runs in the thread. The
+    sampler itself is moved to the state after batch k's draw only when batch k is handed out, so a
+    checkpoint taken after step k saves the state that redraws batch k+1 on resume.
+
+    `background=False` builds each batch when it is handed out instead (same batches, same order):
+    on a CPU whose cores all run torch's intra-op threads, a builder thread only competes with the
+    step (measured in docs/METHOD.md); `train` uses the thread on CUDA or when a core is spare.
+    """
+
+    def __init__(self, sampler: Sampler, b: int, r: int, build: Any, background: bool = True):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.sampler, self.ahead, self.b, self.r, self.build = sampler, sampler.fork(), b, r, build
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="itemsage-batch") if background else None
+        self.pending: tuple[np.ndarray, np.ndarray, dict[str, Any], Any] | None = None
+
+    def _start(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any], Any]:
+        rows, negs = self.ahead.positives(self.b), self.ahead.negatives(self.r)  # [B], [R]
+        built = self.pool.submit(self.build, rows, negs) if self.pool is not None else None
+        return rows, negs, self.ahead.rng.bit_generator.state, built
+
+    def next(self) -> tuple[np.ndarray, np.ndarray, Any]:
+        """(positive rows [B], negative rows [R], built batch) of the next step; starts the one after."""
+        rows, negs, state, built = self.pending if self.pending is not None else self._start()
+        self.pending = None
+        self.sampler.rng.bit_generator.state = state  # the sampler has now drawn this batch
+        self.pending = self._start()
+        return rows, negs, built.result() if built is not None else self.build(rows, negs)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _mixture(pairs: Pairs, cfg: Any) -> np.ndarray:
+    """Sampling weight per row: natural frequency, conversions times upweight_conversions."""
+    p = np.ones(len(pairs))
+    p[np.isin(pairs.engagement, CONVERSIONS)] *= cfg.upweight_conversions
+    return p
+
+
+def _loss_weights(pairs: Pairs, cfg: Any) -> np.ndarray:
+    """Per-row loss weight: the row's weight times its engagement's weight (default 1)."""
+    by_engagement = {e: cfg.engagement_weights.get(e, 1.0) for e in schema.ENGAGEMENTS}
+    return pairs.weight * np.array([by_engagement[e] for e in pairs.engagement], np.float32)
