@@ -1,4 +1,4 @@
-"""Show what a user sees when `itemsage ingest` meets bad input (SPEC §1: reported, never dropped).
+"""Show what a user sees when `itemsage ingest` meets bad input (docs/ARCHITECTURE.md: reported, never dropped).
 
 In a temporary directory this builds a small valid catalog and engagement log (Parquet), then, for
 each kind of bad input, a copy holding exactly that one defect. It runs the real command line on
@@ -238,7 +238,7 @@ def main() -> None:
            "8-d `query_embedding`, search rows with `query_text`) plus exactly one defect, run through "
            "the real command line in a scratch directory. Paths are relative to that directory.",
            "", "A bad **row** goes to `dataset/rejects.jsonl` with one reason and the run goes on; a bad "
-           "**file** stops the run before anything is written (SPEC §1).", ""]
+           "**file** stops the run before anything is written (docs/ARCHITECTURE.md).", ""]
     failures = []
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=2) as pool:  # 2 runs at a time
         results = list(pool.map(lambda job: run_case(Path(tmp), *job), enumerate([None] + [c[3] for c in CASES])))

@@ -1,4 +1,4 @@
-"""The demo shop: determinism, the SPEC §1 input schema, and that its signals are really there.
+"""The demo shop: determinism, the input schema of docs/ARCHITECTURE.md, and that its signals are really there.
 
 Every signal check compares against an independent baseline computed here (shuffled labels,
 random pairings, exact nearest-neighbour search in numpy), never against numbers the generator

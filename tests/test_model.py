@@ -1,4 +1,4 @@
-"""Product tower, adapters, presets and the model artifact (SPEC §4, §5), on the tiny preset."""
+"""Product tower, adapters, presets and the model artifact (docs/METHOD.md), on the tiny preset."""
 
 from __future__ import annotations
 

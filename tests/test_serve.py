@@ -1,4 +1,4 @@
-"""The candidate-generation service (SPEC §8): answers checked against numpy brute force.
+"""The candidate-generation service (docs/ARCHITECTURE.md): answers checked against numpy brute force.
 
 A tiny random-init model is saved into a temp directory, a small hand-made catalog is embedded
 with it, and flat (exact) indexes over those embeddings are published. Every retrieval endpoint must

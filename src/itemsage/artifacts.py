@@ -1,4 +1,4 @@
-"""Atomic files and manifests: every artifact directory is complete or absent (SPEC §2).
+"""Atomic files and manifests: every artifact directory is complete or absent (docs/ARCHITECTURE.md).
 
 A write goes to a temp file in the same directory, is fsynced, then `os.replace`d over the target,
 so a killed job never leaves a torn file. Each artifact directory ends with a `manifest.json`

@@ -1,7 +1,7 @@
-"""The demo shop (SPEC §10): a seeded generator of a catalog and engagement logs.
+"""The demo shop: a seeded generator of a catalog and engagement logs.
 
 No real shop's data ships offline, so `itemsage demo-data` invents one, in the INPUT format of
-SPEC §1 (what a user would bring to `itemsage ingest`):
+The data contract of docs/ARCHITECTURE.md (what a user would bring to `itemsage ingest`):
 
     DIR/catalog.parquet       one row per product: text fields, price, image_embeddings
     DIR/engagements.parquet   one row per (query, product, engagement); queries in time order,

@@ -1,4 +1,4 @@
-"""Embed the catalog: the product tower over every product, in streaming batches (SPEC §7).
+"""Embed the catalog: the product tower over every product, in streaming batches (docs/ARCHITECTURE.md).
 
 Output, an embeddings directory:
 

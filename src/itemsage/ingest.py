@@ -1,4 +1,4 @@
-"""Ingest: validate, normalise and time-split a catalog and engagement logs into a dataset (SPEC §1, §2).
+"""Ingest: validate, normalise and time-split a catalog and engagement logs into a dataset (docs/ARCHITECTURE.md).
 
 `ingest(catalog, logs, out, config)` reads Parquet and JSON Lines files (or directories of them, in
 sorted name order) in streaming batches and writes the dataset directory described in

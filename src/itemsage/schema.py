@@ -1,4 +1,4 @@
-"""The data contract: names every stage agrees on (SPEC §1, §2).
+"""The data contract: names every stage agrees on (docs/ARCHITECTURE.md).
 
 The input side is what a user brings (a catalog and engagement logs); the dataset side is what
 `itemsage ingest` writes and every later stage reads.

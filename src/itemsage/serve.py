@@ -1,4 +1,4 @@
-"""The candidate-generation service: FastAPI over one model and one index version (SPEC §8).
+"""The candidate-generation service: FastAPI over one model and one index version (docs/ARCHITECTURE.md).
 
     POST /v1/search   {text | vector, k}                       text -> query encoder -> adapter -> top-k
     POST /v1/closeup  {product_id | vector | image, k}          a product, an image vector or file -> top-k

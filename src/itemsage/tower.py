@@ -123,7 +123,7 @@ class ModelConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # SPEC §4: 1 layer, 8 heads, d = 512, head 512 -> 1024 -> 256.
+    # The paper's configuration: 1 layer, 8 heads, d = 512, head 512 -> 1024 -> 256.
     "paper": {},
     # The paper's shape at CPU size, so the demo (20k products) trains in minutes on two cores.
     # Forward+backward of 1,024 products (~400 n-grams and ~3 images each, 256-d image vectors) on
@@ -270,7 +270,7 @@ def _cls_only_layer(layer: nn.TransformerEncoderLayer, x: Tensor, pad: Tensor) -
 
 
 class ItemSage(nn.Module):
-    """The product tower: ProductBatch -> [B, out_dim] unit vectors (SPEC §4).
+    """The product tower: ProductBatch -> [B, out_dim] unit vectors (docs/METHOD.md).
 
     A switched-off part (text for an image-only model, the encoder for `sum`) is `nn.Identity()`,
     so it holds no weights and takes no input.
@@ -293,7 +293,7 @@ class ItemSage(nn.Module):
         self.num_image_slots = cfg.max_images if cfg.uses_images else 0
         self.num_text_slots = len(cfg.text_fields) if cfg.uses_text else 0
 
-        # One projection per feature group (SPEC §4).
+        # One projection per feature group (docs/METHOD.md).
         self.image_proj = nn.Linear(image_dim, D) if cfg.uses_images else nn.Identity()
         if cfg.uses_text:
             self.text_embed: nn.Module = HashEmbedding(vocab_size, cfg.hash_buckets, cfg.hash_dim)
@@ -413,7 +413,7 @@ class ItemSage(nn.Module):
 
 
 class QueryAdapters(nn.Module):
-    """One map per surface from its frozen query space into the product space (SPEC §5).
+    """One map per surface from its frozen query space into the product space (docs/METHOD.md).
 
     mode `auto`: identity where the query width already equals out_dim (the paper's case: the query
     space is the product space), else a learned Linear without bias; mode `linear`: always learned.
@@ -457,7 +457,7 @@ class QueryAdapters(nn.Module):
 
 
 class LogitScale(nn.Module):
-    """The learned temperature of the sampled softmax (SPEC §6): logits = scale · cosine.
+    """The learned temperature of the sampled softmax (docs/METHOD.md): logits = scale · cosine.
 
     Stored as log(scale), initialised to log(1/0.07). The scale is capped at `max_scale` (100) by
     `clamp_`, which the training loop calls after every optimiser step: the stored parameter itself

@@ -1,4 +1,4 @@
-"""Multi-task training of the product tower (SPEC §6).
+"""Multi-task training of the product tower (docs/METHOD.md).
 
 One plain loop (`train`), nanoGPT style: sample a batch of (query, product) positives across all
 tasks, run the tower once over the positives and the random negatives, map each query through its

@@ -1,5 +1,5 @@
 """Row checks for `itemsage ingest`: every column normalised to one Arrow type, every row kept or given
-exactly one reject reason (SPEC §1). Internal to itemsage.ingest, which reads the files, writes the
+exactly one reject reason (docs/ARCHITECTURE.md). Internal to itemsage.ingest, which reads the files, writes the
 rejects and the dataset, and documents the rules a user sees.
 
 Everything here works on one batch at a time and is vectorised with pyarrow and numpy: a log batch
