@@ -612,6 +612,17 @@ def create_app(
 
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def authorize(authorization: Optional[str], action: str) -> None:
+        """The bearer-token scheme of every /admin/* route; `action` ("reload", "live updates") names what is refused."""
+        if reload_token is None:
+            raise RequestError(403, f"{action} refused: the server has no token; start it with one "
+                               "(itemsage serve --reload-token-env VAR, with VAR set)")
+        if not authorization:
+            raise RequestError(401, f"{action} needs the header `Authorization: Bearer <token>`")
+        scheme, _, given = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), reload_token.encode()):
+            raise RequestError(403, f"{action} refused: wrong token")
+
     @app.post("/admin/reload", response_model=ReloadResponse, tags=["operations"],
               responses={401: {"description": "no token"}, 403: {"description": "wrong token or reload disabled"},
                          404: {"description": "unknown version"}, 409: {"description": "version refused"}})
@@ -621,14 +632,7 @@ def create_app(
 
         A named version also becomes CURRENT (atomically), so a restart serves it, unless `persist` is false.
         """
-        if reload_token is None:
-            raise RequestError(403, "reload is disabled: start the server with a reload token "
-                               "(itemsage serve --reload-token-env VAR, with VAR set)")
-        if not authorization:
-            raise RequestError(401, "reload needs the header `Authorization: Bearer <token>`")
-        scheme, _, given = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), reload_token.encode()):
-            raise RequestError(403, "wrong reload token")
+        authorize(authorization, "reload")
         try:
             result = service.reload(body.version if body else None, body.persist if body else True)
         except RequestError:
@@ -637,16 +641,6 @@ def create_app(
         metrics.reload("ok")
         return result
 
-    def authorize(authorization: Optional[str]) -> None:
-        """The reload token scheme, for the live-update endpoints."""
-        if reload_token is None:
-            raise RequestError(403, "live updates are disabled: start the server with a reload token "
-                               "(itemsage serve --reload-token-env VAR, with VAR set)")
-        if not authorization:
-            raise RequestError(401, "live updates need the header `Authorization: Bearer <token>`")
-        scheme, _, given = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), reload_token.encode()):
-            raise RequestError(403, "wrong token")
 
     auth_errors = {401: {"description": "no token"}, 403: {"description": "wrong token or updates disabled"},
                    409: {"description": "another process writes this index root's live log"}}
@@ -654,13 +648,13 @@ def create_app(
     @app.post("/admin/products", response_model=UpdateResponse, tags=["live updates"], responses=auth_errors)
     def upsert(req: UpsertRequest, authorization: Optional[str] = Header(None)) -> UpdateResponse:
         """Add or replace products: embedded by the served model, durable and searchable on reply."""
-        authorize(authorization)
+        authorize(authorization, "live updates")
         return service.upsert(req)
 
     @app.post("/admin/products/delete", response_model=UpdateResponse, tags=["live updates"], responses=auth_errors)
     def delete(req: DeleteRequest, authorization: Optional[str] = Header(None)) -> UpdateResponse:
         """Delete products: durable on reply, never returned again (ids not indexed come back as `unknown`)."""
-        authorize(authorization)
+        authorize(authorization, "live updates")
         return service.delete(req)
 
     from itemsage.page import add_page
