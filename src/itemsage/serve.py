@@ -615,7 +615,7 @@ def create_app(
     def authorize(authorization: Optional[str], action: str) -> None:
         """The bearer-token scheme of every /admin/* route; `action` ("reload", "live updates") names what is refused."""
         if reload_token is None:
-            raise RequestError(403, f"{action} refused: the server has no token; start it with one "
+            raise RequestError(403, f"{action} refused: disabled without a token; start the server with one "
                                "(itemsage serve --reload-token-env VAR, with VAR set)")
         if not authorization:
             raise RequestError(401, f"{action} needs the header `Authorization: Bearer <token>`")
