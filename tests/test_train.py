@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -96,6 +97,26 @@ def make_dataset(root: Path, n_products: int = 48, n_train: int = 600, n_eval: i
     pq.write_table(logs(n_test, 2 * 10**9), root / schema.TEST_FILE)
     artifacts.write_manifest(root, "dataset")  # train verifies its dataset against the manifest
     return root
+
+
+@contextlib.contextmanager
+def killed_at_draw(monkeypatch, n: int):
+    """Within the block, the n-th draw of a batch's positives raises KeyboardInterrupt (a kill)."""
+    import itemsage.train as train_module
+
+    real, calls = train_module.Sampler.positives, {"n": 0}
+
+    def dying(self, b):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt("killed")
+        return real(self, b)
+
+    monkeypatch.setattr(train_module.Sampler, "positives", dying)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(train_module.Sampler, "positives", real)
 
 
 @pytest.fixture(scope="module")
@@ -306,8 +327,6 @@ def test_an_empty_validation_window_keeps_the_last_step(dataset, tmp_path):
 
 
 def test_resume_keeps_the_best_so_far_and_the_patience_count(dataset, tmp_path, monkeypatch):
-    import itemsage.train as train_module
-
     recall = [0.1, 0.3, 0.2, 0.25, 0.2, 0.1, 0.1, 0.1]  # after steps 1..8; best at 2, patience 3 -> stop at 5
     cfg = tiny(max_steps=8, eval_every=1, patience=3, checkpoint_every=3)
     scripted_recall(monkeypatch, recall)
@@ -315,19 +334,9 @@ def test_resume_keeps_the_best_so_far_and_the_patience_count(dataset, tmp_path, 
     assert (straight.steps, straight.best_step, straight.stopped_early) == (5, 2, True)
 
     scripted_recall(monkeypatch, recall[:3])  # killed while drawing step 4's batch: evaluations 1..3 done
-    real = train_module.Sampler.positives
-    calls = {"n": 0}
-
-    def dying(self, b):
-        calls["n"] += 1
-        if calls["n"] == 5:  # the batches are drawn one step ahead (train.Prefetch): call 5 is step 4's start
-            raise KeyboardInterrupt("killed")
-        return real(self, b)
-
-    monkeypatch.setattr(train_module.Sampler, "positives", dying)
-    with pytest.raises(KeyboardInterrupt):
+    # The batches are drawn one step ahead (train.Prefetch): the 5th draw is step 4's start.
+    with killed_at_draw(monkeypatch, 5), pytest.raises(KeyboardInterrupt):
         train(dataset, tmp_path / "killed", cfg, progress=False)
-    monkeypatch.setattr(train_module.Sampler, "positives", real)
     scripted_recall(monkeypatch, recall[3:])
     resumed = train(dataset, tmp_path / "killed", cfg, progress=False, resume=True)
     assert (resumed.resumed_from, resumed.steps, resumed.best_step, resumed.stopped_early) == (3, 5, 2, True)
@@ -352,19 +361,8 @@ def test_resume_after_kill_is_bit_identical(dataset, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "_PREFETCH_THREAD", True)
 
-    calls = {"n": 0}
-    real = train_module.Sampler.positives
-
-    def dying(self, b):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt("killed")
-        return real(self, b)
-
-    monkeypatch.setattr(train_module.Sampler, "positives", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_draw(monkeypatch, 6), pytest.raises(KeyboardInterrupt):
         train(dataset, tmp_path / "killed", cfg, progress=False)
-    monkeypatch.setattr(train_module.Sampler, "positives", real)
     assert latest_checkpoint(tmp_path / "killed").name == "step-00000003"
     # a torn newer checkpoint (no manifest) must be skipped
     (tmp_path / "killed" / "checkpoints" / "step-00000005").mkdir()
