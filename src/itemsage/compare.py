@@ -30,7 +30,6 @@ needs products as queries, which comes later.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -139,7 +138,7 @@ def run_one(name: str, seed: int, dataset_dir: Path, out_dir: Path, cfg: Compare
     done = run_dir / RESULT_FILE
     if done.is_file():
         log.info("compare: %s seed %d already done, skipping", name, seed)
-        return json.loads(done.read_text())
+        return artifacts.read_json(done)
     tcfg = train_config(name, cfg, seed)
     if run_dir.exists():  # an unfinished earlier attempt: start the run again from scratch
         import shutil

@@ -12,6 +12,7 @@ Generator; every DDP rank holds an identical sampler and draws the same global b
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -53,6 +54,12 @@ class Pairs:
     @property
     def query_dims(self) -> dict[str, int]:
         return {s: int(q.shape[1]) for s, q in self.queries.items()}
+
+    def take(self, keep: np.ndarray) -> "Pairs":
+        """The pairs where `keep` [N] is True (every per-row field, the query tables as they are)."""
+        rows = {f.name: getattr(self, f.name)[keep] for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), np.ndarray)}
+        return dataclasses.replace(self, **rows)
 
 
 def _key(data: bytes) -> int:
@@ -214,7 +221,6 @@ class Prefetch:
     def next(self) -> tuple[np.ndarray, np.ndarray, Any]:
         """(positive rows [B], negative rows [R], built batch) of the next step; starts the one after."""
         rows, negs, state, built = self.pending if self.pending is not None else self._start()
-        self.pending = None
         self.sampler.rng.bit_generator.state = state  # the sampler has now drawn this batch
         self.pending = self._start()
         return rows, negs, built.result() if built is not None else self.build(rows, negs)

@@ -500,11 +500,7 @@ def _load_data(dataset_dir: Path, cfg: TrainConfig, text_fields: tuple[str, ...]
         log.warning("%s has no rows: no model selection or early stopping, the model is the last step's",
                     dataset_dir / schema.VALIDATION_FILE)
     keep = np.isin(held_out.surface, list(pairs.queries))  # a surface absent from training has no adapter
-    held_out = dataclasses.replace(
-        held_out, surface=held_out.surface[keep], query_row=held_out.query_row[keep],
-        query_key=held_out.query_key[keep], product_row=held_out.product_row[keep],
-        task=held_out.task[keep], engagement=held_out.engagement[keep], weight=held_out.weight[keep],
-        source_row=held_out.source_row[keep])
+    held_out = held_out.take(keep)
     for s, q in held_out.queries.items():
         if s in pairs.queries and q.shape[1] != pairs.queries[s].shape[1]:
             raise ValueError(f"{s} queries are {q.shape[1]}-d in {schema.VALIDATION_FILE} but "
