@@ -39,11 +39,11 @@ def unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def make_root(root: Path, n: int, kind: str = "flat", seed: int = 0, model_fp: str | None = None) -> dict:
+def make_root(root: Path, n: int, kind: str = "flat", seed: int = 0, model_fp: str | None = None, **build) -> dict:
     rng = np.random.default_rng(seed)
     ids = [f"p{i:03d}" for i in range(n)]
     vectors = unit(rng, n)
-    index = ProductIndex.build(np.asarray(ids, dtype=object), vectors, kind=kind)
+    index = ProductIndex.build(np.asarray(ids, dtype=object), vectors, kind=kind, **build)
     directory = version_path(root, "v1")
     index.save(directory, inputs={"model": model_fp} if model_fp else {})
     publish(root, directory)
@@ -352,3 +352,23 @@ def test_updates_of_another_model_are_refused(tmp_path):
     log.append([live.upsert_record("n0", np.ones(DIM, np.float32), "model-b", {"product_id": "n0"})])
     with pytest.raises(ArtifactError, match="model-b"):
         live.replay(load_current(tmp_path), log, "model-a")
+
+
+def test_deletes_are_filtered_inside_an_ivfpq_search(tmp_path):
+    # IVF-PQ re-ranks through faiss IndexRefine, which takes its own search parameters: a delete must
+    # not break the search (it raised RuntimeError, a 500 in the service, before the fix).
+    # Every list probed (nprobe is capped at nlist): the codes and their re-ranking are the only approximation.
+    products = make_root(tmp_path, 1200, kind="ivfpq", nprobe=10_000)
+    log = live.LiveLog(tmp_path)
+    index = live.replay(load_current(tmp_path), log)
+    q = unit(np.random.default_rng(2), 3)  # [3, D]
+    nearest, _ = brute_force(products, q[0], 10)
+    index.apply(log.append([live.delete_record(p) for p in nearest]))
+    for p in nearest:
+        del products[p]
+    ids, scores = index.search(q, 10)
+    assert not set(nearest) & set(ids.ravel().tolist())  # filtered inside the search
+    assert np.all(ids != "") and np.all(np.isfinite(scores))  # still k results each
+    for row in range(len(q)):  # approximate, re-ranked exactly: nearly the brute-force top 10
+        want, _ = brute_force(products, q[row], 10)
+        assert len(set(ids[row].tolist()) & set(want)) >= 8

@@ -226,9 +226,16 @@ class ProductIndex:
         # Faiss cannot return more than ntotal results usefully; pad the rest ourselves.
         kk = min(k, len(self))
         params = None
-        if selector is not None:  # HNSW takes its efSearch from the parameters when they are given
-            params = (faiss.SearchParametersHNSW(sel=selector, efSearch=int(self._index.hnsw.efSearch))
-                      if self.config.kind == "hnsw" else faiss.SearchParameters(sel=selector))
+        if selector is None:
+            pass
+        elif self.config.kind == "hnsw":  # HNSW takes its efSearch from the parameters when they are given
+            params = faiss.SearchParametersHNSW(sel=selector, efSearch=int(self._index.hnsw.efSearch))
+        elif self.config.kind == "ivfpq":  # IndexRefine: the selector goes to the IVF it shortlists from
+            params = faiss.IndexRefineSearchParameters(
+                k_factor=float(self._index.k_factor),
+                base_index_params=faiss.SearchParametersIVF(sel=selector, nprobe=int(self._ivf.nprobe)))
+        else:
+            params = faiss.SearchParameters(sel=selector)
         scores, rows = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), kk, params=params)  # [Q, kk]
         ids = np.full((q, k), "", dtype=object)
         out_scores = np.full((q, k), -np.inf, dtype=np.float32)
