@@ -269,3 +269,16 @@ def test_ingest_killed_at_random_points_then_rerun(tmp_path):
     manifest = artifacts.verify_manifest(out, kind="dataset")
     assert {n: m["sha256"] for n, m in manifest["files"].items()} == {n: m["sha256"] for n, m in reference.items()}
     assert leftovers(out) == []
+
+
+def test_index_rerun_publishes_an_ivfpq_version_whose_sizes_came_from_the_catalog(tmp_path):
+    # IVF-PQ's nlist/pq_m/nprobe given as 0 are resolved from the catalog and saved resolved: the
+    # same build again must still be recognised (it was refused as "other index options").
+    write_embeddings(tmp_path / "emb", ids_for(1200), unit_vectors(1200, 16, seed=4))
+    root = tmp_path / "idx"
+    build_from_embeddings(tmp_path / "emb", root, IndexConfig(kind="flat"), version="a")
+    build_from_embeddings(tmp_path / "emb", root, IndexConfig(kind="ivfpq"), version="b", publish_it=False)
+    index, vdir = build_from_embeddings(tmp_path / "emb", root, IndexConfig(kind="ivfpq"), version="b")
+    assert vdir.name == "b" and load_current(root).version == "b" and index.config.nlist > 0
+    with pytest.raises(ArtifactError, match="already exists, built from other index options"):
+        build_from_embeddings(tmp_path / "emb", root, IndexConfig(kind="ivfpq", nlist=8), version="b")

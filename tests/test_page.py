@@ -110,7 +110,9 @@ def test_page_and_helpers(world):
     assert image.content == (world["base"] / "img" / "p00.png").read_bytes()
     assert client.get("/page/image/p01").status_code == 404  # no image in the catalog
     assert client.get("/page/image/p00", params={"i": 5}).status_code == 404
-    assert client.get("/page/image/..%2F..%2Fetc%2Fpasswd").status_code == 404  # only catalog paths
+    assert client.get("/page/image/..%2F..%2Fetc%2Fpasswd").status_code == 404  # the router's own 404
+    missing = client.get("/page/image/p00.png")  # reaches the handler: not a catalog product
+    assert missing.status_code == 404 and "p00.png" in missing.text
 
 
 def test_titles_from_a_dataset_directory(world, tmp_path):

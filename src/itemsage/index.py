@@ -609,9 +609,11 @@ def _finished_version(embeddings_dir: str | Path, index_root: str | Path, versio
     manifest = artifacts.read_manifest(version_dir, kind="index")
     embeddings = artifacts.fingerprint(embeddings_dir)
     same_input = manifest.get("inputs", {}).get("embeddings") == embeddings
-    given = {k: v for k, v in dataclasses.asdict(config).items() if k != "threads"}  # threads: speed only
-    built = {k: v for k, v in manifest.get("config", {}).items() if k != "threads"}
-    if not same_input or built != given:
+    # threads: speed only; IVF-PQ sizes given as 0 ("from the catalog") were resolved in the saved config
+    given = {k: v for k, v in dataclasses.asdict(config).items()
+             if k != "threads" and not (k in ("nlist", "pq_m", "nprobe") and v == 0)}
+    built = manifest.get("config", {})
+    if not same_input or {k: built.get(k) for k in given} != given:
         what = "other embeddings" if not same_input else "other index options"
         raise ArtifactError(f"index version {version_dir} already exists, built from {what}; an index version is "
                             "never overwritten. Pass another --version name.")

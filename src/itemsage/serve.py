@@ -255,11 +255,13 @@ class Service:
         return q
 
     def _product_vectors(self, served: Served, product_ids: list[str]) -> np.ndarray:
-        missing = [p for p in dict.fromkeys(product_ids) if p not in served.index]
-        if missing:
+        try:  # one lookup: a live delete between a membership check and the read cannot slip in
+            return served.index.vector(product_ids).astype(np.float32)  # [N, D]
+        except KeyError:
+            missing = [p for p in dict.fromkeys(product_ids) if p not in served.index]
             shown = ", ".join(repr(p) for p in missing[:10]) + (" ..." if len(missing) > 10 else "")
-            raise RequestError(404, f"unknown product id(s) {shown}: not in index version {served.version}")
-        return served.index.vector(product_ids).astype(np.float32)  # [N, D]
+            raise RequestError(404, f"unknown product id(s) {shown or 'deleted meanwhile'}: not in index "
+                               f"version {served.version}") from None
 
     def _top_k(self, served: Served, q: np.ndarray, k: int, exclude: set[str] = frozenset()) -> Candidates:
         """Top-k of one query [1, D] from the served index, leaving out `exclude` and padding."""
@@ -311,14 +313,16 @@ class Service:
         served = self.served
         width = self._query_width("search")
         if req.text is not None:
-            encoder = self.text_encoder()
-            if int(encoder.dim) != width:
-                raise RequestError(400, f"this model's search adapter takes {width}-d vectors, but the text "
-                                   f"encoder gives {encoder.dim}-d; send `vector` of width {width} instead")
             if not req.text.strip():
                 raise RequestError(422, "text is blank; send the words of the search query")
-            q = self.query_cache.get(req.text)  # [D]: the adapter is fixed for the server's life
+            # A hit skips the encoder (and its lock): the adapter is fixed for the server's life, and
+            # only vectors that passed the width check below are cached.
+            q = self.query_cache.get(req.text)  # [D]
             if q is None:
+                encoder = self.text_encoder()
+                if int(encoder.dim) != width:
+                    raise RequestError(400, f"this model's search adapter takes {width}-d vectors, but the text "
+                                       f"encoder gives {encoder.dim}-d; send `vector` of width {width} instead")
                 x = np.asarray(encoder.encode([req.text]), dtype=np.float32)  # [1, 384]
                 q = self._adapt("search", x)[0]
                 self.query_cache.put(req.text, q)
