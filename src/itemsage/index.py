@@ -511,6 +511,11 @@ class ProductIndex:
     def has_query_vectors(self) -> bool:
         return self._query_vectors is not None
 
+    @property
+    def query_dim(self) -> int | None:
+        """Dq, the width of the products' frozen query vectors (None: the index has none)."""
+        return None if self._query_vectors is None else int(self._query_vectors.shape[1])
+
     def query_vector(self, product_ids: list[str] | np.ndarray) -> np.ndarray:
         """The frozen query vectors [N, Dq] float32 of `product_ids` (what a product is as a closeup or
         home query; itemsage.product_query). KeyError names the ids not in the index; NoProductQueries
