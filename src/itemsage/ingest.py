@@ -39,6 +39,13 @@ Rules a user may need to know:
   `query_text` stands for a 384-d text-encoder vector and a closeup row with only `query_image_path`
   for an image-encoder vector (the path is encoded here and stored as `query_embedding`). A
   `query_embedding` of length 0 counts as absent.
+- Products as queries: each kept product gets its frozen query vector (`query_vector` in
+  products.parquet; `product_query`, `--product-query auto|image|text`: the main image vector, or the
+  text encoder's vector of the title; see itemsage.product_query), computed after the catalog pass and
+  held in memory (4 x Dq bytes per product) for the log pass. A closeup or home row may name
+  `query_product_id` instead of a query vector: an id that is not a kept product is rejected
+  (unknown_query_product); else the product's vector becomes the row's `query_embedding` (a row with
+  both keeps its own vector). `query_product_id` is kept in the windows as given.
 - content_hash: sha256 of the product's features (see `content_hash`), so `embed --incremental`
   re-embeds exactly the products whose text or images changed.
 - Input fingerprints in the manifest: `sha256:<hex>` of the file's bytes, or `size-mtime:<bytes>:<ns>`
