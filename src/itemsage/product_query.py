@@ -127,10 +127,3 @@ def manifest_entry(source: str, dim: int) -> dict[str, Any]:
     """The dataset manifest's `product_query` value."""
     return {"source": source, "fields": fields(source), "dim": int(dim)}
 
-
-def check_entry(entry: Any, where: str) -> dict[str, Any]:
-    """A manifest's `product_query` entry, or a clear error when the artifact predates product queries."""
-    if not isinstance(entry, dict) or entry.get("source") not in SOURCES or not isinstance(entry.get("dim"), int):
-        raise KeyError(f"{where} has no product query vectors (made before products could be queries); "
-                       "re-run `itemsage ingest`, `itemsage embed` and `itemsage index` to add them")
-    return entry
