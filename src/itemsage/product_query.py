@@ -84,6 +84,27 @@ def main_images(products: Any) -> list[np.ndarray | None]:
     return [np.asarray(v[0], np.float32) if v else None for v in values]
 
 
+def _main_image_block(table: Any) -> np.ndarray:
+    """[n, D] main image vectors of a products table, without Python objects per value."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    images = table.column(schema.IMAGE_EMBEDDINGS).combine_chunks()  # list<list<float32>>
+    counts = pc.list_value_length(images).fill_null(0).to_numpy(zero_copy_only=False)
+    if (counts == 0).any():
+        pid = table.column(schema.PRODUCT_ID)[int(np.flatnonzero(counts == 0)[0])].as_py()
+        raise ValueError(f"product {pid!r} has no image, but this dataset's product query vectors are main "
+                         "image vectors (product_query source 'image'); give it an image_embeddings vector")
+    if len(images) == 0:
+        return np.zeros((0, 0), np.float32)
+    main = pc.list_element(images, 0)  # [n] list<float32>
+    widths = pc.list_value_length(main).to_numpy(zero_copy_only=False)
+    if (widths != widths[0]).any():
+        raise ValueError(f"main image vectors of several widths: {sorted(set(widths.tolist()))}")
+    values = pc.list_flatten(main).cast(pa.float32()).to_numpy(zero_copy_only=False)
+    return values.reshape(len(main), int(widths[0])).astype(np.float32, copy=False)
+
+
 def product_query_vectors(products: Any, source: str, *, text_encoder: Any = None,
                           batch_size: int = 256) -> np.ndarray:
     """The frozen query vectors [n, Dq] float32 of `products` (a pyarrow Table with the columns of
@@ -93,6 +114,8 @@ def product_query_vectors(products: Any, source: str, *, text_encoder: Any = Non
     image raises ValueError naming it. source "text": `text_encoder` (anything with `dim` and
     `encode(texts)`, default the built-in TextQueryEncoder) of `query_texts` (Dq = 384), unit rows.
     """
+    if source == "image" and not isinstance(products, list):
+        return _main_image_block(products)
     if source == "image":
         images = main_images(products)
         missing = [i for i, v in enumerate(images) if v is None]
