@@ -138,11 +138,13 @@ def product_query_vectors(products: Any, source: str, *, text_encoder: Any = Non
         texts = query_texts(products)
         if not texts:
             return np.zeros((0, int(text_encoder.dim)), np.float32)
-        vectors = np.asarray(text_encoder.encode(texts, batch_size=batch_size), dtype=np.float32)  # [n, 384]
-        if vectors.shape != (len(texts), int(text_encoder.dim)) or not np.isfinite(vectors).all():
-            raise ValueError(f"the text encoder returned {vectors.shape}, expected ({len(texts)}, "
+        distinct = list(dict.fromkeys(texts))  # each distinct title encoded once
+        vectors = np.asarray(text_encoder.encode(distinct, batch_size=batch_size), dtype=np.float32)  # [U, 384]
+        if vectors.shape != (len(distinct), int(text_encoder.dim)) or not np.isfinite(vectors).all():
+            raise ValueError(f"the text encoder returned {vectors.shape}, expected ({len(distinct)}, "
                              f"{text_encoder.dim}) finite values")
-        return vectors
+        position = {t: j for j, t in enumerate(distinct)}
+        return vectors[[position[t] for t in texts]]  # [n, 384]
     raise ValueError(f"product query source {source!r} is not one of {', '.join(SOURCES)}")
 
 
