@@ -36,7 +36,7 @@ CATALOG_SCHEMA = pa.schema([("product_id", pa.string()), ("title", pa.string()),
 LOG_SCHEMA = pa.schema([("surface", pa.string()), ("engagement", pa.string()), ("product_id", pa.string()),
                         ("timestamp", pa.timestamp("ms", tz="UTC")), ("user_id", pa.string()),
                         ("weight", pa.float32()), ("query_text", pa.string()),
-                        ("query_embedding", pa.list_(pa.float32()))])
+                        ("query_embedding", pa.list_(pa.float32())), ("query_product_id", pa.string())])
 
 
 def vec(seed: int, width: int = 8) -> list[float]:
@@ -130,6 +130,10 @@ CASES: list[tuple[str, str, str | None, Callable[[Inputs], None]]] = [
      "bad_timestamp", lambda i: ts_as_text(i, "2024-02-30T10:00:00Z")),
     ("Missing query", "one extra search row has neither query_text nor query_embedding", "missing_query",
      lambda i: i.logs.append(log_row("search", "click", "p1", 30, query_text=None))),
+    ("Query product not in the catalog",
+     "one extra closeup row gives query_product_id 'p404' (no such product) instead of a query_embedding",
+     "unknown_query_product",
+     lambda i: i.logs.append(log_row("closeup", "click", "p1", 30, query_embedding=None, query_product_id="p404"))),
     ("Query vector of the wrong width", "one extra home row has a 5-d query_embedding (other home rows: 8-d)",
      "bad_vector_width", lambda i: i.logs.append(log_row("home", "click", "p1", 30, query_embedding=vec(1, 5)))),
     ("Negative weight", "one extra log row has weight -1", "bad_weight",

@@ -169,6 +169,7 @@ def test_log_schema_and_query_columns(logs, catalog):
         schema.SURFACE: pa.string(), schema.ENGAGEMENT: pa.string(), schema.PRODUCT_ID: pa.string(),
         schema.TIMESTAMP: pa.timestamp("ms", tz="UTC"), schema.USER_ID: pa.string(),
         schema.QUERY_TEXT: pa.string(), schema.QUERY_EMBEDDING: pa.list_(pa.float32()),
+        schema.QUERY_PRODUCT_ID: pa.string(),
     }
     assert {f.name: f.type for f in logs.schema} == expected
     assert set(logs[schema.SURFACE].to_pylist()) == set(schema.SURFACES)
@@ -180,6 +181,7 @@ def test_log_schema_and_query_columns(logs, catalog):
     has_vector = ~np.array(logs[schema.QUERY_EMBEDDING].is_null().to_pylist())
     np.testing.assert_array_equal(has_text, surface == "search")
     np.testing.assert_array_equal(has_vector, surface != "search")
+    np.testing.assert_array_equal(~np.array(logs[schema.QUERY_PRODUCT_ID].is_null().to_pylist()), surface != "search")
     widths = pc.list_value_length(logs[schema.QUERY_EMBEDDING].drop_null()).to_numpy()
     assert (widths == TINY.image_dim).all()
     assert all(t.strip() for t in logs[schema.QUERY_TEXT].drop_null().to_pylist())
@@ -253,6 +255,10 @@ def test_closeup_engagements_share_the_viewed_products_style(logs, main_images, 
     assert same_style > 0.6 and same_style > 4 * chance, (same_style, chance)
     assert (category[viewed] == category[engaged]).mean() > 0.85
     assert (viewed != engaged).all()  # a closeup never engages the product being viewed
+    # query_product_id names the viewed product: its main image is the query's (noise cos ~0.97).
+    named = index_of(closeup[schema.QUERY_PRODUCT_ID])
+    cosine = (queries * main_images[named]).sum(1)
+    assert cosine.min() > 0.9 and (named == viewed).mean() > 0.99 and (named != engaged).all()
 
 
 def test_home_queries_are_a_users_cluster_medoid_image(logs, main_images, latent):
@@ -261,6 +267,8 @@ def test_home_queries_are_a_users_cluster_medoid_image(logs, main_images, latent
     best = np.argmax(queries @ main_images.T, axis=1)
     # The medoid is an actual history product's image.
     np.testing.assert_allclose(queries, main_images[best], atol=1e-6)
+    # query_product_id names that medoid product: the query is exactly its main image.
+    np.testing.assert_allclose(queries, main_images[index_of(home[schema.QUERY_PRODUCT_ID])], atol=1e-6)
     users = index_of(home[schema.USER_ID])
     engaged = index_of(home[schema.PRODUCT_ID])
     category = latent.products.category

@@ -342,3 +342,58 @@ def test_embed_with_ray_without_ray_says_how_to_install(tmp_path, model_dir, mon
 
     with pytest.raises(ImportError, match=r"itemsage\[ray\]"):
         embed_with_ray(model_dir, tmp_path, tmp_path / "out")
+
+
+# ---- products' frozen query vectors: carried through embed into the index ------------------------
+
+
+def write_dataset_with_queries(directory: Path, rows: list[dict], query: np.ndarray) -> Path:
+    write_dataset(directory, rows)
+    table = pq.read_table(directory / schema.PRODUCTS_FILE)
+    table = table.append_column(pa.field(schema.QUERY_VECTOR, pa.list_(pa.float32())),
+                                pa.array(query.tolist(), pa.list_(pa.float32())))
+    artifacts.atomic_write_parquet(directory / schema.PRODUCTS_FILE, table, row_group_size=7)
+    entry = {"source": "text", "fields": ["title"], "dim": query.shape[1]}
+    artifacts.write_manifest(directory, "dataset", counts={"products": len(rows)}, extra={schema.PRODUCT_QUERY: entry})
+    return directory
+
+
+def test_query_vectors_round_trip_through_embed_and_index(tmp_path, model_dir):
+    from itemsage.index import QUERY_VECTORS_FILE, NoProductQueries, ProductIndex, build_from_embeddings
+
+    rows = make_products(23)
+    query = np.random.default_rng(5).standard_normal((23, 6)).astype(np.float32)  # not unit: kept as given
+    data = write_dataset_with_queries(tmp_path / "data", rows, query)
+    embed(model_dir, data, tmp_path / "emb", batch_size=4, shard_rows=10, progress=False)
+    shard = pq.read_table(tmp_path / "emb" / "part-00000.parquet")
+    assert shard.schema.field(schema.QUERY_VECTOR).type == pa.list_(pa.float32(), 6)
+    assert artifacts.read_manifest(tmp_path / "emb")[schema.PRODUCT_QUERY]["dim"] == 6
+
+    index, version_dir = build_from_embeddings(tmp_path / "emb", tmp_path / "index", version="v1")
+    assert QUERY_VECTORS_FILE in artifacts.read_manifest(version_dir)["files"]
+    loaded = ProductIndex.load(version_dir)
+    order = [5, 0, 22, 13]
+    ids = [rows[i][schema.PRODUCT_ID] for i in order]
+    for idx in (index, loaded):
+        np.testing.assert_array_equal(idx.query_vector(ids), query[order])
+        assert idx.query_vector([]).shape == (0, 6)
+        with pytest.raises(KeyError, match="'nope'"):
+            idx.query_vector(["nope"])
+    assert loaded.product_query == {"source": "text", "fields": ["title"], "dim": 6}
+
+    # A corrupted query-vector file is refused at load, like every other file of the version.
+    path = version_dir / QUERY_VECTORS_FILE
+    data_bytes = bytearray(path.read_bytes())
+    data_bytes[-1] ^= 0xFF
+    path.write_bytes(bytes(data_bytes))
+    with pytest.raises(ArtifactError):
+        ProductIndex.load(version_dir)
+
+    # Embeddings made before query vectors: the index still builds and serves, query_vector says what to do.
+    old = write_dataset(tmp_path / "old", rows)
+    embed(model_dir, old, tmp_path / "emb-old", batch_size=4, shard_rows=10, progress=False)
+    assert schema.QUERY_VECTOR not in pq.read_schema(tmp_path / "emb-old" / "part-00000.parquet").names
+    old_index, old_dir = build_from_embeddings(tmp_path / "emb-old", tmp_path / "index", version="v0")
+    with pytest.raises(NoProductQueries, match="re-run `itemsage ingest`, `itemsage embed` and `itemsage index`"):
+        ProductIndex.load(old_dir).query_vector(ids)
+    assert ProductIndex.load(old_dir).vector(ids).shape == (4, old_index.dim)

@@ -138,3 +138,38 @@ def test_cli_index_backend_milvus(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     (model, source), = calls
     assert isinstance(source, MilvusVersions) and source.resolve(None) == "cli_v1"
+
+
+def test_milvus_keeps_the_products_query_vectors(tmp_path, versions):
+    from itemsage import artifacts
+    from itemsage.index import NoProductQueries
+
+    import pyarrow as pa
+
+    ids = ids_for(50)
+    base = unit_vectors(50, 16, seed=41)
+    query = np.random.default_rng(42).standard_normal((50, 6)).astype(np.float32)
+    shards = []
+    for n, (lo, hi) in enumerate([(0, 20), (20, 50)]):
+        fixed = [pa.FixedSizeListArray.from_arrays(pa.array(x[lo:hi].ravel(), pa.float32()), x.shape[1])
+                 for x in (base, query)]
+        shards.append(f"part-{n:05d}.parquet")
+        artifacts.atomic_write_parquet(tmp_path / "emb" / shards[-1], pa.table(
+            {"product_id": list(ids[lo:hi]), "vector": fixed[0], "query_vector": fixed[1]}))
+    entry = {"source": "image", "fields": ["image_embeddings"], "dim": 6}
+    artifacts.write_manifest(tmp_path / "emb", "embeddings", inputs={"model": "m1"}, files=shards,
+                             extra={"count": 50, "dim": 16, "shards": shards, "product_query": entry})
+    built = build_milvus(tmp_path / "emb", versions.uri, "shop", MilvusConfig(index_type="FLAT", recall_sample=20),
+                         version="queries", publish_it=False, client=versions._client)
+    loaded = versions.load(versions.resolve("queries"))
+    for index in (built, loaded):
+        np.testing.assert_allclose(index.query_vector(["p00031", "p00004", "p00031"]), query[[31, 4, 31]], atol=1e-6)
+        assert index.query_vector([]).shape == (0, 6) and index.product_query == entry
+        with pytest.raises(KeyError, match="'nope'"):
+            index.query_vector(["nope"])
+    # A version built from embeddings without query vectors says what to re-run.
+    write_embeddings(tmp_path / "old", ids, base)
+    old = build_milvus(tmp_path / "old", versions.uri, "shop", MilvusConfig(index_type="FLAT", recall_sample=20),
+                       version="noqueries", publish_it=False, client=versions._client)
+    with pytest.raises(NoProductQueries, match="re-run `itemsage ingest`"):
+        old.query_vector(["p00001"])

@@ -833,3 +833,109 @@ def test_fast_take_matches_arrow_take():
         got = take_rows(t, picked)
         assert got.equals(t.take(pa.array(picked))), t.num_rows
         assert got.column("v").to_pylist() == [t.column("v")[int(r)].as_py() for r in picked]
+
+
+# ---- products as queries: query_product_id and the frozen query vectors ---------------------------
+
+
+def product_query_logs() -> list[dict]:
+    blank = {"query_text": None, "query_embedding": None, "query_product_id": None}  # every row every key (Parquet)
+    return [{**blank, **r} for r in [
+        {"surface": "closeup", "engagement": "click", "product_id": "p2", "timestamp": iso(1),
+         "query_product_id": "p1", "user_id": "u1"},
+        {"surface": "closeup", "engagement": "save", "product_id": "p3", "timestamp": iso(2),
+         "query_embedding": [0.1, 0.2, 0.3, 0.4], "query_product_id": "p2", "user_id": "u1"},  # keeps its vector
+        {"surface": "home", "engagement": "click", "product_id": "p1", "timestamp": iso(3),
+         "query_product_id": "p3", "user_id": "u2"},
+        {"surface": "search", "engagement": "click", "product_id": "p1", "timestamp": iso(4),
+         "query_text": "oak", "user_id": "u2"},
+    ]]
+
+
+def all_windows(out: Path) -> pa.Table:
+    return pa.concat_tables([pq.read_table(out / schema.WINDOW_FILES[w]) for w in schema.WINDOWS])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_query_product_rows_get_the_products_main_image_vector(tmp_path, fmt):
+    summary, out = run(tmp_path, fmt, logs=product_query_logs())
+    assert summary.rejected == 0
+    rows = {(r["surface"], r["product_id"]): r for r in all_windows(out).to_pylist()}
+    assert rows[("closeup", "p2")]["query_embedding"] == [1.0, 0.0, 0.0, 0.0]  # p1's main (first) image
+    assert rows[("closeup", "p2")]["query_product_id"] == "p1"
+    assert rows[("closeup", "p3")]["query_embedding"] == pytest.approx([0.1, 0.2, 0.3, 0.4])  # its own vector
+    assert rows[("home", "p1")]["query_embedding"] == [0.5, 0.5, 0.5, 0.5]  # p3's
+    assert rows[("search", "p1")]["query_product_id"] is None
+    assert pq.read_schema(out / schema.TRAIN_FILE).field(schema.QUERY_PRODUCT_ID).type == pa.string()
+    products = pq.read_table(out / schema.PRODUCTS_FILE)
+    assert products.schema.field(schema.QUERY_VECTOR).type == pa.list_(pa.float32())
+    assert products.column(schema.QUERY_VECTOR).to_pylist() == [[1, 0, 0, 0], [0, 0, 1, 0], [0.5] * 4]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest[schema.PRODUCT_QUERY] == {"source": "image", "fields": ["image_embeddings"], "dim": 4}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_unknown_query_product_is_rejected_with_its_reason(tmp_path, fmt):
+    logs = product_query_logs()
+    logs[0]["query_product_id"] = "nope"
+    summary, out = run(tmp_path, fmt, logs=logs)
+    assert summary.rejects["unknown_query_product"] == 1 and summary.rejected == 1
+    (entry,) = rejects(out)
+    assert entry["reason"] == "unknown_query_product" and entry["row"] == 0
+    assert "'nope'" in entry["detail"] and "not in the catalog" in entry["detail"]
+
+
+def test_a_query_product_of_the_wrong_width_is_bad_vector_width(tmp_path):
+    logs = product_query_logs()
+    logs.insert(0, {"surface": "closeup", "engagement": "click", "product_id": "p1", "timestamp": iso(0),
+                    "query_embedding": [0.5, 0.5]})  # fixes closeup at 2-d; the 4-d product query then misfits
+    summary, out = run(tmp_path, "jsonl", logs=logs)
+    bad = [e for e in rejects(out) if e["reason"] == "bad_vector_width"]
+    assert [e["row"] for e in bad] == [1, 2]
+    assert "query_product_id stands for the product's 4-d frozen query vector" in bad[0]["detail"]
+
+
+class FakeTextEncoder:
+    """A deterministic stand-in for MiniLM: the vector of a text is a hash of it."""
+    dim = 8
+    name = "fake"
+
+    def __init__(self):
+        self.seen: list[str] = []
+
+    def encode(self, texts, batch_size=256, progress=False):
+        self.seen += list(texts)
+        return np.stack([np.random.default_rng(int(hashlib.sha256(t.encode()).hexdigest()[:8], 16))
+                         .standard_normal(self.dim).astype(np.float32) for t in texts])
+
+
+def test_product_query_option_chooses_the_source(tmp_path):
+    catalog = catalog_rows()
+    catalog[1]["image_embeddings"] = None  # p2 has no image: auto chooses text
+    enc = FakeTextEncoder()
+    cat = write(catalog, tmp_path / "in/catalog.jsonl")
+    lg = write(product_query_logs()[2:], tmp_path / "in/logs.jsonl")
+    summary = ingest(cat, lg, tmp_path / "ds", IngestConfig(**SMALL), text_encoder=enc)
+    assert summary.product_query == {"source": "text", "fields": ["title"], "dim": 8}
+    assert enc.seen == ["Oak chair", "Pine table", "Linen sofa"]
+    home = pq.read_table(tmp_path / "ds" / schema.TRAIN_FILE).to_pylist()[0]
+    assert home["query_embedding"] == pytest.approx(enc.encode(["Linen sofa"])[0].tolist())
+    with pytest.raises(ConfigError, match="--product-query image: 1 of the 3 products have no image"):
+        ingest(cat, lg, tmp_path / "ds2", IngestConfig(**SMALL, product_query="image"), text_encoder=enc)
+    with pytest.raises(ConfigError, match="ingest.product_query"):
+        IngestConfig(product_query="title")
+
+
+def test_a_text_only_catalog_gets_384d_minilm_title_vectors(tmp_path):
+    from itemsage.query_encoder import TextQueryEncoder
+
+    catalog = [{k: v for k, v in r.items() if k != "image_embeddings"} for r in catalog_rows()]
+    summary, out = run(tmp_path, "parquet", catalog=catalog, logs=product_query_logs()[::2])
+    assert summary.rejected == 0 and summary.query_dims["closeup"] == 384 and summary.query_dims["home"] == 384
+    assert summary.product_query == {"source": "text", "fields": ["title"], "dim": 384}
+    expected = TextQueryEncoder().encode(["Oak chair", "Pine table", "Linen sofa"])  # one at a time would agree
+    stored = np.array(pq.read_table(out / schema.PRODUCTS_FILE).column(schema.QUERY_VECTOR).to_pylist(), np.float32)
+    np.testing.assert_allclose(stored, expected, atol=1e-6)
+    rows = {r["surface"]: r for r in all_windows(out).to_pylist()}
+    np.testing.assert_allclose(rows["closeup"]["query_embedding"], expected[0], atol=1e-6)
+    np.testing.assert_allclose(rows["home"]["query_embedding"], expected[2], atol=1e-6)

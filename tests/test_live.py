@@ -372,3 +372,54 @@ def test_deletes_are_filtered_inside_an_ivfpq_search(tmp_path):
     for row in range(len(q)):  # approximate, re-ranked exactly: nearly the brute-force top 10
         want, _ = brute_force(products, q[row], 10)
         assert len(set(ids[row].tolist()) & set(want)) >= 8
+
+
+# ---- products' frozen query vectors -------------------------------------------------------------------
+
+
+def test_upserted_products_get_their_frozen_query_vector(model_dir, tmp_path):
+    """An index with image-source query vectors: an upsert through the API logs the product's main image
+    vector as its query vector; a replayed LiveIndex and a compaction serve it; a delete hides it."""
+    fp = load_model(model_dir).fingerprint
+    rng = np.random.default_rng(3)
+    ids = [f"p{i:03d}" for i in range(30)]
+    query = rng.standard_normal((30, IMAGE_DIM)).astype(np.float32)
+    index = ProductIndex.build(np.asarray(ids, dtype=object), unit(rng, 30), kind="flat", query_vectors=query,
+                               product_query={"source": "image", "fields": ["image_embeddings"], "dim": IMAGE_DIM})
+    directory = version_path(tmp_path, "v1")
+    index.save(directory, inputs={"model": fp})
+    publish(tmp_path, directory)
+    body = {"products": [product("new-1", "red oak chair", 1), product("p007", "brass lamp", 2)]}
+    main = {p["product_id"]: np.asarray(p["image_embeddings"][0], np.float32) for p in body["products"]}
+    app = serve.create_app(model_dir, tmp_path, reload_token=TOKEN)
+    with TestClient(app) as c:
+        assert c.post("/admin/products", json=body, headers=auth()).status_code == 200
+        r = c.post("/admin/products", json={"products": [{"product_id": "bare", "title": "no image"}]}, headers=auth())
+        assert r.status_code == 422 and "has no image" in r.json()["detail"]
+        served = live.replay(load_current(tmp_path), live.LiveLog(tmp_path))  # what the log holds
+        np.testing.assert_allclose(served.query_vector(["new-1", "p007", "p001"]),
+                                   np.stack([main["new-1"], main["p007"], query[1]]), atol=1e-7)
+        with pytest.raises(KeyError, match="'nope'"):
+            served.query_vector(["nope"])
+        assert c.post("/admin/products/delete", json={"ids": ["p001"]}, headers=auth()).status_code == 200
+        served = live.replay(load_current(tmp_path), live.LiveLog(tmp_path))
+        with pytest.raises(KeyError, match="'p001'"):
+            served.query_vector(["p001"])
+
+    new, _, _ = live.compact(tmp_path)
+    compacted = load_current(tmp_path)
+    np.testing.assert_allclose(compacted.query_vector(["new-1", "p007", "p002"]),
+                               np.stack([main["new-1"], main["p007"], query[2]]), atol=1e-7)
+    assert "p001" not in compacted and compacted.product_query["source"] == "image"
+
+
+def test_a_live_index_without_query_vectors_says_to_rebuild(tmp_path):
+    from itemsage.index import NoProductQueries
+
+    make_root(tmp_path, 10)
+    live_log = live.LiveLog(tmp_path)
+    served = live.replay(load_current(tmp_path), live_log)
+    served.apply(live_log.append([upsert("x", unit(np.random.default_rng(0), 1)[0])]))
+    live_log.close()
+    with pytest.raises(NoProductQueries, match="re-run `itemsage ingest`"):
+        served.query_vector(["x"])

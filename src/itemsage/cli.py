@@ -94,6 +94,12 @@ class Engine(str, enum.Enum):
     ray = "ray"
 
 
+class ProductQuery(str, enum.Enum):  # product_query.CHOICES
+    auto = "auto"
+    image = "image"
+    text = "text"
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"itemsage {__version__}", highlight=False)
@@ -145,7 +151,7 @@ _FLAGS: dict[str, dict[str, str]] = {
                "validation_from": "--validation-from", "test_from": "--test-from", "gap_hours": "--gap-hours",
                "text_fields": "--text-fields",
                "max_unigrams": "--max-unigrams", "max_bigrams": "--max-bigrams", "max_trigrams": "--max-trigrams",
-               "batch_rows": "--batch-rows", "image_dim": "--image-dim"},
+               "batch_rows": "--batch-rows", "image_dim": "--image-dim", "product_query": "--product-query"},
     "index": {"kind": "--kind", "m": "--m", "ef_construction": "--ef-construction", "ef_search": "--ef-search",
               "nlist": "--nlist", "pq_m": "--pq-m", "pq_nbits": "--pq-nbits", "nprobe": "--nprobe",
               "refine_factor": "--refine-factor"},
@@ -262,6 +268,11 @@ def ingest_cmd(
     image_dim: Optional[int] = typer.Option(
         None, "--image-dim", show_default=False,
         help="Image vector width (default: fixed by the first valid image vector)."),
+    product_query: ProductQuery = typer.Option(
+        ProductQuery.auto, "--product-query",
+        help="A product's frozen query vector (closeup/home logs may name a query_product_id): image = its main "
+             "image vector, text = the text encoder's vector of its title, auto = image when every product has "
+             "an image, else text."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Validate, normalise and time-split a catalog and engagement logs into a dataset directory.
@@ -282,7 +293,8 @@ def ingest_cmd(
     try:
         options = dict(split=split, validation_from=validation_from, test_from=test_from, gap_hours=gap_hours,
                        max_unigrams=max_unigrams, max_bigrams=max_bigrams,
-                       max_trigrams=max_trigrams, batch_rows=batch_rows, image_dim=image_dim, progress=_progress(progress))
+                       max_trigrams=max_trigrams, batch_rows=batch_rows, image_dim=image_dim,
+                       product_query=product_query.value, progress=_progress(progress))
         options.update({k: v for k, v in (("validation_fraction", validation_fraction),
                                           ("test_fraction", test_fraction)) if v is not None})
         if text_fields is not None:

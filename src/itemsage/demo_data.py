@@ -20,6 +20,8 @@ The world behind it is latent and never written:
             and category;
   home    — the medoid of the image vectors of a user's cluster history (PinnerSage-like); engaged
             products follow that cluster.
+  Closeup and home rows name the catalog product their query vector comes from as
+  query_product_id (the viewed product; the medoid, itself a product), beside the vector.
   Every engaged product is a click; some are also saved (favours the user's styles), added to cart
   and checked out (favour the user's price tier and brands), so the four tasks differ.
 
@@ -932,6 +934,11 @@ class DemoShop:
         pool *= np.float32(_W_CLOSEUP_QUERY_NOISE / math.sqrt(cfg.image_dim))
         qvec[closeups] += pool[rng.integers(0, len(pool), len(closeups))]
         qvec[closeups] = _unit(qvec[closeups])
+        # The catalog product each vector query is: the viewed product (closeup) or the medoid
+        # (home). Read from the draws above; no random number is drawn for it.
+        query_product = np.full(n, -1, np.int64)
+        query_product[with_vector] = source
+        row_query_product = query_product[row_q]  # [rows] -1: a search row
         row_vec = vec_slot[row_q]
         has_vec = row_vec >= 0
         d = cfg.image_dim
@@ -947,6 +954,8 @@ class DemoShop:
             schema.USER_ID: self.user_ids.take(pa.array(user[row_q])),
             schema.QUERY_TEXT: text.take(pa.array(row_q)),
             schema.QUERY_EMBEDDING: embedding,
+            schema.QUERY_PRODUCT_ID: self.product_ids.take(pa.array(np.maximum(row_query_product, 0),
+                                                                    mask=row_query_product < 0)),
         })
         counts = np.bincount(row_surface * 4 + row_eng, minlength=12).reshape(3, 4)
         return table, counts

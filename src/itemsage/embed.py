@@ -2,9 +2,12 @@
 
 Output, an embeddings directory:
 
-    part-00000.parquet ...   product_id: string, vector: fixed_size_list<float32, D>, content_hash: string
+    part-00000.parquet ...   product_id: string, vector: fixed_size_list<float32, D>, content_hash: string,
+                             query_vector: fixed_size_list<float32, Dq> (the product's frozen query
+                             vector, copied from products.parquet; absent for datasets made before it)
     manifest.json            kind 'embeddings', written last: model and dataset fingerprints, count, dim,
-                             the shard files in catalog order
+                             the shard files in catalog order, product_query (source, fields, dim) when
+                             the shards carry query vectors
 
 Shards. Shard s holds catalog rows [s * shard_rows, (s + 1) * shard_rows) of products.parquet, in
 catalog order. It is streamed into a temp file batch by batch and renamed into place after its last
@@ -50,6 +53,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -88,22 +92,45 @@ def shard_name(shard: int, generation: int = 0) -> str:
     return f"part-{shard:05d}.parquet" if generation == 0 else f"part-{shard:05d}-g{generation}.parquet"
 
 
-def output_schema(dim: int) -> pa.Schema:
+def output_schema(dim: int, query_dim: int | None = None) -> pa.Schema:
+    """The shard schema; `query_dim`: the width of the products' frozen query vectors (None: no such column)."""
     return pa.schema([
         pa.field(schema.PRODUCT_ID, pa.string(), nullable=False),
         pa.field(VECTOR, pa.list_(pa.float32(), dim), nullable=False),
         pa.field(schema.CONTENT_HASH, pa.string()),
+        *([pa.field(schema.QUERY_VECTOR, pa.list_(pa.float32(), query_dim), nullable=False)]
+          if query_dim is not None else []),
     ])
 
 
-def _vectors_table(ids: pa.Array, vectors: np.ndarray, hashes: pa.Array) -> pa.Table:
-    """ids [B], vectors [B, D] float32, hashes [B] -> the shard schema."""
-    dim = vectors.shape[1]
+def _fixed(vectors: np.ndarray) -> pa.FixedSizeListArray:
     flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), pa.float32())
-    return pa.Table.from_arrays(
-        [ids.cast(pa.string()), pa.FixedSizeListArray.from_arrays(flat, dim), hashes.cast(pa.string())],
-        schema=output_schema(dim),
-    )
+    return pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+
+
+def _query_vectors(table: pa.Table) -> np.ndarray | None:
+    """The products' frozen query vectors [B, Dq] from products.parquet's list<float32> column, or None
+    when the dataset predates them."""
+    if schema.QUERY_VECTOR not in table.column_names:
+        return None
+    column = table.column(schema.QUERY_VECTOR).combine_chunks()
+    if table.num_rows == 0:
+        return np.zeros((0, 0), np.float32)
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if column.null_count or (lengths != lengths[0]).any():
+        raise ArtifactError(f"products.parquet's {schema.QUERY_VECTOR} column holds vectors of several widths "
+                            "or nulls; re-run `itemsage ingest` to rewrite it.")
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(table.num_rows, int(lengths[0]))
+
+
+def _vectors_table(ids: pa.Array, vectors: np.ndarray, hashes: pa.Array,
+                   query: np.ndarray | None = None) -> pa.Table:
+    """ids [B], vectors [B, D] float32, hashes [B], query vectors [B, Dq] or None -> the shard schema."""
+    arrays = [ids.cast(pa.string()), _fixed(vectors), hashes.cast(pa.string())]
+    if query is not None:
+        arrays.append(_fixed(query))
+    return pa.Table.from_arrays(arrays, schema=output_schema(vectors.shape[1],
+                                                             None if query is None else query.shape[1]))
 
 
 def _column_or_nulls(table: pa.Table, name: str) -> pa.Array:
@@ -116,7 +143,8 @@ def _column_or_nulls(table: pa.Table, name: str) -> pa.Array:
 
 
 def embed_batch(model: Any, batch: pa.RecordBatch | pa.Table) -> pa.Table:
-    """Products (dataset format, B rows) -> table of product_id, vector [B, D] float32, content_hash.
+    """Products (dataset format, B rows) -> table of product_id, vector [B, D] float32, content_hash
+    (and query_vector [B, Dq], copied, when the products have it).
 
     `model` is an `itemsage.model.LoadedModel`. Pure: the same rows give the same vectors whatever
     batch they come in (up to float rounding), which is what lets any engine split the catalog.
@@ -124,9 +152,10 @@ def embed_batch(model: Any, batch: pa.RecordBatch | pa.Table) -> pa.Table:
     table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
     ids = table.column(schema.PRODUCT_ID).combine_chunks()
     hashes = _column_or_nulls(table, schema.CONTENT_HASH)
+    query = _query_vectors(table)
     if table.num_rows == 0:
-        return _vectors_table(ids, np.zeros((0, model.config.out_dim), np.float32), hashes)
-    return _vectors_table(ids, model.embed_table(table), hashes)  # [B, D] unit rows
+        return _vectors_table(ids, np.zeros((0, model.config.out_dim), np.float32), hashes, query)
+    return _vectors_table(ids, model.embed_table(table), hashes, query)  # [B, D] unit rows
 
 
 # ---- the local engine: resumable, incremental ---------------------------------------------------
@@ -201,8 +230,16 @@ def _embed_piece(model: Any, piece: pa.Table, old: _OldVectors | None) -> tuple[
         values = fresh.column(VECTOR).combine_chunks().flatten().to_numpy()
         vectors[todo] = values.reshape(len(todo), -1)
     table = _vectors_table(piece.column(schema.PRODUCT_ID).combine_chunks(), vectors,
-                           piece.column(schema.CONTENT_HASH).combine_chunks())
+                           piece.column(schema.CONTENT_HASH).combine_chunks(), _query_vectors(piece))
     return table, len(todo), int(keep.sum())
+
+
+def _product_query(dataset_dir: Path, parquet: pq.ParquetFile) -> dict[str, Any] | None:
+    """The dataset manifest's product_query entry when products.parquet carries query vectors, else None."""
+    entry = artifacts.read_manifest(dataset_dir).get(schema.PRODUCT_QUERY)
+    if schema.QUERY_VECTOR not in parquet.schema_arrow.names or not isinstance(entry, dict):
+        return None
+    return entry
 
 
 def _after_shard(shard: int) -> None:
@@ -311,7 +348,10 @@ def embed(
     done = {s for s, name in enumerate(names) if (out_dir / name).is_file()}  # files appear only complete
     first_missing = next((s for s in range(num_shards) if s not in done), num_shards)
     columns = [c for c in parquet.schema_arrow.names
-               if c in (schema.PRODUCT_ID, schema.IMAGE_EMBEDDINGS, schema.CONTENT_HASH, *model.config.text_fields)]
+               if c in (schema.PRODUCT_ID, schema.IMAGE_EMBEDDINGS, schema.CONTENT_HASH, schema.QUERY_VECTOR,
+                        *model.config.text_fields)]
+    product_query = _product_query(dataset_dir, parquet)
+    query_dim = product_query["dim"] if product_query else None
     if done:
         log.info("resuming: %d of %d shards already complete", len(done), num_shards)
 
@@ -325,7 +365,7 @@ def embed(
                 continue
             # The shard streams into a temp file and is renamed into place after its last row.
             with artifacts.atomic_path(out_dir / names[shard]) as tmp:
-                with pq.ParquetWriter(tmp, output_schema(dim)) as writer:
+                with pq.ParquetWriter(tmp, output_schema(dim, query_dim)) as writer:
                     for _, _, piece in shard_pieces:
                         table, n_embedded, n_reused = _embed_piece(model, piece, old)
                         writer.write_table(table)
@@ -343,7 +383,8 @@ def embed(
         inputs={"model": model_fp, "dataset": dataset_fp},
         counts={"products": num_rows},
         files=names,
-        extra={"count": num_rows, "dim": dim, "shards": names, "generation": generation},
+        extra={"count": num_rows, "dim": dim, "shards": names, "generation": generation,
+               **({schema.PRODUCT_QUERY: product_query} if product_query else {})},
     )
     (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
     _remove_unreferenced(out_dir, keep=set(names))
@@ -522,7 +563,9 @@ def embed_with_ray(
     text_fields = config["model"]["text_fields"]
     products = dataset_dir / schema.PRODUCTS_FILE
     names = pq.ParquetFile(products).schema_arrow.names
-    columns = [c for c in names if c in (schema.PRODUCT_ID, schema.IMAGE_EMBEDDINGS, schema.CONTENT_HASH, *text_fields)]
+    columns = [c for c in names if c in (schema.PRODUCT_ID, schema.IMAGE_EMBEDDINGS, schema.CONTENT_HASH,
+                                         schema.QUERY_VECTOR, *text_fields)]
+    product_query = _product_query(dataset_dir, pq.ParquetFile(products))
 
     ray.init(ignore_reinit_error=True)
     staging = out_dir / ".ray-staging"
@@ -547,7 +590,8 @@ def embed_with_ray(
         inputs={"model": model_fp, "dataset": dataset_fp},
         counts={"products": count},
         files=shard_names,
-        extra={"count": count, "dim": dim, "shards": shard_names, "generation": 0},
+        extra={"count": count, "dim": dim, "shards": shard_names, "generation": 0,
+               **({schema.PRODUCT_QUERY: product_query} if product_query else {})},
     )
     seconds = time.perf_counter() - started
     return EmbedSummary(out_dir, count, dim, len(shard_names), count, 0, 0, 0, seconds, model_fp, dataset_fp, 0)

@@ -10,6 +10,9 @@ On disk an index is a version directory (never pickle):
     INDEX_ROOT/versions/<version>/index.faiss    faiss.write_index
                                   ids.parquet    product_id per faiss row
                                   vectors.faiss  ivfpq only: the full vectors (IndexFlatIP), memory-mapped
+                                  query_vectors.safetensors  the products' frozen query vectors
+                                                 ("query_vector" [N, Dq] float32, ids' row order), when
+                                                 the embeddings carry them; memory-mapped
                                   manifest.json  kind 'index': config, count, dim, inputs, recall
     INDEX_ROOT/CURRENT                           text: the served version's name, replaced atomically
 
@@ -45,7 +48,7 @@ import pyarrow.parquet as pq
 from itemsage import artifacts
 from itemsage.artifacts import ArtifactError
 from itemsage.config import from_dict, require
-from itemsage.schema import PRODUCT_ID
+from itemsage.schema import PRODUCT_ID, PRODUCT_QUERY, QUERY_VECTOR
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ KINDS = ("hnsw", "flat", "ivfpq")
 INDEX_FILE = "index.faiss"
 VECTORS_FILE = "vectors.faiss"
 IDS_FILE = "ids.parquet"
+QUERY_VECTORS_FILE = "query_vectors.safetensors"
 VERSIONS_DIR = "versions"
 CURRENT_FILE = "CURRENT"
 RECALL_K = 10
@@ -121,6 +125,54 @@ class IndexConfig:
         require(self.threads >= 0, f"index.threads must be >= 0 (0 = all cores), got {self.threads}")
 
 
+class NoProductQueries(ArtifactError):
+    """The index (or embeddings) predates products' frozen query vectors."""
+
+
+def no_product_queries(where: str) -> NoProductQueries:
+    return NoProductQueries(
+        f"{where} holds no product query vectors (it was made before products could be queries); re-run "
+        "`itemsage ingest`, `itemsage embed` and `itemsage index` to add them")
+
+
+def _check_query_vectors(query_vectors: Any, n: int) -> np.ndarray:
+    q = np.asarray(query_vectors, dtype=np.float32)
+    if q.ndim != 2 or len(q) != n or q.shape[1] < 1:
+        raise ValueError(f"query_vectors must be [N, Dq] with one row per id ({n}), got shape {q.shape}")
+    if not np.isfinite(q).all():
+        raise ValueError("query_vectors contain NaN or inf")
+    return q
+
+
+def save_query_vectors(path: Path, vectors: np.ndarray) -> None:
+    """[N, Dq] float32 as a safetensors file (tensor "query_vector"), written atomically."""
+    from safetensors.numpy import save_file
+
+    with artifacts.atomic_path(path) as tmp:
+        save_file({QUERY_VECTOR: np.ascontiguousarray(vectors, dtype=np.float32)}, str(tmp))
+
+
+def load_query_vectors(path: Path) -> np.ndarray:
+    """The "query_vector" tensor [N, Dq] of a safetensors file, memory-mapped read-only (the format is
+    an 8-byte little-endian header size, a JSON header, then the raw data)."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    info = header.get(QUERY_VECTOR)
+    if not isinstance(info, dict) or info.get("dtype") != "F32" or len(info.get("shape", [])) != 2:
+        raise ArtifactError(f"{path} holds no float32 [N, Dq] tensor '{QUERY_VECTOR}'; rebuild the index.")
+    begin, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    if end - begin != 4 * shape[0] * shape[1]:
+        raise ArtifactError(f"{path}: the tensor's data size does not match its shape {shape}; rebuild the index.")
+    if shape[0] == 0:
+        return np.zeros(shape, np.float32)
+    return np.memmap(path, dtype="<f4", mode="r", offset=8 + size + begin, shape=shape)
+
+
 class ProductIndex:
     """Top-k retrieval of product ids by inner product over unit vectors.
 
@@ -151,20 +203,26 @@ class ProductIndex:
         self.manifest: dict[str, Any] = {}  # set by save/load
         self.stats: dict[str, Any] = {}  # build time and measured recall, set by build/load
         self.version: str | None = None  # the version directory's name once saved or loaded
+        self._query_vectors: np.ndarray | None = None  # [N, Dq] frozen query vectors in row order, if any
+        self.product_query: dict[str, Any] | None = None  # {"source", "fields", "dim"} of those
 
     # ---- the four verbs -------------------------------------------------------------------------
 
     @classmethod
     def build(
-        cls, ids: np.ndarray | list[str], vectors: np.ndarray, kind: str = "hnsw", **options: Any
+        cls, ids: np.ndarray | list[str], vectors: np.ndarray, kind: str = "hnsw", *,
+        query_vectors: np.ndarray | None = None, product_query: dict[str, Any] | None = None, **options: Any
     ) -> ProductIndex:
-        """A new index holding `vectors` [N, D] under `ids` [N]; measures its recall@10 (see `stats`)."""
+        """A new index holding `vectors` [N, D] under `ids` [N]; measures its recall@10 (see `stats`).
+        `query_vectors` [N, Dq]: the products' frozen query vectors (with `product_query`, the dataset
+        manifest's entry describing them), kept beside the index for `query_vector`."""
         config = from_dict(IndexConfig, {"kind": kind, **options}, section="index")
         vectors = np.asarray(vectors)
         require(vectors.ndim == 2, f"vectors must be a 2-D array [N, D], got shape {vectors.shape}")
         index = cls(vectors.shape[1], config)
+        index.product_query = product_query
         start = time.perf_counter()
-        index.add(ids, vectors)
+        index.add(ids, vectors, query_vectors)
         index.stats = {"build_seconds": round(time.perf_counter() - start, 3)}
         index.stats.update(index.measure_recall(vectors))
         log.info(
@@ -174,10 +232,21 @@ class ProductIndex:
         )
         return index
 
-    def add(self, ids: np.ndarray | list[str], vectors: np.ndarray) -> None:
-        """Append `vectors` [N, D] under product `ids` [N]. Rows are L2-normalised (scores are cosines)."""
+    def add(self, ids: np.ndarray | list[str], vectors: np.ndarray, query_vectors: np.ndarray | None = None) -> None:
+        """Append `vectors` [N, D] under product `ids` [N]. Rows are L2-normalised (scores are cosines).
+        `query_vectors` [N, Dq] (kept as given): the products' frozen query vectors; an index holds them
+        for every product or for none, as its first `add` decides."""
         ids = np.asarray(ids, dtype=object)
         vectors = self._check_matrix(vectors, "vectors")
+        if query_vectors is not None:
+            query_vectors = _check_query_vectors(query_vectors, len(vectors))
+            if len(self._ids) and self._query_vectors is None:
+                raise ValueError("this index holds no product query vectors; add products without query_vectors")
+            if self._query_vectors is not None and query_vectors.shape[1] != self._query_vectors.shape[1]:
+                raise ValueError(f"query_vectors are {query_vectors.shape[1]}-d, the index's are "
+                                 f"{self._query_vectors.shape[1]}-d")
+        elif self._query_vectors is not None:
+            raise ValueError("this index holds the products' query vectors; give query_vectors for new products too")
         if self._mapped:  # faiss would abort the process appending to a memory-mapped IndexFlat
             raise ValueError("a loaded IVF-PQ index is read-only: its full vectors are memory-mapped from "
                              f"{VECTORS_FILE}. Build a new version with `itemsage index` instead.")
@@ -205,6 +274,9 @@ class ProductIndex:
         self._index.add(vectors)  # HNSW: faiss parallelises insertion over its OpenMP threads
         self._ids = np.concatenate([self._ids, ids])
         self._row_of = row_of
+        if query_vectors is not None:
+            self._query_vectors = (query_vectors.copy() if self._query_vectors is None
+                                   else np.concatenate([self._query_vectors, query_vectors]))
 
     def search(
         self, queries: np.ndarray, k: int, *, selector: faiss.IDSelector | None = None
@@ -270,6 +342,11 @@ class ProductIndex:
         artifacts.atomic_write_parquet(
             version_dir / IDS_FILE, pa.table({PRODUCT_ID: pa.array(self._ids.tolist(), pa.string())})
         )
+        queries: dict[str, Any] = {}
+        if self._query_vectors is not None:
+            save_query_vectors(version_dir / QUERY_VECTORS_FILE, self._query_vectors)
+            files.append(QUERY_VECTORS_FILE)
+            queries = {PRODUCT_QUERY: {**(self.product_query or {}), "dim": int(self._query_vectors.shape[1])}}
         stats = self.stats
         self.manifest = artifacts.write_manifest(
             version_dir,
@@ -278,7 +355,7 @@ class ProductIndex:
             inputs=inputs,
             counts={"vectors": len(self)},
             files=files,
-            extra={"count": len(self), "dim": self.dim, **stats, **sizes, **(extra or {})},
+            extra={"count": len(self), "dim": self.dim, **stats, **sizes, **queries, **(extra or {})},
         )
         self.version = version_dir.name
         return version_dir
@@ -324,6 +401,13 @@ class ProductIndex:
             if not isinstance(vectors, faiss.IndexFlatIP) or vectors.d != dim or vectors.ntotal != count:
                 problems.append(f"{VECTORS_FILE} holds {vectors.ntotal} x {vectors.d} "
                                 f"({type(vectors).__name__}), the manifest says {count} x {dim}")
+        query_vectors = None
+        if QUERY_VECTORS_FILE in manifest["files"]:
+            query_vectors = load_query_vectors(version_dir / QUERY_VECTORS_FILE)
+            dq = (manifest.get(PRODUCT_QUERY) or {}).get("dim")
+            if query_vectors.shape != (count, dq):
+                problems.append(f"{QUERY_VECTORS_FILE} holds {query_vectors.shape[0]} x {query_vectors.shape[1]} "
+                                f"query vectors, the manifest says {count} x {dq}")
         if problems:
             raise ArtifactError(f"refusing to load the index in {version_dir}: " + "; ".join(problems)
                                 + ". Rebuild it with `itemsage index`.")
@@ -341,6 +425,8 @@ class ProductIndex:
             raise ArtifactError(f"refusing to load the index in {version_dir}: ids.parquet has duplicate "
                                 "product ids. Rebuild it with `itemsage index`.")
         index.manifest = manifest
+        index._query_vectors = query_vectors
+        index.product_query = manifest.get(PRODUCT_QUERY) if query_vectors is not None else None
         index.stats = stats_from_manifest(manifest, ("build_seconds", "recall_queries", "index_bytes",
                                                      "rerank_vectors_bytes"))
         index.version = version_dir.name
@@ -420,6 +506,29 @@ class ProductIndex:
             return np.empty((0, self.dim), dtype=np.float32)
         store = self._vectors if self.config.kind == "ivfpq" else self._index  # IVF-PQ: the exact vectors
         return store.reconstruct_batch(rows)  # [N, D]
+
+    @property
+    def has_query_vectors(self) -> bool:
+        return self._query_vectors is not None
+
+    @property
+    def query_dim(self) -> int | None:
+        """Dq, the width of the products' frozen query vectors (None: the index has none)."""
+        return None if self._query_vectors is None else int(self._query_vectors.shape[1])
+
+    def query_vector(self, product_ids: list[str] | np.ndarray) -> np.ndarray:
+        """The frozen query vectors [N, Dq] float32 of `product_ids` (what a product is as a closeup or
+        home query; itemsage.product_query). KeyError names the ids not in the index; NoProductQueries
+        when the index was built before products had query vectors."""
+        if self._query_vectors is None:
+            raise no_product_queries(f"index version {self.version or '(unsaved)'}")
+        product_ids = list(product_ids)
+        missing = [p for p in product_ids if p not in self._row_of]
+        if missing:
+            shown = ", ".join(repr(p) for p in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise KeyError(f"{len(missing)} product id(s) not in the index: {shown}")
+        rows = np.array([self._row_of[p] for p in product_ids], dtype=np.int64)
+        return np.array(self._query_vectors[rows], dtype=np.float32).reshape(len(rows), self._query_vectors.shape[1])
 
     def measure_recall(self, vectors: np.ndarray, k: int = RECALL_K) -> dict[str, Any]:
         """Recall@k of this index against exact search over `vectors` (the same rows it holds).
@@ -603,6 +712,26 @@ def read_embeddings(embeddings_dir: str | Path) -> tuple[np.ndarray, np.ndarray,
     return all_ids, np.ascontiguousarray(all_vectors, dtype=np.float32), manifest
 
 
+def read_query_vectors(embeddings_dir: str | Path, manifest: dict[str, Any]) -> np.ndarray | None:
+    """The products' frozen query vectors [N, Dq] float32 of a verified embeddings directory, in
+    `read_embeddings`' row order; None when its shards predate them."""
+    embeddings_dir = Path(embeddings_dir)
+    entry = manifest.get(PRODUCT_QUERY)
+    if not isinstance(entry, dict):
+        return None
+    dq = int(entry["dim"])
+    shards = manifest.get("shards") or sorted(name for name in manifest["files"] if name.endswith(".parquet"))
+    blocks = []
+    for name in shards:
+        if QUERY_VECTOR not in pq.read_schema(embeddings_dir / name).names:
+            raise ArtifactError(f"{embeddings_dir}/{name} has no {QUERY_VECTOR} column but the manifest lists "
+                                f"{PRODUCT_QUERY}; re-run `itemsage embed`.")
+        column = pq.read_table(embeddings_dir / name, columns=[QUERY_VECTOR]).column(QUERY_VECTOR)
+        flat = pa.chunked_array([chunk.flatten() for chunk in column.chunks], type=pa.float32()).to_numpy()
+        blocks.append(flat.reshape(len(column), dq))  # [rows, Dq]
+    return np.concatenate(blocks) if blocks else np.zeros((0, dq), np.float32)
+
+
 def _finished_version(embeddings_dir: str | Path, index_root: str | Path, version_dir: Path,
                       config: IndexConfig, publish_it: bool) -> tuple[ProductIndex, Path]:
     """The existing `version_dir`, published, if it is what this build would write; else an error."""
@@ -643,7 +772,9 @@ def build_from_embeddings(
         return _finished_version(embeddings_dir, index_root, version_dir, config, publish_it)
     ids, vectors, emb_manifest = read_embeddings(embeddings_dir)
     require(len(ids) > 0, f"{embeddings_dir} holds no embeddings; nothing to index")
-    index = ProductIndex.build(ids, vectors, **dataclasses.asdict(config))
+    query_vectors = read_query_vectors(embeddings_dir, emb_manifest)
+    index = ProductIndex.build(ids, vectors, **dataclasses.asdict(config), query_vectors=query_vectors,
+                               product_query=emb_manifest.get(PRODUCT_QUERY) if query_vectors is not None else None)
     inputs = {"embeddings": artifacts.fingerprint(embeddings_dir)}
     model_fp = emb_manifest.get("inputs", {}).get("model")
     if model_fp:

@@ -5,7 +5,10 @@ alias at it; `itemsage serve --backend milvus --uri URI` searches the collection
 The URI picks the deployment and nothing else changes: `./catalog.db` is Milvus Lite (a local file,
 for tests and laptops), `http://host:19530` a Milvus server or cluster.
 
-    collection <name>_<version>   product_id VARCHAR primary key, vector FLOAT_VECTOR [D] (unit, metric IP)
+    collection <name>_<version>   product_id VARCHAR primary key, vector FLOAT_VECTOR [D] (unit, metric IP),
+                                  query_vector ARRAY<FLOAT> [Dq] (the product's frozen query vector, when
+                                  the embeddings carry them: a plain field, never searched, so it needs
+                                  no vector index of its own)
                                   property itemsage.manifest: JSON (kind 'index', count, dim, inputs,
                                   config, recall@10 against exact search), written after the rows
     alias <name>                  the served version (the CURRENT of a local index root)
@@ -37,6 +40,8 @@ from itemsage.index import (
     NEIGHBOUR_RECALL,
     RECALL_K,
     VersionNotFound,
+    no_product_queries,
+    read_query_vectors,
     neighbour_recall,
     new_version_name,
     perturbed_queries,
@@ -48,6 +53,8 @@ log = logging.getLogger(__name__)
 
 ID_FIELD = "product_id"
 VECTOR_FIELD = "vector"
+QUERY_VECTOR_FIELD = "query_vector"
+PRODUCT_QUERY = "product_query"  # manifest key, as in a faiss version's manifest
 MANIFEST_PROPERTY = "itemsage.manifest"
 MAX_ID_LENGTH = 512
 INSERT_BATCH = 5_000
@@ -206,6 +213,35 @@ class MilvusIndex:
             raise KeyError(f"{len(missing)} product id(s) not in the index: {shown}")
         return np.asarray([found[p] for p in product_ids], dtype=np.float32)  # [N, D]
 
+    @property
+    def product_query(self) -> dict[str, Any] | None:
+        return self.manifest.get(PRODUCT_QUERY)
+
+    @property
+    def has_query_vectors(self) -> bool:
+        return isinstance(self.product_query, dict)
+
+    @property
+    def query_dim(self) -> int | None:
+        return int(self.product_query["dim"]) if self.has_query_vectors else None
+
+    def query_vector(self, product_ids: list[str] | np.ndarray) -> np.ndarray:
+        """The frozen query vectors [N, Dq] of `product_ids`, as ProductIndex.query_vector: KeyError names
+        the ids not in the index; NoProductQueries when the version was built without them."""
+        if not self.has_query_vectors:
+            raise no_product_queries(f"Milvus collection '{self.collection}'")
+        product_ids = list(product_ids)
+        if not product_ids:
+            return np.empty((0, self.query_dim), dtype=np.float32)
+        rows = self._client.get(self.collection, ids=list(dict.fromkeys(product_ids)),
+                                output_fields=[ID_FIELD, QUERY_VECTOR_FIELD])
+        found = {r[ID_FIELD]: r[QUERY_VECTOR_FIELD] for r in rows}
+        missing = [p for p in product_ids if p not in found]
+        if missing:
+            shown = ", ".join(repr(p) for p in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise KeyError(f"{len(missing)} product id(s) not in the index: {shown}")
+        return np.asarray([list(found[p]) for p in product_ids], dtype=np.float32)  # [N, Dq]
+
 
 class MilvusVersions:
     """The index versions of one name in Milvus, as the service loads and reloads them.
@@ -281,6 +317,7 @@ def build_milvus(
     require(bool(np.all(norms > 0)), "an embedding row is all zeros; a zero vector has no direction to search by")
     vectors = np.ascontiguousarray(vectors / norms, dtype=np.float32)  # scores are cosines, as in faiss
     dim = vectors.shape[1]
+    query_vectors = read_query_vectors(embeddings_dir, emb_manifest)  # [N, Dq] or None
 
     from pymilvus import DataType
 
@@ -288,13 +325,20 @@ def build_milvus(
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field(ID_FIELD, DataType.VARCHAR, is_primary=True, max_length=MAX_ID_LENGTH)
     schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dim)
+    if query_vectors is not None:
+        schema.add_field(QUERY_VECTOR_FIELD, DataType.ARRAY, element_type=DataType.FLOAT,
+                         max_capacity=query_vectors.shape[1])
     index_params = client.prepare_index_params()
     index_params.add_index(field_name=VECTOR_FIELD, index_type=config.index_type, metric_type="IP",
                            params=config.index_params())
     client.create_collection(collection, schema=schema, index_params=index_params)
     for lo in range(0, len(ids), INSERT_BATCH):
-        client.insert(collection, [{ID_FIELD: pid, VECTOR_FIELD: vec}
-                                   for pid, vec in zip(ids[lo : lo + INSERT_BATCH], vectors[lo : lo + INSERT_BATCH])])
+        rows = [{ID_FIELD: pid, VECTOR_FIELD: vec}
+                for pid, vec in zip(ids[lo : lo + INSERT_BATCH], vectors[lo : lo + INSERT_BATCH])]
+        if query_vectors is not None:
+            for row, q in zip(rows, query_vectors[lo : lo + INSERT_BATCH].tolist()):
+                row[QUERY_VECTOR_FIELD] = q
+        client.insert(collection, rows)
     client.flush(collection)
     wait_for_index(client, collection)
     client.load_collection(collection)
@@ -305,6 +349,8 @@ def build_milvus(
         inputs["model"] = emb_manifest["inputs"]["model"]
     manifest = {"kind": "index", "version": version, "collection": collection, "count": len(ids), "dim": dim,
                 "config": dataclasses.asdict(config), "inputs": inputs, "build_seconds": round(build_seconds, 3)}
+    if query_vectors is not None:
+        manifest[PRODUCT_QUERY] = {**(emb_manifest.get(PRODUCT_QUERY) or {}), "dim": int(query_vectors.shape[1])}
     index = MilvusIndex(client, collection, manifest)
     index.stats = {"build_seconds": manifest["build_seconds"], **measure_recall(index, ids, vectors, config)}
     manifest.update(index.stats)

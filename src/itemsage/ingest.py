@@ -39,6 +39,13 @@ Rules a user may need to know:
   `query_text` stands for a 384-d text-encoder vector and a closeup row with only `query_image_path`
   for an image-encoder vector (the path is encoded here and stored as `query_embedding`). A
   `query_embedding` of length 0 counts as absent.
+- Products as queries: each kept product gets its frozen query vector (`query_vector` in
+  products.parquet; `product_query`, `--product-query auto|image|text`: the main image vector, or the
+  text encoder's vector of the title; see itemsage.product_query), computed after the catalog pass and
+  held in memory (4 x Dq bytes per product) for the log pass. A closeup or home row may name
+  `query_product_id` instead of a query vector: an id that is not a kept product is rejected
+  (unknown_query_product); else the product's vector becomes the row's `query_embedding` (a row with
+  both keeps its own vector). `query_product_id` is kept in the windows as given.
 - content_hash: sha256 of the product's features (see `content_hash`), so `embed --incremental`
   re-embeds exactly the products whose text or images changed.
 - Input fingerprints in the manifest: `sha256:<hex>` of the file's bytes, or `size-mtime:<bytes>:<ns>`
@@ -110,7 +117,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from itemsage import artifacts, schema
+from itemsage import artifacts, product_query, schema
 from itemsage.config import ConfigError, require, to_dict
 from itemsage.validate import (
     EPOCH,
@@ -149,7 +156,7 @@ class DataError(ValueError):
 # Config and summary
 # ------------------------------------------------------------------------------------------------
 
-_RESERVED = {schema.PRODUCT_ID, schema.IMAGE_EMBEDDINGS, schema.IMAGE_PATHS, schema.CONTENT_HASH}
+_RESERVED = {schema.PRODUCT_ID, schema.IMAGE_EMBEDDINGS, schema.IMAGE_PATHS, schema.CONTENT_HASH, schema.QUERY_VECTOR}
 SPLITS = ("global", "per-user")
 
 
@@ -171,6 +178,7 @@ class IngestConfig:
     image_batch_size: int = 32  # images per image-encoder call
     sort_rows: int = 250_000  # log rows per time slab, held in memory while writing train/eval in time order
     sha256_max_bytes: int = 1 << 30  # larger inputs are fingerprinted by size and mtime
+    product_query: str = "auto"  # a product's frozen query vector: auto | image | text (itemsage.product_query)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -215,6 +223,8 @@ class IngestConfig:
             require(isinstance(value, int) and value >= 1, f"`ingest.{name}` ({value}) must be an integer >= 1.")
         require(self.image_dim is None or (isinstance(self.image_dim, int) and self.image_dim >= 1),
                 f"`ingest.image_dim` ({self.image_dim}) must be a positive integer or unset.")
+        require(self.product_query in product_query.CHOICES,
+                f"`ingest.product_query` ({self.product_query!r}) must be one of {', '.join(product_query.CHOICES)}.")
         require(isinstance(self.sha256_max_bytes, int) and self.sha256_max_bytes >= 0,
                 f"`ingest.sha256_max_bytes` ({self.sha256_max_bytes}) must be an integer >= 0.")
 
@@ -246,6 +256,7 @@ class IngestSummary:
     images_truncated: int
     files: list[Path]
     warnings: list[str] = field(default_factory=list)  # shown first in the summary: most rows rejected
+    product_query: dict[str, Any] = field(default_factory=dict)  # the manifest's product_query entry
 
     @property
     def rejected(self) -> int:
@@ -286,6 +297,7 @@ def summary_table(summary: IngestSummary) -> Any:
     gap = f", {summary.gap_rows:,} train rows dropped in the gap before validation" if summary.gap_rows else ""
     facts = (f"products kept: {summary.products:,}; {split}{gap}; "
              f"image width: {summary.image_dim}; query widths: {summary.query_dims}; "
+             f"product query vectors: {summary.product_query.get('source')}, {summary.product_query.get('dim')}-d; "
              f"products with image lists cut to the maximum: {summary.images_truncated:,}")
     # Text, not markup: a detail may hold [brackets].
     warnings = [Text(f"WARNING: {w}", style="bold red") for w in summary.warnings]
@@ -898,10 +910,10 @@ class _Ingest:
                     else:
                         names = dict.fromkeys(k for r in batch for k in r if k not in kinds)
                         extra = {c: [r.get(c) for r, k in zip(batch, keep) if k] for c in names}
-                    if schema.CONTENT_HASH in extra:
-                        log.warning("%s: ignoring the input column '%s'; ingest computes it", src.path,
-                                    schema.CONTENT_HASH)
-                        del extra[schema.CONTENT_HASH]
+                    for computed in (schema.CONTENT_HASH, schema.QUERY_VECTOR):
+                        if computed in extra:
+                            log.warning("%s: ignoring the input column '%s'; ingest computes it", src.path, computed)
+                            del extra[computed]
                     if table.num_rows:
                         scratch.write_table(table)
                     self.extras.add(extra, table.num_rows)
@@ -911,11 +923,40 @@ class _Ingest:
                     stats.rows_kept += table.num_rows
                     self.progress.advance(task, n)
 
+    def product_queries(self, text_encoder: Any) -> dict[str, Any]:
+        """Each kept product's frozen query vector (itemsage.product_query), in scratch order, held in
+        `checks` for the log pass; returns the manifest's `product_query` entry."""
+        without_image = 0
+        for batch in _scratch_batches(self.scratch / "products.arrow"):
+            lengths = pc.list_value_length(batch.column(schema.IMAGE_EMBEDDINGS)).fill_null(0)
+            without_image += int((lengths.to_numpy(zero_copy_only=False) == 0).sum())
+        try:
+            source = product_query.choose_source(self.config.product_query, products=self.products,
+                                                 without_image=without_image)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        task = self.progress.add_task(f"product query vectors ({source})", total=self.products)
+        ids: list[str] = []
+        blocks: list[np.ndarray] = []
+        for batch in _scratch_batches(self.scratch / "products.arrow"):
+            table = pa.Table.from_batches([batch])
+            blocks.append(product_query.product_query_vectors(table, source, text_encoder=text_encoder))
+            ids += table.column(schema.PRODUCT_ID).to_pylist()
+            self.progress.advance(task, table.num_rows)
+        dim = blocks[0].shape[1] if blocks else 0  # no product kept: ingest refuses the catalog before this
+        vectors = np.concatenate(blocks) if blocks else np.zeros((0, dim), np.float32)  # [P, Dq]
+        self.checks.product_query_rows = {pid: i for i, pid in enumerate(ids)}
+        self.checks.product_query_vectors = vectors
+        log.info("product query vectors: %s, %d-d, %d products", source, dim, len(ids))
+        return product_query.manifest_entry(source, dim)
+
     def write_products(self, target: Path) -> None:
-        """products.parquet: the scratch batches with their slices of the extra columns appended."""
+        """products.parquet: the scratch batches with their frozen query vectors and slices of the extra
+        columns appended."""
         extras = self.extras.columns()
-        core = products_schema(self.text_columns)
-        no_dictionary = {schema.PRODUCT_ID, schema.IMAGE_EMBEDDINGS, schema.CONTENT_HASH}  # unique or float values
+        core = products_schema(self.text_columns, query_vector=True)
+        vectors = self.checks.product_query_vectors  # [P, Dq] in scratch order
+        no_dictionary = {schema.PRODUCT_ID, schema.IMAGE_EMBEDDINGS, schema.CONTENT_HASH, schema.QUERY_VECTOR}
         dictionary = [f"{f}.list.element" for f in core.names if f not in no_dictionary]
         with artifacts.atomic_path(target) as tmp:
             writer = None
@@ -923,6 +964,10 @@ class _Ingest:
             try:
                 for batch in _scratch_batches(self.scratch / "products.arrow"):
                     table = pa.Table.from_batches([batch])
+                    block = vectors[start:start + batch.num_rows]  # [b, Dq]
+                    offsets = pa.array(np.arange(len(block) + 1, dtype=np.int32) * block.shape[1])
+                    table = table.append_column(pa.field(schema.QUERY_VECTOR, pa.list_(pa.float32())),
+                                                pa.ListArray.from_arrays(offsets, pa.array(block.reshape(-1))))
                     for name, column in extras.items():
                         table = table.append_column(name, column.slice(start, batch.num_rows))
                     start += batch.num_rows
@@ -1149,12 +1194,14 @@ def _iso(ms: int) -> str:
 
 
 def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: IngestConfig | None = None, *,
-           image_encoder: Any = None) -> IngestSummary:
+           image_encoder: Any = None, text_encoder: Any = None) -> IngestSummary:
     """Validate, normalise and time-split `catalog` and `logs` into the dataset directory `out`.
 
     `catalog` and `logs` are a .parquet/.jsonl/.json file or a directory of them. `image_encoder`
     (anything with `dim` and `encode_paths`) replaces the built-in ImageEncoder, which is otherwise
-    loaded only when an image path needs encoding. Raises DataError for an unusable input file
+    loaded only when an image path needs encoding; `text_encoder` (anything with `dim` and `encode`)
+    replaces the built-in TextQueryEncoder for the products' frozen query vectors when those are
+    text vectors (`config.product_query`). Raises DataError for an unusable input file
     (before anything is written) and ConfigError for a bad option.
     """
     from rich.progress import MofNCompleteColumn, Progress
@@ -1187,6 +1234,9 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
             if refusal := run.refusal("catalog"):
                 raise DataError(refusal)
             warnings = [run.rejection_warning("catalog", out)]
+            # Before the logs: a row's query_product_id stands for its product's frozen vector.
+            product_query_entry = run.product_queries(text_encoder)
+            lap("product query vectors", run.products)
 
             minutes = run.time_pass(log_sources)
             lap("time pass", _total_rows(log_sources))
@@ -1217,6 +1267,7 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
             run.close_rejects()
             run.checks.seen_ids.clear()  # O(products) strings no later pass needs
             run.checks.kept_ids.clear()
+            run.checks.product_query_rows = {}
             lap("logs", _total_rows(log_sources))
 
             run.write_products(tmp / schema.PRODUCTS_FILE)
@@ -1257,7 +1308,7 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
         artifacts.write_manifest(tmp, "dataset", config=manifest_config, inputs=inputs, counts=counts,
                                  extra={"input_files": {"catalog": [str(s.path) for s in catalog_sources],
                                                         "logs": [str(s.path) for s in log_sources]},
-                                        "warnings": warnings})
+                                        "warnings": warnings, schema.PRODUCT_QUERY: product_query_entry})
         lap("manifest", None)
         _publish(tmp, out)
     except BaseException:  # nothing half-written survives, not even on Ctrl-C
@@ -1275,7 +1326,8 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
                             split=config.split, validation_from=windows_from["validation_from"],
                             test_from=windows_from["test_from"], gap_rows=slabs.gap_rows,
                             image_dim=image_dim, query_dims=dict(checks.query_dims),
-                            images_truncated=checks.images_truncated, files=files, warnings=warnings)
+                            images_truncated=checks.images_truncated, files=files, warnings=warnings,
+                            product_query=product_query_entry)
     log.info("ingest: %d products, %d train, %d validation and %d test rows (%d dropped in the gap), "
              "%d rejected rows -> %s", summary.products, counts["train"], counts["validation"], counts["test"],
              slabs.gap_rows, summary.rejected, out)

@@ -12,7 +12,8 @@ fsyncs it before answering, and applies it to a `LiveIndex`: the served version 
 On disk, beside the versions:
 
     INDEX_ROOT/live/log.jsonl   one JSON object per line:
-        {"seq": 7, "op": "upsert", "id": "p1", "vector": "<base64 float32 LE>", "model": "<fp>", "product": {...}}
+        {"seq": 7, "op": "upsert", "id": "p1", "vector": "<base64 float32 LE>", "model": "<fp>", "product": {...},
+         "query_vector": "<base64 float32 LE>"}   (the product's frozen query vector, when the index has them)
         {"seq": 8, "op": "delete", "id": "p2"}
         {"seq": 6, "op": "compacted", "version": "v..."}   (first line after a compaction)
     INDEX_ROOT/live/LOCK        flock'd around every append and every rewrite of the log
@@ -184,9 +185,14 @@ class LiveLog:
             artifacts.atomic_write_text(self.path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept))
 
 
-def upsert_record(product_id: str, vector: np.ndarray, model: str, product: dict[str, Any]) -> dict[str, Any]:
-    return {"op": UPSERT, "id": product_id, "vector": encode_vector(vector), "model": model, "product": product,
-            "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")}
+def upsert_record(product_id: str, vector: np.ndarray, model: str, product: dict[str, Any],
+                  query_vector: np.ndarray | None = None) -> dict[str, Any]:
+    """An upsert line; `query_vector` [Dq]: the product's frozen query vector (product_query.product_query_vectors)."""
+    record = {"op": UPSERT, "id": product_id, "vector": encode_vector(vector), "model": model, "product": product,
+              "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")}
+    if query_vector is not None:
+        record["query_vector"] = encode_vector(query_vector)
+    return record
 
 
 def delete_record(product_id: str) -> dict[str, Any]:
@@ -207,6 +213,7 @@ class _View:
     side_ids: np.ndarray  # [M] product ids (object)
     side_alive: np.ndarray  # bool [M]: False once the id is upserted again or deleted
     side_row: dict[str, int]  # product id -> its live side row
+    side_query: np.ndarray  # [M, Dq] upserted frozen query vectors (NaN: the update carried none); Dq 0 = none
 
 
 def _selector(hidden: np.ndarray) -> Any:
@@ -228,12 +235,14 @@ class LiveIndex:
         self.applied_seq = int(base.manifest.get("live_seq", 0))
         n = len(base)
         self._buffer = np.zeros((64, base.dim), dtype=np.float32)  # grows by doubling
+        self.query_dim = base.query_dim or 0  # 0: the version has no product query vectors
+        self._query_buffer = np.zeros((64, self.query_dim), dtype=np.float32)  # grows with _buffer
         self._count = 0
         self._lock = threading.Lock()
         self.upserts = 0
         self.deletes = 0
         self._view = _View(np.zeros((n + 7) // 8, dtype=np.uint8), 0, None, self._buffer[:0],
-                           np.empty(0, dtype=object), np.zeros(0, dtype=bool), {})
+                           np.empty(0, dtype=object), np.zeros(0, dtype=bool), {}, self._query_buffer[:0])
 
     # -- what the served index delegates --
 
@@ -276,6 +285,43 @@ class LiveIndex:
             raise KeyError(f"{len(missing)} product id(s) not in the index: {shown}")
         if base_ids:
             out[base_at] = self.base.vector(base_ids)
+        return out
+
+    @property
+    def has_query_vectors(self) -> bool:
+        return self.base.has_query_vectors
+
+    @property
+    def product_query(self) -> dict[str, Any] | None:
+        return self.base.product_query
+
+    def query_vector(self, product_ids: list[str] | np.ndarray) -> np.ndarray:
+        """The current frozen query vectors [N, Dq] of `product_ids` (upserts included); KeyError names
+        ids deleted or never indexed; NoProductQueries when the version has none (or an upsert was
+        logged without one)."""
+        if not self.base.has_query_vectors:
+            raise index_lib.no_product_queries(f"index version {self.version}")
+        view = self._view
+        product_ids = list(product_ids)
+        out = np.empty((len(product_ids), self.query_dim), dtype=np.float32)
+        missing, base_at, base_ids = [], [], []
+        for i, pid in enumerate(product_ids):
+            if pid in view.side_row:
+                out[i] = view.side_query[view.side_row[pid]]
+                if np.isnan(out[i]).any():
+                    raise index_lib.NoProductQueries(
+                        f"product {pid!r} was upserted without a product query vector (by a server older than "
+                        "product queries); upsert it again")
+            elif self._base_row(view, pid) >= 0:
+                base_at.append(i)
+                base_ids.append(pid)
+            else:
+                missing.append(pid)
+        if missing:
+            shown = ", ".join(repr(p) for p in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise KeyError(f"{len(missing)} product id(s) not in the index: {shown}")
+        if base_ids:
+            out[base_at] = self.base.query_vector(base_ids)
         return out
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -323,6 +369,9 @@ class LiveIndex:
                 grown = np.zeros((max(need, 2 * len(self._buffer)), self.dim), dtype=np.float32)
                 grown[:count] = self._buffer[:count]
                 self._buffer = grown
+                grown_query = np.zeros((len(grown), self.query_dim), dtype=np.float32)
+                grown_query[:count] = self._query_buffer[:count]
+                self._query_buffer = grown_query
             ids = list(view.side_ids)
             alive = np.concatenate([view.side_alive, np.zeros(len(upserts), dtype=bool)])
             for record in records:
@@ -338,6 +387,10 @@ class LiveIndex:
                 if record["op"] == UPSERT:
                     vector = decode_vector(record["vector"], self.dim)
                     self._buffer[count] = vector / max(float(np.linalg.norm(vector)), 1e-12)  # past every view
+                    if self.query_dim:
+                        given = record.get("query_vector")
+                        self._query_buffer[count] = (decode_vector(given, self.query_dim) if given is not None
+                                                     else np.nan)
                     side_row[pid] = count
                     ids.append(pid)
                     alive[count] = True
@@ -353,7 +406,7 @@ class LiveIndex:
             self.upserts += counts[0]
             self.deletes += counts[1]
             self._view = _View(hidden, hidden_count, selector, self._buffer[:count],
-                               np.asarray(ids, dtype=object), alive, side_row)
+                               np.asarray(ids, dtype=object), alive, side_row, self._query_buffer[:count])
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids [N], vectors [N, D]) of every live product: the version's visible rows, then the upserts."""
@@ -414,7 +467,9 @@ def compact(
     if (version_dir / artifacts.MANIFEST).exists():
         raise ArtifactError(f"index version {version_dir} already exists; pass another --version name")
     config = dataclasses.asdict(base.config)
-    new = index_lib.ProductIndex.build(ids, vectors, **config)
+    query_vectors = live.query_vector(ids) if live.has_query_vectors else None  # [N, Dq], carried along
+    new = index_lib.ProductIndex.build(ids, vectors, **config, query_vectors=query_vectors,
+                                       product_query=base.product_query)
     inputs = {"base_version": base.version or "", "live_log": f"through update {live.applied_seq}"}
     if base.manifest.get("inputs", {}).get("model"):
         inputs["model"] = base.manifest["inputs"]["model"]

@@ -48,9 +48,12 @@ WEIGHT = "weight"
 QUERY_TEXT = "query_text"
 QUERY_EMBEDDING = "query_embedding"
 QUERY_IMAGE_PATH = "query_image_path"
+QUERY_PRODUCT_ID = "query_product_id"  # closeup/home: the query is this catalog product's frozen vector
 
 # Columns ingest adds to products.
 CONTENT_HASH = "content_hash"  # sha256 of a product's features, for `embed --incremental`
+QUERY_VECTOR = "query_vector"  # the product's frozen query vector (itemsage.product_query)
+PRODUCT_QUERY = "product_query"  # dataset manifest key: {"source", "fields", "dim"} of query_vector
 
 # Files of a dataset directory (written by `itemsage ingest`).
 PRODUCTS_FILE = "products.parquet"
@@ -77,6 +80,7 @@ REJECT_REASONS: tuple[str, ...] = (
     "missing_query",
     "bad_weight",
     "unreadable_image",
+    "unknown_query_product",
 )
 
 
@@ -92,7 +96,8 @@ ALL_TASKS: tuple[str, ...] = tuple(task_name(s, e) for s in SURFACES for e in EN
 
 
 def log_schema() -> pa.Schema:
-    """train.parquet / validation.parquet / test.parquet. Only user_id, query_text and query_embedding hold nulls."""
+    """train.parquet / validation.parquet / test.parquet. Only user_id, query_text, query_embedding and
+    query_product_id hold nulls."""
     import pyarrow as pa
 
     return pa.schema([
@@ -104,12 +109,16 @@ def log_schema() -> pa.Schema:
         (WEIGHT, pa.float32()),
         (QUERY_TEXT, pa.string()),
         (QUERY_EMBEDDING, pa.list_(pa.float32())),
+        (QUERY_PRODUCT_ID, pa.string()),
     ])
 
 
-def products_schema(text_columns: Sequence[str]) -> pa.Schema:
-    """products.parquet before the extra input columns are appended."""
+def products_schema(text_columns: Sequence[str], *, query_vector: bool = False) -> pa.Schema:
+    """products.parquet before the extra input columns are appended (`query_vector=True`: as written,
+    with each product's frozen query vector; without it: the checked catalog rows, before ingest
+    computes those)."""
     import pyarrow as pa
 
     return pa.schema([(PRODUCT_ID, pa.string()), *[(f, pa.list_(pa.string())) for f in text_columns],
-                      (IMAGE_EMBEDDINGS, pa.list_(pa.list_(pa.float32()))), (CONTENT_HASH, pa.string())])
+                      (IMAGE_EMBEDDINGS, pa.list_(pa.list_(pa.float32()))), (CONTENT_HASH, pa.string()),
+                      *([(QUERY_VECTOR, pa.list_(pa.float32()))] if query_vector else [])])

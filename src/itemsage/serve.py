@@ -475,9 +475,30 @@ class Service:
             raise RequestError(422, f"product id(s) {', '.join(map(repr, repeated[:5]))} appear more than once in "
                                "this request; send each product once")
         vectors = self._embed_products(req.products, [f"products[{i}]" for i in range(len(ids))])  # [N, D]
-        updates = [live_lib.upsert_record(pid, v, self.model.fingerprint, p.model_dump(exclude_none=True))
-                   for pid, v, p in zip(ids, vectors, req.products)]
+        products = [p.model_dump(exclude_none=True) for p in req.products]
+        queries = self._product_query_vectors(products)  # [N, Dq] or None
+        updates = [live_lib.upsert_record(pid, v, self.model.fingerprint, p, None if queries is None else queries[i])
+                   for i, (pid, v, p) in enumerate(zip(ids, vectors, products))]
         return self._apply_updates(updates, ids, [])
+
+    def _product_query_vectors(self, products: list[dict[str, Any]]) -> np.ndarray | None:
+        """The upserted products' frozen query vectors [N, Dq], as ingest computes them
+        (product_query.product_query_vectors), when the served index keeps them; else None."""
+        from itemsage import product_query
+
+        index = self.served.index
+        entry = getattr(index, "product_query", None)
+        if not getattr(index, "has_query_vectors", False) or not entry:
+            return None
+        encoder = self.text_encoder() if entry.get("source") == "text" else None
+        try:
+            queries = product_query.product_query_vectors(products, entry["source"], text_encoder=encoder)
+        except ValueError as err:
+            raise RequestError(422, str(err)) from err
+        if queries.shape[1] != index.query_dim:
+            raise RequestError(422, f"the products' query vectors are {queries.shape[1]}-d, the index's "
+                               f"{index.query_dim}-d; send image_embeddings of the catalog's width")
+        return queries
 
     def delete(self, req: DeleteRequest) -> UpdateResponse:
         """Log the deletes durably; the products are never returned again."""

@@ -72,7 +72,7 @@ _CANONICAL = {
 LOG_KINDS = {
     schema.SURFACE: "str", schema.ENGAGEMENT: "str", schema.PRODUCT_ID: "id", schema.TIMESTAMP: "time",
     schema.USER_ID: "label", schema.WEIGHT: "num", schema.QUERY_TEXT: "str",
-    schema.QUERY_EMBEDDING: "vec", schema.QUERY_IMAGE_PATH: "str",
+    schema.QUERY_EMBEDDING: "vec", schema.QUERY_IMAGE_PATH: "str", schema.QUERY_PRODUCT_ID: "id",
 }
 LOG_REQUIRED = (schema.SURFACE, schema.ENGAGEMENT, schema.PRODUCT_ID, schema.TIMESTAMP)
 LOG_SCHEMA = schema.log_schema()  # the dataset's schemas live in schema.py
@@ -496,8 +496,9 @@ def _text_query_dim() -> int:
 
 
 def _query_width_detail(surface: str, got: int, expected: int, text_only: bool, image_only: bool,
-                        origin: str) -> str:
+                        origin: str, product_only: bool = False) -> str:
     what = ("query_text stands for a {g}-d text-encoder vector" if text_only else
+            "query_product_id stands for the product's {g}-d frozen query vector" if product_only else
             "query_image_path encodes to a {g}-d image vector" if image_only else
             "query_embedding has width {g}").format(g=got)
     return (f"{what}, but {surface} query vectors in this dataset are {expected}-d, fixed by the first "
@@ -533,6 +534,10 @@ class RowChecks:
         self.query_dims: dict[str, int] = {}
         self.query_dim_origins: dict[str, str] = {}  # surface -> "<file> row <r>" that fixed its width
         self.images_truncated = 0
+        # The kept products' frozen query vectors (set by ingest after the catalog pass): a log row's
+        # query_product_id -> its row in `product_query_vectors` [P, Dq].
+        self.product_query_rows: dict[str, int] = {}
+        self.product_query_vectors = np.zeros((0, 0), np.float32)
 
     def _catalog_row(self, number: int) -> str:
         """ "<file> row <r>" of a catalog row number (one int per id is all `seen_ids` holds)."""
@@ -722,31 +727,43 @@ class RowChecks:
         rej.reject(~(np.isfinite(weight) & (weight >= 0)), "bad_weight",
                    lambda r: f"weight {weight[r]} must be a finite number >= 0")
 
-        # The query: search needs text or a vector, closeup a vector or an image, home a vector.
+        # The query: search needs text or a vector, closeup a vector, an image or a product, home a
+        # vector or a product.
         rej.reject_errors(errors[schema.QUERY_TEXT], "missing_query")
         rej.reject_errors(errors[schema.QUERY_IMAGE_PATH], "unreadable_image")
+        rej.reject_errors(errors[schema.QUERY_PRODUCT_ID], "unknown_query_product")
         rej.reject_errors(errors[schema.QUERY_EMBEDDING], "non_finite_vector")
         emb = cols[schema.QUERY_EMBEDDING]
         emb_len, emb_nonfinite, _ = _vector_stats(emb)  # [n], [n]
         has_emb = emb_len > 0
         has_text = _present(cols[schema.QUERY_TEXT])
         has_img = _present(cols[schema.QUERY_IMAGE_PATH])
+        query_pid = cols[schema.QUERY_PRODUCT_ID]
+        has_pid = _present(query_pid)
         is_search, is_closeup, is_home = (surf == schema.SURFACES.index(s) for s in ("search", "closeup", "home"))
-        ok_query = (is_search & (has_text | has_emb)) | (is_closeup & (has_emb | has_img)) | (is_home & has_emb)
-        needs = {"search": "query_text or query_embedding", "closeup": "query_embedding or query_image_path",
-                 "home": "query_embedding"}
+        ok_query = ((is_search & (has_text | has_emb)) | (is_closeup & (has_emb | has_img | has_pid))
+                    | (is_home & (has_emb | has_pid)))
+        needs = {"search": "query_text or query_embedding",
+                 "closeup": "query_embedding, query_image_path or query_product_id",
+                 "home": "query_embedding or query_product_id"}
         rej.reject(~ok_query, "missing_query",
                    lambda r: f"a {schema.SURFACES[surf[r]]} row needs {needs[schema.SURFACES[surf[r]]]}")
 
         ids = cols[schema.PRODUCT_ID].to_pylist()
         rej.reject(~_member(ids, self.kept_ids), "unknown_product",
                    lambda r: f"product_id {ids[r]!r} is not in the catalog (or its catalog row was rejected)")
+        qids = query_pid.to_pylist()
+        rej.reject(has_pid & ~_member(qids, self.product_query_rows.keys()), "unknown_query_product",
+                   lambda r: f"query_product_id {qids[r]!r} is not in the catalog (or its catalog row was rejected)")
         rej.reject(has_emb & emb_nonfinite, "non_finite_vector", "query_embedding contains NaN or inf")
 
-        # Query width: the vector's length, or the width its encoder will give; one per surface.
+        # Query width: the vector's length, or the width its encoder will give; one per surface. A
+        # row with a query_embedding keeps it; else a query product stands for its frozen vector.
         implied = emb_len.copy()
         text_only = is_search & has_text & ~has_emb
-        image_only = is_closeup & has_img & ~has_emb
+        product_only = (is_closeup | is_home) & has_pid & ~has_emb
+        image_only = is_closeup & has_img & ~has_emb & ~product_only
+        implied[product_only] = self.product_query_vectors.shape[1]
         if (text_only & rej.alive).any():
             implied[text_only] = _text_query_dim()
         if (image_only & rej.alive).any():
@@ -762,7 +779,17 @@ class RowChecks:
         expected = np.array([self.query_dims.get(s, -1) for s in schema.SURFACES] + [-1], np.int64)[surf]
         rej.reject(implied != expected, "bad_vector_width", lambda r: _query_width_detail(
             schema.SURFACES[surf[r]], int(implied[r]), int(expected[r]), bool(text_only[r]), bool(image_only[r]),
-            self.query_dim_origins[schema.SURFACES[surf[r]]]))
+            self.query_dim_origins[schema.SURFACES[surf[r]]], bool(product_only[r])))
+
+        # Query products: their frozen vectors become the rows' query_embedding.
+        named = product_only & rej.alive
+        if named.any():
+            rows = np.flatnonzero(named)
+            at = np.fromiter((self.product_query_rows[qids[r]] for r in rows), np.int64, count=len(rows))
+            take = np.arange(n)
+            take[rows] = n + np.arange(len(rows))
+            new = pa.array(list(self.product_query_vectors[at]), pa.list_(pa.float32()))
+            emb = _take_column(pa.concat_arrays([emb, new]), pa.array(take))
 
         # Closeup image queries: encode now, store as query_embedding.
         encode = image_only & rej.alive
@@ -787,6 +814,7 @@ class RowChecks:
             schema.WEIGHT: pa.array(weight.astype(np.float32)),
             schema.QUERY_TEXT: cols[schema.QUERY_TEXT],
             schema.QUERY_EMBEDDING: emb,
+            schema.QUERY_PRODUCT_ID: query_pid,
         }).cast(LOG_SCHEMA)
         keep = rej.alive
         return table if keep.all() else take_rows(table, np.flatnonzero(keep))
