@@ -606,18 +606,21 @@ def create_app(
     # one small matmul and one index search, well under a millisecond) run on the event loop; a
     # thread-pool hop costs about as much as that work. What takes milliseconds (a new text through
     # the text encoder, where concurrent texts batch across pool threads, or an image) still runs in
-    # the pool, so the loop keeps serving meanwhile.
+    # the pool, so the loop keeps serving meanwhile. So does every search of a remote index (Milvus:
+    # a network round trip), i.e. whenever the service has no local index root.
+    local_index = service.index_root is not None
+
     @app.post("/v1/search", response_model=Candidates, tags=["retrieval"])
     async def search(req: SearchRequest) -> Candidates:
         """Products for a text search query (or a precomputed search-query vector)."""
-        if req.text is None or req.text in service.query_cache:
+        if local_index and (req.text is None or req.text in service.query_cache):
             return service.search(req)
         return await run_in_threadpool(service.search, req)
 
     @app.post("/v1/closeup", response_model=Candidates, tags=["retrieval"])
     async def closeup(req: CloseupRequest) -> Candidates:
         """Products like an indexed product, an image vector, or an image file."""
-        if req.image is None:
+        if local_index and req.image is None:
             return service.closeup(req)
         return await run_in_threadpool(service.closeup, req)
 
