@@ -716,7 +716,10 @@ def create_app(
 
 def uvicorn_config(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
                    keep_alive_s: float = DEFAULT_KEEP_ALIVE_S) -> Any:
-    """The uvicorn settings the service runs with: idle keep-alive connections close after `keep_alive_s`."""
+    """The uvicorn settings the service runs with: idle keep-alive connections close after `keep_alive_s`.
+
+    The event loop and HTTP parser are uvicorn's "auto" choice: uvloop and httptools, both dependencies
+    (asyncio and h11 only where they cannot be installed)."""
     import uvicorn
 
     require(keep_alive_s > 0, f"keep_alive_s must be > 0, got {keep_alive_s}")
