@@ -13,7 +13,10 @@ figure without its recall means nothing.
     python benchmarks/bench_serve.py ... --runs 3 --query-cache 0   # medians of 3; every search encoded
 
 Search bodies cycle through 500 distinct texts, so with the server's query-vector cache on (its
-default) a warm server encodes none of them: `--query-cache 0` measures the encoder on every request.
+default) a warm server encodes none of them (the warm-up sends all 500 then): `--query-cache 0`
+measures the encoder on every request. Besides requests/s and latency, each row gives the server
+process's CPU time per request (from /proc): on a shared machine it moves far less than
+requests/s, and 1000 / (CPU ms per request) is what one free core would serve.
 
 Closeup by product id does one index lookup and one HNSW search; search adds the MiniLM text encoder
 (the dominant cost on CPU) and the search adapter.
@@ -104,12 +107,14 @@ def run_wrk(url: str, path: str, bodies: list[str], conns: int, duration: float,
     if "50" not in pct or "99" not in pct:
         raise RuntimeError(f"could not read wrk's latency distribution:\n{out}")
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    total = re.search(r"(\d+) requests in", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
         "p50_ms": _ms(pct["50"]),
         "p99_ms": _ms(pct["99"]),
         "errors": (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0),
+        "requests": int(total.group(1)),
     }
 
 
@@ -127,6 +132,7 @@ def run_hey(url: str, path: str, bodies: list[str], conns: int, duration: float,
         "p50_ms": float(pct["50"]) * 1e3,
         "p99_ms": float(pct["99"]) * 1e3,
         "errors": sum(int(n) for code, n in codes if code != "200"),
+        "requests": sum(int(n) for _, n in codes),
     }
 
 
@@ -156,7 +162,7 @@ async def _python_load(url: str, bodies: list[str], conns: int, duration: float)
         elapsed = time.perf_counter() - start
     lat = np.asarray(latencies) * 1e3
     return {"rps": len(lat) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)), "errors": errors}
+            "p99_ms": float(np.percentile(lat, 99)), "errors": errors, "requests": len(lat)}
 
 
 def run_python(url: str, path: str, bodies: list[str], conns: int, duration: float, core: int) -> dict:
@@ -172,6 +178,12 @@ def run_python(url: str, path: str, bodies: list[str], conns: int, duration: flo
     finally:
         os.unlink(f.name)
     return json.loads(out.strip().splitlines()[-1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process (all its threads) has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 # ---- a random-init fixture for smoke runs ----------------------------------------------------------
@@ -279,8 +291,8 @@ def main() -> None:
     try:
         wait_ready(url, server)
         endpoints = args.endpoints.split(",")
-        for endpoint in endpoints:  # warm-up: the first search loads MiniLM
-            for body in bodies[endpoint][:20]:
+        for endpoint in endpoints:  # warm-up: the first search loads MiniLM; with the cache on, all texts
+            for body in bodies[endpoint][:500 if endpoint == "search" and args.query_cache != 0 else 20]:
                 r = httpx.post(f"{url}/v1/{endpoint}", content=body, headers={"content-type": "application/json"},
                                timeout=120)
                 r.raise_for_status()
@@ -289,9 +301,12 @@ def main() -> None:
                 runs = []
                 for run in range(args.runs):
                     print(f"{endpoint} x {conns} connections, {args.duration:.0f} s, run {run + 1} ...", file=sys.stderr)
+                    cpu = cpu_seconds(server.pid)
                     runs.append(runner(url, f"/v1/{endpoint}", bodies[endpoint], conns, args.duration, args.client_core))
+                    # The server's own CPU per request: much less sensitive to a busy machine than requests/s.
+                    runs[-1]["cpu_ms"] = 1e3 * (cpu_seconds(server.pid) - cpu) / max(runs[-1].pop("requests"), 1)
                     print(f"  {runs[-1]}", file=sys.stderr)
-                result = {key: float(np.median([r[key] for r in runs])) for key in ("rps", "p50_ms", "p99_ms")}
+                result = {key: float(np.median([r[key] for r in runs])) for key in ("rps", "p50_ms", "p99_ms", "cpu_ms")}
                 result["errors"] = sum(r["errors"] for r in runs)
                 rows.append((endpoint, conns, result))
     finally:
@@ -314,11 +329,11 @@ def main() -> None:
           f"(errors: total); k = {args.k}; query encoder {args.query_encoder or 'default'}, query cache "
           f"{'default' if args.query_cache is None else args.query_cache}, query batch "
           f"{'default' if args.query_batch is None else args.query_batch}.\n")
-    print("| endpoint | connections | requests/s | p50 (ms) | p99 (ms) | errors | recall@10 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| endpoint | connections | requests/s | p50 (ms) | p99 (ms) | errors | server CPU ms/request | recall@10 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for endpoint, conns, r in rows:
         label = "closeup (product id)" if endpoint == "closeup" else "search (text)" if endpoint == "search" else endpoint
-        print(f"| {label} | {conns} | {r['rps']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | "
+        print(f"| {label} | {conns} | {r['rps']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {r['cpu_ms']:.2f} | "
               f"{recall if recall is None else f'{recall:.3f}'} |")
 
 

@@ -149,6 +149,17 @@ def test_query_vector_cache_is_lru():
     assert off.get("a") is None
 
 
+def test_query_vector_cache_membership_neither_counts_nor_refreshes():
+    from itemsage.query_encoder import QueryVectorCache
+
+    cache = QueryVectorCache(maxsize=2)
+    cache.put("a", np.array([1.0]))
+    cache.put("b", np.array([2.0]))
+    assert "a" in cache and "z" not in cache and (cache.hits, cache.misses) == (0, 0)
+    cache.put("c", np.array([3.0]))  # "a" is still the least recent: the check did not refresh it
+    assert "a" not in cache and "b" in cache and "c" in cache
+
+
 class SlowEncoder:
     """A deterministic encoder that takes 20 ms per call and records each call's batch."""
 

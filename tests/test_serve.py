@@ -221,6 +221,66 @@ def test_closeup_by_vector_and_by_image(client, world, tmp_path):
     assert r.json()["ids"] == want_ids
 
 
+def test_numpy_adapters_equal_the_models_torch_adapters(world):
+    """The service applies plain adapters (bias-free Linear, identity) in numpy: same unit rows as torch."""
+    service = serve.Service(world["model_dir"], world["root"])
+    assert set(service._adapter_maps) == {"search", "closeup", "home"}
+    assert service._adapter_maps["home"] is None  # 16 -> 16 in auto mode: the identity
+    rng = np.random.default_rng(3)
+    for surface, width in QUERY_DIMS.items():
+        x = rng.standard_normal((5, width)).astype(np.float32)
+        np.testing.assert_allclose(service._adapt(surface, x), np.stack([adapt(world, surface, row) for row in x]),
+                                   rtol=1e-6, atol=1e-6)
+    # Anything else (here a Linear with a bias) is left to torch.
+    odd = QueryAdapters({"search": 4}, OUT_DIM, "linear")
+    odd.maps["search"] = torch.nn.Linear(4, OUT_DIM)
+    assert serve._plain_adapters(odd) == {}
+
+
+def test_cheap_requests_run_on_the_event_loop_and_slow_ones_in_the_pool(world, monkeypatch):
+    """A product id, a vector or a cached text is answered on the event loop (no thread-pool hop); a
+    new text (the text encoder) or an image goes to the thread pool, as does every request when the
+    index is not local (a Milvus search is a network round trip)."""
+    import asyncio
+
+    class Remote:  # a versions object without a local root, as index_milvus.MilvusVersions
+        def __init__(self, root):
+            self.local = serve.index_lib.LocalVersions(root)
+
+        def resolve(self, version):
+            return self.local.resolve(version)
+
+        def load(self, target):
+            return self.local.load(target)
+
+    def on_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+            return True
+        except RuntimeError:  # a pool thread has no running loop
+            return False
+
+    image = base64.b64encode(b"IMG a chair").decode()
+    requests = [("/v1/search", {"text": "oak chair"}), ("/v1/search", {"text": "oak chair"}),
+                ("/v1/search", {"vector": [1.0] * 384}), ("/v1/closeup", {"product_id": "p03"}),
+                ("/v1/closeup", {"vector": [1.0] * IMAGE_DIM}), ("/v1/closeup", {"image": image})]
+    for root, want in [(world["root"], [False, True, True, True, True, False]),
+                       (Remote(world["root"]), [False] * 6)]:
+        app = serve.create_app(world["model_dir"], root, text_encoder=FakeTextEncoder(),
+                               image_encoder=FakeImageEncoder())
+        service, seen = app.state.service, []
+        for name in ("search", "closeup"):
+            def recording(req, original=getattr(service, name)):
+                seen.append(on_loop())
+                return original(req)
+
+            monkeypatch.setattr(service, name, recording)
+        with TestClient(app) as c:
+            for path, body in requests:
+                assert c.post(path, json=body).status_code == 200
+        assert seen == want
+
+
 def test_closeup_image_encoder_width_must_match(world):
     app = serve.create_app(world["model_dir"], world["root"], image_encoder=FakeImageEncoder(dim=1280))
     with TestClient(app) as c:

@@ -310,6 +310,10 @@ class QueryVectorCache:
             self.hits += 1
             return vector
 
+    def __contains__(self, text: object) -> bool:
+        """Whether `text` is cached now (neither counted as a hit or miss nor marked recent)."""
+        return text in self._items
+
     def put(self, text: str, vector: np.ndarray) -> None:
         if not self.maxsize:
             return

@@ -28,7 +28,8 @@ Hot reload loads and verifies a whole index version before swapping one referenc
 that reference once, so requests in flight finish on the old index and none fails.
 
 Inference (torch, faiss) blocks, so the endpoints are plain `def`s that FastAPI runs in its thread
-pool; `run()` sets torch and faiss to one thread each because requests are single queries and
+pool, except the sub-millisecond cases of search and closeup, which run on the event loop (see
+`create_app`); `run()` sets torch and faiss to one thread each because requests are single queries and
 parallelism comes from concurrent requests.
 """
 
@@ -53,6 +54,7 @@ import torch
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from itemsage import index as index_lib
 from itemsage import live as live_lib
@@ -85,6 +87,19 @@ def _norms(x: np.ndarray) -> np.ndarray:
     peak = np.abs(x).max(axis=1)  # [N]
     safe = np.where(peak > 0, peak, 1.0)
     return np.linalg.norm(x / safe[:, None], axis=1) * peak
+
+
+def _plain_adapters(adapters: torch.nn.Module) -> dict[str, np.ndarray | None]:
+    """The surfaces whose adapter is an identity or a bias-free Linear (then L2 normalisation, as
+    `tower.QueryAdapters`) -> the map as a float32 matrix [Dq, D] (None: identity). Other adapters
+    are left out and run through torch."""
+    maps: dict[str, np.ndarray | None] = {}
+    for surface, module in getattr(adapters, "maps", {}).items():
+        if isinstance(module, torch.nn.Identity):
+            maps[surface] = None
+        elif type(module) is torch.nn.Linear and module.bias is None:
+            maps[surface] = np.ascontiguousarray(module.weight.detach().float().numpy().T)  # [Dq, D]
+    return maps
 
 
 # ---- the service: model, served index, encoders ------------------------------------------------
@@ -139,6 +154,8 @@ class Service:
         self.model = load_model(model_dir)
         self.model.model.eval()  # model.ItemSageModel: tower, adapters, logit scale
         self.out_dim = int(self.model.config.out_dim)
+        # The adapters as numpy matrices: a one-row torch call costs ~100 us of dispatch, numpy a few.
+        self._adapter_maps = _plain_adapters(self.model.model.adapters)
         self.served = self._with_live(self._check_index(self.versions.load(self.versions.resolve(None))))
         self._text_encoder = text_encoder
         self._image_encoder = image_encoder
@@ -248,8 +265,14 @@ class Service:
 
     def _adapt(self, surface: str, x: np.ndarray) -> np.ndarray:
         """Query vectors [B, Dq] -> product space [B, D] unit rows via the surface's adapter."""
-        with torch.inference_mode():
-            q = self.model.model.encode_queries(surface, torch.from_numpy(x)).float().numpy()  # [B, D]
+        if surface in self._adapter_maps and x.shape[-1] == self.model.query_dims[surface]:
+            weight = self._adapter_maps[surface]  # [Dq, D], None: identity
+            with np.errstate(over="ignore", invalid="ignore"):
+                q = np.asarray(x, dtype=np.float32) if weight is None else np.asarray(x, dtype=np.float32) @ weight
+                q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)  # as fn.normalize
+        else:
+            with torch.inference_mode():
+                q = self.model.model.encode_queries(surface, torch.from_numpy(x)).float().numpy()  # [B, D]
         if not np.all(np.isfinite(q)):
             raise RequestError(422, f"the {surface} query vector is too large to normalise; scale it down")
         return q
@@ -600,15 +623,27 @@ def create_app(
                    "msg": _printable(str(e.get("msg", ""))), "type": e.get("type", "")} for e in err.errors()]
         return error_response(422, _validation_message(err.errors()), errors=errors)
 
+    # Search and closeup are async so that their cheap cases (a vector, a product id, a cached text:
+    # one small matmul and one index search, well under a millisecond) run on the event loop; a
+    # thread-pool hop costs about as much as that work. What takes milliseconds (a new text through
+    # the text encoder, where concurrent texts batch across pool threads, or an image) still runs in
+    # the pool, so the loop keeps serving meanwhile. So does every search of a remote index (Milvus:
+    # a network round trip), i.e. whenever the service has no local index root.
+    local_index = service.index_root is not None
+
     @app.post("/v1/search", response_model=Candidates, tags=["retrieval"])
-    def search(req: SearchRequest) -> Candidates:
+    async def search(req: SearchRequest) -> Candidates:
         """Products for a text search query (or a precomputed search-query vector)."""
-        return service.search(req)
+        if local_index and (req.text is None or req.text in service.query_cache):
+            return service.search(req)
+        return await run_in_threadpool(service.search, req)
 
     @app.post("/v1/closeup", response_model=Candidates, tags=["retrieval"])
-    def closeup(req: CloseupRequest) -> Candidates:
+    async def closeup(req: CloseupRequest) -> Candidates:
         """Products like an indexed product, an image vector, or an image file."""
-        return service.closeup(req)
+        if local_index and req.image is None:
+            return service.closeup(req)
+        return await run_in_threadpool(service.closeup, req)
 
     @app.post("/v1/home", response_model=HomeResponse, tags=["retrieval"])
     def home(req: HomeRequest) -> HomeResponse:
@@ -702,7 +737,10 @@ def create_app(
 
 def uvicorn_config(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
                    keep_alive_s: float = DEFAULT_KEEP_ALIVE_S) -> Any:
-    """The uvicorn settings the service runs with: idle keep-alive connections close after `keep_alive_s`."""
+    """The uvicorn settings the service runs with: idle keep-alive connections close after `keep_alive_s`.
+
+    The event loop and HTTP parser are uvicorn's "auto" choice: uvloop and httptools, both dependencies
+    (asyncio and h11 only where they cannot be installed)."""
     import uvicorn
 
     require(keep_alive_s > 0, f"keep_alive_s must be > 0, got {keep_alive_s}")
