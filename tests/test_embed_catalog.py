@@ -138,3 +138,50 @@ def test_cli_embeds_a_catalog(tmp_path, model_dir):
     assert "3 catalog row(s) rejected" in result.output and "9 products x 16 dims" in result.output
     result = CliRunner().invoke(app, ["embed", str(model_dir), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "--catalog" in result.output
+
+
+def test_catalog_embedding_serves_products_as_queries_from_the_models_source(tmp_path):
+    """train records its dataset's product_query source in the model; embed --catalog then writes each
+    product's frozen query vector from that source, so the index answers query_vector by product id:
+    for an image source, the product's main image vector (the first of its image_embeddings)."""
+    from test_train import make_dataset, tiny
+
+    from itemsage import artifacts
+    from itemsage.index import ProductIndex, build_from_embeddings
+    from itemsage.train import train
+
+    data = make_dataset(tmp_path / "data", n_products=24, n_train=120, n_eval=30, n_test=30)
+    entry = {"source": "image", "fields": [schema.IMAGE_EMBEDDINGS], "dim": IMAGE_DIM}
+    artifacts.write_manifest(data, "dataset", extra={schema.PRODUCT_QUERY: entry})  # as ingest writes it
+    result = train(data, tmp_path / "run", tiny(max_steps=2), progress=False)
+    assert load_model(result.model_dir).extra[schema.PRODUCT_QUERY] == entry
+
+    rows = catalog_rows(12)
+    catalog = write_jsonl(rows, tmp_path / "in" / "catalog.jsonl")
+    embed_from_catalog(result.model_dir, catalog, tmp_path / "emb", batch_size=4, progress=False)
+    _, version_dir = build_from_embeddings(tmp_path / "emb", tmp_path / "index", version="v1")
+    index = ProductIndex.load(version_dir)
+    ids = ["p005", "p000", "p011", "p005"]
+    main_images = np.array([rows[int(pid[1:])]["image_embeddings"][0] for pid in ids], np.float32)
+    np.testing.assert_array_equal(index.query_vector(ids), main_images)
+    assert index.product_query == entry
+
+
+def test_catalog_with_a_product_without_image_gets_no_query_vectors(tmp_path, caplog):
+    """An image source cannot give a product without an image a query vector: none are written, with
+    a warning (the catalog is still embedded)."""
+    torch.manual_seed(0)
+    cfg = model_config("tiny")
+    vocab = Vocabulary.build([[r["title"]] for r in catalog_rows(30)])
+    entry = {"source": "image", "fields": [schema.IMAGE_EMBEDDINGS], "dim": IMAGE_DIM}
+    model = tmp_path / "model"
+    save_model(model, ItemSage(cfg, len(vocab), IMAGE_DIM), QueryAdapters({"closeup": IMAGE_DIM}, cfg.out_dim), cfg,
+               vocab, image_dim=IMAGE_DIM, query_dims={"closeup": IMAGE_DIM}, extra={schema.PRODUCT_QUERY: entry})
+    rows = catalog_rows(6)
+    del rows[2]["image_embeddings"]
+    catalog = write_jsonl(rows, tmp_path / "in" / "catalog.jsonl")
+    with caplog.at_level("WARNING", logger="itemsage.embed"):
+        summary, rejected = embed_from_catalog(model, catalog, tmp_path / "emb", batch_size=4, progress=False)
+    assert (summary.count, rejected) == (6, 0)
+    assert "1 of the catalog's products have no image" in caplog.text
+    assert schema.QUERY_VECTOR not in pq.read_schema(tmp_path / "emb" / "part-00000.parquet").names

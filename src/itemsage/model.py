@@ -266,7 +266,8 @@ def save_model(
     """Write the model artifact to `directory` and return its fingerprint.
 
     Files: model.safetensors (keys `tower.*`, `adapters.*`, `logit_scale.*`), config.json
-    (ModelConfig under "model", image_dim, query_dims, vocab_size, `extra` e.g. a training summary),
+    (ModelConfig under "model", image_dim, query_dims, vocab_size, `extra` e.g. a training summary and
+    the dataset's `product_query` entry, which `embed --catalog` reads),
     vocab.json, and manifest.json written last. Each file is written atomically; an old manifest is
     removed first, so a save killed half-way leaves a directory that load_model refuses. Without
     `logit_scale` the initial scale is saved.

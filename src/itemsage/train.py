@@ -518,6 +518,8 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
     """
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     artifacts.verify_dataset(dataset_dir)  # refuses an unfinished or corrupted dataset, naming the file
+    # The products' frozen query vectors' source, recorded in the model: `embed --catalog` computes them.
+    product_query = artifacts.read_manifest(dataset_dir).get(schema.PRODUCT_QUERY)
     rank, world, own_group = _init_distributed(cfg.device)
     device = _resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
@@ -627,7 +629,8 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
                    "validation_recall": selection["recall"] if selection["best_step"] is not None else recall}
         save_model(directory, module.tower, module.adapters, mcfg, vocab, image_dim=store.image_dim,
                    query_dims=pairs.query_dims, logit_scale=module.logit_scale,
-                   extra={"train_config": to_dict(cfg), "training": summary})
+                   extra={"train_config": to_dict(cfg), "training": summary,
+                          **({schema.PRODUCT_QUERY: product_query} if isinstance(product_query, dict) else {})})
 
     def evaluate() -> bool:
         """Validation Recall@K; a new best is saved to best/. True (on every rank) when patience is spent."""
