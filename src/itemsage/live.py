@@ -266,6 +266,11 @@ class LiveIndex:
         view = self._view
         return len(self.base) - view.hidden_count + len(view.side_row)
 
+    @property
+    def side_rows(self) -> int:
+        """Upserted rows every search scans exactly (dead ones included), until the next compaction."""
+        return len(self._view.side_ids)
+
     def vector(self, product_ids: list[str] | np.ndarray) -> np.ndarray:
         """The current unit vectors [N, D] of `product_ids`; KeyError names ids deleted or never indexed."""
         view = self._view
