@@ -423,3 +423,25 @@ def test_a_live_index_without_query_vectors_says_to_rebuild(tmp_path):
     live_log.close()
     with pytest.raises(NoProductQueries, match="re-run `itemsage ingest`"):
         served.query_vector(["x"])
+
+
+def test_logged_query_vectors_of_another_width_do_not_stop_the_replay(tmp_path):
+    """The live log outlives index versions: upserts logged with 8-d query vectors (an image source),
+    replayed onto a version whose query vectors are 4-d, still apply (the server starts, the products
+    are searchable); only those products' query vectors are missing, with an error that says to upsert
+    them again."""
+    from itemsage.index import NoProductQueries
+
+    rng = np.random.default_rng(0)
+    make_root(tmp_path, 10, query_vectors=rng.standard_normal((10, 4)).astype(np.float32),
+              product_query={"source": "image", "fields": ["image_embeddings"], "dim": 4})
+    live_log = live.LiveLog(tmp_path)
+    vector = unit(rng, 1)[0]
+    live_log.append([live.upsert_record("x", vector, "m", {"product_id": "x"},
+                                        rng.standard_normal(8).astype(np.float32))])
+    live_log.close()
+    served = live.replay(load_current(tmp_path), live.LiveLog(tmp_path))
+    assert "x" in served and served.search(vector[None, :], 1)[0][0, 0] == "x"
+    with pytest.raises(NoProductQueries, match="upsert it again"):
+        served.query_vector(["x"])
+    assert served.query_vector(["p001"]).shape == (1, 4)
