@@ -531,9 +531,15 @@ class Service:
         entry = getattr(index, "product_query", None)
         if not getattr(index, "has_query_vectors", False) or not entry:
             return None
-        encoder = self.text_encoder() if entry.get("source") == "text" else None
+        source = entry.get("source")
+        if source not in product_query.SOURCES:  # e.g. ProductIndex.build(query_vectors=...) without product_query
+            raise RequestError(409, f"index version {self.served.version} holds product query vectors with no recorded "
+                               f"source (its manifest's product_query: {entry}), so an upserted product's cannot be "
+                               "computed; rebuild the index with `itemsage index` from embeddings of an ingested "
+                               "dataset, or give ProductIndex.build a product_query")
+        encoder = self.text_encoder() if source == "text" else None
         try:
-            queries = product_query.product_query_vectors(products, entry["source"], text_encoder=encoder)
+            queries = product_query.product_query_vectors(products, source, text_encoder=encoder)
         except ValueError as err:
             raise RequestError(422, str(err)) from err
         if queries.shape[1] != index.query_dim:
