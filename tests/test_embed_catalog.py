@@ -185,3 +185,29 @@ def test_catalog_with_a_product_without_image_gets_no_query_vectors(tmp_path, ca
     assert (summary.count, rejected) == (6, 0)
     assert "1 of the catalog's products have no image" in caplog.text
     assert schema.QUERY_VECTOR not in pq.read_schema(tmp_path / "emb" / "part-00000.parquet").names
+
+
+def test_catalog_text_query_vectors_load_the_text_encoder_once(tmp_path, monkeypatch):
+    """A text source without a given encoder loads MiniLM once for the whole catalog, not once per
+    row group of the staged products."""
+    from itemsage import query_encoder
+    from itemsage.embed import stage_catalog
+
+    made = []
+
+    class Counting:
+        dim = 4
+
+        def __init__(self):
+            made.append(self)
+
+        def encode(self, texts, batch_size=256, progress=False):
+            return np.ones((len(texts), self.dim), np.float32) / 2
+
+    monkeypatch.setattr(query_encoder, "TextQueryEncoder", Counting)
+    catalog = write_jsonl(catalog_rows(6), tmp_path / "in" / "catalog.jsonl")
+    stage_catalog(catalog, tmp_path / "staged", text_fields=("title",), image_dim=IMAGE_DIM, max_images=2,
+                  batch_rows=2, product_query={"source": "text", "fields": ["title"], "dim": 4})
+    staged = pq.ParquetFile(tmp_path / "staged" / schema.PRODUCTS_FILE)
+    assert staged.num_row_groups == 3 and staged.read().column(schema.QUERY_VECTOR).to_pylist() == [[0.5] * 4] * 6
+    assert len(made) == 1

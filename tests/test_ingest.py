@@ -939,3 +939,22 @@ def test_a_text_only_catalog_gets_384d_minilm_title_vectors(tmp_path):
     rows = {r["surface"]: r for r in all_windows(out).to_pylist()}
     np.testing.assert_allclose(rows["closeup"]["query_embedding"], expected[0], atol=1e-6)
     np.testing.assert_allclose(rows["home"]["query_embedding"], expected[2], atol=1e-6)
+
+
+def test_the_built_in_text_encoder_loads_once_per_ingest(tmp_path, monkeypatch):
+    """A text source without a given encoder loads MiniLM (seconds, ~90 MB) once, not once per
+    catalog batch."""
+    from itemsage import query_encoder
+
+    made = []
+
+    class Counting(FakeTextEncoder):
+        def __init__(self):
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(query_encoder, "TextQueryEncoder", Counting)
+    catalog = [{k: v for k, v in r.items() if k != "image_embeddings"} for r in catalog_rows()]
+    summary, out = run(tmp_path, "jsonl", catalog=catalog, logs=product_query_logs()[::2], batch_rows=1)
+    assert summary.product_query["source"] == "text" and summary.products == 3
+    assert len(made) == 1 and made[0].seen == ["Oak chair", "Pine table", "Linen sofa"]

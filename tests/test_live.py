@@ -423,3 +423,45 @@ def test_a_live_index_without_query_vectors_says_to_rebuild(tmp_path):
     live_log.close()
     with pytest.raises(NoProductQueries, match="re-run `itemsage ingest`"):
         served.query_vector(["x"])
+
+
+def test_logged_query_vectors_of_another_width_do_not_stop_the_replay(tmp_path):
+    """The live log outlives index versions: upserts logged with 8-d query vectors (an image source),
+    replayed onto a version whose query vectors are 4-d, still apply (the server starts, the products
+    are searchable); only those products' query vectors are missing, with an error that says to upsert
+    them again."""
+    from itemsage.index import NoProductQueries
+
+    rng = np.random.default_rng(0)
+    make_root(tmp_path, 10, query_vectors=rng.standard_normal((10, 4)).astype(np.float32),
+              product_query={"source": "image", "fields": ["image_embeddings"], "dim": 4})
+    live_log = live.LiveLog(tmp_path)
+    vector = unit(rng, 1)[0]
+    live_log.append([live.upsert_record("x", vector, "m", {"product_id": "x"},
+                                        rng.standard_normal(8).astype(np.float32))])
+    live_log.close()
+    served = live.replay(load_current(tmp_path), live.LiveLog(tmp_path))
+    assert "x" in served and served.search(vector[None, :], 1)[0][0, 0] == "x"
+    with pytest.raises(NoProductQueries, match="upsert it again"):
+        served.query_vector(["x"])
+    assert served.query_vector(["p001"]).shape == (1, 4)
+
+
+def test_query_vectors_without_a_recorded_source_refuse_upserts_clearly(model_dir, tmp_path):
+    """An index built through the Python API with query_vectors but no product_query has no source to
+    compute an upserted product's query vector from: the upsert is refused as the index's problem
+    (409, saying what to rebuild), not blamed on the request, and nothing is logged."""
+    fp = load_model(model_dir).fingerprint
+    rng = np.random.default_rng(4)
+    ids = [f"p{i:03d}" for i in range(12)]
+    index = ProductIndex.build(np.asarray(ids, dtype=object), unit(rng, 12), kind="flat",
+                               query_vectors=rng.standard_normal((12, IMAGE_DIM)).astype(np.float32))
+    directory = version_path(tmp_path, "v1")
+    index.save(directory, inputs={"model": fp})
+    publish(tmp_path, directory)
+    app = serve.create_app(model_dir, tmp_path, reload_token=TOKEN)
+    with TestClient(app) as c:
+        r = c.post("/admin/products", json={"products": [product("new-1", "red oak chair", 1)]}, headers=auth())
+        assert r.status_code == 409, r.text
+        assert "no recorded source" in r.json()["detail"] and "product_query" in r.json()["detail"]
+        assert c.post("/v1/closeup", json={"product_id": "new-1"}).status_code == 404

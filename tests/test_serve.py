@@ -270,15 +270,87 @@ def test_cheap_requests_run_on_the_event_loop_and_slow_ones_in_the_pool(world, m
                                image_encoder=FakeImageEncoder())
         service, seen = app.state.service, []
         for name in ("search", "closeup"):
-            def recording(req, original=getattr(service, name)):
+            def recording(req, *args, original=getattr(service, name), **kwargs):
                 seen.append(on_loop())
-                return original(req)
+                return original(req, *args, **kwargs)
 
             monkeypatch.setattr(service, name, recording)
         with TestClient(app) as c:
             for path, body in requests:
                 assert c.post(path, json=body).status_code == 200
         assert seen == want
+
+
+def test_slow_index_searches_stay_off_the_event_loop(world, tmp_path, monkeypatch):
+    """A vector search or a closeup by id runs on the event loop only when the served index's search
+    is cheap (HNSW in memory, or a small exact scan): an IVF-PQ version (its re-ranking reads the
+    memory-mapped full vectors from disk) or an exact scan over many rows goes to the thread pool,
+    decided per request, so a reload to such a version moves them there."""
+    import asyncio
+
+    def on_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+            return True
+        except RuntimeError:
+            return False
+
+    rng = np.random.default_rng(5)
+    ids = np.array([f"p{i:02d}" for i in range(1200)], dtype=object)  # p03 is among them
+    vectors = rng.standard_normal((len(ids), OUT_DIM)).astype(np.float32)
+    root = tmp_path / "index"
+    ivfpq = ProductIndex.build(ids, vectors, kind="ivfpq")
+    ivfpq.save(version_path(root, "ivfpq"), inputs={"model": world["fp"]})
+    publish(root, version_path(root, "ivfpq"))
+    save_index(root, "flat", ids, vectors, world["fp"])  # CURRENT: a flat scan of 1,200 x 16
+    app = serve.create_app(world["model_dir"], root, reload_token=TOKEN, text_encoder=FakeTextEncoder(),
+                           image_encoder=FakeImageEncoder())
+    service, seen = app.state.service, []
+    for name in ("search", "closeup"):
+        def recording(req, *args, original=getattr(service, name), **kwargs):
+            seen.append(on_loop())
+            return original(req, *args, **kwargs)
+
+        monkeypatch.setattr(service, name, recording)
+    requests = [("/v1/search", {"vector": [1.0] * 384}), ("/v1/closeup", {"product_id": "p03"})]
+    with TestClient(app) as c:
+        for path, body in requests:  # a small exact scan: on the loop
+            assert c.post(path, json=body).status_code == 200
+        monkeypatch.setattr(serve, "FAST_EXACT_VALUES", 1_000, raising=False)  # now 1,200 x 16 values are too many
+        for path, body in requests:
+            assert c.post(path, json=body).status_code == 200
+        r = c.post("/admin/reload", json={"version": "ivfpq"}, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200, r.text
+        for path, body in requests:
+            assert c.post(path, json=body).status_code == 200
+    assert seen == [True, True, False, False, False, False]
+
+
+def test_a_cached_text_evicted_meanwhile_is_encoded_in_the_pool(world, monkeypatch):
+    """The search fast path checks the query cache, then reads it: a pool thread may evict the text in
+    between. The text encoder must then run in the thread pool, never on the event loop."""
+    import asyncio
+
+    class Encoder(FakeTextEncoder):
+        def __init__(self):
+            self.on_loop = []
+
+        def encode(self, texts, batch_size=256):
+            try:
+                asyncio.get_running_loop()
+                self.on_loop.append(True)
+            except RuntimeError:
+                self.on_loop.append(False)
+            return super().encode(texts, batch_size)
+
+    encoder = Encoder()
+    app = serve.create_app(world["model_dir"], world["root"], text_encoder=encoder, query_batch=1)
+    cache = app.state.service.query_cache
+    monkeypatch.setattr(type(cache), "__contains__", lambda self, text: True)  # "cached" at the check ...
+    with TestClient(app) as c:  # ... and gone at the read
+        r = c.post("/v1/search", json={"text": "oak chair"})
+    assert r.status_code == 200, r.text
+    assert encoder.on_loop == [False]
 
 
 def test_closeup_image_encoder_width_must_match(world):

@@ -529,6 +529,10 @@ def _add_query_vectors(path: Path, entry: dict[str, Any], text_encoder: Any = No
                         "vectors written, so closeup and home by product id are not served from this index. "
                         "Give every product an image to have them.", missing)
             return None
+    if source == "text" and text_encoder is None:  # loaded once here, not once per row group below
+        from itemsage.query_encoder import TextQueryEncoder
+
+        text_encoder = TextQueryEncoder()
     parquet = pq.ParquetFile(path)
     out = path.with_name(f".query-{path.name}")
     dim = None

@@ -240,6 +240,10 @@ class _Ingest:
                                                  without_image=without_image)
         except ValueError as e:
             raise ConfigError(str(e)) from e
+        if source == "text" and text_encoder is None:  # loaded once here, not once per batch below
+            from itemsage.query_encoder import TextQueryEncoder
+
+            text_encoder = TextQueryEncoder()
         task = self.progress.add_task(f"product query vectors ({source})", total=self.products)
         ids: list[str] = []
         blocks: list[np.ndarray] = []

@@ -223,6 +223,21 @@ def _selector(hidden: np.ndarray) -> Any:
     return outer
 
 
+def _query_vector_or_nan(record: dict[str, Any], dim: int) -> np.ndarray | float:
+    """An upsert's logged query vector, or NaN (none) when it has none or one of another width: the log
+    outlives index versions, and a version whose product query source differs must still replay."""
+    given = record.get("query_vector")
+    if given is None:
+        return np.nan
+    vector = np.frombuffer(base64.b64decode(given), dtype="<f4")
+    if vector.shape != (dim,):
+        log.warning("update %s: product %r was logged with a %d-d query vector, this index version's are %d-d; "
+                    "its query vector is left out until it is upserted again", record.get("seq"), record.get("id"),
+                    vector.size, dim)
+        return np.nan
+    return decode_vector(given, dim)
+
+
 class LiveIndex:
     """A `ProductIndex` version plus the updates logged after it, with the index's search verbs.
 
@@ -265,6 +280,11 @@ class LiveIndex:
     def __len__(self) -> int:
         view = self._view
         return len(self.base) - view.hidden_count + len(view.side_row)
+
+    @property
+    def side_rows(self) -> int:
+        """Upserted rows every search scans exactly (dead ones included), until the next compaction."""
+        return len(self._view.side_ids)
 
     def vector(self, product_ids: list[str] | np.ndarray) -> np.ndarray:
         """The current unit vectors [N, D] of `product_ids`; KeyError names ids deleted or never indexed."""
@@ -310,8 +330,9 @@ class LiveIndex:
                 out[i] = view.side_query[view.side_row[pid]]
                 if np.isnan(out[i]).any():
                     raise index_lib.NoProductQueries(
-                        f"product {pid!r} was upserted without a product query vector (by a server older than "
-                        "product queries); upsert it again")
+                        f"product {pid!r} was upserted without a product query vector of this index version's "
+                        "width (by a server older than product queries, or onto another index version); "
+                        "upsert it again")
             elif self._base_row(view, pid) >= 0:
                 base_at.append(i)
                 base_ids.append(pid)
@@ -388,9 +409,7 @@ class LiveIndex:
                     vector = decode_vector(record["vector"], self.dim)
                     self._buffer[count] = vector / max(float(np.linalg.norm(vector)), 1e-12)  # past every view
                     if self.query_dim:
-                        given = record.get("query_vector")
-                        self._query_buffer[count] = (decode_vector(given, self.query_dim) if given is not None
-                                                     else np.nan)
+                        self._query_buffer[count] = _query_vector_or_nan(record, self.query_dim)
                     side_row[pid] = count
                     ids.append(pid)
                     alive[count] = True

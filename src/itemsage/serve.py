@@ -78,6 +78,9 @@ DEFAULT_KEEP_ALIVE_S = 5.0  # an idle keep-alive connection is closed after this
 DEFAULT_QUERY_CACHE = 10_000  # recent search texts whose query vectors are kept
 DEFAULT_QUERY_BATCH = 8  # concurrent search texts encoded together (1: one at a time; BENCHMARKS.md)
 QUERY_ENCODERS = ("onnx", "onnx-int8", "torch")
+# Exact inner products one query may scan on the event loop (rows x dim): 5,000 x 256 takes about
+# 0.7 ms on one core of the development machine; a larger scan goes to the thread pool.
+FAST_EXACT_VALUES = 1_500_000
 
 
 def _norms(x: np.ndarray) -> np.ndarray:
@@ -87,6 +90,18 @@ def _norms(x: np.ndarray) -> np.ndarray:
     peak = np.abs(x).max(axis=1)  # [N]
     safe = np.where(peak > 0, peak, 1.0)
     return np.linalg.norm(x / safe[:, None], axis=1) * peak
+
+
+def _fast_search(index: Any) -> bool:
+    """Whether one search of `index` is cheap enough for the event loop: an in-memory HNSW graph or
+    an exact scan of at most FAST_EXACT_VALUES values, plus a live index's exact scan of its upserts.
+    IVF-PQ is not (its re-ranking reads the memory-mapped full vectors: disk), nor is any other backend."""
+    base = getattr(index, "base", index)  # a live.LiveIndex: its version
+    kind = getattr(getattr(base, "config", None), "kind", None)
+    if kind not in ("hnsw", "flat"):
+        return False
+    exact_rows = getattr(index, "side_rows", 0) + (len(base) if kind == "flat" else 0)
+    return exact_rows * int(base.dim) <= FAST_EXACT_VALUES
 
 
 def _plain_adapters(adapters: torch.nn.Module) -> dict[str, np.ndarray | None]:
@@ -331,7 +346,8 @@ class Service:
 
     # -- endpoints --
 
-    def search(self, req: SearchRequest) -> Candidates:
+    def search(self, req: SearchRequest, *, encode: bool = True) -> Candidates | None:
+        """`encode=False`: None instead of running the text encoder for a text not in the query cache."""
         self._check_k(req.k)
         served = self.served
         width = self._query_width("search")
@@ -341,6 +357,8 @@ class Service:
             # A hit skips the encoder (and its lock): the adapter is fixed for the server's life, and
             # only vectors that passed the width check below are cached.
             q = self.query_cache.get(req.text)  # [D]
+            if q is None and not encode:
+                return None  # evicted since the caller looked: the caller encodes it elsewhere
             if q is None:
                 encoder = self.text_encoder()
                 if int(encoder.dim) != width:
@@ -513,9 +531,15 @@ class Service:
         entry = getattr(index, "product_query", None)
         if not getattr(index, "has_query_vectors", False) or not entry:
             return None
-        encoder = self.text_encoder() if entry.get("source") == "text" else None
+        source = entry.get("source")
+        if source not in product_query.SOURCES:  # e.g. ProductIndex.build(query_vectors=...) without product_query
+            raise RequestError(409, f"index version {self.served.version} holds product query vectors with no recorded "
+                               f"source (its manifest's product_query: {entry}), so an upserted product's cannot be "
+                               "computed; rebuild the index with `itemsage index` from embeddings of an ingested "
+                               "dataset, or give ProductIndex.build a product_query")
+        encoder = self.text_encoder() if source == "text" else None
         try:
-            queries = product_query.product_query_vectors(products, entry["source"], text_encoder=encoder)
+            queries = product_query.product_query_vectors(products, source, text_encoder=encoder)
         except ValueError as err:
             raise RequestError(422, str(err)) from err
         if queries.shape[1] != index.query_dim:
@@ -628,20 +652,27 @@ def create_app(
     # thread-pool hop costs about as much as that work. What takes milliseconds (a new text through
     # the text encoder, where concurrent texts batch across pool threads, or an image) still runs in
     # the pool, so the loop keeps serving meanwhile. So does every search of a remote index (Milvus:
-    # a network round trip), i.e. whenever the service has no local index root.
+    # a network round trip), i.e. whenever the service has no local index root, and every search of
+    # a served version whose search is not cheap (`_fast_search`: IVF-PQ, a large exact scan), which
+    # is decided per request since a reload may swap the kind.
     local_index = service.index_root is not None
 
     @app.post("/v1/search", response_model=Candidates, tags=["retrieval"])
     async def search(req: SearchRequest) -> Candidates:
         """Products for a text search query (or a precomputed search-query vector)."""
-        if local_index and (req.text is None or req.text in service.query_cache):
-            return service.search(req)
+        if local_index and _fast_search(service.served.index):
+            if req.text is None:
+                return service.search(req)
+            if req.text in service.query_cache:  # a pool thread may evict it before the read: then None
+                found = service.search(req, encode=False)
+                if found is not None:
+                    return found
         return await run_in_threadpool(service.search, req)
 
     @app.post("/v1/closeup", response_model=Candidates, tags=["retrieval"])
     async def closeup(req: CloseupRequest) -> Candidates:
         """Products like an indexed product, an image vector, or an image file."""
-        if local_index and req.image is None:
+        if local_index and req.image is None and _fast_search(service.served.index):
             return service.closeup(req)
         return await run_in_threadpool(service.closeup, req)
 
