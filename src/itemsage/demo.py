@@ -32,9 +32,9 @@ class DemoSettings:
     train_steps: int | None = None  # optional step cap on top of the minute budget (tests)
     # On two CPU cores a step costs about its product count (B positives + R random negatives through
     # the tower), so the budget buys steps, not pairs: 512 positives and 256 random negatives a step
-    # (0.375x the products of 1,024 + 1,024) gave a better validation Recall@10 than 1,024 + 1,024 at
-    # the same share of the budget (BENCHMARKS.md, "The demo's training settings"). `itemsage train`
-    # keeps B = 1,024 and 4 random negatives per positive by default.
+    # (0.375x the products of 1,024 + 1,024, about 2.2-2.9x the steps) gave a better validation
+    # Recall@10 than 1,024 + 1,024 at the same share of the budget, mostly on search (BENCHMARKS.md,
+    # "The demo's training settings"). `itemsage train` keeps B = 1,024 and R = 4 B by default.
     batch_size: int = 512
     random_negatives_ratio: float = 0.5
     # Peak learning rate (linear warm-up, then cosine decay to 0 at the budget): 2e-3, twice
