@@ -15,8 +15,32 @@ def demo(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo")
     settings = DemoSettings(out=out, products=300, train_minutes=5, train_steps=30, preset="tiny",
-                            batch_size=128)
+                            batch_size=128, random_negatives_ratio=0.5, lr=2e-3, model={"dropout": 0.0})
     return run_demo(settings, progress=False)
+
+
+def test_demo_trains_with_its_settings(demo):
+    """The demo's training options reach the training run (its saved config), the model override too."""
+    config = json.loads((demo.model / "config.json").read_text())
+    assert config["model"]["dropout"] == 0.0  # the tiny preset's own is 0.1
+    train_config = config["extra"]["train_config"]
+    assert (train_config["batch_size"], train_config["random_negatives_ratio"], train_config["lr"]) == (128, 0.5, 2e-3)
+    assert train_config["model"] == {"dropout": 0.0}
+
+
+@pytest.mark.parametrize("options, field", [
+    (dict(model={"dropout": 1.5}), "model.dropout"),
+    (dict(model={"widht": 3}), "widht"),
+    (dict(lr=0), "demo.lr"),
+    (dict(preset="gpu"), "preset"),
+])
+def test_demo_settings_refuse_bad_options_before_any_stage(tmp_path, options, field):
+    from itemsage.config import ConfigError
+    from itemsage.demo import DemoSettings
+
+    with pytest.raises(ConfigError, match=field):
+        DemoSettings(out=tmp_path / "demo", **options)
+    assert not (tmp_path / "demo").exists()
 
 
 def test_demo_writes_every_artifact(demo):
@@ -55,7 +79,8 @@ def test_demo_rerun_skips_finished_stages(demo, tmp_path):
 
     before = snapshot()
     again = run_demo(DemoSettings(out=demo.shop.parent, products=300, train_minutes=5, train_steps=30,
-                                  preset="tiny", batch_size=128), progress=False)
+                                  preset="tiny", batch_size=128, random_negatives_ratio=0.5, lr=2e-3,
+                                  model={"dropout": 0.0}), progress=False)
     assert snapshot() == before  # no stage before evaluate wrote anything: not a file added, changed or touched
     assert again.evaluation["exact"] == demo.evaluation["exact"]
 
