@@ -1,9 +1,9 @@
 """Home feed: PinnerSage clustering of a user's history and the merge of the clusters' candidates.
 
-`cluster_history` cuts a Ward tree of the history's embeddings into interests and picks each one's
-medoid; `allocate` shares k results among the clusters by size (largest remainder);
+`cluster_history` cuts a Ward tree of the history's vectors into interests and picks each one's
+medoid; `allocate` shares k results among the clusters by importance (largest remainder);
 `merge_candidates` interleaves the clusters' ranked lists into one, without repeats. Used by the
-service's `/v1/home` (serve.py).
+service's `/v1/home` and `itemsage evaluate`, through by_product.home_by_history.
 """
 
 from __future__ import annotations
@@ -31,14 +31,12 @@ def cluster_history(vectors: np.ndarray, max_clusters: int) -> tuple[np.ndarray,
     if h < SMALL_HISTORY or max_clusters == 1:
         labels = np.zeros(h, dtype=np.int64)
     else:
-        from sklearn.cluster import AgglomerativeClustering
+        from scipy.cluster.hierarchy import fcluster, linkage
 
-        x = np.asarray(vectors, dtype=np.float64)
-        labels = AgglomerativeClustering(
-            n_clusters=None, distance_threshold=WARD_DISTANCE_THRESHOLD, linkage="ward"
-        ).fit(x).labels_
-        if labels.max() + 1 > max_clusters:  # too many interests: cut the same tree higher
-            labels = AgglomerativeClustering(n_clusters=max_clusters, linkage="ward").fit(x).labels_
+        tree = linkage(np.asarray(vectors, dtype=np.float64), method="ward")  # the Ward tree, built once
+        labels = fcluster(tree, WARD_DISTANCE_THRESHOLD, criterion="distance")  # merges below the threshold
+        if labels.max() > max_clusters:  # too many interests: cut the same tree higher
+            labels = fcluster(tree, max_clusters, criterion="maxclust")
     # Renumber: largest first, then by first appearance.
     found = np.unique(labels)
     order = sorted(found, key=lambda c: (-int((labels == c).sum()), int(np.argmax(labels == c))))
