@@ -43,9 +43,13 @@ def model_adapter(model: Any) -> Adapt:
     """`adapt(surface, x [B, Dq]) -> [B, D]` unit rows through an ItemSageModel's query adapters (torch)."""
     import torch
 
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+
     def adapt(surface: str, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model.encode_queries(surface, torch.from_numpy(np.ascontiguousarray(x, np.float32))).float().numpy()
+            q = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(device)
+            return model.encode_queries(surface, q).float().cpu().numpy()
 
     return adapt
 
