@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from itemsage.home import allocate, cluster_history, merge_candidates
+from itemsage.home import allocate, cluster_history, merge_for_ks
 
 DEFAULT_HALF_LIFE_DAYS = 30.0  # recency weighting: an engagement this old counts half (see docs/METHOD.md)
 SECONDS_PER_DAY = 86_400.0
@@ -177,7 +177,7 @@ def home_by_history(index: Any, adapt: Adapt, surface: str, histories: Sequence[
         ids, scores = all_ids[start:start + len(medoids)], all_scores[start:start + len(medoids)]
         start += len(medoids)
         shares = weight / weight.sum()
-        results = [merge_candidates(ids, scores, allocate(k, shares.tolist()), mask, k) for k in ks]
+        results = merge_for_ks(ids, scores, [allocate(k, shares.tolist()) for k in ks], mask, list(ks))
         out.append(HomeResult(results=results, labels=labels, medoids=medoids,
                               sizes=np.bincount(labels, minlength=len(medoids)).tolist(), importance=shares.tolist()))
     return out

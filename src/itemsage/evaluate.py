@@ -26,6 +26,7 @@ top-10 titles, the engaged product marked).
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -389,8 +390,6 @@ def _served(loaded: Any, dataset_dir: str | Path, embeddings_dir: str | Path, em
             popular: np.ndarray, ks: Sequence[int], history: int | None) -> dict[str, Any]:
     """evaluate()'s "served" block: `served_paths` over an exact (flat) index of the embeddings and their
     frozen query vectors, and over the served index when it holds them too."""
-    import time
-
     from itemsage import schema
     from itemsage.index import ProductIndex, read_query_vectors
 
@@ -746,8 +745,11 @@ def served_paths(loaded: Any, dataset_dir: str | Path, indexes: dict[str, Any], 
         out["closeup_query_vector"] = {"exact": group_recall(exact[rows], tasks[rows], ks)}
         out["closeup_by_product"] = {}
         for name, index in indexes.items():
+            started = time.perf_counter()
             lists = by_product.closeup_by_product(index, adapt, distinct.tolist(), ks)
             out["closeup_by_product"][name] = hit_recall(_hits(lists, owner, positives[rows], ks), tasks[rows])
+            log.info("closeup by product (%s): %d pairs, %d products in %.1f s", name, len(rows), len(distinct),
+                     time.perf_counter() - started)
 
     # Home by history: every test home pair of a user with a train-window history.
     rows = np.flatnonzero((surface == "home") & np.array([u in histories for u in users], bool))
@@ -762,9 +764,12 @@ def served_paths(loaded: Any, dataset_dir: str | Path, indexes: dict[str, Any], 
         out["home_by_history"], out["home_by_history_recency"] = {}, {}
         for name, index in indexes.items():
             for key, given in (("home_by_history", None), ("home_by_history_recency", times)):
+                started = time.perf_counter()
                 results = by_product.home_by_history(index, adapt, home_surface, hist, ks, times=given)
                 lists = [r.results for r in results]
                 out[key][name] = hit_recall(_hits(lists, owner, positives[rows], ks), tasks[rows])
+                log.info("%s (%s): %d pairs, %d users in %.1f s", key, name, len(rows), len(distinct),
+                         time.perf_counter() - started)
     out["user_level"] = user_level(indexes, adapt, home_surface, histories, users, positives, catalog,
                                    train_table, ks)
     return out
@@ -798,11 +803,13 @@ def user_level(indexes: dict[str, Any], adapt: Any, home_surface: str, histories
         return row
 
     for name, index in indexes.items():
+        started = time.perf_counter()
         closeup = by_product.closeup_by_product(index, adapt, [histories[u][0][-1] for u in chosen], ks, exclude=masks)
         home = by_product.home_by_history(index, adapt, home_surface, [histories[u][0] for u in chosen], ks,
                                           exclude=masks)
         result.setdefault("closeup", {})[name] = scores([[ids for ids, _ in per_k] for per_k in closeup])
         result.setdefault("home", {})[name] = scores([[r[0] for r in h.results] for h in home])
+        log.info("user level (%s): %d users in %.1f s", name, len(chosen), time.perf_counter() - started)
     from itemsage import schema
 
     counts = np.bincount(catalog.index_of([p for p in train_table[schema.PRODUCT_ID].to_pylist() if p in catalog]),

@@ -73,23 +73,35 @@ def merge_candidates(
     remaining candidates of any cluster. A product found by several clusters keeps its best score.
     Returns (ids, scores, cluster) sorted by score, best first.
     """
+    return merge_for_ks(ids, scores, [quotas], exclude, [k])[0]
+
+
+def merge_for_ks(
+    ids: np.ndarray, scores: np.ndarray, quotas: list[list[int]], exclude: set[str], ks: list[int]
+) -> list[tuple[list[str], list[float], list[int]]]:
+    """`merge_candidates` for several k at once (quotas[j] for ks[j]): the best scores and their order,
+    which do not depend on k, are found once."""
     best: dict[str, tuple[float, int]] = {}
     for c in range(len(ids)):
         for pid, s in zip(ids[c], scores[c]):
             if pid and pid not in exclude and (pid not in best or s > best[pid][0]):
                 best[pid] = (float(s), c)
-    chosen: dict[str, None] = {}  # insertion-ordered set
-    for c, quota in enumerate(quotas):
-        taken = 0
-        for pid in ids[c]:
-            if taken >= quota:
+    by_score = sorted(best, key=lambda p: (-best[p][0], p))
+    out = []
+    for quota_of, k in zip(quotas, ks):
+        chosen: dict[str, None] = {}  # insertion-ordered set
+        for c, quota in enumerate(quota_of):
+            taken = 0
+            for pid in ids[c]:
+                if taken >= quota:
+                    break
+                if pid in best and pid not in chosen:
+                    chosen[pid] = None
+                    taken += 1
+        for pid in by_score:
+            if len(chosen) >= k:
                 break
-            if pid in best and pid not in chosen:
-                chosen[pid] = None
-                taken += 1
-    for pid in sorted(best, key=lambda p: (-best[p][0], p)):
-        if len(chosen) >= k:
-            break
-        chosen.setdefault(pid, None)
-    ranked = sorted(chosen, key=lambda p: (-best[p][0], p))
-    return ranked, [best[p][0] for p in ranked], [best[p][1] for p in ranked]
+            chosen.setdefault(pid, None)
+        ranked = sorted(chosen, key=lambda p: (-best[p][0], p))
+        out.append((ranked, [best[p][0] for p in ranked], [best[p][1] for p in ranked]))
+    return out
