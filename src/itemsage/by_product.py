@@ -71,15 +71,22 @@ def top_k_excluding(index: Any, q: np.ndarray, ks: Sequence[int], exclude: Seque
     """Per query row and per k, the top-k (ids, scores) of `index` leaving out that row's `exclude`.
 
     q [B, D]; one search at depth max(ks) + the largest exclude set (capped at the index size), so
-    every k still gets k results when the catalog holds them. Returns out[b][j] for ks[j].
+    every k still gets k results when the catalog holds them; row b reads only its own depth,
+    max(ks) + |exclude[b]|, as a request of its own would. Returns out[b][j] for ks[j].
     """
     if len(q) == 0:
         return []
-    depth = max(min(max(ks) + max((len(e) for e in exclude), default=0), len(index)), 1)
+    top = max(ks)
+    depth = max(min(top + max((len(e) for e in exclude), default=0), len(index)), 1)
     ids, scores = index.search(np.ascontiguousarray(q, dtype=np.float32), depth)  # [B, depth]
     out = []
     for b in range(len(q)):
-        keep = [(p, float(s)) for p, s in zip(ids[b], scores[b]) if p and p not in exclude[b]]
+        keep: list[tuple[str, float]] = []
+        for p, s in zip(ids[b][:top + len(exclude[b])], scores[b][:top + len(exclude[b])]):
+            if p and p not in exclude[b]:
+                keep.append((p, float(s)))
+                if len(keep) == top:
+                    break
         out.append([([p for p, _ in keep[:k]], [s for _, s in keep[:k]]) for k in ks])
     return out
 
@@ -174,7 +181,8 @@ def home_by_history(index: Any, adapt: Adapt, surface: str, histories: Sequence[
     all_ids, all_scores = index.search(np.ascontiguousarray(q, dtype=np.float32), depth)  # [sum C, depth]
     out, start = [], 0
     for (labels, medoids, weight, _), mask in zip(plans, masks):
-        ids, scores = all_ids[start:start + len(medoids)], all_scores[start:start + len(medoids)]
+        own = max(ks) + len(mask)  # the depth a request of its own would search (see above)
+        ids, scores = all_ids[start:start + len(medoids), :own], all_scores[start:start + len(medoids), :own]
         start += len(medoids)
         shares = weight / weight.sum()
         results = merge_for_ks(ids, scores, [allocate(k, shares.tolist()) for k in ks], mask, list(ks))
