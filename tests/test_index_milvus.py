@@ -97,14 +97,14 @@ def test_serve_from_milvus_and_hot_swap_by_alias(world, versions, tmp_path):  # 
         for version in ("v1", "v2"):
             vectors = world["vectors"][version]
             want, want_scores = brute_force(vectors, ids, vectors[list(ids).index("p05")], 6, exclude={"p05"})
-            r = c.post("/v1/closeup", json={"product_id": "p05", "k": 6})
+            r = c.post("/v1/closeup", json={"product_id": "p05", "k": 6, "product_to_product": True})
             assert r.status_code == 200, r.text
             assert r.json()["ids"] == want and r.json()["index_version"] == version
             np.testing.assert_allclose(r.json()["scores"], want_scores, atol=1e-5)
             if version == "v1":  # `itemsage index --backend milvus` of v2 swaps the alias ...
                 build_milvus(tmp_path / "v2", versions.uri, "svc", MilvusConfig(index_type="FLAT"), version="v2",
                              client=versions._client)
-                assert c.post("/v1/closeup", json={"product_id": "p05"}).json()["index_version"] == "v1"
+                assert c.post("/v1/closeup", json={"product_id": "p05", "product_to_product": True}).json()["index_version"] == "v1"
                 r = c.post("/admin/reload", headers=auth())  # ... and reload follows it
                 assert r.status_code == 200 and r.json()["index_version"] == "v2", r.text
         r = c.post("/admin/reload", json={"version": "v7"}, headers=auth())

@@ -230,7 +230,7 @@ def test_upsert_and_delete_through_the_api(model_dir, tmp_path):
         for p in body["products"]:
             products[p["product_id"]] = np.asarray(c.post("/v1/embed", json={"product": p}).json()["vector"],
                                                    dtype=np.float32)
-        r = c.post("/v1/closeup", json={"product_id": "new-1", "k": 5, "exclude_self": False})
+        r = c.post("/v1/closeup", json={"product_id": "new-1", "k": 5, "exclude_self": False, "product_to_product": True})
         assert r.status_code == 200, r.text
         want, want_scores = brute_force(products, products["new-1"], 5)
         assert r.json()["ids"] == want and r.json()["ids"][0] == "new-1"
@@ -242,15 +242,15 @@ def test_upsert_and_delete_through_the_api(model_dir, tmp_path):
         del products["new-1"], products["p003"]
         assert c.post("/v1/closeup", json={"product_id": "new-1"}).status_code == 404
         for pid in ("p007", "p010", "p020"):
-            r = c.post("/v1/closeup", json={"product_id": pid, "k": 39, "exclude_self": False})
+            r = c.post("/v1/closeup", json={"product_id": pid, "k": 39, "exclude_self": False, "product_to_product": True})
             want, _ = brute_force(products, products[pid], 39)
             assert r.json()["ids"] == want
-        r = c.post("/v1/home", json={"history": ["p001", "p002"], "k": 5})
+        r = c.post("/v1/home", json={"vectors": [products["p001"].tolist(), products["p002"].tolist()], "k": 5})
         assert r.status_code == 200 and not {"new-1", "p003"} & set(r.json()["ids"])
         assert c.post("/v1/home", json={"history": ["p003"]}).status_code == 404
         # A reload (same version) keeps the updates: they are replayed from the log.
         assert c.post("/admin/reload", headers=auth()).status_code == 200
-        r = c.post("/v1/closeup", json={"product_id": "p007", "k": 39, "exclude_self": False})
+        r = c.post("/v1/closeup", json={"product_id": "p007", "k": 39, "exclude_self": False, "product_to_product": True})
         assert r.json()["ids"] == brute_force(products, products["p007"], 39)[0]
         info = c.get("/readyz").json()
         assert info["products"] == len(products) == 39 and info["live_updates"]["applied_seq"] == 4
@@ -301,15 +301,15 @@ def test_updates_survive_kill_9(model_dir, tmp_path):
                        headers=auth(), timeout=30)
         assert r.status_code == 200, r.text
         # Retrievable by the very next request, and p004 is deleted.
-        hit = httpx.post(f"{url}/v1/closeup", json={"product_id": "fresh", "k": 3, "exclude_self": False}).json()
+        hit = httpx.post(f"{url}/v1/closeup", json={"product_id": "fresh", "k": 3, "exclude_self": False, "product_to_product": True}).json()
         assert hit["ids"][0] == "fresh"
         assert httpx.post(f"{url}/admin/products/delete", json={"ids": ["p004"]}, headers=auth()).status_code == 200
-        before = httpx.post(f"{url}/v1/closeup", json={"product_id": "p010", "k": 30, "exclude_self": False}).json()
+        before = httpx.post(f"{url}/v1/closeup", json={"product_id": "p010", "k": 30, "exclude_self": False, "product_to_product": True}).json()
         assert "p004" not in before["ids"] and "fresh" in before["ids"] and len(before["ids"]) == 30
         server.send_signal(signal.SIGKILL)  # no shutdown handler runs
         server.wait(timeout=30)
         server = start_server(model_dir, tmp_path / "index", port, tmp_path / "server.log")
-        after = httpx.post(f"{url}/v1/closeup", json={"product_id": "p010", "k": 30, "exclude_self": False}).json()
+        after = httpx.post(f"{url}/v1/closeup", json={"product_id": "p010", "k": 30, "exclude_self": False, "product_to_product": True}).json()
         assert after["ids"] == before["ids"]
         np.testing.assert_allclose(after["scores"], before["scores"], atol=1e-6)
         assert httpx.post(f"{url}/v1/closeup", json={"product_id": "p004"}).status_code == 404

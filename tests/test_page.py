@@ -82,11 +82,14 @@ def world(tmp_path_factory):
     vectors = embed_batch(model, table)
     ids = np.asarray(vectors.column(schema.PRODUCT_ID).to_pylist(), dtype=object)
     matrix = np.asarray(vectors.column("vector").to_pylist(), np.float32)
-    index = ProductIndex.build(ids, matrix, kind="flat")
+    # Each product's frozen query vector: its main image vector (what closeup by product_id queries with).
+    frozen = np.asarray([r[schema.IMAGE_EMBEDDINGS][0] for r in rows], np.float32)
+    index = ProductIndex.build(ids, matrix, kind="flat", query_vectors=frozen, product_query={"source": "image"})
     directory = version_path(base / "index", "v1")
     index.save(directory, inputs={"model": model.fingerprint})
     publish(base / "index", directory)
-    return {"base": base, "ids": list(ids), "vectors": matrix, "catalog": base / "catalog.jsonl",
+    return {"base": base, "ids": list(ids), "vectors": matrix, "catalog": base / "catalog.jsonl", "frozen": frozen,
+            "closeup_weight": model.model.adapters.maps["closeup"].weight.detach().numpy().astype(np.float64),
             "titles": {e["product_id"]: e["title"] for e in catalog}}
 
 
@@ -201,14 +204,17 @@ def test_the_page_in_a_browser(world, server, tmp_path):
             assert page.evaluate("document.querySelector('#results img').naturalWidth") == 64
             page.screenshot(path=str(shots / "page-search.png"), full_page=True)
 
-            # Click a result: its neighbours by closeup, the exact top 12 of the index (itself left out).
+            # Click a result: its neighbours by closeup (its frozen vector through the closeup adapter), the
+            # exact top 12 of the index (itself left out).
             clicked = shown[2]
             items.nth(2).click()
             page.wait_for_function("document.querySelector('#status .surface')?.textContent === 'closeup'")
             page.wait_for_function(
                 f"document.querySelector('#results li') && "
                 f"document.querySelector('#query .pid')?.textContent === '{clicked}'")
-            scores = vectors @ vectors[ids.index(clicked)]
+            x = world["frozen"][ids.index(clicked)].astype(np.float64)
+            q = world["closeup_weight"] @ (x / np.linalg.norm(x))
+            scores = vectors @ (q / np.linalg.norm(q))
             expected = [ids[j] for j in np.argsort(-scores, kind="stable") if ids[j] != clicked][:12]
             got = [items.nth(i).get_attribute("data-id") for i in range(items.count())]
             assert got == expected

@@ -70,8 +70,9 @@ def catalog_table(rows: list[dict]) -> pa.Table:
     return pa.table(columns)
 
 
-def save_index(root, version: str, ids, vectors, model_fp: str | None) -> None:
-    index = ProductIndex.build(np.asarray(ids, dtype=object), vectors, kind="flat")
+def save_index(root, version: str, ids, vectors, model_fp: str | None, query_vectors=None) -> None:
+    index = ProductIndex.build(np.asarray(ids, dtype=object), vectors, kind="flat", query_vectors=query_vectors,
+                               product_query=None if query_vectors is None else {"source": "image"})
     directory = version_path(root, version)
     index.save(directory, inputs={"model": model_fp} if model_fp else {})
     publish(root, directory)
@@ -129,10 +130,12 @@ def world(tmp_path_factory):
     ids = [r["product_id"] for r in rows]
     root = base / "index"
     v2 = np.roll(emb, 5, axis=0)  # the same products with other vectors: other neighbours
-    save_index(root, "v2", ids, v2, fp)
-    save_index(root, "v1", ids, emb, fp)  # published last: CURRENT = v1
+    # Each product's frozen query vector (closeup width): a seeded stand-in for its main image vector.
+    frozen = np.random.default_rng(11).standard_normal((len(ids), IMAGE_DIM)).astype(np.float32)
+    save_index(root, "v2", ids, v2, fp, frozen)
+    save_index(root, "v1", ids, emb, fp, frozen)  # published last: CURRENT = v1
     return {"model_dir": model_dir, "root": root, "rows": rows, "ids": np.array(ids), "model": model,
-            "vectors": {"v1": emb, "v2": v2}, "fp": fp}
+            "vectors": {"v1": emb, "v2": v2}, "fp": fp, "frozen": frozen}
 
 
 @pytest.fixture(scope="module")
@@ -187,21 +190,86 @@ def test_search_vector_matches_brute_force(client, world):
     np.testing.assert_allclose(r.json()["scores"], want_scores, rtol=1e-5, atol=1e-5)
 
 
-def test_closeup_by_product_id_excludes_itself(client, world):
+def numpy_adapter(world, surface: str, x: np.ndarray) -> np.ndarray:
+    """The surface's adapter by hand in numpy from the model's weights: unit input, W x, unit output."""
+    layer = world["model"].adapters.maps[surface]
+    w = layer.weight.detach().numpy().astype(np.float64) if hasattr(layer, "weight") else np.eye(len(x))
+    x = np.asarray(x, np.float64) / np.linalg.norm(x)
+    q = w @ x
+    return q / np.linalg.norm(q)
+
+
+def test_closeup_by_product_id_is_its_frozen_vector_through_the_adapter(client, world):
+    """The trained path: the product's frozen query vector -> closeup adapter -> exact search, itself left out."""
     vectors, ids = world["vectors"]["v1"], world["ids"]
     for pid in ["p00", "p13", "p23"]:
-        q = vectors[list(ids).index(pid)]
+        q = numpy_adapter(world, "closeup", world["frozen"][list(ids).index(pid)])
         want_ids, want_scores = brute_force(vectors, ids, q, 6, exclude={pid})
         r = client.post("/v1/closeup", json={"product_id": pid, "k": 6})
         assert r.status_code == 200, r.text
         assert r.json()["ids"] == want_ids and pid not in r.json()["ids"]
         np.testing.assert_allclose(r.json()["scores"], want_scores, rtol=1e-5, atol=1e-5)
-    # exclude_self=false: the product is its own nearest neighbour (cosine 1).
-    r = client.post("/v1/closeup", json={"product_id": "p13", "k": 3, "exclude_self": False})
-    assert r.json()["ids"][0] == "p13" and abs(r.json()["scores"][0] - 1.0) < 1e-5
-    # All 23 other products when k exceeds them.
+    r = client.post("/v1/closeup", json={"product_id": "p13", "k": 6, "exclude_self": False})
+    q = numpy_adapter(world, "closeup", world["frozen"][13])
+    assert r.json()["ids"] == brute_force(vectors, ids, q, 6)[0]
     r = client.post("/v1/closeup", json={"product_id": "p13", "k": 50})
     assert len(r.json()["ids"]) == 23 and "p13" not in r.json()["ids"]
+
+
+def test_closeup_product_to_product_is_the_learned_vector_search(client, world):
+    vectors, ids = world["vectors"]["v1"], world["ids"]
+    for pid in ["p00", "p13", "p23"]:
+        q = vectors[list(ids).index(pid)]
+        want_ids, want_scores = brute_force(vectors, ids, q, 6, exclude={pid})
+        r = client.post("/v1/closeup", json={"product_id": pid, "k": 6, "product_to_product": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["ids"] == want_ids and pid not in r.json()["ids"]
+        np.testing.assert_allclose(r.json()["scores"], want_scores, rtol=1e-5, atol=1e-5)
+    # exclude_self=false: the product is its own nearest neighbour (cosine 1).
+    r = client.post("/v1/closeup", json={"product_id": "p13", "k": 3, "exclude_self": False, "product_to_product": True})
+    assert r.json()["ids"][0] == "p13" and abs(r.json()["scores"][0] - 1.0) < 1e-5
+    r = client.post("/v1/closeup", json={"product_id": "p13", "k": 50, "product_to_product": True})
+    assert len(r.json()["ids"]) == 23 and "p13" not in r.json()["ids"]
+    r = client.post("/v1/closeup", json={"vector": [0.1] * IMAGE_DIM, "product_to_product": True})
+    assert r.status_code == 422 and "product_id" in message(r)
+
+
+def test_closeup_exclude_masks_ids_and_still_returns_k(client, world):
+    vectors, ids = world["vectors"]["v1"], world["ids"]
+    q = numpy_adapter(world, "closeup", world["frozen"][5])
+    first = brute_force(vectors, ids, q, 10, exclude={"p05"})[0]
+    seen = first[:7] + ["not-a-product"]  # an unknown id is ignored
+    r = client.post("/v1/closeup", json={"product_id": "p05", "k": 10, "exclude": seen})
+    assert r.status_code == 200, r.text
+    want_ids, want_scores = brute_force(vectors, ids, q, 10, exclude={"p05", *seen})
+    assert r.json()["ids"] == want_ids and len(want_ids) == 10 and not set(want_ids) & set(seen)
+    np.testing.assert_allclose(r.json()["scores"], want_scores, rtol=1e-5, atol=1e-5)
+    # The other closeup queries honour it too (a vector; the learned-vector search).
+    x = np.random.default_rng(2).standard_normal(IMAGE_DIM)
+    r = client.post("/v1/closeup", json={"vector": x.tolist(), "k": 10, "exclude": seen})
+    assert r.json()["ids"] == brute_force(vectors, ids, adapt(world, "closeup", x), 10, exclude=seen)[0]
+    r = client.post("/v1/closeup", json={"product_id": "p05", "k": 10, "exclude": seen, "product_to_product": True})
+    assert r.json()["ids"] == brute_force(vectors, ids, vectors[5], 10, exclude={"p05", *seen})[0]
+
+
+def test_product_queries_need_frozen_vectors_in_the_index(world, tmp_path):
+    """An index built before products had frozen query vectors: a 409 that says to re-run; the learned-vector
+    option still works; an unknown id is a 404."""
+    save_index(tmp_path, "old", world["ids"].tolist(), world["vectors"]["v1"], world["fp"])
+    with TestClient(serve.create_app(world["model_dir"], tmp_path)) as c:
+        r = c.post("/v1/closeup", json={"product_id": "p01"})
+        assert r.status_code == 409 and "re-run" in message(r) and "product_to_product" in message(r)
+        r = c.post("/v1/home", json={"history": ["p01", "p02"]})
+        assert r.status_code == 409 and "re-run" in message(r)
+        r = c.post("/v1/closeup", json={"product_id": "p01", "product_to_product": True})
+        assert r.status_code == 200
+    app = serve.create_app(world["model_dir"], world["root"])
+    with TestClient(app) as c:
+        r = c.post("/v1/closeup", json={"product_id": "nope"})
+        assert r.status_code == 404 and "nope" in message(r)
+        # The world's index holds 8-d (closeup) frozen vectors; its home adapter takes 16-d: refused, said why.
+        r = c.post("/v1/home", json={"history": ["p01", "p02"]})
+        assert r.status_code == 409 and "8-d" in message(r) and "16-d" in message(r)
 
 
 def test_closeup_by_vector_and_by_image(client, world, tmp_path):
@@ -405,7 +473,9 @@ def grouped(world, tmp_path_factory):
             vectors.append(v / np.linalg.norm(v))
     vectors = np.asarray(vectors, dtype=np.float32)
     root = tmp_path_factory.mktemp("grouped")
-    save_index(root, "groups", ids, vectors, None)
+    # Frozen query vectors of the home width (the tiny model's home adapter is the identity): the same
+    # directions, so the clusters below are the groups.
+    save_index(root, "groups", ids, vectors, None, query_vectors=vectors)
     app = serve.create_app(world["model_dir"], root, text_encoder=FakeTextEncoder())
     with TestClient(app) as c:
         yield c, np.array(ids), vectors
@@ -710,7 +780,7 @@ def test_hot_swap_under_concurrent_requests(world):
                 pid = pids[(worker + i) % len(pids)]
                 i += 1
                 try:
-                    r = c.post("/v1/closeup", json={"product_id": pid, "k": 5})
+                    r = c.post("/v1/closeup", json={"product_id": pid, "k": 5, "product_to_product": True})
                     results.append((r.status_code, pid, r.json()))
                 except Exception as err:  # noqa: BLE001 - any failure fails the test below
                     errors.append(repr(err))

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Optional
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from itemsage.by_product import DEFAULT_HALF_LIFE_DAYS
+
 MAX_VERSION_CHARS = 255  # an index version is a directory name
 MAX_HISTORY = 1000  # history items (ids or vectors) per home request
 MAX_VECTOR_WIDTH = 8192  # a cheap upper bound before the exact width check
@@ -74,28 +76,57 @@ class CloseupRequest(_Body):
     image: Optional[Text] = Field(None, description="An image file's bytes, base64-encoded.")
     k: TopK = 10
     exclude_self: StrictBool = Field(True, description="With product_id: leave the product itself out.")
+    exclude: Optional[Annotated[list[ProductId], Field(max_length=MAX_HISTORY)]] = Field(
+        None, description="Product ids to leave out of the results (e.g. what the user has seen); k results "
+        "still come back when the catalog has them. Ids not in the index are ignored.")
+    product_to_product: StrictBool = Field(
+        False, description="With product_id: search with the product's learned ItemSage embedding "
+        "(product-to-product similarity in the product space, a path the model was not trained for) instead of "
+        "the default, its frozen query vector (main image, or title text vector) through the closeup adapter, "
+        "as the closeup logs were trained.")
 
     @model_validator(mode="after")
     def _one_query(self) -> CloseupRequest:
         _exactly_one(self, ("product_id", "vector", "image"))
+        if self.product_to_product and self.product_id is None:
+            raise ValueError("`product_to_product` needs `product_id`")
         return self
 
 
 class HomeRequest(_Body):
     history: Optional[Annotated[list[ProductId], Field(min_length=1, max_length=MAX_HISTORY)]] = Field(
-        None, description="Product ids the user engaged with; they are left out of the results."
+        None, description="Product ids the user engaged with: their frozen query vectors are clustered and each cluster's medoid goes through the home adapter. They are "
+        "left out of the results unless keep_history."
     )
     vectors: Optional[Annotated[list[Vector], Field(min_length=1, max_length=MAX_HISTORY)]] = Field(
-        None, description="History as vectors of the home query width (instead of ids)."
+        None, description="History as frozen query vectors of the home query width (instead of ids), "
+        "clustered the same way."
     )
     k: TopK = 10
     max_clusters: Annotated[int, Field(strict=True, ge=1, le=20, description=(
         "Most interest clusters the history is split into (PinnerSage: Ward clustering of the history's "
         "vectors); each cluster's medoid retrieves a share of k by its importance. 1 = one cluster."))] = 5
+    times: Optional[Annotated[list[FiniteFloat], Field(min_length=1, max_length=MAX_HISTORY)]] = Field(
+        None, description="When each history item was engaged, as Unix time in seconds, one per item: a "
+        "cluster's importance becomes its time-decayed count (each item weighs 0.5 ** (age / half_life_days)), "
+        "as in PinnerSage. Without times every item counts 1.")
+    now: Optional[FiniteFloat] = Field(None, description="With times: the time ages are measured from (Unix "
+                                       "seconds); default the latest of `times`.")
+    half_life_days: Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False, description=(
+        "With times: the age in days at which an engagement counts half."))] = DEFAULT_HALF_LIFE_DAYS
+    keep_history: StrictBool = Field(False, description="With history: also return products of the history "
+                                     "(left out by default).")
+    exclude: Optional[Annotated[list[ProductId], Field(max_length=MAX_HISTORY)]] = Field(
+        None, description="More product ids to leave out of the results; ids not in the index are ignored.")
 
     @model_validator(mode="after")
     def _one_history(self) -> HomeRequest:
         _exactly_one(self, ("history", "vectors"))
+        given = len(self.history if self.history is not None else self.vectors or [])
+        if self.times is not None and len(self.times) != given:
+            raise ValueError(f"`times` has {len(self.times)} values for {given} history items; send one per item")
+        if self.now is not None and self.times is None:
+            raise ValueError("`now` needs `times`")
         return self
 
 
@@ -137,8 +168,9 @@ class Candidates(BaseModel):
 class Cluster(BaseModel):
     medoid: int = Field(description="Position in the request's history of the cluster's medoid.")
     size: int
-    importance: float = Field(description="Share of the history in this cluster (PinnerSage uses "
-                              "time-decayed frequency; this service counts items).")
+    importance: float = Field(description="The cluster's share of the history's importance: its share of the "
+                              "items, or with `times` of their time-decayed count (PinnerSage). Clusters come "
+                              "most important first.")
     members: list[int]
 
 

@@ -691,9 +691,12 @@ def evaluate_cmd(
     sample: Optional[int] = typer.Option(None, "--sample", show_default=False,
                                          help="Evaluate a stratified sample of N test-window pairs (default: all)."),
     device: EvalDevice = typer.Option(EvalDevice.cpu, "--device", help="Where to run the tower."),
+    history: int = typer.Option(
+        50, "--history", help="Served paths: a user's home history is their last N distinct train-window products."),
 ) -> None:
     """Recall@1/10/100 per surface x engagement on the test window: exact, ANN, popularity, cold start,
-    and pairs seen / unseen in the train window.
+    and pairs seen / unseen in the train window; closeup by product and home by history as the service
+    computes them, and the user-level protocol (Recall@K, NDCG@K per user).
 
     The catalog is ranked by the vectors `itemsage embed` wrote (not re-embedded here), so the figures
     are those of what is served. The report adds Recall@K curves, the training curves and a gallery.
@@ -706,11 +709,17 @@ def evaluate_cmd(
     from itemsage.evaluate import evaluate, write_report
 
     try:
-        result = evaluate(model, dataset, embeddings, index_root=index, sample=sample, device=device.value)
+        result = evaluate(model, dataset, embeddings, index_root=index, sample=sample, device=device.value,
+                          history=history)
     except (ArtifactError, FileNotFoundError, ValueError) as err:
         fail(str(err))
     report = write_report(result, out)
     console.print(_recall_table(result, "Recall@10 on the test window"))
+    from itemsage.evaluate import served_rows
+
+    for label, index_name, n, overall, per_engagement in served_rows(result, 10):
+        console.print(f"{label} [{index_name}]: Recall@10 {overall} over {n} pairs ({per_engagement})",
+                      highlight=False, markup=False)
     console.print(f"report: {report}")
 
 

@@ -1,9 +1,9 @@
 """Home feed: PinnerSage clustering of a user's history and the merge of the clusters' candidates.
 
-`cluster_history` cuts a Ward tree of the history's embeddings into interests and picks each one's
-medoid; `allocate` shares k results among the clusters by size (largest remainder);
+`cluster_history` cuts a Ward tree of the history's vectors into interests and picks each one's
+medoid; `allocate` shares k results among the clusters by importance (largest remainder);
 `merge_candidates` interleaves the clusters' ranked lists into one, without repeats. Used by the
-service's `/v1/home` (serve.py).
+service's `/v1/home` and `itemsage evaluate`, through by_product.home_by_history.
 """
 
 from __future__ import annotations
@@ -31,14 +31,12 @@ def cluster_history(vectors: np.ndarray, max_clusters: int) -> tuple[np.ndarray,
     if h < SMALL_HISTORY or max_clusters == 1:
         labels = np.zeros(h, dtype=np.int64)
     else:
-        from sklearn.cluster import AgglomerativeClustering
+        from scipy.cluster.hierarchy import fcluster, linkage
 
-        x = np.asarray(vectors, dtype=np.float64)
-        labels = AgglomerativeClustering(
-            n_clusters=None, distance_threshold=WARD_DISTANCE_THRESHOLD, linkage="ward"
-        ).fit(x).labels_
-        if labels.max() + 1 > max_clusters:  # too many interests: cut the same tree higher
-            labels = AgglomerativeClustering(n_clusters=max_clusters, linkage="ward").fit(x).labels_
+        tree = linkage(np.asarray(vectors, dtype=np.float64), method="ward")  # the Ward tree, built once
+        labels = fcluster(tree, WARD_DISTANCE_THRESHOLD, criterion="distance")  # merges below the threshold
+        if labels.max() > max_clusters:  # too many interests: cut the same tree higher
+            labels = fcluster(tree, max_clusters, criterion="maxclust")
     # Renumber: largest first, then by first appearance.
     found = np.unique(labels)
     order = sorted(found, key=lambda c: (-int((labels == c).sum()), int(np.argmax(labels == c))))
@@ -75,23 +73,35 @@ def merge_candidates(
     remaining candidates of any cluster. A product found by several clusters keeps its best score.
     Returns (ids, scores, cluster) sorted by score, best first.
     """
+    return merge_for_ks(ids, scores, [quotas], exclude, [k])[0]
+
+
+def merge_for_ks(
+    ids: np.ndarray, scores: np.ndarray, quotas: list[list[int]], exclude: set[str], ks: list[int]
+) -> list[tuple[list[str], list[float], list[int]]]:
+    """`merge_candidates` for several k at once (quotas[j] for ks[j]): the best scores and their order,
+    which do not depend on k, are found once."""
     best: dict[str, tuple[float, int]] = {}
     for c in range(len(ids)):
         for pid, s in zip(ids[c], scores[c]):
             if pid and pid not in exclude and (pid not in best or s > best[pid][0]):
                 best[pid] = (float(s), c)
-    chosen: dict[str, None] = {}  # insertion-ordered set
-    for c, quota in enumerate(quotas):
-        taken = 0
-        for pid in ids[c]:
-            if taken >= quota:
+    by_score = sorted(best, key=lambda p: (-best[p][0], p))
+    out = []
+    for quota_of, k in zip(quotas, ks):
+        chosen: dict[str, None] = {}  # insertion-ordered set
+        for c, quota in enumerate(quota_of):
+            taken = 0
+            for pid in ids[c]:
+                if taken >= quota:
+                    break
+                if pid in best and pid not in chosen:
+                    chosen[pid] = None
+                    taken += 1
+        for pid in by_score:
+            if len(chosen) >= k:
                 break
-            if pid in best and pid not in chosen:
-                chosen[pid] = None
-                taken += 1
-    for pid in sorted(best, key=lambda p: (-best[p][0], p)):
-        if len(chosen) >= k:
-            break
-        chosen.setdefault(pid, None)
-    ranked = sorted(chosen, key=lambda p: (-best[p][0], p))
-    return ranked, [best[p][0] for p in ranked], [best[p][1] for p in ranked]
+            chosen.setdefault(pid, None)
+        ranked = sorted(chosen, key=lambda p: (-best[p][0], p))
+        out.append((ranked, [best[p][0] for p in ranked], [best[p][1] for p in ranked]))
+    return out

@@ -1,8 +1,8 @@
 """The candidate-generation service: FastAPI over one model and one index version (docs/ARCHITECTURE.md).
 
     POST /v1/search   {text | vector, k}                       text -> query encoder -> adapter -> top-k
-    POST /v1/closeup  {product_id | vector | image, k}          a product, an image vector or file -> top-k
-    POST /v1/home     {history | vectors, k, max_clusters}      PinnerSage clusters -> merged top-k
+    POST /v1/closeup  {product_id | vector | image, k, exclude}  a product, an image vector or file -> top-k
+    POST /v1/home     {history | vectors, k, max_clusters, times} PinnerSage clusters -> merged top-k
     POST /v1/embed    {product: {text fields, image_embeddings}} one product -> its embedding
     GET  /healthz, /readyz, /metrics (Prometheus text);  POST /admin/reload (Bearer token)
     POST /admin/products {products: [...]}  upsert: embed with the served model, searchable on reply
@@ -10,8 +10,10 @@
 
 Every retrieval response carries `ids` and `scores` (inner products of unit vectors, higher = more
 similar, best first) and the `index_version` that answered. Query vectors pass through the model's
-query adapter of their surface; a product id is looked up in the index, whose vectors already live
-in product space, so it needs no adapter.
+query adapter of their surface. A catalog product as a query (closeup by `product_id`, home by
+`history`) is its frozen query vector, kept in the index, through the closeup or home adapter, as in
+training (by_product.py, which `itemsage evaluate` scores with the same code); closeup's
+`product_to_product` option searches with the product's learned embedding instead.
 
 Bad requests get a 4xx with a message, never a 5xx: bodies are strict pydantic models that refuse
 unknown fields, NaN/inf, booleans or strings as numbers, and strings that are not valid UTF-8 (a
@@ -56,6 +58,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from itemsage import by_product
 from itemsage import index as index_lib
 from itemsage import live as live_lib
 from itemsage.artifacts import ArtifactError
@@ -65,7 +68,6 @@ from itemsage.bodies import (MAX_HISTORY, Candidates,  # noqa: F401  (MAX_HISTOR
                              SearchRequest, UpdateResponse, UpsertRequest, _printable, _validation_message,
                              error_response)
 from itemsage.config import ConfigError, require
-from itemsage.home import allocate, cluster_history, merge_candidates
 from itemsage.middleware import (DEFAULT_BODY_DEADLINE_S, DEFAULT_BODY_TIMEOUT_S, LATENCY_BUCKETS,  # noqa: F401
                                  BodyLimitMiddleware, InternalErrorMiddleware, Metrics, MetricsMiddleware)
 from itemsage.schema import IMAGE_EMBEDDINGS, PRODUCT_ID
@@ -374,16 +376,44 @@ class Service:
     def closeup(self, req: CloseupRequest) -> Candidates:
         self._check_k(req.k)
         served = self.served
-        if req.product_id is not None:
-            q = self._product_vectors(served, [req.product_id])  # already in product space
-            exclude = {req.product_id} if req.exclude_self else set()
-            return self._top_k(served, q, req.k, exclude)
+        exclude = set(req.exclude or ())
+        if req.product_id is not None and req.product_to_product:
+            q = self._product_vectors(served, [req.product_id])  # its learned embedding, already in product space
+            return self._top_k(served, q, req.k, exclude | ({req.product_id} if req.exclude_self else set()))
+        if req.product_id is not None:  # its frozen query vector through the closeup adapter (by_product.py)
+            self._query_width("closeup")
+            with self._by_product_errors(served, "closeup", [req.product_id]):
+                (((ids, scores),),) = by_product.closeup_by_product(
+                    served.index, self._adapt, [req.product_id], [req.k], exclude_self=req.exclude_self,
+                    exclude=[exclude])
+            return Candidates(ids=ids, scores=scores, index_version=served.version)
         width = self._query_width("closeup")
         if req.vector is not None:
             x = self._query_rows([req.vector], width, "vector")
         else:
             x = self._encode_image(req.image or "", width)
-        return self._top_k(served, self._adapt("closeup", x), req.k)
+        return self._top_k(served, self._adapt("closeup", x), req.k, exclude)
+
+    @contextlib.contextmanager
+    def _by_product_errors(self, served: Served, surface: str, ids: list[str]) -> Any:
+        """A product query's lookups as 4xx: an unknown id 404, an index without frozen query vectors (or
+        of another width than the model's adapter) 409."""
+        width = int(self.model.query_dims.get(surface, 0))
+        have = int(getattr(served.index, "query_dim", 0) or 0) if getattr(served.index, "has_query_vectors", False) else 0
+        if surface and have and have != width:
+            self._product_vectors(served, ids)  # an unknown id is the more specific error (404)
+            raise RequestError(409, f"index version {served.version} holds {have}-d product query vectors, but this "
+                               f"model's {surface} adapter takes {width}-d; index a dataset whose product queries "
+                               "(ingest --product-query) match the model's training logs")
+        try:
+            yield
+        except index_lib.NoProductQueries as err:
+            self._product_vectors(served, ids)  # an unknown id is the more specific error (404)
+            raise RequestError(409, f"{err}. Until then, closeup by product_id can search with the product's "
+                               'learned embedding ("product_to_product": true), and home can take `vectors`') from None
+        except KeyError as err:
+            raise RequestError(404, f"unknown product id(s): {err.args[0] if err.args else err} (index version "
+                               f"{served.version})") from None
 
     def _encode_image(self, b64: str, width: int) -> np.ndarray:
         encoder_dim = self._image_encoder_dim()
@@ -423,24 +453,29 @@ class Service:
             pass  # not an image PIL knows: the encoder reports it in its own words
 
     def home(self, req: HomeRequest) -> HomeResponse:
+        """PinnerSage over the history's frozen query vectors (by_product.home_by_history)."""
         self._check_k(req.k)
         served = self.served
-        if req.history is not None:
-            x = self._product_vectors(served, req.history)  # [H, D] product space
-            exclude = set(req.history)
+        dims = self.model.query_dims
+        surface = by_product.home_surface(dims)
+        width = self._query_width(surface)
+        frozen = None
+        if req.vectors is not None:
+            frozen = [self._query_rows(req.vectors, width, "vectors")]  # [H, Dq]
+            history = [f"#vector-{i}" for i in range(len(req.vectors))]  # never an index id: nothing to exclude
         else:
-            width = self._query_width("home")
-            x = self._adapt("home", self._query_rows(req.vectors or [], width, "vectors"))  # [H, D]
-            exclude = set()
-        labels, medoids = cluster_history(x, req.max_clusters)
-        sizes = [int((labels == c).sum()) for c in range(len(medoids))]
-        depth = max(min(req.k + len(exclude), len(served.index)), 1)  # enough for any quota (see merge)
-        ids, scores = served.index.search(x[medoids], depth)  # [C, depth]
-        top, top_scores, cluster_of = merge_candidates(ids, scores, allocate(req.k, sizes), exclude, req.k)
+            history = list(req.history or [])
+        with self._by_product_errors(served, surface if req.history is not None else "", history):
+            (result,) = by_product.home_by_history(
+                served.index, self._adapt, surface, [history], [req.k], max_clusters=req.max_clusters,
+                times=[req.times], now=[req.now], half_life_days=req.half_life_days,
+                keep_history=req.keep_history or req.vectors is not None, exclude=[set(req.exclude or ())],
+                frozen=frozen)
+        top, top_scores, cluster_of = result.results[0]
         clusters = [
-            Cluster(medoid=int(m), size=sizes[c], importance=sizes[c] / len(x),
-                    members=np.flatnonzero(labels == c).tolist())
-            for c, m in enumerate(medoids)
+            Cluster(medoid=int(m), size=result.sizes[c], importance=result.importance[c],
+                    members=np.flatnonzero(result.labels == c).tolist())
+            for c, m in enumerate(result.medoids)
         ]
         return HomeResponse(ids=top, scores=top_scores, index_version=served.version, clusters=clusters,
                             cluster_of=cluster_of)
