@@ -380,7 +380,7 @@ def test_slow_index_searches_stay_off_the_event_loop(world, tmp_path, monkeypatc
             return original(req, *args, **kwargs)
 
         monkeypatch.setattr(service, name, recording)
-    requests = [("/v1/search", {"vector": [1.0] * 384}), ("/v1/closeup", {"product_id": "p03"})]
+    requests = [("/v1/search", {"vector": [1.0] * 384}), ("/v1/closeup", {"product_id": "p03", "product_to_product": True})]
     with TestClient(app) as c:
         for path, body in requests:  # a small exact scan: on the loop
             assert c.post(path, json=body).status_code == 200
