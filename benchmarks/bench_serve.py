@@ -18,7 +18,8 @@ measures the encoder on every request. Besides requests/s and latency, each row 
 process's CPU time per request (from /proc): on a shared machine it moves far less than
 requests/s, and 1000 / (CPU ms per request) is what one free core would serve.
 
-Closeup by product id does one index lookup and one HNSW search; search adds the MiniLM text encoder
+Closeup by product id reads the product's frozen query vector, puts it through the closeup adapter
+and does one HNSW search; search adds the MiniLM text encoder
 (the dominant cost on CPU) and the search adapter.
 """
 
@@ -208,7 +209,11 @@ def random_fixture(n: int, out: Path) -> tuple[Path, Path]:
     centers = rng.standard_normal((max(n // 100, 1), cfg.out_dim)).astype(np.float32)
     vectors = centers[rng.integers(0, len(centers), n)] + 0.5 * rng.standard_normal((n, cfg.out_dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    index = ProductIndex.build(np.array([f"p{i:07d}" for i in range(n)], dtype=object), vectors, kind="hnsw")
+    # Each product's frozen query vector (closeup by id goes through it and the closeup adapter).
+    frozen = rng.standard_normal((n, 64)).astype(np.float32)
+    frozen /= np.linalg.norm(frozen, axis=1, keepdims=True)
+    index = ProductIndex.build(np.array([f"p{i:07d}" for i in range(n)], dtype=object), vectors, kind="hnsw",
+                               query_vectors=frozen, product_query={"source": "image", "fields": [], "dim": 64})
     version_dir = version_path(out / "index", "random")
     index.save(version_dir)
     publish(out / "index", version_dir)
