@@ -168,7 +168,8 @@ def home_by_history(index: Any, adapt: Adapt, surface: str, histories: Sequence[
     them, e.g. a request's own vectors) -> `plan_home` -> medoids through `surface`'s adapter -> one
     index search for all the batch's medoids -> per k, the clusters' lists merged by importance
     (home.allocate's shares of k, then the best remaining). History products are excluded unless
-    `keep_history`; `exclude[b]` adds more. `ward_relative` / `ward_threshold`: the Ward cut (`plan_home`). Raises KeyError / NoProductQueries as `closeup_by_product`.
+    `keep_history`; `exclude[b]` adds more. `ward_relative` / `ward_threshold`: the Ward cut (`plan_home`).
+    Raises KeyError / NoProductQueries as `closeup_by_product`.
     """
     plans, masks = [], []
     for b, history in enumerate(histories):
