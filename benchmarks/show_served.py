@@ -32,6 +32,7 @@ def main() -> None:
 
     home, recency = fig("home_by_history"), fig("home_by_history_recency")
     home_q, pop = fig("home_query_vector", "exact"), fig("home_popularity", None)
+    home_qm = fig("home_query_vector_masked", "exact") if "home_query_vector_masked" in served else float("nan")
     close, close_q = fig("closeup_by_product"), fig("closeup_query_vector", "exact")
     d = served["data"]
     print(f"Recall@{args.k} ({at}); home pairs {d['home_pairs']} (without history: {d['home_pairs_without_history']}), "
@@ -42,6 +43,8 @@ def main() -> None:
          f">= 0.9 x query vector ({0.9 * home_q:.3f}): {'met' if home >= 0.9 * home_q else 'MISSED'}"),
         ("home by history with times (served)", recency, ""),
         ("home, the log's query vector (medoid)", home_q, ""),
+        ("home, the log's query vector, history masked (like for like)", home_qm,
+         f"home by history >= 0.9 x this ({0.9 * home_qm:.3f}): {'met' if home >= 0.9 * home_qm else 'MISSED'}"),
         ("home, popularity", pop, ""),
         ("closeup by product (served)", close, f">= closeup query vector ({close_q:.3f}): "
          f"{'met' if close >= close_q else 'MISSED'}"),

@@ -159,3 +159,28 @@ def test_evaluate_counts_seen_pairs_like_a_reference(trained):
     result = evaluate(model_dir, dataset, emb, gallery=0)
     assert result["data"]["seen_pairs"] == expected == result["seen"]["exact"]["all"]["n"]
     assert result["unseen"]["exact"]["all"]["n"] == result["data"]["eval_pairs"] - expected
+
+
+def test_evaluate_scores_the_validation_window_when_asked(trained, tmp_path):
+    """window="validation": the validation window's pairs, ranked exactly as the test window's are
+    (the reference by hand, as above); an unknown window is refused."""
+    root, dataset, model_dir, loaded = trained
+    ids = pq.read_table(dataset / schema.PRODUCTS_FILE)[schema.PRODUCT_ID].to_pylist()
+    vectors = np.random.default_rng(6).normal(size=(len(ids), loaded.config.out_dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    write_embeddings(tmp_path / "emb", ids, vectors, loaded.fingerprint)
+    result = evaluate(model_dir, dataset, tmp_path / "emb", gallery=0, window="validation")
+    valid = pq.read_table(dataset / schema.VALIDATION_FILE)
+    assert len(valid) > 0 and result["data"]["window"] == "validation"
+    assert result["data"]["eval_pairs"] == len(valid)
+    row_of = {pid: i for i, pid in enumerate(ids)}
+    hits = []
+    for surface, pid, q in zip(valid[schema.SURFACE].to_pylist(), valid[schema.PRODUCT_ID].to_pylist(),
+                               valid[schema.QUERY_EMBEDDING].to_pylist()):
+        with torch.no_grad():
+            query = loaded.adapters(surface, torch.tensor([q], dtype=torch.float32)).numpy()[0]
+        scores = vectors @ query
+        hits.append(int((scores >= scores[row_of[pid]] - 1e-6).sum()) - 1 < 10)
+    assert result["exact"]["all"]["recall@10"] == pytest.approx(np.mean(hits))
+    with pytest.raises(ValueError, match="window"):
+        evaluate(model_dir, dataset, tmp_path / "emb", window="train")

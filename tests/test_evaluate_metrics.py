@@ -61,3 +61,17 @@ def test_popularity_ranks_hand_computed():
     counts = np.array([5, 0, 9, 5, 1])  # order: 2 (9), 0/3 (5, tied), 4 (1), 1 (0)
     ranks = popularity_ranks(counts, np.array([2, 0, 3, 4, 1]))
     np.testing.assert_array_equal(ranks, [0, 2, 2, 3, 4])  # ties pessimistic: both 5s rank 2
+
+
+def test_masked_ranks_leave_the_users_own_products_out_by_hand():
+    """Scores of one query against 5 products: [0.9, 0.8, 0.7, 0.6, 0.5]. Positive row 3 (score 0.6)
+    ranks 3 among all; with rows {0, 2} masked only row 1 is ahead: rank 1. A positive inside its own
+    mask cannot be retrieved: rank N (5), a miss at every k."""
+    from itemsage.evaluate import masked_ranks
+
+    products = torch.eye(5)
+    queries = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5]] * 3)
+    positives = np.array([3, 3, 2])
+    masks = [np.array([], dtype=np.int64), np.array([0, 2]), np.array([2, 4])]
+    assert exact_ranks(queries, products, torch.from_numpy(positives)).tolist() == [3, 3, 2]
+    assert masked_ranks(queries, products, positives, masks).tolist() == [3, 1, 5]

@@ -30,11 +30,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from itemsage.home import allocate, cluster_history, merge_for_ks
+from itemsage.home import WARD_RELATIVE_THRESHOLD, allocate, cluster_history, merge_for_ks
 
 DEFAULT_HALF_LIFE_DAYS = 30.0  # recency weighting: an engagement this old counts half (see docs/METHOD.md)
 SECONDS_PER_DAY = 86_400.0
-EVAL_HISTORY = 50  # evaluate: a user's history is their last this-many distinct training-window products
+EVAL_HISTORY = 10  # evaluate: a history is the last this-many distinct train-window products (chosen on validation)
 
 Adapt = Callable[[str, np.ndarray], np.ndarray]
 
@@ -142,10 +142,13 @@ def cluster_importance(labels: np.ndarray, times: np.ndarray | None = None, now:
 
 
 def plan_home(x: np.ndarray, max_clusters: int, times: np.ndarray | None = None, now: float | None = None,
-              half_life_days: float = DEFAULT_HALF_LIFE_DAYS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              half_life_days: float = DEFAULT_HALF_LIFE_DAYS, *, ward_relative: float = WARD_RELATIVE_THRESHOLD,
+              ward_threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A history's frozen vectors [H, Dq] -> (labels [H], medoids [C], importance [C]), the clusters
-    renumbered by importance (ties: cluster_history's order, largest first). Unit rows are clustered."""
-    labels, medoids = cluster_history(unit_rows(x), max_clusters)
+    renumbered by importance (ties: cluster_history's order, largest first). Unit rows are clustered,
+    the Ward tree cut at `ward_relative` x the history's median pairwise distance, or at the absolute
+    `ward_threshold` when given (home.cluster_history)."""
+    labels, medoids = cluster_history(unit_rows(x), max_clusters, relative=ward_relative, threshold=ward_threshold)
     weight = cluster_importance(labels, times, now, half_life_days)  # [C]
     order = sorted(range(len(medoids)), key=lambda c: (-weight[c], c))
     renumber = np.empty(len(order), dtype=np.int64)
@@ -157,20 +160,23 @@ def home_by_history(index: Any, adapt: Adapt, surface: str, histories: Sequence[
                     max_clusters: int = 5, times: Sequence[Sequence[float] | None] | None = None,
                     now: Sequence[float | None] | None = None, half_life_days: float = DEFAULT_HALF_LIFE_DAYS,
                     keep_history: bool = False, exclude: Sequence[set[str]] | None = None,
-                    frozen: Sequence[np.ndarray] | None = None) -> list[HomeResult]:
+                    frozen: Sequence[np.ndarray] | None = None, ward_relative: float = WARD_RELATIVE_THRESHOLD,
+                    ward_threshold: float | None = None) -> list[HomeResult]:
     """Home feeds of a batch of histories (product ids), each as `Service.home` serves it.
 
     Per history: frozen vectors (`index.query_vector`, or `frozen[b]` [H, Dq] when the caller gives
     them, e.g. a request's own vectors) -> `plan_home` -> medoids through `surface`'s adapter -> one
     index search for all the batch's medoids -> per k, the clusters' lists merged by importance
     (home.allocate's shares of k, then the best remaining). History products are excluded unless
-    `keep_history`; `exclude[b]` adds more. Raises KeyError / NoProductQueries as `closeup_by_product`.
+    `keep_history`; `exclude[b]` adds more. `ward_relative` / `ward_threshold`: the Ward cut (`plan_home`).
+    Raises KeyError / NoProductQueries as `closeup_by_product`.
     """
     plans, masks = [], []
     for b, history in enumerate(histories):
         x = frozen[b] if frozen is not None else index.query_vector(list(history))  # [H, Dq]
         t = None if times is None or times[b] is None else np.asarray(times[b], dtype=np.float64)
-        labels, medoids, weight = plan_home(x, max_clusters, t, None if now is None else now[b], half_life_days)
+        labels, medoids, weight = plan_home(x, max_clusters, t, None if now is None else now[b], half_life_days,
+                                            ward_relative=ward_relative, ward_threshold=ward_threshold)
         plans.append((labels, medoids, weight, x))
         masks.append((set() if keep_history else set(history)) | (set(exclude[b]) if exclude is not None else set()))
     if not plans:

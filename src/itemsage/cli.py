@@ -692,7 +692,10 @@ def evaluate_cmd(
                                          help="Evaluate a stratified sample of N test-window pairs (default: all)."),
     device: EvalDevice = typer.Option(EvalDevice.cpu, "--device", help="Where to run the tower."),
     history: int = typer.Option(
-        50, "--history", help="Served paths: a user's home history is their last N distinct train-window products."),
+        10, "--history", help="Served paths: a user's home history is their last N distinct train-window products."),
+    window: str = typer.Option(
+        "test", "--window", help="Window to score: test (the reported figures) or validation (to choose options "
+                                 "without reading the test window)."),
 ) -> None:
     """Recall@1/10/100 per surface x engagement on the test window: exact, ANN, popularity, cold start,
     and pairs seen / unseen in the train window; closeup by product and home by history as the service
@@ -710,11 +713,11 @@ def evaluate_cmd(
 
     try:
         result = evaluate(model, dataset, embeddings, index_root=index, sample=sample, device=device.value,
-                          history=history)
+                          history=history, window=window)
     except (ArtifactError, FileNotFoundError, ValueError) as err:
         fail(str(err))
     report = write_report(result, out)
-    console.print(_recall_table(result, "Recall@10 on the test window"))
+    console.print(_recall_table(result, f"Recall@10 on the {window} window"))
     from itemsage.evaluate import served_rows
 
     for label, index_name, n, overall, per_engagement in served_rows(result, 10):

@@ -96,6 +96,30 @@ def exact_ranks(
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
+@torch.inference_mode()
+def masked_ranks(queries: torch.Tensor, products: torch.Tensor, positive_rows: np.ndarray,
+                 masks: Sequence[np.ndarray], chunk: int = 1024) -> np.ndarray:
+    """`exact_ranks` with each query's own products left out of the ranking: masks[q] holds catalog
+    rows (e.g. the user's history) that cannot be retrieved for query q. A positive inside its mask is
+    unreachable: rank N (a miss at every k). queries [Q, D], products [N, D], positive_rows [Q]."""
+    n = products.shape[0]
+    out = np.empty(len(positive_rows), dtype=np.int64)
+    for start in range(0, queries.shape[0], chunk):
+        q = queries[start:start + chunk]  # [C, D]
+        scores = q @ products.T  # [C, N]
+        for j in range(q.shape[0]):
+            i = start + j
+            mask = np.asarray(masks[i], dtype=np.int64)
+            pos = int(positive_rows[i])
+            if (mask == pos).any():
+                out[i] = n
+                continue
+            row = scores[j].clone()
+            row[torch.from_numpy(mask).to(row.device)] = -torch.inf
+            out[i] = int((row >= row[pos]).sum()) - 1  # ties pessimistic, as exact_ranks
+    return out
+
+
 def group_recall(
     ranks: np.ndarray, groups: Iterable[str], ks: Sequence[int] = DEFAULT_KS
 ) -> dict[str, dict[str, float]]:
@@ -288,6 +312,7 @@ def evaluate(
     gallery: int = GALLERY_QUERIES,
     served: bool = True,
     history: int | None = None,
+    window: str = "test",
 ) -> dict[str, Any]:
     """Recall@K of every test-window pair, ranking its product among the embedded catalog.
 
@@ -303,12 +328,17 @@ def evaluate(
     product) occurs in the train window; "unseen" the rest. "served" (unless `served` is False):
     closeup by product and home by history exactly as the service computes them, and the user-level
     protocol (`served_paths`; `history`: a user's history length, default by_product.EVAL_HISTORY).
+    `window="validation"` scores the validation window instead (for choosing options without reading
+    the test window; the train window still gives popularity, seen pairs and histories).
     """
     from itemsage import schema
     from itemsage.artifacts import fingerprint, verify_dataset
     from itemsage.model import load_model
     from itemsage.pairs import load_pairs
 
+    if window not in ("test", "validation"):
+        raise ValueError(f"window must be 'test' or 'validation', got {window!r}")
+    window_file = schema.WINDOW_FILES[window]
     verify_dataset(dataset_dir)  # refuses a dataset without a manifest, or a file that does not match it
     loaded = load_model(model_dir, device=device)
     ids, vectors, emb_manifest = read_catalog_embeddings(embeddings_dir, loaded.fingerprint)
@@ -317,14 +347,14 @@ def evaluate(
                          f"{loaded.config.out_dim}-d; re-run `itemsage embed` with this model")
     store = CatalogIds(ids)
     try:
-        pairs = load_pairs(dataset_dir, schema.TEST_FILE, store, sample=sample, seed=seed)
+        pairs = load_pairs(dataset_dir, window_file, store, sample=sample, seed=seed)
     except KeyError as err:
         raise ValueError(f"{embeddings_dir} does not hold every product of the test window ({err.args[0]}); embed "
                          f"this dataset's catalog: `itemsage embed MODEL {dataset_dir} --out DIR`") from None
     if len(pairs) == 0:
-        raise ValueError(f"{Path(dataset_dir) / schema.TEST_FILE} has no pairs to evaluate; re-run `itemsage ingest` "
+        raise ValueError(f"{Path(dataset_dir) / window_file} has no pairs to evaluate; re-run `itemsage ingest` "
                          "with a larger --test-fraction or an earlier --test-from")
-    log.info("evaluating %d test-window pairs against %d embedded products", len(pairs), len(store))
+    log.info("evaluating %d %s-window pairs against %d embedded products", len(pairs), window, len(store))
 
     catalog = torch.from_numpy(vectors).to(device)  # [N, D], as embed wrote them
     queries = encode_queries(loaded, pairs, device)  # [Q, D]
@@ -332,7 +362,7 @@ def evaluate(
     tasks = pairs.task.astype(str)
     exact = exact_ranks(queries, catalog, positive_rows)
 
-    train_path, test_path = Path(dataset_dir) / schema.TRAIN_FILE, Path(dataset_dir) / schema.TEST_FILE
+    train_path, test_path = Path(dataset_dir) / schema.TRAIN_FILE, Path(dataset_dir) / window_file
     train_table = pq.read_table(train_path, columns=_log_columns(train_path))
     train_ids = [pid for pid in train_table[schema.PRODUCT_ID].to_pylist() if pid in store]
     train_counts = np.bincount(store.index_of(train_ids), minlength=len(store))
@@ -344,7 +374,7 @@ def evaluate(
     result: dict[str, Any] = {
         "data": {
             "products": len(store),
-            "window": "test",
+            "window": window,
             "eval_pairs": len(pairs),
             "cold_start_pairs": int(cold.sum()),
             "cold_start_products": int((train_counts == 0).sum()),
@@ -361,7 +391,8 @@ def evaluate(
         "seen": {"exact": group_recall(exact[seen], tasks[seen], ks)},
         "unseen": {"exact": group_recall(exact[~seen], tasks[~seen], ks)},
         "recall_curve": recall_curve(exact, pairs.surface.astype(str)),
-        "gallery": neighbour_gallery(dataset_dir, store, pairs, queries, catalog, exact, gallery, seed),
+        "gallery": neighbour_gallery(dataset_dir, store, pairs, queries, catalog, exact, gallery, seed,
+                                     file=window_file),
         "training_curves": training_curves(model_dir),
     }
     index = None
@@ -381,13 +412,15 @@ def evaluate(
             index.manifest.get("inputs", {}).get("embeddings") == result["data"]["embeddings_fingerprint"])
     if served:
         result["served"] = _served(loaded, dataset_dir, embeddings_dir, emb_manifest, ids, vectors, index, store,
-                                   pairs, exact, popular, ks, history)
+                                   pairs, exact, popular, ks, history, window_file=window_file,
+                                   queries=queries, catalog=catalog)
     return result
 
 
 def _served(loaded: Any, dataset_dir: str | Path, embeddings_dir: str | Path, emb_manifest: dict[str, Any],
             ids: np.ndarray, vectors: np.ndarray, index: Any, store: CatalogIds, pairs: Any, exact: np.ndarray,
-            popular: np.ndarray, ks: Sequence[int], history: int | None) -> dict[str, Any]:
+            popular: np.ndarray, ks: Sequence[int], history: int | None, *, window_file: str | None = None,
+            queries: torch.Tensor | None = None, catalog: torch.Tensor | None = None) -> dict[str, Any]:
     """evaluate()'s "served" block: `served_paths` over an exact (flat) index of the embeddings and their
     frozen query vectors, and over the served index when it holds them too."""
     from itemsage import schema
@@ -405,7 +438,8 @@ def _served(loaded: Any, dataset_dir: str | Path, embeddings_dir: str | Path, em
         indexes["ann"] = index
     train_path = Path(dataset_dir) / schema.TRAIN_FILE
     train = pq.read_table(train_path, columns=[schema.USER_ID, schema.PRODUCT_ID, schema.TIMESTAMP])
-    out = served_paths(loaded, dataset_dir, indexes, store, pairs, exact, popular, train, ks, history)
+    out = served_paths(loaded, dataset_dir, indexes, store, pairs, exact, popular, train, ks, history,
+                       window_file=window_file, queries=queries, catalog_vectors=catalog)
     out["data"]["seconds"] = round(time.perf_counter() - start, 1)
     log.info("served paths evaluated in %.1f s", out["data"]["seconds"])
     return out
@@ -433,7 +467,8 @@ def _titles(dataset_dir: str | Path, ids: Iterable[str]) -> dict[str, str]:
 
 @torch.inference_mode()
 def neighbour_gallery(dataset_dir: str | Path, store, pairs, queries: torch.Tensor, catalog: torch.Tensor,
-                      ranks: np.ndarray, per_surface: int, seed: int = 0, k: int = 10) -> list[dict[str, Any]]:
+                      ranks: np.ndarray, per_surface: int, seed: int = 0, k: int = 10,
+                      file: str | None = None) -> list[dict[str, Any]]:
     """A few seeded test pairs per surface: the query, its top-k products (id, title, score) with the
     engaged one marked, and the engaged product's rank among the whole catalog."""
     from itemsage import schema
@@ -449,7 +484,7 @@ def neighbour_gallery(dataset_dir: str | Path, store, pairs, queries: torch.Tens
     top_ids = store.ids[top.cpu().numpy()]  # [G, k]
     engaged_ids = store.ids[pairs.product_row[chosen]]  # [G]
     titles = _titles(dataset_dir, set(top_ids.ravel().tolist()) | set(engaged_ids.tolist()))
-    source = pq.read_table(Path(dataset_dir) / schema.TEST_FILE, columns=[schema.QUERY_TEXT, schema.USER_ID])
+    source = pq.read_table(Path(dataset_dir) / (file or schema.TEST_FILE), columns=[schema.QUERY_TEXT, schema.USER_ID])
     gallery = []
     for g, i in enumerate(chosen):
         row = int(pairs.source_row[i]) if pairs.source_row is not None else None
@@ -711,18 +746,22 @@ def _hits(lists: list[list[tuple[list[str], ...]]], owner: np.ndarray, positives
 
 def served_paths(loaded: Any, dataset_dir: str | Path, indexes: dict[str, Any], catalog: CatalogIds, pairs: Any,
                  exact: np.ndarray, popular: np.ndarray, train_table: Any, ks: Sequence[int] = DEFAULT_KS,
-                 history: int | None = None) -> dict[str, Any]:
+                 history: int | None = None, *, window_file: str | None = None,
+                 queries: torch.Tensor | None = None, catalog_vectors: torch.Tensor | None = None) -> dict[str, Any]:
     """Closeup by product and home by history as `Service.closeup` / `Service.home` compute them
     (by_product.py), per engagement over the test pairs, next to the query-vector figures of the same
     pairs; and the user-level protocol (`user_level`). `indexes`: name ("exact", "ann") -> an index
     holding the products' frozen query vectors. A user's history is their train-window products
     (`user_histories`, the last `history`, default by_product.EVAL_HISTORY), excluded from their home
     candidates as the service does by default. Home pairs of users without a train-window history
-    are left out of every home figure here (counted in `data`)."""
+    are left out of every home figure here (counted in `data`). With `queries` [Q, D] and
+    `catalog_vectors` [N, D] (the pairs' query vectors, the embedded catalog), "home_query_vector_masked"
+    ranks each home pair's query vector with the user's history left out too (like for like).
+    `window_file`: the window the pairs come from (default the test window)."""
     from itemsage import by_product, schema
 
     n_history = history or by_product.EVAL_HISTORY
-    test_path = Path(dataset_dir) / schema.TEST_FILE
+    test_path = Path(dataset_dir) / (window_file or schema.TEST_FILE)
     names = pq.ParquetFile(test_path).schema_arrow.names
     cols = [c for c in (schema.USER_ID, schema.QUERY_PRODUCT_ID) if c in names]
     test = pq.read_table(test_path, columns=cols).take(pairs.source_row)
@@ -760,6 +799,10 @@ def served_paths(loaded: Any, dataset_dir: str | Path, indexes: dict[str, Any], 
         hist = [histories[u][0] for u in distinct]
         times = [histories[u][1] for u in distinct]
         out["home_query_vector"] = {"exact": group_recall(exact[rows], tasks[rows], ks)}
+        if queries is not None and catalog_vectors is not None:
+            masks = [catalog.index_of(histories[u][0]) for u in users[rows]]
+            masked = masked_ranks(queries[rows.tolist()], catalog_vectors, pairs.product_row[rows], masks)
+            out["home_query_vector_masked"] = {"exact": group_recall(masked, tasks[rows], ks)}
         out["home_popularity"] = group_recall(popular[rows], tasks[rows], ks)
         out["home_by_history"], out["home_by_history_recency"] = {}, {}
         for name, index in indexes.items():
@@ -828,6 +871,7 @@ def served_rows(result: dict[str, Any], k: int = 10) -> list[tuple[str, ...]]:
     labels = [("closeup_query_vector", "closeup, the log's query vector"),
               ("closeup_by_product", "closeup by product, as served"),
               ("home_query_vector", "home, the log's query vector (medoid)"),
+              ("home_query_vector_masked", "home, the log's query vector, history masked"),
               ("home_by_history", "home by history, as served"),
               ("home_by_history_recency", f"home by history with times (half-life {_half_life()} days)"),
               ("home_popularity", "home, popularity")]
