@@ -353,8 +353,22 @@ def test_presets():
     paper = model_config("paper")
     assert (paper.d_model, paper.heads, paper.layers, paper.ff_dim, paper.hash_buckets, paper.hash_dim,
             paper.head_hidden, paper.out_dim, paper.max_images) == (512, 8, 1, 2048, 100_000, 256, 1024, 256, 20)
-    assert paper.text_fields == schema.TEXT_FIELDS and paper == ModelConfig()
-    assert model_config("cpu").out_dim == 256
+    assert paper.text_fields == schema.TEXT_FIELDS
+    # The ablations' winners (docs/METHOD.md): the presets differ from the earlier defaults only there.
+    earlier = ModelConfig()
+    assert paper == ModelConfig(type_embedding=True, dropout=0.0, text_norm="l2", projection="mlp")
+    cpu = model_config("cpu")
+    assert cpu.out_dim == 256 and (cpu.type_embedding, cpu.dropout, cpu.text_norm, cpu.projection) == (
+        True, 0.0, "l2", "linear")
+    assert (earlier.type_embedding, earlier.dropout, earlier.text_norm, earlier.projection) == (
+        False, 0.1, "layernorm", "linear")
+    # The preset's transformer-only choices give way to a baseline aggregator; given explicitly, they are refused.
+    assert not model_config("cpu", aggregator="concat").type_embedding
+    assert model_config("cpu", aggregator="sum").type_embedding
+    with pytest.raises(ConfigError, match="model.type_embedding"):
+        model_config("cpu", aggregator="concat", type_embedding=True)
+    with pytest.raises(ConfigError, match="model.pooling"):
+        model_config("cpu", aggregator="sum", pooling="attention")
     assert model_config("tiny", text_fields=["title"]).text_fields == ("title",)
     with pytest.raises(ConfigError, match="model preset must be one of paper, cpu, tiny"):
         model_config("huge")
