@@ -73,3 +73,13 @@ def test_what_this_says_is_written_from_the_numbers():
     # turn the numbers round and the paragraph changes with them
     results["text_only"] = [fake_result(0.1, 0.1, 0.1, 0.0)] * 2
     assert "at least as good as every baseline: holds here" in what_this_says(aggregate(results), seeds=2)
+
+
+def test_written_sections_come_from_the_files(tmp_path):
+    from itemsage.compare import _written_section
+
+    assert _written_section(tmp_path / "notes.md", None) == []  # absent: nothing
+    (tmp_path / "notes.md").write_text("The transformer trails.\n\n", encoding="utf-8")
+    assert _written_section(tmp_path / "notes.md", None) == ["The transformer trails.", ""]
+    (tmp_path / "ablations.md").write_text("| a | b |\n|---|---|\n", encoding="utf-8")
+    assert _written_section(tmp_path / "ablations.md", "Ablations") == ["", "## Ablations", "", "| a | b |", "|---|---|"]

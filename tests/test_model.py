@@ -104,14 +104,18 @@ def reference_forward(model: ItemSage, images: torch.Tensor, fields: list[list[i
     x = torch.cat(tokens).unsqueeze(0)  # [1, S_present, D]
     for layer in model.encoder.layers:  # the stock layer, full sequence, no mask
         x = layer(x)
+    if model.cfg.pooling == "attention":  # softmax of the learned query against every normalised output
+        weights = (model.pool_norm(x[0]) @ model.pool_query).softmax(0)  # [S_present]
+        return model.head((weights[:, None] * x[0]).sum(0, keepdim=True))[0]
     return model.head(x[:, 0])[0]
 
 
-@pytest.mark.parametrize("layers", [1, 2])
-def test_matches_unpadded_reference(layers):
+@pytest.mark.parametrize("options", [dict(layers=1), dict(layers=2), dict(layers=1, pooling="attention"),
+                                     dict(layers=2, norm_first=False), dict(projection="mlp", text_norm="l2")])
+def test_matches_unpadded_reference(options):
     """Padding slots and empty fields are really masked, and the [CLS]-only last layer equals the
-    stock encoder's output at [CLS]."""
-    model = tower(layers=layers)
+    stock encoder's output at [CLS] (attention pooling and post-LN layers: the stock layers' outputs)."""
+    model = tower(**options)
     g = torch.Generator().manual_seed(2)
     products = [random_product(g, 4, [0, 3]), random_product(g, 1, [1, 2, 5, 11]), random_product(g, 0, [7]),
                 random_product(g, 2, [])]
@@ -333,6 +337,11 @@ def test_wrong_image_width_is_refused(batch):
     (dict(text_fields=("title", "title")), "model.text_fields"),
     (dict(text_fields=()), "model.text_fields is empty"),
     (dict(aggregator="concat", type_embedding=True), "model.type_embedding"),
+    (dict(text_norm="batchnorm"), "model.text_norm"),
+    (dict(projection="conv"), "model.projection"),
+    (dict(pooling="mean"), "model.pooling"),
+    (dict(aggregator="sum", pooling="attention"), "model.pooling='attention' applies"),
+    (dict(norm_first=1), "model.norm_first"),
     (dict(colour="red"), "model.colour"),
 ])
 def test_config_errors_name_the_option(overrides, message):
@@ -344,8 +353,22 @@ def test_presets():
     paper = model_config("paper")
     assert (paper.d_model, paper.heads, paper.layers, paper.ff_dim, paper.hash_buckets, paper.hash_dim,
             paper.head_hidden, paper.out_dim, paper.max_images) == (512, 8, 1, 2048, 100_000, 256, 1024, 256, 20)
-    assert paper.text_fields == schema.TEXT_FIELDS and paper == ModelConfig()
-    assert model_config("cpu").out_dim == 256
+    assert paper.text_fields == schema.TEXT_FIELDS
+    # The ablations' winners (docs/METHOD.md): the presets differ from the earlier defaults only there.
+    earlier = ModelConfig()
+    assert paper == ModelConfig(type_embedding=True, dropout=0.0, text_norm="l2", projection="mlp")
+    cpu = model_config("cpu")
+    assert cpu.out_dim == 256 and (cpu.type_embedding, cpu.dropout, cpu.text_norm, cpu.projection) == (
+        True, 0.0, "l2", "linear")
+    assert (earlier.type_embedding, earlier.dropout, earlier.text_norm, earlier.projection) == (
+        False, 0.1, "layernorm", "linear")
+    # The preset's transformer-only choices give way to a baseline aggregator; given explicitly, they are refused.
+    assert not model_config("cpu", aggregator="concat").type_embedding
+    assert model_config("cpu", aggregator="sum").type_embedding
+    with pytest.raises(ConfigError, match="model.type_embedding"):
+        model_config("cpu", aggregator="concat", type_embedding=True)
+    with pytest.raises(ConfigError, match="model.pooling"):
+        model_config("cpu", aggregator="sum", pooling="attention")
     assert model_config("tiny", text_fields=["title"]).text_fields == ("title",)
     with pytest.raises(ConfigError, match="model preset must be one of paper, cpu, tiny"):
         model_config("huge")
@@ -405,19 +428,87 @@ def test_logit_scale_cannot_get_stuck_at_the_cap():
 
 
 @pytest.mark.parametrize("aggregator", ["transformer", "sum", "concat"])
-def test_flops_per_product_matches_flop_counter(aggregator):
+@pytest.mark.parametrize("options", [{}, dict(projection="mlp"), dict(pooling="attention"), dict(norm_first=False)])
+def test_flops_per_product_matches_flop_counter(aggregator, options):
     """Against torch's FlopCounterMode on one unpadded product (every image and field present).
     Attention runs on torch's math kernel here (plain matmuls the counter sees; the fused CPU kernel
     is invisible to it), so every term is counted by torch, none by a formula of this code."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    cfg = model_config("tiny", layers=2, dropout=0.0, aggregator=aggregator, max_images=3)
+    if aggregator != "transformer" and options.get("pooling"):
+        pytest.skip("pooling applies to the transformer only")
+    cfg = model_config("tiny", layers=2, dropout=0.0, aggregator=aggregator, max_images=3, **options)
     model = ItemSage(cfg, VOCAB, DI)  # train mode: the stock layers run unfused, visible to the counter
     g = torch.Generator().manual_seed(6)
     images, fields = random_product(g, 3, list(range(F)))
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(make_batch([images], [fields]))
     assert flops_per_product(cfg, 3, F, image_dim=DI) == counter.get_total_flops()
+
+
+# --------------------------------------------------------------------------------------------------
+# Tower options (the ablations of docs/METHOD.md)
+# --------------------------------------------------------------------------------------------------
+
+# The tiny transformer's parameters before the options existed: an artifact saved then holds these.
+EARLIER_KEYS = {"image_proj.weight", "image_proj.bias", "text_embed.table.weight", "text_embed.importance.weight",
+                "text_proj.0.weight", "text_proj.0.bias", "text_proj.1.weight", "text_proj.1.bias", "cls"}
+
+
+def test_an_earlier_config_without_the_options_builds_the_earlier_tower():
+    from itemsage.config import from_dict
+
+    earlier = {k: v for k, v in model_config("tiny").__dict__.items()
+               if k not in ("text_norm", "projection", "pooling", "norm_first")}
+    cfg = from_dict(ModelConfig, earlier, section="model")
+    assert (cfg.text_norm, cfg.projection, cfg.pooling, cfg.norm_first) == ("layernorm", "linear", "cls", True)
+    model = ItemSage(cfg, VOCAB, DI)
+    keys = {k for k in model.state_dict() if not k.startswith(("encoder.", "head."))}
+    assert keys == EARLIER_KEYS
+    assert isinstance(model.text_proj[0], nn.LayerNorm) and model.encoder.layers[0].norm_first
+
+
+def test_option_parameter_counts_by_hand():
+    """Each option adds or removes exactly the parameters it should (tiny: D 32, ff 64, Dh 16, Di 8)."""
+    def count(**options):
+        return sum(p.numel() for p in tower(**options).parameters())
+
+    D, ff, Dh = 32, 64, 16
+    base = count()
+    # mlp: Linear(Di -> D) becomes Linear(Di -> ff) + Linear(ff -> D); the same for the text group.
+    assert count(projection="mlp") - base == ((DI * ff + ff) + (ff * D + D) - (DI * D + D)) + (
+        (Dh * ff + ff) + (ff * D + D) - (Dh * D + D))
+    assert count(text_norm="l2") - base == -2 * Dh  # no LayerNorm weight and bias
+    assert count(text_norm="none") == count(text_norm="l2")
+    assert count(pooling="attention") - base == 3 * D  # a LayerNorm (2D) and the query (D)
+    assert count(norm_first=False) == base
+
+
+def test_l2_text_norm_projects_the_unit_bag_by_hand():
+    model = tower(text_norm="l2")
+    v = torch.tensor([[3.0, 4.0] + [0.0] * 14, [0.0] * 16])  # a bag, and an empty field
+    linear = model.text_proj[1]
+    torch.testing.assert_close(model.text_proj(v)[0], linear.weight @ torch.tensor([0.6, 0.8] + [0.0] * 14) + linear.bias)
+    torch.testing.assert_close(model.text_proj(v)[1], linear.bias)  # an empty bag stays zero before the Linear
+    # A field repeated twice (a bag twice the sum) gives the same token under l2, a different one without a norm.
+    doubled = make_batch([torch.zeros(0, DI)], [[[1, 2, 3] * 2] + [[]] * (F - 1)])
+    once = make_batch([torch.zeros(0, DI)], [[[1, 2, 3]] + [[]] * (F - 1)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(doubled), model(once), atol=1e-6, rtol=1e-5)
+        plain = tower(text_norm="none")
+        assert not torch.allclose(plain(doubled), plain(once), atol=1e-3)
+
+
+@pytest.mark.parametrize("options", [dict(projection="mlp"), dict(text_norm="l2"), dict(pooling="attention"),
+                                     dict(norm_first=False)])
+def test_each_option_changes_the_output(batch, options):
+    """The default's weights wherever the shapes agree, same batch: an option that did nothing would
+    give the default's vectors."""
+    base, other = tower(), tower(**options)
+    shared = {k: v for k, v in base.state_dict().items() if k in other.state_dict() and other.state_dict()[k].shape == v.shape}
+    other.load_state_dict(shared, strict=False)
+    with torch.no_grad():
+        assert not torch.allclose(other(batch), base(batch), atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ Recall@10 per surface with error bars per group (architecture.png, negatives.png
 model on its own engagement against the multi-task model (tasks.png), training loss and validation
 Recall@10 against steps and against wall time for every run and seed (training_curves.png),
 Recall@K curves (recall_at_k.png). One colour per run across every figure. The report opens with a
-"what this says" paragraph written by `what_this_says` from the numbers.
+"what this says" paragraph written by `what_this_says` from the numbers, after the reading in
+`notes.md` if the output directory has one; an `ablations.md` there becomes the "Ablations" section.
 
 Not here: the user-level protocol (per-user Recall/NDCG as recommender libraries report it); it
 needs products as queries, which comes later.
@@ -58,6 +59,10 @@ RUNS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "random_negatives": ("negatives", {"negatives": "random"}, {}),
 }
 RESULT_FILE = "result.json"
+# Optional, written by people or scripts next to the report and copied into it: a reading of the
+# numbers (opens "What this says") and an ablation table (benchmarks/ablate.py writes one).
+NOTES_FILE = "notes.md"
+ABLATIONS_FILE = "ablations.md"
 SUMMARY_FILE = "summary.json"
 SUMMARY_KEYS: tuple[str, ...] = (*schema.SURFACES, "all", "cold_start")  # the keys of summary.json
 CONVERSIONS: tuple[str, ...] = ("add_to_cart", "checkout")
@@ -426,6 +431,14 @@ def _mean_curve(seeds: list[dict[str, Any]]) -> dict[str, Any] | None:
                                           for p in panels}}
 
 
+def _written_section(path: Path, title: str | None) -> list[str]:
+    """The lines of an optional markdown file for the report (under `## title` if given); [] if absent."""
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8").strip()
+    return (["", f"## {title}", ""] if title else []) + text.splitlines() + ([] if title else [""])
+
+
 def write_report(results: dict[str, list[dict[str, Any]]], out_dir: Path, cfg: CompareConfig,
                  dataset_dir: Path) -> Path:
     """report.md, summary.json, results.json and the plots from every run's seeds' results."""
@@ -449,6 +462,7 @@ def write_report(results: dict[str, list[dict[str, Any]]], out_dir: Path, cfg: C
         "",
         "## What this says",
         "",
+        *_written_section(out_dir / NOTES_FILE, None),
         what_this_says(agg, cfg.seeds),
         "",
         f"Data (every row): {data['products']:,} products, {train_pairs:,} train-window pairs, {data['eval_pairs']:,} "
@@ -530,6 +544,7 @@ def write_report(results: dict[str, list[dict[str, Any]]], out_dir: Path, cfg: C
         lines += ["", f"## Nearest neighbours (itemsage, seed {ref['run']['seed']})", "",
                   "A few test-window queries per surface, their top 10 by exact search; the engaged product "
                   "in bold with ✔ (if it is in the top 10).", "", *gallery_markdown(ref["gallery"])]
+    lines += _written_section(out_dir / ABLATIONS_FILE, "Ablations")
     lines += ["", "Not reported here: the user-level protocol (per-user Recall@K and NDCG@K from each user's history, "
               "as recommender libraries report it); it needs products as queries, which comes later."]
     report = out_dir / "report.md"
@@ -541,5 +556,6 @@ def write_report(results: dict[str, list[dict[str, Any]]], out_dir: Path, cfg: C
                              inputs={"dataset": artifacts.fingerprint(dataset_dir)},
                              counts={"runs": len(results), "seeds": cfg.seeds},
                              files=["report.md", "results.json", SUMMARY_FILE]
+                             + [f for f in (NOTES_FILE, ABLATIONS_FILE) if (out_dir / f).is_file()]
                              + sorted(p.name for p in out_dir.glob("*.png")))
     return report

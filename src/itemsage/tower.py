@@ -30,6 +30,13 @@ Choices the paper leaves open, made here:
   MultiheadAttention;
 - `aggregator="sum"` includes the [CLS] token in the pooled sum, so it acts as a learned bias and a
   product with no images and no text still gets a learned vector.
+
+Options tried in the ablations (docs/METHOD.md has the table; the ModelConfig defaults are the
+earlier behaviour, so older artifacts load unchanged, and the presets choose): `text_norm` (LayerNorm,
+L2 or nothing on the hash bag), `projection` (one Linear per feature group, or OmniSage's two-layer
+MLP), `pooling` ([CLS], or a learned query's softmax over every output) and `norm_first` (pre- or
+post-LN). Attention pooling and post-LN run every layer in full (the [CLS]-only shortcut is exact
+only for a pre-LN layer read at [CLS]).
 """
 
 from __future__ import annotations
@@ -52,6 +59,9 @@ log = logging.getLogger(__name__)
 AGGREGATORS: tuple[str, ...] = ("transformer", "sum", "concat")
 MODALITIES: tuple[str, ...] = ("both", "image", "text")
 ADAPTER_MODES: tuple[str, ...] = ("auto", "linear")
+TEXT_NORMS: tuple[str, ...] = ("layernorm", "l2", "none")
+PROJECTIONS: tuple[str, ...] = ("linear", "mlp")
+POOLINGS: tuple[str, ...] = ("cls", "attention")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,6 +88,12 @@ class ModelConfig:
     modalities: str = "both"  # both | image | text
     type_embedding: bool = False  # ablation: a learned per-slot embedding added to each token
     adapter: str = "auto"  # auto: identity where a query space already has out_dim; linear: always learn
+    # The defaults below are the earlier behaviour, so an artifact saved before an option existed
+    # loads as it was trained; the presets choose (docs/METHOD.md, "The tower").
+    text_norm: str = "layernorm"  # a text field's hash bag before its projection: layernorm | l2 | none
+    projection: str = "linear"  # per feature group: linear (Linear -> D) | mlp (Linear -> GELU -> Linear, hidden ff_dim)
+    pooling: str = "cls"  # transformer output: cls ([CLS] position) | attention (learned-query softmax over all positions)
+    norm_first: bool = True  # transformer layers: pre-LN (True) or post-LN (False)
 
     def __post_init__(self) -> None:
         for name in ("d_model", "heads", "layers", "ff_dim", "hash_buckets", "hash_dim", "out_dim",
@@ -106,6 +122,17 @@ class ModelConfig:
                 f"model.adapter must be one of {', '.join(ADAPTER_MODES)}, got {self.adapter!r}")
         require(isinstance(self.type_embedding, bool),
                 f"model.type_embedding must be true or false, got {self.type_embedding!r}")
+        require(self.text_norm in TEXT_NORMS,
+                f"model.text_norm must be one of {', '.join(TEXT_NORMS)}, got {self.text_norm!r}")
+        require(self.projection in PROJECTIONS,
+                f"model.projection must be one of {', '.join(PROJECTIONS)}, got {self.projection!r}")
+        require(self.pooling in POOLINGS,
+                f"model.pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        require(self.pooling == "cls" or self.aggregator == "transformer",
+                f"model.pooling={self.pooling!r} applies to aggregator transformer only (sum and concat "
+                "do not attend); set model.pooling='cls'")
+        require(isinstance(self.norm_first, bool),
+                f"model.norm_first must be true or false, got {self.norm_first!r}")
         require(not (self.type_embedding and self.aggregator == "concat"),
                 "model.type_embedding applies to aggregator transformer or sum; concat slots are "
                 "already positional (set model.type_embedding=false)")
@@ -122,16 +149,22 @@ class ModelConfig:
         return self.modalities in ("both", "text")
 
 
+# The ablations' winners (docs/METHOD.md, "The tower: ablations"), in the presets, not the ModelConfig
+# defaults, so an artifact saved before an option existed loads as it was trained.
+ADOPTED: dict[str, Any] = dict(type_embedding=True, dropout=0.0, text_norm="l2")
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's configuration: 1 layer, 8 heads, d = 512, head 512 -> 1024 -> 256.
-    "paper": {},
+    # The paper's configuration: 1 layer, 8 heads, d = 512, head 512 -> 1024 -> 256, with the ablations'
+    # winners; the two-layer MLP projection per feature group also won per step, and costs 2.6x a step
+    # at cpu size on one core, so only this preset (meant for an accelerator) takes it.
+    "paper": dict(**ADOPTED, projection="mlp"),
     # The paper's shape at CPU size, so the demo (20k products) trains in minutes on two cores.
     # Forward+backward of 1,024 products (~400 n-grams and ~3 images each, 256-d image vectors) on
     # 2 cores, best of 10: d_model 128 ~0.25 s (3.7M parameters), d_model 256 / 8 heads / ff 1024 /
     # hash 100k x 128 ~0.65 s (14M). A training step runs the tower over the batch plus 4x random
     # negatives, so d_model 128 is what fits hundreds of steps into five minutes.
-    "cpu": dict(d_model=128, heads=4, layers=1, ff_dim=512, dropout=0.1, hash_buckets=50_000,
-                hash_dim=64, head_hidden=256, out_dim=256),
+    "cpu": dict(d_model=128, heads=4, layers=1, ff_dim=512, hash_buckets=50_000,
+                hash_dim=64, head_hidden=256, out_dim=256, **ADOPTED),
     # Tests: seconds on a CPU.
     "tiny": dict(d_model=32, heads=2, layers=1, ff_dim=64, dropout=0.1, hash_buckets=1000,
                  hash_dim=16, head_hidden=64, out_dim=16),
@@ -139,9 +172,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def model_config(preset: str = "cpu", **overrides: Any) -> ModelConfig:
-    """A preset's ModelConfig with `overrides` applied (validated like any config)."""
+    """A preset's ModelConfig with `overrides` applied (validated like any config).
+
+    A preset's transformer-only choices give way to an overriding aggregator they do not apply to
+    (the preset's type embeddings under `aggregator="concat"`, its pooling under sum or concat); the
+    same option given as an override is still checked and refused.
+    """
     require(preset in PRESETS, f"model preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    return from_dict(ModelConfig, {**PRESETS[preset], **overrides}, section="model")
+    merged = {**PRESETS[preset], **overrides}
+    aggregator = merged.get("aggregator", "transformer")
+    if aggregator == "concat" and "type_embedding" not in overrides:
+        merged.pop("type_embedding", None)
+    if aggregator != "transformer" and "pooling" not in overrides:
+        merged.pop("pooling", None)
+    return from_dict(ModelConfig, merged, section="model")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,6 +268,20 @@ class HashEmbedding(nn.Module):
         return _BagSum.apply(vectors, bags.index, offsets, bags.by_token, bags.starts)  # [N, Dh]
 
 
+class _L2Norm(nn.Module):
+    """Rows to unit length; an all-zero row (an empty field) stays zero."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fn.normalize(x, dim=-1)
+
+
+def _projection(cfg: ModelConfig, in_dim: int) -> nn.Module:
+    """A feature group's map into the token width: Linear, or Linear -> GELU -> Linear (hidden ff_dim)."""
+    if cfg.projection == "linear":
+        return nn.Linear(in_dim, cfg.d_model)
+    return nn.Sequential(nn.Linear(in_dim, cfg.ff_dim), nn.GELU(), nn.Linear(cfg.ff_dim, cfg.d_model))
+
+
 class Head(nn.Module):
     """LayerNorm -> Linear(in -> H) -> GELU -> Linear(H -> out) -> L2 normalise."""
 
@@ -294,10 +352,11 @@ class ItemSage(nn.Module):
         self.num_text_slots = len(cfg.text_fields) if cfg.uses_text else 0
 
         # One projection per feature group (docs/METHOD.md).
-        self.image_proj = nn.Linear(image_dim, D) if cfg.uses_images else nn.Identity()
+        self.image_proj = _projection(cfg, image_dim) if cfg.uses_images else nn.Identity()
         if cfg.uses_text:
             self.text_embed: nn.Module = HashEmbedding(vocab_size, cfg.hash_buckets, cfg.hash_dim)
-            self.text_proj: nn.Module = nn.Sequential(nn.LayerNorm(cfg.hash_dim), nn.Linear(cfg.hash_dim, D))
+            norm = {"layernorm": nn.LayerNorm(cfg.hash_dim), "l2": _L2Norm(), "none": nn.Identity()}[cfg.text_norm]
+            self.text_proj: nn.Module = nn.Sequential(norm, _projection(cfg, cfg.hash_dim))
         else:
             self.text_embed = nn.Identity()
             self.text_proj = nn.Identity()
@@ -314,12 +373,18 @@ class ItemSage(nn.Module):
         self.type_embed = nn.Parameter(torch.randn(num_slots, D) * 0.02) if cfg.type_embedding else None
         if cfg.aggregator == "transformer":
             layer = nn.TransformerEncoderLayer(
-                D, cfg.heads, cfg.ff_dim, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
+                D, cfg.heads, cfg.ff_dim, cfg.dropout, activation="gelu", batch_first=True,
+                norm_first=cfg.norm_first,
             )
             # Nested tensors are a post-LN-only inference path; the layers below use SDPA either way.
             self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         else:
             self.encoder = nn.Identity()
+        if cfg.pooling == "attention":  # a learned query scores every position's normalised output
+            self.pool_norm: nn.Module | None = nn.LayerNorm(D)
+            self.pool_query: nn.Parameter | None = nn.Parameter(torch.randn(D) * D**-0.5)
+        else:
+            self.pool_norm, self.pool_query = None, None
         self.head = Head(D, cfg.head_hidden, cfg.out_dim)
 
     # -- the sequence ------------------------------------------------------------------------------
@@ -333,7 +398,8 @@ class ItemSage(nn.Module):
         if images.shape[1] > self.num_image_slots:
             raise ValueError(f"the batch has {images.shape[1]} image slots, the model at most "
                              f"{self.num_image_slots} (model.max_images); featurise with that max_images")
-        return self.image_proj(images.to(self.image_proj.weight.dtype)), present
+        dtype = next(self.image_proj.parameters()).dtype
+        return self.image_proj(images.to(dtype)), present
 
     def _text_tokens(self, batch: ProductBatch) -> tuple[Tensor, Tensor]:
         """-> tokens [B, F, D], present [B, F] (a field with no in-vocabulary token is absent)."""
@@ -396,9 +462,16 @@ class ItemSage(nn.Module):
             return x.sum(dim=1)  # [B, D]; absent positions are zero
         pad = ~present  # [B, S] True = ignore (nn.Transformer's convention)
         layers = self.encoder.layers
-        for layer in layers[:-1]:
+        # The [CLS]-only shortcut is exact for a pre-LN last layer read at [CLS] only.
+        cls_only = self.cfg.pooling == "cls" and self.cfg.norm_first
+        for layer in (layers[:-1] if cls_only else layers):
             x = layer(x, src_key_padding_mask=pad)  # [B, S, D]
-        return _cls_only_layer(layers[-1], x, pad)  # [B, D]
+        if cls_only:
+            return _cls_only_layer(layers[-1], x, pad)  # [B, D]
+        if self.pool_query is None:
+            return x[:, 0]  # [B, D]
+        scores = (self.pool_norm(x) @ self.pool_query.unsqueeze(1)).squeeze(-1).masked_fill(pad, float("-inf"))  # [B, S]
+        return torch.bmm(scores.softmax(dim=1).unsqueeze(1), x).squeeze(1)  # [B, D]
 
     def forward(self, batch: ProductBatch) -> Tensor:
         """ProductBatch of B products -> [B, out_dim] unit rows."""
@@ -492,7 +565,8 @@ def flops_per_product(cfg: ModelConfig, image_count: int, token_count: int, *, i
     Counts what `ItemSage.forward` computes for the product: the image and text projections, per
     encoder layer the Q/K/V projections, attention scores and weighted sum, output projection and
     feed-forward (the last layer for the [CLS] query only, keys and values folded into the query,
-    as `_cls_only_layer` implements it), and the head. Not
+    as `_cls_only_layer` implements it; every layer in full for attention pooling or post-LN, plus
+    the pooling's scores and sum), and the head. Not
     counted: the hash-bag gather-and-sum, LayerNorms, GELU, softmax and the L2 normalisation (not
     matmuls). To count what a padded batch executes, pass image_count = the batch's image slots and
     token_count = F. Image-only / text-only models ignore the other count.
@@ -500,7 +574,10 @@ def flops_per_product(cfg: ModelConfig, image_count: int, token_count: int, *, i
     D, H = cfg.d_model, cfg.head_hidden
     m = image_count if cfg.uses_images else 0
     t = token_count if cfg.uses_text else 0
-    flops = 2 * m * image_dim * D + 2 * t * cfg.hash_dim * D  # projections
+    if cfg.projection == "linear":
+        flops = 2 * m * image_dim * D + 2 * t * cfg.hash_dim * D  # projections
+    else:  # Linear(in -> ff) -> GELU -> Linear(ff -> D) per token
+        flops = 2 * m * (image_dim + D) * cfg.ff_dim + 2 * t * (cfg.hash_dim + D) * cfg.ff_dim
     if cfg.aggregator == "concat":
         slots = (cfg.max_images if cfg.uses_images else 0) + (len(cfg.text_fields) if cfg.uses_text else 0)
         return flops + 2 * slots * D * H + 2 * H * cfg.out_dim
@@ -515,5 +592,8 @@ def flops_per_product(cfg: ModelConfig, image_count: int, token_count: int, *, i
                      + 2 * S * D * heads * 2  # scores and weighted inputs, per head over the D inputs
                      + 2 * D * D * 2  # W_v on the pooled inputs, output projection
                      + 2 * D * cfg.ff_dim * 2)  # feed-forward
-        flops += (cfg.layers - 1) * full_layer + cls_layer
+        if cfg.pooling == "cls" and cfg.norm_first:
+            flops += (cfg.layers - 1) * full_layer + cls_layer
+        else:  # every layer in full; attention pooling scores and sums the S outputs
+            flops += cfg.layers * full_layer + (2 * S * D * 2 if cfg.pooling == "attention" else 0)
     return flops + 2 * D * H + 2 * H * cfg.out_dim  # head
