@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -444,6 +446,24 @@ def test_clock_turns_minute_budget_into_steps_and_re_estimates():
     assert total == 21 + 43
     t[0] = 60.1  # past the budget: stop now, whatever the schedule says
     assert clock.tick(50, total, 0.5) == 50
+
+
+def test_minute_budget_logs_its_first_estimate_not_every_re_estimate(caplog):
+    """The demo's output had an INFO line every ~10 steps (each re-estimate moved the total by a few
+    steps); only the first estimate is news at INFO, the rest go to DEBUG."""
+    from itemsage.train import Clock
+
+    t = [0.0]
+    clock = Clock(tiny(max_steps=None, max_minutes=1.0), world=1, device=torch.device("cpu"), calibrated=False,
+                  now=lambda: t[0])
+    total = None
+    with caplog.at_level(logging.DEBUG, logger="itemsage.train"):
+        for step in range(1, 60):  # a machine whose speed drifts: every re-estimate moves the total
+            t[0] += 0.5 + 0.01 * step
+            total = clock.tick(step, total, 0.5)
+    budget = [r for r in caplog.records if r.getMessage().startswith("minute budget")]
+    assert len(budget) >= 4  # the re-estimates are still there, for debugging
+    assert [r.levelno for r in budget] == [logging.INFO] + [logging.DEBUG] * (len(budget) - 1)
 
 
 @pytest.mark.parametrize("slow_after_s", [20.0, 1e9])

@@ -26,8 +26,9 @@ class DemoSettings:
     out: Path = Path("runs/demo")
     products: int = 20_000
     # The training budget. The rest of the demo (data, MiniLM over the search texts, embed, index,
-    # evaluate) takes about 3 minutes on 2 cores, and the install 1-2: 7 keeps the demo near 12 minutes.
-    train_minutes: float = 7.0
+    # evaluate with the served paths) takes about 3 minutes on 2 cores, and the install about 2.3:
+    # 6.5 keeps the demo under 12 minutes (at 7 a quiet fresh clone took 12 min 15 s in all).
+    train_minutes: float = 6.5
     preset: str = "cpu"
     train_steps: int | None = None  # optional step cap on top of the minute budget (tests)
     # On two CPU cores a step costs about its product count (B positives + R random negatives through

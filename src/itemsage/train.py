@@ -446,9 +446,11 @@ class Clock:
             return total_steps
         fit = step + int(rate * (_BUDGET_TARGET * self.budget_s - elapsed))
         new_total = _broadcast_int(max(step + 1, min(fit, self.cfg.max_steps or fit)), self.world, self.device)
-        if not self.calibrated or new_total != total_steps:
-            log.info("minute budget: %.2f steps/s, %.0f s left -> %d steps in total", rate,
-                     self.budget_s - elapsed, new_total)
+        if not self.calibrated or new_total != total_steps:  # the first estimate is news; re-estimates, every
+            # few steps, are for debugging (the progress bar shows the total)
+            log.log(logging.DEBUG if self.calibrated else logging.INFO,
+                    "minute budget: %.2f steps/s, %.0f s left -> %d steps in total", rate, self.budget_s - elapsed,
+                    new_total)
         self.calibrated = True
         self.marks.append((step, now))
         return new_total
