@@ -809,7 +809,7 @@ def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory for every artifact of the demo."),
     config: Optional[Path] = typer.Option(None, "--config", show_default=False, help=_CONFIG_HELP.format("demo")),
     products: int = typer.Option(20_000, "--products", help="Products in the generated shop."),
-    train_minutes: float = typer.Option(6.5, "--train-minutes", help="Training budget in minutes."),
+    train_minutes: float = typer.Option(6.0, "--train-minutes", help="Training budget in minutes."),
     preset: Preset = typer.Option(Preset.cpu, "--preset", help="Model preset."),
     seed: int = typer.Option(0, "--seed", help="Random seed of the shop and the training run."),
     serve: bool = typer.Option(False, "--serve", help="Then start the service on the demo's model and index."),

@@ -27,8 +27,8 @@ class DemoSettings:
     products: int = 20_000
     # The training budget. The rest of the demo (data, MiniLM over the search texts, embed, index,
     # evaluate with the served paths) takes about 3 minutes on 2 cores, and the install about 2.3:
-    # 6.5 keeps the demo under 12 minutes (at 7 a quiet fresh clone took 12 min 15 s in all).
-    train_minutes: float = 6.5
+    # 6 keeps the demo under 12 minutes (quiet fresh clones in all: 12 min 15 s at 7, 12 min 7 s at 6.5).
+    train_minutes: float = 6.0
     preset: str = "cpu"
     train_steps: int | None = None  # optional step cap on top of the minute budget (tests)
     # On two CPU cores a step costs about its product count (B positives + R random negatives through
