@@ -288,13 +288,22 @@ class LiveIndex:
 
     def vector(self, product_ids: list[str] | np.ndarray) -> np.ndarray:
         """The current unit vectors [N, D] of `product_ids`; KeyError names ids deleted or never indexed."""
+        out, _ = self._lookup(product_ids, "side_vectors", self.dim, self.base.vector)
+        return out
+
+    def _lookup(self, product_ids: list[str] | np.ndarray, side: str, width: int,
+                read_base: Any) -> tuple[np.ndarray, list[str]]:
+        """Rows [N, width] of `product_ids`: an upsert's from the view's `side` matrix, the version's
+        through `read_base(ids)`. Also returns the ids read from the side. KeyError names ids deleted
+        or never indexed."""
         view = self._view
         product_ids = list(product_ids)
-        out = np.empty((len(product_ids), self.dim), dtype=np.float32)
-        missing, base_at, base_ids = [], [], []
+        out = np.empty((len(product_ids), width), dtype=np.float32)
+        side_rows, missing, base_at, base_ids, from_side = getattr(view, side), [], [], [], []
         for i, pid in enumerate(product_ids):
             if pid in view.side_row:
-                out[i] = view.side_vectors[view.side_row[pid]]
+                out[i] = side_rows[view.side_row[pid]]
+                from_side.append(pid)
             elif self._base_row(view, pid) >= 0:
                 base_at.append(i)
                 base_ids.append(pid)
@@ -304,8 +313,8 @@ class LiveIndex:
             shown = ", ".join(repr(p) for p in missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise KeyError(f"{len(missing)} product id(s) not in the index: {shown}")
         if base_ids:
-            out[base_at] = self.base.vector(base_ids)
-        return out
+            out[base_at] = read_base(base_ids)
+        return out, from_side
 
     @property
     def has_query_vectors(self) -> bool:
@@ -321,28 +330,16 @@ class LiveIndex:
         logged without one)."""
         if not self.base.has_query_vectors:
             raise index_lib.no_product_queries(f"index version {self.version}")
-        view = self._view
         product_ids = list(product_ids)
-        out = np.empty((len(product_ids), self.query_dim), dtype=np.float32)
-        missing, base_at, base_ids = [], [], []
-        for i, pid in enumerate(product_ids):
-            if pid in view.side_row:
-                out[i] = view.side_query[view.side_row[pid]]
-                if np.isnan(out[i]).any():
-                    raise index_lib.NoProductQueries(
-                        f"product {pid!r} was upserted without a product query vector of this index version's "
-                        "width (by a server older than product queries, or onto another index version); "
-                        "upsert it again")
-            elif self._base_row(view, pid) >= 0:
-                base_at.append(i)
-                base_ids.append(pid)
-            else:
-                missing.append(pid)
-        if missing:
-            shown = ", ".join(repr(p) for p in missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise KeyError(f"{len(missing)} product id(s) not in the index: {shown}")
-        if base_ids:
-            out[base_at] = self.base.query_vector(base_ids)
+        out, from_side = self._lookup(product_ids, "side_query", self.query_dim, self.base.query_vector)
+        if from_side:
+            upserted = set(from_side)
+            unknown = [pid for pid, row in zip(product_ids, out) if pid in upserted and np.isnan(row).any()]
+            if unknown:
+                raise index_lib.NoProductQueries(
+                    f"product {unknown[0]!r} was upserted without a product query vector of this index version's "
+                    "width (by a server older than product queries, or onto another index version); "
+                    "upsert it again")
         return out
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
