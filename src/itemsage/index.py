@@ -494,14 +494,18 @@ class ProductIndex:
         self._index = faiss.IndexRefine(ivf, vectors)  # add() feeds both; search re-ranks k_factor * k
         self._index.k_factor = float(self.config.refine_factor)
 
-    def vector(self, product_ids: list[str] | np.ndarray) -> np.ndarray:
-        """The stored unit vectors [N, D] of `product_ids`; KeyError names the ids not in the index."""
+    def _rows(self, product_ids: list[str] | np.ndarray) -> np.ndarray:
+        """faiss rows [N] of `product_ids`; KeyError names the ids not in the index."""
         product_ids = list(product_ids)
         missing = [p for p in product_ids if p not in self._row_of]
         if missing:
             shown = ", ".join(repr(p) for p in missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise KeyError(f"{len(missing)} product id(s) not in the index: {shown}")
-        rows = np.array([self._row_of[p] for p in product_ids], dtype=np.int64)
+        return np.array([self._row_of[p] for p in product_ids], dtype=np.int64)
+
+    def vector(self, product_ids: list[str] | np.ndarray) -> np.ndarray:
+        """The stored unit vectors [N, D] of `product_ids`; KeyError names the ids not in the index."""
+        rows = self._rows(product_ids)
         if len(rows) == 0:
             return np.empty((0, self.dim), dtype=np.float32)
         store = self._vectors if self.config.kind == "ivfpq" else self._index  # IVF-PQ: the exact vectors
@@ -522,12 +526,7 @@ class ProductIndex:
         when the index was built before products had query vectors."""
         if self._query_vectors is None:
             raise no_product_queries(f"index version {self.version or '(unsaved)'}")
-        product_ids = list(product_ids)
-        missing = [p for p in product_ids if p not in self._row_of]
-        if missing:
-            shown = ", ".join(repr(p) for p in missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise KeyError(f"{len(missing)} product id(s) not in the index: {shown}")
-        rows = np.array([self._row_of[p] for p in product_ids], dtype=np.int64)
+        rows = self._rows(product_ids)
         return np.array(self._query_vectors[rows], dtype=np.float32).reshape(len(rows), self._query_vectors.shape[1])
 
     def measure_recall(self, vectors: np.ndarray, k: int = RECALL_K) -> dict[str, Any]:
