@@ -114,20 +114,12 @@ class ModelConfig:
                 f"model.text_fields must be non-empty field names, got {list(self.text_fields)}")
         duplicates = sorted({f for f in self.text_fields if self.text_fields.count(f) > 1})
         require(not duplicates, f"model.text_fields lists {duplicates} more than once")
-        require(self.aggregator in AGGREGATORS,
-                f"model.aggregator must be one of {', '.join(AGGREGATORS)}, got {self.aggregator!r}")
-        require(self.modalities in MODALITIES,
-                f"model.modalities must be one of {', '.join(MODALITIES)}, got {self.modalities!r}")
-        require(self.adapter in ADAPTER_MODES,
-                f"model.adapter must be one of {', '.join(ADAPTER_MODES)}, got {self.adapter!r}")
+        for name, choices in (("aggregator", AGGREGATORS), ("modalities", MODALITIES), ("adapter", ADAPTER_MODES),
+                              ("text_norm", TEXT_NORMS), ("projection", PROJECTIONS), ("pooling", POOLINGS)):
+            value = getattr(self, name)
+            require(value in choices, f"model.{name} must be one of {', '.join(choices)}, got {value!r}")
         require(isinstance(self.type_embedding, bool),
                 f"model.type_embedding must be true or false, got {self.type_embedding!r}")
-        require(self.text_norm in TEXT_NORMS,
-                f"model.text_norm must be one of {', '.join(TEXT_NORMS)}, got {self.text_norm!r}")
-        require(self.projection in PROJECTIONS,
-                f"model.projection must be one of {', '.join(PROJECTIONS)}, got {self.projection!r}")
-        require(self.pooling in POOLINGS,
-                f"model.pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         require(self.pooling == "cls" or self.aggregator == "transformer",
                 f"model.pooling={self.pooling!r} applies to aggregator transformer only (sum and concat "
                 "do not attend); set model.pooling='cls'")
