@@ -305,12 +305,33 @@ def test_numpy_adapters_equal_the_models_torch_adapters(world):
     assert serve._plain_adapters(odd) == {}
 
 
+def _on_loop() -> bool:
+    """True in the event loop's thread, False in a thread-pool thread (it has no running loop)."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False
+
+
+def _record_where(service, monkeypatch) -> list[bool]:
+    """Wrap the service's search and closeup: each call appends whether it ran on the event loop."""
+    seen: list[bool] = []
+    for name in ("search", "closeup"):
+        def recording(req, *args, original=getattr(service, name), **kwargs):
+            seen.append(_on_loop())
+            return original(req, *args, **kwargs)
+
+        monkeypatch.setattr(service, name, recording)
+    return seen
+
+
 def test_cheap_requests_run_on_the_event_loop_and_slow_ones_in_the_pool(world, monkeypatch):
     """A product id, a vector or a cached text is answered on the event loop (no thread-pool hop); a
     new text (the text encoder) or an image goes to the thread pool, as does every request when the
     index is not local (a Milvus search is a network round trip)."""
-    import asyncio
-
     class Remote:  # a versions object without a local root, as index_milvus.MilvusVersions
         def __init__(self, root):
             self.local = serve.index_lib.LocalVersions(root)
@@ -321,13 +342,6 @@ def test_cheap_requests_run_on_the_event_loop_and_slow_ones_in_the_pool(world, m
         def load(self, target):
             return self.local.load(target)
 
-    def on_loop() -> bool:
-        try:
-            asyncio.get_running_loop()
-            return True
-        except RuntimeError:  # a pool thread has no running loop
-            return False
-
     image = base64.b64encode(b"IMG a chair").decode()
     requests = [("/v1/search", {"text": "oak chair"}), ("/v1/search", {"text": "oak chair"}),
                 ("/v1/search", {"vector": [1.0] * 384}), ("/v1/closeup", {"product_id": "p03"}),
@@ -336,13 +350,7 @@ def test_cheap_requests_run_on_the_event_loop_and_slow_ones_in_the_pool(world, m
                        (Remote(world["root"]), [False] * 6)]:
         app = serve.create_app(world["model_dir"], root, text_encoder=FakeTextEncoder(),
                                image_encoder=FakeImageEncoder())
-        service, seen = app.state.service, []
-        for name in ("search", "closeup"):
-            def recording(req, *args, original=getattr(service, name), **kwargs):
-                seen.append(on_loop())
-                return original(req, *args, **kwargs)
-
-            monkeypatch.setattr(service, name, recording)
+        seen = _record_where(app.state.service, monkeypatch)
         with TestClient(app) as c:
             for path, body in requests:
                 assert c.post(path, json=body).status_code == 200
@@ -354,15 +362,6 @@ def test_slow_index_searches_stay_off_the_event_loop(world, tmp_path, monkeypatc
     is cheap (HNSW in memory, or a small exact scan): an IVF-PQ version (its re-ranking reads the
     memory-mapped full vectors from disk) or an exact scan over many rows goes to the thread pool,
     decided per request, so a reload to such a version moves them there."""
-    import asyncio
-
-    def on_loop() -> bool:
-        try:
-            asyncio.get_running_loop()
-            return True
-        except RuntimeError:
-            return False
-
     rng = np.random.default_rng(5)
     ids = np.array([f"p{i:02d}" for i in range(1200)], dtype=object)  # p03 is among them
     vectors = rng.standard_normal((len(ids), OUT_DIM)).astype(np.float32)
@@ -373,13 +372,7 @@ def test_slow_index_searches_stay_off_the_event_loop(world, tmp_path, monkeypatc
     save_index(root, "flat", ids, vectors, world["fp"])  # CURRENT: a flat scan of 1,200 x 16
     app = serve.create_app(world["model_dir"], root, reload_token=TOKEN, text_encoder=FakeTextEncoder(),
                            image_encoder=FakeImageEncoder())
-    service, seen = app.state.service, []
-    for name in ("search", "closeup"):
-        def recording(req, *args, original=getattr(service, name), **kwargs):
-            seen.append(on_loop())
-            return original(req, *args, **kwargs)
-
-        monkeypatch.setattr(service, name, recording)
+    seen = _record_where(app.state.service, monkeypatch)
     requests = [("/v1/search", {"vector": [1.0] * 384}), ("/v1/closeup", {"product_id": "p03", "product_to_product": True})]
     with TestClient(app) as c:
         for path, body in requests:  # a small exact scan: on the loop
