@@ -150,7 +150,7 @@ def test_catalog_schema_matches_the_input_contract(catalog):
         "brand": pa.string(), "colors": pa.list_(pa.string()), "materials": pa.list_(pa.string()),
         "patterns": pa.string(), "size": pa.string(), "size_type": pa.string(),
         "product_type": pa.string(), "category": pa.string(), "domain": pa.string(),
-        "links": pa.string(), "price": pa.float64(),
+        "links": pa.string(), "price": pa.float64(), schema.LISTED_AT: pa.timestamp("ms", tz="UTC"),
         schema.IMAGE_EMBEDDINGS: pa.list_(pa.list_(pa.float32())),
     }
     assert {f.name: f.type for f in catalog.schema} == expected
@@ -287,6 +287,18 @@ def test_search_query_words_appear_in_the_engaged_products_text(logs, catalog):
     shuffled = np.random.default_rng(0).permutation(engaged)
     baseline = np.mean([len(q & text[i]) / len(q) for q, i in zip(queries, shuffled)])
     assert covered > 0.9 and baseline < 0.3, (covered, baseline)
+
+
+def test_listed_at_is_the_launch_day_and_no_engagement_comes_before_it(logs, catalog, latent):
+    start = dt.datetime.fromisoformat(TINY.start_date).replace(tzinfo=dt.timezone.utc)
+    listed = catalog[schema.LISTED_AT].cast(pa.int64()).to_numpy()  # [P] in catalog order
+    rows = index_of(catalog[schema.PRODUCT_ID])
+    day = (listed - int(start.timestamp() * 1000)) / 86_400_000
+    np.testing.assert_array_equal(day, latent.products.launch_day[rows])
+    assert (day > 0).sum() > 0 and (day == 0).sum() > len(day) // 2  # some launch during the window
+    first = np.full(TINY.products, np.iinfo(np.int64).max)
+    np.minimum.at(first, index_of(logs[schema.PRODUCT_ID]), logs[schema.TIMESTAMP].cast(pa.int64()).to_numpy())
+    assert (first[rows] >= listed).all()
 
 
 def test_timestamps_cover_the_window_and_late_products_appear_late(logs, latent):

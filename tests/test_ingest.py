@@ -167,6 +167,7 @@ CATALOG_CASES = {
     "nan_vector": ({"product_id": "p9", "image_embeddings": [[1.0, math.nan, 0.0, 0.0]]}, "non_finite_vector"),
     "inf_vector": ({"product_id": "p9", "image_embeddings": [[1.0, 0.0, 0.0, 0.0], [math.inf, 0, 0, 0]]},
                    "non_finite_vector"),
+    "bad_listed_at": ({"product_id": "p9", "title": "x", "listed_at": "last spring"}, "bad_timestamp"),
 }
 
 
@@ -174,7 +175,7 @@ CATALOG_CASES = {
 @pytest.mark.parametrize("case", sorted(CATALOG_CASES))
 def test_catalog_row_rejections(tmp_path, fmt, case):
     bad, reason = CATALOG_CASES[case]
-    rows = catalog_rows()
+    rows = [{**dict.fromkeys(bad), **r} for r in catalog_rows()]
     rows.insert(2, {**{k: None for k in rows[0]}, **bad})  # every column present, for Parquet
     summary, out = run(tmp_path, fmt, catalog=rows, validation_from=iso(6), test_from=iso(9))
     entry = only_reject(out, reason, 2, f"catalog.{fmt}")
@@ -186,6 +187,18 @@ def test_catalog_row_rejections(tmp_path, fmt, case):
     assert products.column("product_id").to_pylist() == ["p1", "p2", "p3"]
     assert products.column("title").to_pylist()[0] == ["Oak chair"]  # the first p1 is the one kept
     assert kept_rows(out) == 4
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_listed_at_is_kept_as_a_utc_timestamp(tmp_path, fmt):
+    rows = catalog_rows()
+    epoch_s = 1_704_074_400 if fmt == "jsonl" else iso(2)  # a Parquet column holds one type
+    rows[0]["listed_at"], rows[1]["listed_at"], rows[2]["listed_at"] = iso(3), None, epoch_s
+    summary, out = run(tmp_path, fmt, catalog=rows, validation_from=iso(6), test_from=iso(9))
+    assert summary.rejected == 0
+    listed = pq.read_table(out / schema.PRODUCTS_FILE).column(schema.LISTED_AT)
+    assert listed.type == pa.timestamp("ms", tz="UTC")
+    assert listed.to_pylist() == [T0 + dt.timedelta(hours=3), None, T0 + dt.timedelta(hours=2)]
 
 
 def test_image_dim_option_fixes_the_width(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import json
 import logging
 import math
@@ -529,6 +530,72 @@ def test_random_negatives_capped_at_catalog_and_progress_lines(dataset, tmp_path
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert any(line.startswith("step 3/3 ") and "pairs/s" in line and "loss" in line and "ETA" in line
                for line in lines), lines
+
+
+def with_listed_at(dataset: Path, root: Path, listed_ms: list[int | None]) -> Path:
+    """A copy of `dataset` whose catalog gives each product's `listed_at` (epoch ms; None: not given)."""
+    shutil.copytree(dataset, root)
+    products = pq.read_table(root / schema.PRODUCTS_FILE)
+    listed = pa.array(listed_ms, pa.int64()).cast(pa.timestamp("ms", tz="UTC"))
+    pq.write_table(products.append_column(schema.LISTED_AT, listed), root / schema.PRODUCTS_FILE)
+    artifacts.write_manifest(root, "dataset")
+    return root
+
+
+def test_negative_pool_leaves_out_products_listed_after_the_train_window(dataset, tmp_path):
+    from itemsage.features import ProductStore
+    from itemsage.pairs import negative_pool
+
+    vocab = Vocabulary.load(dataset / schema.VOCAB_FILE)
+    store = ProductStore.from_dataset(dataset, vocab, schema.TEXT_FIELDS, 20, progress=False)
+    assert negative_pool(dataset, store) is None  # no listed_at: every product
+    last = 599_000  # the train window's last engagement (600 rows, one a second from 0)
+    listed = [None] * 40 + [last, last - 1, 0, None] + [last + 1, 10**9, 2 * 10**9, last + 1]
+    data = with_listed_at(dataset, tmp_path / "listed", listed)
+    np.testing.assert_array_equal(negative_pool(data, store), np.arange(44))
+    early = with_listed_at(dataset, tmp_path / "early", [0] * 48)
+    assert negative_pool(early, store) is None  # all on sale in time: no pool needed
+
+
+def test_sampler_draws_negatives_from_its_pool_only():
+    probs = np.ones(10)
+    plain, again = Sampler(probs, 48, seed=5), Sampler(probs, 48, seed=5, pool=np.arange(48))
+    np.testing.assert_array_equal(plain.negatives(500), again.negatives(500))  # a full pool changes nothing
+    pooled = Sampler(probs, 48, seed=5, pool=np.array([3, 7, 40]))
+    drawn = np.concatenate([pooled.negatives(64), pooled.fork().negatives(64)])
+    assert set(drawn.tolist()) == {3, 7, 40}
+
+
+def test_training_draws_no_product_listed_after_the_train_window(dataset, tmp_path, monkeypatch):
+    import itemsage.train as train_module
+
+    data = with_listed_at(dataset, tmp_path / "listed", [None] * 40 + [10**9] * 8)
+    drawn: list[np.ndarray] = []
+    real = train_module.Sampler.negatives
+
+    def recording(self, r):
+        drawn.append(real(self, r))
+        return drawn[-1]
+
+    corrections: list[torch.Tensor] = []
+    real_loss = train_module.MixedNegativeLoss.forward
+
+    def loss_recording(self, *args, **kw):
+        corrections.append(kw["log_q_neg"])
+        return real_loss(self, *args, **kw)
+
+    monkeypatch.setattr(train_module.Sampler, "negatives", recording)
+    monkeypatch.setattr(train_module.MixedNegativeLoss, "forward", loss_recording)
+    result = train(data, tmp_path / "run", tiny(max_steps=4, random_negatives_ratio=2, eval_sample=0),
+                   progress=False)
+    rows = np.concatenate(drawn)
+    # 32 uniform draws a step from the 40 products on sale, never products 40..47
+    assert {len(d) for d in drawn} == {32} and rows.max() < 40
+    torch.testing.assert_close(corrections[0], torch.full((32,), math.log(32 / 40)))  # not log(32 / 48)
+    assert any("40 of 48 products listed by the train window's last engagement" in n for n in result.notes)
+    from itemsage.model import load_model
+
+    assert load_model(result.model_dir).extra["training"]["negative_pool"] == 40
 
 
 def test_cli_train_and_resume(dataset, tmp_path):

@@ -446,6 +446,8 @@ class DemoShop:
 
     def __init__(self, cfg: DemoConfig) -> None:
         self.cfg = cfg
+        start = dt.datetime.fromisoformat(cfg.start_date).replace(tzinfo=dt.timezone.utc)
+        self.t0 = int(start.timestamp() * 1000)  # the logs' first millisecond (day 0)
         self._build_taxonomy()
         rng = _rng(cfg.seed, _WORLD)
         self._build_brands(rng)
@@ -754,6 +756,9 @@ class DemoShop:
             "domain": domain,
             "links": links,
             "price": pa.array(p.price[idx]),
+            # When the product went on sale (the day it can first be engaged), as a shop's catalog records it.
+            schema.LISTED_AT: pa.array(self.t0 + p.launch_day[idx].astype(np.int64) * _DAY_MS).cast(
+                pa.timestamp("ms", tz="UTC")),
             schema.IMAGE_EMBEDDINGS: images,
         })
 
@@ -803,7 +808,7 @@ class DemoShop:
         cfg = self.cfg
         total = cfg.engagements_per_product * cfg.products / _ROWS_PER_QUERY
         start = dt.datetime.fromisoformat(cfg.start_date).replace(tzinfo=dt.timezone.utc)
-        t0 = int(start.timestamp() * 1000)
+        t0 = self.t0
         days = np.arange(cfg.days)
         weekend = ((start.weekday() + days) % 7) >= 5
         weight = (1.0 + 0.5 * days / cfg.days) * np.where(weekend, 1.15, 1.0)

@@ -207,7 +207,7 @@ class _Ingest:
                 stats = InputStats(str(src.path), "catalog")
                 self.stats.append(stats)
                 for start, batch in src.batches(self.config.batch_rows):
-                    n, table, rej = check_catalog_batch(self.checks, src, start, batch, kinds)
+                    n, table, rej, listed = check_catalog_batch(self.checks, src, start, batch, kinds)
                     keep = rej.alive
                     if src.fmt == "parquet":
                         mask = pa.array(keep)
@@ -219,6 +219,8 @@ class _Ingest:
                         if computed in extra:
                             log.warning("%s: ignoring the input column '%s'; ingest computes it", src.path, computed)
                             del extra[computed]
+                    if listed is not None:  # kept beside the extras: train reads it (itemsage.pairs)
+                        extra[schema.LISTED_AT] = listed
                     if table.num_rows:
                         scratch.write_table(table)
                     self.extras.add(extra, table.num_rows)

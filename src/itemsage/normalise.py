@@ -70,7 +70,8 @@ LOG_SCHEMA = schema.log_schema()  # the dataset's schemas live in schema.py
 
 
 def catalog_kinds(text_columns: Sequence[str]) -> dict[str, str]:
-    kinds = {schema.PRODUCT_ID: "id", schema.IMAGE_EMBEDDINGS: "vecs", schema.IMAGE_PATHS: "paths"}
+    kinds = {schema.PRODUCT_ID: "id", schema.IMAGE_EMBEDDINGS: "vecs", schema.IMAGE_PATHS: "paths",
+             schema.LISTED_AT: "time"}
     kinds.update({f: "text" for f in text_columns})
     return kinds
 

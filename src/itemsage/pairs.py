@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
@@ -167,27 +168,68 @@ def load_pairs(dataset_dir: str | Path, file: str, store: ProductStore, *, tasks
     )
 
 
+def negative_pool(dataset_dir: str | Path, store: ProductStore) -> np.ndarray | None:
+    """The catalog rows random negatives are drawn from: the products on sale by the end of the train
+    window, i.e. without a `listed_at` or listed at or before the train window's last engagement;
+    None when that is every product (or the catalog gives no `listed_at`).
+
+    A product listed later did not exist while those engagements happened: drawn as a negative at
+    every step, never as a positive, it would be pushed away from every query before its first
+    engagement, which is what a model trained on a catalog snapshot never does to tomorrow's products.
+    """
+    dataset_dir = Path(dataset_dir)
+    products = pq.ParquetFile(dataset_dir / schema.PRODUCTS_FILE)
+    if schema.LISTED_AT not in products.schema_arrow.names:
+        return None
+    table = products.read(columns=[schema.PRODUCT_ID, schema.LISTED_AT])
+    listed = table.column(schema.LISTED_AT)
+    if listed.null_count == len(listed):
+        return None
+    listed_ms = pc.cast(listed, pa.int64()).to_numpy(zero_copy_only=False)  # [P], NaN where null
+    times = pq.read_table(dataset_dir / schema.TRAIN_FILE, columns=[schema.TIMESTAMP]).column(schema.TIMESTAMP)
+    last = pc.max(times).value  # the train window's last engagement (None: an empty window)
+    if last is None:
+        return None
+    last_ms = int(pc.cast(pa.scalar(last, times.type), pa.int64()).as_py())
+    later = np.nan_to_num(listed_ms.astype(np.float64), nan=-np.inf) > last_ms  # [P]
+    if not later.any():
+        return None
+    rows = store.index_of(table.column(schema.PRODUCT_ID).to_pylist())  # [P] store row of each product
+    keep = np.ones(len(store), bool)
+    keep[rows[later]] = False
+    log.info("random negatives: %d of %d products (%d listed after the train window's last engagement "
+             "are left out)", int(keep.sum()), len(store), int(later.sum()))
+    return np.flatnonzero(keep)
+
+
 class Sampler:
     """Seeded draws of positives (the task mixture) and uniform random negatives.
 
-    Every DDP rank holds an identical copy and draws the same global batch.
+    Every DDP rank holds an identical copy and draws the same global batch. `pool`: the catalog rows
+    negatives are drawn from (default: every row).
     """
 
-    def __init__(self, probs: np.ndarray, catalog_size: int, seed: int):
+    def __init__(self, probs: np.ndarray, catalog_size: int, seed: int, pool: np.ndarray | None = None):
         self.cdf = np.cumsum(probs / probs.sum())  # [N]
         self.catalog_size = catalog_size
+        self.pool = pool
         self.rng = np.random.default_rng(seed)
+
+    @property
+    def pool_size(self) -> int:
+        return self.catalog_size if self.pool is None else len(self.pool)
 
     def positives(self, b: int) -> np.ndarray:  # [B] row indices into Pairs
         return np.minimum(np.searchsorted(self.cdf, self.rng.random(b), side="right"), len(self.cdf) - 1)
 
-    def negatives(self, r: int) -> np.ndarray:  # [R] uniform catalog rows
-        return self.rng.integers(0, self.catalog_size, r)
+    def negatives(self, r: int) -> np.ndarray:  # [R] uniform catalog rows of the pool
+        drawn = self.rng.integers(0, self.pool_size, r)
+        return drawn if self.pool is None else self.pool[drawn]
 
     def fork(self) -> Sampler:
         """A copy with its own generator in the same state (it draws what this sampler would)."""
         twin = Sampler.__new__(Sampler)
-        twin.cdf, twin.catalog_size = self.cdf, self.catalog_size
+        twin.cdf, twin.catalog_size, twin.pool = self.cdf, self.catalog_size, self.pool
         twin.rng = np.random.default_rng()
         twin.rng.bit_generator.state = self.rng.bit_generator.state
         return twin

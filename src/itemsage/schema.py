@@ -38,6 +38,7 @@ MAX_IMAGES = 20
 PRODUCT_ID = "product_id"
 IMAGE_EMBEDDINGS = "image_embeddings"  # list of float vectors, main image first
 IMAGE_PATHS = "image_paths"  # list of image files, encoded by the built-in image encoder
+LISTED_AT = "listed_at"  # optional: when the product went on sale (random negatives: itemsage.pairs)
 
 # Engagement-log input columns.
 SURFACE = "surface"

@@ -9,7 +9,8 @@ Choices written down here:
 - Sampling is with replacement from a fixed distribution over the training rows (natural
   frequency; add_to_cart/checkout rows times `upweight_conversions`), drawn by one seeded numpy
   Generator. Random negatives are R = random_negatives_ratio * B uniform catalog rows; their
-  expected draw count R/N gives the constant correction log(R/N).
+  expected draw count R/N gives the constant correction log(R/N). N counts the products on sale in
+  the train window: a catalog's `listed_at` leaves later products out (pairs.negative_pool).
 - Under DDP every rank draws the SAME global batch from the shared sampler and keeps its slice, so
   the union is exactly what one process would draw. Embeddings are all-gathered with gradient, each
   rank takes the loss of its own rows against the global candidates, with the global weighted-mean
@@ -77,7 +78,7 @@ from itemsage.features import ProductStore, Vocabulary
 from itemsage.losses import NEGATIVE_MODES, LogQ, MixedNegativeLoss
 from itemsage.checkpoint import CHECKPOINT_DIR, _rng_state, _set_rng_state, latest_checkpoint, load_checkpoint, save_checkpoint
 from itemsage.model import PRESETS, ItemSageModel, model_config, save_model
-from itemsage.pairs import Pairs, Prefetch, Sampler, _loss_weights, _mixture, load_pairs
+from itemsage.pairs import Pairs, Prefetch, Sampler, _loss_weights, _mixture, load_pairs, negative_pool
 
 log = logging.getLogger(__name__)
 
@@ -554,10 +555,15 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
         notes.append("the catalog has no image vectors (image width 0), so the tower reads text only "
                      "(modalities 'text'); give image_embeddings or image_paths in the catalog to use images")
         log.info("%s", notes[-1])
-    if R > len(store):  # uniform draws beyond the catalog size would only repeat products
-        capped = len(store) // world * world
-        require(capped > 0 or cfg.negatives == "in_batch", f"the catalog has {len(store)} products, too few "
-                f"to draw random negatives over {world} processes; use negatives='in_batch'")
+    pool = negative_pool(dataset_dir, store) if R else None  # [N'] rows on sale in the train window, or all
+    pool_size = len(store) if pool is None else len(pool)
+    if pool is not None:
+        notes.append(f"random negatives are drawn from the {pool_size} of {len(store)} products listed by the "
+                     "train window's last engagement (the catalog's listed_at)")
+    if R > pool_size:  # uniform draws beyond the catalog size would only repeat products
+        capped = pool_size // world * world
+        require(capped > 0 or cfg.negatives == "in_batch", f"the catalog has {pool_size} products to draw from, "
+                f"too few to draw random negatives over {world} processes; use negatives='in_batch'")
         log.info("random negatives capped at the catalog size: %d a step, not %d (train.random_negatives_ratio "
                  "%g x batch %d)", capped, R, cfg.random_negatives_ratio, B)
         R = capped
@@ -570,7 +576,7 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
     module = ItemSageModel.build(mcfg, len(vocab), store.image_dim, pairs.query_dims).to(device)
     optimizer = _optimizer(cfg, list(module.named_parameters()))
     logq = LogQ(cfg.sketch_depth, cfg.sketch_width, seed=cfg.seed)
-    sampler = Sampler(_mixture(pairs, cfg), len(store), cfg.seed)
+    sampler = Sampler(_mixture(pairs, cfg), len(store), cfg.seed, pool=pool)
     torch.manual_seed(cfg.seed + 1 + rank)  # each rank its own dropout stream
     schedule = {"step": 0, "total_steps": cfg.max_steps, "calibrated": False, "progress": 0.0}
     # Model selection on validation Recall@10 (all tasks): the best so far and evaluations since it.
@@ -606,7 +612,7 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR))
-    log_q_neg = torch.full((R,), math.log(R / len(store)) if R else 0.0, device=device)  # [R] uniform draws
+    log_q_neg = torch.full((R,), math.log(R / pool_size) if R else 0.0, device=device)  # [R] uniform draws
     lo, hi, rlo, rhi = rank * B // world, (rank + 1) * B // world, rank * R // world, (rank + 1) * R // world
     loss_fn = MixedNegativeLoss(cfg.negatives, (lo, hi), world)  # this rank's rows of the global batch
     clock = Clock(cfg, world, device, calibrated=bool(schedule["calibrated"]))
@@ -626,7 +632,8 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
 
     def save(directory: Path) -> None:
         summary = {"steps": step, "pairs_per_s": clock.pairs_per_s, "final_loss": losses[0], "world_size": world,
-                   "train_pairs": len(pairs), "catalog": len(store), "best_step": selection["best_step"],
+                   "train_pairs": len(pairs), "catalog": len(store),
+                   "negative_pool": pool_size if R else 0, "best_step": selection["best_step"],
                    "stopped_early": stopped_early or bool(selection.get("stopped")),
                    "validation_recall": selection["recall"] if selection["best_step"] is not None else recall}
         save_model(directory, module.tower, module.adapters, mcfg, vocab, image_dim=store.image_dim,

@@ -276,6 +276,9 @@ class RowChecks:
             else:
                 self.seen_ids[ids[r]] = first_number + int(r)
         rej.reject(duplicate, "duplicate_product_id", "")  # the detail is written below, once the first rows' fate is known
+        if schema.LISTED_AT in errors:  # optional; absent from callers that pass their own kinds
+            rej.reject_errors({r: (None, f"listed_at: {d}") for r, (_, d) in errors[schema.LISTED_AT].items()},
+                              "bad_timestamp")
 
         # Given image vectors: cut to max_images, then NaN/inf. [I] below = all image vectors of the batch.
         rej.reject_errors(errors[schema.IMAGE_EMBEDDINGS], "non_finite_vector")
@@ -522,12 +525,16 @@ def reject_entries(src: Source, batch: Any, start: int, rej: Rejector) -> list[d
 
 
 def check_catalog_batch(checks: RowChecks, src: Source, start: int, batch: Any,
-                         kinds: dict[str, str]) -> tuple[int, pa.Table, Rejector]:
-    """(rows read, kept products in `products_schema` order, the rejections) of one catalog batch."""
+                         kinds: dict[str, str]) -> tuple[int, pa.Table, Rejector, pa.Array | None]:
+    """(rows read, kept products in `products_schema` order, the rejections, the kept rows' `listed_at`
+    as UTC timestamps or None when the batch gives none) of one catalog batch."""
     n, cols, errors = canonical(src.fmt, batch, kinds)
     rej = Rejector(n)
     table = checks.catalog_batch(src.path.parent, n, cols, errors, rej, source=src.path, start=start)
-    return n, table, rej
+    listed = cols.get(schema.LISTED_AT)
+    if listed is None or listed.null_count == len(listed):
+        return n, table, rej, None
+    return n, table, rej, listed.filter(pa.array(rej.alive)).cast(pa.timestamp("ms", tz="UTC"))
 
 
 def check_products(
@@ -552,5 +559,5 @@ def check_products(
                        image_batch_size=image_batch_size, image_encoder=image_encoder)
     for src in sources:
         for start, batch in src.batches(batch_rows):
-            _, table, rej = check_catalog_batch(checks, src, start, batch, kinds)
+            _, table, rej, _ = check_catalog_batch(checks, src, start, batch, kinds)
             yield table, reject_entries(src, batch, start, rej)
