@@ -3,11 +3,12 @@ schema, and the "what this says" paragraph written from them."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
-from itemsage import schema
+from itemsage import artifacts, schema
 from itemsage.compare import SUMMARY_KEYS, aggregate, mean_sd, seed_scores, summary, what_this_says
 
 
@@ -64,15 +65,47 @@ def test_what_this_says_is_written_from_the_numbers():
     results = {"itemsage": [fake_result(0.5, 0.6, 0.3, 0.1), fake_result(0.7, 0.6, 0.5, 0.3)],
                "text_only": [fake_result(0.9, 0.2, 0.2, 0.0), fake_result(0.9, 0.2, 0.2, 0.0)],
                "in_batch_negatives": [fake_result(0.1, 0.1, 0.1, 0.0), fake_result(0.1, 0.1, 0.1, 0.0)]}
-    text = what_this_says(aggregate(results), seeds=2)
-    assert "search text_only (0.900)" in text and "closeup itemsage (0.600)" in text
+    text = what_this_says(aggregate(results))
+    assert "search text_only (0.900, 2 seeds)" in text and "closeup itemsage (0.600, 2 seeds)" in text
     # the transformer trails text-only on search by 0.3, beyond the spread (sd 0.141 + 0)
     assert "trails on search against text_only (-0.300, beyond the seeds' spread)" in text
     assert "Mixed negatives >= each single source: holds here" in text
     assert "not tested" in text  # no single-task conversion rows
     # turn the numbers round and the paragraph changes with them
     results["text_only"] = [fake_result(0.1, 0.1, 0.1, 0.0)] * 2
-    assert "at least as good as every baseline: holds here" in what_this_says(aggregate(results), seeds=2)
+    assert "at least as good as every baseline: holds here" in what_this_says(aggregate(results))
+
+
+def test_the_winners_sentence_names_each_rows_own_seeds():
+    results = {"itemsage": [fake_result(0.5, 0.6, 0.3, 0.1), fake_result(0.7, 0.6, 0.5, 0.3)],
+               "in_batch_negatives": [fake_result(0.9, 0.1, 0.1, 0.0)]}
+    text = what_this_says(aggregate(results))
+    assert "search in_batch_negatives (0.900, 1 seed)" in text and "closeup itemsage (0.600, 2 seeds)" in text
+
+
+def test_finished_results_gathers_each_runs_finished_seeds_in_order(tmp_path):
+    from itemsage.compare import RESULT_FILE, finished_results
+
+    for name, seed, finished in [("itemsage", 2, True), ("itemsage", 0, True), ("itemsage", 1, False),
+                                 ("text_only", 0, True), ("concat_mlp", 0, False)]:
+        run_dir = tmp_path / "runs" / name / f"seed-{seed}"
+        run_dir.mkdir(parents=True)
+        if finished:
+            (run_dir / RESULT_FILE).write_text(json.dumps({"seed": seed}))
+    (tmp_path / "runs" / "itemsage" / "seed-x").mkdir()  # not a seed directory
+    got = finished_results(tmp_path, ["itemsage", "text_only", "concat_mlp", "image_only"])
+    assert got == {"itemsage": [{"seed": 0}, {"seed": 2}], "text_only": [{"seed": 0}]}
+
+
+def test_report_only_refuses_without_a_finished_reference_run(tmp_path):
+    from itemsage.compare import CompareConfig, compare
+    from itemsage.config import ConfigError
+
+    (tmp_path / "data").mkdir()
+    artifacts.write_manifest(tmp_path / "data", "dataset")
+    with pytest.raises(ConfigError, match="no finished seed"):
+        compare(tmp_path / "data", tmp_path / "out", CompareConfig(), report_only=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_written_sections_come_from_the_files(tmp_path):

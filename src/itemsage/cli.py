@@ -755,11 +755,16 @@ def compare_cmd(
     random_negatives_ratio: float = typer.Option(
         4.0, "--random-negatives-ratio", help="Random negatives per positive in every run (paper: 4)."),
     seed: int = typer.Option(0, "--seed", help="First seed: runs use --seed, --seed + 1, ..."),
+    report_only: bool = typer.Option(
+        False, "--report-only", help="Train nothing: report every finished (run, seed) already in --out for "
+                                     "--runs, each row with the seeds it has (--seeds is not used)."),
 ) -> None:
     """Train the paper's comparisons to convergence (early stopping on the validation window), with
     seeds, and report them on the test window: mean ± sd, plots, summary.json.
 
-    A re-run skips the (run, seed) pairs whose result is already on disk.
+    A re-run skips the (run, seed) pairs whose result is already on disk. Rows may run in separate
+    processes (different --runs, the same --out; each includes itemsage); --report-only then writes
+    the one report over all of them.
 
     Examples:
 
@@ -791,7 +796,7 @@ def compare_cmd(
     try:
         check_keys(table, [f.name for f in dataclasses.fields(CompareConfig)], section="compare")
         cfg = CompareConfig(**{**table, **given, "train_overrides": overrides})
-        report = compare(dataset, out, cfg, progress=_progress(True))
+        report = compare(dataset, out, cfg, progress=_progress(True), report_only=report_only)
     except ConfigError as err:
         fail(flag_names(str(err), config))
     except ArtifactError as err:

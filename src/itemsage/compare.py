@@ -24,8 +24,11 @@ Recall@K curves (recall_at_k.png). One colour per run across every figure. The r
 "what this says" paragraph written by `what_this_says` from the numbers, after the reading in
 `notes.md` if the output directory has one; an `ablations.md` there becomes the "Ablations" section.
 
-Not here: the user-level protocol (per-user Recall/NDCG as recommender libraries report it); it
-needs products as queries, which comes later.
+`compare(..., report_only=True)` trains nothing and reports every finished (run, seed) on disk
+(rows run by separate processes, or given fewer seeds), each row with the seeds it has.
+
+Not here: the user-level protocol (per-user Recall/NDCG as recommender libraries report it);
+`itemsage evaluate` reports it for one model.
 """
 
 from __future__ import annotations
@@ -36,10 +39,10 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from itemsage import artifacts, schema
-from itemsage.config import require
+from itemsage.config import ConfigError, require
 
 log = logging.getLogger(__name__)
 
@@ -181,13 +184,35 @@ def run_one(name: str, seed: int, dataset_dir: Path, out_dir: Path, cfg: Compare
     return result
 
 
-def compare(dataset_dir: str | Path, out_dir: str | Path, cfg: CompareConfig, progress: bool = True) -> Path:
+def finished_results(out_dir: str | Path, runs: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """{run: [result of each finished seed, in seed order]} of `runs` under out_dir/runs (an
+    unfinished run, without its result.json, is left out; a run with none is absent)."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    for name in runs:
+        done = [(int(d.name.removeprefix("seed-")), d / RESULT_FILE)
+                for d in (Path(out_dir) / "runs" / name).glob("seed-*")
+                if d.name.removeprefix("seed-").isdigit() and (d / RESULT_FILE).is_file()]
+        if done:
+            results[name] = [artifacts.read_json(path) for _, path in sorted(done)]
+    return results
+
+
+def compare(dataset_dir: str | Path, out_dir: str | Path, cfg: CompareConfig, progress: bool = True,
+            report_only: bool = False) -> Path:
     """Train, embed and evaluate every configured run with every seed, then write report.md,
-    summary.json, results.json and the plots."""
+    summary.json, results.json and the plots. `report_only`: train nothing; report every finished
+    (run, seed) already in `out_dir` for the configured runs, each row with the seeds it has (e.g.
+    runs finished by separate processes, or rows given fewer seeds)."""
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     artifacts.read_manifest(dataset_dir, kind="dataset")
+    if report_only:
+        results = finished_results(out_dir, cfg.runs)
+        if "itemsage" not in results:
+            raise ConfigError(f"{out_dir / 'runs' / 'itemsage'} has no finished seed: nothing to report against; "
+                              "run `itemsage compare` without --report-only first")
+        return write_report(results, out_dir, cfg, dataset_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict[str, Any]]] = {}
+    results = {}
     total, i = len(cfg.runs) * cfg.seeds, 0
     for name in cfg.runs:
         for seed in cfg.seed_list:
@@ -292,18 +317,18 @@ def _claim(agg: dict[str, Any], ours: str, others: list[str], keys: list[str], c
     return f"{claim}: does not hold everywhere; {ours} trails on " + "; ".join(losses) + "."
 
 
-def what_this_says(agg: dict[str, dict[str, dict[str, Any]]], seeds: int) -> str:
-    """The report's opening paragraph, from the means and sds: who wins each key, and each of the
-    paper's claims tested against these rows."""
+def what_this_says(agg: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """The report's opening paragraph, from the means and sds: who wins each key (with the seeds
+    behind that row's mean), and each of the paper's claims tested against these rows."""
     parts = []
     wins = []
     for key in SUMMARY_KEYS:
-        scored = [(by[key]["mean"], name) for name, by in agg.items() if by.get(key) and by[key]["mean"] is not None]
+        scored = [(by[key]["mean"], name, by[key]["seeds"]) for name, by in agg.items()
+                  if by.get(key) and by[key]["mean"] is not None]
         if scored:
-            best, name = max(scored)
-            wins.append(f"{key} {name} ({best:.3f})")
-    n = f"{seeds} seed{'s' if seeds > 1 else ''}"
-    parts.append(f"Highest mean Recall@10 (test window, exact, {n}): " + ", ".join(wins) + ".")
+            best, name, seeds = max(scored)
+            wins.append(f"{key} {name} ({best:.3f}, {seeds} seed{'s' if seeds > 1 else ''})")
+    parts.append("Highest mean Recall@10 (test window, exact): " + ", ".join(wins) + ".")
     baselines = [b for b in ("image_only", "text_only", "sum_pooling", "concat_mlp") if b in agg]
     parts.append(_claim(agg, "itemsage", baselines, list(SUMMARY_KEYS),
                         "The paper's claim that the transformer is at least as good as every baseline"))
@@ -463,7 +488,7 @@ def write_report(results: dict[str, list[dict[str, Any]]], out_dir: Path, cfg: C
         "## What this says",
         "",
         *_written_section(out_dir / NOTES_FILE, None),
-        what_this_says(agg, cfg.seeds),
+        what_this_says(agg),
         "",
         f"Data (every row): {data['products']:,} products, {train_pairs:,} train-window pairs, {data['eval_pairs']:,} "
         f"test-window pairs{sampled}: {data['cold_start_pairs']:,} on cold-start products, {data.get('seen_pairs', 0):,} "
@@ -554,7 +579,7 @@ def write_report(results: dict[str, list[dict[str, Any]]], out_dir: Path, cfg: C
     artifacts.atomic_write_text(report, "\n".join(lines) + "\n")
     artifacts.write_manifest(out_dir, "comparison", config=dataclasses.asdict(cfg),
                              inputs={"dataset": artifacts.fingerprint(dataset_dir)},
-                             counts={"runs": len(results), "seeds": cfg.seeds},
+                             counts={"runs": len(results), "seeds": {n: len(seeds) for n, seeds in results.items()}},
                              files=["report.md", "results.json", SUMMARY_FILE]
                              + [f for f in (NOTES_FILE, ABLATIONS_FILE) if (out_dir / f).is_file()]
                              + sorted(p.name for p in out_dir.glob("*.png")))
