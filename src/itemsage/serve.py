@@ -260,6 +260,10 @@ class Service:
 
         The rows come back as sent (float32); `_query_rows` scales query rows for the adapters.
         """
+        return self._checked_rows(rows, width, what)[0]
+
+    def _checked_rows(self, rows: list[list[float]], width: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+        """`_as_matrix`'s rows [N, width] float32 and their norms [N] (float64)."""
         for i, row in enumerate(rows):
             if len(row) != width:
                 where = f"{what}[{i}]" if len(rows) > 1 else what
@@ -272,7 +276,7 @@ class Service:
         norms = _norms(x32)  # [N]; float32 underflow counts as zero
         if np.any(norms < 1e-12):
             raise RequestError(422, f"{what} is all zeros (or nearly); a zero vector has no direction to search by")
-        return x32
+        return x32, norms
 
     def _query_rows(self, rows: list[list[float]], width: int, what: str) -> np.ndarray:
         """Query rows -> unit rows float32 [N, width], the norm taken in float64.
@@ -280,8 +284,8 @@ class Service:
         The query adapters are bias-free linear maps followed by L2 normalisation, so scaling a row
         changes nothing but keeps float32 from overflowing (values near 1e19 square past its range).
         """
-        x = self._as_matrix(rows, width, what)
-        return (x / _norms(x)[:, None]).astype(np.float32)
+        x, norms = self._checked_rows(rows, width, what)
+        return (x / norms[:, None]).astype(np.float32)
 
     def _adapt(self, surface: str, x: np.ndarray) -> np.ndarray:
         """Query vectors [B, Dq] -> product space [B, D] unit rows via the surface's adapter."""
