@@ -1,6 +1,7 @@
 """The service's middlewares and metrics: Prometheus metrics (prometheus_client), the request
 counter/latency middleware, the 500 handler that logs a traceback id, and the request-body limit
-(413 by size, 408 for a stalled or overlong body). serve.py's `create_app` installs them.
+(413 by size, 408 for a stalled or overlong body), and the fast path that answers the hot JSON routes
+before FastAPI's routing. serve.py's `create_app` installs them.
 """
 
 from __future__ import annotations

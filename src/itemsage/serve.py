@@ -31,8 +31,9 @@ that reference once, so requests in flight finish on the old index and none fail
 
 Inference (torch, faiss) blocks, so the endpoints are plain `def`s that FastAPI runs in its thread
 pool, except the sub-millisecond cases of search and closeup, which run on the event loop (see
-`create_app`); `run()` sets torch and faiss to one thread each because requests are single queries and
-parallelism comes from concurrent requests.
+`create_app`) and, as `application/json`, are answered before FastAPI's routing (`_answer_now`,
+middleware.FastPathMiddleware: same validation, same bytes); `run()` sets torch and faiss to one
+thread each because requests are single queries and parallelism comes from concurrent requests.
 """
 
 from __future__ import annotations
