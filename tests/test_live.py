@@ -128,6 +128,45 @@ def test_hnsw_version_skips_hidden_rows_and_still_returns_k(tmp_path):
     assert recall >= 0.9, recall
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_one_query_search_is_the_batch_search_without_padding(tmp_path, kind):
+    """`search_one` (the service's path for one request) returns what `search` returns for the same
+    query, less the '' / -inf padding: on the version alone, with deleted rows, with live upserts
+    (a replaced one and a deleted one among them), and for k past the catalog's size; and one
+    closeup query through `top_k_excluding` gets the same results as in a batch with another."""
+    from itemsage import by_product
+
+    products = make_root(tmp_path, 40, kind=kind)
+    log = live.LiveLog(tmp_path)
+    base = load_current(tmp_path)
+    index = live.replay(base, log)
+    rng = np.random.default_rng(4)
+    q = unit(rng, 6)
+
+    def same(idx):
+        for row in q:
+            for k in (1, 7, 40, 60):
+                ids, scores = idx.search(row[None], k)
+                found = ids[0] != ""
+                one_ids, one_scores = idx.search_one(row, k)
+                assert one_ids == ids[0][found].tolist() and one_scores == scores[0][found].tolist(), (k,)
+                assert all(type(s) is float for s in one_scores) and len(one_ids) == min(k, len(idx))
+
+    same(base)
+    same(index)
+    nearest = brute_force(products, q[0], 8)[0]
+    index.apply(log.append([live.delete_record(p) for p in nearest]))  # hidden rows: a faiss selector
+    same(index)
+    new = unit(rng, 3)
+    index.apply(log.append([upsert("n0", new[0]), upsert("n1", new[1]), upsert("p010", new[2]),
+                            upsert("n0", q[1]), live.delete_record("n1")]))  # dead side rows too
+    assert len(index) == 40 - len(set(nearest) - {"p010"}) + 1  # n0 added, p010 replaced (or back)
+    same(index)
+    one = by_product.top_k_excluding(index, q[:1], [3, 10], [{"n0", "p011"}])
+    batch = by_product.top_k_excluding(index, q[:2], [3, 10], [{"n0", "p011"}, set()])  # the general path
+    assert one == batch[:1] and len(one[0][1][0]) == 10 and "n0" not in one[0][1][0]
+
+
 def test_log_survives_a_torn_tail_and_refuses_damage(tmp_path):
     make_root(tmp_path, 10)
     log = live.LiveLog(tmp_path)

@@ -687,6 +687,117 @@ def test_metrics_count_requests_and_latency(world):
     assert samples["process_resident_memory_bytes"] > 0 and "process_cpu_seconds_total" in samples  # process metrics
 
 
+def test_fast_path_answers_as_the_routes_do(world, monkeypatch):
+    """Search and closeup bodies sent as `application/json` are answered by FastPathMiddleware before
+    FastAPI's routing; with any other JSON content type (here with a charset) they go through the
+    routes. Both must give the same status, bytes and headers for every body: the successes the fast
+    path answers, and each refusal, which it leaves to FastAPI (or answers as the RequestError handler)."""
+    import fastapi.routing
+
+    routed = []
+    original = fastapi.routing.serialize_response
+
+    async def counting(*args, **kwargs):  # a response model serialised by a route
+        routed.append(1)
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(fastapi.routing, "serialize_response", counting)
+    vec = np.random.default_rng(3).standard_normal(384).round(6).tolist()
+    fast = [  # (path, body): answered by the fast path
+        ("/v1/closeup", {"product_id": "p03"}),
+        ("/v1/closeup", {"product_id": "p03", "k": 5, "exclude": ["p01", "p02", "nobody"]}),
+        ("/v1/closeup", {"product_id": "p03", "exclude_self": False, "k": 24}),
+        ("/v1/closeup", {"product_id": "p03", "product_to_product": True, "k": 1000}),
+        ("/v1/closeup", {"vector": [0.5, -1.0, 2.0, 0.0, 1e-30, 3.0, -2.5, 1.0], "exclude": ["p05"]}),
+        ("/v1/search", {"vector": vec, "k": 3}),
+        ("/v1/search", {"text": "oak chair"}),  # cached by the warm-up below
+    ]
+    refused = [  # (path, raw body, status)
+        ("/v1/closeup", {"product_id": "nobody"}, 404),
+        ("/v1/closeup", {"product_id": "p03", "k": 0}, 422),
+        ("/v1/closeup", {"product_id": "p03", "k": True}, 422),
+        ("/v1/closeup", {"product_id": "p03", "k": 2.0}, 422),
+        ("/v1/closeup", {"product_id": "p03", "unknown": 1}, 422),
+        ("/v1/closeup", {"product_id": "p03", "vector": [1.0] * IMAGE_DIM}, 422),
+        ("/v1/closeup", {"vector": [0.0] * IMAGE_DIM}, 422),
+        ("/v1/closeup", {"vector": [1.0] * (IMAGE_DIM - 1)}, 422),
+        ("/v1/closeup", {"vector": [1.0] * IMAGE_DIM, "product_to_product": True}, 422),
+        ("/v1/closeup", b'{"product_id": "\\ud800"}', 422),  # a lone surrogate
+        ("/v1/closeup", b'{"vector": [NaN, 1, 1, 1, 1, 1, 1, 1]}', 422),
+        ("/v1/closeup", b'{"product_id": "p03",', 422),
+        ("/v1/closeup", b"", 422),
+        ("/v1/closeup", b"[1]", 422),
+        ("/v1/search", {"text": "  "}, 422),
+        ("/v1/search", {"text": "oak chair", "vector": vec}, 422),
+        ("/v1/search", {"vector": vec[:10]}, 422),
+    ]
+    app = serve.create_app(world["model_dir"], world["root"], text_encoder=FakeTextEncoder())
+    with TestClient(app) as c:
+        assert c.post("/v1/search", json={"text": "oak chair"}).status_code == 200  # into the query cache
+        for path, body, *status in [(p, b) for p, b in fast] + refused:
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            answers = []
+            for content_type in ("application/json", "application/json; charset=utf-8"):
+                before = len(routed)
+                r = c.post(path, content=content, headers={"content-type": content_type})
+                answers.append((r.status_code, r.content, r.headers["content-type"], r.headers["content-length"]))
+                if not status:  # a success: the fast path answers, the route serialises
+                    assert len(routed) - before == (0 if content_type == "application/json" else 1), (path, body)
+            assert answers[0] == answers[1], (path, body)
+            assert answers[0][0] == (status[0] if status else 200), (path, body, answers[0])
+        text = c.get("/metrics").text
+    assert 'itemsage_requests_total{endpoint="/v1/closeup",method="POST",status="200"} 10.0' in text  # both paths counted
+    assert 'itemsage_requests_total{endpoint="/v1/closeup",method="POST",status="404"} 2.0' in text
+
+
+def test_fast_path_middleware_replays_what_it_read():
+    """A body the handler leaves (None) reaches the app as the messages that came, in order, chunks
+    and all; a disconnect mid-body never reaches the handler; other routes, methods and content
+    types pass untouched; an answer from the handler is sent and the app never runs."""
+    import asyncio
+
+    from starlette.responses import Response
+
+    from itemsage.middleware import FastPathMiddleware
+
+    def run(messages, answer=None, path="/hot", method="POST", content_type=b"application/json"):
+        handled, seen, sent = [], [], []
+
+        def handle(body):
+            handled.append(body)
+            return answer
+
+        async def app(scope, receive, send):
+            for _ in messages:
+                seen.append(await receive())
+
+        async def main():
+            pending = list(messages)
+
+            async def receive():
+                return pending.pop(0)
+
+            async def send(message):
+                sent.append(message)
+
+            scope = {"type": "http", "path": path, "method": method, "headers": [(b"content-type", content_type)]}
+            await FastPathMiddleware(app, {"/hot": handle})(scope, receive, send)
+
+        asyncio.run(main())
+        return handled, seen, sent
+
+    chunks = [{"type": "http.request", "body": b'{"a": ', "more_body": True},
+              {"type": "http.request", "body": b"1}", "more_body": False}]
+    handled, seen, sent = run(chunks)
+    assert handled == [b'{"a": 1}'] and seen == chunks and sent == []
+    torn = [{"type": "http.request", "body": b'{"a": ', "more_body": True}, {"type": "http.disconnect"}]
+    assert run(torn) == ([], torn, [])
+    for other in [dict(path="/cold"), dict(method="PUT"), dict(content_type=b"text/plain")]:
+        assert run(chunks, **other) == ([], chunks, [])
+    handled, seen, sent = run(chunks, answer=Response(b"{}", media_type="application/json"))
+    assert handled == [b'{"a": 1}'] and seen == [] and sent[0]["status"] == 200 and sent[1]["body"] == b"{}"
+
+
 def test_openapi_lists_every_endpoint(client):
     paths = client.get("/openapi.json").json()["paths"]
     for path, method in [("/v1/search", "post"), ("/v1/closeup", "post"), ("/v1/home", "post"), ("/v1/embed", "post"),

@@ -59,10 +59,16 @@ def home_surface(query_dims: dict[str, int]) -> str:
     return "home" if "home" in query_dims else "closeup"
 
 
+def row_norms(x: np.ndarray) -> np.ndarray:
+    """L2 norms [N, 1] of float rows [N, D]: `np.linalg.norm(x, axis=1, keepdims=True)`, the same
+    operations (so the same bits) without its Python-level dispatch, which a one-row request notices."""
+    return np.sqrt(np.add.reduce(x * x, axis=1, keepdims=True))
+
+
 def unit_rows(x: np.ndarray) -> np.ndarray:
     """Rows [N, D] scaled to unit length in float64 (a zero row stays zero), as float32."""
     x = np.asarray(x, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    norms = row_norms(x)
     return (x / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
@@ -78,6 +84,10 @@ def top_k_excluding(index: Any, q: np.ndarray, ks: Sequence[int], exclude: Seque
         return []
     top = max(ks)
     depth = max(min(top + max((len(e) for e in exclude), default=0), len(index)), 1)
+    if len(q) == 1 and hasattr(index, "search_one") and np.isfinite(q).all():  # a request's one query:
+        ids, scores = index.search_one(np.ascontiguousarray(q[0], dtype=np.float32), depth)  # no padding
+        keep = [(p, s) for p, s in zip(ids, scores) if p not in exclude[0]][:top]
+        return [[([p for p, _ in keep[:k]], [s for _, s in keep[:k]]) for k in ks]]
     ids, scores = index.search(np.ascontiguousarray(q, dtype=np.float32), depth)  # [B, depth]
     out = []
     for b in range(len(q)):

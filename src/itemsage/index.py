@@ -170,7 +170,8 @@ def load_query_vectors(path: Path) -> np.ndarray:
         raise ArtifactError(f"{path}: the tensor's data size does not match its shape {shape}; rebuild the index.")
     if shape[0] == 0:
         return np.zeros(shape, np.float32)
-    return np.memmap(path, dtype="<f4", mode="r", offset=8 + size + begin, shape=shape)
+    # A plain ndarray over the map (it keeps the map open): indexing a np.memmap runs Python code per call.
+    return np.memmap(path, dtype="<f4", mode="r", offset=8 + size + begin, shape=shape).view(np.ndarray)
 
 
 class ProductIndex:
@@ -297,24 +298,41 @@ class ProductIndex:
             return np.full((q, k), "", dtype=object), np.full((q, k), -np.inf, dtype=np.float32)
         # Faiss cannot return more than ntotal results usefully; pad the rest ourselves.
         kk = min(k, len(self))
-        params = None
-        if selector is None:
-            pass
-        elif self.config.kind == "hnsw":  # HNSW takes its efSearch from the parameters when they are given
-            params = faiss.SearchParametersHNSW(sel=selector, efSearch=int(self._index.hnsw.efSearch))
-        elif self.config.kind == "ivfpq":  # IndexRefine: the selector goes to the IVF it shortlists from
-            params = faiss.IndexRefineSearchParameters(
-                k_factor=float(self._index.k_factor),
-                base_index_params=faiss.SearchParametersIVF(sel=selector, nprobe=int(self._ivf.nprobe)))
-        else:
-            params = faiss.SearchParameters(sel=selector)
-        scores, rows = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), kk, params=params)  # [Q, kk]
+        scores, rows = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), kk,
+                                          params=self._search_params(selector))  # [Q, kk]
         ids = np.full((q, k), "", dtype=object)
         out_scores = np.full((q, k), -np.inf, dtype=np.float32)
         found = rows >= 0  # faiss marks missing results with -1
         ids[:, :kk][found] = self._ids[rows[found]]
         out_scores[:, :kk][found] = scores[found]
         return ids, out_scores
+
+    def search_one(self, query: np.ndarray, k: int, *,
+                   selector: faiss.IDSelector | None = None) -> tuple[list[str], list[float]]:
+        """`search` of one query [D] without its checks and padding: the (up to) k products found, as
+        (ids, scores) lists, best first; the rows `search` returns for it, less the '' / -inf padding.
+
+        For a caller whose query is already a finite float32 vector of width `dim` and whose `k` is a
+        positive int (the service's adapters give that); `search` checks both.
+        """
+        kk = min(k, len(self))
+        if kk < 1:
+            return [], []
+        scores, rows = self._index.search(query.reshape(1, -1), kk, params=self._search_params(selector))  # [1, kk]
+        found = rows[0] >= 0  # faiss marks missing results with -1
+        return self._ids[rows[0][found]].tolist(), scores[0][found].tolist()
+
+    def _search_params(self, selector: faiss.IDSelector | None) -> Any:
+        """faiss search parameters limiting a search to the rows `selector` accepts (None: no limit)."""
+        if selector is None:
+            return None
+        if self.config.kind == "hnsw":  # HNSW takes its efSearch from the parameters when they are given
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=int(self._index.hnsw.efSearch))
+        if self.config.kind == "ivfpq":  # IndexRefine: the selector goes to the IVF it shortlists from
+            return faiss.IndexRefineSearchParameters(
+                k_factor=float(self._index.k_factor),
+                base_index_params=faiss.SearchParametersIVF(sel=selector, nprobe=int(self._ivf.nprobe)))
+        return faiss.SearchParameters(sel=selector)
 
     def save(
         self,
@@ -527,7 +545,7 @@ class ProductIndex:
         if self._query_vectors is None:
             raise no_product_queries(f"index version {self.version or '(unsaved)'}")
         rows = self._rows(product_ids)
-        return np.array(self._query_vectors[rows], dtype=np.float32).reshape(len(rows), self._query_vectors.shape[1])
+        return self._query_vectors[rows].astype(np.float32, copy=False)  # [N, Dq]: a copy (fancy indexing)
 
     def measure_recall(self, vectors: np.ndarray, k: int = RECALL_K) -> dict[str, Any]:
         """Recall@k of this index against exact search over `vectors` (the same rows it holds).

@@ -362,6 +362,16 @@ class LiveIndex:
         order = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]  # [Q, K] best first
         return np.take_along_axis(all_ids, order, axis=1), np.take_along_axis(all_scores, order, axis=1)
 
+    def search_one(self, query: np.ndarray, k: int) -> tuple[list[str], list[float]]:
+        """`search` of one query [D] as (ids, scores) lists without the padding (`ProductIndex.search_one`,
+        the same caller's contract). With upserts to merge it is `search` itself, its padding dropped."""
+        view = self._view
+        if not view.side_row:  # nothing upserted: the version's search, its hidden rows skipped in faiss
+            return self.base.search_one(query, k, selector=view.selector)
+        ids, scores = self.search(query[None, :], k)  # [1, K]
+        keep = [i for i, p in enumerate(ids[0]) if p]
+        return [ids[0][i] for i in keep], scores[0][keep].tolist()
+
     # -- applying updates --
 
     def apply(self, records: list[dict[str, Any]], model: str | None = None) -> None:

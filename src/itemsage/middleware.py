@@ -1,6 +1,7 @@
 """The service's middlewares and metrics: Prometheus metrics (prometheus_client), the request
 counter/latency middleware, the 500 handler that logs a traceback id, and the request-body limit
-(413 by size, 408 for a stalled or overlong body). serve.py's `create_app` installs them.
+(413 by size, 408 for a stalled or overlong body), and the fast path that answers the hot JSON routes
+before FastAPI's routing. serve.py's `create_app` installs them.
 """
 
 from __future__ import annotations
@@ -222,3 +223,52 @@ class BodyLimitMiddleware:
             return await receive()  # later calls wait for the disconnect, as the server's would
 
         await self.app(scope, replay, send)
+
+
+class FastPathMiddleware:
+    """Answers the hot JSON routes before FastAPI's routing, validation and serialisation, which cost
+    about as much CPU as a cheap search itself (BENCHMARKS.md, serving).
+
+    `routes` maps a path to `handle(body) -> Response | None` for `POST` requests whose Content-Type
+    is exactly `application/json`. The body is read in full (BodyLimitMiddleware, outside this one,
+    holds it to its limit); a handler answers with a response or returns None, and then the request
+    goes on to the app with its body replayed, as if this middleware were not there. Handlers return
+    None for every body they do not take on the spot, so each error response and its wording stays
+    FastAPI's own. A request traced by FastAPI's native telemetry always goes through the app (its
+    spans name the route).
+    """
+
+    def __init__(self, app: ASGIApp, routes: dict[str, Callable[[bytes], Any]]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handle = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if (handle is None or scope.get("method") != "POST" or scope.get("root_path")
+                or scope.get("fastapi.telemetry") is not None or _content_type(scope) != b"application/json"):
+            await self.app(scope, receive, send)
+            return
+        messages: list[Message] = []
+        while True:
+            messages.append(await receive())
+            if messages[-1]["type"] != "http.request" or not messages[-1].get("more_body", False):
+                break
+        if messages[-1]["type"] == "http.request":  # not a disconnect: the whole body came
+            response = handle(b"".join(m.get("body", b"") for m in messages))
+            if response is not None:
+                await response(scope, receive, send)
+                return
+        pending = iter(messages)
+
+        async def replay() -> Message:  # what came, in order, then the server's own receive
+            message = next(pending, None)
+            return message if message is not None else await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _content_type(scope: Scope) -> bytes | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-type":
+            return value
+    return None

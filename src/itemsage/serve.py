@@ -31,8 +31,9 @@ that reference once, so requests in flight finish on the old index and none fail
 
 Inference (torch, faiss) blocks, so the endpoints are plain `def`s that FastAPI runs in its thread
 pool, except the sub-millisecond cases of search and closeup, which run on the event loop (see
-`create_app`); `run()` sets torch and faiss to one thread each because requests are single queries and
-parallelism comes from concurrent requests.
+`create_app`) and, as `application/json`, are answered before FastAPI's routing (`_answer_now`,
+middleware.FastPathMiddleware: same validation, same bytes); `run()` sets torch and faiss to one
+thread each because requests are single queries and parallelism comes from concurrent requests.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import contextlib
 import dataclasses
 import hmac
 import io
+import json
 import logging
 import tempfile
 import threading
@@ -56,6 +58,7 @@ import torch
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from itemsage import by_product
@@ -69,7 +72,8 @@ from itemsage.bodies import (MAX_HISTORY, Candidates,  # noqa: F401  (MAX_HISTOR
                              error_response)
 from itemsage.config import ConfigError, require
 from itemsage.middleware import (DEFAULT_BODY_DEADLINE_S, DEFAULT_BODY_TIMEOUT_S, LATENCY_BUCKETS,  # noqa: F401
-                                 BodyLimitMiddleware, InternalErrorMiddleware, Metrics, MetricsMiddleware)
+                                 BodyLimitMiddleware, FastPathMiddleware, InternalErrorMiddleware, Metrics,
+                                 MetricsMiddleware)
 from itemsage.schema import IMAGE_EMBEDDINGS, PRODUCT_ID
 
 log = logging.getLogger(__name__)
@@ -257,6 +261,10 @@ class Service:
 
         The rows come back as sent (float32); `_query_rows` scales query rows for the adapters.
         """
+        return self._checked_rows(rows, width, what)[0]
+
+    def _checked_rows(self, rows: list[list[float]], width: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+        """`_as_matrix`'s rows [N, width] float32 and their norms [N] (float64)."""
         for i, row in enumerate(rows):
             if len(row) != width:
                 where = f"{what}[{i}]" if len(rows) > 1 else what
@@ -269,7 +277,7 @@ class Service:
         norms = _norms(x32)  # [N]; float32 underflow counts as zero
         if np.any(norms < 1e-12):
             raise RequestError(422, f"{what} is all zeros (or nearly); a zero vector has no direction to search by")
-        return x32
+        return x32, norms
 
     def _query_rows(self, rows: list[list[float]], width: int, what: str) -> np.ndarray:
         """Query rows -> unit rows float32 [N, width], the norm taken in float64.
@@ -277,8 +285,8 @@ class Service:
         The query adapters are bias-free linear maps followed by L2 normalisation, so scaling a row
         changes nothing but keeps float32 from overflowing (values near 1e19 square past its range).
         """
-        x = self._as_matrix(rows, width, what)
-        return (x / _norms(x)[:, None]).astype(np.float32)
+        x, norms = self._checked_rows(rows, width, what)
+        return (x / norms[:, None]).astype(np.float32)
 
     def _adapt(self, surface: str, x: np.ndarray) -> np.ndarray:
         """Query vectors [B, Dq] -> product space [B, D] unit rows via the surface's adapter."""
@@ -286,11 +294,11 @@ class Service:
             weight = self._adapter_maps[surface]  # [Dq, D], None: identity
             with np.errstate(over="ignore", invalid="ignore"):
                 q = np.asarray(x, dtype=np.float32) if weight is None else np.asarray(x, dtype=np.float32) @ weight
-                q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)  # as fn.normalize
+                q = q / np.maximum(by_product.row_norms(q), np.float32(1e-12))  # as fn.normalize
         else:
             with torch.inference_mode():
                 q = self.model.model.encode_queries(surface, torch.from_numpy(x)).float().numpy()  # [B, D]
-        if not np.all(np.isfinite(q)):
+        if not np.isfinite(q).all():
             raise RequestError(422, f"the {surface} query vector is too large to normalise; scale it down")
         return q
 
@@ -305,9 +313,13 @@ class Service:
 
     def _top_k(self, served: Served, q: np.ndarray, k: int, exclude: set[str] = frozenset()) -> Candidates:
         """Top-k of one query [1, D] from the served index, leaving out `exclude` and padding."""
-        depth = min(k + len(exclude), len(served.index))
-        ids, scores = served.index.search(q, max(depth, 1))  # [1, depth]
-        keep = [(p, float(s)) for p, s in zip(ids[0], scores[0]) if p and p not in exclude][:k]
+        depth = max(min(k + len(exclude), len(served.index)), 1)
+        if hasattr(served.index, "search_one"):  # a local index: no padding to build and strip
+            ids, scores = served.index.search_one(np.ascontiguousarray(q[0], dtype=np.float32), depth)
+            keep = [(p, s) for p, s in zip(ids, scores) if p not in exclude][:k]
+        else:
+            found_ids, found_scores = served.index.search(q, depth)  # [1, depth]
+            keep = [(p, float(s)) for p, s in zip(found_ids[0], found_scores[0]) if p and p not in exclude][:k]
         return Candidates(ids=[p for p, _ in keep], scores=[s for _, s in keep], index_version=served.version)
 
     def text_encoder(self) -> Any:
@@ -627,6 +639,31 @@ class Service:
 # ---- the app ------------------------------------------------------------------------------------
 
 
+def _answer_now(body_model: type[BaseModel], answer: Any) -> Any:
+    """A FastPathMiddleware handler: a JSON body -> `answer(request)`'s Candidates as FastAPI would send
+    them, or None (FastAPI's route takes the request: a body it refuses, or work for the thread pool).
+
+    The body is parsed as FastAPI parses it (`json.loads`) and validated by the same pydantic model,
+    so a body accepted here is one the route accepts, with the same values. The response bytes are
+    the ones FastAPI's `response_model` serialisation writes (pydantic-core, by alias); a refusal of
+    the service is the `RequestError` handler's response."""
+    validate = body_model.model_validate
+    to_json = Candidates.__pydantic_serializer__.to_json
+
+    def handle(body: bytes) -> Response | None:
+        try:
+            req = validate(json.loads(body))
+        except Exception:  # any refusal, worded by FastAPI: invalid JSON, a validation error, ...
+            return None
+        try:
+            found = answer(req)
+        except RequestError as err:
+            return error_response(err.status, err.message)
+        return None if found is None else Response(to_json(found, by_alias=True), media_type="application/json")
+
+    return handle
+
+
 def create_app(
     model_dir: str | Path,
     index_root: str | Path,
@@ -692,24 +729,31 @@ def create_app(
     # is decided per request since a reload may swap the kind.
     local_index = service.index_root is not None
 
-    @app.post("/v1/search", response_model=Candidates, tags=["retrieval"])
-    async def search(req: SearchRequest) -> Candidates:
-        """Products for a text search query (or a precomputed search-query vector)."""
+    def search_now(req: SearchRequest) -> Candidates | None:
+        """The search on the event loop when it is cheap; None: it goes to the thread pool."""
         if local_index and _fast_search(service.served.index):
             if req.text is None:
                 return service.search(req)
             if req.text in service.query_cache:  # a pool thread may evict it before the read: then None
-                found = service.search(req, encode=False)
-                if found is not None:
-                    return found
-        return await run_in_threadpool(service.search, req)
+                return service.search(req, encode=False)
+        return None
+
+    def closeup_now(req: CloseupRequest) -> Candidates | None:
+        if local_index and req.image is None and _fast_search(service.served.index):
+            return service.closeup(req)
+        return None
+
+    @app.post("/v1/search", response_model=Candidates, tags=["retrieval"])
+    async def search(req: SearchRequest) -> Candidates:
+        """Products for a text search query (or a precomputed search-query vector)."""
+        found = search_now(req)
+        return found if found is not None else await run_in_threadpool(service.search, req)
 
     @app.post("/v1/closeup", response_model=Candidates, tags=["retrieval"])
     async def closeup(req: CloseupRequest) -> Candidates:
         """Products like an indexed product, an image vector, or an image file."""
-        if local_index and req.image is None and _fast_search(service.served.index):
-            return service.closeup(req)
-        return await run_in_threadpool(service.closeup, req)
+        found = closeup_now(req)
+        return found if found is not None else await run_in_threadpool(service.closeup, req)
 
     @app.post("/v1/home", response_model=HomeResponse, tags=["retrieval"])
     def home(req: HomeRequest) -> HomeResponse:
@@ -793,7 +837,10 @@ def create_app(
             paths.update(getattr(r, "path", "") for r in app.routes)
         return paths
 
-    # Added last = outermost: metrics see the body limit's 413s and the 500s too.
+    # Added last = outermost: metrics see the body limit's 413s and the 500s too. The fast path is
+    # innermost: the body limit, the 500 handler and the metrics see its requests as any other.
+    app.add_middleware(FastPathMiddleware, routes={"/v1/search": _answer_now(SearchRequest, search_now),
+                                                   "/v1/closeup": _answer_now(CloseupRequest, closeup_now)})
     app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, timeout_s=body_timeout_s,
                        deadline_s=body_deadline_s)
