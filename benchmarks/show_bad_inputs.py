@@ -102,6 +102,14 @@ def ts_as_text(i: Inputs, bad: str) -> None:
     i.logs.append(log_row("search", "click", "p1", 30, timestamp=bad))
 
 
+def listed_as_text(i: Inputs, bad: str) -> None:
+    """Every product gets a `listed_at` as ISO text; one extra product's is unreadable."""
+    for r in i.catalog:
+        r["listed_at"] = "2024-01-01T00:00:00Z"
+    i.catalog_schema = i.catalog_schema.append(pa.field("listed_at", pa.string()))
+    i.catalog.append({**product("p9", "Teak bench", [vec(9), vec(10)]), "listed_at": bad})
+
+
 MANY = " (most rows, with a warning)"  # suffix of an expected reason: the good rows are rejected too
 
 # (title, the defect in words, expected reject reason or None = the file must be refused, edit)
@@ -120,6 +128,8 @@ CASES: list[tuple[str, str, str | None, Callable[[Inputs], None]]] = [
      lambda i: i.catalog.append(product("p9", "Teak bench", [vec(9)[:3] + [float("nan")] + vec(9)[4:]]))),
     ("Image vector with inf", "product p9's second image vector holds +inf", "non_finite_vector",
      lambda i: i.catalog.append(product("p9", "Teak bench", [vec(9), [float("inf")] + vec(10)[1:]]))),
+    ("Unreadable listed_at", "the catalog gives listed_at as ISO strings; product p9's is 'spring 2024'",
+     "bad_timestamp", lambda i: listed_as_text(i, "spring 2024")),
     ("Unknown surface", "one extra log row has surface 'Search' (capital S)", "unknown_surface",
      lambda i: i.logs.append(log_row("search", "click", "p1", 30, surface="Search"))),
     ("Unknown engagement", "one extra log row has engagement 'purchase'", "unknown_engagement",
