@@ -185,13 +185,11 @@ def negative_pool(dataset_dir: str | Path, store: ProductStore) -> np.ndarray | 
     listed = table.column(schema.LISTED_AT)
     if listed.null_count == len(listed):
         return None
-    listed_ms = pc.cast(listed, pa.int64()).to_numpy(zero_copy_only=False)  # [P], NaN where null
     times = pq.read_table(dataset_dir / schema.TRAIN_FILE, columns=[schema.TIMESTAMP]).column(schema.TIMESTAMP)
-    last = pc.max(times).value  # the train window's last engagement (None: an empty window)
-    if last is None:
+    last_ms = pc.max(pc.cast(times, pa.int64())).as_py()  # the train window's last engagement (None: empty)
+    if last_ms is None:
         return None
-    last_ms = int(pc.cast(pa.scalar(last, times.type), pa.int64()).as_py())
-    later = np.nan_to_num(listed_ms.astype(np.float64), nan=-np.inf) > last_ms  # [P]
+    later = pc.greater(pc.cast(listed, pa.int64()), last_ms).fill_null(False).to_numpy(zero_copy_only=False)  # [P]
     if not later.any():
         return None
     rows = store.index_of(table.column(schema.PRODUCT_ID).to_pylist())  # [P] store row of each product
