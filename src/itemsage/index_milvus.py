@@ -201,17 +201,20 @@ class MilvusIndex:
 
     def vector(self, product_ids: list[str] | np.ndarray) -> np.ndarray:
         """The stored unit vectors [N, D] of `product_ids`; KeyError names the ids not in the index."""
+        return self._stored(product_ids, VECTOR_FIELD, self.dim)  # [N, D]
+
+    def _stored(self, product_ids: list[str] | np.ndarray, field: str, dim: int) -> np.ndarray:
+        """The `field` vectors [N, dim] of `product_ids`, in their order; KeyError names the missing ids."""
         product_ids = list(product_ids)
         if not product_ids:
-            return np.empty((0, self.dim), dtype=np.float32)
-        rows = self._client.get(self.collection, ids=list(dict.fromkeys(product_ids)),
-                                output_fields=[ID_FIELD, VECTOR_FIELD])
-        found = {r[ID_FIELD]: r[VECTOR_FIELD] for r in rows}
+            return np.empty((0, dim), dtype=np.float32)
+        rows = self._client.get(self.collection, ids=list(dict.fromkeys(product_ids)), output_fields=[ID_FIELD, field])
+        found = {r[ID_FIELD]: r[field] for r in rows}
         missing = [p for p in product_ids if p not in found]
         if missing:
             shown = ", ".join(repr(p) for p in missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise KeyError(f"{len(missing)} product id(s) not in the index: {shown}")
-        return np.asarray([found[p] for p in product_ids], dtype=np.float32)  # [N, D]
+        return np.asarray([list(found[p]) for p in product_ids], dtype=np.float32)
 
     @property
     def product_query(self) -> dict[str, Any] | None:
@@ -230,17 +233,7 @@ class MilvusIndex:
         the ids not in the index; NoProductQueries when the version was built without them."""
         if not self.has_query_vectors:
             raise no_product_queries(f"Milvus collection '{self.collection}'")
-        product_ids = list(product_ids)
-        if not product_ids:
-            return np.empty((0, self.query_dim), dtype=np.float32)
-        rows = self._client.get(self.collection, ids=list(dict.fromkeys(product_ids)),
-                                output_fields=[ID_FIELD, QUERY_VECTOR_FIELD])
-        found = {r[ID_FIELD]: r[QUERY_VECTOR_FIELD] for r in rows}
-        missing = [p for p in product_ids if p not in found]
-        if missing:
-            shown = ", ".join(repr(p) for p in missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise KeyError(f"{len(missing)} product id(s) not in the index: {shown}")
-        return np.asarray([list(found[p]) for p in product_ids], dtype=np.float32)  # [N, Dq]
+        return self._stored(product_ids, QUERY_VECTOR_FIELD, self.query_dim)  # [N, Dq]
 
 
 class MilvusVersions:
