@@ -312,15 +312,10 @@ class Service:
                                f"version {served.version}") from None
 
     def _top_k(self, served: Served, q: np.ndarray, k: int, exclude: set[str] = frozenset()) -> Candidates:
-        """Top-k of one query [1, D] from the served index, leaving out `exclude` and padding."""
-        depth = max(min(k + len(exclude), len(served.index)), 1)
-        if hasattr(served.index, "search_one"):  # a local index: no padding to build and strip
-            ids, scores = served.index.search_one(np.ascontiguousarray(q[0], dtype=np.float32), depth)
-            keep = [(p, s) for p, s in zip(ids, scores) if p not in exclude][:k]
-        else:
-            found_ids, found_scores = served.index.search(q, depth)  # [1, depth]
-            keep = [(p, float(s)) for p, s in zip(found_ids[0], found_scores[0]) if p and p not in exclude][:k]
-        return Candidates(ids=[p for p, _ in keep], scores=[s for _, s in keep], index_version=served.version)
+        """Top-k of one query [1, D] from the served index, leaving out `exclude` and padding (the same
+        search as evaluation's, by_product.top_k_excluding)."""
+        (ids, scores), = by_product.top_k_excluding(served.index, q, [k], [exclude])[0]
+        return Candidates(ids=ids, scores=scores, index_version=served.version)
 
     def text_encoder(self) -> Any:
         from itemsage.query_encoder import BatchingEncoder
