@@ -116,3 +116,38 @@ def test_written_sections_come_from_the_files(tmp_path):
     assert _written_section(tmp_path / "notes.md", None) == ["The transformer trails.", ""]
     (tmp_path / "ablations.md").write_text("| a | b |\n|---|---|\n", encoding="utf-8")
     assert _written_section(tmp_path / "ablations.md", "Ablations") == ["", "## Ablations", "", "| a | b |", "|---|---|"]
+
+
+def _with_served(result: dict, closeup: float, home: float, user: float) -> dict:
+    """`result` with evaluate's served block: closeup by product, home by history and the user level."""
+    result["served"] = {
+        "data": {"closeup_pairs": 7, "home_pairs": 5, "history": 10},
+        "closeup_by_product": {"exact": {"all": {"n": 7, "recall@10": closeup}}},
+        "home_by_history": {"exact": {"all": {"n": 5, "recall@10": home}}},
+        "home_popularity": {"all": {"n": 5, "recall@10": 0.04}},
+        "user_level": {"users": 3, "closeup": {"exact": {"recall@10": user, "ndcg@10": user / 2}},
+                       "home": {"exact": {"recall@10": user + 0.1, "ndcg@10": user / 4}},
+                       "popularity": {"recall@10": 0.02, "ndcg@10": 0.01}},
+    }
+    return result
+
+
+def test_served_and_user_level_figures_are_aggregated_and_reported():
+    from itemsage.compare import _served_section
+
+    results = {"itemsage": [_with_served(fake_result(0.5, 0.6, 0.3, 0.1), 0.6, 0.1, 0.2),
+                            _with_served(fake_result(0.7, 0.6, 0.5, 0.3), 0.8, 0.3, 0.4)],
+               "text_only": [fake_result(0.8, 0.2, 0.2, 0.0)]}  # a result without a served block
+    agg = aggregate(results)
+    assert agg["itemsage"]["closeup_by_product"] == {"mean": pytest.approx(0.7), "sd": pytest.approx(math.sqrt(0.02)),
+                                                     "seeds": 2}
+    assert agg["itemsage"]["home_by_history"]["mean"] == pytest.approx(0.2)
+    assert agg["itemsage"]["user_home_recall"]["mean"] == pytest.approx(0.4)
+    assert agg["itemsage"]["user_closeup_ndcg"]["mean"] == pytest.approx(0.15)
+    assert "closeup_by_product" not in agg["text_only"]
+    lines = _served_section(["itemsage", "text_only"], agg, results["itemsage"][0])
+    rows = [line for line in lines if line.startswith("| ")]
+    assert rows[1] == "| itemsage | 0.700 ± 0.141 | 0.200 ± 0.141 | 0.300 ± 0.141 | 0.150 ± 0.071 | 0.400 ± 0.141 | 0.075 ± 0.035 |"
+    assert rows[2] == "| popularity baseline | – | 0.040 | 0.020 | 0.010 | 0.020 | 0.010 |"
+    assert not any(line.startswith("| text_only") for line in lines)  # no served figures, no row
+    assert _served_section(["text_only"], agg, results["text_only"][0]) == []

@@ -342,6 +342,8 @@ def test_wrong_image_width_is_refused(batch):
     (dict(pooling="mean"), "model.pooling"),
     (dict(aggregator="sum", pooling="attention"), "model.pooling='attention' applies"),
     (dict(norm_first=1), "model.norm_first"),
+    (dict(text_projection="per_token"), "model.text_projection must be one of shared, per_field"),
+    (dict(text_projection="per_field", projection="mlp"), "does not combine with model.projection='mlp'"),
     (dict(colour="red"), "model.colour"),
 ])
 def test_config_errors_name_the_option(overrides, message):
@@ -428,7 +430,8 @@ def test_logit_scale_cannot_get_stuck_at_the_cap():
 
 
 @pytest.mark.parametrize("aggregator", ["transformer", "sum", "concat"])
-@pytest.mark.parametrize("options", [{}, dict(projection="mlp"), dict(pooling="attention"), dict(norm_first=False)])
+@pytest.mark.parametrize("options", [{}, dict(projection="mlp"), dict(pooling="attention"), dict(norm_first=False),
+                                     dict(text_projection="per_field")])
 def test_flops_per_product_matches_flop_counter(aggregator, options):
     """Against torch's FlopCounterMode on one unpadded product (every image and field present).
     Attention runs on torch's math kernel here (plain matmuls the counter sees; the fused CPU kernel
@@ -459,7 +462,7 @@ def test_an_earlier_config_without_the_options_builds_the_earlier_tower():
     from itemsage.config import from_dict
 
     earlier = {k: v for k, v in model_config("tiny").__dict__.items()
-               if k not in ("text_norm", "projection", "pooling", "norm_first")}
+               if k not in ("text_norm", "projection", "pooling", "norm_first", "text_projection")}
     cfg = from_dict(ModelConfig, earlier, section="model")
     assert (cfg.text_norm, cfg.projection, cfg.pooling, cfg.norm_first) == ("layernorm", "linear", "cls", True)
     model = ItemSage(cfg, VOCAB, DI)
@@ -482,6 +485,24 @@ def test_option_parameter_counts_by_hand():
     assert count(text_norm="none") == count(text_norm="l2")
     assert count(pooling="attention") - base == 3 * D  # a LayerNorm (2D) and the query (D)
     assert count(norm_first=False) == base
+    assert count(text_projection="per_field") - base == (F - 1) * (Dh * D + D)  # F Linears instead of one
+
+
+def test_per_field_text_projection_reads_each_field_with_its_own_linear():
+    """Against one nn.Linear per field, by hand: field f's bag goes through field f's weight alone."""
+    model = tower(text_projection="per_field")
+    proj = model.text_proj[1]
+    g = torch.Generator().manual_seed(3)
+    bags = torch.randn(2 * F, 16, generator=g)  # 2 products x F fields, field-major within a product
+    normed = model.text_proj[0](bags)
+    expected = torch.stack([normed[i] @ proj.weight[i % F] + proj.bias[i % F] for i in range(2 * F)])
+    torch.testing.assert_close(model.text_proj(bags), expected)
+    # the same bag in two different fields gives two different tokens (a shared Linear gives one)
+    twice = make_batch([torch.zeros(0, DI)], [[[1, 2, 3], [1, 2, 3]] + [[]] * (F - 2)])
+    tokens, _ = model._text_tokens(twice)
+    assert not torch.allclose(tokens[0, 0], tokens[0, 1])
+    shared_tokens, _ = tower()._text_tokens(twice)
+    torch.testing.assert_close(shared_tokens[0, 0], shared_tokens[0, 1])
 
 
 def test_l2_text_norm_projects_the_unit_bag_by_hand():
@@ -500,7 +521,7 @@ def test_l2_text_norm_projects_the_unit_bag_by_hand():
 
 
 @pytest.mark.parametrize("options", [dict(projection="mlp"), dict(text_norm="l2"), dict(pooling="attention"),
-                                     dict(norm_first=False)])
+                                     dict(norm_first=False), dict(text_projection="per_field")])
 def test_each_option_changes_the_output(batch, options):
     """The default's weights wherever the shapes agree, same batch: an option that did nothing would
     give the default's vectors."""

@@ -27,8 +27,9 @@ Recall@K curves (recall_at_k.png). One colour per run across every figure. The r
 `compare(..., report_only=True)` trains nothing and reports every finished (run, seed) on disk
 (rows run by separate processes, or given fewer seeds), each row with the seeds it has.
 
-Not here: the user-level protocol (per-user Recall/NDCG as recommender libraries report it);
-`itemsage evaluate` reports it for one model.
+Beside the per-pair figures, each row's products as queries (closeup by product, home by history, as
+the service computes them) and the user-level protocol (per-user Recall@10 and NDCG@10, as
+recommender libraries report it), from `evaluate`'s served block of every seed.
 """
 
 from __future__ import annotations
@@ -69,6 +70,16 @@ ABLATIONS_FILE = "ablations.md"
 SUMMARY_FILE = "summary.json"
 SUMMARY_KEYS: tuple[str, ...] = (*schema.SURFACES, "all", "cold_start")  # the keys of summary.json
 CONVERSIONS: tuple[str, ...] = ("add_to_cart", "checkout")
+# Products as queries as served, and the user-level protocol (evaluate's "served" block), Recall@10 or
+# NDCG@10 on the exact index: report key -> (the served block's name, its path to the figure).
+SERVED_KEYS: dict[str, tuple[str, ...]] = {
+    "closeup_by_product": ("closeup_by_product", "exact", "all", "recall"),
+    "home_by_history": ("home_by_history", "exact", "all", "recall"),
+    "user_closeup_recall": ("user_level", "closeup", "exact", "recall"),
+    "user_closeup_ndcg": ("user_level", "closeup", "exact", "ndcg"),
+    "user_home_recall": ("user_level", "home", "exact", "recall"),
+    "user_home_ndcg": ("user_level", "home", "exact", "ndcg"),
+}
 # One colour per run in every figure (matplotlib's tab10, then black); the popularity baseline is grey.
 COLOURS: dict[str, str] = dict(zip(RUNS, ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
                                           "#e377c2", "#bcbd22", "#17becf", "#000000", "#7f7f7f"]))
@@ -257,7 +268,20 @@ def seed_scores(result: dict[str, Any], k: int = 10) -> dict[str, float | None]:
     for task in result["exact"]:
         if task != "all":
             scores[task] = _recall(result, task, k)
+    scores.update(served_scores(result, k))
     return scores
+
+
+def served_scores(result: dict[str, Any], k: int = 10) -> dict[str, float]:
+    """One seed's products-as-queries and user-level figures at k (SERVED_KEYS), where evaluate gave them."""
+    out: dict[str, float] = {}
+    for key, (*path, metric) in SERVED_KEYS.items():
+        row: Any = result.get("served") or {}
+        for step in path:
+            row = row.get(step) if isinstance(row, dict) else None
+        if isinstance(row, dict) and row.get("n", 1) and f"{metric}@{k}" in row:
+            out[key] = row[f"{metric}@{k}"]
+    return out
 
 
 def mean_sd(values: list[float | None]) -> dict[str, Any]:
@@ -366,6 +390,33 @@ def _score_table(names: list[str], agg: dict[str, Any], params: dict[str, int],
     lines = ["| run | params | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
     for n in names:
         lines.append(f"| {n} | {params[n]:,} | " + " | ".join(_pm(agg[n].get(k)) for k in keys) + " |")
+    return lines
+
+
+def _served_section(names: list[str], agg: dict[str, Any], ref: dict[str, Any]) -> list[str]:
+    """Products as queries (as the service computes them) and the user-level protocol, per run."""
+    names = [n for n in names if any(key in agg[n] for key in SERVED_KEYS)]
+    if not names:
+        return []
+    served = ref.get("served") or {}
+    data, user = served.get("data") or {}, served.get("user_level") or {}
+    pop_user = user.get("popularity") or {}
+    pop_home = (served.get("home_popularity") or {}).get("all") or {}
+    lines = ["", "## Products as queries, and the user-level protocol", "",
+             "The same runs, queried as the service queries them (by_product.py), exact index, test window. "
+             f"Per pair: closeup by the query product ({data.get('closeup_pairs', 0):,} pairs) and home by the "
+             f"user's last {data.get('history', '?')} train-window products ({data.get('home_pairs', 0):,} pairs), "
+             "Recall@10. Per user, as RecBole and Microsoft Recommenders report it "
+             f"({user.get('users', 0):,} users with test engagements and a train-window history): the whole "
+             "catalog ranked from the user's most recent product (closeup) or history (home), their train-window "
+             "products masked, Recall@10 and NDCG@10 averaged over users.", "",
+             "| run | closeup by product | home by history | user closeup Recall@10 | user closeup NDCG@10 | "
+             "user home Recall@10 | user home NDCG@10 |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(_pm(agg[n].get(key)) for key in SERVED_KEYS) + " |")
+    lines.append(f"| popularity baseline | – | {_fmt(pop_home.get('recall@10'))} | "
+                 # popularity ranks the same list for every user, so it is one figure for closeup and home
+                 + " | ".join(_fmt(pop_user.get(m)) for m in ("recall@10", "ndcg@10") * 2) + " |")
     return lines
 
 
@@ -543,6 +594,7 @@ def write_report(results: dict[str, list[dict[str, Any]]], out_dir: Path, cfg: C
     for t in tasks:
         cells = [_pm(agg[n].get(t)) for n in arch] + [_fmt(pop.get(t))]
         lines.append(f"| {t} | {ref['exact'][t]['n']} | " + " | ".join(cells) + " |")
+    lines += _served_section(arch, agg, ref)
     engagements = [e for e in schema.ENGAGEMENTS if f"single_task_{e}" in results]
     if engagements:
         lines += ["", "## Multi-task against single-task", "",
@@ -573,8 +625,6 @@ def write_report(results: dict[str, list[dict[str, Any]]], out_dir: Path, cfg: C
                   "A few test-window queries per surface, their top 10 by exact search; the engaged product "
                   "in bold with ✔ (if it is in the top 10).", "", *gallery_markdown(ref["gallery"])]
     lines += _written_section(out_dir / ABLATIONS_FILE, "Ablations")
-    lines += ["", "Not reported here: the user-level protocol (per-user Recall@K and NDCG@K from each user's history, "
-              "as recommender libraries report it); it needs products as queries, which comes later."]
     report = out_dir / "report.md"
     artifacts.atomic_write_json(out_dir / "results.json", {n: {"seeds": seeds, "aggregate": agg[n]}
                                                            for n, seeds in results.items()})

@@ -34,8 +34,8 @@ Choices the paper leaves open, made here:
 Options tried in the ablations (docs/METHOD.md has the table; the ModelConfig defaults are the
 earlier behaviour, so older artifacts load unchanged, and the presets choose): `text_norm` (LayerNorm,
 L2 or nothing on the hash bag), `projection` (one Linear per feature group, or OmniSage's two-layer
-MLP), `pooling` ([CLS], or a learned query's softmax over every output) and `norm_first` (pre- or
-post-LN). Attention pooling and post-LN run every layer in full (the [CLS]-only shortcut is exact
+MLP), `text_projection` (one text projection shared by every field, or one per field), `pooling`
+([CLS], or a learned query's softmax over every output) and `norm_first` (pre- or post-LN). Attention pooling and post-LN run every layer in full (the [CLS]-only shortcut is exact
 only for a pre-LN layer read at [CLS]).
 """
 
@@ -61,6 +61,7 @@ MODALITIES: tuple[str, ...] = ("both", "image", "text")
 ADAPTER_MODES: tuple[str, ...] = ("auto", "linear")
 TEXT_NORMS: tuple[str, ...] = ("layernorm", "l2", "none")
 PROJECTIONS: tuple[str, ...] = ("linear", "mlp")
+TEXT_PROJECTIONS: tuple[str, ...] = ("shared", "per_field")
 POOLINGS: tuple[str, ...] = ("cls", "attention")
 
 
@@ -94,6 +95,9 @@ class ModelConfig:
     projection: str = "linear"  # per feature group: linear (Linear -> D) | mlp (Linear -> GELU -> Linear, hidden ff_dim)
     pooling: str = "cls"  # transformer output: cls ([CLS] position) | attention (learned-query softmax over all positions)
     norm_first: bool = True  # transformer layers: pre-LN (True) or post-LN (False)
+    # shared: one text projection for every field (told apart by type embeddings only); per_field: each
+    # text field its own Linear (Dh -> D), as the concat MLP's head weighs each slot with its own weights
+    text_projection: str = "shared"
 
     def __post_init__(self) -> None:
         for name in ("d_model", "heads", "layers", "ff_dim", "hash_buckets", "hash_dim", "out_dim",
@@ -115,7 +119,8 @@ class ModelConfig:
         duplicates = sorted({f for f in self.text_fields if self.text_fields.count(f) > 1})
         require(not duplicates, f"model.text_fields lists {duplicates} more than once")
         for name, choices in (("aggregator", AGGREGATORS), ("modalities", MODALITIES), ("adapter", ADAPTER_MODES),
-                              ("text_norm", TEXT_NORMS), ("projection", PROJECTIONS), ("pooling", POOLINGS)):
+                              ("text_norm", TEXT_NORMS), ("projection", PROJECTIONS), ("pooling", POOLINGS),
+                              ("text_projection", TEXT_PROJECTIONS)):
             value = getattr(self, name)
             require(value in choices, f"model.{name} must be one of {', '.join(choices)}, got {value!r}")
         require(isinstance(self.type_embedding, bool),
@@ -123,6 +128,9 @@ class ModelConfig:
         require(self.pooling == "cls" or self.aggregator == "transformer",
                 f"model.pooling={self.pooling!r} applies to aggregator transformer only (sum and concat "
                 "do not attend); set model.pooling='cls'")
+        require(self.text_projection == "shared" or self.projection == "linear",
+                f"model.text_projection='per_field' is a Linear per field; it does not combine with "
+                f"model.projection={self.projection!r} (set model.projection='linear')")
         require(isinstance(self.norm_first, bool),
                 f"model.norm_first must be true or false, got {self.norm_first!r}")
         require(not (self.type_embedding and self.aggregator == "concat"),
@@ -274,6 +282,28 @@ def _projection(cfg: ModelConfig, in_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(in_dim, cfg.ff_dim), nn.GELU(), nn.Linear(cfg.ff_dim, cfg.d_model))
 
 
+class FieldLinear(nn.Module):
+    """One Linear(in -> out) per text field: [B·F, in] rows (field-major within a product) -> [B·F, out].
+
+    Row b·F + f goes through field f's own weight, so the brand field and the title are read by
+    different maps (the shared projection tells them apart only by the added type embedding).
+    """
+
+    def __init__(self, fields: int, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.fields = fields
+        self.weight = nn.Parameter(torch.empty(fields, in_dim, out_dim))  # [F, in, out]
+        self.bias = nn.Parameter(torch.empty(fields, out_dim))  # [F, out]
+        bound = in_dim**-0.5  # nn.Linear's default initialisation, per field
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.view(-1, self.fields, x.shape[-1])  # [B, F, in]
+        out = torch.einsum("bfi,fio->bfo", rows, self.weight) + self.bias  # [B, F, out]
+        return out.reshape(-1, out.shape[-1])  # [B·F, out]
+
+
 class Head(nn.Module):
     """LayerNorm -> Linear(in -> H) -> GELU -> Linear(H -> out) -> L2 normalise."""
 
@@ -348,7 +378,9 @@ class ItemSage(nn.Module):
         if cfg.uses_text:
             self.text_embed: nn.Module = HashEmbedding(vocab_size, cfg.hash_buckets, cfg.hash_dim)
             norm = {"layernorm": nn.LayerNorm(cfg.hash_dim), "l2": _L2Norm(), "none": nn.Identity()}[cfg.text_norm]
-            self.text_proj: nn.Module = nn.Sequential(norm, _projection(cfg, cfg.hash_dim))
+            per_field = cfg.text_projection == "per_field"
+            proj = FieldLinear(len(cfg.text_fields), cfg.hash_dim, D) if per_field else _projection(cfg, cfg.hash_dim)
+            self.text_proj: nn.Module = nn.Sequential(norm, proj)
         else:
             self.text_embed = nn.Identity()
             self.text_proj = nn.Identity()
