@@ -204,6 +204,27 @@ def test_hash_embedding_matches_hand_computation():
     assert torch.equal(out[0], torch.zeros(5)) and torch.equal(out[3], torch.zeros(5))
 
 
+def test_token_dropout_leaves_whole_tokens_out_in_training_only():
+    """A dropped token is absent from every bag of the step and the kept ones are scaled by 1/(1-p),
+    so a bag's expectation is its full sum; evaluation sees every token."""
+    torch.manual_seed(0)
+    full = HashEmbedding(vocab_size=VOCAB, num_buckets=11, dim=5)
+    emb = HashEmbedding(vocab_size=VOCAB, num_buckets=11, dim=5, token_dropout=0.5)
+    emb.load_state_dict(full.state_dict())
+    ids, offsets = torch.tensor([3, 17, 3, 39]), torch.tensor([0, 2])  # bags: [3, 17], [3, 39]
+    v = {i: full(torch.tensor([i]), torch.tensor([0]))[0] for i in (3, 17, 39)}  # each token's vector
+    with torch.no_grad():
+        torch.testing.assert_close(emb.eval()(ids, offsets), full(ids, offsets))
+        emb.train()
+        draws = torch.stack([emb(ids, offsets) for _ in range(2000)])  # [2000, 2 bags, 5]
+    # token 3 is kept or dropped in both bags at once; each kept token counts twice (1 / (1 - 0.5))
+    allowed = [torch.stack([2 * (a * v[3] + b * v[17]), 2 * (a * v[3] + c * v[39])])
+               for a in (0, 1) for b in (0, 1) for c in (0, 1)]
+    for out in draws[:200]:
+        assert any(torch.allclose(out, x, atol=1e-6) for x in allowed), out
+    torch.testing.assert_close(draws.mean(0), full(ids, offsets), atol=0.1, rtol=0)
+
+
 def reference_hash_bag(emb: HashEmbedding, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """The earlier formulation, kept as the reference: both hashes of every occurrence through one
     EmbeddingBag over E, W supplying the per-sample weights (2T lookups forward and backward)."""
@@ -343,6 +364,7 @@ def test_wrong_image_width_is_refused(batch):
     (dict(aggregator="sum", pooling="attention"), "model.pooling='attention' applies"),
     (dict(norm_first=1), "model.norm_first"),
     (dict(text_projection="per_token"), "model.text_projection must be one of shared, per_field"),
+    (dict(token_dropout=1.0), "model.token_dropout must be in"),
     (dict(text_projection="per_field", projection="mlp"), "does not combine with model.projection='mlp'"),
     (dict(colour="red"), "model.colour"),
 ])
@@ -462,7 +484,7 @@ def test_an_earlier_config_without_the_options_builds_the_earlier_tower():
     from itemsage.config import from_dict
 
     earlier = {k: v for k, v in model_config("tiny").__dict__.items()
-               if k not in ("text_norm", "projection", "pooling", "norm_first", "text_projection")}
+               if k not in ("text_norm", "projection", "pooling", "norm_first", "text_projection", "token_dropout")}
     cfg = from_dict(ModelConfig, earlier, section="model")
     assert (cfg.text_norm, cfg.projection, cfg.pooling, cfg.norm_first) == ("layernorm", "linear", "cls", True)
     model = ItemSage(cfg, VOCAB, DI)

@@ -98,6 +98,9 @@ class ModelConfig:
     # shared: one text projection for every field (told apart by type embeddings only); per_field: each
     # text field its own Linear (Dh -> D), as the concat MLP's head weighs each slot with its own weights
     text_projection: str = "shared"
+    # training only: each step leaves this share of the batch's distinct text tokens (n-grams) out of
+    # every bag, so no product's embedding rests on a few of its own n-grams (0 = off)
+    token_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("d_model", "heads", "layers", "ff_dim", "hash_buckets", "hash_dim", "out_dim",
@@ -109,6 +112,8 @@ class ModelConfig:
                 f"model.d_model ({self.d_model}) must be divisible by model.heads ({self.heads})")
         require(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
                 f"model.dropout must be in [0, 1), got {self.dropout!r}")
+        require(isinstance(self.token_dropout, (int, float)) and 0.0 <= self.token_dropout < 1.0,
+                f"model.token_dropout must be in [0, 1), got {self.token_dropout!r}")
         require(isinstance(self.max_images, int) and 1 <= self.max_images <= schema.MAX_IMAGES,
                 f"model.max_images must be an integer in 1..{schema.MAX_IMAGES}, got {self.max_images!r}")
         if isinstance(self.text_fields, str):  # one field given as a bare string
@@ -243,9 +248,10 @@ class HashEmbedding(nn.Module):
     EmbeddingBag with per-sample weights). docs/METHOD.md has the measurements.
     """
 
-    def __init__(self, vocab_size: int, num_buckets: int, dim: int) -> None:
+    def __init__(self, vocab_size: int, num_buckets: int, dim: int, token_dropout: float = 0.0) -> None:
         super().__init__()
         self.num_buckets = num_buckets
+        self.token_dropout = token_dropout
         self.table = nn.Embedding(num_buckets, dim)  # E [buckets, Dh]
         self.importance = nn.Embedding(vocab_size, 2)  # W [V, 2]
         nn.init.normal_(self.table.weight, std=dim**-0.5)
@@ -263,6 +269,9 @@ class HashEmbedding(nn.Module):
         w = self.importance(bags.unique)  # [U, 2]
         vectors = w[:, :1] * self.table(h1) + w[:, 1:] * self.table(h2)  # [U, Dh]
         vectors = vectors.to(self.table.weight.dtype)
+        if self.training and self.token_dropout > 0:  # a dropped token is absent from every bag of the batch
+            keep = torch.rand(vectors.shape[0], 1, device=vectors.device) >= self.token_dropout  # [U, 1]
+            vectors = vectors * keep / (1.0 - self.token_dropout)
         if not needs_grad:
             return fn.embedding_bag(bags.index, vectors, offsets, mode="sum")  # [N, Dh]
         return _BagSum.apply(vectors, bags.index, offsets, bags.by_token, bags.starts)  # [N, Dh]
@@ -376,7 +385,8 @@ class ItemSage(nn.Module):
         # One projection per feature group (docs/METHOD.md).
         self.image_proj = _projection(cfg, image_dim) if cfg.uses_images else nn.Identity()
         if cfg.uses_text:
-            self.text_embed: nn.Module = HashEmbedding(vocab_size, cfg.hash_buckets, cfg.hash_dim)
+            self.text_embed: nn.Module = HashEmbedding(vocab_size, cfg.hash_buckets, cfg.hash_dim,
+                                                              cfg.token_dropout)
             norm = {"layernorm": nn.LayerNorm(cfg.hash_dim), "l2": _L2Norm(), "none": nn.Identity()}[cfg.text_norm]
             per_field = cfg.text_projection == "per_field"
             proj = FieldLinear(len(cfg.text_fields), cfg.hash_dim, D) if per_field else _projection(cfg, cfg.hash_dim)
