@@ -34,8 +34,9 @@ Choices the paper leaves open, made here:
 Options tried in the ablations (docs/METHOD.md has the table; the ModelConfig defaults are the
 earlier behaviour, so older artifacts load unchanged, and the presets choose): `text_norm` (LayerNorm,
 L2 or nothing on the hash bag), `projection` (one Linear per feature group, or OmniSage's two-layer
-MLP), `text_projection` (one text projection shared by every field, or one per field), `pooling`
-([CLS], or a learned query's softmax over every output) and `norm_first` (pre- or post-LN). Attention pooling and post-LN run every layer in full (the [CLS]-only shortcut is exact
+MLP), `text_projection` (one text projection shared by every field, or one per field),
+`token_dropout` (n-grams left out of the bags in training), `pooling` ([CLS], or a learned query's
+softmax over every output) and `norm_first` (pre- or post-LN). Attention pooling and post-LN run every layer in full (the [CLS]-only shortcut is exact
 only for a pre-LN layer read at [CLS]).
 """
 
