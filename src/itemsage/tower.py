@@ -36,8 +36,8 @@ earlier behaviour, so older artifacts load unchanged, and the presets choose): `
 L2 or nothing on the hash bag), `projection` (one Linear per feature group, or OmniSage's two-layer
 MLP), `text_projection` (one text projection shared by every field, or one per field),
 `token_dropout` (n-grams left out of the bags in training), `pooling` ([CLS], or a learned query's
-softmax over every output) and `norm_first` (pre- or post-LN). Attention pooling and post-LN run every layer in full (the [CLS]-only shortcut is exact
-only for a pre-LN layer read at [CLS]).
+softmax over every output) and `norm_first` (pre- or post-LN). Attention pooling and post-LN run
+every layer in full (the [CLS]-only shortcut is exact only for a pre-LN layer read at [CLS]).
 """
 
 from __future__ import annotations
