@@ -126,8 +126,10 @@ class CompareConfig:
 
     def stopping(self) -> str:
         """The stopping rule of every run, in words (the report and summary.json state it)."""
-        stop = (f"early stopping after {self.patience} evaluations without a gain, capped at {self.steps} steps"
-                if self.patience else f"no early stop: {self.steps} steps")
+        # The cap is also where the cosine learning rate reaches 0: a run stopped by it finished its schedule.
+        stop = (f"early stopping after {self.patience} evaluations without a gain, capped at {self.steps} steps "
+                "(where the cosine learning-rate schedule reaches 0)"
+                if self.patience else f"no early stop: {self.steps} steps (the cosine learning-rate schedule's length)")
         return (f"validation-window Recall@10 (up to {self.validation_sample} sampled pairs) every {self.eval_every} steps; "
                 f"{stop}; each run keeps its best evaluation's model")
 
