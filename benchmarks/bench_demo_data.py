@@ -25,7 +25,7 @@ from pathlib import Path
 
 
 def child_generate(out: str, products: int, days: int, seed: int) -> dict:
-    from itemsage.demo_data import DemoConfig, generate_demo_data
+    from itemsage.data.demo_shop import DemoConfig, generate_demo_data
 
     start = time.perf_counter()
     manifest = generate_demo_data(out, DemoConfig(products=products, days=days, seed=seed), progress=False)
@@ -40,7 +40,7 @@ def child_generate(out: str, products: int, days: int, seed: int) -> dict:
 
 
 def child_ingest(shop: str, out: str) -> dict:
-    from itemsage.ingest import IngestConfig, ingest
+    from itemsage.data.ingest import IngestConfig, ingest
 
     start = time.perf_counter()
     summary = ingest(Path(shop) / "catalog.parquet", Path(shop) / "engagements.parquet", out,
@@ -67,7 +67,7 @@ def run_child(*args: str) -> dict:
 
 def ingest_available() -> bool:
     try:
-        import itemsage.ingest  # noqa: F401
+        import itemsage.data.ingest  # noqa: F401
     except ImportError:
         return False
     return True

@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from itemsage import schema
-from itemsage.features import ProductStore
-from itemsage.model import load_model
-from itemsage.pairs import load_pairs
-from itemsage.train import MODEL_DIR, TrainConfig, held_out_recall, train
+from itemsage.data.features import ProductStore
+from itemsage.model.model import load_model
+from itemsage.train.pairs import load_pairs
+from itemsage.train.loop import MODEL_DIR, TrainConfig, held_out_recall, train
 
 # The demo's own training options on main (src/itemsage/demo.py before this benchmark's changes).
 MAIN_DEMO = dict(preset="cpu", batch_size=1024, random_negatives_ratio=1.0, checkpoint_every=200, eval_every=250)

@@ -23,9 +23,9 @@ import pyarrow as pa
 import torch
 
 from itemsage import artifacts, schema
-from itemsage.embed import embed
-from itemsage.features import Vocabulary, featurize
-from itemsage.model import ItemSage, QueryAdapters, flops_per_product, load_model, model_config, save_model
+from itemsage.embed.shards import embed
+from itemsage.data.features import Vocabulary, featurize
+from itemsage.model.model import ItemSage, QueryAdapters, flops_per_product, load_model, model_config, save_model
 
 IMAGE_DIM = 256
 WORDS = [f"w{i}" for i in range(3000)]  # a Zipf-ish vocabulary of words

@@ -21,12 +21,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from itemsage import by_product, schema
-from itemsage.evaluate import (CatalogIds, encode_queries, exact_ranks, masked_ranks, popularity_ranks,
+from itemsage import schema
+from itemsage.index import by_product
+from itemsage.evaluate.evaluation import (CatalogIds, encode_queries, exact_ranks, masked_ranks, popularity_ranks,
                                user_histories)
-from itemsage.index import ProductIndex, read_embeddings, read_query_vectors
-from itemsage.model import load_model
-from itemsage.pairs import load_pairs
+from itemsage.index.faiss_index import ProductIndex, read_embeddings, read_query_vectors
+from itemsage.model.model import load_model
+from itemsage.train.pairs import load_pairs
 
 KS = (10, 100)
 # (history length, max_clusters, Ward cut: ("relative", factor) or ("absolute", distance), keep_history)

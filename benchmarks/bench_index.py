@@ -25,7 +25,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from itemsage.index import IndexConfig, ProductIndex, neighbour_recall
+from itemsage.index.faiss_index import IndexConfig, ProductIndex, neighbour_recall
 
 
 def rss_bytes() -> int:

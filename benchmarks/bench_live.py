@@ -104,7 +104,7 @@ def main() -> None:
     index_root = tmp / "index"
     shutil.copytree(args.index, index_root, ignore=shutil.ignore_patterns("live"))
     facts = index_facts(index_root)
-    from itemsage.model import load_model
+    from itemsage.model.model import load_model
 
     image_dim = int(load_model(args.model).image_dim or 0)
     url = f"http://127.0.0.1:{args.port}"

@@ -45,8 +45,8 @@ def main() -> None:
     p.add_argument("--timed", type=int, default=300, help="queries timed per encoder")
     args = p.parse_args()
     torch.set_num_threads(1)
-    from itemsage.demo_data import DemoConfig, DemoShop
-    from itemsage.query_encoder import OnnxTextQueryEncoder, TextQueryEncoder
+    from itemsage.data.demo_shop import DemoConfig, DemoShop
+    from itemsage.encoders.text import OnnxTextQueryEncoder, TextQueryEncoder
 
     shop = DemoShop(DemoConfig(products=args.corpus + args.queries // 2))
     titles = [t[0] if isinstance(t, list) else t for t in shop.catalog_table(0, shop.cfg.products).column("title").to_pylist()]

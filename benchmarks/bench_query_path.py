@@ -62,7 +62,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
-    from itemsage.serve import create_app
+    from itemsage.serve.app import create_app
 
     tmp = None
     if args.random_fixture:

@@ -53,7 +53,7 @@ def search_queries(n: int, seed: int = 0) -> list[str]:
 
 
 def index_facts(index_root: Path) -> dict:
-    from itemsage.index import IDS_FILE, current_version
+    from itemsage.index.faiss_index import IDS_FILE, current_version
     from itemsage.artifacts import read_manifest
 
     version_dir = current_version(index_root)
@@ -194,9 +194,9 @@ def random_fixture(n: int, out: Path) -> tuple[Path, Path]:
     """A random-init `cpu`-preset model and an HNSW index over n clustered random 256-d vectors."""
     import torch
 
-    from itemsage.features import Vocabulary
-    from itemsage.index import ProductIndex, publish, version_path
-    from itemsage.model import ItemSage, QueryAdapters, model_config, save_model
+    from itemsage.data.features import Vocabulary
+    from itemsage.index.faiss_index import ProductIndex, publish, version_path
+    from itemsage.model.model import ItemSage, QueryAdapters, model_config, save_model
 
     torch.manual_seed(0)
     cfg = model_config("cpu")

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 
 from itemsage import schema
-from itemsage.demo_data import CATALOG_FILE, ENGAGEMENTS_FILE, DemoConfig, generate_demo_data
-from itemsage.features import ProductStore, Vocabulary
-from itemsage.ingest import IngestConfig, ingest
-from itemsage.model import flops_per_product, model_config
-from itemsage.train import TrainConfig, train
+from itemsage.data.demo_shop import CATALOG_FILE, ENGAGEMENTS_FILE, DemoConfig, generate_demo_data
+from itemsage.data.features import ProductStore, Vocabulary
+from itemsage.data.ingest import IngestConfig, ingest
+from itemsage.model.model import flops_per_product, model_config
+from itemsage.train.loop import TrainConfig, train
 
 TASKS = tuple(schema.task_name(s, e) for s in ("closeup", "home") for e in schema.ENGAGEMENTS)
 

@@ -15,11 +15,11 @@ from safetensors.numpy import load_file
 
 import itemsage
 from itemsage.config import ConfigError
-from itemsage.embed import embed_from_catalog
-from itemsage.features import Vocabulary
-from itemsage.index import read_embeddings
-from itemsage.ingest import DataError
-from itemsage.model import ItemSage, QueryAdapters, model_config, save_model
+from itemsage.embed.shards import embed_from_catalog
+from itemsage.data.features import Vocabulary
+from itemsage.index.faiss_index import read_embeddings
+from itemsage.data.ingest import DataError
+from itemsage.model.model import ItemSage, QueryAdapters, model_config, save_model
 
 IMAGE_DIM = 8
 

@@ -14,13 +14,15 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from itemsage import by_product, schema, serve
-from itemsage.bodies import CloseupRequest, HomeRequest
-from itemsage.evaluate import CatalogIds, served_paths
-from itemsage.features import Vocabulary
-from itemsage.index import ProductIndex, publish, version_path
-from itemsage.model import ItemSage, QueryAdapters, load_model, model_config, save_model
-from itemsage.pairs import Pairs
+from itemsage import schema
+from itemsage.index import by_product
+from itemsage.serve import app as serve
+from itemsage.serve.bodies import CloseupRequest, HomeRequest
+from itemsage.evaluate.evaluation import CatalogIds, served_paths
+from itemsage.data.features import Vocabulary
+from itemsage.index.faiss_index import ProductIndex, publish, version_path
+from itemsage.model.model import ItemSage, QueryAdapters, load_model, model_config, save_model
+from itemsage.train.pairs import Pairs
 
 FROZEN_DIM = 8
 OUT_DIM = 16

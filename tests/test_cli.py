@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from itemsage import __version__, cli
-from itemsage.cli import app
+from itemsage import __version__
+from itemsage.cli import main as cli
+from itemsage.cli.main import app
 
 COMMANDS = ["demo-data", "ingest", "train", "embed", "index", "serve", "evaluate", "compare", "demo"]
 
@@ -29,10 +30,10 @@ def invoke(*args: str):
 
 
 def test_choices_mirror_the_library():
-    from itemsage.index import KINDS
-    from itemsage.losses import NEGATIVE_MODES
-    from itemsage.model import AGGREGATORS, MODALITIES, PRESETS
-    from itemsage.train import OPTIMIZERS
+    from itemsage.index.faiss_index import KINDS
+    from itemsage.train.losses import NEGATIVE_MODES
+    from itemsage.model.model import AGGREGATORS, MODALITIES, PRESETS
+    from itemsage.train.loop import OPTIMIZERS
 
     def values(enum):
         return tuple(e.value for e in enum)
@@ -43,18 +44,18 @@ def test_choices_mirror_the_library():
     assert values(cli.Modalities) == MODALITIES
     assert values(cli.Optimizer) == OPTIMIZERS
     assert values(cli.Kind) == KINDS
-    from itemsage.compare import RUNS
+    from itemsage.evaluate.compare import RUNS
 
     assert cli.RUNS == tuple(RUNS)
 
 
 @pytest.mark.parametrize("command, config, flags", [
-    ("train", "itemsage.train:TrainConfig",
+    ("train", "itemsage.train.loop:TrainConfig",
      {"preset": "preset", "steps": "max_steps", "batch_size": "batch_size", "lr": "lr", "negatives": "negatives",
       "random_negatives_ratio": "random_negatives_ratio", "optimizer": "optimizer",
       "upweight_conversions": "upweight_conversions", "checkpoint_every": "checkpoint_every",
       "eval_every": "eval_every", "eval_sample": "eval_sample", "device": "device", "seed": "seed"}),
-    ("compare", "itemsage.compare:CompareConfig",
+    ("compare", "itemsage.evaluate.compare:CompareConfig",
      {"preset": "preset", "steps": "steps", "batch_size": "batch_size", "seed": "seed", "seeds": "seeds",
       "eval_every": "eval_every", "patience": "patience"}),
     ("demo", "itemsage.demo:DemoSettings",
@@ -81,7 +82,7 @@ def test_every_command_has_an_example(command):
 
 
 def test_help_lists_choices_defaults_and_run_names():
-    from itemsage.compare import RUNS
+    from itemsage.evaluate.compare import RUNS
 
     train = plain(invoke("train", "--help").output)
     for choices in ("cpu|paper|tiny", "mixed|in_batch|random", "transformer|sum|concat", "both|image|text",

@@ -19,9 +19,9 @@ import pytest
 from typer.testing import CliRunner
 
 from itemsage import artifacts, schema
-from itemsage.cli import app
+from itemsage.cli.main import app
 from itemsage.config import ConfigError
-from itemsage.demo_data import (
+from itemsage.data.demo_shop import (
     CATALOG_FILE,
     ENGAGEMENTS_FILE,
     MANIFEST_KIND,

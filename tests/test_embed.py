@@ -17,12 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from itemsage import artifacts, embed as embed_mod, schema
+from itemsage import artifacts, schema
+from itemsage.embed import shards as embed_mod
 from itemsage.artifacts import ArtifactError
-from itemsage.embed import embed, embed_batch
-from itemsage.features import Vocabulary, featurize
-from itemsage.index import read_embeddings
-from itemsage.model import ItemSage, QueryAdapters, load_model, model_config, save_model
+from itemsage.embed.shards import embed, embed_batch
+from itemsage.data.features import Vocabulary, featurize
+from itemsage.index.faiss_index import read_embeddings
+from itemsage.model.model import ItemSage, QueryAdapters, load_model, model_config, save_model
 
 IMAGE_DIM = 8
 WORDS = "oak pine wood chair table lamp red blue green soft linen wool cotton small large modern rustic".split()
@@ -185,7 +186,7 @@ def test_resume_after_real_sigkill_at_random_points(tmp_path, model_dir):
     rows = make_products(600, seed=5)
     data = write_dataset(tmp_path / "data", rows)
     embed(model_dir, data, tmp_path / "ref", batch_size=16, shard_rows=40, progress=False)
-    code = ("import sys; from itemsage.embed import embed; "
+    code = ("import sys; from itemsage.embed.shards import embed; "
             "embed(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=16, shard_rows=40, progress=False)")
     out = tmp_path / "emb"
     argv = [sys.executable, "-c", code, str(model_dir), str(data), str(out)]
@@ -290,8 +291,8 @@ def test_refuses_to_mix_models_or_catalog_versions(tmp_path, model_dir):
 def test_cli_embed_then_index(tmp_path, model_dir):
     from typer.testing import CliRunner
 
-    from itemsage.cli import app
-    from itemsage.index import load_current
+    from itemsage.cli.main import app
+    from itemsage.index.faiss_index import load_current
 
     rows = make_products(40, seed=4)
     data = write_dataset(tmp_path / "data", rows)
@@ -314,7 +315,7 @@ def test_cli_embed_then_index(tmp_path, model_dir):
 @pytest.mark.slow
 def test_embed_with_ray_matches_local(tmp_path, model_dir):
     pytest.importorskip("ray")
-    from itemsage.embed import embed_with_ray
+    from itemsage.embed.shards import embed_with_ray
 
     rows = make_products(50, seed=6)
     data = write_dataset(tmp_path / "data", rows)
@@ -338,7 +339,7 @@ def test_embed_with_ray_without_ray_says_how_to_install(tmp_path, model_dir, mon
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_ray)
-    from itemsage.embed import embed_with_ray
+    from itemsage.embed.shards import embed_with_ray
 
     with pytest.raises(ImportError, match=r"itemsage\[ray\]"):
         embed_with_ray(model_dir, tmp_path, tmp_path / "out")
@@ -359,7 +360,7 @@ def write_dataset_with_queries(directory: Path, rows: list[dict], query: np.ndar
 
 
 def test_query_vectors_round_trip_through_embed_and_index(tmp_path, model_dir):
-    from itemsage.index import QUERY_VECTORS_FILE, NoProductQueries, ProductIndex, build_from_embeddings
+    from itemsage.index.faiss_index import QUERY_VECTORS_FILE, NoProductQueries, ProductIndex, build_from_embeddings
 
     rows = make_products(23)
     query = np.random.default_rng(5).standard_normal((23, 6)).astype(np.float32)  # not unit: kept as given

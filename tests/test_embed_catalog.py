@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from itemsage import schema
-from itemsage.embed import CATALOG_DIR, embed_batch, embed_from_catalog
-from itemsage.features import Vocabulary
-from itemsage.index import read_embeddings
-from itemsage.ingest import DataError, IngestConfig, check_products, ingest
-from itemsage.model import ItemSage, QueryAdapters, load_model, model_config, save_model
+from itemsage.embed.shards import CATALOG_DIR, embed_batch, embed_from_catalog
+from itemsage.data.features import Vocabulary
+from itemsage.index.faiss_index import read_embeddings
+from itemsage.data.ingest import DataError, IngestConfig, check_products, ingest
+from itemsage.model.model import ItemSage, QueryAdapters, load_model, model_config, save_model
 
 IMAGE_DIM = 8
 
@@ -129,7 +129,7 @@ def test_a_catalog_with_every_row_rejected_is_refused(tmp_path, model_dir):
 def test_cli_embeds_a_catalog(tmp_path, model_dir):
     from typer.testing import CliRunner
 
-    from itemsage.cli import app
+    from itemsage.cli.main import app
 
     catalog = write_jsonl(bad_rows(), tmp_path / "catalog.jsonl")
     result = CliRunner().invoke(app, ["embed", str(model_dir), "--catalog", str(catalog), "--out",
@@ -147,8 +147,8 @@ def test_catalog_embedding_serves_products_as_queries_from_the_models_source(tmp
     from test_train import make_dataset, tiny
 
     from itemsage import artifacts
-    from itemsage.index import ProductIndex, build_from_embeddings
-    from itemsage.train import train
+    from itemsage.index.faiss_index import ProductIndex, build_from_embeddings
+    from itemsage.train.loop import train
 
     data = make_dataset(tmp_path / "data", n_products=24, n_train=120, n_eval=30, n_test=30)
     entry = {"source": "image", "fields": [schema.IMAGE_EMBEDDINGS], "dim": IMAGE_DIM}
@@ -190,8 +190,8 @@ def test_catalog_with_a_product_without_image_gets_no_query_vectors(tmp_path, ca
 def test_catalog_text_query_vectors_load_the_text_encoder_once(tmp_path, monkeypatch):
     """A text source without a given encoder loads MiniLM once for the whole catalog, not once per
     row group of the staged products."""
-    from itemsage import query_encoder
-    from itemsage.embed import stage_catalog
+    from itemsage.encoders import text as query_encoder
+    from itemsage.embed.shards import stage_catalog
 
     made = []
 

@@ -11,13 +11,13 @@ import torch
 
 from itemsage import artifacts, schema
 from itemsage.artifacts import ArtifactError
-from itemsage.evaluate import evaluate, seen_in_train
+from itemsage.evaluate.evaluation import evaluate, seen_in_train
 from test_train import make_dataset
 
 
 def write_embeddings(directory, ids, vectors, model_fp: str, dataset_fp: str = "d") -> None:
     """An embeddings directory in embed's format (one shard), written by hand."""
-    from itemsage.embed import _vectors_table, shard_name
+    from itemsage.embed.shards import _vectors_table, shard_name
 
     directory.mkdir(parents=True, exist_ok=True)
     table = _vectors_table(pa.array(ids, pa.string()), np.asarray(vectors, np.float32),
@@ -31,8 +31,8 @@ def write_embeddings(directory, ids, vectors, model_fp: str, dataset_fp: str = "
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from itemsage.model import load_model
-    from itemsage.train import TrainConfig, train
+    from itemsage.model.model import load_model
+    from itemsage.train.loop import TrainConfig, train
 
     root = tmp_path_factory.mktemp("evalemb")
     dataset = make_dataset(root / "data")
@@ -70,7 +70,7 @@ def test_evaluate_ranks_the_given_embeddings_exactly(trained, tmp_path):
     assert result["exact"]["all"]["recall@10"] == pytest.approx(np.mean([x for h in hits.values() for x in h]))
 
     # the tower's own vectors give other figures: evaluate read the file, it did not re-run the tower
-    from itemsage.embed import embed
+    from itemsage.embed.shards import embed
 
     embed(model_dir, dataset, tmp_path / "tower", progress=False)
     own = evaluate(model_dir, dataset, tmp_path / "tower", gallery=0)
@@ -79,8 +79,8 @@ def test_evaluate_ranks_the_given_embeddings_exactly(trained, tmp_path):
 
 
 def test_evaluate_refuses_another_models_embeddings_and_index(trained, tmp_path):
-    from itemsage.embed import embed
-    from itemsage.index import IndexConfig, build_from_embeddings, read_embeddings
+    from itemsage.embed.shards import embed
+    from itemsage.index.faiss_index import IndexConfig, build_from_embeddings, read_embeddings
 
     _, dataset, model_dir, loaded = trained
     embed(model_dir, dataset, tmp_path / "emb", progress=False)
@@ -99,8 +99,8 @@ def test_evaluate_refuses_another_models_embeddings_and_index(trained, tmp_path)
 
 
 def test_evaluate_refuses_embeddings_missing_a_test_product(trained, tmp_path):
-    from itemsage.embed import embed
-    from itemsage.index import read_embeddings
+    from itemsage.embed.shards import embed
+    from itemsage.index.faiss_index import read_embeddings
 
     _, dataset, model_dir, loaded = trained
     embed(model_dir, dataset, tmp_path / "emb", progress=False)
@@ -152,7 +152,7 @@ def test_evaluate_counts_seen_pairs_like_a_reference(trained):
     train = set(triples(schema.TRAIN_FILE))
     expected = sum(t in train for t in triples(schema.TEST_FILE))
     assert 0 < expected < pq.read_metadata(dataset / schema.TEST_FILE).num_rows  # both kinds occur
-    from itemsage.embed import embed
+    from itemsage.embed.shards import embed
 
     emb = dataset.parent / "seen-emb"
     embed(model_dir, dataset, emb, progress=False)

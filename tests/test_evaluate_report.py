@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from itemsage import artifacts, schema
-from itemsage.evaluate import LOSS_TAG, VALIDATION_TAG, evaluate, write_report
-from itemsage.train import TrainConfig, train
+from itemsage.evaluate.evaluation import LOSS_TAG, VALIDATION_TAG, evaluate, write_report
+from itemsage.train.loop import TrainConfig, train
 from test_train import make_dataset
 
 
@@ -22,7 +22,7 @@ def run(tmp_path_factory):
     cfg = TrainConfig(preset="tiny", batch_size=16, random_negatives_ratio=2, max_steps=12, warmup_steps=2, lr=3e-3,
                       checkpoint_every=0, eval_every=4, eval_sample=5000, patience=0, device="cpu", seed=3)
     trained = train(dataset, root / "run", cfg, progress=False)
-    from itemsage.embed import embed
+    from itemsage.embed.shards import embed
 
     embed(trained.model_dir, dataset, root / "embeddings", progress=False)
     result = evaluate(trained.model_dir, dataset, root / "embeddings")
@@ -87,8 +87,8 @@ def test_gallery_marks_the_engaged_product_among_exact_neighbours(run):
     gallery = result["gallery"]
     assert sorted({g["surface"] for g in gallery}) == sorted(schema.SURFACES)
     assert all(sum(g["surface"] == s for g in gallery) == 3 for s in schema.SURFACES)
-    from itemsage.features import ProductStore
-    from itemsage.model import load_model
+    from itemsage.data.features import ProductStore
+    from itemsage.model.model import load_model
 
     loaded = load_model(trained.model_dir)
     store = ProductStore.from_dataset(dataset, loaded.vocab, loaded.config.text_fields, loaded.config.max_images)
@@ -96,7 +96,7 @@ def test_gallery_marks_the_engaged_product_among_exact_neighbours(run):
                       [" ".join(t) for t in pq.read_table(dataset / schema.PRODUCTS_FILE)["title"].to_pylist()]))
     import torch
 
-    from itemsage.evaluate import embed_catalog
+    from itemsage.evaluate.evaluation import embed_catalog
 
     catalog = embed_catalog(loaded.model, store).numpy()  # [N, D]
     test = pq.read_table(dataset / schema.TEST_FILE)
@@ -123,7 +123,7 @@ def test_gallery_marks_the_engaged_product_among_exact_neighbours(run):
 def test_gallery_markdown_keeps_a_title_with_a_pipe_in_its_cell():
     import re
 
-    from itemsage.evaluate import gallery_markdown
+    from itemsage.evaluate.evaluation import gallery_markdown
 
     title = "sconce light - purple | Garwyn *new*"
     g = {"surface": "search", "task": "search.click", "query": '"lamp | light"', "user_id": "u1",

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from itemsage.features import (
+from itemsage.data.features import (
     HASH_A1, HASH_A2, HASH_B1, HASH_B2, HASH_PRIME, ProductStore, Tokens, Vocabulary, featurize,
     field_strings, hash_token_ids, normalize, tokenize,
 )

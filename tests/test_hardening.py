@@ -23,8 +23,8 @@ from PIL import Image
 
 from itemsage import artifacts, schema
 from itemsage.artifacts import ArtifactError
-from itemsage.index import IndexConfig, build_from_embeddings, current_version, load_current
-from itemsage.ingest import DataError, IngestConfig, ingest
+from itemsage.index.faiss_index import IndexConfig, build_from_embeddings, current_version, load_current
+from itemsage.data.ingest import DataError, IngestConfig, ingest
 from test_embed import make_products, model_dir, write_dataset  # noqa: F401 - model_dir is a fixture
 from test_index import ids_for, unit_vectors, write_embeddings
 from test_ingest import SMALL, catalog_rows, log_rows, write
@@ -72,7 +72,7 @@ def test_a_recent_file_is_not_recorded(tmp_path):
 
 
 def test_embed_refuses_a_flipped_byte_in_products(tmp_path, model_dir):  # noqa: F811
-    from itemsage.embed import embed
+    from itemsage.embed.shards import embed
 
     data = write_dataset(tmp_path / "data", make_products(30))
     flip_byte(data / schema.PRODUCTS_FILE, (data / schema.PRODUCTS_FILE).stat().st_size // 2)
@@ -84,7 +84,7 @@ def test_embed_refuses_a_flipped_byte_in_products(tmp_path, model_dir):  # noqa:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A dataset (with manifest) and a one-step model trained on it."""
-    from itemsage.train import train
+    from itemsage.train.loop import train
 
     base = tmp_path_factory.mktemp("trained")
     data = make_dataset(base / "data")
@@ -93,7 +93,7 @@ def trained(tmp_path_factory):
 
 
 def test_evaluate_refuses_a_dataset_without_a_manifest(trained, tmp_path):
-    from itemsage.evaluate import evaluate
+    from itemsage.evaluate.evaluation import evaluate
 
     data, model = trained
     copy = shutil.copytree(data, tmp_path / "data")
@@ -108,8 +108,8 @@ def logs_files(data: Path) -> list[str]:
 
 
 def test_evaluate_and_train_name_a_truncated_file(trained, tmp_path):
-    from itemsage.evaluate import evaluate
-    from itemsage.train import train
+    from itemsage.evaluate.evaluation import evaluate
+    from itemsage.train.loop import train
 
     data, model = trained
     names = logs_files(data)
@@ -125,7 +125,7 @@ def test_evaluate_and_train_name_a_truncated_file(trained, tmp_path):
 
 
 def test_a_broken_json_file_is_named(trained, tmp_path):
-    from itemsage.model import load_model
+    from itemsage.model.model import load_model
 
     _, model = trained
     copy = shutil.copytree(model, tmp_path / "model")
@@ -188,7 +188,7 @@ def test_a_torn_temp_dir_is_not_recovered(tmp_path):
     torn = shutil.copytree(tmp_path / "old", tmp_path / f"ds.tmp-{DEAD_PID}")
     flip_byte(torn / schema.VOCAB_FILE, 3)
     os.rename(tmp_path / "old", tmp_path / f"ds.old-{DEAD_PID - 1}")
-    from itemsage.ingest import recover_leftovers
+    from itemsage.data.ingest import recover_leftovers
 
     recover_leftovers(tmp_path / "ds")
     artifacts.verify_manifest(tmp_path / "ds", kind="dataset")  # the complete old one, not the torn tmp
@@ -223,7 +223,7 @@ def test_index_rerun_publishes_a_version_killed_before_current(tmp_path):
 def test_image_encoder_refuses_too_many_pixels_before_decoding(tmp_path, monkeypatch):
     from PIL import ImageFile
 
-    from itemsage.image_encoder import ImageEncoder
+    from itemsage.encoders.image import ImageEncoder
 
     big = tmp_path / "big.png"
     Image.new("1", (3000, 2000)).save(big)
@@ -239,12 +239,12 @@ def test_image_encoder_refuses_too_many_pixels_before_decoding(tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_ingest_killed_at_random_points_then_rerun(tmp_path):
-    from itemsage.demo_data import CATALOG_FILE, ENGAGEMENTS_FILE, DemoConfig, generate_demo_data
+    from itemsage.data.demo_shop import CATALOG_FILE, ENGAGEMENTS_FILE, DemoConfig, generate_demo_data
 
     generate_demo_data(tmp_path / "demo", DemoConfig(products=3000, days=7, image_dim=16), progress=False)
     out = tmp_path / "ds"
     src = str(Path(__file__).resolve().parents[1] / "src")
-    code = ("import sys; from itemsage.ingest import IngestConfig, ingest; "
+    code = ("import sys; from itemsage.data.ingest import IngestConfig, ingest; "
             "ingest(sys.argv[1], sys.argv[2], sys.argv[3], IngestConfig(progress=False, sort_rows=5000, batch_rows=4096))")
     argv = [sys.executable, "-c", code, str(tmp_path / "demo" / CATALOG_FILE),
             str(tmp_path / "demo" / ENGAGEMENTS_FILE), str(out)]

@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from itemsage import by_product, home
+from itemsage.index import by_product
+from itemsage.index import home
 
 
 def triangle_history(m: int, d: float) -> np.ndarray:

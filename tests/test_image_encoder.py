@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from itemsage import image_encoder
-from itemsage.image_encoder import ImageEncoder
+from itemsage.encoders import image as image_encoder
+from itemsage.encoders.image import ImageEncoder
 
 
 def _image(kind: str, size=(320, 240)) -> Image.Image:

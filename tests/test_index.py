@@ -11,7 +11,7 @@ import pytest
 from itemsage import artifacts
 from itemsage.artifacts import ArtifactError
 from itemsage.config import ConfigError
-from itemsage.index import (
+from itemsage.index.faiss_index import (
     IndexConfig,
     ProductIndex,
     build_from_embeddings,
@@ -233,7 +233,7 @@ def test_build_from_embeddings_directory(tmp_path):
 def test_cli_index_command(tmp_path):
     from typer.testing import CliRunner
 
-    from itemsage.cli import app
+    from itemsage.cli.main import app
 
     write_embeddings(tmp_path / "emb", ids_for(300), unit_vectors(300, 8, seed=10))
     result = CliRunner().invoke(app, ["index", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"),
@@ -258,7 +258,7 @@ def clustered_vectors(n: int, d: int, clusters: int, spread: float, seed: int) -
 
 
 def test_ivfpq_parameters_follow_the_documented_rule():
-    from itemsage.index import ivfpq_parameters
+    from itemsage.index.faiss_index import ivfpq_parameters
 
     cfg = IndexConfig(kind="ivfpq")
     big = ivfpq_parameters(1_000_000, 256, cfg)  # 4 * sqrt(1M) = 4,000 -> 4,096 lists
@@ -335,7 +335,7 @@ def test_ivfpq_refuses_a_tiny_catalog():
 
 
 def test_old_manifests_recall_key_is_read_under_its_new_name():
-    from itemsage.index import NEIGHBOUR_RECALL, stats_from_manifest
+    from itemsage.index.faiss_index import NEIGHBOUR_RECALL, stats_from_manifest
 
     old = {"build_seconds": 1.5, "recall_at_10": 0.97, "recall_queries": 1000, "count": 3}
     assert stats_from_manifest(old, ("build_seconds", "recall_queries")) == {

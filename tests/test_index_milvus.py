@@ -17,10 +17,10 @@ from fastapi.testclient import TestClient  # noqa: E402
 from test_index import clustered_vectors, ids_for, unit_vectors, write_embeddings  # noqa: E402
 from test_serve import TOKEN, FakeImageEncoder, FakeTextEncoder, auth, brute_force, world  # noqa: E402,F401
 
-from itemsage import serve  # noqa: E402
+from itemsage.serve import app as serve
 from itemsage.artifacts import ArtifactError  # noqa: E402
-from itemsage.index import ProductIndex, VersionNotFound, neighbour_recall  # noqa: E402
-from itemsage.index_milvus import MilvusConfig, MilvusVersions, build_milvus, collection_name  # noqa: E402
+from itemsage.index.faiss_index import ProductIndex, VersionNotFound, neighbour_recall  # noqa: E402
+from itemsage.index.milvus import MilvusConfig, MilvusVersions, build_milvus, collection_name  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_serve_from_milvus_and_hot_swap_by_alias(world, versions, tmp_path):  # 
 def test_cli_index_backend_milvus(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from itemsage.cli import app
+    from itemsage.cli.main import app
 
     write_embeddings(tmp_path / "emb", ids_for(300), unit_vectors(300, 8, seed=51))
     uri = str(tmp_path / "cli.db")
@@ -142,7 +142,7 @@ def test_cli_index_backend_milvus(tmp_path, monkeypatch):
 
 def test_milvus_keeps_the_products_query_vectors(tmp_path, versions):
     from itemsage import artifacts
-    from itemsage.index import NoProductQueries
+    from itemsage.index.faiss_index import NoProductQueries
 
     import pyarrow as pa
 

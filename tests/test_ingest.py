@@ -20,7 +20,7 @@ import pytest
 
 from itemsage import schema
 from itemsage.config import ConfigError
-from itemsage.ingest import DataError, IngestConfig, content_hash, ingest
+from itemsage.data.ingest import DataError, IngestConfig, content_hash, ingest
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2024, 1, 1, tzinfo=UTC)
@@ -128,7 +128,7 @@ def test_happy_path_writes_the_dataset(tmp_path, fmt):
     assert summary.image_dim == 4
     assert summary.query_dims == {"search": 384, "closeup": 4, "home": 2}
 
-    from itemsage.features import Vocabulary
+    from itemsage.data.features import Vocabulary
 
     vocab = Vocabulary.load(out / schema.VOCAB_FILE)
     assert "oak" in vocab.unigrams and "linen#sofa" in vocab.bigrams and "acme" in vocab.unigrams
@@ -228,7 +228,7 @@ def test_an_odd_first_row_fixes_the_width_and_the_run_warns(tmp_path):
     from rich.console import Console
 
     console = Console(width=1000, record=True)
-    from itemsage.ingest import summary_table
+    from itemsage.data.ingest import summary_table
 
     console.print(summary_table(summary))
     assert console.export_text().startswith("WARNING: 2 of 3 catalog rows")
@@ -263,7 +263,7 @@ def test_all_log_rows_rejected_is_refused_and_nothing_is_written(tmp_path):
 def test_cli_refuses_an_all_rejected_logs_file_with_one_message(tmp_path):
     from typer.testing import CliRunner
 
-    from itemsage.cli import app
+    from itemsage.cli.main import app
 
     cat = write(catalog_rows(), tmp_path / "in/catalog.jsonl")
     lg = write([dict(r, product_id="p9") for r in log_rows()], tmp_path / "in/logs.jsonl")
@@ -701,7 +701,7 @@ def test_manifest_lists_every_file_with_its_sha256(tmp_path):
 
 @pytest.fixture(scope="module")
 def encoder():
-    from itemsage.image_encoder import ImageEncoder
+    from itemsage.encoders.image import ImageEncoder
 
     return ImageEncoder()
 
@@ -744,7 +744,7 @@ def test_image_paths_go_through_the_image_encoder(tmp_path, encoder):
 def test_cli_prints_the_summary_and_refuses_bad_files_with_exit_2(tmp_path):
     from typer.testing import CliRunner
 
-    from itemsage.cli import app
+    from itemsage.cli.main import app
 
     cat = write(catalog_rows(), tmp_path / "c.jsonl")
     lg = write(log_rows(), tmp_path / "l.jsonl")
@@ -780,7 +780,7 @@ def test_cli_prints_the_summary_and_refuses_bad_files_with_exit_2(tmp_path):
 PEAK_SCRIPT = """
 import json, sys, tracemalloc
 import pyarrow as pa
-from itemsage.ingest import IngestConfig, ingest
+from itemsage.data.ingest import IngestConfig, ingest
 catalog, warm_up, logs, out, options = sys.argv[1:]
 config = IngestConfig(**json.loads(options))
 ingest(catalog, warm_up, out + "-warm-up", config)  # first-use imports and caches are not the log's
@@ -831,7 +831,7 @@ def test_memory_does_not_grow_with_the_log(tmp_path):
 
 
 def test_fast_take_matches_arrow_take():
-    from itemsage.validate import take_rows
+    from itemsage.data.validate import take_rows
 
     rng = np.random.default_rng(0)
     # null vectors, empty vectors, two widths; sliced and chunked, as scratch slabs come
@@ -940,7 +940,7 @@ def test_product_query_option_chooses_the_source(tmp_path):
 
 
 def test_a_text_only_catalog_gets_384d_minilm_title_vectors(tmp_path):
-    from itemsage.query_encoder import TextQueryEncoder
+    from itemsage.encoders.text import TextQueryEncoder
 
     catalog = [{k: v for k, v in r.items() if k != "image_embeddings"} for r in catalog_rows()]
     summary, out = run(tmp_path, "parquet", catalog=catalog, logs=product_query_logs()[::2])
@@ -957,7 +957,7 @@ def test_a_text_only_catalog_gets_384d_minilm_title_vectors(tmp_path):
 def test_the_built_in_text_encoder_loads_once_per_ingest(tmp_path, monkeypatch):
     """A text source without a given encoder loads MiniLM (seconds, ~90 MB) once, not once per
     catalog batch."""
-    from itemsage import query_encoder
+    from itemsage.encoders import text as query_encoder
 
     made = []
 

@@ -22,11 +22,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from itemsage import live, serve
+from itemsage.index import live
+from itemsage.serve import app as serve
 from itemsage.artifacts import ArtifactError, read_manifest
-from itemsage.features import Vocabulary
-from itemsage.index import ProductIndex, current_version, load_current, publish, version_path
-from itemsage.model import ItemSage, QueryAdapters, load_model, model_config, save_model
+from itemsage.data.features import Vocabulary
+from itemsage.index.faiss_index import ProductIndex, current_version, load_current, publish, version_path
+from itemsage.model.model import ItemSage, QueryAdapters, load_model, model_config, save_model
 
 DIM = 16
 IMAGE_DIM = 8
@@ -134,7 +135,7 @@ def test_one_query_search_is_the_batch_search_without_padding(tmp_path, kind):
     query, less the '' / -inf padding: on the version alone, with deleted rows, with live upserts
     (a replaced one and a deleted one among them), and for k past the catalog's size; and one
     closeup query through `top_k_excluding` gets the same results as in a batch with another."""
-    from itemsage import by_product
+    from itemsage.index import by_product
 
     products = make_root(tmp_path, 40, kind=kind)
     log = live.LiveLog(tmp_path)
@@ -221,7 +222,7 @@ def test_compaction_folds_the_log_and_keeps_later_updates(tmp_path):
     log.append([live.delete_record("n0")], floor=3)
     after = live.replay(load_current(tmp_path), live.LiveLog(tmp_path))
     assert "n0" not in after and after.applied_seq == 4
-    from itemsage.index import ProductIndex as PI
+    from itemsage.index.faiss_index import ProductIndex as PI
 
     with pytest.raises(ArtifactError, match="compacted through update 3"):
         live.replay(PI.load(version_path(tmp_path, "v1")), live.LiveLog(tmp_path))
@@ -453,7 +454,7 @@ def test_upserted_products_get_their_frozen_query_vector(model_dir, tmp_path):
 
 
 def test_a_live_index_without_query_vectors_says_to_rebuild(tmp_path):
-    from itemsage.index import NoProductQueries
+    from itemsage.index.faiss_index import NoProductQueries
 
     make_root(tmp_path, 10)
     live_log = live.LiveLog(tmp_path)
@@ -469,7 +470,7 @@ def test_logged_query_vectors_of_another_width_do_not_stop_the_replay(tmp_path):
     replayed onto a version whose query vectors are 4-d, still apply (the server starts, the products
     are searchable); only those products' query vectors are missing, with an error that says to upsert
     them again."""
-    from itemsage.index import NoProductQueries
+    from itemsage.index.faiss_index import NoProductQueries
 
     rng = np.random.default_rng(0)
     make_root(tmp_path, 10, query_vectors=rng.standard_normal((10, 4)).astype(np.float32),

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from itemsage.config import ConfigError
-from itemsage.losses import (
+from itemsage.train.losses import (
     LOGIT_SCALE_MAX,
     CountMinSketch,
     LogQ,

@@ -12,8 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from itemsage import artifacts, schema
 from itemsage.config import ConfigError
-from itemsage.features import ProductBatch, Vocabulary, featurize, hash_token_ids
-from itemsage.model import (
+from itemsage.data.features import ProductBatch, Vocabulary, featurize, hash_token_ids
+from itemsage.model.model import (
     HashEmbedding,
     ItemSage,
     LoadedModel,
@@ -236,7 +236,7 @@ def reference_hash_bag(emb: HashEmbedding, ids: torch.Tensor, offsets: torch.Ten
 
 @pytest.mark.parametrize("source", ["store", "torch"])
 def test_hash_bag_matches_earlier_formulation_forward_and_gradients(source):
-    from itemsage.features import token_bags
+    from itemsage.data.features import token_bags
 
     g = torch.Generator().manual_seed(5)
     vocab, n_bags = 300, 64
@@ -265,7 +265,7 @@ def test_hash_bag_matches_earlier_formulation_forward_and_gradients(source):
 
 
 def test_store_batch_carries_deduplicated_tokens():
-    from itemsage.features import token_bags
+    from itemsage.data.features import token_bags
 
     ids = torch.tensor([5, 9, 5, 2, 9, 9, 7])
     offsets = torch.tensor([0, 3, 3, 6])  # bags: [5 9 5], [], [2 9 9], [7]

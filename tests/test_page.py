@@ -23,11 +23,12 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from itemsage import schema, serve
-from itemsage.embed import embed_batch
-from itemsage.features import Vocabulary
-from itemsage.index import ProductIndex, publish, version_path
-from itemsage.model import ItemSage, QueryAdapters, load_model, model_config, save_model
+from itemsage import schema
+from itemsage.serve import app as serve
+from itemsage.embed.shards import embed_batch
+from itemsage.data.features import Vocabulary
+from itemsage.index.faiss_index import ProductIndex, publish, version_path
+from itemsage.model.model import ItemSage, QueryAdapters, load_model, model_config, save_model
 
 IMAGE_DIM = 8
 COLOURS = {"red": (200, 40, 40), "blue": (40, 70, 200), "green": (40, 160, 70), "black": (30, 30, 30),
@@ -119,7 +120,7 @@ def test_page_and_helpers(world):
 
 
 def test_titles_from_a_dataset_directory(world, tmp_path):
-    from itemsage.ingest import IngestConfig, ingest
+    from itemsage.data.ingest import IngestConfig, ingest
 
     logs = tmp_path / "logs.jsonl"
     logs.write_text(json.dumps({"surface": "search", "engagement": "click", "product_id": "p00",
@@ -130,7 +131,7 @@ def test_titles_from_a_dataset_directory(world, tmp_path):
     catalog.write_text("".join(json.dumps(dict(r, image_embeddings=[[0.5] * IMAGE_DIM])) + "\n" for r in rows))
     ingest(catalog, logs, tmp_path / "ds", IngestConfig(progress=False, max_unigrams=100, max_bigrams=100,
                                                         max_trigrams=100))
-    from itemsage.page import load_titles
+    from itemsage.serve.page import load_titles
 
     titles = load_titles(tmp_path / "ds")
     assert titles.titles == world["titles"]

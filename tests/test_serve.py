@@ -22,11 +22,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from itemsage import home, serve
+from itemsage.index import home
+from itemsage.serve import app as serve
 from itemsage.artifacts import ArtifactError
-from itemsage.features import Vocabulary, featurize
-from itemsage.index import ProductIndex, publish, version_path
-from itemsage.model import ItemSage, QueryAdapters, load_model, model_config, save_model
+from itemsage.data.features import Vocabulary, featurize
+from itemsage.index.faiss_index import ProductIndex, publish, version_path
+from itemsage.model.model import ItemSage, QueryAdapters, load_model, model_config, save_model
 from itemsage.schema import TEXT_FIELDS
 
 IMAGE_DIM = 8
@@ -758,7 +759,7 @@ def test_fast_path_middleware_replays_what_it_read():
 
     from starlette.responses import Response
 
-    from itemsage.middleware import FastPathMiddleware
+    from itemsage.serve.middleware import FastPathMiddleware
 
     def run(messages, answer=None, path="/hot", method="POST", content_type=b"application/json"):
         handled, seen, sent = [], [], []
@@ -916,7 +917,7 @@ def test_hot_swap_under_concurrent_requests(world):
 
 
 def test_search_with_the_real_minilm_encoder(world):
-    query_encoder = pytest.importorskip("itemsage.query_encoder")
+    query_encoder = pytest.importorskip("itemsage.encoders.text")
     encoder = query_encoder.TextQueryEncoder()
     app = serve.create_app(world["model_dir"], world["root"], text_encoder=encoder)
     with TestClient(app) as c:

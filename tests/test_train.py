@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from itemsage import artifacts, schema
-from itemsage.checkpoint import _flatten, _unflatten
+from itemsage.train.checkpoint import _flatten, _unflatten
 from itemsage.config import ConfigError
-from itemsage.features import Vocabulary
-from itemsage.train import (
+from itemsage.data.features import Vocabulary
+from itemsage.train.loop import (
     Lamb,
     Sampler,
     TrainConfig,
@@ -105,7 +105,7 @@ def make_dataset(root: Path, n_products: int = 48, n_train: int = 600, n_eval: i
 @contextlib.contextmanager
 def killed_at_draw(monkeypatch, n: int):
     """Within the block, the n-th draw of a batch's positives raises KeyboardInterrupt (a kill)."""
-    import itemsage.train as train_module
+    import itemsage.train.loop as train_module
 
     real, calls = train_module.Sampler.positives, {"n": 0}
 
@@ -212,7 +212,7 @@ def test_state_flatten_roundtrip_keeps_int_keys_and_tensors():
 
 
 def test_load_pairs_dedupes_queries_and_keys_them(dataset):
-    from itemsage.features import ProductStore
+    from itemsage.data.features import ProductStore
 
     vocab = Vocabulary.load(dataset / schema.VOCAB_FILE)
     store = ProductStore.from_dataset(dataset, vocab, schema.TEXT_FIELDS, 20, progress=False)
@@ -234,7 +234,7 @@ def test_load_pairs_dedupes_queries_and_keys_them(dataset):
 
 
 def test_tasks_filter_and_conversion_upweighting(dataset):
-    from itemsage.features import ProductStore
+    from itemsage.data.features import ProductStore
 
     vocab = Vocabulary.load(dataset / schema.VOCAB_FILE)
     store = ProductStore.from_dataset(dataset, vocab, schema.TEXT_FIELDS, 20, progress=False)
@@ -260,7 +260,7 @@ def test_train_writes_model_and_learns(dataset, tmp_path):
     cfg = tiny(max_steps=60, eval_sample=5000)  # more than the window: every validation pair
     result = train(dataset, tmp_path / "run", cfg, progress=False)
     assert result.steps == 60 and result.pairs_per_s > 0
-    from itemsage.model import load_model
+    from itemsage.model.model import load_model
 
     loaded = load_model(result.model_dir)
     assert loaded.extra["train_config"]["batch_size"] == 16
@@ -276,7 +276,7 @@ def test_train_writes_model_and_learns(dataset, tmp_path):
 
 def scripted_recall(monkeypatch, values: list[float]) -> list[float]:
     """held_out_recall returning `values` in turn (Recall@10 of `all`); returns the list it consumes."""
-    import itemsage.train as train_module
+    import itemsage.train.loop as train_module
 
     queue = list(values)
 
@@ -296,7 +296,7 @@ def test_early_stopping_keeps_the_best_checkpoint(dataset, tmp_path, monkeypatch
     assert result.steps == 4 and result.stopped_early and result.best_step == 2
     assert left == [0.9, 0.9]  # no evaluation after the stop
     assert result.final_recall["all"]["recall@10"] == 0.3
-    from itemsage.model import load_model
+    from itemsage.model.model import load_model
 
     summary = load_model(result.model_dir).extra["training"]
     assert summary["best_step"] == 2 and summary["steps"] == 4 and summary["stopped_early"]
@@ -361,7 +361,7 @@ def test_resume_after_kill_is_bit_identical(dataset, tmp_path, monkeypatch):
 
     # Kill the second run while it draws step 6's batch (after the step-3 checkpoint, before step 6's).
     # Batches are built in the background thread here (the harder case: the sampler runs a batch ahead).
-    import itemsage.train as train_module
+    import itemsage.train.loop as train_module
 
     monkeypatch.setattr(train_module, "_PREFETCH_THREAD", True)
 
@@ -385,7 +385,7 @@ def test_resume_after_kill_is_bit_identical(dataset, tmp_path, monkeypatch):
 
 
 def test_background_batches_train_exactly_like_inline_ones(dataset, tmp_path, monkeypatch):
-    import itemsage.train as train_module
+    import itemsage.train.loop as train_module
 
     results = {}
     for background in (True, False):
@@ -407,7 +407,7 @@ def test_negative_modes_and_lamb_train(dataset, tmp_path, negatives, optimizer):
     """Each ablation takes only its own term of the loss, and the optimiser moves every weight."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from itemsage.model import ItemSageModel, load_model
+    from itemsage.model.model import ItemSageModel, load_model
 
     cfg = tiny(max_steps=3, negatives=negatives, optimizer=optimizer)
     result = train(dataset, tmp_path / "run", cfg, progress=False)
@@ -428,7 +428,7 @@ def test_negative_modes_and_lamb_train(dataset, tmp_path, negatives, optimizer):
 
 
 def test_clock_turns_minute_budget_into_steps_and_re_estimates():
-    from itemsage.train import Clock
+    from itemsage.train.loop import Clock
 
     t = [0.0]
     clock = Clock(tiny(max_steps=None, max_minutes=1.0), world=1, device=torch.device("cpu"), calibrated=False,
@@ -452,7 +452,7 @@ def test_clock_turns_minute_budget_into_steps_and_re_estimates():
 def test_minute_budget_logs_its_first_estimate_not_every_re_estimate(caplog):
     """The demo's output had an INFO line every ~10 steps (each re-estimate moved the total by a few
     steps); only the first estimate is news at INFO, the rest go to DEBUG."""
-    from itemsage.train import Clock
+    from itemsage.train.loop import Clock
 
     t = [0.0]
     clock = Clock(tiny(max_steps=None, max_minutes=1.0), world=1, device=torch.device("cpu"), calibrated=False,
@@ -472,7 +472,7 @@ def test_minute_budget_run_uses_the_budget_and_ends_its_schedule(slow_after_s):
     # A simulated 2-minute run whose steps take 0.2 s, then 0.6 s after `slow_after_s` (a busy shared
     # machine). The run must use most of its budget, stop by itself (not at the hard stop), and the
     # cosine must end at the step it reaches, without the learning rate ever jumping up.
-    from itemsage.train import Clock
+    from itemsage.train.loop import Clock
 
     cfg = tiny(max_steps=None, max_minutes=2.0, warmup_steps=5)
     t = [0.0]
@@ -510,7 +510,7 @@ def test_minute_budget_wiring(dataset, tmp_path):
 
 
 def test_random_negatives_capped_at_catalog_and_progress_lines(dataset, tmp_path, monkeypatch, caplog):
-    import itemsage.train as train_module
+    import itemsage.train.loop as train_module
 
     drawn = []
     real = train_module.Sampler.negatives
@@ -543,8 +543,8 @@ def with_listed_at(dataset: Path, root: Path, listed_ms: list[int | None]) -> Pa
 
 
 def test_negative_pool_leaves_out_products_listed_after_the_train_window(dataset, tmp_path):
-    from itemsage.features import ProductStore
-    from itemsage.pairs import negative_pool
+    from itemsage.data.features import ProductStore
+    from itemsage.train.pairs import negative_pool
 
     vocab = Vocabulary.load(dataset / schema.VOCAB_FILE)
     store = ProductStore.from_dataset(dataset, vocab, schema.TEXT_FIELDS, 20, progress=False)
@@ -567,7 +567,7 @@ def test_sampler_draws_negatives_from_its_pool_only():
 
 
 def test_training_draws_no_product_listed_after_the_train_window(dataset, tmp_path, monkeypatch):
-    import itemsage.train as train_module
+    import itemsage.train.loop as train_module
 
     data = with_listed_at(dataset, tmp_path / "listed", [None] * 40 + [10**9] * 8)
     drawn: list[np.ndarray] = []
@@ -593,7 +593,7 @@ def test_training_draws_no_product_listed_after_the_train_window(dataset, tmp_pa
     assert {len(d) for d in drawn} == {32} and rows.max() < 40
     torch.testing.assert_close(corrections[0], torch.full((32,), math.log(32 / 40)))  # not log(32 / 48)
     assert any("40 of 48 products listed by the train window's last engagement" in n for n in result.notes)
-    from itemsage.model import load_model
+    from itemsage.model.model import load_model
 
     assert load_model(result.model_dir).extra["training"]["negative_pool"] == 40
 
@@ -601,7 +601,7 @@ def test_training_draws_no_product_listed_after_the_train_window(dataset, tmp_pa
 def test_cli_train_and_resume(dataset, tmp_path):
     from typer.testing import CliRunner
 
-    from itemsage.cli import app
+    from itemsage.cli.main import app
 
     runner = CliRunner()
     out = tmp_path / "run"
@@ -630,8 +630,8 @@ def test_search_text_queries_use_cached_frozen_encoder(dataset, tmp_path, monkey
     once per distinct text; equal texts share a query key."""
     import shutil
 
-    import itemsage.query_encoder as qe
-    from itemsage.features import ProductStore
+    import itemsage.encoders.text as qe
+    from itemsage.data.features import ProductStore
 
     calls: list[list[str]] = []
 

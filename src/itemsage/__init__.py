@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 def load(directory: Any, device: Any = "cpu") -> Any:
     """A trained model directory (`itemsage train`'s OUT/model) -> `itemsage.model.LoadedModel`,
     with `encode_products(products)` and `encode_queries(surface, queries)` (numpy, unit rows)."""
-    from itemsage.model import load_model
+    from itemsage.model.model import load_model
 
     return load_model(directory, device)
 

@@ -55,7 +55,7 @@ class DemoSettings:
         require(self.train_minutes > 0, f"demo --train-minutes ({self.train_minutes}) must be > 0")
         require(isinstance(self.lr, (int, float)) and 0 < self.lr < 10, f"demo.lr ({self.lr!r}) must be in (0, 10)")
         self.model = dict(self.model)
-        from itemsage.model import model_config
+        from itemsage.model.model import model_config
 
         model_config(self.preset, **self.model)  # a bad preset or model option fails now, not after ingest
 
@@ -78,12 +78,12 @@ def _done(directory: Path) -> bool:
 
 def run_demo(settings: DemoSettings, progress: bool = True, say: Callable[[str], None] = log.info) -> DemoResult:
     """Run every stage under settings.out; `say` reports each stage as it starts."""
-    from itemsage.demo_data import CATALOG_FILE, ENGAGEMENTS_FILE, DemoConfig, generate_demo_data
-    from itemsage.embed import embed
-    from itemsage.evaluate import evaluate, write_report
-    from itemsage.index import IndexConfig, build_from_embeddings
-    from itemsage.ingest import IngestConfig, ingest
-    from itemsage.train import MODEL_DIR, TrainConfig, train
+    from itemsage.data.demo_shop import CATALOG_FILE, ENGAGEMENTS_FILE, DemoConfig, generate_demo_data
+    from itemsage.embed.shards import embed
+    from itemsage.evaluate.evaluation import evaluate, write_report
+    from itemsage.index.faiss_index import IndexConfig, build_from_embeddings
+    from itemsage.data.ingest import IngestConfig, ingest
+    from itemsage.train.loop import MODEL_DIR, TrainConfig, train
 
     out = settings.out
     shop, dataset, run = out / "shop", out / "dataset", out / "train"

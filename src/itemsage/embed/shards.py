@@ -317,7 +317,7 @@ def embed(
     Re-running after a kill resumes; re-running on a finished directory with the same model and
     dataset does nothing; `incremental` re-embeds only new or changed products.
     """
-    from itemsage.model import load_model
+    from itemsage.model.model import load_model
 
     require(isinstance(batch_size, int) and batch_size >= 1, f"embed.batch_size must be >= 1, got {batch_size!r}")
     require(isinstance(shard_rows, int) and shard_rows >= 1, f"embed.shard_rows must be >= 1, got {shard_rows!r}")
@@ -426,7 +426,7 @@ def embed_from_catalog(
     `text_encoder` replaces the built-in TextQueryEncoder for the products' query vectors when the
     model's source is text (as in `ingest`).
     """
-    from itemsage.model import CONFIG_FILE
+    from itemsage.model.model import CONFIG_FILE
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     artifacts.read_manifest(model_dir, kind="model")
@@ -458,7 +458,7 @@ def stage_catalog(catalog: str | Path, target: str | Path, *, text_fields: tuple
     the manifest's `product_query`), see `_add_query_vectors`."""
     import shutil
 
-    from itemsage.ingest import DataError, catalog_sources, check_products
+    from itemsage.data.ingest import DataError, catalog_sources, check_products
 
     target = Path(target)
     sources = catalog_sources(catalog)
@@ -517,7 +517,7 @@ def _add_query_vectors(path: Path, entry: dict[str, Any], text_encoder: Any = No
     (`path`, rewritten row group by row group, so embed still seeks by row group); returns the
     manifest's product_query entry. None, with a warning, when the catalog cannot have them: an image
     source and a product without an image (a query_vector column has no gaps)."""
-    from itemsage import product_query
+    from itemsage.data import product_query
 
     source = entry["source"]
     if source == "image":
@@ -530,7 +530,7 @@ def _add_query_vectors(path: Path, entry: dict[str, Any], text_encoder: Any = No
                         "Give every product an image to have them.", missing)
             return None
     if source == "text" and text_encoder is None:  # loaded once here, not once per row group below
-        from itemsage.query_encoder import TextQueryEncoder
+        from itemsage.encoders.text import TextQueryEncoder
 
         text_encoder = TextQueryEncoder()
     parquet = pq.ParquetFile(path)
@@ -581,7 +581,7 @@ class _RayEmbedder:
     """Ray actor UDF: loads the model once per actor, then embeds each batch with `embed_batch`."""
 
     def __init__(self, model_dir: str) -> None:
-        from itemsage.model import load_model
+        from itemsage.model.model import load_model
 
         self.model = load_model(model_dir)
 

@@ -217,7 +217,7 @@ def read_catalog_embeddings(embeddings_dir: str | Path, model_fingerprint: str) 
     """(ids [N], vectors [N, D] float32, manifest) of a verified embeddings directory written by
     `itemsage embed` with the model `model_fingerprint`; ArtifactError for another model's."""
     from itemsage.artifacts import ArtifactError
-    from itemsage.index import read_embeddings
+    from itemsage.index.faiss_index import read_embeddings
 
     ids, vectors, manifest = read_embeddings(embeddings_dir)  # verifies every shard against the manifest
     made_by = manifest.get("inputs", {}).get("model")
@@ -333,8 +333,8 @@ def evaluate(
     """
     from itemsage import schema
     from itemsage.artifacts import fingerprint, verify_dataset
-    from itemsage.model import load_model
-    from itemsage.pairs import load_pairs
+    from itemsage.model.model import load_model
+    from itemsage.train.pairs import load_pairs
 
     if window not in ("test", "validation"):
         raise ValueError(f"window must be 'test' or 'validation', got {window!r}")
@@ -397,7 +397,7 @@ def evaluate(
     }
     index = None
     if index_root is not None:
-        from itemsage.index import load_current
+        from itemsage.index.faiss_index import load_current
 
         index = load_current(index_root)
         check_index(index, loaded.fingerprint, int(loaded.config.out_dim))
@@ -424,7 +424,7 @@ def _served(loaded: Any, dataset_dir: str | Path, embeddings_dir: str | Path, em
     """evaluate()'s "served" block: `served_paths` over an exact (flat) index of the embeddings and their
     frozen query vectors, and over the served index when it holds them too."""
     from itemsage import schema
-    from itemsage.index import ProductIndex, read_query_vectors
+    from itemsage.index.faiss_index import ProductIndex, read_query_vectors
 
     query_vectors = read_query_vectors(embeddings_dir, emb_manifest)
     if query_vectors is None:
@@ -758,7 +758,8 @@ def served_paths(loaded: Any, dataset_dir: str | Path, indexes: dict[str, Any], 
     `catalog_vectors` [N, D] (the pairs' query vectors, the embedded catalog), "home_query_vector_masked"
     ranks each home pair's query vector with the user's history left out too (like for like).
     `window_file`: the window the pairs come from (default the test window)."""
-    from itemsage import by_product, schema
+    from itemsage import schema
+    from itemsage.index import by_product
 
     n_history = history or by_product.EVAL_HISTORY
     test_path = Path(dataset_dir) / (window_file or schema.TEST_FILE)
@@ -826,7 +827,7 @@ def user_level(indexes: dict[str, Any], adapt: Any, home_surface: str, histories
     The user's relevant set: their distinct test-window products not in that train set. Queries:
     closeup from the user's most recent train-window product, home from their history (the last N),
     both through by_product as served; popularity (train-window counts) as the baseline."""
-    from itemsage import by_product
+    from itemsage.index import by_product
 
     relevant: dict[str, set[str]] = {}
     for u, p in zip(users.tolist(), positives.tolist()):
@@ -888,7 +889,7 @@ def served_rows(result: dict[str, Any], k: int = 10) -> list[tuple[str, ...]]:
 
 
 def _half_life() -> float:
-    from itemsage.by_product import DEFAULT_HALF_LIFE_DAYS
+    from itemsage.index.by_product import DEFAULT_HALF_LIFE_DAYS
 
     return DEFAULT_HALF_LIFE_DAYS
 

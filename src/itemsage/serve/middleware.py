@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from itemsage.bodies import error_response
+from itemsage.serve.bodies import error_response
 
 log = logging.getLogger("itemsage.serve")
 

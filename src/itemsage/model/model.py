@@ -35,8 +35,8 @@ from torch import Tensor, nn
 
 from itemsage import artifacts
 from itemsage.config import ConfigError, from_dict, to_dict
-from itemsage.features import ProductBatch, Vocabulary
-from itemsage.tower import (
+from itemsage.data.features import ProductBatch, Vocabulary
+from itemsage.model.tower import (
     ADAPTER_MODES,
     AGGREGATORS,
     MODALITIES,
@@ -143,7 +143,7 @@ class LoadedModel:
 
     def featurize(self, table: Any) -> ProductBatch:
         """Products in the dataset format (pa.Table) -> the model's ProductBatch on the model's device."""
-        from itemsage.features import featurize
+        from itemsage.data.features import featurize
 
         cfg = self.config
         return featurize(table, self.vocab, cfg.text_fields, cfg.max_images, self.image_dim).to(self.device)
@@ -165,7 +165,7 @@ class LoadedModel:
         (`ingest.check_products`) with this model's text fields and image width; a rejected row
         raises DataError with ingest's reason and message. Run in eval mode, without gradients.
         """
-        from itemsage.ingest import DataError, check_products
+        from itemsage.data.ingest import DataError, check_products
         from itemsage.progress import progress_bar
 
         if batch_size < 1:
@@ -227,11 +227,11 @@ class LoadedModel:
     def _query_inputs(self, surface: str, items: list[str]) -> np.ndarray:
         """Texts (search) or image paths (closeup) -> the frozen encoder's vectors [N, Dq]."""
         if surface == "search":
-            from itemsage.query_encoder import TextQueryEncoder
+            from itemsage.encoders.text import TextQueryEncoder
 
             return TextQueryEncoder().encode(items)
         if surface == "closeup":
-            from itemsage.image_encoder import ImageEncoder
+            from itemsage.encoders.image import ImageEncoder
 
             vectors, errors = ImageEncoder().encode_paths(items, progress=False)
             bad = [(p, e) for p, e in zip(items, errors) if e]

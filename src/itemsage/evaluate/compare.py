@@ -136,7 +136,7 @@ class CompareConfig:
 
 def train_config(name: str, cfg: CompareConfig, seed: int | None = None):
     """The TrainConfig of run `name` (with `seed`, default cfg.seed) under the shared budget."""
-    from itemsage.train import TrainConfig
+    from itemsage.train.loop import TrainConfig
 
     _, train_over, model_over = RUNS[name]
     options = {
@@ -153,10 +153,10 @@ def run_one(name: str, seed: int, dataset_dir: Path, out_dir: Path, cfg: Compare
             progress: bool) -> dict[str, Any]:
     """Train, embed and evaluate one row with one seed; its result.json is written last, so a
     finished (run, seed) is skipped."""
-    from itemsage.embed import embed
-    from itemsage.evaluate import evaluate
-    from itemsage.model import load_model
-    from itemsage.train import train
+    from itemsage.embed.shards import embed
+    from itemsage.evaluate.evaluation import evaluate
+    from itemsage.model.model import load_model
+    from itemsage.train.loop import train
 
     run_dir = out_dir / "runs" / name / f"seed-{seed}"
     done = run_dir / RESULT_FILE
@@ -425,7 +425,7 @@ def _served_section(names: list[str], agg: dict[str, Any], ref: dict[str, Any]) 
 def _bar_plot(path: Path, names: list[str], agg: dict[str, Any], title: str,
               keys: tuple[str, ...] = SUMMARY_KEYS) -> None:
     """Mean Recall@10 per key, one bar per run in its colour, the seeds' sd as error bars."""
-    from itemsage.evaluate import _pyplot, _save_png
+    from itemsage.evaluate.evaluation import _pyplot, _save_png
     import numpy as np
 
     plt = _pyplot()
@@ -447,7 +447,7 @@ def _bar_plot(path: Path, names: list[str], agg: dict[str, Any], title: str,
 
 def _tasks_plot(path: Path, agg: dict[str, Any], engagements: list[str]) -> None:
     """Each single-task model on its own engagement only, beside the multi-task model on that engagement."""
-    from itemsage.evaluate import _pyplot, _save_png
+    from itemsage.evaluate.evaluation import _pyplot, _save_png
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(2.2 * len(engagements) + 2, 4))
@@ -471,7 +471,7 @@ def _tasks_plot(path: Path, agg: dict[str, Any], engagements: list[str]) -> None
 def _curves_plot(path: Path, results: dict[str, list[dict[str, Any]]]) -> bool:
     """Training loss against steps, validation Recall@10 against steps and against wall time: every
     run and seed, one colour per run. False when no run has logs."""
-    from itemsage.evaluate import LOSS_TAG, VALIDATION_TAG, _pyplot, _save_png
+    from itemsage.evaluate.evaluation import LOSS_TAG, VALIDATION_TAG, _pyplot, _save_png
 
     if not any(r.get("training_curves") for seeds in results.values() for r in seeds):
         return False
@@ -523,7 +523,7 @@ def _written_section(path: Path, title: str | None) -> list[str]:
 def write_report(results: dict[str, list[dict[str, Any]]], out_dir: Path, cfg: CompareConfig,
                  dataset_dir: Path) -> Path:
     """report.md, summary.json, results.json and the plots from every run's seeds' results."""
-    from itemsage.evaluate import gallery_markdown, plot_recall_curves
+    from itemsage.evaluate.evaluation import gallery_markdown, plot_recall_curves
 
     ref = results["itemsage"][0]
     data = ref["data"]

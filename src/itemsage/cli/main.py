@@ -212,7 +212,7 @@ def demo_data_cmd(
     from rich.table import Table
 
     from itemsage.config import ConfigError
-    from itemsage.demo_data import CATALOG_FILE, ENGAGEMENTS_FILE, DemoConfig, generate_demo_data
+    from itemsage.data.demo_shop import CATALOG_FILE, ENGAGEMENTS_FILE, DemoConfig, generate_demo_data
 
     try:
         cfg = DemoConfig(products=products, seed=seed, days=days, users=users, image_dim=image_dim,
@@ -285,7 +285,7 @@ def ingest_cmd(
         itemsage ingest --catalog runs/shop/catalog.parquet --logs runs/shop/engagements.parquet --out runs/data
     """
     from itemsage.config import ConfigError
-    from itemsage.ingest import DataError, IngestConfig, ingest, summary_table
+    from itemsage.data.ingest import DataError, IngestConfig, ingest, summary_table
 
     if (validation_from or test_from) and (validation_fraction is not None or test_fraction is not None):
         fail("give either split times (--validation-from, --test-from) or fractions (--validation-fraction, "
@@ -382,7 +382,7 @@ def train_cmd(
     if dataset_dir is None or out is None:
         fail("give the DATASET_DIR argument and --out (or `dataset` and `out` in the --config file)")
 
-    from itemsage.train import TrainConfig, checkpoint_config, train
+    from itemsage.train.loop import TrainConfig, checkpoint_config, train
 
     given = _given(ctx, {"preset": preset, "steps": steps, "minutes": minutes, "batch_size": batch_size, "lr": lr,
                          "negatives": negatives, "random_negatives_ratio": random_negatives_ratio,
@@ -462,8 +462,8 @@ def embed_cmd(
     """
     from itemsage.artifacts import ArtifactError
     from itemsage.config import ConfigError
-    from itemsage.embed import embed, embed_from_catalog, embed_with_ray
-    from itemsage.ingest import DataError
+    from itemsage.embed.shards import embed, embed_from_catalog, embed_with_ray
+    from itemsage.data.ingest import DataError
 
     if (dataset_dir is None) == (catalog is None):
         fail("give either a DATASET_DIR argument or --catalog FILE_OR_DIR (not both)")
@@ -539,7 +539,7 @@ def index_cmd(
         if embeddings_dir is None or compact:
             fail("--backend milvus writes an EMBEDDINGS_DIR into a new collection (no --compact: live updates are "
                  "for the faiss backend)")
-        from itemsage.index_milvus import MilvusConfig, build_milvus
+        from itemsage.index.milvus import MilvusConfig, build_milvus
 
         try:
             config = MilvusConfig(index_type=milvus_index, m=m, ef_construction=ef_construction, ef_search=ef_search)
@@ -554,10 +554,10 @@ def index_cmd(
         return
     if out is None:
         fail("--out is required with --backend faiss (the index root to write)")
-    from itemsage.index import IndexConfig, build_from_embeddings
+    from itemsage.index.faiss_index import IndexConfig, build_from_embeddings
 
     if compact:
-        from itemsage.live import compact as compact_live
+        from itemsage.index.live import compact as compact_live
 
         if embeddings_dir is not None:
             fail("--compact rebuilds CURRENT's version with its live updates; give no EMBEDDINGS_DIR")
@@ -635,7 +635,7 @@ def serve_cmd(
 
     from itemsage.artifacts import ArtifactError
     from itemsage.config import ConfigError
-    from itemsage.serve import run
+    from itemsage.serve.app import run
 
     token = os.environ.get(reload_token_env) or None
     if token is None:
@@ -648,7 +648,7 @@ def serve_cmd(
         if backend == Backend.milvus:
             if uri is None:
                 fail("--backend milvus needs --uri (the Milvus the index was written to)")
-            from itemsage.index_milvus import MilvusVersions
+            from itemsage.index.milvus import MilvusVersions
 
             source = MilvusVersions(uri, collection)  # reload re-resolves the alias: the hot swap
         else:
@@ -667,7 +667,7 @@ def serve_cmd(
 def _recall_table(result: dict, title: str):
     from rich.table import Table
 
-    from itemsage.evaluate import recall_table
+    from itemsage.evaluate.evaluation import recall_table
 
     table = Table(title=title)
     for name, justify in (("task", "left"), ("pairs", "right"), ("exact", "right"), ("ANN", "right"),
@@ -709,7 +709,7 @@ def evaluate_cmd(
         itemsage evaluate runs/train/model runs/data --embeddings runs/emb --index runs/index --out runs/eval
     """
     from itemsage.artifacts import ArtifactError
-    from itemsage.evaluate import evaluate, write_report
+    from itemsage.evaluate.evaluation import evaluate, write_report
 
     try:
         result = evaluate(model, dataset, embeddings, index_root=index, sample=sample, device=device.value,
@@ -718,7 +718,7 @@ def evaluate_cmd(
         fail(str(err))
     report = write_report(result, out)
     console.print(_recall_table(result, f"Recall@10 on the {window} window"))
-    from itemsage.evaluate import served_rows
+    from itemsage.evaluate.evaluation import served_rows
 
     for label, index_name, n, overall, per_engagement in served_rows(result, 10):
         console.print(f"{label} [{index_name}]: Recall@10 {overall} over {n} pairs ({per_engagement})",
@@ -775,7 +775,7 @@ def compare_cmd(
     import dataclasses
 
     from itemsage.artifacts import ArtifactError
-    from itemsage.compare import CompareConfig, compare
+    from itemsage.evaluate.compare import CompareConfig, compare
     from itemsage.config import ConfigError, check_keys, read_run_file
 
     try:
@@ -863,7 +863,7 @@ def _serve_demo(result, port: int) -> None:
 
     import pyarrow.parquet as pq
 
-    from itemsage.serve import run
+    from itemsage.serve.app import run
 
     product = pq.read_table(result.dataset / schema.PRODUCTS_FILE, columns=[schema.PRODUCT_ID]).slice(0, 3)
     ids = product[schema.PRODUCT_ID].to_pylist()

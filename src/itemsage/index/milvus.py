@@ -36,7 +36,7 @@ import numpy as np
 from itemsage import artifacts
 from itemsage.artifacts import ArtifactError
 from itemsage.config import from_dict, require
-from itemsage.index import (
+from itemsage.index.faiss_index import (
     NEIGHBOUR_RECALL,
     RECALL_K,
     VersionNotFound,

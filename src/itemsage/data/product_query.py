@@ -132,7 +132,7 @@ def product_query_vectors(products: Any, source: str, *, text_encoder: Any = Non
         return np.stack(images).astype(np.float32, copy=False)
     if source == "text":
         if text_encoder is None:
-            from itemsage.query_encoder import TextQueryEncoder
+            from itemsage.encoders.text import TextQueryEncoder
 
             text_encoder = TextQueryEncoder()
         texts = query_texts(products)

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from itemsage.by_product import DEFAULT_HALF_LIFE_DAYS
+from itemsage.index.by_product import DEFAULT_HALF_LIFE_DAYS
 
 MAX_VERSION_CHARS = 255  # an index version is a directory name
 MAX_HISTORY = 1000  # history items (ids or vectors) per home request

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from itemsage import product_query, schema
+from itemsage import schema
+from itemsage.data import product_query
 from itemsage.config import require
-from itemsage.normalise import parse_iso_ms
+from itemsage.data.normalise import parse_iso_ms
 
 _RESERVED = {schema.PRODUCT_ID, schema.IMAGE_EMBEDDINGS, schema.IMAGE_PATHS, schema.CONTENT_HASH, schema.QUERY_VECTOR}
 SPLITS = ("global", "per-user")

@@ -52,7 +52,7 @@ def _text(value: Any) -> str | None:
 def _read_catalog(path: Path, into: Titles, *, titles: bool) -> None:
     """Add the titles (when `titles`) and image paths of a catalog file or directory to `into`.
     Relative image paths are resolved against the file's directory, as ingest resolves them."""
-    from itemsage.ingest import catalog_sources
+    from itemsage.data.ingest import catalog_sources
 
     columns = [schema.PRODUCT_ID, "title", schema.IMAGE_PATHS]
     for src in catalog_sources(path):
@@ -101,7 +101,7 @@ def load_titles(path: str | Path | None) -> Titles:
 
 
 def page_html() -> str:
-    return resources.files("itemsage").joinpath("static/index.html").read_text(encoding="utf-8")
+    return resources.files("itemsage.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
 def add_page(app: Any, products: str | Path | None) -> None:

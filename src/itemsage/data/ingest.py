@@ -94,16 +94,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from itemsage import artifacts, product_query, schema
+from itemsage import artifacts, schema
+from itemsage.data import product_query
 from itemsage.config import ConfigError, to_dict
-from itemsage.ingest_config import IngestConfig, IngestSummary, InputStats, summary_table
-from itemsage.normalise import LOG_KINDS, LOG_REQUIRED, LOG_SCHEMA, canonical, catalog_kinds, json_safe, parse_iso_ms
-from itemsage.publish import check_out, publish, recover_leftovers
-from itemsage.readers import (DataError, Source, catalog_sources, check_schema, fingerprint, input_files,
+from itemsage.data.ingest_config import IngestConfig, IngestSummary, InputStats, summary_table
+from itemsage.data.normalise import LOG_KINDS, LOG_REQUIRED, LOG_SCHEMA, canonical, catalog_kinds, json_safe, parse_iso_ms
+from itemsage.data.publish import check_out, publish, recover_leftovers
+from itemsage.data.readers import (DataError, Source, catalog_sources, check_schema, fingerprint, input_files,
                               numeric_times, total_rows)
-from itemsage.timesplit import (COMPRESSION, SCRATCH, GlobalSplit, MinuteCounts, PerUserSplit, TimeSlabs, iso,
+from itemsage.data.timesplit import (COMPRESSION, SCRATCH, GlobalSplit, MinuteCounts, PerUserSplit, TimeSlabs, iso,
                                 scratch_batches)
-from itemsage.validate import (Rejector, RowChecks, check_catalog_batch, check_products, content_hash, products_schema,
+from itemsage.data.validate import (Rejector, RowChecks, check_catalog_batch, check_products, content_hash, products_schema,
                                reject_entries)
 
 # Re-exported: callers import these from itemsage.ingest, where they lived before the split.
@@ -243,7 +244,7 @@ class _Ingest:
         except ValueError as e:
             raise ConfigError(str(e)) from e
         if source == "text" and text_encoder is None:  # loaded once here, not once per batch below
-            from itemsage.query_encoder import TextQueryEncoder
+            from itemsage.encoders.text import TextQueryEncoder
 
             text_encoder = TextQueryEncoder()
         task = self.progress.add_task(f"product query vectors ({source})", total=self.products)
@@ -296,7 +297,7 @@ class _Ingest:
                     writer.close()
 
     def build_vocabulary(self) -> Any:
-        from itemsage.features import Vocabulary
+        from itemsage.data.features import Vocabulary
 
         task = self.progress.add_task("vocabulary", total=self.products)
 

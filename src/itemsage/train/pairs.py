@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from itemsage import schema
-from itemsage.features import ProductStore
+from itemsage.data.features import ProductStore
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def load_pairs(dataset_dir: str | Path, file: str, store: ProductStore, *, tasks
                              "re-run `itemsage ingest`, which rejects them (reason missing_query)")
         parts: list[np.ndarray] = []
         if by_text.any():
-            from itemsage.query_encoder import cached_text_embeddings
+            from itemsage.encoders.text import cached_text_embeddings
 
             idx = np.flatnonzero(by_text)
             texts = np.asarray(table[schema.QUERY_TEXT].filter(by_text).to_pylist(), dtype=object).astype(str)

@@ -37,8 +37,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from itemsage import artifacts, schema
-from itemsage.normalise import EPOCH, LOG_SCHEMA
-from itemsage.validate import codes, take_rows
+from itemsage.data.normalise import EPOCH, LOG_SCHEMA
+from itemsage.data.validate import codes, take_rows
 
 
 _ROW_GROUP_ROWS = 65_536  # rows per Parquet row group of train/eval: readers can stream them

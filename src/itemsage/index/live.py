@@ -47,7 +47,7 @@ import faiss
 import numpy as np
 
 from itemsage import artifacts
-from itemsage import index as index_lib
+from itemsage.index import faiss_index as index_lib
 from itemsage.artifacts import ArtifactError
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from itemsage import artifacts, schema
-from itemsage.normalise import KIND_EXPECTED, KIND_FIX, KIND_JSON, arrow_accepts
+from itemsage.data.normalise import KIND_EXPECTED, KIND_FIX, KIND_JSON, arrow_accepts
 
 log = logging.getLogger(__name__)
 

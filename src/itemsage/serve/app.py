@@ -61,17 +61,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from itemsage import by_product
-from itemsage import index as index_lib
-from itemsage import live as live_lib
+from itemsage.index import by_product
+from itemsage.index import faiss_index as index_lib
+from itemsage.index import live as live_lib
 from itemsage.artifacts import ArtifactError
-from itemsage.bodies import (MAX_HISTORY, Candidates,  # noqa: F401  (MAX_HISTORY: serve.MAX_HISTORY, as before)
+from itemsage.serve.bodies import (MAX_HISTORY, Candidates,  # noqa: F401  (MAX_HISTORY: serve.MAX_HISTORY, as before)
                              CloseupRequest, Cluster, DeleteRequest, EmbedRequest, EmbedResponse,
                              HomeRequest, HomeResponse, ProductIn, ReloadRequest, ReloadResponse, RequestError,
                              SearchRequest, UpdateResponse, UpsertRequest, _printable, _validation_message,
                              error_response)
 from itemsage.config import ConfigError, require
-from itemsage.middleware import (DEFAULT_BODY_DEADLINE_S, DEFAULT_BODY_TIMEOUT_S, LATENCY_BUCKETS,  # noqa: F401
+from itemsage.serve.middleware import (DEFAULT_BODY_DEADLINE_S, DEFAULT_BODY_TIMEOUT_S, LATENCY_BUCKETS,  # noqa: F401
                                  BodyLimitMiddleware, FastPathMiddleware, InternalErrorMiddleware, Metrics,
                                  MetricsMiddleware)
 from itemsage.schema import IMAGE_EMBEDDINGS, PRODUCT_ID
@@ -152,9 +152,9 @@ class Service:
     ) -> None:
         """`index_root`: a local index root, or a versions object with `resolve(version)` and `load(target)`
         (index_lib.LocalVersions, index_milvus.MilvusVersions): the index backend seam."""
-        from itemsage.image_encoder import DEFAULT_MAX_PIXELS
-        from itemsage.model import load_model
-        from itemsage.query_encoder import QueryVectorCache
+        from itemsage.encoders.image import DEFAULT_MAX_PIXELS
+        from itemsage.model.model import load_model
+        from itemsage.encoders.text import QueryVectorCache
 
         require(max_k >= 1, f"max_k must be >= 1, got {max_k}")
         require(query_encoder in QUERY_ENCODERS,
@@ -318,11 +318,11 @@ class Service:
         return Candidates(ids=ids, scores=scores, index_version=served.version)
 
     def text_encoder(self) -> Any:
-        from itemsage.query_encoder import BatchingEncoder
+        from itemsage.encoders.text import BatchingEncoder
 
         with self._encoder_lock:  # created once, on first use (loading MiniLM takes seconds)
             if self._text_encoder is None:
-                from itemsage.query_encoder import OnnxTextQueryEncoder, TextQueryEncoder
+                from itemsage.encoders.text import OnnxTextQueryEncoder, TextQueryEncoder
 
                 self._text_encoder = (TextQueryEncoder() if self.query_encoder == "torch" else
                                       OnnxTextQueryEncoder(quantize=self.query_encoder == "onnx-int8"))
@@ -332,7 +332,7 @@ class Service:
 
     def warm_up(self) -> None:
         """Load the text encoder now (seconds) instead of on the first search request."""
-        from itemsage.query_encoder import TextQueryEncoder
+        from itemsage.encoders.text import TextQueryEncoder
 
         if self._text_encoder is not None or self.model.query_dims.get("search") == TextQueryEncoder.dim:
             self.text_encoder().encode(["warm up"])
@@ -341,14 +341,14 @@ class Service:
     def _image_encoder_dim(self) -> int:
         if self._image_encoder is not None:
             return int(self._image_encoder.dim)
-        from itemsage.image_encoder import ImageEncoder
+        from itemsage.encoders.image import ImageEncoder
 
         return int(ImageEncoder.dim)
 
     def image_encoder(self) -> Any:
         with self._encoder_lock:
             if self._image_encoder is None:
-                from itemsage.image_encoder import ImageEncoder
+                from itemsage.encoders.image import ImageEncoder
 
                 self._image_encoder = ImageEncoder(max_pixels=self.max_image_pixels)
             return self._image_encoder
@@ -447,7 +447,7 @@ class Service:
         """413 for an image whose header declares more than `max_image_pixels` (nothing is decoded)."""
         from PIL import Image, UnidentifiedImageError
 
-        from itemsage.image_encoder import ImageTooLarge, check_pixels
+        from itemsage.encoders.image import ImageTooLarge, check_pixels
 
         try:
             with Image.open(io.BytesIO(data)) as image:  # reads the header only
@@ -532,7 +532,7 @@ class Service:
     def _checked_products(self, records: list[dict[str, Any]], names: list[str]) -> pa.Table:
         """Request products -> the dataset format through ingest's own row checks and normalisation
         (`ingest.check_products`, as `itemsage embed` and `itemsage.load(...).encode_products` do)."""
-        from itemsage.ingest import DataError, check_products
+        from itemsage.data.ingest import DataError, check_products
 
         cfg = self.model.config
         try:
@@ -567,7 +567,7 @@ class Service:
     def _product_query_vectors(self, products: list[dict[str, Any]]) -> np.ndarray | None:
         """The upserted products' frozen query vectors [N, Dq], as ingest computes them
         (product_query.product_query_vectors), when the served index keeps them; else None."""
-        from itemsage import product_query
+        from itemsage.data import product_query
 
         index = self.served.index
         entry = getattr(index, "product_query", None)
@@ -822,7 +822,7 @@ def create_app(
         authorize(authorization, "live updates")
         return service.delete(req)
 
-    from itemsage.page import add_page
+    from itemsage.serve.page import add_page
 
     add_page(app, products)
     paths: set[str] = set()

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from itemsage import schema
 from itemsage.config import ConfigError, from_dict, require
-from itemsage.features import ProductBatch, TokenBags, hash_token_ids
+from itemsage.data.features import ProductBatch, TokenBags, hash_token_ids
 
 log = logging.getLogger(__name__)
 

@@ -73,12 +73,12 @@ from torch import Tensor, nn
 
 from itemsage import artifacts, schema
 from itemsage.config import ConfigError, require, to_dict
-from itemsage.evaluate import embed_catalog, embed_pair_queries, exact_ranks, group_recall
-from itemsage.features import ProductStore, Vocabulary
-from itemsage.losses import NEGATIVE_MODES, LogQ, MixedNegativeLoss
-from itemsage.checkpoint import CHECKPOINT_DIR, _rng_state, _set_rng_state, latest_checkpoint, load_checkpoint, save_checkpoint
-from itemsage.model import PRESETS, ItemSageModel, model_config, save_model
-from itemsage.pairs import Pairs, Prefetch, Sampler, _loss_weights, _mixture, load_pairs, negative_pool
+from itemsage.evaluate.evaluation import embed_catalog, embed_pair_queries, exact_ranks, group_recall
+from itemsage.data.features import ProductStore, Vocabulary
+from itemsage.train.losses import NEGATIVE_MODES, LogQ, MixedNegativeLoss
+from itemsage.train.checkpoint import CHECKPOINT_DIR, _rng_state, _set_rng_state, latest_checkpoint, load_checkpoint, save_checkpoint
+from itemsage.model.model import PRESETS, ItemSageModel, model_config, save_model
+from itemsage.train.pairs import Pairs, Prefetch, Sampler, _loss_weights, _mixture, load_pairs, negative_pool
 
 log = logging.getLogger(__name__)
 

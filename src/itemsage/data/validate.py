@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from itemsage import schema
-from itemsage.normalise import LOG_SCHEMA, Errors, canonical, catalog_kinds, products_schema, raw_records
-from itemsage.readers import Source, catalog_sources, check_schema
+from itemsage.data.normalise import LOG_SCHEMA, Errors, canonical, catalog_kinds, products_schema, raw_records
+from itemsage.data.readers import Source, catalog_sources, check_schema
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def _image_error(path: str, error: str) -> str:
 
 def _text_query_dim() -> int:
     try:
-        from itemsage.query_encoder import TextQueryEncoder
+        from itemsage.encoders.text import TextQueryEncoder
 
         return int(TextQueryEncoder.dim)
     except ImportError:
@@ -236,7 +236,7 @@ class RowChecks:
 
     def image_encoder(self) -> Any:
         if self._image_encoder is None:
-            from itemsage.image_encoder import ImageEncoder
+            from itemsage.encoders.image import ImageEncoder
 
             self._image_encoder = ImageEncoder()
         return self._image_encoder
@@ -244,7 +244,7 @@ class RowChecks:
     def image_encoder_dim(self) -> int:
         if self._image_encoder is not None:
             return int(self._image_encoder.dim)
-        from itemsage.image_encoder import ImageEncoder
+        from itemsage.encoders.image import ImageEncoder
 
         return int(ImageEncoder.dim)
 

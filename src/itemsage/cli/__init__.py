@@ -1,0 +1,1 @@
+from itemsage.cli.main import app

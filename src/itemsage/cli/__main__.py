@@ -1,0 +1,3 @@
+from itemsage.cli import app
+
+app(prog_name="itemsage")
