@@ -33,7 +33,9 @@ from itemsage import schema
 from itemsage.data.features import ProductStore
 from itemsage.model.model import load_model
 from itemsage.train.pairs import load_pairs
-from itemsage.train.loop import MODEL_DIR, TrainConfig, held_out_recall, train
+from itemsage.train.loop import MODEL_DIR, train
+from itemsage.train.config import TrainConfig
+from itemsage.train.validation import held_out_recall
 
 # The demo's own training options on main (src/itemsage/demo.py before this benchmark's changes).
 MAIN_DEMO = dict(preset="cpu", batch_size=1024, random_negatives_ratio=1.0, checkpoint_every=200, eval_every=250)

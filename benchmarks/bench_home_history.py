@@ -23,8 +23,9 @@ import torch
 
 from itemsage import schema
 from itemsage.index import by_product
-from itemsage.evaluate.evaluation import (CatalogIds, encode_queries, exact_ranks, masked_ranks, popularity_ranks,
-                               user_histories)
+from itemsage.evaluate.inputs import CatalogIds, encode_queries
+from itemsage.metrics import exact_ranks, masked_ranks, popularity_ranks
+from itemsage.evaluate.served import user_histories
 from itemsage.index.faiss_index import ProductIndex, read_embeddings, read_query_vectors
 from itemsage.model.model import load_model
 from itemsage.train.pairs import load_pairs

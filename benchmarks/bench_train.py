@@ -37,7 +37,8 @@ from itemsage.data.demo_shop import CATALOG_FILE, ENGAGEMENTS_FILE, DemoConfig, 
 from itemsage.data.features import ProductStore, Vocabulary
 from itemsage.data.ingest import IngestConfig, ingest
 from itemsage.model.model import flops_per_product, model_config
-from itemsage.train.loop import TrainConfig, train
+from itemsage.train.config import TrainConfig
+from itemsage.train.loop import train
 
 TASKS = tuple(schema.task_name(s, e) for s in ("closeup", "home") for e in schema.ENGAGEMENTS)
 

@@ -18,7 +18,8 @@ from itemsage import schema
 from itemsage.index import by_product
 from itemsage.serve import app as serve
 from itemsage.serve.bodies import CloseupRequest, HomeRequest
-from itemsage.evaluate.evaluation import CatalogIds, served_paths
+from itemsage.evaluate.inputs import CatalogIds
+from itemsage.evaluate.served import served_paths
 from itemsage.data.features import Vocabulary
 from itemsage.index.faiss_index import ProductIndex, publish, version_path
 from itemsage.model.model import ItemSage, QueryAdapters, load_model, model_config, save_model

@@ -33,7 +33,7 @@ def test_choices_mirror_the_library():
     from itemsage.index.faiss_index import KINDS
     from itemsage.train.losses import NEGATIVE_MODES
     from itemsage.model.model import AGGREGATORS, MODALITIES, PRESETS
-    from itemsage.train.loop import OPTIMIZERS
+    from itemsage.train.config import OPTIMIZERS
 
     def values(enum):
         return tuple(e.value for e in enum)
@@ -50,7 +50,7 @@ def test_choices_mirror_the_library():
 
 
 @pytest.mark.parametrize("command, config, flags", [
-    ("train", "itemsage.train.loop:TrainConfig",
+    ("train", "itemsage.train.config:TrainConfig",
      {"preset": "preset", "steps": "max_steps", "batch_size": "batch_size", "lr": "lr", "negatives": "negatives",
       "random_negatives_ratio": "random_negatives_ratio", "optimizer": "optimizer",
       "upweight_conversions": "upweight_conversions", "checkpoint_every": "checkpoint_every",

@@ -11,7 +11,8 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from itemsage.train.loop import TrainConfig, train
+from itemsage.train.config import TrainConfig
+from itemsage.train.loop import train
 from test_train import make_dataset
 
 # eps=1 and no clipping make AdamW's step nearly linear in the gradient (|g| << eps), so a gradient of

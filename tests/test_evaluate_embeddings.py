@@ -11,7 +11,8 @@ import torch
 
 from itemsage import artifacts, schema
 from itemsage.artifacts import ArtifactError
-from itemsage.evaluate.evaluation import evaluate, seen_in_train
+from itemsage.evaluate.evaluation import evaluate
+from itemsage.evaluate.inputs import seen_in_train
 from test_train import make_dataset
 
 
@@ -32,7 +33,8 @@ def write_embeddings(directory, ids, vectors, model_fp: str, dataset_fp: str = "
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from itemsage.model.model import load_model
-    from itemsage.train.loop import TrainConfig, train
+    from itemsage.train.config import TrainConfig
+    from itemsage.train.loop import train
 
     root = tmp_path_factory.mktemp("evalemb")
     dataset = make_dataset(root / "data")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from itemsage.evaluate.evaluation import exact_ranks, group_recall, recall_at_k, recall_from_ranks
+from itemsage.metrics import exact_ranks, group_recall, recall_at_k, recall_from_ranks
 
 
 def test_recall_at_k_hand_built():
@@ -47,7 +47,7 @@ def test_group_recall_counts_and_values():
 
 
 def test_first_hit_positions_feed_recall():
-    from itemsage.evaluate.evaluation import first_hit_positions
+    from itemsage.metrics import first_hit_positions
 
     retrieved = np.array([["a", "b"], ["b", "a"], ["c", "d"]])
     pos = first_hit_positions(retrieved, np.array(["a", "a", "a"]))
@@ -56,7 +56,7 @@ def test_first_hit_positions_feed_recall():
 
 
 def test_popularity_ranks_hand_computed():
-    from itemsage.evaluate.evaluation import popularity_ranks
+    from itemsage.metrics import popularity_ranks
 
     counts = np.array([5, 0, 9, 5, 1])  # order: 2 (9), 0/3 (5, tied), 4 (1), 1 (0)
     ranks = popularity_ranks(counts, np.array([2, 0, 3, 4, 1]))
@@ -67,7 +67,7 @@ def test_masked_ranks_leave_the_users_own_products_out_by_hand():
     """Scores of one query against 5 products: [0.9, 0.8, 0.7, 0.6, 0.5]. Positive row 3 (score 0.6)
     ranks 3 among all; with rows {0, 2} masked only row 1 is ahead: rank 1. A positive inside its own
     mask cannot be retrieved: rank N (5), a miss at every k."""
-    from itemsage.evaluate.evaluation import masked_ranks
+    from itemsage.metrics import masked_ranks
 
     products = torch.eye(5)
     queries = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5]] * 3)

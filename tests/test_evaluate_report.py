@@ -10,8 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from itemsage import artifacts, schema
-from itemsage.evaluate.evaluation import LOSS_TAG, VALIDATION_TAG, evaluate, write_report
-from itemsage.train.loop import TrainConfig, train
+from itemsage.evaluate.report import LOSS_TAG, VALIDATION_TAG, write_report
+from itemsage.evaluate.evaluation import evaluate
+from itemsage.train.config import TrainConfig
+from itemsage.train.loop import train
 from test_train import make_dataset
 
 
@@ -96,7 +98,7 @@ def test_gallery_marks_the_engaged_product_among_exact_neighbours(run):
                       [" ".join(t) for t in pq.read_table(dataset / schema.PRODUCTS_FILE)["title"].to_pylist()]))
     import torch
 
-    from itemsage.evaluate.evaluation import embed_catalog
+    from itemsage.train.validation import embed_catalog
 
     catalog = embed_catalog(loaded.model, store).numpy()  # [N, D]
     test = pq.read_table(dataset / schema.TEST_FILE)
@@ -123,7 +125,7 @@ def test_gallery_marks_the_engaged_product_among_exact_neighbours(run):
 def test_gallery_markdown_keeps_a_title_with_a_pipe_in_its_cell():
     import re
 
-    from itemsage.evaluate.evaluation import gallery_markdown
+    from itemsage.evaluate.report import gallery_markdown
 
     title = "sconce light - purple | Garwyn *new*"
     g = {"surface": "search", "task": "search.click", "query": '"lamp | light"', "user_id": "u1",

@@ -21,18 +21,9 @@ from itemsage import artifacts, schema
 from itemsage.train.checkpoint import _flatten, _unflatten
 from itemsage.config import ConfigError
 from itemsage.data.features import Vocabulary
-from itemsage.train.loop import (
-    Lamb,
-    Sampler,
-    TrainConfig,
-    _loss_weights,
-    _mixture,
-    advance,
-    latest_checkpoint,
-    load_pairs,
-    lr_at,
-    train,
-)
+from itemsage.train.optim import Lamb, advance, lr_at
+from itemsage.train.loop import Sampler, _loss_weights, _mixture, latest_checkpoint, load_pairs, train
+from itemsage.train.config import TrainConfig
 
 IMAGE_DIM, SEARCH_DIM, HOME_DIM = 8, 12, 16  # home == tiny out_dim: an identity adapter
 BRANDS = ["acme", "birch", "cobalt", "delta"]
@@ -428,7 +419,7 @@ def test_negative_modes_and_lamb_train(dataset, tmp_path, negatives, optimizer):
 
 
 def test_clock_turns_minute_budget_into_steps_and_re_estimates():
-    from itemsage.train.loop import Clock
+    from itemsage.train.clock import Clock
 
     t = [0.0]
     clock = Clock(tiny(max_steps=None, max_minutes=1.0), world=1, device=torch.device("cpu"), calibrated=False,
@@ -452,7 +443,7 @@ def test_clock_turns_minute_budget_into_steps_and_re_estimates():
 def test_minute_budget_logs_its_first_estimate_not_every_re_estimate(caplog):
     """The demo's output had an INFO line every ~10 steps (each re-estimate moved the total by a few
     steps); only the first estimate is news at INFO, the rest go to DEBUG."""
-    from itemsage.train.loop import Clock
+    from itemsage.train.clock import Clock
 
     t = [0.0]
     clock = Clock(tiny(max_steps=None, max_minutes=1.0), world=1, device=torch.device("cpu"), calibrated=False,
@@ -472,7 +463,7 @@ def test_minute_budget_run_uses_the_budget_and_ends_its_schedule(slow_after_s):
     # A simulated 2-minute run whose steps take 0.2 s, then 0.6 s after `slow_after_s` (a busy shared
     # machine). The run must use most of its budget, stop by itself (not at the hard stop), and the
     # cosine must end at the step it reaches, without the learning rate ever jumping up.
-    from itemsage.train.loop import Clock
+    from itemsage.train.clock import Clock
 
     cfg = tiny(max_steps=None, max_minutes=2.0, warmup_steps=5)
     t = [0.0]
@@ -520,7 +511,9 @@ def test_random_negatives_capped_at_catalog_and_progress_lines(dataset, tmp_path
         return real(self, r)
 
     monkeypatch.setattr(train_module.Sampler, "negatives", recording)
-    monkeypatch.setattr(train_module, "_LOG_EVERY_S", 0.0)  # a progress line every step
+    import itemsage.train.clock as clock_module
+
+    monkeypatch.setattr(clock_module, "_LOG_EVERY_S", 0.0)  # a progress line every step
     caplog.set_level("INFO", logger="itemsage.train")
     # 16 positives x ratio 4 = 64 random negatives asked of a 48-product catalog
     result = train(dataset, tmp_path / "run", tiny(max_steps=3, random_negatives_ratio=4, eval_sample=0),

@@ -80,10 +80,12 @@ def run_demo(settings: DemoSettings, progress: bool = True, say: Callable[[str],
     """Run every stage under settings.out; `say` reports each stage as it starts."""
     from itemsage.data.demo_shop import CATALOG_FILE, ENGAGEMENTS_FILE, DemoConfig, generate_demo_data
     from itemsage.embed.shards import embed
-    from itemsage.evaluate.evaluation import evaluate, write_report
+    from itemsage.evaluate.evaluation import evaluate
+    from itemsage.evaluate.report import write_report
     from itemsage.index.faiss_index import IndexConfig, build_from_embeddings
     from itemsage.data.ingest import IngestConfig, ingest
-    from itemsage.train.loop import MODEL_DIR, TrainConfig, train
+    from itemsage.train.loop import MODEL_DIR, train
+    from itemsage.train.config import TrainConfig
 
     out = settings.out
     shop, dataset, run = out / "shop", out / "dataset", out / "train"

@@ -382,7 +382,8 @@ def train_cmd(
     if dataset_dir is None or out is None:
         fail("give the DATASET_DIR argument and --out (or `dataset` and `out` in the --config file)")
 
-    from itemsage.train.loop import TrainConfig, checkpoint_config, train
+    from itemsage.train.config import TrainConfig, checkpoint_config
+    from itemsage.train.loop import train
 
     given = _given(ctx, {"preset": preset, "steps": steps, "minutes": minutes, "batch_size": batch_size, "lr": lr,
                          "negatives": negatives, "random_negatives_ratio": random_negatives_ratio,
@@ -667,7 +668,7 @@ def serve_cmd(
 def _recall_table(result: dict, title: str):
     from rich.table import Table
 
-    from itemsage.evaluate.evaluation import recall_table
+    from itemsage.evaluate.report import recall_table
 
     table = Table(title=title)
     for name, justify in (("task", "left"), ("pairs", "right"), ("exact", "right"), ("ANN", "right"),
@@ -709,7 +710,8 @@ def evaluate_cmd(
         itemsage evaluate runs/train/model runs/data --embeddings runs/emb --index runs/index --out runs/eval
     """
     from itemsage.artifacts import ArtifactError
-    from itemsage.evaluate.evaluation import evaluate, write_report
+    from itemsage.evaluate.evaluation import evaluate
+    from itemsage.evaluate.report import write_report
 
     try:
         result = evaluate(model, dataset, embeddings, index_root=index, sample=sample, device=device.value,
@@ -718,7 +720,7 @@ def evaluate_cmd(
         fail(str(err))
     report = write_report(result, out)
     console.print(_recall_table(result, f"Recall@10 on the {window} window"))
-    from itemsage.evaluate.evaluation import served_rows
+    from itemsage.evaluate.report import served_rows
 
     for label, index_name, n, overall, per_engagement in served_rows(result, 10):
         console.print(f"{label} [{index_name}]: Recall@10 {overall} over {n} pairs ({per_engagement})",

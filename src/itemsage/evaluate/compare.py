@@ -136,7 +136,7 @@ class CompareConfig:
 
 def train_config(name: str, cfg: CompareConfig, seed: int | None = None):
     """The TrainConfig of run `name` (with `seed`, default cfg.seed) under the shared budget."""
-    from itemsage.train.loop import TrainConfig
+    from itemsage.train.config import TrainConfig
 
     _, train_over, model_over = RUNS[name]
     options = {
@@ -425,8 +425,9 @@ def _served_section(names: list[str], agg: dict[str, Any], ref: dict[str, Any]) 
 def _bar_plot(path: Path, names: list[str], agg: dict[str, Any], title: str,
               keys: tuple[str, ...] = SUMMARY_KEYS) -> None:
     """Mean Recall@10 per key, one bar per run in its colour, the seeds' sd as error bars."""
-    from itemsage.evaluate.evaluation import _pyplot, _save_png
     import numpy as np
+
+    from itemsage.evaluate.report import _pyplot, _save_png
 
     plt = _pyplot()
     width = 0.8 / max(1, len(names))
@@ -447,7 +448,7 @@ def _bar_plot(path: Path, names: list[str], agg: dict[str, Any], title: str,
 
 def _tasks_plot(path: Path, agg: dict[str, Any], engagements: list[str]) -> None:
     """Each single-task model on its own engagement only, beside the multi-task model on that engagement."""
-    from itemsage.evaluate.evaluation import _pyplot, _save_png
+    from itemsage.evaluate.report import _pyplot, _save_png
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(2.2 * len(engagements) + 2, 4))
@@ -471,7 +472,7 @@ def _tasks_plot(path: Path, agg: dict[str, Any], engagements: list[str]) -> None
 def _curves_plot(path: Path, results: dict[str, list[dict[str, Any]]]) -> bool:
     """Training loss against steps, validation Recall@10 against steps and against wall time: every
     run and seed, one colour per run. False when no run has logs."""
-    from itemsage.evaluate.evaluation import LOSS_TAG, VALIDATION_TAG, _pyplot, _save_png
+    from itemsage.evaluate.report import LOSS_TAG, VALIDATION_TAG, _pyplot, _save_png
 
     if not any(r.get("training_curves") for seeds in results.values() for r in seeds):
         return False
@@ -523,7 +524,7 @@ def _written_section(path: Path, title: str | None) -> list[str]:
 def write_report(results: dict[str, list[dict[str, Any]]], out_dir: Path, cfg: CompareConfig,
                  dataset_dir: Path) -> Path:
     """report.md, summary.json, results.json and the plots from every run's seeds' results."""
-    from itemsage.evaluate.evaluation import gallery_markdown, plot_recall_curves
+    from itemsage.evaluate.report import gallery_markdown, plot_recall_curves
 
     ref = results["itemsage"][0]
     data = ref["data"]

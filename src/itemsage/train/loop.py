@@ -61,7 +61,6 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -73,222 +72,43 @@ from torch import Tensor, nn
 
 from itemsage import artifacts, schema
 from itemsage.config import ConfigError, require, to_dict
-from itemsage.evaluate.evaluation import embed_catalog, embed_pair_queries, exact_ranks, group_recall
 from itemsage.data.features import ProductStore, Vocabulary
-from itemsage.train.losses import NEGATIVE_MODES, LogQ, MixedNegativeLoss
-from itemsage.train.checkpoint import CHECKPOINT_DIR, _rng_state, _set_rng_state, latest_checkpoint, load_checkpoint, save_checkpoint
-from itemsage.model.model import PRESETS, ItemSageModel, model_config, save_model
-from itemsage.train.pairs import Pairs, Prefetch, Sampler, _loss_weights, _mixture, load_pairs, negative_pool
+from itemsage.model.model import ItemSageModel, model_config, save_model
+from itemsage.train.checkpoint import (
+    CHECKPOINT_DIR,
+    _rng_state,
+    _set_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from itemsage.train.clock import Clock
+from itemsage.train.config import TrainConfig, TrainResult, _check_resume_config
+from itemsage.train.distributed import (
+    _all_rng_states,
+    _broadcast_int,
+    _init_distributed,
+    _mean_over_ranks,
+)
+from itemsage.train.losses import LogQ, MixedNegativeLoss
+from itemsage.train.optim import _optimizer, advance, lr_at
+from itemsage.train.pairs import (
+    Pairs,
+    Prefetch,
+    Sampler,
+    _loss_weights,
+    _mixture,
+    load_pairs,
+    negative_pool,
+)
+from itemsage.train.validation import held_out_recall
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adamw", "lamb")
 MODEL_DIR = "model"
 BEST_DIR = "best"  # the best model so far, renamed to MODEL_DIR at the end
 TENSORBOARD_DIR = schema.TENSORBOARD_DIR
-_CALIBRATION_STEPS = 10  # steps timed to turn a minute budget into a first step count
-_REESTIMATE_EVERY = 10  # steps between re-estimates of the step count under a minute budget
-_BUDGET_TARGET = 0.98  # the step count aims at this fraction of the budget (the rest: the last estimate's error)
-_LOG_EVERY_S = 60.0  # seconds between progress log lines when the progress bar is off
 _PREFETCH_THREAD: bool | None = None  # build batches in a background thread; None = where it can overlap
-# Options a resumed run may change; every other option must equal the checkpoint's.
-_RESUME_FREE = ("max_minutes", "checkpoint_every", "eval_every", "keep_checkpoints", "device", "patience")
-
-
-# ----------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainConfig:
-    """Everything `itemsage train` can be told. Validated at construction; errors name the option."""
-
-    preset: str = "cpu"  # model preset (model.PRESETS)
-    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. {"aggregator": "sum"}
-    batch_size: int = 1024  # B: positives per step (global, across DDP ranks)
-    random_negatives_ratio: float = 4.0  # R = ratio * B uniform catalog negatives per step
-    negatives: str = "mixed"  # mixed | in_batch | random
-    optimizer: str = "adamw"  # adamw | lamb
-    lr: float = 1e-3
-    weight_decay: float = 0.01  # on matrices only (no biases, norms, logit scale)
-    eps: float = 1e-6  # Adam/LAMB epsilon; 1e-6 (not torch's 1e-8) keeps float noise in gradients that
-    # are mathematically 0 (e.g. the attention key bias) from being blown up to full-size steps
-    warmup_steps: int = 100  # at most a tenth of the total steps
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
-    max_steps: int | None = 2000
-    max_minutes: float | None = None  # wall-clock budget; the step count is re-estimated (see module doc)
-    tasks: tuple[str, ...] = ()  # train only on these surface.engagement tasks; () = all
-    upweight_conversions: float = 1.0  # sampling factor of add_to_cart / checkout rows
-    engagement_weights: dict[str, float] = field(default_factory=dict)  # loss weight per engagement (x row weight)
-    sketch_depth: int = 4  # count-min sketch of the logQ estimate
-    sketch_width: int = 2**20
-    checkpoint_every: int = 500  # steps; 0 = only at the end
-    keep_checkpoints: int = 2  # newest complete checkpoints kept
-    eval_every: int = 500  # steps between validation Recall@K; 0 = only at the end
-    eval_sample: int = 2000  # validation pairs per evaluation (validation.parquet); 0 = no evaluation
-    patience: int = 5  # evaluations without a better validation Recall@10 before stopping; 0 = never stop early
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # bf16 autocast, on CUDA only
-
-    def __post_init__(self) -> None:
-        self.tasks = tuple(self.tasks.split(",")) if isinstance(self.tasks, str) else tuple(self.tasks)
-        self.model = dict(self.model)
-        self.engagement_weights = {str(k): float(v) for k, v in dict(self.engagement_weights).items()}
-
-        def integer(name: str, low: int) -> None:
-            v = getattr(self, name)
-            require(isinstance(v, int) and not isinstance(v, bool) and v >= low,
-                    f"train.{name} ({v!r}) must be an integer >= {low}")
-
-        require(self.preset in PRESETS, f"train.preset ({self.preset!r}) must be one of {', '.join(PRESETS)}")
-        model_config(self.preset, **self.model)  # raises ConfigError naming model.<option>
-        integer("batch_size", 2)
-        require(isinstance(self.random_negatives_ratio, (int, float)) and self.random_negatives_ratio >= 0,
-                f"train.random_negatives_ratio ({self.random_negatives_ratio!r}) must be >= 0")
-        require(self.negatives in NEGATIVE_MODES,
-                f"train.negatives ({self.negatives!r}) must be one of {', '.join(NEGATIVE_MODES)}")
-        require(self.negatives == "in_batch" or self.num_random_negatives >= 1,
-                f"train.random_negatives_ratio ({self.random_negatives_ratio}) gives no random negatives "
-                f"for train.negatives={self.negatives!r}; raise it (e.g. 4) or use negatives='in_batch'")
-        require(self.optimizer in OPTIMIZERS,
-                f"train.optimizer ({self.optimizer!r}) must be one of {', '.join(OPTIMIZERS)}")
-        require(isinstance(self.lr, (int, float)) and 0 < self.lr < 10, f"train.lr ({self.lr!r}) must be in (0, 10)")
-        require(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
-                f"train.weight_decay ({self.weight_decay!r}) must be >= 0")
-        require(isinstance(self.eps, (int, float)) and self.eps > 0, f"train.eps ({self.eps!r}) must be > 0")
-        integer("warmup_steps", 0)
-        require(isinstance(self.grad_clip, (int, float)) and self.grad_clip >= 0,
-                f"train.grad_clip ({self.grad_clip!r}) must be >= 0 (0 = off)")
-        require(self.max_steps is not None or self.max_minutes is not None,
-                "train.max_steps and train.max_minutes are both unset; give a step count or a minute budget")
-        if self.max_steps is not None:
-            integer("max_steps", 1)
-        if self.max_minutes is not None:
-            require(isinstance(self.max_minutes, (int, float)) and self.max_minutes > 0,
-                    f"train.max_minutes ({self.max_minutes!r}) must be > 0")
-        unknown = [t for t in self.tasks if t not in schema.ALL_TASKS]
-        require(not unknown, f"train.tasks has unknown task(s) {unknown}; tasks are surface.engagement, "
-                             f"one of {', '.join(schema.ALL_TASKS)}")
-        require(isinstance(self.upweight_conversions, (int, float)) and self.upweight_conversions > 0,
-                f"train.upweight_conversions ({self.upweight_conversions!r}) must be > 0 (1 = natural frequency)")
-        bad = {k: v for k, v in self.engagement_weights.items() if k not in schema.ENGAGEMENTS or not v >= 0}
-        require(not bad, f"train.engagement_weights {bad} invalid: keys must be one of "
-                         f"{', '.join(schema.ENGAGEMENTS)} and weights >= 0")
-        integer("sketch_depth", 1)
-        integer("sketch_width", 1)
-        integer("checkpoint_every", 0)
-        integer("keep_checkpoints", 1)
-        integer("eval_every", 0)
-        integer("eval_sample", 0)
-        integer("patience", 0)
-        integer("seed", 0)
-        require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-                f"train.device ({self.device!r}) must be auto, cpu, cuda or cuda:N")
-        require(isinstance(self.amp, bool), f"train.amp ({self.amp!r}) must be true or false")
-
-    @property
-    def num_random_negatives(self) -> int:
-        return 0 if self.negatives == "in_batch" else int(round(self.random_negatives_ratio * self.batch_size))
-
-
-@dataclass
-class TrainResult:
-    model_dir: Path
-    steps: int
-    pairs_per_s: float  # positives per second of training steps (global batch, evals excluded)
-    final_recall: dict[str, dict[str, float]]  # task -> {"recall@1", "recall@10", "recall@100", "n"}; "all"
-    final_loss: float
-    elapsed_s: float
-    resumed_from: int | None = None
-    median_step_s: float = float("nan")  # median seconds of one training step (first step excluded)
-    best_step: int | None = None  # the step of the saved model (None: no evaluation, the last step)
-    stopped_early: bool = False  # patience ran out before the step/minute budget
-    notes: list[str] = field(default_factory=list)  # choices made from the data, for the user to read
-
-
-# ----------------------------------------------------------------------------------------------
-# LAMB (torch.optim has none)
-# ----------------------------------------------------------------------------------------------
-
-
-class Lamb(torch.optim.Optimizer):
-    """LAMB (You et al. 2020): Adam's bias-corrected step plus decoupled weight decay, rescaled
-    per parameter tensor by the trust ratio ||p|| / ||update|| (1 where either norm is 0)."""
-
-    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0) -> None:
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"].item()
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + group["eps"])
-                if group["weight_decay"]:
-                    update.add_(p, alpha=group["weight_decay"])
-                p_norm, u_norm = p.norm(), update.norm()
-                trust = torch.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, torch.ones_like(p_norm))
-                p.sub_(group["lr"] * trust * update)
-        return loss
-
-
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, progress: float | None = None) -> float:
-    """Learning rate of 0-based `step`: linear warm-up to `peak`, then cosine decay to 0 at total_steps.
-
-    The warm-up is capped at a tenth of the run, so a short run (a small minute budget) still reaches
-    the peak and decays instead of spending every step warming up. `progress` (the fraction of the
-    decay done, see `advance`) replaces the step's own fraction when the step count is an estimate.
-    """
-    warmup_steps = min(warmup_steps, total_steps // 10)
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    if progress is None:
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def advance(progress: float, step: int, total_steps: int, warmup_steps: int) -> float:
-    """Decay progress after 0-based `step`: what is left, (1 - progress), spread over the steps left.
-
-    With a fixed total_steps this gives exactly (step + 1 - warmup) / (total - warmup), the plain
-    cosine's fraction; when total_steps is re-estimated only the remaining slope changes.
-    """
-    if step < min(warmup_steps, total_steps // 10):
-        return progress
-    return min(1.0, progress + (1.0 - progress) / max(1, total_steps - step))
-
-
-def _optimizer(cfg: TrainConfig, params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
-    # Decay matrices only (nanoGPT's rule): biases, norms and the logit scale keep their values.
-    groups = [
-        {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    if cfg.optimizer == "lamb":
-        return Lamb(groups, lr=cfg.lr, eps=cfg.eps)
-    # fused: one kernel over each tensor instead of several elementwise passes (CPU and CUDA alike)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.eps, fused=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# One step's query groups, and the held-out recall
-# ----------------------------------------------------------------------------------------------
 
 
 def _query_groups(queries: dict[str, Tensor], pairs: Pairs, rows: np.ndarray, device: torch.device
@@ -301,59 +121,6 @@ def _query_groups(queries: dict[str, Tensor], pairs: Pairs, rows: np.ndarray, de
             index = torch.from_numpy(pairs.query_row[rows[pos]]).to(table.device)
             groups.append((s, torch.from_numpy(pos).to(device), table[index].to(device)))
     return groups
-
-
-def held_out_recall(model: ItemSageModel, store: ProductStore, pairs: Pairs,
-                    device: torch.device, chunk: int = 2048) -> dict[str, dict[str, float]]:
-    """Exact Recall@{1,10,100} per task: each pair's product ranked among the whole catalog."""
-    catalog = embed_catalog(model, store, device, chunk)  # [N, D]
-    queries = embed_pair_queries(model, pairs, device)  # [Q, D]
-    ranks = exact_ranks(queries, catalog, torch.from_numpy(pairs.product_row).to(device))
-    return group_recall(ranks, pairs.task.astype(str))
-
-
-def checkpoint_config(out_dir: str | Path) -> TrainConfig | None:
-    """The TrainConfig of the newest complete checkpoint in `out_dir` (None if there is none)."""
-    path = latest_checkpoint(out_dir)
-    if path is None:
-        return None
-    data = json.loads((path / "state.json").read_text())["config"]
-    return TrainConfig(**data)
-
-
-# ----------------------------------------------------------------------------------------------
-# Distributed helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def _init_distributed(cfg_device: str) -> tuple[int, int, bool]:
-    """(rank, world_size, we_initialised) from torchrun's environment; 1 process without it."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, False
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    cuda = cfg_device != "cpu" and torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), True
-
-
-def _all_rng_states(world: int, device: torch.device) -> tuple[list[Tensor], list[Tensor]]:
-    """Every rank's torch RNG state (CPU and CUDA), gathered so rank 0 can checkpoint them."""
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    if world == 1:
-        return [cpu], [cuda] if cuda is not None else []
-    comm = device if device.type == "cuda" else torch.device("cpu")  # nccl gathers on the GPU
-    out = []
-    for state in (cpu, cuda):
-        if state is None:
-            out.append([])
-            continue
-        parts = [torch.empty_like(state, device=comm) for _ in range(world)]
-        dist.all_gather(parts, state.to(comm))
-        out.append([p.cpu() for p in parts])
-    return out[0], out[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,105 +154,6 @@ def _resolve_device(name: str) -> torch.device:
     require(not name.startswith("cuda") or torch.cuda.is_available(),
             f"train.device is {name!r} but torch sees no CUDA device; use device='cpu' or 'auto'")
     return torch.device(name)
-
-
-def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
-    now = to_dict(cfg)
-    for name, value in saved.items():
-        if name not in _RESUME_FREE and _jsonable(now.get(name)) != _jsonable(value):
-            raise ConfigError(f"train.{name} ({now.get(name)!r}) differs from the checkpoint's ({value!r}); "
-                              "resume with the same options, or train into a new --out directory")
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=list))
-
-
-class Clock:
-    """Pairs/s over training steps (the first step, which pays one-off costs, excluded), the minute
-    budget turned into a step count (first after `_CALIBRATION_STEPS` timed steps, then re-estimated
-    every `_REESTIMATE_EVERY` steps), and a progress log line every `_LOG_EVERY_S` seconds."""
-
-    def __init__(self, cfg: TrainConfig, world: int, device: torch.device, calibrated: bool,
-                 now: Any = time.perf_counter):
-        self.now = now
-        self.start = now()
-        self.cfg, self.world, self.device = cfg, world, device
-        self.budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
-        self.calibrated = calibrated or self.budget_s is None
-        self.train_s, self.timed, self.ticks = 0.0, 0, 0
-        self.step_times: list[float] = []
-        self.marks: list[tuple[int, float]] = []  # (step, time) at each estimate: the recent wall-clock speed
-        self.last_log = self.start
-
-    @property
-    def pairs_per_s(self) -> float:
-        return self.cfg.batch_size * self.timed / self.train_s if self.train_s else 0.0
-
-    def tick(self, step: int, total_steps: int | None, step_s: float) -> int | None:
-        """Record one step of `step_s` seconds; return the (possibly re-estimated) total step count."""
-        self.ticks += 1
-        if self.ticks > 1:
-            self.train_s, self.timed = self.train_s + step_s, self.timed + 1
-            self.step_times.append(step_s)
-        if self.budget_s is None:
-            return total_steps
-        now = self.now()
-        elapsed = now - self.start
-        if _broadcast_int(int(elapsed > self.budget_s), self.world, self.device):  # rank 0 decides for all
-            log.warning("stopping at step %d: the %g-minute budget is spent", step, self.cfg.max_minutes)
-            return step
-        if not self.calibrated and self.timed == _CALIBRATION_STEPS:
-            rate = self.timed / self.train_s  # steps/s of the timed steps
-        elif self.calibrated and self.marks and step - self.marks[-1][0] >= _REESTIMATE_EVERY:
-            first_step, first_time = self.marks[max(0, len(self.marks) - 3)]  # about the last 30 steps
-            rate = (step - first_step) / max(now - first_time, 1e-9)  # wall clock: evals and checkpoints in
-        elif self.calibrated and not self.marks:  # a resumed run: start measuring from here
-            self.marks.append((step, now))
-            return total_steps
-        else:
-            return total_steps
-        fit = step + int(rate * (_BUDGET_TARGET * self.budget_s - elapsed))
-        new_total = _broadcast_int(max(step + 1, min(fit, self.cfg.max_steps or fit)), self.world, self.device)
-        if not self.calibrated or new_total != total_steps:  # the first estimate is news; re-estimates, every
-            # few steps, are for debugging (the progress bar shows the total)
-            log.log(logging.DEBUG if self.calibrated else logging.INFO,
-                    "minute budget: %.2f steps/s, %.0f s left -> %d steps in total", rate, self.budget_s - elapsed,
-                    new_total)
-        self.calibrated = True
-        self.marks.append((step, now))
-        return new_total
-
-    def report(self, step: int, total_steps: int | None, loss: float) -> None:
-        """Log step, pairs/s, loss and ETA every `_LOG_EVERY_S` seconds (for runs without the bar)."""
-        now = self.now()
-        if now - self.last_log < _LOG_EVERY_S:
-            return
-        self.last_log = now
-        elapsed = now - self.start
-        left = (total_steps - step) * elapsed / step if total_steps is not None and step else math.inf
-        if self.budget_s is not None:
-            left = min(left, self.budget_s - elapsed)
-        eta = f"{left:.0f} s" if math.isfinite(left) else "unknown"
-        log.info("step %d/%s  %.0f pairs/s  loss %.4f  ETA %s", step, total_steps if total_steps is not None else "?",
-                 self.pairs_per_s, loss, eta)
-
-
-def _broadcast_int(value: int, world: int, device: torch.device) -> int:
-    """Rank 0's value on every rank (so all ranks agree on when to stop)."""
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device if device.type == "cuda" else "cpu")
-    dist.broadcast(t, 0)
-    return int(t.item())
-
-
-def _mean_over_ranks(t: Tensor, world: int) -> list[float]:
-    """Each rank's loss covers its rows (scaled by world / global weight): the global loss is the mean."""
-    if world > 1:
-        dist.all_reduce(t)
-        t = t / world
-    return t.tolist()
 
 
 def _load_data(dataset_dir: Path, cfg: TrainConfig, text_fields: tuple[str, ...], max_images: int,

@@ -1,0 +1,155 @@
+"""TrainConfig (every option of `itemsage train`, validated at construction; errors name the option),
+TrainResult, and what a resumed run may change: every other option must equal the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from itemsage import schema
+from itemsage.config import ConfigError, require, to_dict
+from itemsage.model.model import PRESETS, model_config
+from itemsage.train.checkpoint import latest_checkpoint
+from itemsage.train.losses import NEGATIVE_MODES
+
+log = logging.getLogger(__name__)
+
+
+OPTIMIZERS = ("adamw", "lamb")
+
+
+# Options a resumed run may change; every other option must equal the checkpoint's.
+_RESUME_FREE = ("max_minutes", "checkpoint_every", "eval_every", "keep_checkpoints", "device", "patience")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `itemsage train` can be told. Validated at construction; errors name the option."""
+
+    preset: str = "cpu"  # model preset (model.PRESETS)
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides, e.g. {"aggregator": "sum"}
+    batch_size: int = 1024  # B: positives per step (global, across DDP ranks)
+    random_negatives_ratio: float = 4.0  # R = ratio * B uniform catalog negatives per step
+    negatives: str = "mixed"  # mixed | in_batch | random
+    optimizer: str = "adamw"  # adamw | lamb
+    lr: float = 1e-3
+    weight_decay: float = 0.01  # on matrices only (no biases, norms, logit scale)
+    eps: float = 1e-6  # Adam/LAMB epsilon; 1e-6 (not torch's 1e-8) keeps float noise in gradients that
+    # are mathematically 0 (e.g. the attention key bias) from being blown up to full-size steps
+    warmup_steps: int = 100  # at most a tenth of the total steps
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    max_steps: int | None = 2000
+    max_minutes: float | None = None  # wall-clock budget; the step count is re-estimated (see module doc)
+    tasks: tuple[str, ...] = ()  # train only on these surface.engagement tasks; () = all
+    upweight_conversions: float = 1.0  # sampling factor of add_to_cart / checkout rows
+    engagement_weights: dict[str, float] = field(default_factory=dict)  # loss weight per engagement (x row weight)
+    sketch_depth: int = 4  # count-min sketch of the logQ estimate
+    sketch_width: int = 2**20
+    checkpoint_every: int = 500  # steps; 0 = only at the end
+    keep_checkpoints: int = 2  # newest complete checkpoints kept
+    eval_every: int = 500  # steps between validation Recall@K; 0 = only at the end
+    eval_sample: int = 2000  # validation pairs per evaluation (validation.parquet); 0 = no evaluation
+    patience: int = 5  # evaluations without a better validation Recall@10 before stopping; 0 = never stop early
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bf16 autocast, on CUDA only
+
+    def __post_init__(self) -> None:
+        self.tasks = tuple(self.tasks.split(",")) if isinstance(self.tasks, str) else tuple(self.tasks)
+        self.model = dict(self.model)
+        self.engagement_weights = {str(k): float(v) for k, v in dict(self.engagement_weights).items()}
+
+        def integer(name: str, low: int) -> None:
+            v = getattr(self, name)
+            require(isinstance(v, int) and not isinstance(v, bool) and v >= low,
+                    f"train.{name} ({v!r}) must be an integer >= {low}")
+
+        require(self.preset in PRESETS, f"train.preset ({self.preset!r}) must be one of {', '.join(PRESETS)}")
+        model_config(self.preset, **self.model)  # raises ConfigError naming model.<option>
+        integer("batch_size", 2)
+        require(isinstance(self.random_negatives_ratio, (int, float)) and self.random_negatives_ratio >= 0,
+                f"train.random_negatives_ratio ({self.random_negatives_ratio!r}) must be >= 0")
+        require(self.negatives in NEGATIVE_MODES,
+                f"train.negatives ({self.negatives!r}) must be one of {', '.join(NEGATIVE_MODES)}")
+        require(self.negatives == "in_batch" or self.num_random_negatives >= 1,
+                f"train.random_negatives_ratio ({self.random_negatives_ratio}) gives no random negatives "
+                f"for train.negatives={self.negatives!r}; raise it (e.g. 4) or use negatives='in_batch'")
+        require(self.optimizer in OPTIMIZERS,
+                f"train.optimizer ({self.optimizer!r}) must be one of {', '.join(OPTIMIZERS)}")
+        require(isinstance(self.lr, (int, float)) and 0 < self.lr < 10, f"train.lr ({self.lr!r}) must be in (0, 10)")
+        require(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
+                f"train.weight_decay ({self.weight_decay!r}) must be >= 0")
+        require(isinstance(self.eps, (int, float)) and self.eps > 0, f"train.eps ({self.eps!r}) must be > 0")
+        integer("warmup_steps", 0)
+        require(isinstance(self.grad_clip, (int, float)) and self.grad_clip >= 0,
+                f"train.grad_clip ({self.grad_clip!r}) must be >= 0 (0 = off)")
+        require(self.max_steps is not None or self.max_minutes is not None,
+                "train.max_steps and train.max_minutes are both unset; give a step count or a minute budget")
+        if self.max_steps is not None:
+            integer("max_steps", 1)
+        if self.max_minutes is not None:
+            require(isinstance(self.max_minutes, (int, float)) and self.max_minutes > 0,
+                    f"train.max_minutes ({self.max_minutes!r}) must be > 0")
+        unknown = [t for t in self.tasks if t not in schema.ALL_TASKS]
+        require(not unknown, f"train.tasks has unknown task(s) {unknown}; tasks are surface.engagement, "
+                             f"one of {', '.join(schema.ALL_TASKS)}")
+        require(isinstance(self.upweight_conversions, (int, float)) and self.upweight_conversions > 0,
+                f"train.upweight_conversions ({self.upweight_conversions!r}) must be > 0 (1 = natural frequency)")
+        bad = {k: v for k, v in self.engagement_weights.items() if k not in schema.ENGAGEMENTS or not v >= 0}
+        require(not bad, f"train.engagement_weights {bad} invalid: keys must be one of "
+                         f"{', '.join(schema.ENGAGEMENTS)} and weights >= 0")
+        integer("sketch_depth", 1)
+        integer("sketch_width", 1)
+        integer("checkpoint_every", 0)
+        integer("keep_checkpoints", 1)
+        integer("eval_every", 0)
+        integer("eval_sample", 0)
+        integer("patience", 0)
+        integer("seed", 0)
+        require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+                f"train.device ({self.device!r}) must be auto, cpu, cuda or cuda:N")
+        require(isinstance(self.amp, bool), f"train.amp ({self.amp!r}) must be true or false")
+
+    @property
+    def num_random_negatives(self) -> int:
+        return 0 if self.negatives == "in_batch" else int(round(self.random_negatives_ratio * self.batch_size))
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    steps: int
+    pairs_per_s: float  # positives per second of training steps (global batch, evals excluded)
+    final_recall: dict[str, dict[str, float]]  # task -> {"recall@1", "recall@10", "recall@100", "n"}; "all"
+    final_loss: float
+    elapsed_s: float
+    resumed_from: int | None = None
+    median_step_s: float = float("nan")  # median seconds of one training step (first step excluded)
+    best_step: int | None = None  # the step of the saved model (None: no evaluation, the last step)
+    stopped_early: bool = False  # patience ran out before the step/minute budget
+    notes: list[str] = field(default_factory=list)  # choices made from the data, for the user to read
+
+
+def checkpoint_config(out_dir: str | Path) -> TrainConfig | None:
+    """The TrainConfig of the newest complete checkpoint in `out_dir` (None if there is none)."""
+    path = latest_checkpoint(out_dir)
+    if path is None:
+        return None
+    data = json.loads((path / "state.json").read_text())["config"]
+    return TrainConfig(**data)
+
+
+def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    now = to_dict(cfg)
+    for name, value in saved.items():
+        if name not in _RESUME_FREE and _jsonable(now.get(name)) != _jsonable(value):
+            raise ConfigError(f"train.{name} ({now.get(name)!r}) differs from the checkpoint's ({value!r}); "
+                              "resume with the same options, or train into a new --out directory")
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=list))
