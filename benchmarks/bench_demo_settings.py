@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from itemsage import schema
-from itemsage.data.features import ProductStore
+from itemsage.model.batch import ProductStore
 from itemsage.model.model import load_model
 from itemsage.train.pairs import load_pairs
 from itemsage.train.loop import MODEL_DIR, train

@@ -194,9 +194,11 @@ def random_fixture(n: int, out: Path) -> tuple[Path, Path]:
     """A random-init `cpu`-preset model and an HNSW index over n clustered random 256-d vectors."""
     import torch
 
-    from itemsage.data.features import Vocabulary
+    from itemsage.data.text import Vocabulary
     from itemsage.index.faiss_index import ProductIndex, publish, version_path
-    from itemsage.model.model import ItemSage, QueryAdapters, model_config, save_model
+    from itemsage.model.tower import ItemSage, QueryAdapters
+    from itemsage.model.config import model_config
+    from itemsage.model.model import save_model
 
     torch.manual_seed(0)
     cfg = model_config("cpu")

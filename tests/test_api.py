@@ -16,10 +16,12 @@ from safetensors.numpy import load_file
 import itemsage
 from itemsage.config import ConfigError
 from itemsage.embed.shards import embed_from_catalog
-from itemsage.data.features import Vocabulary
+from itemsage.data.text import Vocabulary
 from itemsage.index.faiss_index import read_embeddings
 from itemsage.data.ingest import DataError
-from itemsage.model.model import ItemSage, QueryAdapters, model_config, save_model
+from itemsage.model.tower import ItemSage, QueryAdapters
+from itemsage.model.config import model_config
+from itemsage.model.model import save_model
 
 IMAGE_DIM = 8
 

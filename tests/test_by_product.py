@@ -20,9 +20,11 @@ from itemsage.serve import app as serve
 from itemsage.serve.bodies import CloseupRequest, HomeRequest
 from itemsage.evaluate.inputs import CatalogIds
 from itemsage.evaluate.served import served_paths
-from itemsage.data.features import Vocabulary
+from itemsage.data.text import Vocabulary
 from itemsage.index.faiss_index import ProductIndex, publish, version_path
-from itemsage.model.model import ItemSage, QueryAdapters, load_model, model_config, save_model
+from itemsage.model.tower import ItemSage, QueryAdapters
+from itemsage.model.model import load_model, save_model
+from itemsage.model.config import model_config
 from itemsage.train.pairs import Pairs
 
 FROZEN_DIM = 8

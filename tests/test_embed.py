@@ -21,9 +21,12 @@ from itemsage import artifacts, schema
 from itemsage.embed import shards as embed_mod
 from itemsage.artifacts import ArtifactError
 from itemsage.embed.shards import embed, embed_batch
-from itemsage.data.features import Vocabulary, featurize
+from itemsage.data.text import Vocabulary
+from itemsage.model.batch import featurize
 from itemsage.index.faiss_index import read_embeddings
-from itemsage.model.model import ItemSage, QueryAdapters, load_model, model_config, save_model
+from itemsage.model.tower import ItemSage, QueryAdapters
+from itemsage.model.model import load_model, save_model
+from itemsage.model.config import model_config
 
 IMAGE_DIM = 8
 WORDS = "oak pine wood chair table lamp red blue green soft linen wool cotton small large modern rustic".split()

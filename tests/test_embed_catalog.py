@@ -13,10 +13,12 @@ import torch
 
 from itemsage import schema
 from itemsage.embed.shards import CATALOG_DIR, embed_batch, embed_from_catalog
-from itemsage.data.features import Vocabulary
+from itemsage.data.text import Vocabulary
 from itemsage.index.faiss_index import read_embeddings
 from itemsage.data.ingest import DataError, IngestConfig, check_products, ingest
-from itemsage.model.model import ItemSage, QueryAdapters, load_model, model_config, save_model
+from itemsage.model.tower import ItemSage, QueryAdapters
+from itemsage.model.model import load_model, save_model
+from itemsage.model.config import model_config
 
 IMAGE_DIM = 8
 

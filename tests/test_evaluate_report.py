@@ -89,7 +89,7 @@ def test_gallery_marks_the_engaged_product_among_exact_neighbours(run):
     gallery = result["gallery"]
     assert sorted({g["surface"] for g in gallery}) == sorted(schema.SURFACES)
     assert all(sum(g["surface"] == s for g in gallery) == 3 for s in schema.SURFACES)
-    from itemsage.data.features import ProductStore
+    from itemsage.model.batch import ProductStore
     from itemsage.model.model import load_model
 
     loaded = load_model(trained.model_dir)

@@ -128,7 +128,7 @@ def test_happy_path_writes_the_dataset(tmp_path, fmt):
     assert summary.image_dim == 4
     assert summary.query_dims == {"search": 384, "closeup": 4, "home": 2}
 
-    from itemsage.data.features import Vocabulary
+    from itemsage.data.text import Vocabulary
 
     vocab = Vocabulary.load(out / schema.VOCAB_FILE)
     assert "oak" in vocab.unigrams and "linen#sofa" in vocab.bigrams and "acme" in vocab.unigrams

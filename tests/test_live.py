@@ -25,9 +25,11 @@ from fastapi.testclient import TestClient
 from itemsage.index import live
 from itemsage.serve import app as serve
 from itemsage.artifacts import ArtifactError, read_manifest
-from itemsage.data.features import Vocabulary
+from itemsage.data.text import Vocabulary
 from itemsage.index.faiss_index import ProductIndex, current_version, load_current, publish, version_path
-from itemsage.model.model import ItemSage, QueryAdapters, load_model, model_config, save_model
+from itemsage.model.tower import ItemSage, QueryAdapters
+from itemsage.model.model import load_model, save_model
+from itemsage.model.config import model_config
 
 DIM = 16
 IMAGE_DIM = 8

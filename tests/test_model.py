@@ -12,20 +12,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from itemsage import artifacts, schema
 from itemsage.config import ConfigError
-from itemsage.data.features import ProductBatch, Vocabulary, featurize, hash_token_ids
-from itemsage.model.model import (
-    HashEmbedding,
-    ItemSage,
-    LoadedModel,
-    LogitScale,
-    ModelConfig,
-    QueryAdapters,
-    encode_products,
-    flops_per_product,
-    load_model,
-    model_config,
-    save_model,
-)
+from itemsage.model.batch import ProductBatch, featurize
+from itemsage.data.text import Vocabulary
+from itemsage.model.hash_embedding import hash_token_ids
+from itemsage.model.hash_embedding import HashEmbedding
+from itemsage.model.tower import ItemSage, LogitScale, QueryAdapters
+from itemsage.model.model import LoadedModel, encode_products, load_model, save_model
+from itemsage.model.config import ModelConfig, flops_per_product, model_config
 
 VOCAB = 40
 DI = 8  # image width in these tests
@@ -236,7 +229,7 @@ def reference_hash_bag(emb: HashEmbedding, ids: torch.Tensor, offsets: torch.Ten
 
 @pytest.mark.parametrize("source", ["store", "torch"])
 def test_hash_bag_matches_earlier_formulation_forward_and_gradients(source):
-    from itemsage.data.features import token_bags
+    from itemsage.model.hash_embedding import token_bags
 
     g = torch.Generator().manual_seed(5)
     vocab, n_bags = 300, 64
@@ -265,7 +258,7 @@ def test_hash_bag_matches_earlier_formulation_forward_and_gradients(source):
 
 
 def test_store_batch_carries_deduplicated_tokens():
-    from itemsage.data.features import token_bags
+    from itemsage.model.hash_embedding import token_bags
 
     ids = torch.tensor([5, 9, 5, 2, 9, 9, 7])
     offsets = torch.tensor([0, 3, 3, 6])  # bags: [5 9 5], [], [2 9 9], [7]

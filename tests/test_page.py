@@ -26,9 +26,11 @@ from PIL import Image
 from itemsage import schema
 from itemsage.serve import app as serve
 from itemsage.embed.shards import embed_batch
-from itemsage.data.features import Vocabulary
+from itemsage.data.text import Vocabulary
 from itemsage.index.faiss_index import ProductIndex, publish, version_path
-from itemsage.model.model import ItemSage, QueryAdapters, load_model, model_config, save_model
+from itemsage.model.tower import ItemSage, QueryAdapters
+from itemsage.model.model import load_model, save_model
+from itemsage.model.config import model_config
 
 IMAGE_DIM = 8
 COLOURS = {"red": (200, 40, 40), "blue": (40, 70, 200), "green": (40, 160, 70), "black": (30, 30, 30),

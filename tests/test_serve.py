@@ -25,9 +25,12 @@ from fastapi.testclient import TestClient
 from itemsage.index import home
 from itemsage.serve import app as serve
 from itemsage.artifacts import ArtifactError
-from itemsage.data.features import Vocabulary, featurize
+from itemsage.data.text import Vocabulary
+from itemsage.model.batch import featurize
 from itemsage.index.faiss_index import ProductIndex, publish, version_path
-from itemsage.model.model import ItemSage, QueryAdapters, load_model, model_config, save_model
+from itemsage.model.tower import ItemSage, QueryAdapters
+from itemsage.model.model import load_model, save_model
+from itemsage.model.config import model_config
 from itemsage.schema import TEXT_FIELDS
 
 IMAGE_DIM = 8

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from itemsage import artifacts, schema
 from itemsage.train.checkpoint import _flatten, _unflatten
 from itemsage.config import ConfigError
-from itemsage.data.features import Vocabulary
+from itemsage.data.text import Vocabulary
 from itemsage.train.optim import Lamb, advance, lr_at
 from itemsage.train.loop import Sampler, _loss_weights, _mixture, latest_checkpoint, load_pairs, train
 from itemsage.train.config import TrainConfig
@@ -203,7 +203,7 @@ def test_state_flatten_roundtrip_keeps_int_keys_and_tensors():
 
 
 def test_load_pairs_dedupes_queries_and_keys_them(dataset):
-    from itemsage.data.features import ProductStore
+    from itemsage.model.batch import ProductStore
 
     vocab = Vocabulary.load(dataset / schema.VOCAB_FILE)
     store = ProductStore.from_dataset(dataset, vocab, schema.TEXT_FIELDS, 20, progress=False)
@@ -225,7 +225,7 @@ def test_load_pairs_dedupes_queries_and_keys_them(dataset):
 
 
 def test_tasks_filter_and_conversion_upweighting(dataset):
-    from itemsage.data.features import ProductStore
+    from itemsage.model.batch import ProductStore
 
     vocab = Vocabulary.load(dataset / schema.VOCAB_FILE)
     store = ProductStore.from_dataset(dataset, vocab, schema.TEXT_FIELDS, 20, progress=False)
@@ -536,7 +536,7 @@ def with_listed_at(dataset: Path, root: Path, listed_ms: list[int | None]) -> Pa
 
 
 def test_negative_pool_leaves_out_products_listed_after_the_train_window(dataset, tmp_path):
-    from itemsage.data.features import ProductStore
+    from itemsage.model.batch import ProductStore
     from itemsage.train.pairs import negative_pool
 
     vocab = Vocabulary.load(dataset / schema.VOCAB_FILE)
@@ -624,7 +624,7 @@ def test_search_text_queries_use_cached_frozen_encoder(dataset, tmp_path, monkey
     import shutil
 
     import itemsage.encoders.text as qe
-    from itemsage.data.features import ProductStore
+    from itemsage.model.batch import ProductStore
 
     calls: list[list[str]] = []
 

@@ -55,7 +55,7 @@ class DemoSettings:
         require(self.train_minutes > 0, f"demo --train-minutes ({self.train_minutes}) must be > 0")
         require(isinstance(self.lr, (int, float)) and 0 < self.lr < 10, f"demo.lr ({self.lr!r}) must be in (0, 10)")
         self.model = dict(self.model)
-        from itemsage.model.model import model_config
+        from itemsage.model.config import model_config
 
         model_config(self.preset, **self.model)  # a bad preset or model option fails now, not after ingest
 

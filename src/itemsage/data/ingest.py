@@ -297,7 +297,7 @@ class _Ingest:
                     writer.close()
 
     def build_vocabulary(self) -> Any:
-        from itemsage.data.features import Vocabulary
+        from itemsage.data.text import Vocabulary
 
         task = self.progress.add_task("vocabulary", total=self.products)
 

@@ -224,7 +224,7 @@ def _arrow_times(arr: pa.Array) -> tuple[pa.Array, Errors]:
 def _from_json(kind: str, name: str, values: list[Any]) -> tuple[pa.Array, Errors]:
     """A JSON column (a list of Python values, one per record) in its canonical type; values of the
     wrong type become null plus a row error."""
-    from itemsage.data.features import field_strings
+    from itemsage.data.text import field_strings
 
     errors: Errors = {}
     if kind in ("text", "paths"):

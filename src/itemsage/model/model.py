@@ -35,21 +35,11 @@ from torch import Tensor, nn
 
 from itemsage import artifacts
 from itemsage.config import ConfigError, from_dict, to_dict
-from itemsage.data.features import ProductBatch, Vocabulary
-from itemsage.model.tower import (
-    ADAPTER_MODES,
-    AGGREGATORS,
-    MODALITIES,
-    PRESETS,
-    HashEmbedding,
-    Head,
-    ItemSage,
-    LogitScale,
-    ModelConfig,
-    QueryAdapters,
-    flops_per_product,
-    model_config,
-)
+from itemsage.model.batch import ProductBatch
+from itemsage.data.text import Vocabulary
+from itemsage.model.config import ADAPTER_MODES, AGGREGATORS, MODALITIES, PRESETS, ModelConfig, flops_per_product, model_config
+from itemsage.model.hash_embedding import HashEmbedding
+from itemsage.model.tower import Head, ItemSage, LogitScale, QueryAdapters
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +133,7 @@ class LoadedModel:
 
     def featurize(self, table: Any) -> ProductBatch:
         """Products in the dataset format (pa.Table) -> the model's ProductBatch on the model's device."""
-        from itemsage.data.features import featurize
+        from itemsage.model.batch import featurize
 
         cfg = self.config
         return featurize(table, self.vocab, cfg.text_fields, cfg.max_images, self.image_dim).to(self.device)

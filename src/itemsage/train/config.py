@@ -12,7 +12,7 @@ from typing import Any
 
 from itemsage import schema
 from itemsage.config import ConfigError, require, to_dict
-from itemsage.model.model import PRESETS, model_config
+from itemsage.model.config import PRESETS, model_config
 from itemsage.train.checkpoint import latest_checkpoint
 from itemsage.train.losses import NEGATIVE_MODES
 

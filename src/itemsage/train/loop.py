@@ -72,8 +72,10 @@ from torch import Tensor, nn
 
 from itemsage import artifacts, schema
 from itemsage.config import ConfigError, require, to_dict
-from itemsage.data.features import ProductStore, Vocabulary
-from itemsage.model.model import ItemSageModel, model_config, save_model
+from itemsage.model.batch import ProductStore
+from itemsage.data.text import Vocabulary
+from itemsage.model.model import ItemSageModel, save_model
+from itemsage.model.config import model_config
 from itemsage.train.checkpoint import (
     CHECKPOINT_DIR,
     _rng_state,

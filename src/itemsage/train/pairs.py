@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from itemsage import schema
-from itemsage.data.features import ProductStore
+from itemsage.model.batch import ProductStore
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import torch
 
-from itemsage.data.features import ProductStore
+from itemsage.model.batch import ProductStore
 from itemsage.metrics import exact_ranks, group_recall
 from itemsage.model.model import ItemSageModel
 from itemsage.train.pairs import Pairs
