@@ -25,7 +25,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from itemsage.index.faiss_index import IndexConfig, ProductIndex, neighbour_recall
+from itemsage.index.config import IndexConfig
+from itemsage.index.faiss_index import ProductIndex
+from itemsage.index.recall import neighbour_recall
 
 
 def rss_bytes() -> int:

@@ -53,7 +53,8 @@ def search_queries(n: int, seed: int = 0) -> list[str]:
 
 
 def index_facts(index_root: Path) -> dict:
-    from itemsage.index.faiss_index import IDS_FILE, current_version
+    from itemsage.index.faiss_index import IDS_FILE
+    from itemsage.index.versions import current_version
     from itemsage.artifacts import read_manifest
 
     version_dir = current_version(index_root)
@@ -195,7 +196,8 @@ def random_fixture(n: int, out: Path) -> tuple[Path, Path]:
     import torch
 
     from itemsage.data.text import Vocabulary
-    from itemsage.index.faiss_index import ProductIndex, publish, version_path
+    from itemsage.index.faiss_index import ProductIndex
+    from itemsage.index.versions import publish, version_path
     from itemsage.model.tower import ItemSage, QueryAdapters
     from itemsage.model.config import model_config
     from itemsage.model.model import save_model

@@ -17,7 +17,7 @@ import itemsage
 from itemsage.config import ConfigError
 from itemsage.embed.shards import embed_from_catalog
 from itemsage.data.text import Vocabulary
-from itemsage.index.faiss_index import read_embeddings
+from itemsage.index.build import read_embeddings
 from itemsage.data.ingest import DataError
 from itemsage.model.tower import ItemSage, QueryAdapters
 from itemsage.model.config import model_config

@@ -21,7 +21,8 @@ from itemsage.serve.bodies import CloseupRequest, HomeRequest
 from itemsage.evaluate.inputs import CatalogIds
 from itemsage.evaluate.served import served_paths
 from itemsage.data.text import Vocabulary
-from itemsage.index.faiss_index import ProductIndex, publish, version_path
+from itemsage.index.faiss_index import ProductIndex
+from itemsage.index.versions import publish, version_path
 from itemsage.model.tower import ItemSage, QueryAdapters
 from itemsage.model.model import load_model, save_model
 from itemsage.model.config import model_config

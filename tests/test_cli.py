@@ -30,7 +30,7 @@ def invoke(*args: str):
 
 
 def test_choices_mirror_the_library():
-    from itemsage.index.faiss_index import KINDS
+    from itemsage.index.config import KINDS
     from itemsage.train.losses import NEGATIVE_MODES
     from itemsage.model.config import AGGREGATORS, MODALITIES, PRESETS
     from itemsage.train.config import OPTIMIZERS

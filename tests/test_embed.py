@@ -23,7 +23,7 @@ from itemsage.artifacts import ArtifactError
 from itemsage.embed.shards import embed, embed_batch
 from itemsage.data.text import Vocabulary
 from itemsage.model.batch import featurize
-from itemsage.index.faiss_index import read_embeddings
+from itemsage.index.build import read_embeddings
 from itemsage.model.tower import ItemSage, QueryAdapters
 from itemsage.model.model import load_model, save_model
 from itemsage.model.config import model_config
@@ -295,7 +295,7 @@ def test_cli_embed_then_index(tmp_path, model_dir):
     from typer.testing import CliRunner
 
     from itemsage.cli.main import app
-    from itemsage.index.faiss_index import load_current
+    from itemsage.index.versions import load_current
 
     rows = make_products(40, seed=4)
     data = write_dataset(tmp_path / "data", rows)
@@ -363,7 +363,9 @@ def write_dataset_with_queries(directory: Path, rows: list[dict], query: np.ndar
 
 
 def test_query_vectors_round_trip_through_embed_and_index(tmp_path, model_dir):
-    from itemsage.index.faiss_index import QUERY_VECTORS_FILE, NoProductQueries, ProductIndex, build_from_embeddings
+    from itemsage.index.faiss_index import QUERY_VECTORS_FILE, ProductIndex
+    from itemsage.index.query_vectors import NoProductQueries
+    from itemsage.index.build import build_from_embeddings
 
     rows = make_products(23)
     query = np.random.default_rng(5).standard_normal((23, 6)).astype(np.float32)  # not unit: kept as given

@@ -14,7 +14,7 @@ import torch
 from itemsage import schema
 from itemsage.embed.shards import CATALOG_DIR, embed_batch, embed_from_catalog
 from itemsage.data.text import Vocabulary
-from itemsage.index.faiss_index import read_embeddings
+from itemsage.index.build import read_embeddings
 from itemsage.data.ingest import DataError, IngestConfig, check_products, ingest
 from itemsage.model.tower import ItemSage, QueryAdapters
 from itemsage.model.model import load_model, save_model
@@ -149,7 +149,8 @@ def test_catalog_embedding_serves_products_as_queries_from_the_models_source(tmp
     from test_train import make_dataset, tiny
 
     from itemsage import artifacts
-    from itemsage.index.faiss_index import ProductIndex, build_from_embeddings
+    from itemsage.index.faiss_index import ProductIndex
+    from itemsage.index.build import build_from_embeddings
     from itemsage.train.loop import train
 
     data = make_dataset(tmp_path / "data", n_products=24, n_train=120, n_eval=30, n_test=30)

@@ -82,7 +82,8 @@ def test_evaluate_ranks_the_given_embeddings_exactly(trained, tmp_path):
 
 def test_evaluate_refuses_another_models_embeddings_and_index(trained, tmp_path):
     from itemsage.embed.shards import embed
-    from itemsage.index.faiss_index import IndexConfig, build_from_embeddings, read_embeddings
+    from itemsage.index.config import IndexConfig
+    from itemsage.index.build import build_from_embeddings, read_embeddings
 
     _, dataset, model_dir, loaded = trained
     embed(model_dir, dataset, tmp_path / "emb", progress=False)
@@ -102,7 +103,7 @@ def test_evaluate_refuses_another_models_embeddings_and_index(trained, tmp_path)
 
 def test_evaluate_refuses_embeddings_missing_a_test_product(trained, tmp_path):
     from itemsage.embed.shards import embed
-    from itemsage.index.faiss_index import read_embeddings
+    from itemsage.index.build import read_embeddings
 
     _, dataset, model_dir, loaded = trained
     embed(model_dir, dataset, tmp_path / "emb", progress=False)

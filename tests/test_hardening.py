@@ -23,7 +23,9 @@ from PIL import Image
 
 from itemsage import artifacts, schema
 from itemsage.artifacts import ArtifactError
-from itemsage.index.faiss_index import IndexConfig, build_from_embeddings, current_version, load_current
+from itemsage.index.config import IndexConfig
+from itemsage.index.build import build_from_embeddings
+from itemsage.index.versions import current_version, load_current
 from itemsage.data.ingest import DataError, IngestConfig, ingest
 from test_embed import make_products, model_dir, write_dataset  # noqa: F401 - model_dir is a fixture
 from test_index import ids_for, unit_vectors, write_embeddings

@@ -11,16 +11,11 @@ import pytest
 from itemsage import artifacts
 from itemsage.artifacts import ArtifactError
 from itemsage.config import ConfigError
-from itemsage.index.faiss_index import (
-    IndexConfig,
-    ProductIndex,
-    build_from_embeddings,
-    current_version,
-    load_current,
-    publish,
-    neighbour_recall,
-    version_path,
-)
+from itemsage.index.config import IndexConfig
+from itemsage.index.faiss_index import ProductIndex
+from itemsage.index.build import build_from_embeddings
+from itemsage.index.versions import current_version, load_current, publish, version_path
+from itemsage.index.recall import neighbour_recall
 
 
 def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -258,7 +253,7 @@ def clustered_vectors(n: int, d: int, clusters: int, spread: float, seed: int) -
 
 
 def test_ivfpq_parameters_follow_the_documented_rule():
-    from itemsage.index.faiss_index import ivfpq_parameters
+    from itemsage.index.config import ivfpq_parameters
 
     cfg = IndexConfig(kind="ivfpq")
     big = ivfpq_parameters(1_000_000, 256, cfg)  # 4 * sqrt(1M) = 4,000 -> 4,096 lists
@@ -335,7 +330,7 @@ def test_ivfpq_refuses_a_tiny_catalog():
 
 
 def test_old_manifests_recall_key_is_read_under_its_new_name():
-    from itemsage.index.faiss_index import NEIGHBOUR_RECALL, stats_from_manifest
+    from itemsage.index.config import NEIGHBOUR_RECALL, stats_from_manifest
 
     old = {"build_seconds": 1.5, "recall_at_10": 0.97, "recall_queries": 1000, "count": 3}
     assert stats_from_manifest(old, ("build_seconds", "recall_queries")) == {

@@ -19,7 +19,9 @@ from test_serve import TOKEN, FakeImageEncoder, FakeTextEncoder, auth, brute_for
 
 from itemsage.serve import app as serve
 from itemsage.artifacts import ArtifactError  # noqa: E402
-from itemsage.index.faiss_index import ProductIndex, VersionNotFound, neighbour_recall  # noqa: E402
+from itemsage.index.faiss_index import ProductIndex  # noqa: E402
+from itemsage.index.versions import VersionNotFound
+from itemsage.index.recall import neighbour_recall
 from itemsage.index.milvus import MilvusConfig, MilvusVersions, build_milvus, collection_name  # noqa: E402
 
 
@@ -142,7 +144,7 @@ def test_cli_index_backend_milvus(tmp_path, monkeypatch):
 
 def test_milvus_keeps_the_products_query_vectors(tmp_path, versions):
     from itemsage import artifacts
-    from itemsage.index.faiss_index import NoProductQueries
+    from itemsage.index.query_vectors import NoProductQueries
 
     import pyarrow as pa
 

@@ -26,7 +26,8 @@ from itemsage.index import live
 from itemsage.serve import app as serve
 from itemsage.artifacts import ArtifactError, read_manifest
 from itemsage.data.text import Vocabulary
-from itemsage.index.faiss_index import ProductIndex, current_version, load_current, publish, version_path
+from itemsage.index.faiss_index import ProductIndex
+from itemsage.index.versions import current_version, load_current, publish, version_path
 from itemsage.model.tower import ItemSage, QueryAdapters
 from itemsage.model.model import load_model, save_model
 from itemsage.model.config import model_config
@@ -456,7 +457,7 @@ def test_upserted_products_get_their_frozen_query_vector(model_dir, tmp_path):
 
 
 def test_a_live_index_without_query_vectors_says_to_rebuild(tmp_path):
-    from itemsage.index.faiss_index import NoProductQueries
+    from itemsage.index.query_vectors import NoProductQueries
 
     make_root(tmp_path, 10)
     live_log = live.LiveLog(tmp_path)
@@ -472,7 +473,7 @@ def test_logged_query_vectors_of_another_width_do_not_stop_the_replay(tmp_path):
     replayed onto a version whose query vectors are 4-d, still apply (the server starts, the products
     are searchable); only those products' query vectors are missing, with an error that says to upsert
     them again."""
-    from itemsage.index.faiss_index import NoProductQueries
+    from itemsage.index.query_vectors import NoProductQueries
 
     rng = np.random.default_rng(0)
     make_root(tmp_path, 10, query_vectors=rng.standard_normal((10, 4)).astype(np.float32),

@@ -27,7 +27,8 @@ from itemsage import schema
 from itemsage.serve import app as serve
 from itemsage.embed.shards import embed_batch
 from itemsage.data.text import Vocabulary
-from itemsage.index.faiss_index import ProductIndex, publish, version_path
+from itemsage.index.faiss_index import ProductIndex
+from itemsage.index.versions import publish, version_path
 from itemsage.model.tower import ItemSage, QueryAdapters
 from itemsage.model.model import load_model, save_model
 from itemsage.model.config import model_config

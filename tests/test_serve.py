@@ -27,7 +27,8 @@ from itemsage.serve import app as serve
 from itemsage.artifacts import ArtifactError
 from itemsage.data.text import Vocabulary
 from itemsage.model.batch import featurize
-from itemsage.index.faiss_index import ProductIndex, publish, version_path
+from itemsage.index.faiss_index import ProductIndex
+from itemsage.index.versions import LocalVersions, publish, version_path
 from itemsage.model.tower import ItemSage, QueryAdapters
 from itemsage.model.model import load_model, save_model
 from itemsage.model.config import model_config
@@ -338,7 +339,7 @@ def test_cheap_requests_run_on_the_event_loop_and_slow_ones_in_the_pool(world, m
     index is not local (a Milvus search is a network round trip)."""
     class Remote:  # a versions object without a local root, as index_milvus.MilvusVersions
         def __init__(self, root):
-            self.local = serve.index_lib.LocalVersions(root)
+            self.local = LocalVersions(root)
 
         def resolve(self, version):
             return self.local.resolve(version)

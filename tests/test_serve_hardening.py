@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from itemsage.serve import app as serve
-from itemsage.index.faiss_index import current_version
+from itemsage.index.versions import current_version
 from test_serve import (  # noqa: F401 - `world` and `client` are fixtures
     IMAGE_DIM,
     OUT_DIM,

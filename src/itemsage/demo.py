@@ -82,7 +82,8 @@ def run_demo(settings: DemoSettings, progress: bool = True, say: Callable[[str],
     from itemsage.embed.shards import embed
     from itemsage.evaluate.evaluation import evaluate
     from itemsage.evaluate.report import write_report
-    from itemsage.index.faiss_index import IndexConfig, build_from_embeddings
+    from itemsage.index.config import IndexConfig
+    from itemsage.index.build import build_from_embeddings
     from itemsage.data.ingest import IngestConfig, ingest
     from itemsage.train.loop import MODEL_DIR, train
     from itemsage.train.config import TrainConfig

@@ -555,7 +555,8 @@ def index_cmd(
         return
     if out is None:
         fail("--out is required with --backend faiss (the index root to write)")
-    from itemsage.index.faiss_index import IndexConfig, build_from_embeddings
+    from itemsage.index.config import IndexConfig
+    from itemsage.index.build import build_from_embeddings
 
     if compact:
         from itemsage.index.live import compact as compact_live

@@ -49,7 +49,7 @@ def read_catalog_embeddings(embeddings_dir: str | Path, model_fingerprint: str) 
     """(ids [N], vectors [N, D] float32, manifest) of a verified embeddings directory written by
     `itemsage embed` with the model `model_fingerprint`; ArtifactError for another model's."""
     from itemsage.artifacts import ArtifactError
-    from itemsage.index.faiss_index import read_embeddings
+    from itemsage.index.build import read_embeddings
 
     ids, vectors, manifest = read_embeddings(embeddings_dir)  # verifies every shard against the manifest
     made_by = manifest.get("inputs", {}).get("model")

@@ -30,7 +30,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from itemsage.index.home import WARD_RELATIVE_THRESHOLD, allocate, cluster_history, merge_for_ks
+from itemsage.index.home import (
+    WARD_RELATIVE_THRESHOLD,
+    allocate,
+    cluster_history,
+    merge_for_ks,
+)
 
 DEFAULT_HALF_LIFE_DAYS = 30.0  # recency weighting: an engagement this old counts half (see docs/METHOD.md)
 SECONDS_PER_DAY = 86_400.0

@@ -33,9 +33,7 @@ cache holds only the rows searches touch. Parameters left at 0 are chosen from t
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -48,130 +46,30 @@ import pyarrow.parquet as pq
 from itemsage import artifacts
 from itemsage.artifacts import ArtifactError
 from itemsage.config import from_dict, require
-from itemsage.schema import PRODUCT_ID, PRODUCT_QUERY, QUERY_VECTOR
+from itemsage.index.config import (
+    IVFPQ_MIN_VECTORS,
+    IVFPQ_TRAIN_PER_LIST,
+    NEIGHBOUR_RECALL,
+    RECALL_K,
+    IndexConfig,
+    ivfpq_parameters,
+    stats_from_manifest,
+)
+from itemsage.index.query_vectors import (
+    _check_query_vectors,
+    load_query_vectors,
+    no_product_queries,
+    save_query_vectors,
+)
+from itemsage.index.recall import neighbour_recall, perturbed_queries
+from itemsage.schema import PRODUCT_ID, PRODUCT_QUERY
 
 log = logging.getLogger(__name__)
 
-KINDS = ("hnsw", "flat", "ivfpq")
 INDEX_FILE = "index.faiss"
 VECTORS_FILE = "vectors.faiss"
 IDS_FILE = "ids.parquet"
 QUERY_VECTORS_FILE = "query_vectors.safetensors"
-VERSIONS_DIR = "versions"
-CURRENT_FILE = "CURRENT"
-RECALL_K = 10
-# The index's recall@10 against exact search over its own vectors (how many of the true 10 nearest
-# neighbours it returns): the manifest key. Manifests written before the rename say "recall_at_10".
-NEIGHBOUR_RECALL = "neighbour_recall_at_10"
-_OLD_NEIGHBOUR_RECALL = "recall_at_10"
-
-
-def stats_from_manifest(manifest: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    """An index's stats from its manifest: `keys` that are present, and the neighbour recall under
-    its name (read from the old `recall_at_10` key of an older manifest)."""
-    stats = {k: manifest[k] for k in keys if k in manifest}
-    recall = manifest.get(NEIGHBOUR_RECALL, manifest.get(_OLD_NEIGHBOUR_RECALL))
-    if recall is not None:
-        stats[NEIGHBOUR_RECALL] = recall
-    return stats
-_VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-@dataclasses.dataclass(frozen=True)
-class IndexConfig:
-    """How the index is built and searched. Stored in the manifest; `ef_search` can change at load.
-
-    kind: 'hnsw' (approximate, fast), 'ivfpq' (approximate, compressed: tens of millions of vectors
-        on one machine) or 'flat' (exact; small catalogs and the evaluation reference).
-    m: HNSW links per node (memory ~ 2*m*4 bytes per vector on top of the vector itself).
-    ef_construction: HNSW candidate list while building (higher = better graph, slower build).
-    ef_search: HNSW candidate list while searching (higher = better recall, slower queries). With
-        m=32 on 1M x 256 clustered vectors (benchmarks/bench_index.py), recall@10 against exact
-        search is 0.934 at 32, 0.987 at 64 and 0.9975 at the default 128: margin for real
-        embeddings, which can be harder than the benchmark's mixture.
-    nlist, pq_m, pq_nbits, nprobe: IVF-PQ lists, sub-quantizers, bits per sub-quantizer code and
-        lists probed per query; 0 = chosen from the catalog size and width (`ivfpq_parameters`).
-        `nprobe` can change at load.
-    refine_factor: IVF-PQ re-ranks the `refine_factor * k` best candidates by the codes with the
-        full vectors (1 = only re-score the k found, exactly).
-    recall_sample: queries used to measure recall@10 against exact search at build time.
-    threads: faiss OpenMP threads; 0 keeps faiss's default (all cores).
-    """
-
-    kind: str = "hnsw"
-    m: int = 32
-    ef_construction: int = 200
-    ef_search: int = 128
-    nlist: int = 0
-    pq_m: int = 0
-    pq_nbits: int = 4
-    nprobe: int = 0
-    refine_factor: int = 20
-    recall_sample: int = 1000
-    threads: int = 0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        require(self.kind in KINDS, f"index.kind must be one of {', '.join(KINDS)}, got '{self.kind}'")
-        require(self.m >= 2, f"index.m (HNSW links per node) must be >= 2, got {self.m}")
-        require(self.ef_construction >= 1, f"index.ef_construction must be >= 1, got {self.ef_construction}")
-        require(self.ef_search >= 1, f"index.ef_search must be >= 1, got {self.ef_search}")
-        require(self.nlist >= 0, f"index.nlist must be >= 0 (0 = from the catalog size), got {self.nlist}")
-        require(self.pq_m >= 0, f"index.pq_m must be >= 0 (0 = from the vector width), got {self.pq_m}")
-        require(self.pq_nbits in (4, 8), f"index.pq_nbits must be 4 (fast-scan) or 8, got {self.pq_nbits}")
-        require(self.nprobe >= 0, f"index.nprobe must be >= 0 (0 = from nlist), got {self.nprobe}")
-        require(self.refine_factor >= 1, f"index.refine_factor must be >= 1, got {self.refine_factor}")
-        require(self.recall_sample >= 0, f"index.recall_sample must be >= 0, got {self.recall_sample}")
-        require(self.threads >= 0, f"index.threads must be >= 0 (0 = all cores), got {self.threads}")
-
-
-class NoProductQueries(ArtifactError):
-    """The index (or embeddings) predates products' frozen query vectors."""
-
-
-def no_product_queries(where: str) -> NoProductQueries:
-    return NoProductQueries(
-        f"{where} holds no product query vectors (it was made before products could be queries); re-run "
-        "`itemsage ingest`, `itemsage embed` and `itemsage index` to add them")
-
-
-def _check_query_vectors(query_vectors: Any, n: int) -> np.ndarray:
-    q = np.asarray(query_vectors, dtype=np.float32)
-    if q.ndim != 2 or len(q) != n or q.shape[1] < 1:
-        raise ValueError(f"query_vectors must be [N, Dq] with one row per id ({n}), got shape {q.shape}")
-    if not np.isfinite(q).all():
-        raise ValueError("query_vectors contain NaN or inf")
-    return q
-
-
-def save_query_vectors(path: Path, vectors: np.ndarray) -> None:
-    """[N, Dq] float32 as a safetensors file (tensor "query_vector"), written atomically."""
-    from safetensors.numpy import save_file
-
-    with artifacts.atomic_path(path) as tmp:
-        save_file({QUERY_VECTOR: np.ascontiguousarray(vectors, dtype=np.float32)}, str(tmp))
-
-
-def load_query_vectors(path: Path) -> np.ndarray:
-    """The "query_vector" tensor [N, Dq] of a safetensors file, memory-mapped read-only (the format is
-    an 8-byte little-endian header size, a JSON header, then the raw data)."""
-    import json
-    import struct
-
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    info = header.get(QUERY_VECTOR)
-    if not isinstance(info, dict) or info.get("dtype") != "F32" or len(info.get("shape", [])) != 2:
-        raise ArtifactError(f"{path} holds no float32 [N, Dq] tensor '{QUERY_VECTOR}'; rebuild the index.")
-    begin, end = info["data_offsets"]
-    shape = tuple(info["shape"])
-    if end - begin != 4 * shape[0] * shape[1]:
-        raise ArtifactError(f"{path}: the tensor's data size does not match its shape {shape}; rebuild the index.")
-    if shape[0] == 0:
-        return np.zeros(shape, np.float32)
-    # A plain ndarray over the map (it keeps the map open): indexing a np.memmap runs Python code per call.
-    return np.memmap(path, dtype="<f4", mode="r", offset=8 + size + begin, shape=shape).view(np.ndarray)
 
 
 class ProductIndex:
@@ -579,224 +477,3 @@ class ProductIndex:
             bad = int(np.argmax(~np.all(np.isfinite(x), axis=1)))
             raise ValueError(f"{name} row {bad} holds NaN or inf; every value must be finite")
         return x
-
-
-IVFPQ_MIN_VECTORS = 1000
-IVFPQ_TRAIN_PER_LIST = 40
-
-
-def ivfpq_parameters(n: int, dim: int, config: IndexConfig) -> IndexConfig:
-    """`config` with IVF-PQ's size-dependent parameters filled in where they are 0 (the documented rule).
-
-    nlist: the power of two nearest 4 * sqrt(N) (faiss suggests 4 to 16 sqrt(N) lists), at most N / 39 so
-        k-means sees >= 39 points per list. 20k -> 512, 100k -> 1,024, 1M -> 4,096, 10M -> 16,384.
-    pq_m: D / 2 sub-vectors (the largest divisor of D up to D / 2): two dims per 4-bit code, so a code is
-        D / 4 bytes, 1/16 of the float32 vector (64 B at D = 256; faiss adds an 8 B id per entry).
-    nprobe: nlist / 32 lists per query (128 at 1M). On the clustered benchmark data at 1M
-        (benchmarks/bench_index.py) recall stopped rising past nlist / 128: the rest is margin for
-        embeddings whose neighbours spread over more lists (the build's measured recall says; nprobe
-        can change at load).
-    """
-    nlist = config.nlist or max(1, min(2 ** round(np.log2(4 * np.sqrt(n))), n // 39))
-    pq_m = config.pq_m or max(d for d in range(1, max(1, dim // 2) + 1) if dim % d == 0)
-    require(dim % pq_m == 0, f"index.pq_m ({pq_m}) must divide the vector width ({dim})")
-    nprobe = min(config.nprobe or max(1, nlist // 32), nlist)
-    return dataclasses.replace(config, nlist=nlist, pq_m=pq_m, nprobe=nprobe)
-
-
-def perturbed_queries(vectors: np.ndarray, n: int, rng: np.random.Generator, noise: float = 0.5) -> np.ndarray:
-    """`n` random rows of unit `vectors` [N, D] plus noise of relative length `noise`, renormalised."""
-    rows = rng.choice(len(vectors), size=n, replace=False)
-    q = vectors[rows].astype(np.float32)  # [n, D]
-    g = rng.standard_normal(q.shape).astype(np.float32)
-    q += noise * g / np.linalg.norm(g, axis=1, keepdims=True)
-    return np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True))
-
-
-def neighbour_recall(found: np.ndarray, exact: np.ndarray) -> float:
-    """ANN quality: mean over rows of |found ∩ exact| / |exact|, for [Q, K] row (or id) arrays; -1 means
-    none. Not evaluate.recall_at_k, which asks whether one engaged product is among the first k."""
-    hits = 0
-    total = 0
-    for f, e in zip(found, exact):
-        truth = {x for x in e.tolist() if x != -1}
-        hits += len(truth.intersection(f.tolist()))
-        total += len(truth)
-    return hits / total if total else 1.0
-
-
-# ---- version directories and the CURRENT pointer ------------------------------------------------
-
-
-class VersionNotFound(ArtifactError):
-    """No such index version (or none published): the service answers 404, not 409."""
-
-
-class LocalVersions:
-    """The index versions under a local INDEX_ROOT, as the service loads and reloads them.
-
-    The seam between the service and an index backend: `resolve(None)` follows CURRENT,
-    `resolve("v2")` names versions/v2 (ValueError for a bad name, VersionNotFound for a missing
-    one); `load(target)` verifies and loads it. index_milvus.MilvusVersions does the same for Milvus.
-    """
-
-    def __init__(self, index_root: str | Path) -> None:
-        self.root = Path(index_root)
-
-    def __str__(self) -> str:
-        return str(self.root)
-
-    def resolve(self, version: str | None) -> Path:
-        version_dir = version_path(self.root, version) if version else current_version(self.root)
-        if not version_dir.is_dir():
-            known = sorted(p.name for p in (self.root / VERSIONS_DIR).glob("*") if p.is_dir())
-            shown = ", ".join(known[:20]) + (f" (and {len(known) - 20} more)" if len(known) > 20 else "")
-            raise VersionNotFound(f"index version '{version_dir.name}' does not exist; known "
-                                  f"versions: {shown or 'none'}")
-        return version_dir
-
-    def load(self, target: Path) -> ProductIndex:
-        return ProductIndex.load(target)
-
-
-def version_path(index_root: str | Path, version: str) -> Path:
-    if not _VERSION_NAME.match(version):
-        raise ValueError(f"index version name '{version}' must be letters, digits, '.', '_' or '-' "
-                         "(no slashes), starting with a letter or digit")
-    return Path(index_root) / VERSIONS_DIR / version
-
-
-def new_version_name() -> str:
-    return "v" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-
-
-def publish(index_root: str | Path, version_dir: str | Path) -> None:
-    """Point INDEX_ROOT/CURRENT at `version_dir` (verified first); readers see the old or the new."""
-    index_root, version_dir = Path(index_root), Path(version_dir)
-    expected = version_path(index_root, version_dir.name)
-    if version_dir.resolve() != expected.resolve():
-        raise ValueError(f"{version_dir} is not under {index_root / VERSIONS_DIR}; publish only a "
-                         "version written into this index root")
-    artifacts.verify_manifest(version_dir, kind="index")
-    point_current(index_root, version_dir.name)
-    log.info("published index version %s", version_dir.name)
-
-
-def point_current(index_root: str | Path, version: str) -> None:
-    """Replace INDEX_ROOT/CURRENT atomically with `version` (checked by the caller; see `publish`)."""
-    version_path(index_root, version)  # the name's rules
-    artifacts.atomic_write_text(Path(index_root) / CURRENT_FILE, version + "\n")
-
-
-def current_version(index_root: str | Path) -> Path:
-    """The version directory CURRENT points at."""
-    index_root = Path(index_root)
-    pointer = index_root / CURRENT_FILE
-    if not pointer.is_file():
-        raise VersionNotFound(f"{index_root} has no {CURRENT_FILE} file: no index version is published "
-                            "there. Build one with `itemsage index EMBEDDINGS_DIR --out INDEX_ROOT`.")
-    return version_path(index_root, pointer.read_text().strip())
-
-
-def load_current(index_root: str | Path, *, ef_search: int | None = None) -> ProductIndex:
-    """Load the version CURRENT points at (verified like `ProductIndex.load`)."""
-    return ProductIndex.load(current_version(index_root), ef_search=ef_search)
-
-
-# ---- from an embeddings directory (the `itemsage index` command) --------------------------------
-
-
-def read_embeddings(embeddings_dir: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(ids [N] str, vectors [N, D] float32, manifest) of a finished, verified embeddings directory."""
-    embeddings_dir = Path(embeddings_dir)
-    manifest = artifacts.verify_manifest(embeddings_dir, kind="embeddings")
-    shards = manifest.get("shards") or sorted(name for name in manifest["files"] if name.endswith(".parquet"))
-    dim = int(manifest["dim"])
-    ids: list[np.ndarray] = []
-    vectors: list[np.ndarray] = []
-    for name in shards:
-        table = pq.read_table(embeddings_dir / name, columns=[PRODUCT_ID, "vector"])
-        ids.append(np.asarray(table.column(PRODUCT_ID).to_pylist(), dtype=object))
-        flat = pa.chunked_array(
-            [chunk.flatten() for chunk in table.column("vector").chunks], type=pa.float32()
-        ).to_numpy()
-        vectors.append(flat.reshape(len(table), dim))  # [rows, D]
-    all_ids = np.concatenate(ids) if ids else np.empty(0, dtype=object)
-    all_vectors = np.concatenate(vectors) if vectors else np.empty((0, dim), dtype=np.float32)
-    if len(all_ids) != manifest.get("count"):
-        raise ArtifactError(f"{embeddings_dir} holds {len(all_ids)} vectors, its manifest says "
-                            f"{manifest.get('count')}; re-run `itemsage embed`.")
-    return all_ids, np.ascontiguousarray(all_vectors, dtype=np.float32), manifest
-
-
-def read_query_vectors(embeddings_dir: str | Path, manifest: dict[str, Any]) -> np.ndarray | None:
-    """The products' frozen query vectors [N, Dq] float32 of a verified embeddings directory, in
-    `read_embeddings`' row order; None when its shards predate them."""
-    embeddings_dir = Path(embeddings_dir)
-    entry = manifest.get(PRODUCT_QUERY)
-    if not isinstance(entry, dict):
-        return None
-    dq = int(entry["dim"])
-    shards = manifest.get("shards") or sorted(name for name in manifest["files"] if name.endswith(".parquet"))
-    blocks = []
-    for name in shards:
-        if QUERY_VECTOR not in pq.read_schema(embeddings_dir / name).names:
-            raise ArtifactError(f"{embeddings_dir}/{name} has no {QUERY_VECTOR} column but the manifest lists "
-                                f"{PRODUCT_QUERY}; re-run `itemsage embed`.")
-        column = pq.read_table(embeddings_dir / name, columns=[QUERY_VECTOR]).column(QUERY_VECTOR)
-        flat = pa.chunked_array([chunk.flatten() for chunk in column.chunks], type=pa.float32()).to_numpy()
-        blocks.append(flat.reshape(len(column), dq))  # [rows, Dq]
-    return np.concatenate(blocks) if blocks else np.zeros((0, dq), np.float32)
-
-
-def _finished_version(embeddings_dir: str | Path, index_root: str | Path, version_dir: Path,
-                      config: IndexConfig, publish_it: bool) -> tuple[ProductIndex, Path]:
-    """The existing `version_dir`, published, if it is what this build would write; else an error."""
-    manifest = artifacts.read_manifest(version_dir, kind="index")
-    embeddings = artifacts.fingerprint(embeddings_dir)
-    same_input = manifest.get("inputs", {}).get("embeddings") == embeddings
-    # threads: speed only; IVF-PQ sizes given as 0 ("from the catalog") were resolved in the saved config
-    given = {k: v for k, v in dataclasses.asdict(config).items()
-             if k != "threads" and not (k in ("nlist", "pq_m", "nprobe") and v == 0)}
-    built = manifest.get("config", {})
-    if not same_input or {k: built.get(k) for k in given} != given:
-        what = "other embeddings" if not same_input else "other index options"
-        raise ArtifactError(f"index version {version_dir} already exists, built from {what}; an index version is "
-                            "never overwritten. Pass another --version name.")
-    index = ProductIndex.load(version_dir)  # verifies every file against the manifest
-    log.info("index version %s is already built from these embeddings; verified it", version_dir.name)
-    if publish_it:
-        publish(index_root, version_dir)
-    return index, version_dir
-
-
-def build_from_embeddings(
-    embeddings_dir: str | Path,
-    index_root: str | Path,
-    config: IndexConfig | None = None,
-    *,
-    version: str | None = None,
-    publish_it: bool = True,
-) -> tuple[ProductIndex, Path]:
-    """Index a finished embeddings directory into INDEX_ROOT/versions/<version>/ and publish it.
-
-    Re-running with the name of a finished version built from the same embeddings and config (a run
-    killed after its manifest, before CURRENT) verifies that version and publishes it, without a rebuild.
-    """
-    config = config or IndexConfig()
-    version_dir = version_path(index_root, version or new_version_name())
-    if (version_dir / artifacts.MANIFEST).exists():
-        return _finished_version(embeddings_dir, index_root, version_dir, config, publish_it)
-    ids, vectors, emb_manifest = read_embeddings(embeddings_dir)
-    require(len(ids) > 0, f"{embeddings_dir} holds no embeddings; nothing to index")
-    query_vectors = read_query_vectors(embeddings_dir, emb_manifest)
-    index = ProductIndex.build(ids, vectors, **dataclasses.asdict(config), query_vectors=query_vectors,
-                               product_query=emb_manifest.get(PRODUCT_QUERY) if query_vectors is not None else None)
-    inputs = {"embeddings": artifacts.fingerprint(embeddings_dir)}
-    model_fp = emb_manifest.get("inputs", {}).get("model")
-    if model_fp:
-        inputs["model"] = model_fp
-    index.save(version_dir, inputs=inputs)
-    if publish_it:
-        publish(index_root, version_dir)
-    return index, version_dir

@@ -47,8 +47,11 @@ import faiss
 import numpy as np
 
 from itemsage import artifacts
-from itemsage.index import faiss_index as index_lib
 from itemsage.artifacts import ArtifactError
+from itemsage.index.faiss_index import ProductIndex
+from itemsage.index.query_vectors import NoProductQueries, no_product_queries
+from itemsage.index.versions import load_current, new_version_name, version_path
+from itemsage.index.versions import publish as publish_version
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +248,7 @@ class LiveIndex:
     `version` are the version's. Updates are applied under a lock; searches never wait for them.
     """
 
-    def __init__(self, base: index_lib.ProductIndex) -> None:
+    def __init__(self, base: ProductIndex) -> None:
         self.base = base
         self.applied_seq = int(base.manifest.get("live_seq", 0))
         n = len(base)
@@ -329,14 +332,14 @@ class LiveIndex:
         ids deleted or never indexed; NoProductQueries when the version has none (or an upsert was
         logged without one)."""
         if not self.base.has_query_vectors:
-            raise index_lib.no_product_queries(f"index version {self.version}")
+            raise no_product_queries(f"index version {self.version}")
         product_ids = list(product_ids)
         out, from_side = self._lookup(product_ids, "side_query", self.query_dim, self.base.query_vector)
         if from_side:
             upserted = set(from_side)
             unknown = [pid for pid, row in zip(product_ids, out) if pid in upserted and np.isnan(row).any()]
             if unknown:
-                raise index_lib.NoProductQueries(
+                raise NoProductQueries(
                     f"product {unknown[0]!r} was upserted without a product query vector of this index version's "
                     "width (by a server older than product queries, or onto another index version); "
                     "upsert it again")
@@ -451,7 +454,7 @@ class LiveIndex:
                 "upserts_applied": self.upserts, "deletes_applied": self.deletes}
 
 
-def replay(base: index_lib.ProductIndex, live_log: LiveLog, model: str | None = None) -> LiveIndex:
+def replay(base: ProductIndex, live_log: LiveLog, model: str | None = None) -> LiveIndex:
     """The version `base` with every logged update after the ones folded into it."""
     live = LiveIndex(base)
     records, floor = live_log.read(after=live.applied_seq)
@@ -472,7 +475,7 @@ def replay(base: index_lib.ProductIndex, live_log: LiveLog, model: str | None = 
 
 def compact(
     index_root: str | Path, *, version: str | None = None, publish: bool = True
-) -> tuple[index_lib.ProductIndex, Path, int] | None:
+) -> tuple[ProductIndex, Path, int] | None:
     """Fold the live log into a new index version of CURRENT's kind and parameters; publish it.
 
     Returns (the new index, its directory, updates folded), or None when there is nothing to fold.
@@ -480,7 +483,7 @@ def compact(
     version after its next reload. With `publish=False` the log is left whole.
     """
     index_root = Path(index_root)
-    base = index_lib.load_current(index_root)
+    base = load_current(index_root)
     live_log = LiveLog(index_root)
     live = replay(base, live_log, base.manifest.get("inputs", {}).get("model"))
     folded = live.upserts + live.deletes
@@ -489,19 +492,19 @@ def compact(
     ids, vectors = live.snapshot()
     if not len(ids):
         raise ArtifactError("the live updates delete every product of the index; an index needs at least one")
-    version_dir = index_lib.version_path(index_root, version or index_lib.new_version_name())
+    version_dir = version_path(index_root, version or new_version_name())
     if (version_dir / artifacts.MANIFEST).exists():
         raise ArtifactError(f"index version {version_dir} already exists; pass another --version name")
     config = dataclasses.asdict(base.config)
     query_vectors = live.query_vector(ids) if live.has_query_vectors else None  # [N, Dq], carried along
-    new = index_lib.ProductIndex.build(ids, vectors, **config, query_vectors=query_vectors,
-                                       product_query=base.product_query)
+    new = ProductIndex.build(ids, vectors, **config, query_vectors=query_vectors,
+                             product_query=base.product_query)
     inputs = {"base_version": base.version or "", "live_log": f"through update {live.applied_seq}"}
     if base.manifest.get("inputs", {}).get("model"):
         inputs["model"] = base.manifest["inputs"]["model"]
     new.save(version_dir, inputs=inputs, extra={"live_seq": live.applied_seq})
     if publish:
-        index_lib.publish(index_root, version_dir)
+        publish_version(index_root, version_dir)
         live_log.drop_through(live.applied_seq, version_dir.name)
     log.info("compacted %d live updates into index version %s (%d products)", folded, version_dir.name, len(new))
     return new, version_dir, folded

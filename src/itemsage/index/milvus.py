@@ -36,18 +36,11 @@ import numpy as np
 from itemsage import artifacts
 from itemsage.artifacts import ArtifactError
 from itemsage.config import from_dict, require
-from itemsage.index.faiss_index import (
-    NEIGHBOUR_RECALL,
-    RECALL_K,
-    VersionNotFound,
-    no_product_queries,
-    read_query_vectors,
-    neighbour_recall,
-    new_version_name,
-    perturbed_queries,
-    read_embeddings,
-    stats_from_manifest,
-)
+from itemsage.index.build import read_embeddings, read_query_vectors
+from itemsage.index.config import NEIGHBOUR_RECALL, RECALL_K, stats_from_manifest
+from itemsage.index.query_vectors import no_product_queries
+from itemsage.index.recall import neighbour_recall, perturbed_queries
+from itemsage.index.versions import VersionNotFound, new_version_name
 
 log = logging.getLogger(__name__)
 

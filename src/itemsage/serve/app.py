@@ -61,20 +61,45 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from itemsage.index import by_product
-from itemsage.index import faiss_index as index_lib
-from itemsage.index import live as live_lib
 from itemsage.artifacts import ArtifactError
-from itemsage.serve.bodies import (MAX_HISTORY, Candidates,  # noqa: F401  (MAX_HISTORY: serve.MAX_HISTORY, as before)
-                             CloseupRequest, Cluster, DeleteRequest, EmbedRequest, EmbedResponse,
-                             HomeRequest, HomeResponse, ProductIn, ReloadRequest, ReloadResponse, RequestError,
-                             SearchRequest, UpdateResponse, UpsertRequest, _printable, _validation_message,
-                             error_response)
 from itemsage.config import ConfigError, require
-from itemsage.serve.middleware import (DEFAULT_BODY_DEADLINE_S, DEFAULT_BODY_TIMEOUT_S, LATENCY_BUCKETS,  # noqa: F401
-                                 BodyLimitMiddleware, FastPathMiddleware, InternalErrorMiddleware, Metrics,
-                                 MetricsMiddleware)
+from itemsage.index import by_product
+from itemsage.index import live as live_lib
+from itemsage.index.faiss_index import ProductIndex
+from itemsage.index.query_vectors import NoProductQueries
+from itemsage.index.versions import LocalVersions, VersionNotFound, point_current
 from itemsage.schema import IMAGE_EMBEDDINGS, PRODUCT_ID
+from itemsage.serve.bodies import (  # noqa: F401  (MAX_HISTORY: serve.MAX_HISTORY, as before)
+    MAX_HISTORY,
+    Candidates,
+    CloseupRequest,
+    Cluster,
+    DeleteRequest,
+    EmbedRequest,
+    EmbedResponse,
+    HomeRequest,
+    HomeResponse,
+    ProductIn,
+    ReloadRequest,
+    ReloadResponse,
+    RequestError,
+    SearchRequest,
+    UpdateResponse,
+    UpsertRequest,
+    _printable,
+    _validation_message,
+    error_response,
+)
+from itemsage.serve.middleware import (  # noqa: F401
+    DEFAULT_BODY_DEADLINE_S,
+    DEFAULT_BODY_TIMEOUT_S,
+    LATENCY_BUCKETS,
+    BodyLimitMiddleware,
+    FastPathMiddleware,
+    InternalErrorMiddleware,
+    Metrics,
+    MetricsMiddleware,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +155,7 @@ def _plain_adapters(adapters: torch.nn.Module) -> dict[str, np.ndarray | None]:
 class Served:
     """What one request reads once: the index and its version, swapped together by reload."""
 
-    index: Any  # index_lib.ProductIndex, or index_milvus.MilvusIndex (the same search interface)
+    index: Any  # ProductIndex, or index_milvus.MilvusIndex (the same search interface)
     version: str
 
 
@@ -151,10 +176,10 @@ class Service:
         query_batch: int = DEFAULT_QUERY_BATCH,
     ) -> None:
         """`index_root`: a local index root, or a versions object with `resolve(version)` and `load(target)`
-        (index_lib.LocalVersions, index_milvus.MilvusVersions): the index backend seam."""
+        (LocalVersions, index_milvus.MilvusVersions): the index backend seam."""
         from itemsage.encoders.image import DEFAULT_MAX_PIXELS
-        from itemsage.model.model import load_model
         from itemsage.encoders.text import QueryVectorCache
+        from itemsage.model.model import load_model
 
         require(max_k >= 1, f"max_k must be >= 1, got {max_k}")
         require(query_encoder in QUERY_ENCODERS,
@@ -168,7 +193,7 @@ class Service:
         self.max_image_pixels = int(max_image_pixels or DEFAULT_MAX_PIXELS)
         require(self.max_image_pixels >= 1, f"max_image_pixels must be >= 1, got {max_image_pixels}")
         self.versions = (index_root if hasattr(index_root, "resolve") and hasattr(index_root, "load")
-                         else index_lib.LocalVersions(index_root))
+                         else LocalVersions(index_root))
         self.index_root = getattr(self.versions, "root", None)  # a local index root; None for Milvus
         # Live updates log beside a local index root; a Milvus collection is updated in Milvus itself.
         self.live_log = live_lib.LiveLog(self.index_root) if self.index_root is not None else None
@@ -187,7 +212,7 @@ class Service:
 
     # -- index versions --
 
-    def _check_index(self, index: index_lib.ProductIndex) -> Served:
+    def _check_index(self, index: ProductIndex) -> Served:
         """Refuse an index of another width, or one built from another model's embeddings."""
         if index.dim != self.out_dim:
             raise ArtifactError(f"index version {index.version} holds {index.dim}-d vectors but the model "
@@ -217,7 +242,7 @@ class Service:
                 target = self.versions.resolve(version)  # a version directory, or a Milvus collection
             except ValueError as err:
                 raise RequestError(422, str(err)) from None
-            except index_lib.VersionNotFound as err:  # no CURRENT pointer (alias), or no such version
+            except VersionNotFound as err:  # no CURRENT pointer (alias), or no such version
                 raise RequestError(404, str(err)) from None
             name = getattr(target, "name", target)
             try:
@@ -226,7 +251,7 @@ class Service:
                     new = self._with_live(new)
                     if persist and version and self.index_root is not None:
                         try:
-                            index_lib.point_current(self.index_root, name)
+                            point_current(self.index_root, name)
                         except OSError as err:
                             raise RequestError(409, f"index version '{name}' was not swapped in: "
                                                f"CURRENT could not be written ({err}); fix the index root's "
@@ -322,7 +347,10 @@ class Service:
 
         with self._encoder_lock:  # created once, on first use (loading MiniLM takes seconds)
             if self._text_encoder is None:
-                from itemsage.encoders.text import OnnxTextQueryEncoder, TextQueryEncoder
+                from itemsage.encoders.text import (
+                    OnnxTextQueryEncoder,
+                    TextQueryEncoder,
+                )
 
                 self._text_encoder = (TextQueryEncoder() if self.query_encoder == "torch" else
                                       OnnxTextQueryEncoder(quantize=self.query_encoder == "onnx-int8"))
@@ -414,7 +442,7 @@ class Service:
                                "(ingest --product-query) match the model's training logs")
         try:
             yield
-        except index_lib.NoProductQueries as err:
+        except NoProductQueries as err:
             self._product_vectors(served, ids)  # an unknown id is the more specific error (404)
             raise RequestError(409, f"{err}. Until then, closeup by product_id can search with the product's "
                                'learned embedding ("product_to_product": true), and home can take `vectors`') from None

@@ -1,0 +1,124 @@
+"""`itemsage index`: an embeddings directory (verified against its manifest) -> a new index version,
+its recall measured, published as CURRENT. A re-run with the same --version publishes a version that
+was finished but not yet made CURRENT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from itemsage import artifacts
+from itemsage.artifacts import ArtifactError
+from itemsage.config import require
+from itemsage.index.config import IndexConfig
+from itemsage.index.faiss_index import ProductIndex
+from itemsage.index.versions import new_version_name, publish, version_path
+from itemsage.schema import PRODUCT_ID, PRODUCT_QUERY, QUERY_VECTOR
+
+log = logging.getLogger(__name__)
+
+
+# ---- from an embeddings directory (the `itemsage index` command) --------------------------------
+
+
+def read_embeddings(embeddings_dir: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(ids [N] str, vectors [N, D] float32, manifest) of a finished, verified embeddings directory."""
+    embeddings_dir = Path(embeddings_dir)
+    manifest = artifacts.verify_manifest(embeddings_dir, kind="embeddings")
+    shards = manifest.get("shards") or sorted(name for name in manifest["files"] if name.endswith(".parquet"))
+    dim = int(manifest["dim"])
+    ids: list[np.ndarray] = []
+    vectors: list[np.ndarray] = []
+    for name in shards:
+        table = pq.read_table(embeddings_dir / name, columns=[PRODUCT_ID, "vector"])
+        ids.append(np.asarray(table.column(PRODUCT_ID).to_pylist(), dtype=object))
+        flat = pa.chunked_array(
+            [chunk.flatten() for chunk in table.column("vector").chunks], type=pa.float32()
+        ).to_numpy()
+        vectors.append(flat.reshape(len(table), dim))  # [rows, D]
+    all_ids = np.concatenate(ids) if ids else np.empty(0, dtype=object)
+    all_vectors = np.concatenate(vectors) if vectors else np.empty((0, dim), dtype=np.float32)
+    if len(all_ids) != manifest.get("count"):
+        raise ArtifactError(f"{embeddings_dir} holds {len(all_ids)} vectors, its manifest says "
+                            f"{manifest.get('count')}; re-run `itemsage embed`.")
+    return all_ids, np.ascontiguousarray(all_vectors, dtype=np.float32), manifest
+
+
+def read_query_vectors(embeddings_dir: str | Path, manifest: dict[str, Any]) -> np.ndarray | None:
+    """The products' frozen query vectors [N, Dq] float32 of a verified embeddings directory, in
+    `read_embeddings`' row order; None when its shards predate them."""
+    embeddings_dir = Path(embeddings_dir)
+    entry = manifest.get(PRODUCT_QUERY)
+    if not isinstance(entry, dict):
+        return None
+    dq = int(entry["dim"])
+    shards = manifest.get("shards") or sorted(name for name in manifest["files"] if name.endswith(".parquet"))
+    blocks = []
+    for name in shards:
+        if QUERY_VECTOR not in pq.read_schema(embeddings_dir / name).names:
+            raise ArtifactError(f"{embeddings_dir}/{name} has no {QUERY_VECTOR} column but the manifest lists "
+                                f"{PRODUCT_QUERY}; re-run `itemsage embed`.")
+        column = pq.read_table(embeddings_dir / name, columns=[QUERY_VECTOR]).column(QUERY_VECTOR)
+        flat = pa.chunked_array([chunk.flatten() for chunk in column.chunks], type=pa.float32()).to_numpy()
+        blocks.append(flat.reshape(len(column), dq))  # [rows, Dq]
+    return np.concatenate(blocks) if blocks else np.zeros((0, dq), np.float32)
+
+
+def _finished_version(embeddings_dir: str | Path, index_root: str | Path, version_dir: Path,
+                      config: IndexConfig, publish_it: bool) -> tuple[ProductIndex, Path]:
+    """The existing `version_dir`, published, if it is what this build would write; else an error."""
+    manifest = artifacts.read_manifest(version_dir, kind="index")
+    embeddings = artifacts.fingerprint(embeddings_dir)
+    same_input = manifest.get("inputs", {}).get("embeddings") == embeddings
+    # threads: speed only; IVF-PQ sizes given as 0 ("from the catalog") were resolved in the saved config
+    given = {k: v for k, v in dataclasses.asdict(config).items()
+             if k != "threads" and not (k in ("nlist", "pq_m", "nprobe") and v == 0)}
+    built = manifest.get("config", {})
+    if not same_input or {k: built.get(k) for k in given} != given:
+        what = "other embeddings" if not same_input else "other index options"
+        raise ArtifactError(f"index version {version_dir} already exists, built from {what}; an index version is "
+                            "never overwritten. Pass another --version name.")
+    index = ProductIndex.load(version_dir)  # verifies every file against the manifest
+    log.info("index version %s is already built from these embeddings; verified it", version_dir.name)
+    if publish_it:
+        publish(index_root, version_dir)
+    return index, version_dir
+
+
+def build_from_embeddings(
+    embeddings_dir: str | Path,
+    index_root: str | Path,
+    config: IndexConfig | None = None,
+    *,
+    version: str | None = None,
+    publish_it: bool = True,
+) -> tuple[ProductIndex, Path]:
+    """Index a finished embeddings directory into INDEX_ROOT/versions/<version>/ and publish it.
+
+    Re-running with the name of a finished version built from the same embeddings and config (a run
+    killed after its manifest, before CURRENT) verifies that version and publishes it, without a rebuild.
+    """
+    config = config or IndexConfig()
+    version_dir = version_path(index_root, version or new_version_name())
+    if (version_dir / artifacts.MANIFEST).exists():
+        return _finished_version(embeddings_dir, index_root, version_dir, config, publish_it)
+    ids, vectors, emb_manifest = read_embeddings(embeddings_dir)
+    require(len(ids) > 0, f"{embeddings_dir} holds no embeddings; nothing to index")
+    query_vectors = read_query_vectors(embeddings_dir, emb_manifest)
+    index = ProductIndex.build(ids, vectors, **dataclasses.asdict(config), query_vectors=query_vectors,
+                               product_query=emb_manifest.get(PRODUCT_QUERY) if query_vectors is not None else None)
+    inputs = {"embeddings": artifacts.fingerprint(embeddings_dir)}
+    model_fp = emb_manifest.get("inputs", {}).get("model")
+    if model_fp:
+        inputs["model"] = model_fp
+    index.save(version_dir, inputs=inputs)
+    if publish_it:
+        publish(index_root, version_dir)
+    return index, version_dir
