@@ -31,6 +31,7 @@ from itemsage.index.versions import current_version, load_current, publish, vers
 from itemsage.model.tower import ItemSage, QueryAdapters
 from itemsage.model.model import load_model, save_model
 from itemsage.model.config import model_config
+from itemsage.index.live_log import LiveLog, delete_record, upsert_record
 
 DIM = 16
 IMAGE_DIM = 8
@@ -62,7 +63,7 @@ def brute_force(products: dict, q: np.ndarray, k: int) -> tuple[list[str], np.nd
 
 
 def upsert(pid: str, vector: np.ndarray) -> dict:
-    return live.upsert_record(pid, vector, "m", {"product_id": pid})
+    return upsert_record(pid, vector, "m", {"product_id": pid})
 
 
 # ---- the LiveIndex against brute force ---------------------------------------------------------------
@@ -70,13 +71,13 @@ def upsert(pid: str, vector: np.ndarray) -> dict:
 
 def test_updates_match_brute_force_and_deletes_are_filtered_inside_the_search(tmp_path):
     products = make_root(tmp_path, 60)
-    log = live.LiveLog(tmp_path)
+    log = LiveLog(tmp_path)
     index = live.replay(load_current(tmp_path), log)
     rng = np.random.default_rng(1)
     q = unit(rng, 5)  # [5, D]
     # Delete the 10 nearest products of query 0: k=10 must still give 10, the next 10 by brute force.
     nearest, _ = brute_force(products, q[0], 10)
-    index.apply(log.append([live.delete_record(p) for p in nearest]))
+    index.apply(log.append([delete_record(p) for p in nearest]))
     for p in nearest:
         del products[p]
     ids, scores = index.search(q[:1], 10)
@@ -87,7 +88,7 @@ def test_updates_match_brute_force_and_deletes_are_filtered_inside_the_search(tm
     new = unit(rng, 8)
     updates = [upsert(f"n{i}", new[i]) for i in range(4)]
     updates += [upsert("p020", new[4]), upsert("p021", new[5]), upsert("n0", new[6])]
-    updates += [live.delete_record("n1")]
+    updates += [delete_record("n1")]
     index.apply(log.append(updates))
     for i in range(4):
         products[f"n{i}"] = new[i]
@@ -106,7 +107,7 @@ def test_updates_match_brute_force_and_deletes_are_filtered_inside_the_search(tm
     with pytest.raises(KeyError, match="n1"):
         index.vector(["n1"])
     # A restart replays the log to the same state.
-    again = live.replay(load_current(tmp_path), live.LiveLog(tmp_path))
+    again = live.replay(load_current(tmp_path), LiveLog(tmp_path))
     for a, b in zip(again.search(q, 30), index.search(q, 30)):
         np.testing.assert_array_equal(a, b)
     # A query of the updated product itself finds it first (the side vectors are searched).
@@ -116,12 +117,12 @@ def test_updates_match_brute_force_and_deletes_are_filtered_inside_the_search(tm
 
 def test_hnsw_version_skips_hidden_rows_and_still_returns_k(tmp_path):
     products = make_root(tmp_path, 400, kind="hnsw")
-    log = live.LiveLog(tmp_path)
+    log = LiveLog(tmp_path)
     index = live.replay(load_current(tmp_path), log)
     rng = np.random.default_rng(2)
     q = unit(rng, 20)
     hidden = {p for row in range(len(q)) for p in brute_force(products, q[row], 5)[0]}  # the top 5 of each
-    index.apply(log.append([live.delete_record(p) for p in sorted(hidden)]))
+    index.apply(log.append([delete_record(p) for p in sorted(hidden)]))
     ids, _ = index.search(q, 10)
     assert (ids != "").all(), "k results come back although the nearest rows are deleted"
     assert not hidden & set(ids.ravel().tolist())
@@ -141,7 +142,7 @@ def test_one_query_search_is_the_batch_search_without_padding(tmp_path, kind):
     from itemsage.index import by_product
 
     products = make_root(tmp_path, 40, kind=kind)
-    log = live.LiveLog(tmp_path)
+    log = LiveLog(tmp_path)
     base = load_current(tmp_path)
     index = live.replay(base, log)
     rng = np.random.default_rng(4)
@@ -159,11 +160,11 @@ def test_one_query_search_is_the_batch_search_without_padding(tmp_path, kind):
     same(base)
     same(index)
     nearest = brute_force(products, q[0], 8)[0]
-    index.apply(log.append([live.delete_record(p) for p in nearest]))  # hidden rows: a faiss selector
+    index.apply(log.append([delete_record(p) for p in nearest]))  # hidden rows: a faiss selector
     same(index)
     new = unit(rng, 3)
     index.apply(log.append([upsert("n0", new[0]), upsert("n1", new[1]), upsert("p010", new[2]),
-                            upsert("n0", q[1]), live.delete_record("n1")]))  # dead side rows too
+                            upsert("n0", q[1]), delete_record("n1")]))  # dead side rows too
     assert len(index) == 40 - len(set(nearest) - {"p010"}) + 1  # n0 added, p010 replaced (or back)
     same(index)
     one = by_product.top_k_excluding(index, q[:1], [3, 10], [{"n0", "p011"}])
@@ -173,38 +174,38 @@ def test_one_query_search_is_the_batch_search_without_padding(tmp_path, kind):
 
 def test_log_survives_a_torn_tail_and_refuses_damage(tmp_path):
     make_root(tmp_path, 10)
-    log = live.LiveLog(tmp_path)
-    records = log.append([live.delete_record("p001"), live.delete_record("p002")])
+    log = LiveLog(tmp_path)
+    records = log.append([delete_record("p001"), delete_record("p002")])
     assert [r["seq"] for r in records] == [1, 2]
     with open(log.path, "ab") as f:  # a kill in the middle of an append: no newline, never acknowledged
         f.write(b'{"seq": 3, "op": "delete", "id": "p0')
     log.close()  # the killed process's lock goes with it
-    fresh = live.LiveLog(tmp_path)  # a restarted process
+    fresh = LiveLog(tmp_path)  # a restarted process
     assert [r["id"] for r in fresh.read()[0]] == ["p001", "p002"]
-    records = fresh.append([live.delete_record("p003")])
+    records = fresh.append([delete_record("p003")])
     assert records[0]["seq"] == 3
     assert [r["id"] for r in fresh.read()[0]] == ["p001", "p002", "p003"]
     assert log.path.read_bytes().endswith(b"\n")
     lines = log.path.read_bytes().splitlines()
     log.path.write_bytes(b"\n".join([lines[0], b"garbage", lines[2]]) + b"\n")
     with pytest.raises(ArtifactError, match="line 2"):
-        live.LiveLog(tmp_path).read()
+        LiveLog(tmp_path).read()
 
 
 def test_one_writer_per_index_root(tmp_path):
     make_root(tmp_path, 10)
-    first, second = live.LiveLog(tmp_path), live.LiveLog(tmp_path)
-    first.append([live.delete_record("p001")])
+    first, second = LiveLog(tmp_path), LiveLog(tmp_path)
+    first.append([delete_record("p001")])
     with pytest.raises(ArtifactError, match="another server process"):
-        second.append([live.delete_record("p002")])
+        second.append([delete_record("p002")])
 
 
 def test_compaction_folds_the_log_and_keeps_later_updates(tmp_path):
     products = make_root(tmp_path, 50)
-    log = live.LiveLog(tmp_path)
+    log = LiveLog(tmp_path)
     rng = np.random.default_rng(3)
     new = unit(rng, 3)
-    log.append([upsert("n0", new[0]), upsert("p005", new[1]), live.delete_record("p006")])
+    log.append([upsert("n0", new[0]), upsert("p005", new[1]), delete_record("p006")])
     products.update({"n0": new[0], "p005": new[1]})
     del products["p006"]
     q = unit(rng, 4)
@@ -216,19 +217,19 @@ def test_compaction_folds_the_log_and_keeps_later_updates(tmp_path):
     assert current_version(tmp_path) == version_dir
     assert read_manifest(version_dir, "index")["live_seq"] == 3
     assert live.compact(tmp_path, version="v3") is None  # nothing new to fold
-    after = live.replay(load_current(tmp_path), live.LiveLog(tmp_path))
+    after = live.replay(load_current(tmp_path), LiveLog(tmp_path))
     assert after.info()["upserted"] == 0 and after.info()["hidden"] == 0  # all inside the version now
     ids, scores = after.search(q, 10)
     np.testing.assert_array_equal(ids, before_ids)
     np.testing.assert_allclose(scores, before_scores, atol=1e-5)
     # Updates after the compaction are replayed on top of it; the old version cannot be served any more.
-    log.append([live.delete_record("n0")], floor=3)
-    after = live.replay(load_current(tmp_path), live.LiveLog(tmp_path))
+    log.append([delete_record("n0")], floor=3)
+    after = live.replay(load_current(tmp_path), LiveLog(tmp_path))
     assert "n0" not in after and after.applied_seq == 4
     from itemsage.index.faiss_index import ProductIndex as PI
 
     with pytest.raises(ArtifactError, match="compacted through update 3"):
-        live.replay(PI.load(version_path(tmp_path, "v1")), live.LiveLog(tmp_path))
+        live.replay(PI.load(version_path(tmp_path, "v1")), LiveLog(tmp_path))
 
 
 # ---- through HTTP ------------------------------------------------------------------------------------
@@ -391,8 +392,8 @@ def test_search_text_is_encoded_once_and_answers_as_the_vector_does(model_dir, t
 
 def test_updates_of_another_model_are_refused(tmp_path):
     make_root(tmp_path, 10, model_fp="model-a")
-    log = live.LiveLog(tmp_path)
-    log.append([live.upsert_record("n0", np.ones(DIM, np.float32), "model-b", {"product_id": "n0"})])
+    log = LiveLog(tmp_path)
+    log.append([upsert_record("n0", np.ones(DIM, np.float32), "model-b", {"product_id": "n0"})])
     with pytest.raises(ArtifactError, match="model-b"):
         live.replay(load_current(tmp_path), log, "model-a")
 
@@ -402,11 +403,11 @@ def test_deletes_are_filtered_inside_an_ivfpq_search(tmp_path):
     # not break the search (it raised RuntimeError, a 500 in the service, before the fix).
     # Every list probed (nprobe is capped at nlist): the codes and their re-ranking are the only approximation.
     products = make_root(tmp_path, 1200, kind="ivfpq", nprobe=10_000)
-    log = live.LiveLog(tmp_path)
+    log = LiveLog(tmp_path)
     index = live.replay(load_current(tmp_path), log)
     q = unit(np.random.default_rng(2), 3)  # [3, D]
     nearest, _ = brute_force(products, q[0], 10)
-    index.apply(log.append([live.delete_record(p) for p in nearest]))
+    index.apply(log.append([delete_record(p) for p in nearest]))
     for p in nearest:
         del products[p]
     ids, scores = index.search(q, 10)
@@ -439,13 +440,13 @@ def test_upserted_products_get_their_frozen_query_vector(model_dir, tmp_path):
         assert c.post("/admin/products", json=body, headers=auth()).status_code == 200
         r = c.post("/admin/products", json={"products": [{"product_id": "bare", "title": "no image"}]}, headers=auth())
         assert r.status_code == 422 and "has no image" in r.json()["detail"]
-        served = live.replay(load_current(tmp_path), live.LiveLog(tmp_path))  # what the log holds
+        served = live.replay(load_current(tmp_path), LiveLog(tmp_path))  # what the log holds
         np.testing.assert_allclose(served.query_vector(["new-1", "p007", "p001"]),
                                    np.stack([main["new-1"], main["p007"], query[1]]), atol=1e-7)
         with pytest.raises(KeyError, match="'nope'"):
             served.query_vector(["nope"])
         assert c.post("/admin/products/delete", json={"ids": ["p001"]}, headers=auth()).status_code == 200
-        served = live.replay(load_current(tmp_path), live.LiveLog(tmp_path))
+        served = live.replay(load_current(tmp_path), LiveLog(tmp_path))
         with pytest.raises(KeyError, match="'p001'"):
             served.query_vector(["p001"])
 
@@ -460,7 +461,7 @@ def test_a_live_index_without_query_vectors_says_to_rebuild(tmp_path):
     from itemsage.index.query_vectors import NoProductQueries
 
     make_root(tmp_path, 10)
-    live_log = live.LiveLog(tmp_path)
+    live_log = LiveLog(tmp_path)
     served = live.replay(load_current(tmp_path), live_log)
     served.apply(live_log.append([upsert("x", unit(np.random.default_rng(0), 1)[0])]))
     live_log.close()
@@ -478,12 +479,12 @@ def test_logged_query_vectors_of_another_width_do_not_stop_the_replay(tmp_path):
     rng = np.random.default_rng(0)
     make_root(tmp_path, 10, query_vectors=rng.standard_normal((10, 4)).astype(np.float32),
               product_query={"source": "image", "fields": ["image_embeddings"], "dim": 4})
-    live_log = live.LiveLog(tmp_path)
+    live_log = LiveLog(tmp_path)
     vector = unit(rng, 1)[0]
-    live_log.append([live.upsert_record("x", vector, "m", {"product_id": "x"},
+    live_log.append([upsert_record("x", vector, "m", {"product_id": "x"},
                                         rng.standard_normal(8).astype(np.float32))])
     live_log.close()
-    served = live.replay(load_current(tmp_path), live.LiveLog(tmp_path))
+    served = live.replay(load_current(tmp_path), LiveLog(tmp_path))
     assert "x" in served and served.search(vector[None, :], 1)[0][0, 0] == "x"
     with pytest.raises(NoProductQueries, match="upsert it again"):
         served.query_vector(["x"])

@@ -100,6 +100,7 @@ from itemsage.serve.middleware import (  # noqa: F401
     Metrics,
     MetricsMiddleware,
 )
+from itemsage.index.live_log import LiveLog, delete_record, upsert_record
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ class Service:
                          else LocalVersions(index_root))
         self.index_root = getattr(self.versions, "root", None)  # a local index root; None for Milvus
         # Live updates log beside a local index root; a Milvus collection is updated in Milvus itself.
-        self.live_log = live_lib.LiveLog(self.index_root) if self.index_root is not None else None
+        self.live_log = LiveLog(self.index_root) if self.index_root is not None else None
         self.model = load_model(model_dir)
         self.model.model.eval()  # model.ItemSageModel: tower, adapters, logit scale
         self.out_dim = int(self.model.config.out_dim)
@@ -588,7 +589,7 @@ class Service:
         vectors = self._embed_products(req.products, [f"products[{i}]" for i in range(len(ids))])  # [N, D]
         products = [p.model_dump(exclude_none=True) for p in req.products]
         queries = self._product_query_vectors(products)  # [N, Dq] or None
-        updates = [live_lib.upsert_record(pid, v, self.model.fingerprint, p, None if queries is None else queries[i])
+        updates = [upsert_record(pid, v, self.model.fingerprint, p, None if queries is None else queries[i])
                    for i, (pid, v, p) in enumerate(zip(ids, vectors, products))]
         return self._apply_updates(updates, ids, [])
 
@@ -624,7 +625,7 @@ class Service:
             index = self.served.index
             known = [p for p in ids if p in index]
             unknown = [p for p in ids if p not in index]
-            return self._apply_updates([live_lib.delete_record(p) for p in known], known, unknown, locked=True)
+            return self._apply_updates([delete_record(p) for p in known], known, unknown, locked=True)
 
     def _apply_updates(self, updates: list[dict], ids: list[str], unknown: list[str], *,
                        locked: bool = False) -> UpdateResponse:
