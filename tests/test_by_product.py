@@ -27,6 +27,7 @@ from itemsage.model.tower import ItemSage, QueryAdapters
 from itemsage.model.model import load_model, save_model
 from itemsage.model.config import model_config
 from itemsage.train.pairs import Pairs
+from itemsage.serve.service import Service
 
 FROZEN_DIM = 8
 OUT_DIM = 16
@@ -63,7 +64,7 @@ def world(tmp_path_factory):
     weights = {s: model.adapters.maps[s].weight.detach().numpy().astype(np.float64) for s in QUERY_DIMS}
     return {"base": base, "model": model, "ids": np.asarray(ids), "frozen": frozen, "vectors": vectors,
             "index": index, "weights": weights,
-            "service": serve.Service(base / "model", base / "index")}
+            "service": Service(base / "model", base / "index")}
 
 
 def adapter(world, surface: str, x: np.ndarray) -> np.ndarray:

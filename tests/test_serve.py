@@ -33,6 +33,9 @@ from itemsage.model.tower import ItemSage, QueryAdapters
 from itemsage.model.model import load_model, save_model
 from itemsage.model.config import model_config
 from itemsage.schema import TEXT_FIELDS
+from itemsage.serve.service import Service, _plain_adapters
+from itemsage.serve.bodies import MAX_HISTORY
+from itemsage.serve.middleware import LATENCY_BUCKETS
 
 IMAGE_DIM = 8
 OUT_DIM = 16  # the tiny preset's embedding width
@@ -296,7 +299,7 @@ def test_closeup_by_vector_and_by_image(client, world, tmp_path):
 
 def test_numpy_adapters_equal_the_models_torch_adapters(world):
     """The service applies plain adapters (bias-free Linear, identity) in numpy: same unit rows as torch."""
-    service = serve.Service(world["model_dir"], world["root"])
+    service = Service(world["model_dir"], world["root"])
     assert set(service._adapter_maps) == {"search", "closeup", "home"}
     assert service._adapter_maps["home"] is None  # 16 -> 16 in auto mode: the identity
     rng = np.random.default_rng(3)
@@ -307,7 +310,7 @@ def test_numpy_adapters_equal_the_models_torch_adapters(world):
     # Anything else (here a Linear with a bias) is left to torch.
     odd = QueryAdapters({"search": 4}, OUT_DIM, "linear")
     odd.maps["search"] = torch.nn.Linear(4, OUT_DIM)
-    assert serve._plain_adapters(odd) == {}
+    assert _plain_adapters(odd) == {}
 
 
 def _on_loop() -> bool:
@@ -590,7 +593,7 @@ BAD = [
     ("/v1/home", {"vectors": [V16, [0.1] * 3]}, 422, "vectors[1]"),
     ("/v1/home", {"vectors": [V16, [0.0] * OUT_DIM]}, 422, "all zeros"),
     ("/v1/home", {"history": ["p01"], "max_clusters": 0}, 422, "max_clusters"),
-    ("/v1/home", {"history": ["p01"] * (serve.MAX_HISTORY + 1)}, 422, "history"),
+    ("/v1/home", {"history": ["p01"] * (MAX_HISTORY + 1)}, 422, "history"),
     ("/v1/embed", {"product": {"title": "chair", "flavour": "mint"}}, 422, "flavour"),
     ("/v1/embed", {"product": {"title": "chair"}, "extra": 1}, 422, "extra"),
     ("/v1/embed", {"product": {"title": 7}}, 422, "title"),
@@ -684,7 +687,7 @@ def test_metrics_count_requests_and_latency(world):
     assert samples[req % ("other", "GET", 404)] == 1  # unknown paths share one label
     hist = 'itemsage_request_duration_seconds_%s{endpoint="/v1/search"%s}'
     assert samples[hist % ("count", "")] == 5
-    buckets = [samples[hist % ("bucket", f',le="{b}"')] for b in serve.LATENCY_BUCKETS]
+    buckets = [samples[hist % ("bucket", f',le="{b}"')] for b in LATENCY_BUCKETS]
     assert buckets == sorted(buckets) and samples[hist % ("bucket", ',le="+Inf"')] == 5
     assert samples[hist % ("sum", "")] > 0
     assert samples['itemsage_index_info{model="%s",version="v1"}' % world["fp"]] == 1  # labels in name order

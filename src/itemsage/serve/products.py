@@ -1,0 +1,197 @@
+"""The service's product writes: a product's embedding by the served tower (/v1/embed) and the live
+updates (/admin/products, /admin/products/delete; index/live.py), logged durably before the reply.
+
+`ProductUpdates` is a part of `Service` (its base class): it reads the service's model, served
+index and live log. A request's products go through ingest's own row checks and normalisation
+(`data.ingest.check_products`), as `itemsage embed` and `itemsage.load(...).encode_products` do, so
+a bad product gets ingest's reason and message everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from itemsage.artifacts import ArtifactError
+from itemsage.index import live as live_lib
+from itemsage.index.live_log import delete_record, upsert_record
+from itemsage.schema import IMAGE_EMBEDDINGS, PRODUCT_ID
+from itemsage.serve.bodies import (  # noqa: F401  (MAX_HISTORY: serve.MAX_HISTORY, as before)
+    MAX_HISTORY,
+    Candidates,
+    CloseupRequest,
+    Cluster,
+    DeleteRequest,
+    EmbedRequest,
+    EmbedResponse,
+    HomeRequest,
+    HomeResponse,
+    ProductIn,
+    ReloadRequest,
+    ReloadResponse,
+    RequestError,
+    SearchRequest,
+    UpdateResponse,
+    UpsertRequest,
+    _printable,
+    _validation_message,
+    error_response,
+)
+from itemsage.serve.middleware import (  # noqa: F401
+    DEFAULT_BODY_DEADLINE_S,
+    DEFAULT_BODY_TIMEOUT_S,
+    LATENCY_BUCKETS,
+    BodyLimitMiddleware,
+    FastPathMiddleware,
+    InternalErrorMiddleware,
+    Metrics,
+    MetricsMiddleware,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _norms(x: np.ndarray) -> np.ndarray:
+    """L2 norms [N] of rows [N, D], scaled by each row's largest |value| first: exact in float64 for
+    any finite float32 values (a plain float32 norm overflows from about 1e19 and underflows below 1e-19)."""
+    x = np.asarray(x, dtype=np.float64)
+    peak = np.abs(x).max(axis=1)  # [N]
+    safe = np.where(peak > 0, peak, 1.0)
+    return np.linalg.norm(x / safe[:, None], axis=1) * peak
+
+
+class ProductUpdates:
+    """/v1/embed, upserts and deletes; a base class of `Service` (serve/service.py)."""
+
+    def embed(self, req: EmbedRequest) -> EmbedResponse:
+        vector = self._embed_products([req.product], ["product"])[0]  # [D]
+        return EmbedResponse(product_id=req.product.product_id, vector=vector.tolist(), dim=len(vector),
+                             model_fingerprint=self.model.fingerprint)
+
+    def _embed_products(self, products: list[ProductIn], names: list[str]) -> np.ndarray:
+        """Products -> their embeddings [N, D] by the served tower; `names` label each in errors."""
+        cfg = self.model.config
+        columns: dict[str, list] = {IMAGE_EMBEDDINGS: []}
+        records: list[dict[str, Any]] = []
+        for product, name in zip(products, names):
+            extra = product.__pydantic_extra__ or {}
+            unknown = sorted(set(extra) - set(cfg.text_fields))
+            if unknown:
+                raise RequestError(422, f"unknown {name} field(s) {', '.join(unknown)}; this model reads "
+                                   f"{', '.join(cfg.text_fields)} and {IMAGE_EMBEDDINGS}")
+            images = product.image_embeddings or []
+            if len(images) > cfg.max_images:
+                raise RequestError(422, f"{len(images)} image embeddings given in {name}; this model reads at "
+                                   f"most {cfg.max_images} (main image first)")
+            if images and not self.model.image_dim:
+                raise RequestError(422, "this model was trained without image vectors; leave out image_embeddings")
+            if images:
+                image_rows = self._as_matrix(images, int(self.model.image_dim), f"{name}.image_embeddings")
+                images = image_rows.tolist()  # as sent: the tower is not scale-invariant in its image inputs
+            record = {field: (extra[field] if field in extra else getattr(product, field, None))
+                      for field in cfg.text_fields}
+            columns[IMAGE_EMBEDDINGS].append(images)
+            records.append({PRODUCT_ID: f"#{len(records)}", **record, IMAGE_EMBEDDINGS: images})  # ids: placeholders
+        table = self._checked_products(records, names)
+        vectors = self.model.embed_table(table)  # [N, D]
+        bad = ~np.all(np.isfinite(vectors), axis=1) | (np.abs(_norms(np.nan_to_num(vectors)) - 1.0) > 1e-3)  # [N]
+        for i in np.flatnonzero(bad):
+            images = columns[IMAGE_EMBEDDINGS][i]
+            if not images:  # text alone cannot overflow the tower: a bug, not a bad request
+                raise RuntimeError(f"the embedding of a text-only product is not a finite unit vector: {vectors[i, :4]}")
+            largest = max(abs(v) for row in images for v in row)
+            raise RequestError(422, f"the embedding of {names[i]} is not finite: its image_embeddings (largest "
+                               f"|value| {largest:.3g}) are too large for this model; send the vectors of the "
+                               "catalog's image encoder, on the scale the model was trained on")
+        return vectors
+
+    def _checked_products(self, records: list[dict[str, Any]], names: list[str]) -> pa.Table:
+        """Request products -> the dataset format through ingest's own row checks and normalisation
+        (`ingest.check_products`, as `itemsage embed` and `itemsage.load(...).encode_products` do)."""
+        from itemsage.data.ingest import DataError, check_products
+
+        cfg = self.model.config
+        try:
+            checked = list(check_products(records, text_fields=cfg.text_fields, image_dim=self.model.image_dim or None,
+                                          max_images=cfg.max_images))
+        except DataError as err:
+            raise RequestError(422, str(err)) from err
+        for _, rejects in checked:
+            for entry in rejects:
+                raise RequestError(422, f"{names[entry['row']]} was rejected ({entry['reason']}): {entry['detail']}")
+        return pa.concat_tables([table for table, _ in checked])
+
+    # -- live updates (index/live.py) --
+
+    def upsert(self, req: UpsertRequest) -> UpdateResponse:
+        """Embed the products, log them durably, and serve them from the next request on."""
+        ids = [p.product_id for p in req.products]
+        for i, pid in enumerate(ids):
+            if not pid:
+                raise RequestError(422, f"products[{i}] has no product_id; an upsert needs the id to add or replace")
+        repeated = sorted({p for p in ids if ids.count(p) > 1}) if len(set(ids)) < len(ids) else []
+        if repeated:
+            raise RequestError(422, f"product id(s) {', '.join(map(repr, repeated[:5]))} appear more than once in "
+                               "this request; send each product once")
+        vectors = self._embed_products(req.products, [f"products[{i}]" for i in range(len(ids))])  # [N, D]
+        products = [p.model_dump(exclude_none=True) for p in req.products]
+        queries = self._product_query_vectors(products)  # [N, Dq] or None
+        updates = [upsert_record(pid, v, self.model.fingerprint, p, None if queries is None else queries[i])
+                   for i, (pid, v, p) in enumerate(zip(ids, vectors, products))]
+        return self._apply_updates(updates, ids, [])
+
+    def _product_query_vectors(self, products: list[dict[str, Any]]) -> np.ndarray | None:
+        """The upserted products' frozen query vectors [N, Dq], as ingest computes them
+        (product_query.product_query_vectors), when the served index keeps them; else None."""
+        from itemsage.data import product_query
+
+        index = self.served.index
+        entry = getattr(index, "product_query", None)
+        if not getattr(index, "has_query_vectors", False) or not entry:
+            return None
+        source = entry.get("source")
+        if source not in product_query.SOURCES:  # e.g. ProductIndex.build(query_vectors=...) without product_query
+            raise RequestError(409, f"index version {self.served.version} holds product query vectors with no recorded "
+                               f"source (its manifest's product_query: {entry}), so an upserted product's cannot be "
+                               "computed; rebuild the index with `itemsage index` from embeddings of an ingested "
+                               "dataset, or give ProductIndex.build a product_query")
+        encoder = self.text_encoder() if source == "text" else None
+        try:
+            queries = product_query.product_query_vectors(products, source, text_encoder=encoder)
+        except ValueError as err:
+            raise RequestError(422, str(err)) from err
+        if queries.shape[1] != index.query_dim:
+            raise RequestError(422, f"the products' query vectors are {queries.shape[1]}-d, the index's "
+                               f"{index.query_dim}-d; send image_embeddings of the catalog's width")
+        return queries
+
+    def delete(self, req: DeleteRequest) -> UpdateResponse:
+        """Log the deletes durably; the products are never returned again."""
+        ids = list(dict.fromkeys(req.ids))
+        with self._live_lock:
+            index = self.served.index
+            known = [p for p in ids if p in index]
+            unknown = [p for p in ids if p not in index]
+            return self._apply_updates([delete_record(p) for p in known], known, unknown, locked=True)
+
+    def _apply_updates(self, updates: list[dict], ids: list[str], unknown: list[str], *,
+                       locked: bool = False) -> UpdateResponse:
+        with contextlib.nullcontext() if locked else self._live_lock:
+            served = self.served
+            index: live_lib.LiveIndex = served.index  # type: ignore[assignment]
+            if self.live_log is None:
+                raise RequestError(409, "live updates need a local index root (itemsage serve --index); with "
+                                   "--backend milvus, write the products to Milvus and reload")
+            try:
+                records = self.live_log.append(updates, floor=index.applied_seq)  # fsynced
+            except ArtifactError as err:
+                raise RequestError(409, str(err)) from None
+            except OSError as err:
+                raise RequestError(503, f"the live log could not be written ({err}); nothing was changed") from None
+            index.apply(records)
+            return UpdateResponse(ids=ids, unknown=unknown, seq=index.applied_seq, index_version=served.version,
+                                  products=len(index))
