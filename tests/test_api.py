@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 
 import itemsage
 from itemsage.config import ConfigError
-from itemsage.embed.shards import embed_from_catalog
+from itemsage.embed.catalog import embed_from_catalog
 from itemsage.data.text import Vocabulary
 from itemsage.index.build import read_embeddings
 from itemsage.data.ingest import DataError

@@ -318,7 +318,7 @@ def test_cli_embed_then_index(tmp_path, model_dir):
 @pytest.mark.slow
 def test_embed_with_ray_matches_local(tmp_path, model_dir):
     pytest.importorskip("ray")
-    from itemsage.embed.shards import embed_with_ray
+    from itemsage.embed.ray_engine import embed_with_ray
 
     rows = make_products(50, seed=6)
     data = write_dataset(tmp_path / "data", rows)
@@ -342,7 +342,7 @@ def test_embed_with_ray_without_ray_says_how_to_install(tmp_path, model_dir, mon
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_ray)
-    from itemsage.embed.shards import embed_with_ray
+    from itemsage.embed.ray_engine import embed_with_ray
 
     with pytest.raises(ImportError, match=r"itemsage\[ray\]"):
         embed_with_ray(model_dir, tmp_path, tmp_path / "out")

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from itemsage import schema
-from itemsage.embed.shards import CATALOG_DIR, embed_batch, embed_from_catalog
+from itemsage.embed.catalog import CATALOG_DIR, embed_from_catalog
+from itemsage.embed.shards import embed_batch
 from itemsage.data.text import Vocabulary
 from itemsage.index.build import read_embeddings
 from itemsage.data.ingest import DataError, IngestConfig, check_products, ingest
@@ -194,7 +195,7 @@ def test_catalog_text_query_vectors_load_the_text_encoder_once(tmp_path, monkeyp
     """A text source without a given encoder loads MiniLM once for the whole catalog, not once per
     row group of the staged products."""
     from itemsage.encoders import text as query_encoder
-    from itemsage.embed.shards import stage_catalog
+    from itemsage.embed.catalog import stage_catalog
 
     made = []
 

@@ -463,7 +463,9 @@ def embed_cmd(
     """
     from itemsage.artifacts import ArtifactError
     from itemsage.config import ConfigError
-    from itemsage.embed.shards import embed, embed_from_catalog, embed_with_ray
+    from itemsage.embed.shards import embed
+    from itemsage.embed.catalog import embed_from_catalog
+    from itemsage.embed.ray_engine import embed_with_ray
     from itemsage.data.ingest import DataError
 
     if (dataset_dir is None) == (catalog is None):

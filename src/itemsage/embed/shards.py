@@ -27,32 +27,17 @@ and the partial new generation resumes like a full run. The lookup of old vector
 product_id -> (old shard, row, content_hash) map in memory (~150 bytes per product), and reads old
 shards' vectors with a small cache; that suits catalogs of tens of millions on one machine.
 
-A catalog alone (`embed_from_catalog`, `itemsage embed MODEL --catalog FILE`). No logs, no
-ingest: the catalog is checked row by row with ingest's own checks (`ingest.check_products`: the
-same reasons, the model's text fields and image width) into `OUT/catalog/` (products.parquet,
-rejects.jsonl, manifest.json of kind 'catalog'), and that directory is then embedded exactly like a
-dataset's products, so a re-run resumes and `incremental` re-embeds only new or changed products.
-The validation is skipped when the input files (sha256) and the model's fields are unchanged. The
-products' frozen query vectors (`query_vector`, for closeup and home by product) come from the
-source the model's training dataset used (the model's `extra.product_query`, recorded by train),
-computed by `product_query.product_query_vectors` as ingest computes them; a model saved before
-that record, or an image source with a product that has no image, gives no query vectors (a
-warning says which).
-
 Engines. `embed_batch(model, table) -> table` is a pure function of one batch; `embed` drives it
-locally with resume and incremental, `embed_with_ray` hands it to Ray Data's `map_batches` to scale
-out (no resume: Ray re-runs failed tasks itself).
+locally with resume and incremental; embed/ray_engine.py hands it to Ray Data. A catalog without
+logs is validated and embedded by embed/catalog.py.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import itertools
-import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -401,160 +386,6 @@ def embed(
                         len(done), seconds, model_fp, dataset_fp, generation)
 
 
-# ---- a catalog alone: validated like ingest, then embedded like a dataset -----------------------
-
-CATALOG_DIR = "catalog"  # OUT/catalog: the validated catalog of embed_from_catalog
-
-
-def embed_from_catalog(
-    model_dir: str | Path,
-    catalog: str | Path,
-    out_dir: str | Path,
-    batch_size: int = 1024,
-    incremental: bool = False,
-    progress: bool = True,
-    *,
-    shard_rows: int = DEFAULT_SHARD_ROWS,
-    device: str | None = None,
-    image_encoder: Any = None,
-    text_encoder: Any = None,
-) -> tuple[EmbedSummary, int]:
-    """Embed a catalog file or directory (Parquet or JSON Lines) without engagement logs.
-
-    Returns (the embed summary, rows rejected). Rejected rows, with their reasons, are in
-    `out_dir/catalog/rejects.jsonl`; a catalog whose every row is rejected raises DataError.
-    `text_encoder` replaces the built-in TextQueryEncoder for the products' query vectors when the
-    model's source is text (as in `ingest`).
-    """
-    from itemsage.model.model import CONFIG_FILE
-
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    artifacts.read_manifest(model_dir, kind="model")
-    config = artifacts.read_json(model_dir / CONFIG_FILE)
-    existed = out_dir.exists()
-    try:
-        rejected = stage_catalog(catalog, out_dir / CATALOG_DIR, text_fields=tuple(config["model"]["text_fields"]),
-                                 image_dim=int(config["image_dim"]) or None,
-                                 max_images=int(config["model"]["max_images"]), image_encoder=image_encoder,
-                                 product_query=config.get("extra", {}).get(schema.PRODUCT_QUERY),
-                                 text_encoder=text_encoder)
-    except BaseException:
-        if not existed and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # a refused catalog leaves nothing behind
-        raise
-    summary = embed(model_dir, out_dir / CATALOG_DIR, out_dir, batch_size, incremental, progress,
-                    shard_rows=shard_rows, device=device)
-    return summary, rejected
-
-
-def stage_catalog(catalog: str | Path, target: str | Path, *, text_fields: tuple[str, ...], image_dim: int | None,
-                  max_images: int, image_encoder: Any = None, batch_rows: int = 65_536,
-                  product_query: dict[str, Any] | None = None, text_encoder: Any = None) -> int:
-    """Validate `catalog` into the directory `target` (products.parquet, rejects.jsonl, manifest.json,
-    written under a temp name and renamed); returns the rows rejected. Nothing is done when `target`
-    already holds this catalog (same input sha256s) checked for the same fields, image width and
-    query-vector source. `product_query` ({"source", "fields", "dim"}, the model's record of its
-    dataset's): each kept product gets its frozen query vector from that source (`query_vector`, and
-    the manifest's `product_query`), see `_add_query_vectors`."""
-    import shutil
-
-    from itemsage.data.ingest import DataError, catalog_sources, check_products
-
-    target = Path(target)
-    sources = catalog_sources(catalog)
-    identity = {"text_fields": list(text_fields), "image_dim": image_dim, "max_images": max_images,
-                "product_query": product_query.get("source") if isinstance(product_query, dict) else None}
-    inputs = {str(s.path): f"sha256:{artifacts.sha256_file(s.path)}" for s in sources}
-    if (target / artifacts.MANIFEST).is_file():
-        old = artifacts.read_manifest(target, kind="catalog")
-        if old["config"] == identity and old["inputs"] == inputs:
-            log.info("%s already holds this catalog, validated; not checking it again", target)
-            return int(old["counts"]["rejected"])
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    kept = rejected = 0
-    reasons: collections.Counter[str] = collections.Counter()
-    first: dict[str, str] = {}
-    try:
-        writer = None
-        with open(tmp / schema.REJECTS_FILE, "w", encoding="utf-8") as rejects:
-            for table, entries in check_products(catalog, text_fields=text_fields, image_dim=image_dim,
-                                                 max_images=max_images, batch_rows=batch_rows,
-                                                 image_encoder=image_encoder):
-                for entry in entries:
-                    rejects.write(json.dumps(entry, ensure_ascii=False, allow_nan=False) + "\n")
-                    reasons[entry["reason"]] += 1
-                    first.setdefault(entry["reason"], f"{entry['file']} row {entry['row']}: {entry['detail']}")
-                rejected += len(entries)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp / schema.PRODUCTS_FILE, table.schema, compression="zstd")
-                writer.write_table(table)  # one row group per batch: embed seeks by row group
-                kept += table.num_rows
-        if writer is not None:
-            writer.close()
-        if kept == 0:
-            top = "; ".join(f"{r} ({n:,}), first: {first[r]}" for r, n in reasons.most_common(3))
-            raise DataError(f"every one of the {rejected:,} catalog rows was rejected; nothing was written. "
-                            f"Reasons: {top}. Fix the rows (the reasons say how) and run again.")
-        entry = (_add_query_vectors(tmp / schema.PRODUCTS_FILE, product_query, text_encoder)
-                 if identity["product_query"] else None)
-        artifacts.write_manifest(tmp, "catalog", config=identity, inputs=inputs,
-                                 counts={"products": kept, "rejected": rejected, "rejects": dict(reasons)},
-                                 files=[schema.PRODUCTS_FILE, schema.REJECTS_FILE],
-                                 extra={schema.PRODUCT_QUERY: entry} if entry else None)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("catalog: %d products kept, %d rejected -> %s", kept, rejected, target)
-    return rejected
-
-
-def _add_query_vectors(path: Path, entry: dict[str, Any], text_encoder: Any = None) -> dict[str, Any] | None:
-    """Append each product's frozen query vector from `entry["source"]` to the staged products.parquet
-    (`path`, rewritten row group by row group, so embed still seeks by row group); returns the
-    manifest's product_query entry. None, with a warning, when the catalog cannot have them: an image
-    source and a product without an image (a query_vector column has no gaps)."""
-    from itemsage.data import product_query
-
-    source = entry["source"]
-    if source == "image":
-        lengths = pc.list_value_length(pq.read_table(path, columns=[schema.IMAGE_EMBEDDINGS]).column(0))
-        missing = int((lengths.fill_null(0).to_numpy(zero_copy_only=False) == 0).sum())
-        if missing:
-            log.warning("%d of the catalog's products have no image, but the model's product query vectors are "
-                        "main image vectors (product_query source 'image', from its training dataset): no query "
-                        "vectors written, so closeup and home by product id are not served from this index. "
-                        "Give every product an image to have them.", missing)
-            return None
-    if source == "text" and text_encoder is None:  # loaded once here, not once per row group below
-        from itemsage.encoders.text import TextQueryEncoder
-
-        text_encoder = TextQueryEncoder()
-    parquet = pq.ParquetFile(path)
-    out = path.with_name(f".query-{path.name}")
-    dim = None
-    with contextlib.ExitStack() as stack:
-        writer = None
-        for g in range(parquet.num_row_groups):
-            table = parquet.read_row_group(g)
-            block = product_query.product_query_vectors(table, source, text_encoder=text_encoder)  # [b, Dq]
-            dim = block.shape[1]
-            if dim != int(entry["dim"]):
-                raise ValueError(f"the products' {source} query vectors are {dim}-d, but the model was trained on "
-                                 f"{entry['dim']}-d ones (its product_query); embed with the encoder it was trained "
-                                 "with")
-            offsets = pa.array(np.arange(len(block) + 1, dtype=np.int32) * dim)
-            table = table.append_column(pa.field(schema.QUERY_VECTOR, pa.list_(pa.float32())),
-                                        pa.ListArray.from_arrays(offsets, pa.array(block.reshape(-1))))
-            if writer is None:
-                writer = stack.enter_context(pq.ParquetWriter(out, table.schema, compression="zstd"))
-            writer.write_table(table)  # one row group per row group
-    os.replace(out, path)
-    return product_query.manifest_entry(source, dim)
-
 
 def _catalog_ids(parquet: pq.ParquetFile) -> Iterator[str]:
     for record_batch in parquet.iter_batches(columns=[schema.PRODUCT_ID]):
@@ -574,87 +405,3 @@ def _progress_bar(enabled: bool):
     return progress_bar(enabled, unit="products")
 
 
-# ---- Ray Data engine ----------------------------------------------------------------------------
-
-
-class _RayEmbedder:
-    """Ray actor UDF: loads the model once per actor, then embeds each batch with `embed_batch`."""
-
-    def __init__(self, model_dir: str) -> None:
-        from itemsage.model.model import load_model
-
-        self.model = load_model(model_dir)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return embed_batch(self.model, batch)
-
-
-def embed_with_ray(
-    model_dir: str | Path,
-    dataset_dir: str | Path,
-    out_dir: str | Path,
-    batch_size: int = 1024,
-    *,
-    concurrency: int = 2,
-    num_gpus: float = 0,
-) -> EmbedSummary:
-    """Embed the catalog with Ray Data: `read_parquet(...).map_batches(actor UDF, batch_format='pyarrow')`.
-
-    Needs the optional extra: `pip install 'itemsage[ray]'`. Connects to the running Ray cluster, or
-    starts a local one. Not resumable shard by shard (Ray retries failed tasks itself) and not
-    incremental: `out_dir` must be empty or absent. Shards are renamed part-00000.parquet, ... and
-    the manifest is written last, like `embed`.
-    """
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError as err:
-        raise ImportError("embed_with_ray needs Ray Data, an optional extra: pip install 'itemsage[ray]' "
-                          "(or use the local engine: itemsage embed --engine local).") from err
-    started = time.perf_counter()
-    model_dir, dataset_dir, out_dir = Path(model_dir), Path(dataset_dir), Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ArtifactError(f"{out_dir} is not empty; the Ray engine writes a fresh directory. Pass a new "
-                            "--out directory (or use --engine local to resume or update).")
-    model_fp = artifacts.fingerprint(model_dir)
-    staged = artifacts.read_manifest(dataset_dir).get("kind") == "catalog"  # embed --catalog's checked copy
-    # Refuses an unfinished or corrupted dataset, naming the file.
-    artifacts.verify_dataset(dataset_dir, kind="catalog" if staged else "dataset")
-    dataset_fp = artifacts.fingerprint(dataset_dir)
-    artifacts.verify_manifest(model_dir, kind="model")
-    config = artifacts.read_json(model_dir / "config.json")
-    text_fields = config["model"]["text_fields"]
-    products = dataset_dir / schema.PRODUCTS_FILE
-    names = pq.ParquetFile(products).schema_arrow.names
-    columns = [c for c in names if c in (schema.PRODUCT_ID, schema.IMAGE_EMBEDDINGS, schema.CONTENT_HASH,
-                                         schema.QUERY_VECTOR, *text_fields)]
-    product_query = _product_query(dataset_dir, pq.ParquetFile(products))
-
-    ray.init(ignore_reinit_error=True)
-    staging = out_dir / ".ray-staging"
-    dataset = ray.data.read_parquet(str(products), columns=columns)
-    dataset.map_batches(
-        _RayEmbedder, fn_constructor_args=(str(model_dir),), batch_size=batch_size,
-        batch_format="pyarrow", concurrency=concurrency, num_gpus=num_gpus,
-    ).write_parquet(str(staging))
-
-    written = sorted(staging.glob("*.parquet"))  # Ray's own names; order does not matter for an index
-    shard_names = [shard_name(s) for s in range(len(written))]
-    count, dim = 0, int(config["model"]["out_dim"])
-    for path, name in zip(written, shard_names):
-        count += pq.ParquetFile(path).metadata.num_rows
-        path.replace(out_dir / name)
-    for leftover in staging.glob("*"):
-        leftover.unlink()
-    staging.rmdir()
-    artifacts.write_manifest(
-        out_dir, "embeddings",
-        config={"batch_size": batch_size, "engine": "ray", "concurrency": concurrency},
-        inputs={"model": model_fp, "dataset": dataset_fp},
-        counts={"products": count},
-        files=shard_names,
-        extra={"count": count, "dim": dim, "shards": shard_names, "generation": 0,
-               **({schema.PRODUCT_QUERY: product_query} if product_query else {})},
-    )
-    seconds = time.perf_counter() - started
-    return EmbedSummary(out_dir, count, dim, len(shard_names), count, 0, 0, 0, seconds, model_fp, dataset_fp, 0)
