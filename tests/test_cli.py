@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from itemsage import __version__
-from itemsage.cli import main as cli
-from itemsage.cli.main import app
+from itemsage.cli import common as cli
+from itemsage.cli import app
 
 COMMANDS = ["demo-data", "ingest", "train", "embed", "index", "serve", "evaluate", "compare", "demo"]
 

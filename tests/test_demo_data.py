@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from itemsage import artifacts, schema
-from itemsage.cli.main import app
+from itemsage.cli import app
 from itemsage.config import ConfigError
 from itemsage.data.demo_shop import (
     CATALOG_FILE,

@@ -294,7 +294,7 @@ def test_refuses_to_mix_models_or_catalog_versions(tmp_path, model_dir):
 def test_cli_embed_then_index(tmp_path, model_dir):
     from typer.testing import CliRunner
 
-    from itemsage.cli.main import app
+    from itemsage.cli import app
     from itemsage.index.versions import load_current
 
     rows = make_products(40, seed=4)

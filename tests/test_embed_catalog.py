@@ -132,7 +132,7 @@ def test_a_catalog_with_every_row_rejected_is_refused(tmp_path, model_dir):
 def test_cli_embeds_a_catalog(tmp_path, model_dir):
     from typer.testing import CliRunner
 
-    from itemsage.cli.main import app
+    from itemsage.cli import app
 
     catalog = write_jsonl(bad_rows(), tmp_path / "catalog.jsonl")
     result = CliRunner().invoke(app, ["embed", str(model_dir), "--catalog", str(catalog), "--out",

@@ -228,7 +228,7 @@ def test_build_from_embeddings_directory(tmp_path):
 def test_cli_index_command(tmp_path):
     from typer.testing import CliRunner
 
-    from itemsage.cli.main import app
+    from itemsage.cli import app
 
     write_embeddings(tmp_path / "emb", ids_for(300), unit_vectors(300, 8, seed=10))
     result = CliRunner().invoke(app, ["index", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"),

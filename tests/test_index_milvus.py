@@ -118,7 +118,7 @@ def test_serve_from_milvus_and_hot_swap_by_alias(world, versions, tmp_path):  # 
 def test_cli_index_backend_milvus(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from itemsage.cli.main import app
+    from itemsage.cli import app
 
     write_embeddings(tmp_path / "emb", ids_for(300), unit_vectors(300, 8, seed=51))
     uri = str(tmp_path / "cli.db")

@@ -263,7 +263,7 @@ def test_all_log_rows_rejected_is_refused_and_nothing_is_written(tmp_path):
 def test_cli_refuses_an_all_rejected_logs_file_with_one_message(tmp_path):
     from typer.testing import CliRunner
 
-    from itemsage.cli.main import app
+    from itemsage.cli import app
 
     cat = write(catalog_rows(), tmp_path / "in/catalog.jsonl")
     lg = write([dict(r, product_id="p9") for r in log_rows()], tmp_path / "in/logs.jsonl")
@@ -744,7 +744,7 @@ def test_image_paths_go_through_the_image_encoder(tmp_path, encoder):
 def test_cli_prints_the_summary_and_refuses_bad_files_with_exit_2(tmp_path):
     from typer.testing import CliRunner
 
-    from itemsage.cli.main import app
+    from itemsage.cli import app
 
     cat = write(catalog_rows(), tmp_path / "c.jsonl")
     lg = write(log_rows(), tmp_path / "l.jsonl")

@@ -594,7 +594,7 @@ def test_training_draws_no_product_listed_after_the_train_window(dataset, tmp_pa
 def test_cli_train_and_resume(dataset, tmp_path):
     from typer.testing import CliRunner
 
-    from itemsage.cli.main import app
+    from itemsage.cli import app
 
     runner = CliRunner()
     out = tmp_path / "run"

@@ -1,0 +1,194 @@
+"""The `itemsage` command line's shared parts: the Typer app, its global options, the choices, and the
+helpers every command uses (refusals, progress, run-file values, error messages in flag names).
+Each command group is its own module beside this one.
+
+Heavy imports (torch, faiss, fastapi) happen inside each command so `itemsage --help` stays quick.
+The CLI prints results; library code only logs.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from itemsage import __version__
+
+# compare.RUNS, written out so `--help` does not import pyarrow (tests/test_cli.py checks they agree).
+RUNS = ("itemsage", "image_only", "text_only", "sum_pooling", "concat_mlp", "single_task_click", "single_task_save",
+        "single_task_add_to_cart", "single_task_checkout", "in_batch_negatives", "random_negatives")
+
+app = typer.Typer(
+    name="itemsage",
+    help="ItemSage: one product embedding for search, closeup and home, trained from engagement logs.\n\n"
+         "Start with `itemsage demo`, or see the pipeline with `itemsage COMMAND --help`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+console = Console()
+_STATE = {"quiet": False}
+
+
+# ---- choices (each mirrors a library constant; tests/test_cli.py checks they agree) ----
+
+
+class Preset(str, enum.Enum):  # model.PRESETS
+    cpu = "cpu"
+    paper = "paper"
+    tiny = "tiny"
+
+
+class Negatives(str, enum.Enum):  # losses.NEGATIVE_MODES
+    mixed = "mixed"
+    in_batch = "in_batch"
+    random = "random"
+
+
+class Aggregator(str, enum.Enum):  # model.AGGREGATORS
+    transformer = "transformer"
+    sum = "sum"
+    concat = "concat"
+
+
+class Modalities(str, enum.Enum):  # model.MODALITIES
+    both = "both"
+    image = "image"
+    text = "text"
+
+
+class Optimizer(str, enum.Enum):  # train.OPTIMIZERS
+    adamw = "adamw"
+    lamb = "lamb"
+
+
+class Device(str, enum.Enum):  # train.TrainConfig.device (cuda:N only in a --config file)
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class EvalDevice(str, enum.Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Kind(str, enum.Enum):  # index.KINDS
+    hnsw = "hnsw"
+    flat = "flat"
+    ivfpq = "ivfpq"
+
+
+class Backend(str, enum.Enum):  # where the index lives: faiss files, or a Milvus collection
+    faiss = "faiss"
+    milvus = "milvus"
+
+
+class Engine(str, enum.Enum):
+    local = "local"
+    ray = "ray"
+
+
+class ProductQuery(str, enum.Enum):  # product_query.CHOICES
+    auto = "auto"
+    image = "image"
+    text = "text"
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"itemsage {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors; no progress bars."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger().setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    # faiss logs "Could not load library with AVX512 support" at INFO on import; it then uses AVX2.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    _STATE["quiet"] = quiet
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a user-facing error (no traceback) and exit non-zero. The message is plain text: a
+    [bracket] in it is shown, not read as markup."""
+    console.print(Text.assemble(("error: ", "bold red"), message))
+    raise typer.Exit(code)
+
+
+def _progress(flag: bool) -> bool:
+    return flag and not _STATE["quiet"]
+
+
+# Config fields as the user typed them: `train.max_steps` is `--steps` on the command line.
+_FLAGS: dict[str, dict[str, str]] = {
+    "train": {"preset": "--preset", "max_steps": "--steps", "max_minutes": "--minutes",
+              "batch_size": "--batch-size", "lr": "--lr", "negatives": "--negatives",
+              "random_negatives_ratio": "--random-negatives-ratio", "optimizer": "--optimizer",
+              "tasks": "--tasks", "upweight_conversions": "--upweight-conversions",
+              "checkpoint_every": "--checkpoint-every", "eval_every": "--eval-every",
+              "eval_sample": "--eval-sample", "patience": "--patience", "device": "--device", "seed": "--seed"},
+    "model": {"aggregator": "--aggregator", "modalities": "--modalities"},
+    "compare": {"preset": "--preset", "steps": "--steps", "batch_size": "--batch-size", "runs": "--runs",
+                "eval_sample": "--eval-sample", "seed": "--seed", "seeds": "--seeds", "eval_every": "--eval-every",
+                "patience": "--patience"},
+    "demo": {"products": "--products", "train_minutes": "--train-minutes", "preset": "--preset", "seed": "--seed"},
+    "ingest": {"split": "--split", "validation_fraction": "--validation-fraction", "test_fraction": "--test-fraction",
+               "validation_from": "--validation-from", "test_from": "--test-from", "gap_hours": "--gap-hours",
+               "text_fields": "--text-fields",
+               "max_unigrams": "--max-unigrams", "max_bigrams": "--max-bigrams", "max_trigrams": "--max-trigrams",
+               "batch_rows": "--batch-rows", "image_dim": "--image-dim", "product_query": "--product-query"},
+    "index": {"kind": "--kind", "m": "--m", "ef_construction": "--ef-construction", "ef_search": "--ef-search",
+              "nlist": "--nlist", "pq_m": "--pq-m", "pq_nbits": "--pq-nbits", "nprobe": "--nprobe",
+              "refine_factor": "--refine-factor"},
+    "embed": {"batch_size": "--batch-size"},
+}
+_FIELD = re.compile(r"`?\b(train|model|compare|demo|ingest|index|embed)\.([a-z_]+)\b(?!\.)`?")
+_NOT_FIELDS = {"parquet", "jsonl", "json", "safetensors", "arrow", "py", "toml"}
+
+
+def flag_names(message: str, config_file: Optional[Path] = None) -> str:
+    """A config error as the user sees the options: `train.preset` -> `--preset`; a field with no
+    flag is named as its key in the run file ([train] weight_decay)."""
+    def name(m: re.Match) -> str:
+        section, field = m.groups()
+        if field in _NOT_FIELDS:
+            return m.group(0)
+        flag = _FLAGS.get(section, {}).get(field)
+        if flag:
+            return flag
+        table = "train.model" if section == "model" else section
+        return f"`{field}` ([{table}] in the --config file)"
+    return _FIELD.sub(name, message) + (f" (values from --config {config_file}, flags override them)"
+                                        if config_file is not None else "")
+
+
+def _given(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
+    """The options typed on the command line (not left at their default), enum values unwrapped."""
+    # By name: Typer may carry its own copy of click, whose ParameterSource is another class.
+    return {k: v.value if isinstance(v, enum.Enum) else v for k, v in values.items()
+            if getattr(ctx.get_parameter_source(k), "name", None) in ("COMMANDLINE", "ENVIRONMENT")}
+
+
+_CONFIG_HELP = ("A run file (.toml; the [{0}] table) whose values replace the defaults; flags given here "
+                "override it. Keys are the config's field names: see docs/ARCHITECTURE.md, 'Run files'.")
+
+
+def _path(value: Any) -> Optional[Path]:
+    return Path(value) if value is not None else None

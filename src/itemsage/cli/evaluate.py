@@ -1,0 +1,165 @@
+"""`itemsage evaluate` and `itemsage compare`: Recall@K on the test window, and the paper's comparisons (evaluate/).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from itemsage.cli.common import (
+    _CONFIG_HELP,
+    RUNS,
+    EvalDevice,
+    Preset,
+    _given,
+    _path,
+    _progress,
+    app,
+    console,
+    fail,
+    flag_names,
+)
+
+
+def _recall_table(result: dict, title: str):
+    from rich.table import Table
+
+    from itemsage.evaluate.report import recall_table
+
+    table = Table(title=title)
+    for name, justify in (("task", "left"), ("pairs", "right"), ("exact", "right"), ("ANN", "right"),
+                          ("popularity", "right"), ("cold start", "right"), ("seen", "right"), ("unseen", "right")):
+        table.add_column(name, justify=justify)
+    for row in recall_table(result, 10):
+        table.add_row(*row)
+    return table
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: Path = typer.Argument(..., help="Model directory (RUN_DIR/model from `itemsage train`)."),
+    dataset: Path = typer.Argument(..., help="Dataset directory from `itemsage ingest`."),
+    out: Path = typer.Option(..., "--out", help="Directory for report.md and evaluation.json."),
+    embeddings: Path = typer.Option(
+        ..., "--embeddings", help="Embeddings directory that `itemsage embed` wrote with this model: the catalog "
+                                  "is ranked by these vectors (exact search over them)."),
+    index: Optional[Path] = typer.Option(None, "--index", show_default=False,
+                                         help="Index root built from those embeddings: also rank through it (ANN)."),
+    sample: Optional[int] = typer.Option(None, "--sample", show_default=False,
+                                         help="Evaluate a stratified sample of N test-window pairs (default: all)."),
+    device: EvalDevice = typer.Option(EvalDevice.cpu, "--device", help="Where to run the tower."),
+    history: int = typer.Option(
+        10, "--history", help="Served paths: a user's home history is their last N distinct train-window products."),
+    window: str = typer.Option(
+        "test", "--window", help="Window to score: test (the reported figures) or validation (to choose options "
+                                 "without reading the test window)."),
+) -> None:
+    """Recall@1/10/100 per surface x engagement on the test window: exact, ANN, popularity, cold start,
+    and pairs seen / unseen in the train window; closeup by product and home by history as the service
+    computes them, and the user-level protocol (Recall@K, NDCG@K per user).
+
+    The catalog is ranked by the vectors `itemsage embed` wrote (not re-embedded here), so the figures
+    are those of what is served. The report adds Recall@K curves, the training curves and a gallery.
+
+    Example:
+
+        itemsage evaluate runs/train/model runs/data --embeddings runs/emb --index runs/index --out runs/eval
+    """
+    from itemsage.artifacts import ArtifactError
+    from itemsage.evaluate.evaluation import evaluate
+    from itemsage.evaluate.report import write_report
+
+    try:
+        result = evaluate(model, dataset, embeddings, index_root=index, sample=sample, device=device.value,
+                          history=history, window=window)
+    except (ArtifactError, FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    report = write_report(result, out)
+    console.print(_recall_table(result, f"Recall@10 on the {window} window"))
+    from itemsage.evaluate.report import served_rows
+
+    for label, index_name, n, overall, per_engagement in served_rows(result, 10):
+        console.print(f"{label} [{index_name}]: Recall@10 {overall} over {n} pairs ({per_engagement})",
+                      highlight=False, markup=False)
+    console.print(f"report: {report}")
+
+
+# ---- compare (compare.py) ----
+
+
+@app.command("compare")
+def compare_cmd(
+    ctx: typer.Context,
+    dataset: Optional[Path] = typer.Argument(
+        None, show_default=False, help="Dataset directory from `itemsage ingest`; or `dataset` in --config."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", show_default=False,
+        help="Directory for the runs, report.md, plots and results.json; or `out` in --config."),
+    config: Optional[Path] = typer.Option(None, "--config", show_default=False, help=_CONFIG_HELP.format("compare")),
+    preset: Preset = typer.Option(Preset.cpu, "--preset", help="Model preset of every run."),
+    steps: int = typer.Option(3000, "--steps", help="Step cap of every run; early stopping usually ends a run first."),
+    batch_size: int = typer.Option(1024, "--batch-size", help="Positives per step of every run."),
+    runs: Optional[str] = typer.Option(
+        None, "--runs", show_default=False,
+        help=f"Comma-separated subset of runs (default: all): {', '.join(RUNS)}."),
+    eval_sample: Optional[int] = typer.Option(None, "--eval-sample", show_default=False,
+                                              help="Test-window pairs per run (default: all)."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds per run (mean and sd over them); fewer for less time."),
+    eval_every: int = typer.Option(
+        100, "--eval-every", help="Steps between validation-window evaluations; each run keeps its best."),
+    patience: int = typer.Option(
+        3, "--patience", help="Evaluations without a gain before a run stops, the same for every run "
+                              "(0: no early stop, every run goes to --steps)."),
+    random_negatives_ratio: float = typer.Option(
+        4.0, "--random-negatives-ratio", help="Random negatives per positive in every run (paper: 4)."),
+    seed: int = typer.Option(0, "--seed", help="First seed: runs use --seed, --seed + 1, ..."),
+    report_only: bool = typer.Option(
+        False, "--report-only", help="Train nothing: report every finished (run, seed) already in --out for "
+                                     "--runs, each row with the seeds it has (--seeds is not used)."),
+) -> None:
+    """Train the paper's comparisons to convergence (early stopping on the validation window), with
+    seeds, and report them on the test window: mean ± sd, plots, summary.json.
+
+    A re-run skips the (run, seed) pairs whose result is already on disk. Rows may run in separate
+    processes (different --runs, the same --out; each includes itemsage); --report-only then writes
+    the one report over all of them.
+
+    Examples:
+
+        itemsage compare runs/data --out runs/compare --runs itemsage,text_only,sum_pooling --seeds 2
+
+        itemsage compare --config run.toml
+    """
+    import dataclasses
+
+    from itemsage.artifacts import ArtifactError
+    from itemsage.config import ConfigError, check_keys, read_run_file
+    from itemsage.evaluate.compare import CompareConfig, compare
+
+    try:
+        table = read_run_file(config, "compare") if config is not None else {}
+    except ConfigError as err:
+        fail(str(err))
+    dataset = dataset or _path(table.pop("dataset", None))
+    out = out or _path(table.pop("out", None))
+    table.pop("dataset", None), table.pop("out", None)
+    if dataset is None or out is None:
+        fail("give the DATASET argument and --out (or `dataset` and `out` in the --config file)")
+    given = _given(ctx, {"preset": preset, "steps": steps, "batch_size": batch_size, "runs": runs,
+                         "eval_sample": eval_sample, "seed": seed, "seeds": seeds, "eval_every": eval_every,
+                         "patience": patience})
+    overrides = dict(table.pop("train_overrides", None) or {})
+    if _given(ctx, {"random_negatives_ratio": random_negatives_ratio}) or "random_negatives_ratio" not in overrides:
+        overrides["random_negatives_ratio"] = random_negatives_ratio
+    try:
+        check_keys(table, [f.name for f in dataclasses.fields(CompareConfig)], section="compare")
+        cfg = CompareConfig(**{**table, **given, "train_overrides": overrides})
+        report = compare(dataset, out, cfg, progress=_progress(True), report_only=report_only)
+    except ConfigError as err:
+        fail(flag_names(str(err), config))
+    except ArtifactError as err:
+        fail(str(err))
+    console.print(report.read_text(), markup=False)
+    console.print(f"report: {report}")
