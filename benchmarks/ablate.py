@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from itemsage import artifacts
-from itemsage.evaluate.compare import CompareConfig, run_one, seed_scores
+from itemsage.evaluate.compare_runs import CompareConfig, run_one, seed_scores
 
 KEYS = ("all", "search", "closeup", "home", "cold_start", "seen", "unseen")
 

@@ -44,7 +44,7 @@ def test_choices_mirror_the_library():
     assert values(cli.Modalities) == MODALITIES
     assert values(cli.Optimizer) == OPTIMIZERS
     assert values(cli.Kind) == KINDS
-    from itemsage.evaluate.compare import RUNS
+    from itemsage.evaluate.compare_runs import RUNS
 
     assert cli.RUNS == tuple(RUNS)
 
@@ -55,7 +55,7 @@ def test_choices_mirror_the_library():
       "random_negatives_ratio": "random_negatives_ratio", "optimizer": "optimizer",
       "upweight_conversions": "upweight_conversions", "checkpoint_every": "checkpoint_every",
       "eval_every": "eval_every", "eval_sample": "eval_sample", "device": "device", "seed": "seed"}),
-    ("compare", "itemsage.evaluate.compare:CompareConfig",
+    ("compare", "itemsage.evaluate.compare_runs:CompareConfig",
      {"preset": "preset", "steps": "steps", "batch_size": "batch_size", "seed": "seed", "seeds": "seeds",
       "eval_every": "eval_every", "patience": "patience"}),
     ("demo", "itemsage.demo:DemoSettings",
@@ -82,7 +82,7 @@ def test_every_command_has_an_example(command):
 
 
 def test_help_lists_choices_defaults_and_run_names():
-    from itemsage.evaluate.compare import RUNS
+    from itemsage.evaluate.compare_runs import RUNS
 
     train = plain(invoke("train", "--help").output)
     for choices in ("cpu|paper|tiny", "mixed|in_batch|random", "transformer|sum|concat", "both|image|text",

@@ -9,7 +9,8 @@ import math
 import pytest
 
 from itemsage import artifacts, schema
-from itemsage.evaluate.compare import SUMMARY_KEYS, aggregate, mean_sd, seed_scores, summary, what_this_says
+from itemsage.evaluate.compare_runs import SUMMARY_KEYS, aggregate, mean_sd, seed_scores, summary
+from itemsage.evaluate.compare_report import what_this_says
 
 
 def fake_result(search: float, closeup: float, home: float, cold: float, n: int = 10) -> dict:
@@ -84,7 +85,7 @@ def test_the_winners_sentence_names_each_rows_own_seeds():
 
 
 def test_finished_results_gathers_each_runs_finished_seeds_in_order(tmp_path):
-    from itemsage.evaluate.compare import RESULT_FILE, finished_results
+    from itemsage.evaluate.compare_runs import RESULT_FILE, finished_results
 
     for name, seed, finished in [("itemsage", 2, True), ("itemsage", 0, True), ("itemsage", 1, False),
                                  ("text_only", 0, True), ("concat_mlp", 0, False)]:
@@ -98,7 +99,8 @@ def test_finished_results_gathers_each_runs_finished_seeds_in_order(tmp_path):
 
 
 def test_report_only_refuses_without_a_finished_reference_run(tmp_path):
-    from itemsage.evaluate.compare import CompareConfig, compare
+    from itemsage.evaluate.compare_runs import CompareConfig
+    from itemsage.evaluate.compare import compare
     from itemsage.config import ConfigError
 
     (tmp_path / "data").mkdir()
@@ -109,7 +111,7 @@ def test_report_only_refuses_without_a_finished_reference_run(tmp_path):
 
 
 def test_written_sections_come_from_the_files(tmp_path):
-    from itemsage.evaluate.compare import _written_section
+    from itemsage.evaluate.compare_report import _written_section
 
     assert _written_section(tmp_path / "notes.md", None) == []  # absent: nothing
     (tmp_path / "notes.md").write_text("The transformer trails.\n\n", encoding="utf-8")
@@ -133,7 +135,7 @@ def _with_served(result: dict, closeup: float, home: float, user: float) -> dict
 
 
 def test_served_and_user_level_figures_are_aggregated_and_reported():
-    from itemsage.evaluate.compare import _served_section
+    from itemsage.evaluate.compare_report import _served_section
 
     results = {"itemsage": [_with_served(fake_result(0.5, 0.6, 0.3, 0.1), 0.6, 0.1, 0.2),
                             _with_served(fake_result(0.7, 0.6, 0.5, 0.3), 0.8, 0.3, 0.4)],

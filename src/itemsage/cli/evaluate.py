@@ -136,7 +136,8 @@ def compare_cmd(
 
     from itemsage.artifacts import ArtifactError
     from itemsage.config import ConfigError, check_keys, read_run_file
-    from itemsage.evaluate.compare import CompareConfig, compare
+    from itemsage.evaluate.compare_runs import CompareConfig
+    from itemsage.evaluate.compare import compare
 
     try:
         table = read_run_file(config, "compare") if config is not None else {}

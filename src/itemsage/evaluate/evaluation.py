@@ -174,8 +174,8 @@ def _served(loaded: Any, dataset_dir: str | Path, embeddings_dir: str | Path, em
     """evaluate()'s "served" block: `served_paths` over an exact (flat) index of the embeddings and their
     frozen query vectors, and over the served index when it holds them too."""
     from itemsage import schema
-    from itemsage.index.faiss_index import ProductIndex
     from itemsage.index.build import read_query_vectors
+    from itemsage.index.faiss_index import ProductIndex
 
     query_vectors = read_query_vectors(embeddings_dir, emb_manifest)
     if query_vectors is None:
