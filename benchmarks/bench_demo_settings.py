@@ -32,9 +32,9 @@ import torch
 from itemsage import schema
 from itemsage.model.batch import ProductStore
 from itemsage.model.model import load_model
-from itemsage.train.pairs import load_pairs
-from itemsage.train.loop import MODEL_DIR, train
 from itemsage.train.config import TrainConfig
+from itemsage.train.loop import MODEL_DIR, train
+from itemsage.train.pairs import load_pairs
 from itemsage.train.validation import held_out_recall
 
 # The demo's own training options on main (src/itemsage/demo.py before this benchmark's changes).

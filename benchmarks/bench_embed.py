@@ -23,12 +23,12 @@ import pyarrow as pa
 import torch
 
 from itemsage import artifacts, schema
-from itemsage.embed.shards import embed
 from itemsage.data.text import Vocabulary
+from itemsage.embed.shards import embed
 from itemsage.model.batch import featurize
-from itemsage.model.tower import ItemSage, QueryAdapters
 from itemsage.model.config import flops_per_product, model_config
 from itemsage.model.model import load_model, save_model
+from itemsage.model.tower import ItemSage, QueryAdapters
 
 IMAGE_DIM = 256
 WORDS = [f"w{i}" for i in range(3000)]  # a Zipf-ish vocabulary of words

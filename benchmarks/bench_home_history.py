@@ -22,12 +22,12 @@ import pyarrow.parquet as pq
 import torch
 
 from itemsage import schema
-from itemsage.index import by_product
 from itemsage.evaluate.inputs import CatalogIds, encode_queries
-from itemsage.metrics import exact_ranks, masked_ranks, popularity_ranks
 from itemsage.evaluate.served import user_histories
-from itemsage.index.faiss_index import ProductIndex
+from itemsage.index import by_product
 from itemsage.index.build import read_embeddings, read_query_vectors
+from itemsage.index.faiss_index import ProductIndex
+from itemsage.metrics import exact_ranks, masked_ranks, popularity_ranks
 from itemsage.model.model import load_model
 from itemsage.train.pairs import load_pairs
 

@@ -53,9 +53,9 @@ def search_queries(n: int, seed: int = 0) -> list[str]:
 
 
 def index_facts(index_root: Path) -> dict:
+    from itemsage.artifacts import read_manifest
     from itemsage.index.faiss_index import IDS_FILE
     from itemsage.index.versions import current_version
-    from itemsage.artifacts import read_manifest
 
     version_dir = current_version(index_root)
     manifest = read_manifest(version_dir, kind="index")
@@ -198,9 +198,9 @@ def random_fixture(n: int, out: Path) -> tuple[Path, Path]:
     from itemsage.data.text import Vocabulary
     from itemsage.index.faiss_index import ProductIndex
     from itemsage.index.versions import publish, version_path
-    from itemsage.model.tower import ItemSage, QueryAdapters
     from itemsage.model.config import model_config
     from itemsage.model.model import save_model
+    from itemsage.model.tower import ItemSage, QueryAdapters
 
     torch.manual_seed(0)
     cfg = model_config("cpu")

@@ -34,9 +34,9 @@ import torch
 
 from itemsage import schema
 from itemsage.data.demo_shop import CATALOG_FILE, ENGAGEMENTS_FILE, DemoConfig, generate_demo_data
-from itemsage.model.batch import ProductStore
-from itemsage.data.text import Vocabulary
 from itemsage.data.ingest import IngestConfig, ingest
+from itemsage.data.text import Vocabulary
+from itemsage.model.batch import ProductStore
 from itemsage.model.config import flops_per_product, model_config
 from itemsage.train.config import TrainConfig
 from itemsage.train.loop import train

@@ -15,13 +15,13 @@ from safetensors.numpy import load_file
 
 import itemsage
 from itemsage.config import ConfigError
-from itemsage.embed.catalog import embed_from_catalog
-from itemsage.data.text import Vocabulary
-from itemsage.index.build import read_embeddings
 from itemsage.data.ingest import DataError
-from itemsage.model.tower import ItemSage, QueryAdapters
+from itemsage.data.text import Vocabulary
+from itemsage.embed.catalog import embed_from_catalog
+from itemsage.index.build import read_embeddings
 from itemsage.model.config import model_config
 from itemsage.model.model import save_model
+from itemsage.model.tower import ItemSage, QueryAdapters
 
 IMAGE_DIM = 8
 

@@ -15,19 +15,19 @@ import torch
 from fastapi.testclient import TestClient
 
 from itemsage import schema
-from itemsage.index import by_product
-from itemsage.serve import app as serve
-from itemsage.serve.bodies import CloseupRequest, HomeRequest
+from itemsage.data.text import Vocabulary
 from itemsage.evaluate.inputs import CatalogIds
 from itemsage.evaluate.served import served_paths
-from itemsage.data.text import Vocabulary
+from itemsage.index import by_product
 from itemsage.index.faiss_index import ProductIndex
 from itemsage.index.versions import publish, version_path
-from itemsage.model.tower import ItemSage, QueryAdapters
-from itemsage.model.model import load_model, save_model
 from itemsage.model.config import model_config
-from itemsage.train.pairs import Pairs
+from itemsage.model.model import load_model, save_model
+from itemsage.model.tower import ItemSage, QueryAdapters
+from itemsage.serve import app as serve
+from itemsage.serve.bodies import CloseupRequest, HomeRequest
 from itemsage.serve.service import Service
+from itemsage.train.pairs import Pairs
 
 FROZEN_DIM = 8
 OUT_DIM = 16

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from itemsage import __version__
-from itemsage.cli import common as cli
 from itemsage.cli import app
+from itemsage.cli import common as cli
 
 COMMANDS = ["demo-data", "ingest", "train", "embed", "index", "serve", "evaluate", "compare", "demo"]
 
@@ -31,9 +31,9 @@ def invoke(*args: str):
 
 def test_choices_mirror_the_library():
     from itemsage.index.config import KINDS
-    from itemsage.train.losses import NEGATIVE_MODES
     from itemsage.model.config import AGGREGATORS, MODALITIES, PRESETS
     from itemsage.train.config import OPTIMIZERS
+    from itemsage.train.losses import NEGATIVE_MODES
 
     def values(enum):
         return tuple(e.value for e in enum)

@@ -9,8 +9,8 @@ import math
 import pytest
 
 from itemsage import artifacts, schema
-from itemsage.evaluate.compare_runs import SUMMARY_KEYS, aggregate, mean_sd, seed_scores, summary
 from itemsage.evaluate.compare_report import what_this_says
+from itemsage.evaluate.compare_runs import SUMMARY_KEYS, aggregate, mean_sd, seed_scores, summary
 
 
 def fake_result(search: float, closeup: float, home: float, cold: float, n: int = 10) -> dict:
@@ -99,9 +99,9 @@ def test_finished_results_gathers_each_runs_finished_seeds_in_order(tmp_path):
 
 
 def test_report_only_refuses_without_a_finished_reference_run(tmp_path):
-    from itemsage.evaluate.compare_runs import CompareConfig
-    from itemsage.evaluate.compare import compare
     from itemsage.config import ConfigError
+    from itemsage.evaluate.compare import compare
+    from itemsage.evaluate.compare_runs import CompareConfig
 
     (tmp_path / "data").mkdir()
     artifacts.write_manifest(tmp_path / "data", "dataset")

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from test_train import make_dataset
 
 from itemsage.train.config import TrainConfig
 from itemsage.train.loop import train
-from test_train import make_dataset
 
 # eps=1 and no clipping make AdamW's step nearly linear in the gradient (|g| << eps), so a gradient of
 # the wrong scale (e.g. a per-rank instead of global loss normaliser) changes the weights, and float

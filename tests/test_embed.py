@@ -18,15 +18,15 @@ import pytest
 import torch
 
 from itemsage import artifacts, schema
-from itemsage.embed import shards as embed_mod
 from itemsage.artifacts import ArtifactError
-from itemsage.embed.shards import embed, embed_batch
 from itemsage.data.text import Vocabulary
-from itemsage.model.batch import featurize
+from itemsage.embed import shards as embed_mod
+from itemsage.embed.shards import embed, embed_batch
 from itemsage.index.build import read_embeddings
-from itemsage.model.tower import ItemSage, QueryAdapters
-from itemsage.model.model import load_model, save_model
+from itemsage.model.batch import featurize
 from itemsage.model.config import model_config
+from itemsage.model.model import load_model, save_model
+from itemsage.model.tower import ItemSage, QueryAdapters
 
 IMAGE_DIM = 8
 WORDS = "oak pine wood chair table lamp red blue green soft linen wool cotton small large modern rustic".split()
@@ -363,9 +363,9 @@ def write_dataset_with_queries(directory: Path, rows: list[dict], query: np.ndar
 
 
 def test_query_vectors_round_trip_through_embed_and_index(tmp_path, model_dir):
+    from itemsage.index.build import build_from_embeddings
     from itemsage.index.faiss_index import QUERY_VECTORS_FILE, ProductIndex
     from itemsage.index.query_vectors import NoProductQueries
-    from itemsage.index.build import build_from_embeddings
 
     rows = make_products(23)
     query = np.random.default_rng(5).standard_normal((23, 6)).astype(np.float32)  # not unit: kept as given

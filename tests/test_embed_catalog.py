@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from itemsage import schema
+from itemsage.data.ingest import DataError, IngestConfig, check_products, ingest
+from itemsage.data.text import Vocabulary
 from itemsage.embed.catalog import CATALOG_DIR, embed_from_catalog
 from itemsage.embed.shards import embed_batch
-from itemsage.data.text import Vocabulary
 from itemsage.index.build import read_embeddings
-from itemsage.data.ingest import DataError, IngestConfig, check_products, ingest
-from itemsage.model.tower import ItemSage, QueryAdapters
-from itemsage.model.model import load_model, save_model
 from itemsage.model.config import model_config
+from itemsage.model.model import load_model, save_model
+from itemsage.model.tower import ItemSage, QueryAdapters
 
 IMAGE_DIM = 8
 
@@ -150,8 +150,8 @@ def test_catalog_embedding_serves_products_as_queries_from_the_models_source(tmp
     from test_train import make_dataset, tiny
 
     from itemsage import artifacts
-    from itemsage.index.faiss_index import ProductIndex
     from itemsage.index.build import build_from_embeddings
+    from itemsage.index.faiss_index import ProductIndex
     from itemsage.train.loop import train
 
     data = make_dataset(tmp_path / "data", n_products=24, n_train=120, n_eval=30, n_test=30)
@@ -194,8 +194,8 @@ def test_catalog_with_a_product_without_image_gets_no_query_vectors(tmp_path, ca
 def test_catalog_text_query_vectors_load_the_text_encoder_once(tmp_path, monkeypatch):
     """A text source without a given encoder loads MiniLM once for the whole catalog, not once per
     row group of the staged products."""
-    from itemsage.encoders import text as query_encoder
     from itemsage.embed.catalog import stage_catalog
+    from itemsage.encoders import text as query_encoder
 
     made = []
 

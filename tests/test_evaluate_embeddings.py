@@ -8,12 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_train import make_dataset
 
 from itemsage import artifacts, schema
 from itemsage.artifacts import ArtifactError
 from itemsage.evaluate.evaluation import evaluate
 from itemsage.evaluate.inputs import seen_in_train
-from test_train import make_dataset
 
 
 def write_embeddings(directory, ids, vectors, model_fp: str, dataset_fp: str = "d") -> None:
@@ -82,8 +82,8 @@ def test_evaluate_ranks_the_given_embeddings_exactly(trained, tmp_path):
 
 def test_evaluate_refuses_another_models_embeddings_and_index(trained, tmp_path):
     from itemsage.embed.shards import embed
-    from itemsage.index.config import IndexConfig
     from itemsage.index.build import build_from_embeddings, read_embeddings
+    from itemsage.index.config import IndexConfig
 
     _, dataset, model_dir, loaded = trained
     embed(model_dir, dataset, tmp_path / "emb", progress=False)

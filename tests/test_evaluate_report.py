@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from test_train import make_dataset
 
 from itemsage import artifacts, schema
-from itemsage.evaluate.report import LOSS_TAG, VALIDATION_TAG, write_report
 from itemsage.evaluate.evaluation import evaluate
+from itemsage.evaluate.report import LOSS_TAG, VALIDATION_TAG, write_report
 from itemsage.train.config import TrainConfig
 from itemsage.train.loop import train
-from test_train import make_dataset
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from itemsage.model.hash_embedding import HASH_A1, HASH_A2, HASH_B1, HASH_B2, HASH_PRIME, hash_token_ids
-from itemsage.model.batch import ProductStore, featurize
 from itemsage.data.text import Tokens, Vocabulary, field_strings, normalize, tokenize
+from itemsage.model.batch import ProductStore, featurize
+from itemsage.model.hash_embedding import HASH_A1, HASH_A2, HASH_B1, HASH_B2, HASH_PRIME, hash_token_ids
 
 # ---- tokenize -------------------------------------------------------------------------------------
 

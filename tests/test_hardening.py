@@ -20,17 +20,17 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
-from itemsage import artifacts, schema
-from itemsage.artifacts import ArtifactError
-from itemsage.index.config import IndexConfig
-from itemsage.index.build import build_from_embeddings
-from itemsage.index.versions import current_version, load_current
-from itemsage.data.ingest import DataError, IngestConfig, ingest
 from test_embed import make_products, model_dir, write_dataset  # noqa: F401 - model_dir is a fixture
 from test_index import ids_for, unit_vectors, write_embeddings
 from test_ingest import SMALL, catalog_rows, log_rows, write
 from test_train import make_dataset, tiny
+
+from itemsage import artifacts, schema
+from itemsage.artifacts import ArtifactError
+from itemsage.data.ingest import DataError, IngestConfig, ingest
+from itemsage.index.build import build_from_embeddings
+from itemsage.index.config import IndexConfig
+from itemsage.index.versions import current_version, load_current
 
 DEAD_PID = 99_999_999  # above Linux's pid_max (4,194,304): never a running process
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from itemsage.index import by_product
-from itemsage.index import home
+from itemsage.index import by_product, home
 
 
 def triangle_history(m: int, d: float) -> np.ndarray:

@@ -11,11 +11,11 @@ import pytest
 from itemsage import artifacts
 from itemsage.artifacts import ArtifactError
 from itemsage.config import ConfigError
+from itemsage.index.build import build_from_embeddings
 from itemsage.index.config import IndexConfig
 from itemsage.index.faiss_index import ProductIndex
-from itemsage.index.build import build_from_embeddings
-from itemsage.index.versions import current_version, load_current, publish, version_path
 from itemsage.index.recall import neighbour_recall
+from itemsage.index.versions import current_version, load_current, publish, version_path
 
 
 def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:

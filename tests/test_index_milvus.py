@@ -17,12 +17,12 @@ from fastapi.testclient import TestClient  # noqa: E402
 from test_index import clustered_vectors, ids_for, unit_vectors, write_embeddings  # noqa: E402
 from test_serve import TOKEN, FakeImageEncoder, FakeTextEncoder, auth, brute_force, world  # noqa: E402,F401
 
-from itemsage.serve import app as serve
 from itemsage.artifacts import ArtifactError  # noqa: E402
 from itemsage.index.faiss_index import ProductIndex  # noqa: E402
-from itemsage.index.versions import VersionNotFound
-from itemsage.index.recall import neighbour_recall
 from itemsage.index.milvus import MilvusConfig, MilvusVersions, build_milvus, collection_name  # noqa: E402
+from itemsage.index.recall import neighbour_recall
+from itemsage.index.versions import VersionNotFound
+from itemsage.serve import app as serve
 
 
 @pytest.fixture(scope="module")
@@ -143,10 +143,10 @@ def test_cli_index_backend_milvus(tmp_path, monkeypatch):
 
 
 def test_milvus_keeps_the_products_query_vectors(tmp_path, versions):
+    import pyarrow as pa
+
     from itemsage import artifacts
     from itemsage.index.query_vectors import NoProductQueries
-
-    import pyarrow as pa
 
     ids = ids_for(50)
     base = unit_vectors(50, 16, seed=41)

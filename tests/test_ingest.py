@@ -831,7 +831,7 @@ def test_memory_does_not_grow_with_the_log(tmp_path):
 
 
 def test_fast_take_matches_arrow_take():
-    from itemsage.data.validate import take_rows
+    from itemsage.data.row_arrays import take_rows
 
     rng = np.random.default_rng(0)
     # null vectors, empty vectors, two widths; sliced and chunked, as scratch slabs come

@@ -22,16 +22,16 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from itemsage.index import live
-from itemsage.serve import app as serve
 from itemsage.artifacts import ArtifactError, read_manifest
 from itemsage.data.text import Vocabulary
+from itemsage.index import live
 from itemsage.index.faiss_index import ProductIndex
-from itemsage.index.versions import current_version, load_current, publish, version_path
-from itemsage.model.tower import ItemSage, QueryAdapters
-from itemsage.model.model import load_model, save_model
-from itemsage.model.config import model_config
 from itemsage.index.live_log import LiveLog, delete_record, upsert_record
+from itemsage.index.versions import current_version, load_current, publish, version_path
+from itemsage.model.config import model_config
+from itemsage.model.model import load_model, save_model
+from itemsage.model.tower import ItemSage, QueryAdapters
+from itemsage.serve import app as serve
 
 DIM = 16
 IMAGE_DIM = 8

@@ -11,14 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from itemsage.config import ConfigError
-from itemsage.train.losses import (
-    LOGIT_SCALE_MAX,
-    CountMinSketch,
-    LogQ,
-    in_batch_hits,
-    mixed_negative_loss,
-    random_hits,
-)
+from itemsage.train.losses import LOGIT_SCALE_MAX, CountMinSketch, LogQ, in_batch_hits, mixed_negative_loss, random_hits
 
 D = 8
 

@@ -12,13 +12,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from itemsage import artifacts, schema
 from itemsage.config import ConfigError
-from itemsage.model.batch import ProductBatch, featurize
 from itemsage.data.text import Vocabulary
-from itemsage.model.hash_embedding import hash_token_ids
-from itemsage.model.hash_embedding import HashEmbedding
-from itemsage.model.tower import ItemSage, LogitScale, QueryAdapters
-from itemsage.model.model import LoadedModel, encode_products, load_model, save_model
+from itemsage.model.batch import ProductBatch, featurize
 from itemsage.model.config import ModelConfig, flops_per_product, model_config
+from itemsage.model.hash_embedding import HashEmbedding, hash_token_ids
+from itemsage.model.model import LoadedModel, encode_products, load_model, save_model
+from itemsage.model.tower import ItemSage, LogitScale, QueryAdapters
 
 VOCAB = 40
 DI = 8  # image width in these tests

@@ -24,14 +24,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from itemsage import schema
-from itemsage.serve import app as serve
-from itemsage.embed.shards import embed_batch
 from itemsage.data.text import Vocabulary
+from itemsage.embed.shards import embed_batch
 from itemsage.index.faiss_index import ProductIndex
 from itemsage.index.versions import publish, version_path
-from itemsage.model.tower import ItemSage, QueryAdapters
-from itemsage.model.model import load_model, save_model
 from itemsage.model.config import model_config
+from itemsage.model.model import load_model, save_model
+from itemsage.model.tower import ItemSage, QueryAdapters
+from itemsage.serve import app as serve
 
 IMAGE_DIM = 8
 COLOURS = {"red": (200, 40, 40), "blue": (40, 70, 200), "green": (40, 160, 70), "black": (30, 30, 30),

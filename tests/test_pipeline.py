@@ -86,8 +86,8 @@ def test_demo_rerun_skips_finished_stages(demo, tmp_path):
 
 
 def test_compare_report(demo, tmp_path):
-    from itemsage.evaluate.compare_runs import COLOURS, SUMMARY_KEYS, CompareConfig
     from itemsage.evaluate.compare import compare
+    from itemsage.evaluate.compare_runs import COLOURS, SUMMARY_KEYS, CompareConfig
 
     cfg = CompareConfig(preset="tiny", steps=6, batch_size=64, seeds=2, eval_every=2, patience=1,
                         runs=("itemsage", "text_only", "single_task_click", "in_batch_negatives"))

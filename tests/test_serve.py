@@ -22,20 +22,20 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from itemsage.index import home
-from itemsage.serve import app as serve
 from itemsage.artifacts import ArtifactError
 from itemsage.data.text import Vocabulary
-from itemsage.model.batch import featurize
+from itemsage.index import home
 from itemsage.index.faiss_index import ProductIndex
 from itemsage.index.versions import LocalVersions, publish, version_path
-from itemsage.model.tower import ItemSage, QueryAdapters
-from itemsage.model.model import load_model, save_model
+from itemsage.model.batch import featurize
 from itemsage.model.config import model_config
+from itemsage.model.model import load_model, save_model
+from itemsage.model.tower import ItemSage, QueryAdapters
 from itemsage.schema import TEXT_FIELDS
-from itemsage.serve.service import Service, _plain_adapters
+from itemsage.serve import app as serve
 from itemsage.serve.bodies import MAX_HISTORY
 from itemsage.serve.middleware import LATENCY_BUCKETS
+from itemsage.serve.service import Service, _plain_adapters
 
 IMAGE_DIM = 8
 OUT_DIM = 16  # the tiny preset's embedding width

@@ -20,9 +20,6 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-
-from itemsage.serve import app as serve
-from itemsage.index.versions import current_version
 from test_serve import (  # noqa: F401 - `world` and `client` are fixtures
     IMAGE_DIM,
     OUT_DIM,
@@ -36,6 +33,9 @@ from test_serve import (  # noqa: F401 - `world` and `client` are fixtures
     message,
     world,
 )
+
+from itemsage.index.versions import current_version
+from itemsage.serve import app as serve
 
 
 def post_raw(client, path: str, raw: bytes, headers: dict | None = None):

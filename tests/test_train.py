@@ -3,27 +3,26 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from itemsage import artifacts, schema
-from itemsage.train.checkpoint import _flatten, _unflatten
 from itemsage.config import ConfigError
 from itemsage.data.text import Vocabulary
-from itemsage.train.optim import Lamb, advance, lr_at
-from itemsage.train.loop import Sampler, _loss_weights, _mixture, latest_checkpoint, load_pairs, train
+from itemsage.train.checkpoint import _flatten, _unflatten
 from itemsage.train.config import TrainConfig
+from itemsage.train.loop import Sampler, _loss_weights, _mixture, latest_checkpoint, load_pairs, train
+from itemsage.train.optim import Lamb, advance, lr_at
 
 IMAGE_DIM, SEARCH_DIM, HOME_DIM = 8, 12, 16  # home == tiny out_dim: an identity adapter
 BRANDS = ["acme", "birch", "cobalt", "delta"]

@@ -79,14 +79,14 @@ def _done(directory: Path) -> bool:
 def run_demo(settings: DemoSettings, progress: bool = True, say: Callable[[str], None] = log.info) -> DemoResult:
     """Run every stage under settings.out; `say` reports each stage as it starts."""
     from itemsage.data.demo_shop import CATALOG_FILE, ENGAGEMENTS_FILE, DemoConfig, generate_demo_data
+    from itemsage.data.ingest import IngestConfig, ingest
     from itemsage.embed.shards import embed
     from itemsage.evaluate.evaluation import evaluate
     from itemsage.evaluate.report import write_report
-    from itemsage.index.config import IndexConfig
     from itemsage.index.build import build_from_embeddings
-    from itemsage.data.ingest import IngestConfig, ingest
-    from itemsage.train.loop import MODEL_DIR, train
+    from itemsage.index.config import IndexConfig
     from itemsage.train.config import TrainConfig
+    from itemsage.train.loop import MODEL_DIR, train
 
     out = settings.out
     shop, dataset, run = out / "shop", out / "dataset", out / "train"

@@ -16,8 +16,15 @@ def progress_bar(enabled: bool = True, *, unit: str = "items", fields: str | Non
 
     `fields`: a format of the task's fields shown instead of the measured speed, e.g.
     "{task.fields[loss]:.4f}" (pass the fields to `add_task`/`update`)."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from rich.text import Text
 
     class Speed(ProgressColumn):

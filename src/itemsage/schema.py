@@ -38,7 +38,7 @@ MAX_IMAGES = 20
 PRODUCT_ID = "product_id"
 IMAGE_EMBEDDINGS = "image_embeddings"  # list of float vectors, main image first
 IMAGE_PATHS = "image_paths"  # list of image files, encoded by the built-in image encoder
-LISTED_AT = "listed_at"  # optional: when the product went on sale (random negatives: itemsage.pairs)
+LISTED_AT = "listed_at"  # optional: when the product went on sale (random negatives: itemsage.train.pairs)
 
 # Engagement-log input columns.
 SURFACE = "surface"
@@ -53,7 +53,7 @@ QUERY_PRODUCT_ID = "query_product_id"  # closeup/home: the query is this catalog
 
 # Columns ingest adds to products.
 CONTENT_HASH = "content_hash"  # sha256 of a product's features, for `embed --incremental`
-QUERY_VECTOR = "query_vector"  # the product's frozen query vector (itemsage.product_query)
+QUERY_VECTOR = "query_vector"  # the product's frozen query vector (itemsage.data.product_query)
 PRODUCT_QUERY = "product_query"  # dataset manifest key: {"source", "fields", "dim"} of query_vector
 
 # Files of a dataset directory (written by `itemsage ingest`).

@@ -34,12 +34,7 @@ def demo_data_cmd(
     from rich.table import Table
 
     from itemsage.config import ConfigError
-    from itemsage.data.demo_shop import (
-        CATALOG_FILE,
-        ENGAGEMENTS_FILE,
-        DemoConfig,
-        generate_demo_data,
-    )
+    from itemsage.data.demo_shop import CATALOG_FILE, ENGAGEMENTS_FILE, DemoConfig, generate_demo_data
 
     try:
         cfg = DemoConfig(products=products, seed=seed, days=days, users=users, image_dim=image_dim,

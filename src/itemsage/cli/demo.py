@@ -9,16 +9,7 @@ from typing import Optional
 import typer
 
 from itemsage import schema
-from itemsage.cli.common import (
-    _CONFIG_HELP,
-    Preset,
-    _given,
-    _progress,
-    app,
-    console,
-    fail,
-    flag_names,
-)
+from itemsage.cli.common import _CONFIG_HELP, Preset, _given, _progress, app, console, fail, flag_names
 from itemsage.cli.evaluate import _recall_table
 
 

@@ -136,8 +136,8 @@ def compare_cmd(
 
     from itemsage.artifacts import ArtifactError
     from itemsage.config import ConfigError, check_keys, read_run_file
-    from itemsage.evaluate.compare_runs import CompareConfig
     from itemsage.evaluate.compare import compare
+    from itemsage.evaluate.compare_runs import CompareConfig
 
     try:
         table = read_run_file(config, "compare") if config is not None else {}

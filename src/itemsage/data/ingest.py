@@ -4,10 +4,10 @@
 sorted name order) in streaming batches and writes the dataset directory described in
 docs/ARCHITECTURE.md: products.parquet, train.parquet, validation.parquet, test.parquet, rejects.jsonl,
 vocab.json and manifest.json. The module is the orchestration (the passes, the manifest); the
-parts are, in data-flow order: itemsage.readers (input files -> batches, file refusals),
-itemsage.normalise (each column to one Arrow type), itemsage.validate (the row checks),
-itemsage.timesplit (the three windows) and itemsage.publish (the output directory). Options and the
-run's summary are in itemsage.ingest_config.
+parts are, in data-flow order, beside it in data/: readers.py (input files -> batches, file
+refusals), normalise.py (each column to one Arrow type), validate.py (the row checks), rejects.py
+(rejects.jsonl and its counts), timesplit.py (the three windows) and publish.py (the output
+directory). Options and the run's summary are in ingest_config.py.
 
 Two kinds of bad input:
 - a bad ROW goes to rejects.jsonl with exactly one reason from `schema.REJECT_REASONS`, and the run
@@ -45,7 +45,7 @@ Rules a user may need to know:
   `query_embedding` of length 0 counts as absent.
 - Products as queries: each kept product gets its frozen query vector (`query_vector` in
   products.parquet; `product_query`, `--product-query auto|image|text`: the main image vector, or the
-  text encoder's vector of the title; see itemsage.product_query), computed after the catalog pass and
+  text encoder's vector of the title; see itemsage.data.product_query), computed after the catalog pass and
   held in memory (4 x Dq bytes per product) for the log pass. A closeup or home row may name
   `query_product_id` instead of a query vector: an id that is not a kept product is rejected
   (unknown_query_product); else the product's vector becomes the row's `query_embedding` (a row with
@@ -56,7 +56,7 @@ Rules a user may need to know:
   for files larger than `sha256_max_bytes` (1 GiB by default), where hashing would be a long extra pass.
 
 Split: three windows in time order, global or per user, with an optional gap before validation
-(see itemsage.timesplit for the rules).
+(see itemsage.data.timesplit for the rules).
 
 Passes and memory. Nothing here holds the logs, or the catalog's vectors, all at once:
 1. catalog: each batch is checked and its kept products appended to a scratch Arrow IPC file; held
@@ -75,13 +75,11 @@ Parquet batch holds about 64 MiB of decoded data), one slab (twice: read and sor
 plus the O(products) state: the id sets, the vocabulary counts and the extra catalog columns.
 
 The output directory is written atomically, and what a killed run left is recovered or removed
-by the next run into the same `<out>` (itemsage.publish).
+by the next run into the same `<out>` (itemsage.data.publish).
 """
 
 from __future__ import annotations
 
-import collections
-import json
 import logging
 import os
 import shutil
@@ -95,17 +93,42 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from itemsage import artifacts, schema
-from itemsage.data import product_query
 from itemsage.config import ConfigError, to_dict
+from itemsage.data import product_query
 from itemsage.data.ingest_config import IngestConfig, IngestSummary, InputStats, summary_table
-from itemsage.data.normalise import LOG_KINDS, LOG_REQUIRED, LOG_SCHEMA, canonical, catalog_kinds, json_safe, parse_iso_ms
+from itemsage.data.normalise import (
+    LOG_KINDS,
+    LOG_REQUIRED,
+    LOG_SCHEMA,
+    ExtraColumns,
+    canonical,
+    catalog_kinds,
+    parse_iso_ms,
+)
 from itemsage.data.publish import check_out, publish, recover_leftovers
-from itemsage.data.readers import (DataError, Source, catalog_sources, check_schema, fingerprint, input_files,
-                              numeric_times, total_rows)
-from itemsage.data.timesplit import (COMPRESSION, SCRATCH, GlobalSplit, MinuteCounts, PerUserSplit, TimeSlabs, iso,
-                                scratch_batches)
-from itemsage.data.validate import (Rejector, RowChecks, check_catalog_batch, check_products, content_hash, products_schema,
-                               reject_entries)
+from itemsage.data.readers import (
+    DataError,
+    Source,
+    catalog_sources,
+    check_schema,
+    fingerprint,
+    input_files,
+    numeric_times,
+    total_rows,
+)
+from itemsage.data.rejects import RejectsFile
+from itemsage.data.row_arrays import Rejector, content_hash
+from itemsage.data.timesplit import (
+    COMPRESSION,
+    SCRATCH,
+    GlobalSplit,
+    MinuteCounts,
+    PerUserSplit,
+    TimeSlabs,
+    iso,
+    scratch_batches,
+)
+from itemsage.data.validate import RowChecks, check_catalog_batch, check_products, products_schema, reject_entries
 
 # Re-exported: callers import these from itemsage.ingest, where they lived before the split.
 __all__ = ["DataError", "IngestConfig", "IngestSummary", "InputStats", "LOG_SCHEMA", "catalog_sources",
@@ -119,44 +142,6 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------------
 
 
-class _Extras:
-    """Extra catalog columns, kept as they came (one Arrow type per column across files)."""
-
-    def __init__(self) -> None:
-        self.chunks: dict[str, list[Any]] = {}  # name -> per batch: pa.Array, list of values, or row count (absent)
-        self.batch_rows: list[int] = []
-
-    def add(self, values: dict[str, Any], n: int) -> None:
-        for name in values:
-            if name not in self.chunks:
-                self.chunks[name] = list(self.batch_rows)  # absent in earlier batches
-        for name, chunks in self.chunks.items():
-            chunks.append(values.get(name, n))
-        self.batch_rows.append(n)
-
-    def columns(self) -> dict[str, pa.ChunkedArray]:
-        out = {}
-        for name, chunks in self.chunks.items():
-            arrays = [pa.nulls(c) if isinstance(c, int) else c if isinstance(c, pa.Array) else _loose_array(c)
-                      for c in chunks]
-            try:
-                out[name] = pa.concat_tables(
-                    [pa.table({name: a}) for a in arrays], promote_options="permissive").column(name)
-            except (pa.ArrowException, TypeError):  # types clash across files: keep as JSON text
-                values = [v for a in arrays for v in a.to_pylist()]
-                out[name] = pa.chunked_array([_loose_array(values, force_json=True)])
-        return out
-
-
-def _loose_array(values: list[Any], force_json: bool = False) -> pa.Array:
-    if not force_json:
-        try:
-            return pa.array(values)
-        except (pa.ArrowException, TypeError, ValueError):
-            pass
-    return pa.array([None if v is None else json.dumps(json_safe(v), ensure_ascii=False) for v in values], pa.string())
-
-
 class _Ingest:
     """State of one ingest run: the row checks, the counts, the rejects file, the scratch files."""
 
@@ -168,33 +153,13 @@ class _Ingest:
         self.checks = RowChecks(text_columns=self.text_columns, max_images=config.max_images,
                                 image_dim=config.image_dim, image_batch_size=config.image_batch_size,
                                 image_encoder=image_encoder)
-        self.rejects_file = open(tmp / schema.REJECTS_FILE, "w", encoding="utf-8")
-        self.reject_counts: collections.Counter[str] = collections.Counter()
-        # role -> reason -> rows, and the first detail of each (role, reason): the summary's warnings
-        self.role_rejects: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-        self.first_details: dict[tuple[str, str], str] = {}
+        self.rejects = RejectsFile(tmp / schema.REJECTS_FILE)
         self.stats: list[InputStats] = []
         self.products = 0
-        self.extras = _Extras()
+        self.extras = ExtraColumns()
         self.lo_ms: int | None = None  # earliest and latest readable log timestamp
         self.hi_ms: int | None = None
         self.numeric_times = False  # some log timestamps were given as numbers (epoch seconds or ms)
-
-    def close_rejects(self) -> None:
-        if not self.rejects_file.closed:
-            self.rejects_file.flush()
-            os.fsync(self.rejects_file.fileno())
-            self.rejects_file.close()
-
-    def write_rejects(self, src: Source, batch: Any, start: int, rej: Rejector) -> int:
-        entries = reject_entries(src, batch, start, rej)
-        for entry in entries:
-            reason = entry["reason"]
-            self.reject_counts[reason] += 1
-            self.role_rejects[src.role][reason] += 1
-            self.first_details.setdefault((src.role, reason), f"{src.path} row {entry['row']}: {entry['detail']}")
-            self.rejects_file.write(json.dumps(entry, ensure_ascii=False, allow_nan=False) + "\n")
-        return len(entries)
 
     # -- catalog
 
@@ -220,19 +185,19 @@ class _Ingest:
                         if computed in extra:
                             log.warning("%s: ignoring the input column '%s'; ingest computes it", src.path, computed)
                             del extra[computed]
-                    if listed is not None:  # kept beside the extras: train reads it (itemsage.pairs)
+                    if listed is not None:  # kept beside the extras: train reads it (itemsage.train.pairs)
                         extra[schema.LISTED_AT] = listed
                     if table.num_rows:
                         scratch.write_table(table)
                     self.extras.add(extra, table.num_rows)
                     self.products += table.num_rows
                     stats.rows_read += n
-                    stats.rows_rejected += self.write_rejects(src, batch, start, rej)
+                    stats.rows_rejected += self.rejects.write(src, reject_entries(src, batch, start, rej))
                     stats.rows_kept += table.num_rows
                     self.progress.advance(task, n)
 
     def product_queries(self, text_encoder: Any) -> dict[str, Any]:
-        """Each kept product's frozen query vector (itemsage.product_query), in scratch order, held in
+        """Each kept product's frozen query vector (itemsage.data.product_query), in scratch order, held in
         `checks` for the log pass; returns the manifest's `product_query` entry."""
         without_image = 0
         for batch in scratch_batches(self.scratch / "products.arrow"):
@@ -348,7 +313,7 @@ class _Ingest:
                 table = self.checks.log_batch(src.path, n, cols, errors, rej, start=start)
                 slabs.add(table)
                 stats.rows_read += n
-                stats.rows_rejected += self.write_rejects(src, batch, start, rej)
+                stats.rows_rejected += self.rejects.write(src, reject_entries(src, batch, start, rej))
                 stats.rows_kept += table.num_rows
                 self.progress.advance(task, n)
 
@@ -362,35 +327,10 @@ class _Ingest:
                 "If they count steps or days, write epoch seconds or ISO-8601 times instead; the time split "
                 "only needs their order, so it is still made.")
 
-    def refusal(self, role: str) -> str | None:
-        """The error when every `role` row was rejected (None otherwise): nothing is written then."""
-        read = sum(s.rows_read for s in self.stats if s.role == role)
-        rejected = sum(s.rows_rejected for s in self.stats if s.role == role)
-        if not read or rejected < read:
-            return None
-        what = {"catalog": "catalog", "logs": "log"}[role]
-        reasons = "; ".join(f"{reason} ({count:,}), first: {self.first_details[(role, reason)]}"
-                            for reason, count in self.role_rejects[role].most_common(3))
-        return (f"every one of the {read:,} {what} rows was rejected; nothing was written. Reasons: {reasons}. "
-                "Fix the rows (the reasons say how) and run again.")
-
-    def rejection_warning(self, role: str, out: Path) -> str | None:
-        """A warning when more than half of the `role` rows were rejected (None otherwise): how many,
-        the top reason with its first detail, and where every row's reason is."""
-        read = sum(s.rows_read for s in self.stats if s.role == role)
-        rejected = sum(s.rows_rejected for s in self.stats if s.role == role)
-        if not read or 2 * rejected <= read:
-            return None
-        reason, count = self.role_rejects[role].most_common(1)[0]
-        what = {"catalog": "catalog", "logs": "log"}[role]
-        share = (f"ALL {read:,} {what} rows were" if rejected == read else
-                 f"{rejected:,} of {read:,} {what} rows ({100 * rejected // read}%) were")
-        text = (f"{share} rejected, most as {reason} ({count:,}). "
-                f"First: {self.first_details[(role, reason)]}. Every rejected row and its reason: "
-                f"{out / schema.REJECTS_FILE}")
-        if role == "catalog" and rejected == read:
-            text += ". No product was kept, so every log row is rejected too"
-        return text + "."
+    def counts(self, role: str) -> tuple[int, int]:
+        """(rows read, rows rejected) of every `role` input file."""
+        return (sum(s.rows_read for s in self.stats if s.role == role),
+                sum(s.rows_rejected for s in self.stats if s.role == role))
 
 
 _PLAUSIBLE_EPOCH_MS = 631_152_000_000  # 1990-01-01 UTC: engagement logs from before it are unlikely
@@ -453,9 +393,9 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
             lap("catalog", sum(s.rows_read for s in run.stats))
             # Every row rejected: refused, nothing written (the error names the reasons). More than
             # half: the dataset is written, with a warning first in the summary.
-            if refusal := run.refusal("catalog"):
+            if refusal := run.rejects.refusal("catalog", *run.counts("catalog")):
                 raise DataError(refusal)
-            warnings = [run.rejection_warning("catalog", out)]
+            warnings = [run.rejects.warning("catalog", *run.counts("catalog"), out)]
             # Before the logs: a row's query_product_id stands for its product's frozen vector.
             product_query_entry = run.product_queries(text_encoder)
             lap("product query vectors", run.products)
@@ -482,11 +422,12 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
             slabs = TimeSlabs(tmp / ".scratch", minutes.slab_edges(edges, config.sort_rows), split)
             del minutes
             run.read_logs(log_sources, slabs)
-            if refusal := run.refusal("logs"):
+            if refusal := run.rejects.refusal("logs", *run.counts("logs")):
                 raise DataError(refusal)
             # Not logged here: the summary shows them first (the CLI prints it), and the manifest keeps them.
-            warnings = [w for w in warnings + [run.rejection_warning("logs", out), run.time_warning()] if w]
-            run.close_rejects()
+            warnings += [run.rejects.warning("logs", *run.counts("logs"), out), run.time_warning()]
+            warnings = [w for w in warnings if w]
+            run.rejects.close()
             run.checks.seen_ids.clear()  # O(products) strings no later pass needs
             run.checks.kept_ids.clear()
             run.checks.product_query_rows = {}
@@ -502,7 +443,7 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
             lap("train/validation/test in time order", slabs.rows)
 
         checks = run.checks
-        rejects = {reason: run.reject_counts.get(reason, 0) for reason in schema.REJECT_REASONS}
+        rejects = {reason: run.rejects.counts.get(reason, 0) for reason in schema.REJECT_REASONS}
         rows = {w: slabs.window_rows(w) for w in schema.WINDOWS}  # window -> task -> rows
         for w in ("validation", "test"):  # logged, not a summary warning: those are about rejected rows
             if slabs.rows and not sum(rows[w].values()):
@@ -537,7 +478,7 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
         if slabs is not None:
             slabs.close()
         if run is not None:
-            run.rejects_file.close()
+            run.rejects.file.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from itemsage import schema
-from itemsage.data import product_query
 from itemsage.config import require
+from itemsage.data import product_query
 from itemsage.data.normalise import parse_iso_ms
 
 _RESERVED = {schema.PRODUCT_ID, schema.IMAGE_EMBEDDINGS, schema.IMAGE_PATHS, schema.CONTENT_HASH, schema.QUERY_VECTOR}
@@ -36,7 +36,7 @@ class IngestConfig:
     image_batch_size: int = 32  # images per image-encoder call
     sort_rows: int = 250_000  # log rows per time slab, held in memory while writing train/eval in time order
     sha256_max_bytes: int = 1 << 30  # larger inputs are fingerprinted by size and mtime
-    product_query: str = "auto"  # a product's frozen query vector: auto | image | text (itemsage.product_query)
+    product_query: str = "auto"  # a product's frozen query vector: auto | image | text (itemsage.data.product_query)
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -1,10 +1,10 @@
 """Ingest's column normalisation: every input column of one batch -> its one canonical Arrow type, with
 the rows whose value cannot be read (and why). Which input types each column kind accepts, and the
-file-level type check (`arrow_accepts`), used by itemsage.readers before a file is read.
+file-level type check (`arrow_accepts`), used by itemsage.data.readers before a file is read.
 
 Vectorised with pyarrow and numpy; a Python loop only where values came as JSON (Python objects
 already) or where a row fails (its detail message). The row checks that follow are in
-itemsage.validate.
+itemsage.data.validate.
 """
 
 from __future__ import annotations
@@ -333,3 +333,41 @@ def json_safe(value: Any) -> Any:
     if hasattr(value, "item"):
         return json_safe(value.item())
     return str(value)
+
+
+class ExtraColumns:
+    """Extra catalog columns, kept as they came (one Arrow type per column across files)."""
+
+    def __init__(self) -> None:
+        self.chunks: dict[str, list[Any]] = {}  # name -> per batch: pa.Array, list of values, or row count (absent)
+        self.batch_rows: list[int] = []
+
+    def add(self, values: dict[str, Any], n: int) -> None:
+        for name in values:
+            if name not in self.chunks:
+                self.chunks[name] = list(self.batch_rows)  # absent in earlier batches
+        for name, chunks in self.chunks.items():
+            chunks.append(values.get(name, n))
+        self.batch_rows.append(n)
+
+    def columns(self) -> dict[str, pa.ChunkedArray]:
+        out = {}
+        for name, chunks in self.chunks.items():
+            arrays = [pa.nulls(c) if isinstance(c, int) else c if isinstance(c, pa.Array) else loose_array(c)
+                      for c in chunks]
+            try:
+                out[name] = pa.concat_tables(
+                    [pa.table({name: a}) for a in arrays], promote_options="permissive").column(name)
+            except (pa.ArrowException, TypeError):  # types clash across files: keep as JSON text
+                values = [v for a in arrays for v in a.to_pylist()]
+                out[name] = pa.chunked_array([loose_array(values, force_json=True)])
+        return out
+
+
+def loose_array(values: list[Any], force_json: bool = False) -> pa.Array:
+    if not force_json:
+        try:
+            return pa.array(values)
+        except (pa.ArrowException, TypeError, ValueError):
+            pass
+    return pa.array([None if v is None else json.dumps(json_safe(v), ensure_ascii=False) for v in values], pa.string())

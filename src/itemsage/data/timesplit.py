@@ -38,8 +38,7 @@ import pyarrow.parquet as pq
 
 from itemsage import artifacts, schema
 from itemsage.data.normalise import EPOCH, LOG_SCHEMA
-from itemsage.data.validate import codes, take_rows
-
+from itemsage.data.row_arrays import codes, take_rows
 
 _ROW_GROUP_ROWS = 65_536  # rows per Parquet row group of train/eval: readers can stream them
 # zstd: the demo's vectors shrink 2.4x (snappy: 1.0x) for ~30% more write time, and less disk to wait on.

@@ -1,6 +1,6 @@
 """Row checks for `itemsage ingest`: every row kept or given exactly one reject reason
-(docs/ARCHITECTURE.md), on columns itemsage.normalise has already brought to one Arrow type each.
-Internal to itemsage.ingest, which reads the files (itemsage.readers), writes the rejects and the
+(docs/ARCHITECTURE.md), on columns data/normalise.py has already brought to one Arrow type each.
+Internal to data/ingest.py, which reads the files (data/readers.py), writes the rejects and the
 dataset, and documents the rules a user sees; `check_products` runs the catalog checks alone (for
 `itemsage embed --catalog`, the Python API and `/v1/embed`).
 
@@ -13,11 +13,9 @@ fixed so far, the image encoder) lives in `RowChecks`; it is O(products), never 
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -26,142 +24,22 @@ import pyarrow.compute as pc
 from itemsage import schema
 from itemsage.data.normalise import LOG_SCHEMA, Errors, canonical, catalog_kinds, products_schema, raw_records
 from itemsage.data.readers import Source, catalog_sources, check_schema
+from itemsage.data.row_arrays import (
+    Rejector,
+    codes,
+    content_hash,
+    filled,
+    member,
+    nested,
+    present,
+    take_column,
+    take_rows,
+    vector_stats,
+)
 
 log = logging.getLogger(__name__)
 
-TEXT_QUERY_DIM = 384  # all-MiniLM-L6-v2; used when itemsage.query_encoder cannot be imported
-
-# ------------------------------------------------------------------------------------------------
-# Vectorised helpers
-# ------------------------------------------------------------------------------------------------
-
-
-class Rejector:
-    """The reason of each row of a batch; the first check that fails a row names its reason."""
-
-    def __init__(self, n: int):
-        self.code = np.full(n, -1, dtype=np.int16)  # index into REJECT_REASONS, -1 = alive
-        self.details: dict[int, str] = {}
-
-    @property
-    def alive(self) -> np.ndarray:
-        return self.code < 0
-
-    def reject(self, mask: np.ndarray, reason: str, detail: str | Callable[[int], str]) -> None:
-        rows = np.flatnonzero(mask & self.alive)
-        self.code[rows] = schema.REJECT_REASONS.index(reason)
-        for r in rows:
-            self.details[int(r)] = detail(int(r)) if callable(detail) else detail
-
-    def reject_errors(self, errors: Errors, default_reason: str) -> None:
-        """Reject rows whose value could not be converted (JSON values of the wrong type)."""
-        for row, (reason, detail) in errors.items():
-            if self.code[row] < 0:
-                self.code[row] = schema.REJECT_REASONS.index(reason or default_reason)
-                self.details[row] = detail
-
-
-def _np(arr: pa.Array, fill: Any) -> np.ndarray:
-    return arr.fill_null(fill).to_numpy(zero_copy_only=False)
-
-
-def _present(arr: pa.Array) -> np.ndarray:
-    """[n] bool: a string that is not null or blank."""
-    return _np(pc.not_equal(pc.utf8_trim_whitespace(arr), ""), False)
-
-
-def codes(arr: pa.Array | pa.ChunkedArray, values: Sequence[str]) -> np.ndarray:
-    """[n] int64: the index of each string in `values`; -1 for null or a string not there."""
-    return _np(pc.index_in(arr, value_set=pa.array(values, pa.string())), -1).astype(np.int64)
-
-
-def _member(values: list[Any], allowed: set[str]) -> np.ndarray:
-    """[n] bool: value in `allowed` (a C-level set lookup per row; None is never a member)."""
-    return np.fromiter(map(allowed.__contains__, values), bool, count=len(values))
-
-
-def _vector_stats(vectors: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For a list<float32> array [n]: (lengths [n] with null = 0, has a NaN/inf/null value [n],
-    flat values [V] with V = lengths.sum()). No per-row or per-value index arrays: a prefix sum of the
-    bad values, read at each row's end and start, counts each row's bad values."""
-    lengths = _np(pc.list_value_length(vectors), 0).astype(np.int64)
-    flat = pc.list_flatten(vectors)  # [V]; values under null lists are skipped, as lengths says
-    values = _np(flat, np.nan) if flat.null_count else flat.to_numpy(zero_copy_only=False)
-    values = values.astype(np.float32, copy=False)
-    bad = ~np.isfinite(values)  # [V]
-    nonfinite = np.zeros(len(lengths), bool)
-    if bad.any():
-        ends = np.cumsum(lengths)
-        seen = np.concatenate([[0], np.cumsum(bad)])  # bad values before each position
-        nonfinite = seen[ends] > seen[ends - lengths]
-    return lengths, nonfinite, values
-
-
-def _as_binary(vectors: pa.Array) -> pa.Array:
-    """A list<float32> array seen as large_binary (one byte string per vector), sharing its buffers."""
-    child = vectors.values
-    byte_offsets = (vectors.offsets.to_numpy().astype(np.int64) + child.offset) * 4
-    validity = None if vectors.null_count == 0 else pa.array(vectors.is_valid()).buffers()[1]
-    return pa.Array.from_buffers(pa.large_binary(), len(vectors), [validity, pa.py_buffer(byte_offsets),
-                                                                   child.buffers()[1]])
-
-
-def _from_binary(data: pa.Array, list_type: pa.DataType) -> pa.Array:
-    """The inverse of `_as_binary`."""
-    bufs = data.buffers()
-    offsets = np.frombuffer(bufs[1], np.int64)[data.offset: data.offset + len(data) + 1]
-    first = int(offsets[0]) // 4
-    values = pa.Array.from_buffers(pa.float32(), int(offsets[-1]) // 4 - first, [None, bufs[2]], offset=first)
-    validity = None if data.null_count == 0 else pa.array(data.is_valid()).buffers()[1]
-    list_offsets = pa.py_buffer((offsets // 4 - first).astype(np.int32))
-    return pa.Array.from_buffers(list_type, len(data), [validity, list_offsets], children=[values])
-
-
-def _take_column(column: pa.Array | pa.ChunkedArray, indices: pa.Array) -> pa.Array | pa.ChunkedArray:
-    # Arrow's take on list<float> gathers value by value (about 80 MB/s here); seen as one byte string
-    # per vector, the same take is a memcpy per row, about 6x faster.
-    t = column.type
-    if not (pa.types.is_list(t) and t.value_type == pa.float32()):
-        return column.take(indices)
-    if isinstance(column, pa.ChunkedArray):
-        arr = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-    else:
-        arr = column
-    if len(arr.values) == 0 or arr.values.null_count or len(arr.values) >= 2**31:
-        return arr.take(indices)  # no values, null floats (never in kept rows), or past int32 offsets
-    return _from_binary(_as_binary(arr).take(indices), t)
-
-
-def take_rows(table: pa.Table, rows: np.ndarray) -> pa.Table:
-    """table.take(rows), fast for vector columns; `rows` [k] int64 row numbers."""
-    indices = pa.array(rows, pa.int64())
-    return pa.table({name: _take_column(table.column(name), indices) for name in table.column_names},
-                    schema=table.schema)
-
-
-def _nested(blocks: list[np.ndarray], dim: int) -> pa.Array:
-    """list<list<float32>> from one [m_i, dim] block per row."""
-    counts = np.array([len(b) for b in blocks], dtype=np.int64)
-    flat = np.concatenate([b.reshape(-1) for b in blocks]) if counts.sum() else np.zeros(0, np.float32)
-    inner_offsets = np.arange(int(counts.sum()) + 1, dtype=np.int64) * dim
-    inner = pa.ListArray.from_arrays(pa.array(inner_offsets.astype(np.int32)), pa.array(flat, pa.float32()))
-    outer = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(outer), inner)
-
-
-def content_hash(texts: Sequence[Sequence[str]], images: np.ndarray) -> str:
-    """sha256 of a product's features, stable across runs, machines and input formats.
-
-    Hashed bytes: the text fields (lists of strings, in the dataset's text-column order) as compact
-    UTF-8 JSON, then `\\nimages:<M>x<D>\\n`, then the [M, D] image vectors as little-endian float32.
-    """
-    images = np.asarray(images, dtype="<f4")
-    m = images.shape[0] if images.size else 0
-    d = images.shape[1] if m and images.ndim == 2 else 0
-    h = hashlib.sha256(json.dumps([list(t) for t in texts], ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
-    h.update(f"\nimages:{m}x{d}\n".encode())
-    h.update(np.ascontiguousarray(images.reshape(m, d)).tobytes())
-    return h.hexdigest()
+TEXT_QUERY_DIM = 384  # all-MiniLM-L6-v2; used when itemsage.encoders.text cannot be imported
 
 
 def _resolve(base: Path, path: str) -> Path:
@@ -268,7 +146,7 @@ class RowChecks:
         self._catalog_rows = first_number + n
         ids = cols[schema.PRODUCT_ID].to_pylist()
         rej.reject_errors(errors[schema.PRODUCT_ID], "missing_product_id")
-        rej.reject(~_present(cols[schema.PRODUCT_ID]), "missing_product_id", "product_id is missing or empty")
+        rej.reject(~present(cols[schema.PRODUCT_ID]), "missing_product_id", "product_id is missing or empty")
         duplicate = np.zeros(n, bool)
         for r in np.flatnonzero(rej.alive):  # the first row with an id claims it, kept or not
             if ids[r] in self.seen_ids:
@@ -283,13 +161,13 @@ class RowChecks:
         # Given image vectors: cut to max_images, then NaN/inf. [I] below = all image vectors of the batch.
         rej.reject_errors(errors[schema.IMAGE_EMBEDDINGS], "non_finite_vector")
         given = cols[schema.IMAGE_EMBEDDINGS]
-        given_counts = _np(pc.list_value_length(given), 0)  # [n] before the cut
+        given_counts = filled(pc.list_value_length(given), 0)  # [n] before the cut
         if given_counts.max(initial=0) > max_images:
             given = pc.list_slice(given, 0, max_images)
         given_kept = np.minimum(given_counts, max_images)  # [n]
         inner = pc.list_flatten(given)  # [I] list<float32>
         inner_row = pc.list_parent_indices(given).to_numpy()  # [I] row of each vector
-        widths, vec_bad, values = _vector_stats(inner)  # [I], [I], flat values
+        widths, vec_bad, values = vector_stats(inner)  # [I], [I], flat values
         row_nonfinite = np.bincount(inner_row[vec_bad], minlength=n) > 0
         rej.reject(row_nonfinite, "non_finite_vector",
                    lambda r: f"image vector {int(np.flatnonzero(vec_bad[inner_row == r])[0])} contains NaN or inf")
@@ -297,7 +175,7 @@ class RowChecks:
         # Image files, for products without given vectors.
         rej.reject_errors(errors[schema.IMAGE_PATHS], "unreadable_image")
         paths_col = cols[schema.IMAGE_PATHS]
-        path_counts = _np(pc.list_value_length(paths_col), 0)
+        path_counts = filled(pc.list_value_length(paths_col), 0)
         use_paths = rej.alive & (given_counts == 0) & (path_counts > 0)
         encoded: dict[int, np.ndarray] = {}  # row -> [m, D] vectors of its image files
         if use_paths.any():
@@ -363,7 +241,7 @@ class RowChecks:
             blocks.append(block)
             hashes.append(content_hash([t[j] for t in text_lists], block))
         columns = {schema.PRODUCT_ID: cols[schema.PRODUCT_ID].filter(mask), **texts,
-                   schema.IMAGE_EMBEDDINGS: _nested(blocks, dim or 0),
+                   schema.IMAGE_EMBEDDINGS: nested(blocks, dim or 0),
                    schema.CONTENT_HASH: pa.array(hashes, pa.string())}
         return pa.table(columns).cast(products_schema(self.text_columns))
 
@@ -404,7 +282,7 @@ class RowChecks:
         eng = codes(engagement_col, schema.ENGAGEMENTS)  # [n]
 
         rej.reject_errors(errors[schema.PRODUCT_ID], "missing_product_id")
-        rej.reject(~_present(cols[schema.PRODUCT_ID]), "missing_product_id", "product_id is missing or empty")
+        rej.reject(~present(cols[schema.PRODUCT_ID]), "missing_product_id", "product_id is missing or empty")
         rej.reject_errors(errors[schema.SURFACE], "unknown_surface")
         rej.reject(surf < 0, "unknown_surface", lambda r: (
             f"surface {surface_col[r].as_py()!r} is not one of {', '.join(schema.SURFACES)}"))
@@ -412,9 +290,9 @@ class RowChecks:
         rej.reject(eng < 0, "unknown_engagement", lambda r: (
             f"engagement {engagement_col[r].as_py()!r} is not one of {', '.join(schema.ENGAGEMENTS)}"))
         rej.reject_errors(errors[schema.TIMESTAMP], "bad_timestamp")
-        rej.reject(~_np(pc.is_valid(cols[schema.TIMESTAMP]), False), "bad_timestamp", "timestamp is missing")
+        rej.reject(~filled(pc.is_valid(cols[schema.TIMESTAMP]), False), "bad_timestamp", "timestamp is missing")
         rej.reject_errors(errors[schema.WEIGHT], "bad_weight")
-        weight = _np(cols[schema.WEIGHT], 1.0)
+        weight = filled(cols[schema.WEIGHT], 1.0)
         rej.reject(~(np.isfinite(weight) & (weight >= 0)), "bad_weight",
                    lambda r: f"weight {weight[r]} must be a finite number >= 0")
 
@@ -425,12 +303,12 @@ class RowChecks:
         rej.reject_errors(errors[schema.QUERY_PRODUCT_ID], "unknown_query_product")
         rej.reject_errors(errors[schema.QUERY_EMBEDDING], "non_finite_vector")
         emb = cols[schema.QUERY_EMBEDDING]
-        emb_len, emb_nonfinite, _ = _vector_stats(emb)  # [n], [n]
+        emb_len, emb_nonfinite, _ = vector_stats(emb)  # [n], [n]
         has_emb = emb_len > 0
-        has_text = _present(cols[schema.QUERY_TEXT])
-        has_img = _present(cols[schema.QUERY_IMAGE_PATH])
+        has_text = present(cols[schema.QUERY_TEXT])
+        has_img = present(cols[schema.QUERY_IMAGE_PATH])
         query_pid = cols[schema.QUERY_PRODUCT_ID]
-        has_pid = _present(query_pid)
+        has_pid = present(query_pid)
         is_search, is_closeup, is_home = (surf == schema.SURFACES.index(s) for s in ("search", "closeup", "home"))
         ok_query = ((is_search & (has_text | has_emb)) | (is_closeup & (has_emb | has_img | has_pid))
                     | (is_home & (has_emb | has_pid)))
@@ -441,10 +319,10 @@ class RowChecks:
                    lambda r: f"a {schema.SURFACES[surf[r]]} row needs {needs[schema.SURFACES[surf[r]]]}")
 
         ids = cols[schema.PRODUCT_ID].to_pylist()
-        rej.reject(~_member(ids, self.kept_ids), "unknown_product",
+        rej.reject(~member(ids, self.kept_ids), "unknown_product",
                    lambda r: f"product_id {ids[r]!r} is not in the catalog (or its catalog row was rejected)")
         qids = query_pid.to_pylist()
-        rej.reject(has_pid & ~_member(qids, self.product_query_rows.keys()), "unknown_query_product",
+        rej.reject(has_pid & ~member(qids, self.product_query_rows.keys()), "unknown_query_product",
                    lambda r: f"query_product_id {qids[r]!r} is not in the catalog (or its catalog row was rejected)")
         rej.reject(has_emb & emb_nonfinite, "non_finite_vector", "query_embedding contains NaN or inf")
 
@@ -480,7 +358,7 @@ class RowChecks:
             take = np.arange(n)
             take[rows] = n + np.arange(len(rows))
             new = pa.array(list(self.product_query_vectors[at]), pa.list_(pa.float32()))
-            emb = _take_column(pa.concat_arrays([emb, new]), pa.array(take))
+            emb = take_column(pa.concat_arrays([emb, new]), pa.array(take))
 
         # Closeup image queries: encode now, store as query_embedding.
         encode = image_only & rej.alive
@@ -495,7 +373,7 @@ class RowChecks:
             take = np.arange(n)
             take[rows] = n + np.arange(len(rows))
             new = pa.array(list(vectors), pa.list_(pa.float32())) if len(rows) else pa.nulls(0, emb.type)
-            emb = _take_column(pa.concat_arrays([emb, new]), pa.array(take))
+            emb = take_column(pa.concat_arrays([emb, new]), pa.array(take))
 
         table = pa.Table.from_pydict({
             schema.SURFACE: surface_col, schema.ENGAGEMENT: engagement_col,

@@ -33,9 +33,7 @@ def training_curves(model_dir: str | Path) -> dict[str, list[list[float]]]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from tensorboard.backend.event_processing.event_accumulator import (
-            EventAccumulator,
-        )
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(logs), size_guidance={"scalars": 0}).Reload()  # 0: keep every point
     tags = set(events.Tags().get("scalars", []))

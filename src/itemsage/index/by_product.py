@@ -1,7 +1,7 @@
 """Catalog products as queries, as served and as evaluated: closeup by product, home by history.
 
 The model was trained to align *frozen* query vectors (through each surface's adapter) with
-products, so a catalog product used as a query is its frozen query vector (itemsage.product_query:
+products, so a catalog product used as a query is its frozen query vector (itemsage.data.product_query:
 its main image vector, or its title's text-encoder vector), not its learned embedding:
 
 - `closeup_by_product`: each product's frozen vector -> the closeup adapter -> top-k of the index,
@@ -30,12 +30,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from itemsage.index.home import (
-    WARD_RELATIVE_THRESHOLD,
-    allocate,
-    cluster_history,
-    merge_for_ks,
-)
+from itemsage.index.home import WARD_RELATIVE_THRESHOLD, allocate, cluster_history, merge_for_ks
 
 DEFAULT_HALF_LIFE_DAYS = 30.0  # recency weighting: an engagement this old counts half (see docs/METHOD.md)
 SECONDS_PER_DAY = 86_400.0

@@ -438,7 +438,7 @@ class ProductIndex:
 
     def query_vector(self, product_ids: list[str] | np.ndarray) -> np.ndarray:
         """The frozen query vectors [N, Dq] float32 of `product_ids` (what a product is as a closeup or
-        home query; itemsage.product_query). KeyError names the ids not in the index; NoProductQueries
+        home query; itemsage.data.product_query). KeyError names the ids not in the index; NoProductQueries
         when the index was built before products had query vectors."""
         if self._query_vectors is None:
             raise no_product_queries(f"index version {self.version or '(unsaved)'}")

@@ -8,7 +8,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-
 from itemsage import schema
 from itemsage.config import from_dict, require
 

@@ -35,9 +35,17 @@ from torch import Tensor, nn
 
 from itemsage import artifacts
 from itemsage.config import ConfigError, from_dict, to_dict
-from itemsage.model.batch import ProductBatch
 from itemsage.data.text import Vocabulary
-from itemsage.model.config import ADAPTER_MODES, AGGREGATORS, MODALITIES, PRESETS, ModelConfig, flops_per_product, model_config
+from itemsage.model.batch import ProductBatch
+from itemsage.model.config import (
+    ADAPTER_MODES,
+    AGGREGATORS,
+    MODALITIES,
+    PRESETS,
+    ModelConfig,
+    flops_per_product,
+    model_config,
+)
 from itemsage.model.hash_embedding import HashEmbedding
 from itemsage.model.tower import Head, ItemSage, LogitScale, QueryAdapters
 

@@ -73,12 +73,7 @@ from itemsage.serve.middleware import (  # noqa: F401
     Metrics,
     MetricsMiddleware,
 )
-from itemsage.serve.service import (
-    DEFAULT_MAX_K,
-    DEFAULT_QUERY_BATCH,
-    DEFAULT_QUERY_CACHE,
-    Service,
-)
+from itemsage.serve.service import DEFAULT_MAX_K, DEFAULT_QUERY_BATCH, DEFAULT_QUERY_CACHE, Service
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +148,7 @@ def create_app(
     image by its header's size. `query_encoder`: 'onnx' (default), 'onnx-int8' or 'torch' for the
     built-in text encoder; `query_cache`: how many recent search texts keep their vectors (0: none);
     `query_batch`: up to this many concurrent search texts are encoded in one call (1: no batching).
-    `products` (a dataset or catalog) gives the page at `/` its titles and images (itemsage.page).
+    `products` (a dataset or catalog) gives the page at `/` its titles and images (itemsage.serve.page).
     """
     require(max_body_bytes >= 1024, f"max_body_bytes must be >= 1024, got {max_body_bytes}")
     require(body_timeout_s > 0 and body_deadline_s >= body_timeout_s,

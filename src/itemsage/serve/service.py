@@ -292,10 +292,7 @@ class Service(ProductUpdates):
 
         with self._encoder_lock:  # created once, on first use (loading MiniLM takes seconds)
             if self._text_encoder is None:
-                from itemsage.encoders.text import (
-                    OnnxTextQueryEncoder,
-                    TextQueryEncoder,
-                )
+                from itemsage.encoders.text import OnnxTextQueryEncoder, TextQueryEncoder
 
                 self._text_encoder = (TextQueryEncoder() if self.query_encoder == "torch" else
                                       OnnxTextQueryEncoder(quantize=self.query_encoder == "onnx-int8"))

@@ -72,10 +72,10 @@ from torch import Tensor, nn
 
 from itemsage import artifacts, schema
 from itemsage.config import ConfigError, require, to_dict
-from itemsage.model.batch import ProductStore
 from itemsage.data.text import Vocabulary
-from itemsage.model.model import ItemSageModel, save_model
+from itemsage.model.batch import ProductStore
 from itemsage.model.config import model_config
+from itemsage.model.model import ItemSageModel, save_model
 from itemsage.train.checkpoint import (
     CHECKPOINT_DIR,
     _rng_state,
@@ -86,23 +86,10 @@ from itemsage.train.checkpoint import (
 )
 from itemsage.train.clock import Clock
 from itemsage.train.config import TrainConfig, TrainResult, _check_resume_config
-from itemsage.train.distributed import (
-    _all_rng_states,
-    _broadcast_int,
-    _init_distributed,
-    _mean_over_ranks,
-)
+from itemsage.train.distributed import _all_rng_states, _broadcast_int, _init_distributed, _mean_over_ranks
 from itemsage.train.losses import LogQ, MixedNegativeLoss
 from itemsage.train.optim import _optimizer, advance, lr_at
-from itemsage.train.pairs import (
-    Pairs,
-    Prefetch,
-    Sampler,
-    _loss_weights,
-    _mixture,
-    load_pairs,
-    negative_pool,
-)
+from itemsage.train.pairs import Pairs, Prefetch, Sampler, _loss_weights, _mixture, load_pairs, negative_pool
 from itemsage.train.validation import held_out_recall
 
 log = logging.getLogger(__name__)

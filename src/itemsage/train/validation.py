@@ -9,8 +9,8 @@ import logging
 import numpy as np
 import torch
 
-from itemsage.model.batch import ProductStore
 from itemsage.metrics import exact_ranks, group_recall
+from itemsage.model.batch import ProductStore
 from itemsage.model.model import ItemSageModel
 from itemsage.train.pairs import Pairs
 
