@@ -46,7 +46,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     from itemsage.data.demo_shop import DemoConfig, DemoShop
-    from itemsage.encoders.text import OnnxTextQueryEncoder, TextQueryEncoder
+    from itemsage.encoders.onnx_text import OnnxTextQueryEncoder
+    from itemsage.encoders.text import TextQueryEncoder
 
     shop = DemoShop(DemoConfig(products=args.corpus + args.queries // 2))
     titles = [t[0] if isinstance(t, list) else t for t in shop.catalog_table(0, shop.cfg.products).column("title").to_pylist()]

@@ -89,7 +89,7 @@ TEXTS = ["red leather sofa", "a", "Ünïcödé café naïve 東京 chair", "wire
 @pytest.fixture(scope="module")
 def onnx_cache(tmp_path_factory):
     """A private cache directory: the export happens here, once for the module."""
-    from itemsage.encoders import text as query_encoder
+    from itemsage.encoders import onnx_text as query_encoder
 
     old = os.environ.get(query_encoder.CACHE_ENV)
     os.environ[query_encoder.CACHE_ENV] = str(tmp_path_factory.mktemp("itemsage-cache"))
@@ -101,7 +101,7 @@ def onnx_cache(tmp_path_factory):
 
 
 def test_onnx_encoder_equals_pytorch_within_1e5(encoder, onnx_cache):
-    from itemsage.encoders.text import OnnxTextQueryEncoder
+    from itemsage.encoders.onnx_text import OnnxTextQueryEncoder
 
     onnx = OnnxTextQueryEncoder()
     assert onnx.path.parent == onnx_cache / "onnx" and onnx.path.is_file()
@@ -123,7 +123,7 @@ def test_onnx_encoder_equals_pytorch_within_1e5(encoder, onnx_cache):
 
 @pytest.mark.slow  # a second export and a quantisation: tens of seconds on a busy machine
 def test_int8_encoder_is_close_not_equal(encoder, onnx_cache):
-    from itemsage.encoders.text import OnnxTextQueryEncoder
+    from itemsage.encoders.onnx_text import OnnxTextQueryEncoder
 
     int8 = OnnxTextQueryEncoder(quantize=True)
     assert "int8" in int8.path.name and int8.name != encoder.name  # its vectors never mix with fp32 caches
@@ -133,7 +133,7 @@ def test_int8_encoder_is_close_not_equal(encoder, onnx_cache):
 
 
 def test_query_vector_cache_is_lru():
-    from itemsage.encoders.text import QueryVectorCache
+    from itemsage.serve.query_cache import QueryVectorCache
 
     cache = QueryVectorCache(maxsize=2)
     cache.put("a", np.array([1.0]))
@@ -150,7 +150,7 @@ def test_query_vector_cache_is_lru():
 
 
 def test_query_vector_cache_membership_neither_counts_nor_refreshes():
-    from itemsage.encoders.text import QueryVectorCache
+    from itemsage.serve.query_cache import QueryVectorCache
 
     cache = QueryVectorCache(maxsize=2)
     cache.put("a", np.array([1.0]))
@@ -180,7 +180,7 @@ class SlowEncoder:
 def test_batching_encoder_groups_concurrent_calls_and_keeps_each_answer():
     import threading
 
-    from itemsage.encoders.text import BatchingEncoder
+    from itemsage.serve.query_cache import BatchingEncoder
 
     inner = SlowEncoder()
     batching = BatchingEncoder(inner, max_batch=4)
@@ -205,7 +205,7 @@ def test_batching_encoder_groups_concurrent_calls_and_keeps_each_answer():
 
 
 def test_batching_encoder_passes_errors_to_every_caller():
-    from itemsage.encoders.text import BatchingEncoder
+    from itemsage.serve.query_cache import BatchingEncoder
 
     class Broken:
         dim = 4

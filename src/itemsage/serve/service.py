@@ -123,7 +123,7 @@ class Service(ProductUpdates):
         """`index_root`: a local index root, or a versions object with `resolve(version)` and `load(target)`
         (LocalVersions, index_milvus.MilvusVersions): the index backend seam."""
         from itemsage.encoders.image import DEFAULT_MAX_PIXELS
-        from itemsage.encoders.text import QueryVectorCache
+        from itemsage.serve.query_cache import QueryVectorCache
         from itemsage.model.model import load_model
 
         require(max_k >= 1, f"max_k must be >= 1, got {max_k}")
@@ -288,11 +288,12 @@ class Service(ProductUpdates):
         return Candidates(ids=ids, scores=scores, index_version=served.version)
 
     def text_encoder(self) -> Any:
-        from itemsage.encoders.text import BatchingEncoder
+        from itemsage.serve.query_cache import BatchingEncoder
 
         with self._encoder_lock:  # created once, on first use (loading MiniLM takes seconds)
             if self._text_encoder is None:
-                from itemsage.encoders.text import OnnxTextQueryEncoder, TextQueryEncoder
+                from itemsage.encoders.onnx_text import OnnxTextQueryEncoder
+                from itemsage.encoders.text import TextQueryEncoder
 
                 self._text_encoder = (TextQueryEncoder() if self.query_encoder == "torch" else
                                       OnnxTextQueryEncoder(quantize=self.query_encoder == "onnx-int8"))
