@@ -83,14 +83,17 @@ def shard_name(shard: int, generation: int = 0) -> str:
     return f"part-{shard:05d}.parquet" if generation == 0 else f"part-{shard:05d}-g{generation}.parquet"
 
 
-def output_schema(dim: int, query_dim: int | None = None) -> pa.Schema:
-    """The shard schema; `query_dim`: the width of the products' frozen query vectors (None: no such column)."""
+def output_schema(dim: int, query_dim: int | None = None, popularity: bool = False) -> pa.Schema:
+    """The shard schema; `query_dim`: the width of the products' frozen query vectors (None: no such
+    column); `popularity`: a float32 column of each product's popularity in retrieval units (the
+    model's b_p / logit scale, model/popularity.py), for a model with a popularity term."""
     return pa.schema([
         pa.field(schema.PRODUCT_ID, pa.string(), nullable=False),
         pa.field(VECTOR, pa.list_(pa.float32(), dim), nullable=False),
         pa.field(schema.CONTENT_HASH, pa.string()),
         *([pa.field(schema.QUERY_VECTOR, pa.list_(pa.float32(), query_dim), nullable=False)]
           if query_dim is not None else []),
+        *([pa.field(schema.POPULARITY, pa.float32(), nullable=False)] if popularity else []),
     ])
 
 
@@ -115,13 +118,16 @@ def _query_vectors(table: pa.Table) -> np.ndarray | None:
 
 
 def _vectors_table(ids: pa.Array, vectors: np.ndarray, hashes: pa.Array,
-                   query: np.ndarray | None = None) -> pa.Table:
-    """ids [B], vectors [B, D] float32, hashes [B], query vectors [B, Dq] or None -> the shard schema."""
+                   query: np.ndarray | None = None, popularity: np.ndarray | None = None) -> pa.Table:
+    """ids [B], vectors [B, D] float32, hashes [B], query vectors [B, Dq] or None, popularity [B] or
+    None -> the shard schema."""
     arrays = [ids.cast(pa.string()), _fixed(vectors), hashes.cast(pa.string())]
     if query is not None:
         arrays.append(_fixed(query))
-    return pa.Table.from_arrays(arrays, schema=output_schema(vectors.shape[1],
-                                                             None if query is None else query.shape[1]))
+    if popularity is not None:
+        arrays.append(pa.array(np.asarray(popularity, np.float32), pa.float32()))
+    return pa.Table.from_arrays(arrays, schema=output_schema(
+        vectors.shape[1], None if query is None else query.shape[1], popularity is not None))
 
 
 def _column_or_nulls(table: pa.Table, name: str) -> pa.Array:
@@ -143,10 +149,9 @@ def embed_batch(model: Any, batch: pa.RecordBatch | pa.Table) -> pa.Table:
     table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
     ids = table.column(schema.PRODUCT_ID).combine_chunks()
     hashes = _column_or_nulls(table, schema.CONTENT_HASH)
-    query = _query_vectors(table)
-    if table.num_rows == 0:
-        return _vectors_table(ids, np.zeros((0, model.config.out_dim), np.float32), hashes, query)
-    return _vectors_table(ids, model.embed_table(table), hashes, query)  # [B, D] unit rows
+    vectors = (model.embed_table(table) if table.num_rows  # [B, D] unit rows
+               else np.zeros((0, model.config.out_dim), np.float32))
+    return _vectors_table(ids, vectors, hashes, _query_vectors(table), model.popularity(vectors, ids.to_pylist()))
 
 
 # ---- the local engine: resumable, incremental ---------------------------------------------------
@@ -220,8 +225,10 @@ def _embed_piece(model: Any, piece: pa.Table, old: _OldVectors | None) -> tuple[
         fresh = embed_batch(model, piece.take(pa.array(todo)))
         values = fresh.column(VECTOR).combine_chunks().flatten().to_numpy()
         vectors[todo] = values.reshape(len(todo), -1)
+    # Popularity follows from the vector and the id (model/popularity.py): reused rows get it again.
     table = _vectors_table(piece.column(schema.PRODUCT_ID).combine_chunks(), vectors,
-                           piece.column(schema.CONTENT_HASH).combine_chunks(), _query_vectors(piece))
+                           piece.column(schema.CONTENT_HASH).combine_chunks(), _query_vectors(piece),
+                           model.popularity(vectors, ids))
     return table, len(todo), int(keep.sum())
 
 
@@ -356,7 +363,7 @@ def embed(
                 continue
             # The shard streams into a temp file and is renamed into place after its last row.
             with artifacts.atomic_path(out_dir / names[shard]) as tmp:
-                with pq.ParquetWriter(tmp, output_schema(dim, query_dim)) as writer:
+                with pq.ParquetWriter(tmp, output_schema(dim, query_dim, model.has_popularity)) as writer:
                     for _, _, piece in shard_pieces:
                         table, n_embedded, n_reused = _embed_piece(model, piece, old)
                         writer.write_table(table)
@@ -375,6 +382,7 @@ def embed(
         counts={"products": num_rows},
         files=names,
         extra={"count": num_rows, "dim": dim, "shards": names, "generation": generation,
+               schema.POPULARITY: model.has_popularity,
                **({schema.PRODUCT_QUERY: product_query} if product_query else {})},
     )
     (out_dir / PROGRESS_FILE).unlink(missing_ok=True)

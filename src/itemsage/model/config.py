@@ -15,11 +15,12 @@ log = logging.getLogger(__name__)
 
 AGGREGATORS: tuple[str, ...] = ("transformer", "sum", "concat")
 MODALITIES: tuple[str, ...] = ("both", "image", "text")
-ADAPTER_MODES: tuple[str, ...] = ("auto", "linear")
+ADAPTER_MODES: tuple[str, ...] = ("auto", "linear", "mlp")
 TEXT_NORMS: tuple[str, ...] = ("layernorm", "l2", "none")
 PROJECTIONS: tuple[str, ...] = ("linear", "mlp")
 TEXT_PROJECTIONS: tuple[str, ...] = ("shared", "per_field")
 POOLINGS: tuple[str, ...] = ("cls", "attention")
+POPULARITIES: tuple[str, ...] = ("none", "content", "id")
 
 
 @dataclass
@@ -40,7 +41,8 @@ class ModelConfig:
     aggregator: str = "transformer"  # transformer | sum | concat
     modalities: str = "both"  # both | image | text
     type_embedding: bool = False  # ablation: a learned per-slot embedding added to each token
-    adapter: str = "auto"  # auto: identity where a query space already has out_dim; linear: always learn
+    adapter: str = "auto"  # auto: identity where a query space already has out_dim, else a Linear; linear:
+    # always a Linear; mlp: as auto, with a two-layer MLP added to each learned Linear (model/tower.py)
     # The defaults below are the earlier behaviour, so an artifact saved before an option existed
     # loads as it was trained; the presets choose (docs/METHOD.md, "The tower").
     text_norm: str = "layernorm"  # a text field's hash bag before its projection: layernorm | l2 | none
@@ -53,6 +55,9 @@ class ModelConfig:
     # training only: each step leaves this share of the batch's distinct text tokens (n-grams) out of
     # every bag, so no product's embedding rests on a few of its own n-grams (0 = off)
     token_dropout: float = 0.0
+    # a per-product score added to the logit (model/popularity.py): none | content (a prior from the
+    # product's embedding) | id (the prior + a learned offset per product engaged in the train window)
+    popularity: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("d_model", "heads", "layers", "ff_dim", "hash_buckets", "hash_dim", "out_dim",
@@ -77,7 +82,7 @@ class ModelConfig:
         require(not duplicates, f"model.text_fields lists {duplicates} more than once")
         for name, choices in (("aggregator", AGGREGATORS), ("modalities", MODALITIES), ("adapter", ADAPTER_MODES),
                               ("text_norm", TEXT_NORMS), ("projection", PROJECTIONS), ("pooling", POOLINGS),
-                              ("text_projection", TEXT_PROJECTIONS)):
+                              ("text_projection", TEXT_PROJECTIONS), ("popularity", POPULARITIES)):
             value = getattr(self, name)
             require(value in choices, f"model.{name} must be one of {', '.join(choices)}, got {value!r}")
         require(isinstance(self.type_embedding, bool),

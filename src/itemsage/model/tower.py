@@ -303,11 +303,29 @@ class ItemSage(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+class ResidualMLP(nn.Module):
+    """x -> linear(x) + Linear(GELU(Linear(x))): a learned Linear map plus a two-layer MLP whose last
+    layer starts at zero, so the map starts as the Linear alone. [B, Dq] -> [B, out]."""
+
+    def __init__(self, linear: nn.Linear, hidden: int) -> None:
+        super().__init__()
+        self.linear = linear
+        self.mlp = nn.Sequential(nn.Linear(linear.in_features, hidden), nn.GELU(),
+                                 nn.Linear(hidden, linear.out_features))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x) + self.mlp(x)
+
+
 class QueryAdapters(nn.Module):
     """One map per surface from its frozen query space into the product space (docs/METHOD.md).
 
     mode `auto`: identity where the query width already equals out_dim (the paper's case: the query
-    space is the product space), else a learned Linear without bias; mode `linear`: always learned.
+    space is the product space), else a learned Linear without bias; mode `linear`: always learned;
+    mode `mlp`: as `auto`, each learned map a Linear plus a two-layer MLP (`ResidualMLP`), so it can
+    read what a linear map of a frozen text encoder cannot (an invented brand name's identity).
     Linear maps start orthogonal, so the query neighbourhoods survive the first steps.
     """
 
@@ -325,12 +343,12 @@ class QueryAdapters(nn.Module):
         self.mode = mode
         maps: dict[str, nn.Module] = {}
         for surface, dim in sorted(self.query_dims.items()):
-            if mode == "auto" and dim == out_dim:
+            if mode in ("auto", "mlp") and dim == out_dim:
                 maps[surface] = nn.Identity()
             else:
                 linear = nn.Linear(dim, out_dim, bias=False)  # weight [out, Dq]
                 nn.init.orthogonal_(linear.weight)
-                maps[surface] = linear
+                maps[surface] = ResidualMLP(linear, 2 * out_dim) if mode == "mlp" else linear
         self.maps = nn.ModuleDict(maps)
 
     def is_identity(self, surface: str) -> bool:

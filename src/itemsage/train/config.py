@@ -37,6 +37,10 @@ class TrainConfig:
     negatives: str = "mixed"  # mixed | in_batch | random
     optimizer: str = "adamw"  # adamw | lamb
     lr: float = 1e-3
+    # the popularity term's learning rate is lr times this (model.popularity): its offsets need to
+    # move by several logit units (log popularity), and each offset is updated only when its product
+    # is drawn, so at the tower's rate it barely leaves 0 in a run of a few thousand steps
+    popularity_lr_scale: float = 30.0
     weight_decay: float = 0.01  # on matrices only (no biases, norms, logit scale)
     eps: float = 1e-6  # Adam/LAMB epsilon; 1e-6 (not torch's 1e-8) keeps float noise in gradients that
     # are mathematically 0 (e.g. the attention key bias) from being blown up to full-size steps
@@ -81,6 +85,8 @@ class TrainConfig:
         require(self.optimizer in OPTIMIZERS,
                 f"train.optimizer ({self.optimizer!r}) must be one of {', '.join(OPTIMIZERS)}")
         require(isinstance(self.lr, (int, float)) and 0 < self.lr < 10, f"train.lr ({self.lr!r}) must be in (0, 10)")
+        require(isinstance(self.popularity_lr_scale, (int, float)) and 0 < self.popularity_lr_scale <= 1000,
+                f"train.popularity_lr_scale ({self.popularity_lr_scale!r}) must be in (0, 1000]")
         require(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
                 f"train.weight_decay ({self.weight_decay!r}) must be >= 0")
         require(isinstance(self.eps, (int, float)) and self.eps > 0, f"train.eps ({self.eps!r}) must be > 0")

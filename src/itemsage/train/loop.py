@@ -230,7 +230,12 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
 
     # Model, optimiser, sketch, sampler. The same seed on every rank gives identical initial weights.
     torch.manual_seed(cfg.seed)
-    module = ItemSageModel.build(mcfg, len(vocab), store.image_dim, pairs.query_dims).to(device)
+    # The products with a popularity offset: those engaged in the train window (model/popularity.py).
+    warm = np.unique(pairs.product_row)  # [W] store rows
+    module = ItemSageModel.build(mcfg, len(vocab), store.image_dim, pairs.query_dims,
+                                 warm_ids=store.ids[warm].tolist()).to(device)
+    warm_row = np.full(len(store), len(warm), np.int64)  # store row -> offset row; len(warm) = none
+    warm_row[warm] = np.arange(len(warm))
     optimizer = _optimizer(cfg, list(module.named_parameters()))
     logq = LogQ(cfg.sketch_depth, cfg.sketch_width, seed=cfg.seed)
     sampler = Sampler(_mixture(pairs, cfg), len(store), cfg.seed, pool=pool)
@@ -294,7 +299,7 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
                    "stopped_early": stopped_early or bool(selection.get("stopped")),
                    "validation_recall": selection["recall"] if selection["best_step"] is not None else recall}
         save_model(directory, module.tower, module.adapters, mcfg, vocab, image_dim=store.image_dim,
-                   query_dims=pairs.query_dims, logit_scale=module.logit_scale,
+                   query_dims=pairs.query_dims, logit_scale=module.logit_scale, popularity=module.popularity,
                    extra={"train_config": to_dict(cfg), "training": summary,
                           **({schema.PRODUCT_QUERY: product_query} if isinstance(product_query, dict) else {})})
 
@@ -344,17 +349,20 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
             t0 = time.perf_counter()
             lr = lr_at(step, total_steps or 10**9, cfg.warmup_steps, cfg.lr, progress_done)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             rows, negs, products = batches.next()  # [B], [R]: the global batch, same on every rank; built ahead
             products = products.to(device, non_blocking=True)  # this rank's positives, then its negatives
             pos_ids = product_row[rows]  # [B] store rows double as product ids
             logq.update(pos_ids)  # count the global batch first, on every rank: identical sketches
             with amp:  # one model call over this rank's queries, positives and random negatives
-                q, p, scale = ddp(products, _query_groups(queries, pairs, rows[lo:hi], device), hi - lo)  # [b, D], [b + r, D]
+                own = np.concatenate([pairs.product_row[rows[lo:hi]], negs[rlo:rhi]])  # [b + r] store rows
+                q, p, scale, pop = ddp(products, _query_groups(queries, pairs, rows[lo:hi], device), hi - lo,
+                                       torch.from_numpy(warm_row[own]))  # [b, D], [b + r, D], [], [b + r] | None
             parts = loss_fn(q.float(), p.float(), ids=pos_ids.to(device), keys=query_key[rows].to(device),
                             log_q=logq.log_q(pos_ids, batch_size=B).to(device), weights=loss_weight[rows].to(device),
                             logit_scale=scale, neg_ids=torch.from_numpy(negs).to(device) if R else None,
-                            log_q_neg=log_q_neg if R else None)  # DDP gathering inside (losses.MixedNegativeLoss)
+                            log_q_neg=log_q_neg if R else None,
+                            popularity=None if pop is None else pop.float())  # DDP gathering inside (losses.py)
             optimizer.zero_grad(set_to_none=True)
             parts.total.backward()
             if cfg.grad_clip:
