@@ -75,7 +75,14 @@ def test_catalog_is_checked_as_ingest_checks_it(tmp_path, model_dir):
                 for e in map(json.loads, path.read_text().splitlines()) if e["file"].endswith("catalog.jsonl")]
 
     staged = tmp_path / "emb" / CATALOG_DIR
-    assert entries(staged / schema.REJECTS_FILE) == entries(tmp_path / "ds" / schema.REJECTS_FILE)
+    # The same rows, reasons and details; only where the image width comes from is worded for each
+    # (ingest: its --image-dim; embed --catalog: the model, which no flag changes).
+    ingest_width = "the dataset's image width is 8, set by --image-dim (ingest.image_dim)"
+    model_width = "this model's image width is 8 (the width of the image vectors it was trained on)"
+    assert entries(staged / schema.REJECTS_FILE) == [
+        (f, r, reason, detail.replace(ingest_width, model_width))
+        for f, r, reason, detail in entries(tmp_path / "ds" / schema.REJECTS_FILE)]
+    assert model_width in entries(staged / schema.REJECTS_FILE)[0][3]
     assert [r for _, _, r, _ in entries(staged / schema.REJECTS_FILE)] == [
         "bad_vector_width", "duplicate_product_id", "missing_product_id"]
     ours = pq.read_table(staged / schema.PRODUCTS_FILE)

@@ -174,7 +174,8 @@ class LoadedModel:
             task = bar.add_task("encoding products", total=None)
             for table, rejects in check_products(products, text_fields=self.config.text_fields,
                                                  image_dim=self.image_dim or None, max_images=self.config.max_images,
-                                                 batch_rows=max(batch_size, 4096), image_encoder=image_encoder):
+                                                 batch_rows=max(batch_size, 4096), image_encoder=image_encoder,
+                                                 option=""):
                 if rejects:
                     first = rejects[0]
                     raise DataError(f"{len(rejects)} product(s) rejected by ingest's checks; first: {first['file']} "
