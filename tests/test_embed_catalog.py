@@ -222,3 +222,30 @@ def test_catalog_text_query_vectors_load_the_text_encoder_once(tmp_path, monkeyp
     staged = pq.ParquetFile(tmp_path / "staged" / schema.PRODUCTS_FILE)
     assert staged.num_row_groups == 3 and staged.read().column(schema.QUERY_VECTOR).to_pylist() == [[0.5] * 4] * 6
     assert len(made) == 1
+
+
+def test_a_refused_catalog_changes_nothing(tmp_path, model_dir):
+    """embed --catalog B into an --out holding A's finished embeddings, without --incremental, is
+    refused before anything is written: OUT/catalog/ still holds A, as the shards do."""
+    from itemsage.artifacts import ArtifactError
+
+    rows = catalog_rows(12)
+    a = write_jsonl(rows[:6], tmp_path / "in" / "a.jsonl")
+    b = write_jsonl(rows[6:], tmp_path / "in" / "b.jsonl")
+    out = tmp_path / "emb"
+    embed_from_catalog(model_dir, a, out, batch_size=4, progress=False)
+
+    def files() -> dict[str, bytes]:
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before = files()
+    with pytest.raises(ArtifactError, match="another version of the catalog"):
+        embed_from_catalog(model_dir, b, out, batch_size=4, progress=False)
+    assert files() == before
+    staged = pq.read_table(out / CATALOG_DIR / schema.PRODUCTS_FILE).column(schema.PRODUCT_ID).to_pylist()
+    assert staged == [r["product_id"] for r in rows[:6]] == list(read_embeddings(out)[0])
+    # the refused run left no temporary directory either
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [CATALOG_DIR]
+    # with --incremental the same catalog B is taken, and OUT/catalog/ then holds B
+    summary, _ = embed_from_catalog(model_dir, b, out, batch_size=4, incremental=True, progress=False)
+    assert summary.count == 6 and list(read_embeddings(out)[0]) == [r["product_id"] for r in rows[6:]]

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from itemsage import artifacts, schema
-from itemsage.embed.shards import DEFAULT_SHARD_ROWS, EmbedSummary, embed
+from itemsage.embed.shards import DEFAULT_SHARD_ROWS, EmbedSummary, check_out, embed
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,14 @@ def embed_from_catalog(
     artifacts.read_manifest(model_dir, kind="model")
     config = artifacts.read_json(model_dir / CONFIG_FILE)
     existed = out_dir.exists()
+    model_fp = artifacts.fingerprint(model_dir)
     try:
         rejected = stage_catalog(catalog, out_dir / CATALOG_DIR, text_fields=tuple(config["model"]["text_fields"]),
                                  image_dim=int(config["image_dim"]) or None,
                                  max_images=int(config["model"]["max_images"]), image_encoder=image_encoder,
                                  product_query=config.get("extra", {}).get(schema.PRODUCT_QUERY),
-                                 text_encoder=text_encoder)
+                                 text_encoder=text_encoder,
+                                 before_replacing=lambda fp: check_out(out_dir, model_fp, fp, incremental))
     except BaseException:
         if not existed and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()  # a refused catalog leaves nothing behind
@@ -80,13 +82,16 @@ def embed_from_catalog(
 
 def stage_catalog(catalog: str | Path, target: str | Path, *, text_fields: tuple[str, ...], image_dim: int | None,
                   max_images: int, image_encoder: Any = None, batch_rows: int = 65_536,
-                  product_query: dict[str, Any] | None = None, text_encoder: Any = None) -> int:
+                  product_query: dict[str, Any] | None = None, text_encoder: Any = None,
+                  before_replacing: Any = None) -> int:
     """Validate `catalog` into the directory `target` (products.parquet, rejects.jsonl, manifest.json,
     written under a temp name and renamed); returns the rows rejected. Nothing is done when `target`
     already holds this catalog (same input sha256s) checked for the same fields, image width and
     query-vector source. `product_query` ({"source", "fields", "dim"}, the model's record of its
     dataset's): each kept product gets its frozen query vector from that source (`query_vector`, and
-    the manifest's `product_query`), see `_add_query_vectors`."""
+    the manifest's `product_query`), see `_add_query_vectors`. `before_replacing(fingerprint)`, given,
+    is called with the new catalog's fingerprint before `target` is replaced: raising there (embed's
+    refusal of the out directory) leaves `target` as it was."""
     import shutil
 
     from itemsage.data.ingest import DataError, catalog_sources, check_products
@@ -134,6 +139,8 @@ def stage_catalog(catalog: str | Path, target: str | Path, *, text_fields: tuple
                                  counts={"products": kept, "rejected": rejected, "rejects": dict(reasons)},
                                  files=[schema.PRODUCTS_FILE, schema.REJECTS_FILE],
                                  extra={schema.PRODUCT_QUERY: entry} if entry else None)
+        if before_replacing is not None:
+            before_replacing(artifacts.fingerprint(tmp))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     except BaseException:
