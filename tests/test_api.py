@@ -158,3 +158,10 @@ def test_api_errors_are_worded_for_the_caller_not_the_cli(model_dir, tmp_path):
     for message in (str(err.value), str(missing.value), str(empty.value)):
         assert "--" not in message, message
 
+
+def test_image_path_queries_need_the_built_in_encoders_width(model_dir):
+    """This model's closeup queries are 8-d (its catalog's image vectors), not the built-in encoder's
+    1280-d: an image path is refused before any image is read, and the refusal says why."""
+    model = itemsage.load(model_dir)
+    with pytest.raises(ConfigError, match=r"1280-d.*8-d.*image_paths"):
+        model.encode_queries("closeup", ["does-not-exist.png"])

@@ -192,7 +192,8 @@ class LoadedModel:
 
         `queries`: vectors of the surface's query width (an array [N, Dq] or a list of lists, any
         surface); for `search`, texts (encoded by the built-in text encoder the model was trained
-        with); for `closeup`, image file paths (encoded by the built-in image encoder).
+        with); for `closeup`, image file paths (encoded by the built-in image encoder, 1280-d: only for a
+        model trained on that encoder's vectors, i.e. on a catalog with `image_paths`).
         """
         from itemsage.progress import progress_bar
 
@@ -230,8 +231,15 @@ class LoadedModel:
 
             return TextQueryEncoder().encode(items)
         if surface == "closeup":
-            from itemsage.encoders.image import ImageEncoder
+            from itemsage.encoders.image import FEATURE_DIM, ImageEncoder
 
+            if self.query_dims["closeup"] != FEATURE_DIM:
+                raise ConfigError(
+                    f"closeup image paths go through the built-in image encoder (EfficientNet-Lite0, {FEATURE_DIM}-d "
+                    f"vectors), but this model's closeup queries are {self.query_dims['closeup']}-d: it was trained "
+                    "on another encoder's image vectors (its catalog's image_embeddings). Image queries need a model "
+                    "trained on the built-in encoder's vectors (a catalog with image_paths); for this one, encode the "
+                    "images with its catalog's encoder and pass the vectors")
             vectors, errors = ImageEncoder().encode_paths(items, progress=False)
             bad = [(p, e) for p, e in zip(items, errors) if e]
             if bad:

@@ -397,8 +397,10 @@ class Service(ProductUpdates):
         encoder_dim = self._image_encoder_dim()
         if encoder_dim != width:
             raise RequestError(400, f"the built-in image encoder gives {encoder_dim}-d vectors but this model's "
-                               f"closeup queries are {width}-d (the catalog's image width); encode the image "
-                               f"with the catalog's encoder and send `vector` instead")
+                               f"closeup queries are {width}-d: it was trained on another encoder's image vectors "
+                               "(its catalog's image_embeddings). `image` needs a model trained on the built-in "
+                               "encoder's vectors (a catalog with image_paths); for this one, encode the image with "
+                               "the catalog's encoder and send `vector` instead")
         try:
             data = base64.b64decode(b64, validate=True)
         except (binascii.Error, ValueError):
