@@ -269,6 +269,7 @@ def save_model(
     query_dims: dict[str, int],
     extra: dict[str, Any] | None = None,
     logit_scale: LogitScale | None = None,
+    timings: dict[str, Any] | None = None,
 ) -> str:
     """Write the model artifact to `directory` and return its fingerprint.
 
@@ -278,6 +279,11 @@ def save_model(
     vocab.json, and manifest.json written last. Each file is written atomically; an old manifest is
     removed first, so a save killed half-way leaves a directory that load_model refuses. Without
     `logit_scale` the initial scale is saved.
+
+    The fingerprint (`artifacts.fingerprint`, which embeddings and indexes record) hashes the three
+    files, so they hold only what the weights are a function of: the same weights, config and vocabulary
+    give the same bytes. `timings` (e.g. pairs/s: they differ between identical runs) go to the
+    manifest's `timings`, which the fingerprint does not cover.
     """
     directory = Path(directory)
     tower, adapters = _unwrap(tower), _unwrap(adapters)
@@ -298,7 +304,9 @@ def save_model(
         for key, value in module.state_dict().items():
             tensors[f"{prefix}.{key}"] = value.detach().to("cpu").contiguous()
     with artifacts.atomic_path(directory / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "itemsage": "model"})
+        # One metadata key: safetensors writes its metadata map in a random order (two keys made
+        # two runs' files differ in about half of the saves), and the fingerprint hashes these bytes.
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     config = {
         "model": to_dict(cfg),
         "image_dim": image_dim,
@@ -316,6 +324,7 @@ def save_model(
         inputs={"vocab": vocab.fingerprint()},
         counts={"parameters": n_params, "vocab_size": len(vocab)},
         files=[WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE],
+        extra={"timings": timings} if timings else None,
     )
     fp = artifacts.fingerprint(directory)
     log.info("saved model %s (%d parameters, fingerprint %s)", directory, n_params, fp)
