@@ -249,3 +249,33 @@ def test_a_refused_catalog_changes_nothing(tmp_path, model_dir):
     # with --incremental the same catalog B is taken, and OUT/catalog/ then holds B
     summary, _ = embed_from_catalog(model_dir, b, out, batch_size=4, incremental=True, progress=False)
     assert summary.count == 6 and list(read_embeddings(out)[0]) == [r["product_id"] for r in rows[6:]]
+
+
+def test_the_service_names_the_product_without_an_image_as_the_cause(tmp_path):
+    """An index built from such a catalog answers closeup by product id with a 409 that gives the
+    real cause (a product without an image), not "made before products could be queries"."""
+    from itemsage.index.build import build_from_embeddings
+    from itemsage.serve.bodies import CloseupRequest, RequestError
+    from itemsage.serve.service import Service
+
+    torch.manual_seed(0)
+    cfg = model_config("tiny")
+    vocab = Vocabulary.build([[r["title"]] for r in catalog_rows(30)])
+    entry = {"source": "image", "fields": [schema.IMAGE_EMBEDDINGS], "dim": IMAGE_DIM}
+    model = tmp_path / "model"
+    save_model(model, ItemSage(cfg, len(vocab), IMAGE_DIM), QueryAdapters({"closeup": IMAGE_DIM}, cfg.out_dim), cfg,
+               vocab, image_dim=IMAGE_DIM, query_dims={"closeup": IMAGE_DIM}, extra={schema.PRODUCT_QUERY: entry})
+    rows = catalog_rows(6)
+    del rows[2]["image_embeddings"], rows[4]["image_embeddings"]
+    embed_from_catalog(model, write_jsonl(rows, tmp_path / "catalog.jsonl"), tmp_path / "emb", progress=False)
+    build_from_embeddings(tmp_path / "emb", tmp_path / "index")
+    service = Service(model, tmp_path / "index")
+    with pytest.raises(RequestError) as refused:
+        service.closeup(CloseupRequest(product_id="p000", k=3))
+    assert refused.value.status == 409
+    message = refused.value.message
+    assert "2 of the catalog's products have no image" in message and "'p002'" in message, message
+    assert "made before products could be queries" not in message
+    # closeup with the product's learned embedding still works
+    learned = service.closeup(CloseupRequest(product_id="p000", k=3, product_to_product=True, exclude_self=False))
+    assert learned.ids[0] == "p000"

@@ -133,12 +133,15 @@ def stage_catalog(catalog: str | Path, target: str | Path, *, text_fields: tuple
             top = "; ".join(f"{r} ({n:,}), first: {first[r]}" for r, n in reasons.most_common(3))
             raise DataError(f"every one of the {rejected:,} catalog rows was rejected; nothing was written. "
                             f"Reasons: {top}. Fix the rows (the reasons say how) and run again.")
+        missing = _without_query_vectors(tmp / schema.PRODUCTS_FILE, product_query) if identity["product_query"] \
+            else None
         entry = (_add_query_vectors(tmp / schema.PRODUCTS_FILE, product_query, text_encoder)
-                 if identity["product_query"] else None)
+                 if identity["product_query"] and not missing else None)
         artifacts.write_manifest(tmp, "catalog", config=identity, inputs=inputs,
                                  counts={"products": kept, "rejected": rejected, "rejects": dict(reasons)},
                                  files=[schema.PRODUCTS_FILE, schema.REJECTS_FILE],
-                                 extra={schema.PRODUCT_QUERY: entry} if entry else None)
+                                 extra={schema.PRODUCT_QUERY: entry} if entry else
+                                 {schema.PRODUCT_QUERY_MISSING: missing} if missing else None)
         if before_replacing is not None:
             before_replacing(artifacts.fingerprint(tmp))
         shutil.rmtree(target, ignore_errors=True)
@@ -150,23 +153,35 @@ def stage_catalog(catalog: str | Path, target: str | Path, *, text_fields: tuple
     return rejected
 
 
-def _add_query_vectors(path: Path, entry: dict[str, Any], text_encoder: Any = None) -> dict[str, Any] | None:
+def _without_query_vectors(path: Path, entry: dict[str, Any]) -> str | None:
+    """Why the staged catalog (`path`) cannot have query vectors from `entry["source"]`, logged as a
+    warning; None when it can. An image source needs every product's main image (a query_vector column
+    has no gaps)."""
+    if entry["source"] != "image":
+        return None
+    table = pq.read_table(path, columns=[schema.PRODUCT_ID, schema.IMAGE_EMBEDDINGS])
+    lengths = pc.list_value_length(table.column(schema.IMAGE_EMBEDDINGS)).fill_null(0).to_numpy(zero_copy_only=False)
+    missing = np.flatnonzero(lengths == 0)
+    if not len(missing):
+        return None
+    first = table.column(schema.PRODUCT_ID)[int(missing[0])].as_py()
+    why = (f"{len(missing):,} of the catalog's products have no image ({len(missing):,} of {len(lengths):,}; the first: "
+           f"{first!r}), but "
+           "the model's product query vectors are main image vectors (product_query source 'image', from its "
+           "training dataset). Give every product an image and re-run `itemsage embed --catalog` and "
+           "`itemsage index`")
+    log.warning("no product query vectors written, so closeup and home by product id are not served from this "
+                "index: %s.", why)
+    return why
+
+
+def _add_query_vectors(path: Path, entry: dict[str, Any], text_encoder: Any = None) -> dict[str, Any]:
     """Append each product's frozen query vector from `entry["source"]` to the staged products.parquet
     (`path`, rewritten row group by row group, so embed still seeks by row group); returns the
-    manifest's product_query entry. None, with a warning, when the catalog cannot have them: an image
-    source and a product without an image (a query_vector column has no gaps)."""
+    manifest's product_query entry. The caller checked `_without_query_vectors` first."""
     from itemsage.data import product_query
 
     source = entry["source"]
-    if source == "image":
-        lengths = pc.list_value_length(pq.read_table(path, columns=[schema.IMAGE_EMBEDDINGS]).column(0))
-        missing = int((lengths.fill_null(0).to_numpy(zero_copy_only=False) == 0).sum())
-        if missing:
-            log.warning("%d of the catalog's products have no image, but the model's product query vectors are "
-                        "main image vectors (product_query source 'image', from its training dataset): no query "
-                        "vectors written, so closeup and home by product id are not served from this index. "
-                        "Give every product an image to have them.", missing)
-            return None
     if source == "text" and text_encoder is None:  # loaded once here, not once per row group below
         from itemsage.encoders.text import TextQueryEncoder
 

@@ -233,6 +233,12 @@ def _product_query(dataset_dir: Path, parquet: pq.ParquetFile) -> dict[str, Any]
     return entry
 
 
+def _missing_query_vectors(dataset_dir: Path) -> dict[str, Any]:
+    """The dataset's record of why its products have no query vectors (embed --catalog), carried on."""
+    why = artifacts.read_manifest(dataset_dir).get(schema.PRODUCT_QUERY_MISSING)
+    return {schema.PRODUCT_QUERY_MISSING: why} if isinstance(why, str) else {}
+
+
 def _after_shard(shard: int) -> None:
     """Called after each shard is complete (tests patch it to simulate a kill)."""
 
@@ -385,7 +391,8 @@ def embed(
         counts={"products": num_rows},
         files=names,
         extra={"count": num_rows, "dim": dim, "shards": names, "generation": generation,
-               **({schema.PRODUCT_QUERY: product_query} if product_query else {})},
+               **({schema.PRODUCT_QUERY: product_query} if product_query else
+                  _missing_query_vectors(dataset_dir))},
     )
     (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
     _remove_unreferenced(out_dir, keep=set(names))

@@ -170,7 +170,7 @@ class LiveIndex:
         ids deleted or never indexed; NoProductQueries when the version has none (or an upsert was
         logged without one)."""
         if not self.base.has_query_vectors:
-            raise no_product_queries(f"index version {self.version}")
+            raise no_product_queries(f"index version {self.version}", self.base.manifest)
         product_ids = list(product_ids)
         out, from_side = self._lookup(product_ids, "side_query", self.query_dim, self.base.query_vector)
         if from_side:
