@@ -176,7 +176,7 @@ def _python_time_ms(value: dt.date | np.datetime64) -> tuple[int | None, str | N
         if isinstance(value, np.datetime64):
             return (None, None) if np.isnat(value) else (int(value.astype("datetime64[ms]").astype(np.int64)), None)
         if isinstance(value, dt.datetime):
-            if value != value:  # pandas.NaT is a datetime that equals nothing
+            if type(value).__name__ == "NaTType":  # pandas' missing time (a datetime subclass)
                 return None, None
             value = value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
         else:

@@ -123,14 +123,13 @@ class LiveLog:
         from the previous call (None: from the start). A rewritten log (a compaction renames a new file
         in place) is read from the start; a line still being appended is left for the next call."""
         try:
-            f = open(self.path, "rb")
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                start = position[1] if position and position[0] == st.st_ino and position[1] <= st.st_size else 0
+                f.seek(start)
+                data = f.read()
         except FileNotFoundError:
             return [], 0, None
-        with f:
-            st = os.fstat(f.fileno())
-            start = position[1] if position and position[0] == st.st_ino and position[1] <= st.st_size else 0
-            f.seek(start)
-            data = f.read()
         complete = data.rfind(b"\n") + 1
         records = self._parse(data[:complete], start)
         floor = max((int(r["seq"]) for r in records if r["op"] == COMPACTED), default=0)
