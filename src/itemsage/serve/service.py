@@ -477,6 +477,8 @@ class Service(ProductUpdates):
             "neighbour_recall_at_10": served.index.stats.get("neighbour_recall_at_10"),
             "live_updates": served.index.info() if isinstance(served.index, live_lib.LiveIndex) else None,
             "live_log": self.live_log_info(),
+            # what a product is as a query, so what an upsert needs: "image" -> its image_embeddings
+            "product_query": getattr(served.index, "product_query", None),
             "model_fingerprint": self.model.fingerprint,
             "query_dims": dict(self.model.query_dims),
             "dim": self.out_dim,
