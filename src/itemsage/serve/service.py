@@ -146,7 +146,7 @@ class Service(ProductUpdates):
         # Live updates log beside a local index root; a Milvus collection is updated in Milvus itself.
         self.live_log = LiveLog(self.index_root) if self.index_root is not None else None
         self._follow_reset()
-        if live_writer:
+        if live_writer and self.live_log is not None:
             self.claim_live_log()  # before the first replay: a writer never misses a line
         self.model = load_model(model_dir)
         self.model.model.eval()  # model.ItemSageModel: tower, adapters, logit scale
