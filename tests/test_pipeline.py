@@ -71,7 +71,7 @@ def test_demo_rerun_skips_finished_stages(demo, tmp_path):
     def snapshot() -> dict[str, tuple[str, int]]:
         """Every file of the finished stages' artifacts: sha256 and modification time (ns)."""
         files = {}
-        for directory in (demo.shop, demo.dataset, demo.model.parent, demo.embeddings, demo.index):
+        for directory in (demo.shop, demo.dataset, demo.model.parent, demo.embeddings, demo.index, demo.report.parent):
             # .verified.json is the dataset's verification record, which a later read may complete
             for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != artifacts.VERIFIED):
                 files[str(path)] = (artifacts.sha256_file(path), path.stat().st_mtime_ns)
@@ -81,8 +81,8 @@ def test_demo_rerun_skips_finished_stages(demo, tmp_path):
     again = run_demo(DemoSettings(out=demo.shop.parent, products=300, train_minutes=5, train_steps=30,
                                   preset="tiny", batch_size=128, random_negatives_ratio=0.5, lr=2e-3,
                                   model={"dropout": 0.0}), progress=False)
-    assert snapshot() == before  # no stage before evaluate wrote anything: not a file added, changed or touched
-    assert again.evaluation["exact"] == demo.evaluation["exact"]
+    assert snapshot() == before  # no stage wrote anything: not a file added, changed or touched
+    assert again.evaluation["exact"] == demo.evaluation["exact"]  # the printed table: the report's figures
 
 
 def test_compare_report(demo, tmp_path):

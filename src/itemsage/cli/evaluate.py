@@ -69,9 +69,10 @@ def evaluate_cmd(
     """
     from itemsage.artifacts import ArtifactError
     from itemsage.evaluate.evaluation import evaluate
-    from itemsage.evaluate.report import write_report
+    from itemsage.evaluate.report import check_report_out, write_report
 
     try:
+        check_report_out(out)  # before the work: the report replaces --out whole
         result = evaluate(model, dataset, embeddings, index_root=index, sample=sample, device=device.value,
                           history=history, window=window)
     except (ArtifactError, FileNotFoundError, ValueError) as err:
