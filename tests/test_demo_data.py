@@ -24,7 +24,9 @@ from itemsage.config import ConfigError
 from itemsage.data.demo_shop import (
     CATALOG_FILE,
     ENGAGEMENTS_FILE,
+    LATENTS_FILE,
     MANIFEST_KIND,
+    MEDOIDS_FILE,
     DemoConfig,
     DemoShop,
     generate_demo_data,
@@ -358,7 +360,8 @@ def test_refuses_a_foreign_directory_and_replaces_its_own(tmp_path):
     manifest = generate_demo_data(out, DemoConfig(products=300, days=2, users=50, image_dim=8), progress=False)
     assert manifest["counts"]["products"] == 300
     assert pq.read_metadata(out / CATALOG_FILE).num_rows == 300
-    assert sorted(p.name for p in out.iterdir()) == sorted([CATALOG_FILE, ENGAGEMENTS_FILE, "manifest.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([CATALOG_FILE, ENGAGEMENTS_FILE, LATENTS_FILE, MEDOIDS_FILE,
+                                                            "manifest.json"])
     # Another stage's artifact is never overwritten.
     artifacts.write_manifest(tmp_path / "other", "dataset", files=[])
     with pytest.raises(ConfigError, match="dataset"):
