@@ -189,8 +189,8 @@ def bucket_figures(hits: np.ndarray, ranks: np.ndarray, counts: np.ndarray, k: i
     for name, lo, hi in COUNT_BUCKETS:
         sel = (counts >= lo) & (counts <= hi if hi is not None else True)
         median = float(np.median(ranks[sel])) if sel.any() else None
-        if median is not None and known_below is not None and median >= known_below:
-            median = None
+        if median is not None and known_below is not None and np.sort(ranks[sel])[sel.sum() // 2] >= known_below:
+            median = None  # the median involves a rank past the list
         out[name] = {f"recall@{k}": float(np.mean(hits[sel])) if sel.any() else None,
                      "median_rank": None if median is None else median + 1, "n": int(sel.sum())}
     return out

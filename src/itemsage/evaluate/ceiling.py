@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 CEILING_DIR = "ceiling"
 VERSION = 1  # of the ceiling's definition: cached counts of another version are recomputed
-MAX_PRODUCTS = 200_000
+MAX_PRODUCTS = 100_000
 REPORT_KINDS = ("oracle", "observable")  # in every report; compare adds features and train_counts
 TIE_RULE = "random"
 

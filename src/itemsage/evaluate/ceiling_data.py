@@ -3,9 +3,9 @@ the rows the generator drew (with their latents).
 
 Which shop: the dataset manifest's inputs (`itemsage ingest` records each input file's path, as it
 was given, and its `sha256:` fingerprint). A dataset has a ceiling when its two inputs are the
-`catalog.parquet` and `engagements.parquet` of one demo-data directory, found at those paths
-(relative ones from the current directory) and whose manifest gives the same sha256 for both: the
-dataset was ingested from exactly those files. That directory must also hold the latents
+`catalog.parquet` and `engagements.parquet` of one demo-data directory, found at the recorded path
+(a relative one from the current directory, else from a directory above the dataset's) and whose
+manifest gives the same sha256 for both: the dataset was ingested from exactly those files. That directory must also hold the latents
 (demo_shop/latents.py) and verify against its manifest, and every catalog product must have been
 kept by ingest (the ceiling ranks the shop's products). Anything else raises `NoCeiling` with the
 reason, which the reports print.
@@ -51,17 +51,23 @@ def find_shop(dataset_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     if set(paths) != {CATALOG_FILE, ENGAGEMENTS_FILE} or len(inputs) != 2 or len({p.parent for p in paths.values()}) != 1:
         raise NoCeiling(f"its inputs ({', '.join(sorted(inputs)) or 'none recorded'}) are not the {CATALOG_FILE} and "
                         f"{ENGAGEMENTS_FILE} of one demo-data directory (itemsage demo-data)")
-    shop = paths[CATALOG_FILE].parent
+    recorded = paths[CATALOG_FILE].parent
+    # A relative path is the one ingest was given: from the current directory, else from a directory above
+    # the dataset (the directory ingest ran in, when the dataset was written below it).
+    tries = [recorded] if recorded.is_absolute() else [recorded, *(up / recorded for up in
+                                                                   Path(dataset_dir).resolve().parents)]
+    shop = next((d for d in tries if (d / artifacts.MANIFEST).is_file()), None)
+    if shop is None:
+        raise NoCeiling(f"the demo-data directory it was ingested from ({recorded}, as ingest recorded it) is not "
+                        "there any more (a relative path is tried from the current directory and from every "
+                        "directory above the dataset)")
     shown = os.path.abspath(shop)
-    if not (shop / artifacts.MANIFEST).is_file():
-        raise NoCeiling(f"the demo-data directory it was ingested from ({shown}, as recorded, from the current "
-                        "directory) is not there any more")
     manifest = artifacts.read_manifest(shop)
     if manifest.get("kind") != MANIFEST_KIND:
         raise NoCeiling(f"its inputs' directory {shown} holds a '{manifest.get('kind')}' artifact, not a demo shop")
     files = manifest["files"]
-    for name, path in paths.items():
-        given, meta = inputs[str(path)], files.get(name, {})
+    for name, given_path in paths.items():
+        given, meta, path = inputs[str(given_path)], files.get(name, {}), shop / name
         if given.startswith("size-mtime:"):  # a file too large to hash at ingest: its size and time then
             same = path.is_file() and given == f"size-mtime:{path.stat().st_size}:{path.stat().st_mtime_ns}" \
                 and path.stat().st_size == meta.get("bytes")

@@ -208,8 +208,9 @@ def kind_ranks(kind: str, P: Products, pop: Population, rows: WindowRows) -> tup
     """(greater, tied) [T] of every pair of `rows` under ceiling `kind`."""
     oracle = kind == "oracle"
     w = kind_weights(kind, P, rows)
-    greater = np.full(len(rows), -1, np.int64)
-    tied = np.full(len(rows), -1, np.int64)
+    greater = np.zeros(len(rows), np.int64)
+    tied = np.zeros(len(rows), np.int64)
+    ranked = np.zeros(len(rows), bool)
     exclude = np.where(rows.surface == CLOSEUP, rows.query_product, -1)
     for d in np.unique(rows.day).tolist():
         day = Day(P, w, d)
@@ -234,7 +235,7 @@ def kind_ranks(kind: str, P: Products, pop: Population, rows: WindowRows) -> tup
                 for e in np.unique(eng).tolist():
                     m = eng == e
                     g, t, part = count_local(batch, e, slots[m], rows.product[pairs[m]], exclude[pairs[m]], day)
-                    greater[pairs[m]], tied[pairs[m]] = g, t
+                    greater[pairs[m]], tied[pairs[m]], ranked[pairs[m]] = g, t, True
                     if part is not None:
                         part.pairs = pairs[m]
                         rest.setdefault(e, []).append(part)
@@ -242,11 +243,13 @@ def kind_ranks(kind: str, P: Products, pop: Population, rows: WindowRows) -> tup
                 pairs, g, t = count_dense(parts, counter(e))
                 greater[pairs] += g
                 tied[pairs] += t
+    if not ranked.all():
+        raise RuntimeError(f"ceiling {kind}: {int(np.sum(~ranked))} pairs were not ranked")
     unreachable = (exclude >= 0) & (exclude == rows.product)  # left out of its own ranking: a miss
     greater[unreachable], tied[unreachable] = P.n, 0
-    if np.any(greater < 0) or np.any(tied < 0):
-        raise RuntimeError(f"ceiling {kind}: {int(np.sum(greater < 0))} pairs were not ranked")
-    return greater, tied
+    # A local product's dense score is classified by comparison, elsewhere by weight thresholds: a score
+    # within rounding of a tie bound could count once too few (never seen); counts stay >= 0.
+    return np.maximum(greater, 0), np.maximum(tied, 0)
 
 
 def popularity_counts(rows: WindowRows, n_products: int) -> tuple[np.ndarray, np.ndarray]:
