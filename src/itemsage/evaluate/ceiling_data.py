@@ -128,9 +128,9 @@ def _keys(time_ms: np.ndarray, user: np.ndarray, product: np.ndarray, engagement
     return out
 
 
-def _log_keys(path: Path) -> tuple[np.ndarray, pa.Table]:
-    cols = [schema.SURFACE, schema.ENGAGEMENT, schema.PRODUCT_ID, schema.TIMESTAMP, schema.USER_ID,
-            schema.QUERY_PRODUCT_ID]
+def _log_keys(path: Path, extra: tuple[str, ...] = ()) -> tuple[np.ndarray, pa.Table]:
+    """A log's (time, user, product, engagement) keys [R], and its table of those columns and `extra`."""
+    cols = [schema.ENGAGEMENT, schema.PRODUCT_ID, schema.TIMESTAMP, schema.USER_ID, *extra]
     t = pq.read_table(path, columns=[c for c in cols if c in pq.ParquetFile(path).schema_arrow.names])
     if t.num_rows and (t[schema.USER_ID].null_count or t[schema.PRODUCT_ID].null_count):
         raise NoCeiling(f"{path} has rows without a user or product, which a demo shop never writes")
@@ -153,7 +153,7 @@ def window_rows(dataset_dir: str | Path, shop_dir: Path, latents: Any, products:
         raise NoCeiling(f"{shop_dir} holds {len(latents.query):,} latent rows for {len(gen):,} log rows")
     order = np.argsort(gen, kind="stable")
     gen_sorted = gen[order]
-    want, t = _log_keys(dataset_dir / schema.WINDOW_FILES[window])
+    want, t = _log_keys(dataset_dir / schema.WINDOW_FILES[window], (schema.SURFACE, schema.QUERY_PRODUCT_ID))
     at = np.minimum(np.searchsorted(gen_sorted, want), max(len(gen_sorted) - 1, 0))
     if len(want) and (len(gen_sorted) == 0 or np.any(gen_sorted[at] != want)):
         missing = int(np.sum(gen_sorted[at] != want)) if len(gen_sorted) else len(want)

@@ -15,9 +15,9 @@ The kinds (what a ranking may know; ceiling_model.py turns that into scores):
 Counting: a batch's exact scores on its local products are compared with the engaged product's score
 directly; elsewhere the score is nondecreasing in the product's weight within its funnel group, so
 "above" and "tied" become weight thresholds (ceiling_model.inclusion_inverse), counted per group by
-binary search over the products sorted by (group, weight) (`DenseCounter`), less the local products
-(classified the same way). Scores within a relative 1e-10 tie (one probability summed in another
-order).
+binary search over the products sorted by (group, weight) (`DenseCounter`), less the local products'
+dense scores (compared directly); the dense parts of all a day's batches are counted in one pass
+(`count_dense`). Scores within a relative 1e-10 tie (one probability summed in another order).
 Closeup pairs leave their query product out of the ranking, as the evaluation does; a pair whose
 engaged product is that product is unreachable (rank N).
 """

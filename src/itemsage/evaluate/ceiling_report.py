@@ -22,7 +22,8 @@ CEILING_NOTE = (
     "the row (user, interest cluster, search target). *Observable*: knowing only what the query shows (the search "
     "text, the viewed product, the home medoid), the generator's structure and the products' popularity, the user "
     "a posterior over the shop's users. Same pairs and protocol as the models: the whole catalog, closeup pairs "
-    "without their query product. " + TIE_NOTE)
+    "without their query product. Each is the best ranking in expectation given its knowledge; on a few thousand "
+    "pairs the observable one can land a hair above the oracle by chance. " + TIE_NOTE)
 
 
 def _f(x: float | None) -> str:
@@ -165,8 +166,10 @@ def compare_markdown(names: list[str], agg: dict[str, Any], ref: dict[str, Any])
             lines.append(f"| {t} | {observable.get(t, {}).get('n', 0)} | {_f(mine)} | " + " | ".join(
                 _f(kinds[k]["recall"].get(t, {}).get("recall@10")) for k in shown)
                 + f" | {f'{mine / obs:.0%}' if mine is not None and obs else '–'} |")
+    n = {b: row.get("n", 0) for b, row in ((ref.get("buckets") or {}).get("exact") or {}).items()}
     lines += ["", "By the engaged product's train-window engagements: Recall@10 (median rank), exact:", "",
-              "| | " + " | ".join(b for b, _, _ in COUNT_BUCKETS) + " |", "|---|" + "---:|" * len(COUNT_BUCKETS)]
+              "| | " + " | ".join(f"{b} ({n.get(b, 0):,} pairs)" for b, _, _ in COUNT_BUCKETS) + " |",
+              "|---|" + "---:|" * len(COUNT_BUCKETS)]
     for n in names:
         cells = []
         for b, _, _ in COUNT_BUCKETS:
