@@ -10,8 +10,8 @@ seen and unseen (inputs.py), and every figure is also given by the engaged produ
 engagement count (0, 1-4, 5-19, >= 20). Closeup pairs that name their query product
 (`query_product_id`) rank the catalog without it, exact and ANN, as `/v1/closeup` does
 (`exclude_self`); home pairs keep theirs. On a dataset of the demo shop the report sets every figure
-beside the data's own ceiling (ceiling.py). The metrics are pure functions of plain arrays (itemsage/metrics.py);
-`evaluate()` only gathers the arrays, and report.py writes them out.
+beside the data's own ceiling (ceiling.py). The metrics are pure functions of plain arrays
+(itemsage/metrics.py); `evaluate()` only gathers the arrays, and report.py writes them out.
 
 Every figure comes from the test window (test.parquet). The validation window chose the model
 (training's best checkpoint and early stopping), so a figure from it would flatter the model.
@@ -193,11 +193,15 @@ def ann_lists(index: Any, queries: np.ndarray, k: int, store: CatalogIds, exclud
     searches one deeper and leaves that product out, as the service's closeup does."""
     if exclude is None:
         return index.search(queries, k)[0]
-    ids, _ = index.search(queries, k + 1)  # [Q, k + 1]
-    left_out = np.where(exclude >= 0, store.ids[np.maximum(exclude, 0)], None)
-    drop = ids == left_out[:, None]
-    drop[:, -1] |= ~drop.any(1)  # a row without it keeps its first k
-    return ids[~drop].reshape(len(ids), k)
+    out = np.empty((len(queries), k), dtype=object)
+    plain, deeper = np.flatnonzero(exclude < 0), np.flatnonzero(exclude >= 0)
+    if len(plain):
+        out[plain] = index.search(queries[plain], k)[0]
+    ids, _ = index.search(queries[deeper], k + 1)  # [Q', k + 1]
+    drop = ids == store.ids[exclude[deeper]][:, None]
+    drop[:, -1] |= ~drop.any(1)  # a list without the product keeps its first k
+    out[deeper] = ids[~drop].reshape(len(deeper), k)
+    return out
 
 
 def _served(loaded: Any, dataset_dir: str | Path, embeddings_dir: str | Path, emb_manifest: dict[str, Any],
