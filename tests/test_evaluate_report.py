@@ -41,6 +41,16 @@ def test_evaluate_reports_the_test_window_only(run):
     assert result["exact"]["all"]["n"] == result["data"]["eval_pairs"] == n_test
 
 
+def test_a_dataset_not_from_the_demo_shop_has_no_ceiling(run):
+    _, _, result, report = run
+    assert result["ceiling"]["available"] is False and "demo-data" in result["ceiling"]["reason"]
+    assert "No ceiling for this dataset" in report.read_text()
+    # the figures by train-window count are there all the same
+    buckets = result["buckets"]["exact"]
+    assert list(buckets) == ["0", "1-4", "5-19", ">=20"]
+    assert sum(b["n"] for b in buckets.values()) == result["data"]["eval_pairs"]
+
+
 def test_recall_curve_agrees_with_the_recall_table(run):
     _, _, result, report = run
     curve = result["recall_curve"]

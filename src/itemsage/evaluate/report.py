@@ -1,5 +1,5 @@
-"""The evaluation report: report.md (Recall@1/10/100 tables, the served paths, a gallery of nearest
-neighbours), evaluation.json (every number), recall_at_k.png (a Recall@K curve per surface, K =
+"""The evaluation report: report.md (Recall@1/10/100 tables, the data's ceiling and the figures by
+train-window engagement count (ceiling_report.py), the served paths, a gallery of nearest neighbours), evaluation.json (every number), recall_at_k.png (a Recall@K curve per surface, K =
 1..100) and training_curves.png (loss and validation Recall@10 against steps, read from the run's
 TensorBoard logs beside the model: RUN/tensorboard for RUN/model), with a manifest. The directory is
 written whole as `<out>.tmp-<pid>` and renamed into place at the end (artifacts.temp_dir, publish_dir):
@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from itemsage.evaluate.ceiling_report import bucket_markdown, ceiling_markdown
 from itemsage.metrics import DEFAULT_KS
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,8 @@ def _write_report_files(result: dict[str, Any], out_dir: Path, title: str) -> No
         f"{data.get('seen_pairs', 0)} *seen* pairs whose surface, query and product already occur together in the "
         f"train window, {data.get('unseen_pairs', 0)} *unseen*). The catalog is ranked by its embeddings as "
         "`itemsage embed` wrote them (exact: flat search over them). "
+        f"Closeup pairs that name their query product ({data.get('closeup_query_product_excluded', 0)}) rank the "
+        "catalog without it, as `/v1/closeup` does; home pairs keep theirs. "
         "The validation window chose the model; no figure here comes from it.",
         "",
     ]
@@ -230,6 +233,7 @@ def _write_report_files(result: dict[str, Any], out_dir: Path, title: str) -> No
                   "| unseen (exact) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         lines += ["| " + " | ".join(row) + " |" for row in recall_table(result, k)]
         lines.append("")
+    lines += ceiling_markdown(result) + bucket_markdown(result)
     lines += served_markdown(result)
     files = ["report.md", "evaluation.json"]
     if result.get("recall_curve"):
