@@ -107,3 +107,61 @@ def test_import_itemsage_is_cheap():
     code = "import sys, itemsage; print(sorted(m for m in ('torch', 'pyarrow', 'numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_encode_products_takes_python_times_as_a_table_does(model_dir):
+    """Rows from `pyarrow.Table.to_pylist()` hold `listed_at` as datetime (a date column as date):
+    the list of dicts is accepted and embeds exactly as the Table it came from."""
+    import datetime as dt
+
+    from itemsage.data.normalise import _time_ms
+
+    model = itemsage.load(model_dir)
+    rows = catalog_rows(5)
+    stamps = [dt.datetime(2024, 3, 1, 12, tzinfo=dt.timezone.utc), dt.datetime(2024, 3, 2), None,
+              dt.datetime(2024, 3, 3), dt.datetime(2023, 12, 31, 23, 59, tzinfo=dt.timezone(dt.timedelta(hours=-5)))]
+    for row, when in zip(rows, stamps):
+        row["listed_at"] = when
+    table = pa.Table.from_pylist(rows)
+    assert pa.types.is_timestamp(table.schema.field("listed_at").type)  # what a catalog.parquet holds
+    expected = model.encode_products(table)
+    np.testing.assert_array_equal(model.encode_products(table.to_pylist()), expected)
+    np.testing.assert_array_equal(model.encode_products(rows), expected)
+    rows[3]["listed_at"] = dt.date(2024, 3, 3)  # a date column's value
+    np.testing.assert_array_equal(model.encode_products(rows), expected)
+    # the times read, in UTC milliseconds (naive = UTC; a date: its midnight UTC)
+    stamps[3] = dt.date(2024, 3, 3)
+    assert [_time_ms(w)[0] for w in stamps] == [1709294400000, 1709337600000, None, 1709424000000, 1704085140000]
+
+
+def test_data_error_is_importable_from_the_package_without_torch():
+    code = ("import sys, itemsage; from itemsage import DataError; "
+            "from itemsage.data.readers import DataError as D; "
+            "print(DataError is D, sorted(m for m in ('torch',) if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True []"
+    assert "DataError" in itemsage.__all__
+
+
+def test_api_errors_are_worded_for_the_caller_not_the_cli(model_dir, tmp_path):
+    """Raised by the Python API, a refusal names what the caller passed, never a CLI flag."""
+    model = itemsage.load(model_dir)
+    rows = catalog_rows(2)
+    rows[1]["image_embeddings"] = [[0.1] * 7]
+    with pytest.raises(itemsage.DataError) as err:
+        model.encode_products(rows)
+    assert "bad_vector_width" in str(err.value) and "image width is 8" in str(err.value)
+    with pytest.raises(itemsage.DataError) as missing:
+        model.encode_products(tmp_path / "nope.parquet")
+    with pytest.raises(itemsage.DataError) as empty:
+        model.encode_products([])
+    for message in (str(err.value), str(missing.value), str(empty.value)):
+        assert "--" not in message, message
+
+
+def test_image_path_queries_need_the_built_in_encoders_width(model_dir):
+    """This model's closeup queries are 8-d (its catalog's image vectors), not the built-in encoder's
+    1280-d: an image path is refused before any image is read, and the refusal says why."""
+    model = itemsage.load(model_dir)
+    with pytest.raises(ConfigError, match=r"1280-d.*8-d.*image_paths"):
+        model.encode_queries("closeup", ["does-not-exist.png"])

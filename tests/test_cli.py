@@ -240,3 +240,32 @@ def test_faiss_loader_info_is_silenced(tmp_path):
     result = invoke("index", str(tmp_path / "none"), "--out", str(tmp_path / "idx"))
     assert result.exit_code != 0  # no embeddings there; the callback ran all the same
     assert logging.getLogger("faiss.loader").level == logging.WARNING  # set, not inherited
+
+
+def test_every_help_text_survives_the_markdown_rendering():
+    """Typer renders help as Markdown: an unescaped `<version>` is an HTML tag and vanishes
+    ("versions// and CURRENT"). Every command's and option's help must reach --help word for word."""
+    import re
+
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from itemsage.cli import app
+
+    def words(text: str) -> str:
+        return " ".join(re.findall(r"[A-Za-z0-9]+", text))
+
+    group = get_command(app)
+    runner = CliRunner()
+    checked = 0
+    for name, command in [(None, group), *group.commands.items()]:
+        result = runner.invoke(app, [*([name] if name else []), "--help"], env={"COLUMNS": "2000"})
+        assert result.exit_code == 0, result.output
+        shown = words(result.output)
+        for what, text in [("doc", command.help or ""), *((p.name, getattr(p, "help", None) or "")
+                                                          for p in command.params)]:
+            assert words(text) in shown, f"itemsage {name or ''} --help does not show {what}'s help {text!r}"
+            checked += 1
+    assert checked > 50
+    output = runner.invoke(app, ["index", "--help"], env={"COLUMNS": "2000"}).output
+    assert "versions/<version>/" in output and "<name>_<version>" in output

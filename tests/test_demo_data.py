@@ -24,7 +24,9 @@ from itemsage.config import ConfigError
 from itemsage.data.demo_shop import (
     CATALOG_FILE,
     ENGAGEMENTS_FILE,
+    LATENTS_FILE,
     MANIFEST_KIND,
+    MEDOIDS_FILE,
     DemoConfig,
     DemoShop,
     generate_demo_data,
@@ -278,6 +280,55 @@ def test_home_queries_are_a_users_cluster_medoid_image(logs, main_images, latent
     assert interest.mean() > 0.85
 
 
+def test_the_recorded_latents_reproduce_the_log(shop_dir, logs, latent):
+    """latents.parquet is row-aligned with the log and names each row's query and its draws: the log's
+    query products, days, search targets and texts, and engaged counts follow from it."""
+    from itemsage.data.demo_shop import read_latents
+    from itemsage.data.demo_shop.world import COLORS, PATTERNS, QUERY_TEMPLATES
+
+    lat = read_latents(shop_dir)
+    assert len(lat.query) == logs.num_rows and lat.medoid.shape == (TINY.n_users, 3)
+    surface = np.array([schema.SURFACES.index(x) for x in logs[schema.SURFACE].to_pylist()])
+    user, product = index_of(logs[schema.USER_ID]), index_of(logs[schema.PRODUCT_ID])
+    engagement = np.array([schema.ENGAGEMENTS.index(x) for x in logs[schema.ENGAGEMENT].to_pylist()])
+    qpid = np.array([-1 if x is None else int(x[1:]) for x in logs[schema.QUERY_PRODUCT_ID].to_pylist()])
+    # one query's rows: one user, one surface, one cluster and anchor
+    first = np.unique(lat.query, return_index=True)[1]
+    at = np.searchsorted(lat.query[first], lat.query)
+    for column in (user, surface, lat.cluster, lat.anchor, lat.template, lat.engaged, lat.day):
+        assert np.array_equal(column, column[first][at])
+    # the query product the log names: the viewed product (closeup), the user cluster's medoid (home)
+    closeup, home, search = surface == 1, surface == 2, surface == 0
+    assert np.array_equal(qpid[closeup], lat.anchor[closeup]) and (product[closeup] != lat.anchor[closeup]).all()
+    assert np.array_equal(qpid[home], lat.medoid[user[home], lat.cluster[home]]) and (qpid[search] == -1).all()
+    # every search engages its target first: a click on the anchor
+    clicked_target = np.zeros(lat.query.max() + 1, bool)
+    hit = search & (engagement == 0) & (product == lat.anchor)
+    clicked_target[lat.query[hit]] = True
+    assert clicked_target[lat.query[search]].all()
+    # the text names the target's attributes its template names
+    p = latent.products
+    texts = logs[schema.QUERY_TEXT].to_pylist()
+    for i in np.flatnonzero(search)[:300]:
+        a, template, text = lat.anchor[i], QUERY_TEMPLATES[lat.template[i]], texts[i]
+        if "{color}" in template:
+            assert COLORS[p.color[a]] in text
+        if "{pattern}" in template:
+            assert PATTERNS[p.pattern[a]] in text
+        if "{material}" in template:
+            assert latent.materials[p.material[a]] in text
+        if "{brand}" in template:
+            assert latent.brand_names[p.brand[a]].lower() in text
+    # the day, and at most `engaged` distinct products per query
+    start = dt.datetime.fromisoformat(TINY.start_date).replace(tzinfo=dt.timezone.utc).timestamp() * 1000
+    ms = logs[schema.TIMESTAMP].cast(pa.int64()).to_numpy()
+    assert np.array_equal((ms - int(start)) // 86_400_000, lat.day)
+    distinct = np.unique(np.stack([lat.query, product]), axis=1)[0]
+    assert (np.bincount(distinct) <= np.bincount(lat.query, lat.engaged) / np.maximum(np.bincount(lat.query), 1)).all()
+    # users' clusters drawn around their category: the medoid is mostly a product of it
+    assert (p.category[lat.medoid] == latent.users.cluster_category).mean() > 0.9
+
+
 def test_search_query_words_appear_in_the_engaged_products_text(logs, catalog):
     search = logs.filter(pc.equal(logs[schema.SURFACE], "search"))
     text = product_words(catalog)
@@ -358,7 +409,8 @@ def test_refuses_a_foreign_directory_and_replaces_its_own(tmp_path):
     manifest = generate_demo_data(out, DemoConfig(products=300, days=2, users=50, image_dim=8), progress=False)
     assert manifest["counts"]["products"] == 300
     assert pq.read_metadata(out / CATALOG_FILE).num_rows == 300
-    assert sorted(p.name for p in out.iterdir()) == sorted([CATALOG_FILE, ENGAGEMENTS_FILE, "manifest.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([CATALOG_FILE, ENGAGEMENTS_FILE, LATENTS_FILE, MEDOIDS_FILE,
+                                                            "manifest.json"])
     # Another stage's artifact is never overwritten.
     artifacts.write_manifest(tmp_path / "other", "dataset", files=[])
     with pytest.raises(ConfigError, match="dataset"):

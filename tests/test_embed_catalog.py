@@ -75,7 +75,14 @@ def test_catalog_is_checked_as_ingest_checks_it(tmp_path, model_dir):
                 for e in map(json.loads, path.read_text().splitlines()) if e["file"].endswith("catalog.jsonl")]
 
     staged = tmp_path / "emb" / CATALOG_DIR
-    assert entries(staged / schema.REJECTS_FILE) == entries(tmp_path / "ds" / schema.REJECTS_FILE)
+    # The same rows, reasons and details; only where the image width comes from is worded for each
+    # (ingest: its --image-dim; embed --catalog: the model, which no flag changes).
+    ingest_width = "the dataset's image width is 8, set by --image-dim (ingest.image_dim)"
+    model_width = "this model's image width is 8 (the width of the image vectors it was trained on)"
+    assert entries(staged / schema.REJECTS_FILE) == [
+        (f, r, reason, detail.replace(ingest_width, model_width))
+        for f, r, reason, detail in entries(tmp_path / "ds" / schema.REJECTS_FILE)]
+    assert model_width in entries(staged / schema.REJECTS_FILE)[0][3]
     assert [r for _, _, r, _ in entries(staged / schema.REJECTS_FILE)] == [
         "bad_vector_width", "duplicate_product_id", "missing_product_id"]
     ours = pq.read_table(staged / schema.PRODUCTS_FILE)
@@ -215,3 +222,60 @@ def test_catalog_text_query_vectors_load_the_text_encoder_once(tmp_path, monkeyp
     staged = pq.ParquetFile(tmp_path / "staged" / schema.PRODUCTS_FILE)
     assert staged.num_row_groups == 3 and staged.read().column(schema.QUERY_VECTOR).to_pylist() == [[0.5] * 4] * 6
     assert len(made) == 1
+
+
+def test_a_refused_catalog_changes_nothing(tmp_path, model_dir):
+    """embed --catalog B into an --out holding A's finished embeddings, without --incremental, is
+    refused before anything is written: OUT/catalog/ still holds A, as the shards do."""
+    from itemsage.artifacts import ArtifactError
+
+    rows = catalog_rows(12)
+    a = write_jsonl(rows[:6], tmp_path / "in" / "a.jsonl")
+    b = write_jsonl(rows[6:], tmp_path / "in" / "b.jsonl")
+    out = tmp_path / "emb"
+    embed_from_catalog(model_dir, a, out, batch_size=4, progress=False)
+
+    def files() -> dict[str, bytes]:
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    before = files()
+    with pytest.raises(ArtifactError, match="another version of the catalog"):
+        embed_from_catalog(model_dir, b, out, batch_size=4, progress=False)
+    assert files() == before
+    staged = pq.read_table(out / CATALOG_DIR / schema.PRODUCTS_FILE).column(schema.PRODUCT_ID).to_pylist()
+    assert staged == [r["product_id"] for r in rows[:6]] == list(read_embeddings(out)[0])
+    # the refused run left no temporary directory either
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [CATALOG_DIR]
+    # with --incremental the same catalog B is taken, and OUT/catalog/ then holds B
+    summary, _ = embed_from_catalog(model_dir, b, out, batch_size=4, incremental=True, progress=False)
+    assert summary.count == 6 and list(read_embeddings(out)[0]) == [r["product_id"] for r in rows[6:]]
+
+
+def test_the_service_names_the_product_without_an_image_as_the_cause(tmp_path):
+    """An index built from such a catalog answers closeup by product id with a 409 that gives the
+    real cause (a product without an image), not "made before products could be queries"."""
+    from itemsage.index.build import build_from_embeddings
+    from itemsage.serve.bodies import CloseupRequest, RequestError
+    from itemsage.serve.service import Service
+
+    torch.manual_seed(0)
+    cfg = model_config("tiny")
+    vocab = Vocabulary.build([[r["title"]] for r in catalog_rows(30)])
+    entry = {"source": "image", "fields": [schema.IMAGE_EMBEDDINGS], "dim": IMAGE_DIM}
+    model = tmp_path / "model"
+    save_model(model, ItemSage(cfg, len(vocab), IMAGE_DIM), QueryAdapters({"closeup": IMAGE_DIM}, cfg.out_dim), cfg,
+               vocab, image_dim=IMAGE_DIM, query_dims={"closeup": IMAGE_DIM}, extra={schema.PRODUCT_QUERY: entry})
+    rows = catalog_rows(6)
+    del rows[2]["image_embeddings"], rows[4]["image_embeddings"]
+    embed_from_catalog(model, write_jsonl(rows, tmp_path / "catalog.jsonl"), tmp_path / "emb", progress=False)
+    build_from_embeddings(tmp_path / "emb", tmp_path / "index")
+    service = Service(model, tmp_path / "index")
+    with pytest.raises(RequestError) as refused:
+        service.closeup(CloseupRequest(product_id="p000", k=3))
+    assert refused.value.status == 409
+    message = refused.value.message
+    assert "2 of the catalog's products have no image" in message and "'p002'" in message, message
+    assert "made before products could be queries" not in message
+    # closeup with the product's learned embedding still works
+    learned = service.closeup(CloseupRequest(product_id="p000", k=3, product_to_product=True, exclude_self=False))
+    assert learned.ids[0] == "p000"

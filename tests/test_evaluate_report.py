@@ -41,6 +41,16 @@ def test_evaluate_reports_the_test_window_only(run):
     assert result["exact"]["all"]["n"] == result["data"]["eval_pairs"] == n_test
 
 
+def test_a_dataset_not_from_the_demo_shop_has_no_ceiling(run):
+    _, _, result, report = run
+    assert result["ceiling"]["available"] is False and "demo-data" in result["ceiling"]["reason"]
+    assert "No ceiling for this dataset" in report.read_text()
+    # the figures by train-window count are there all the same
+    buckets = result["buckets"]["exact"]
+    assert list(buckets) == ["0", "1-4", "5-19", ">=20"]
+    assert sum(b["n"] for b in buckets.values()) == result["data"]["eval_pairs"]
+
+
 def test_recall_curve_agrees_with_the_recall_table(run):
     _, _, result, report = run
     curve = result["recall_curve"]
@@ -137,3 +147,66 @@ def test_gallery_markdown_keeps_a_title_with_a_pipe_in_its_cell():
     for row in rows:  # 4 cell borders that are not escaped: 3 cells
         assert len(re.findall(r"(?<!\\)\|", row)) == 4, row
     assert "purple \\| Garwyn \\*new\\*" in rows[0]
+
+
+def test_a_killed_report_leaves_no_part_of_one_and_a_rerun_cleans_up(run, tmp_path):
+    """kill -9 in the middle of write_report (right after its first PNG): --out holds the earlier
+    report, whole, or nothing; the next run removes the dead run's temporary directory, and its --out
+    holds exactly its manifest's files."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import itemsage
+
+    _, _, result, report = run
+    out = tmp_path / "eval"
+    script = ("import json, os, signal, sys\n"
+              "from itemsage.evaluate import report\n"
+              "real = report._save_png\n"
+              "def save_then_die(fig, path):\n"
+              "    real(fig, path)\n"
+              "    os.kill(os.getpid(), signal.SIGKILL)\n"
+              "report._save_png = save_then_die\n"
+              "report.write_report(json.loads(open(sys.argv[1]).read()), sys.argv[2])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(itemsage.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+
+    def killed_run() -> None:
+        proc = subprocess.run([sys.executable, "-c", script, str(report.parent / "evaluation.json"), str(out)],
+                              env=env, capture_output=True, text=True, check=False)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+    def files(directory: Path) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+    killed_run()
+    assert not out.exists()  # not a part of a report
+    write_report(result, out)
+    before = files(out)
+    killed_run()
+    assert files(out) == before  # the earlier report, whole
+    assert [p.name for p in tmp_path.iterdir() if p.name != "eval"] == [p.name for p in tmp_path.glob("eval.tmp-*")] != []
+    write_report(result, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # the dead run's temporaries are gone
+    manifest = artifacts.verify_manifest(out, kind="evaluation")
+    assert sorted(files(out)) == sorted([*manifest["files"], artifacts.MANIFEST])
+
+
+def test_report_replaces_a_torn_report_but_not_another_directory(run, tmp_path):
+    _, _, result, _ = run
+    torn = tmp_path / "torn"  # what a kill left before reports were written whole
+    torn.mkdir()
+    (torn / "evaluation.json").write_text("{}")
+    (torn / ".recall_at_k.png.x1y2.tmp").write_bytes(b"\x89PN")
+    write_report(result, torn)
+    manifest = artifacts.verify_manifest(torn, kind="evaluation")
+    assert sorted(p.name for p in torn.iterdir()) == sorted([*manifest["files"], artifacts.MANIFEST])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(artifacts.ArtifactError, match="not an evaluation report"):
+        write_report(result, other)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]

@@ -337,3 +337,36 @@ def test_old_manifests_recall_key_is_read_under_its_new_name():
         "build_seconds": 1.5, "recall_queries": 1000, NEIGHBOUR_RECALL: 0.97}
     assert stats_from_manifest({NEIGHBOUR_RECALL: 0.9}, ())[NEIGHBOUR_RECALL] == 0.9
     assert NEIGHBOUR_RECALL not in stats_from_manifest({"count": 3}, ())
+
+
+def test_builds_in_the_same_second_get_distinct_versions(tmp_path, monkeypatch):
+    """Without --version the name is the UTC second; two builds in one second (here: the clock
+    stopped) get two versions, each holding its own embeddings, and neither build is refused."""
+    import threading
+
+    from itemsage.index import versions
+
+    monkeypatch.setattr(versions, "new_version_name", lambda: "v20250101-120000")
+    a, b = unit_vectors(30, 8, seed=1), unit_vectors(30, 8, seed=2)
+    write_embeddings(tmp_path / "a", ids_for(30), a)
+    write_embeddings(tmp_path / "b", ids_for(30), b)
+    root = tmp_path / "idx"
+    _, first = build_from_embeddings(tmp_path / "a", root, IndexConfig(kind="flat"))
+    _, again = build_from_embeddings(tmp_path / "a", root, IndexConfig(kind="flat"))  # the same embeddings
+    _, other = build_from_embeddings(tmp_path / "b", root, IndexConfig(kind="flat"))
+    assert [p.name for p in (first, again, other)] == ["v20250101-120000", "v20250101-120000-2",
+                                                        "v20250101-120000-3"]
+    assert load_current(root).version == "v20250101-120000-3"
+    for version_dir, vectors in ((first, a), (again, a), (other, b)):
+        found, _ = ProductIndex.load(version_dir).search(vectors[[7]], 1)
+        assert found[0, 0] == "p00007"
+    # concurrent builds (threads of one process, as two processes would race): one version each
+    done: list = []
+    builds = [threading.Thread(target=lambda e=e: done.append(build_from_embeddings(e, tmp_path / "idx2",
+                                                                                    IndexConfig(kind="flat"))[1]))
+              for e in (tmp_path / "a", tmp_path / "b")]
+    for t in builds:
+        t.start()
+    for t in builds:
+        t.join()
+    assert sorted(p.name for p in done) == ["v20250101-120000", "v20250101-120000-2"]

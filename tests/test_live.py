@@ -509,3 +509,97 @@ def test_query_vectors_without_a_recorded_source_refuse_upserts_clearly(model_di
         assert r.status_code == 409, r.text
         assert "no recorded source" in r.json()["detail"] and "product_query" in r.json()["detail"]
         assert c.post("/v1/closeup", json={"product_id": "new-1"}).status_code == 404
+
+
+# ---- two servers on one index root: one writes the live log, the others follow it --------------------
+
+
+def test_a_second_server_follows_the_live_log_and_takes_it_over(model_dir, tmp_path):
+    """The first server started with a token writes the live log (/readyz says so); a second one
+    follows it: it refuses updates with a 409 naming the writer, serves the writer's updates from its
+    next request on, and once the writer has stopped, takes the log over on its next update."""
+    make_root(tmp_path, 40, model_fp=load_model(model_dir).fingerprint)
+    writer_app = serve.create_app(model_dir, tmp_path, reload_token=TOKEN)
+    follower_app = serve.create_app(model_dir, tmp_path, reload_token=TOKEN)
+    reader_app = serve.create_app(model_dir, tmp_path)  # no token: takes no updates, still follows
+
+    def closeup(client, pid: str) -> httpx.Response:
+        return client.post("/v1/closeup", json={"product_id": pid, "k": 39, "exclude_self": False,
+                                                "product_to_product": True})
+
+    with TestClient(follower_app) as b, TestClient(reader_app) as c:
+        with TestClient(writer_app) as a:
+            assert a.get("/readyz").json()["live_log"]["role"] == "writer"
+            for client in (b, c):
+                info = client.get("/readyz").json()["live_log"]
+                assert info["role"] == "follower" and info["writer"]["pid"] == os.getpid()
+            body = {"products": [product("new-1", "red oak chair", 1)]}
+            refused = b.post("/admin/products", json=body, headers=auth())
+            assert refused.status_code == 409, refused.text
+            assert "follows the live log" in refused.json()["detail"] and f"pid {os.getpid()}" in refused.json()["detail"]
+            assert a.post("/admin/products", json=body, headers=auth()).status_code == 200
+            assert a.post("/admin/products/delete", json={"ids": ["p003"]}, headers=auth()).status_code == 200
+            for client in (b, c):  # the very next request sees both updates, as the writer does
+                assert closeup(client, "new-1").json()["ids"] == closeup(a, "new-1").json()["ids"]
+                assert closeup(client, "new-1").json()["ids"][0] == "new-1"
+                assert closeup(client, "p003").status_code == 404
+                assert client.get("/readyz").json()["products"] == 40
+        # the writer stopped: the follower with a token takes the log over on its next update
+        r = b.post("/admin/products", json={"products": [product("new-2", "brass lamp", 2)]}, headers=auth())
+        assert r.status_code == 200, r.text
+        assert r.json()["seq"] == 3 and r.json()["products"] == 41
+        assert b.get("/readyz").json()["live_log"]["role"] == "writer"
+        assert closeup(c, "new-2").json()["ids"][0] == "new-2"  # the reader follows the new writer
+    seqs = [int(line.split(b'"seq":')[1].split(b",")[0]) for line in (tmp_path / "live" / "log.jsonl").read_bytes().splitlines()]
+    assert seqs == [1, 2, 3]
+
+
+def test_a_follower_reads_only_what_was_appended(tmp_path):
+    """read_new: the lines after the last position, none twice; a torn tail waits for its newline;
+    a compaction's rewrite is read from the start, with its floor."""
+    make_root(tmp_path, 10)
+    writer, follower = LiveLog(tmp_path), LiveLog(tmp_path)
+    assert follower.read_new(None) == ([], 0, None)
+    writer.append([delete_record("p001"), delete_record("p002")])
+    records, floor, position = follower.read_new(None)
+    assert [r["seq"] for r in records] == [1, 2] and floor == 0
+    assert follower.read_new(position)[0] == []
+    with open(writer.path, "ab") as f:
+        f.write(b'{"seq": 3, "op": "delete", "id": "p0')  # an append in progress
+    records, _, later = follower.read_new(position)
+    assert records == [] and later == position
+    with open(writer.path, "ab") as f:
+        f.write(b'03"}\n')
+    records, _, position = follower.read_new(position)
+    assert [(r["seq"], r["id"]) for r in records] == [(3, "p003")]
+    writer.drop_through(2, "v2")  # a compaction: the file is replaced
+    records, floor, _ = follower.read_new(position)
+    assert [r["seq"] for r in records] == [3] and floor == 2
+
+
+@pytest.mark.slow  # two real server starts
+def test_two_server_processes_share_one_live_log(model_dir, tmp_path):
+    make_root(tmp_path / "index", 30, model_fp=load_model(model_dir).fingerprint)
+    ports = free_port(), free_port()
+    first = start_server(model_dir, tmp_path / "index", ports[0], tmp_path / "first.log")
+    second = start_server(model_dir, tmp_path / "index", ports[1], tmp_path / "second.log")
+    a, b = (f"http://127.0.0.1:{p}" for p in ports)
+    try:
+        assert httpx.get(f"{a}/readyz").json()["live_log"]["role"] == "writer"
+        info = httpx.get(f"{b}/readyz").json()["live_log"]
+        assert info["role"] == "follower" and info["writer"]["pid"] == first.pid
+        body = {"products": [product("fresh", "blue linen sofa", 5)]}
+        assert httpx.post(f"{b}/admin/products", json=body, headers=auth(), timeout=30).status_code == 409
+        assert httpx.post(f"{a}/admin/products", json=body, headers=auth(), timeout=30).status_code == 200
+        hit = httpx.post(f"{b}/v1/closeup", json={"product_id": "fresh", "k": 3, "exclude_self": False,
+                                                   "product_to_product": True}).json()
+        assert hit["ids"][0] == "fresh"
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+        r = httpx.post(f"{b}/admin/products/delete", json={"ids": ["p004"]}, headers=auth(), timeout=30)
+        assert r.status_code == 200 and r.json()["seq"] == 2
+        assert httpx.get(f"{b}/readyz").json()["live_log"]["role"] == "writer"
+    finally:
+        for server in (first, second):
+            server.kill()
+            server.wait(timeout=30)

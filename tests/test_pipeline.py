@@ -65,13 +65,39 @@ def test_demo_beats_chance_and_ann_tracks_exact(demo):
     assert abs(result["ann"]["all"]["recall@10"] - result["exact"]["all"]["recall@10"]) < 0.05
 
 
+def test_the_ceilings_popularity_ranking_is_the_reports_popularity_row(demo):
+    """The ceiling code counts the popularity baseline its own way (its pairs matched to the shop's log, its
+    train counts, its counting): the report's popularity row, exactly; the ceilings sit beside it."""
+    from itemsage.data.demo_shop import read_latents
+    from itemsage.evaluate.ceiling_data import demo_config, find_shop, window_rows
+    from itemsage.evaluate.ceiling_ranks import popularity_counts
+    from itemsage.metrics import group_recall
+
+    shop, manifest = find_shop(demo.dataset)
+    products = demo_config(manifest).products
+    rows = window_rows(demo.dataset, shop, read_latents(shop), products)
+    greater, tied = popularity_counts(rows, products)
+    tasks = [schema.task_name(schema.SURFACES[s], schema.ENGAGEMENTS[e]) for s, e in zip(rows.surface, rows.engagement)]
+    assert group_recall(greater + tied, tasks) == demo.evaluation["popularity"]  # ties pessimistic, as evaluate
+    ceiling = demo.evaluation["ceiling"]
+    assert ceiling["available"] and ceiling["kinds"]["observable"]["recall"]["all"]["n"] == len(rows)
+    for kind in ("oracle", "observable"):  # a ceiling above the model and popularity, below 1
+        top = ceiling["kinds"][kind]["recall"]["all"]["recall@10"]
+        assert demo.evaluation["exact"]["all"]["recall@10"] < top < 1 and demo.evaluation["popularity"]["all"][
+            "recall@10"] < top
+    buckets = demo.evaluation["buckets"]["exact"]
+    assert sum(b["n"] for b in buckets.values()) == len(rows)
+    text = demo.report.read_text()
+    assert "## Against the data's ceiling" in text and "## By the engaged product's train-window engagements" in text
+
+
 def test_demo_rerun_skips_finished_stages(demo, tmp_path):
     from itemsage.demo import DemoSettings, run_demo
 
     def snapshot() -> dict[str, tuple[str, int]]:
         """Every file of the finished stages' artifacts: sha256 and modification time (ns)."""
         files = {}
-        for directory in (demo.shop, demo.dataset, demo.model.parent, demo.embeddings, demo.index):
+        for directory in (demo.shop, demo.dataset, demo.model.parent, demo.embeddings, demo.index, demo.report.parent):
             # .verified.json is the dataset's verification record, which a later read may complete
             for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != artifacts.VERIFIED):
                 files[str(path)] = (artifacts.sha256_file(path), path.stat().st_mtime_ns)
@@ -81,8 +107,8 @@ def test_demo_rerun_skips_finished_stages(demo, tmp_path):
     again = run_demo(DemoSettings(out=demo.shop.parent, products=300, train_minutes=5, train_steps=30,
                                   preset="tiny", batch_size=128, random_negatives_ratio=0.5, lr=2e-3,
                                   model={"dropout": 0.0}), progress=False)
-    assert snapshot() == before  # no stage before evaluate wrote anything: not a file added, changed or touched
-    assert again.evaluation["exact"] == demo.evaluation["exact"]
+    assert snapshot() == before  # no stage wrote anything: not a file added, changed or touched
+    assert again.evaluation["exact"] == demo.evaluation["exact"]  # the printed table: the report's figures
 
 
 def test_compare_report(demo, tmp_path):
@@ -94,7 +120,8 @@ def test_compare_report(demo, tmp_path):
     report = compare(demo.dataset, tmp_path / "cmp", cfg, progress=False)
     text = report.read_text()
     assert text.startswith("# ItemSage comparisons\n\n## What this says\n")
-    for heading in ("Architecture and modalities", "Negatives", "Multi-task against single-task", "## Convergence"):
+    for heading in ("Architecture and modalities", "Negatives", "Multi-task against single-task", "## Convergence",
+                    "## Against the data's ceiling", "| features only (no popularity) |", "| oracle ceiling |"):
         assert heading in text
     results = json.loads((tmp_path / "cmp" / "results.json").read_text())
     assert set(results) == set(cfg.runs)

@@ -5,7 +5,8 @@
     P = model.encode_products(products)                 # [N, D] float32 unit rows
     Q = model.encode_queries("search", ["red linen chair"])
 
-Importing the package is cheap: torch and the model code load inside `load`.
+Importing the package is cheap: torch and the model code load inside `load`, pyarrow on first use
+of `itemsage.DataError` (the error `encode_products` raises for products it cannot use).
 """
 
 from __future__ import annotations
@@ -23,4 +24,13 @@ def load(directory: Any, device: Any = "cpu") -> Any:
     return load_model(directory, device)
 
 
-__all__ = ["__version__", "load"]
+def __getattr__(name: str) -> Any:
+    """`itemsage.DataError`, imported on first use (PEP 562) so that `import itemsage` stays cheap."""
+    if name == "DataError":
+        from itemsage.data.readers import DataError
+
+        return DataError
+    raise AttributeError(f"module 'itemsage' has no attribute {name!r}")
+
+
+__all__ = ["DataError", "__version__", "load"]

@@ -250,3 +250,54 @@ def fingerprint(directory: str | Path) -> str:
     for name, meta in sorted(manifest["files"].items()):
         h.update(f"{name}:{meta['sha256']}\n".encode())
     return h.hexdigest()[:16]
+
+
+# ---- a directory written whole, then renamed into place ---------------------------------------------
+# (as ingest publishes a dataset, data/publish.py): a kill leaves `<out>` as it was, plus a temporary
+# directory beside it that the next run into the same `<out>` removes.
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def temp_dir(out: str | Path) -> Path:
+    """A new, empty `<out>.tmp-<pid>` beside `out`, to write a whole artifact directory into and
+    `publish_dir` at the end. First removes the `<out>.tmp-*` / `<out>.old-*` directories that killed
+    runs left (those of processes no longer running, and this process's own)."""
+    import re
+    import shutil
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pattern = re.compile(re.escape(out.name) + r"\.(tmp|old)-(\d+)")
+    for path in out.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir() and (int(match.group(2)) == os.getpid() or not _running(int(match.group(2)))):
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s, left by a killed run", path)
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    return tmp
+
+
+def publish_dir(tmp: str | Path, out: str | Path) -> None:
+    """Put the finished directory `tmp` (from `temp_dir`) in place of `out`: an earlier `out` is
+    renamed aside, `tmp` renamed to `out`, then the earlier one removed. Readers see one or the other."""
+    import shutil
+
+    tmp, out = Path(tmp), Path(out)
+    old = None
+    if out.exists():
+        old = out.parent / f"{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    _fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

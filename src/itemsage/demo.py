@@ -76,6 +76,15 @@ def _done(directory: Path) -> bool:
     return (directory / artifacts.MANIFEST).is_file()
 
 
+def _evaluated(report_dir: Path, model: Path, embeddings: Path) -> bool:
+    """The evaluation report is complete (verified) and of this model and these embeddings."""
+    try:
+        inputs = artifacts.verify_manifest(report_dir, kind="evaluation")["inputs"]
+    except (artifacts.ArtifactError, OSError, KeyError):
+        return False
+    return inputs == {"model": artifacts.fingerprint(model), "embeddings": artifacts.fingerprint(embeddings)}
+
+
 def run_demo(settings: DemoSettings, progress: bool = True, say: Callable[[str], None] = log.info) -> DemoResult:
     """Run every stage under settings.out; `say` reports each stage as it starts."""
     from itemsage.data.demo_shop import CATALOG_FILE, ENGAGEMENTS_FILE, DemoConfig, generate_demo_data
@@ -121,5 +130,8 @@ def run_demo(settings: DemoSettings, progress: bool = True, say: Callable[[str],
         result.update(evaluate(model, dataset, embeddings, index_root=index))
         write_report(result, report_dir, title="ItemSage demo: evaluation")
 
-    stage("evaluate", False, evaluation)
+    evaluated = _evaluated(report_dir, model, embeddings)
+    stage("evaluate", evaluated, evaluation)
+    if evaluated:  # its figures, for the table the demo prints
+        result.update(artifacts.read_json(report_dir / "evaluation.json"))
     return DemoResult(shop, dataset, model, embeddings, index, report_dir / "report.md", result, seconds)

@@ -10,7 +10,7 @@ import typer
 
 from itemsage import schema
 from itemsage.cli.common import _CONFIG_HELP, Preset, _given, _progress, app, console, fail, flag_names
-from itemsage.cli.evaluate import _recall_table
+from itemsage.cli.evaluate import _print_ceiling, _recall_table
 
 
 @app.command("demo")
@@ -53,6 +53,7 @@ def demo_cmd(
     except ConfigError as err:
         fail(flag_names(str(err), config))
     console.print(_recall_table(result.evaluation, "ItemSage demo: Recall@10 on the test window"))
+    _print_ceiling(result.evaluation)
     console.print(f"stage seconds: {result.seconds}; total {time.perf_counter() - start:.0f} s")
     console.print(f"report: {result.report}")
     if serve:

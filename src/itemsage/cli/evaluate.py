@@ -37,6 +37,26 @@ def _recall_table(result: dict, title: str):
     return table
 
 
+def _print_ceiling(result: dict) -> None:
+    """The ceiling's table (evaluate/ceiling_report.py), or why the dataset has none."""
+    from rich.table import Table
+
+    from itemsage.evaluate.ceiling_report import ceiling_rows
+
+    ceiling = result.get("ceiling")
+    if not ceiling:
+        return
+    if not ceiling.get("available"):
+        console.print(f"no ceiling: {ceiling['reason']}", highlight=False, markup=False)
+        return
+    table = Table(title="Recall@10 against the data's ceiling (ceilings: random tie-breaking)")
+    for name in ("group", "pairs", "exact", "ANN", "popularity", "oracle", "observable", "exact / observable"):
+        table.add_column(name, justify="left" if name == "group" else "right")
+    for row in ceiling_rows(result, 10):
+        table.add_row(*row)
+    console.print(table)
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     model: Path = typer.Argument(..., help="Model directory (RUN_DIR/model from `itemsage train`)."),
@@ -69,15 +89,17 @@ def evaluate_cmd(
     """
     from itemsage.artifacts import ArtifactError
     from itemsage.evaluate.evaluation import evaluate
-    from itemsage.evaluate.report import write_report
+    from itemsage.evaluate.report import check_report_out, write_report
 
     try:
+        check_report_out(out)  # before the work: the report replaces --out whole
         result = evaluate(model, dataset, embeddings, index_root=index, sample=sample, device=device.value,
                           history=history, window=window)
     except (ArtifactError, FileNotFoundError, ValueError) as err:
         fail(str(err))
     report = write_report(result, out)
     console.print(_recall_table(result, f"Recall@10 on the {window} window"))
+    _print_ceiling(result)
     from itemsage.evaluate.report import served_rows
 
     for label, index_name, n, overall, per_engagement in served_rows(result, 10):

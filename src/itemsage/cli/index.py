@@ -16,7 +16,7 @@ def index_cmd(
     embeddings_dir: Optional[Path] = typer.Argument(None, help="A finished embeddings directory (itemsage embed); "
                                                      "not with --compact."),
     out: Optional[Path] = typer.Option(None, "--out", show_default=False,
-                                       help="Index root: versions/<version>/ and CURRENT go here (faiss backend)."),
+                                       help="Index root: `versions/<version>/` and `CURRENT` go here (faiss backend)."),
     kind: Kind = typer.Option(Kind.hnsw, "--kind", help="hnsw: approximate, fast; ivfpq: compressed codes with an "
                               "exact re-ranking; flat: exact."),
     m: int = typer.Option(32, "--m", help="HNSW links per node."),
@@ -30,7 +30,7 @@ def index_cmd(
     backend: Backend = typer.Option(Backend.faiss, "--backend", help="faiss (a local index root, --out) or milvus (--uri)."),
     uri: Optional[str] = typer.Option(None, "--uri", show_default=False,
                                       help="Milvus URI: ./file.db (Milvus Lite) or http://host:19530."),
-    collection: str = typer.Option("itemsage", "--collection", help="Milvus alias; versions are <name>_<version>."),
+    collection: str = typer.Option("itemsage", "--collection", help="Milvus alias; versions are collections `<name>_<version>`."),
     milvus_index: str = typer.Option("HNSW", "--milvus-index", help="Milvus index type: HNSW, FLAT, IVF_FLAT, AUTOINDEX."),
     version: Optional[str] = typer.Option(None, "--version", show_default=False,
                                           help="Version name (default: the UTC time)."),

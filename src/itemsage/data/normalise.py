@@ -51,7 +51,7 @@ KIND_FIX = {
 # JSON value types that show a column has the right kind (checked on the first records).
 KIND_JSON = {
     "id": (str, int), "str": (str,), "label": (str, int), "text": (str, list, int, float), "paths": (str, list),
-    "time": (str, int, float), "num": (int, float), "vec": (list,), "vecs": (list,),
+    "time": (str, int, float, dt.date, np.datetime64), "num": (int, float), "vec": (list,), "vecs": (list,),
 }
 _CANONICAL = {
     "id": pa.string(), "str": pa.string(), "label": pa.string(),
@@ -161,13 +161,29 @@ def _time_ms(value: Any) -> tuple[int | None, str | None]:
     if isinstance(value, str):
         ms = parse_iso_ms(value)
         return (ms, None) if ms is not None else (None, f"timestamp {value!r} is not an ISO-8601 time")
-    if isinstance(value, dt.datetime):
-        value = value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
-        return (value - EPOCH) // _MS, None
+    if isinstance(value, (dt.date, np.datetime64)):  # Python values of a catalog in memory (the API)
+        return _python_time_ms(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         ms = _epoch_ms(value)
         return (ms, None) if ms is not None else (None, f"timestamp {value!r} is not a usable epoch time")
     return None, f"timestamp {value!r} ({type(value).__name__}) is neither an ISO-8601 string nor an epoch number"
+
+
+def _python_time_ms(value: dt.date | np.datetime64) -> tuple[int | None, str | None]:
+    """(epoch ms, None) or (None, why) for a datetime (naive = UTC), a date (its midnight UTC, as an
+    Arrow date column reads) or a numpy datetime64; pandas' NaT is a missing time."""
+    try:
+        if isinstance(value, np.datetime64):
+            return (None, None) if np.isnat(value) else (int(value.astype("datetime64[ms]").astype(np.int64)), None)
+        if isinstance(value, dt.datetime):
+            if type(value).__name__ == "NaTType":  # pandas' missing time (a datetime subclass)
+                return None, None
+            value = value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+        else:
+            value = dt.datetime(value.year, value.month, value.day, tzinfo=dt.timezone.utc)
+        return (value - EPOCH) // _MS, None
+    except (TypeError, ValueError, OverflowError) as err:
+        return None, f"timestamp {value!r} is not a usable time ({err})"
 
 
 def _clean_string_lists(arr: pa.Array) -> pa.Array:

@@ -42,6 +42,13 @@ class Source:
     fmt: str  # "parquet" | "jsonl"
     num_rows: int | None = None  # known from Parquet metadata; for JSON Lines after a full pass
     data: Any = None  # in memory instead of a file: a pyarrow Table ("parquet") or a list of dicts ("jsonl")
+    option: str | None = None  # the flag that named it (default --<role>); "" when given to the Python API
+
+    @property
+    def point(self) -> str:
+        """How to give another input, in the caller's words: "point --catalog at" or "pass"."""
+        option = f"--{self.role}" if self.option is None else self.option
+        return f"point {option} at" if option else "pass"
 
     def batches(self, batch_rows: int, columns: Sequence[str] | None = None) -> Iterator[tuple[int, Any]]:
         """Yield (index of the batch's first row, batch)."""
@@ -113,9 +120,10 @@ def _rows_per_batch(meta: pq.FileMetaData, columns: Sequence[str] | None, batch_
     return int(min(batch_rows, max(1024, _BATCH_BYTES * meta.num_rows // size)))
 
 
-def input_files(path: str | Path, role: str) -> list[Source]:
+def input_files(path: str | Path, role: str, option: str | None = None) -> list[Source]:
+    """The files of an input path; `option`: the flag that named it (default --<role>; "" for the Python API)."""
     path = Path(path)
-    option = f"--{role}"
+    point = Source(path, role, "", option=option).point.capitalize()
     if path.is_dir():
         entries = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith((".", "_")))
         files = [p for p in entries if p.suffix.lower() in _PARQUET + _JSONL]
@@ -125,11 +133,11 @@ def input_files(path: str | Path, role: str) -> list[Source]:
                         role, path, ", ".join(skipped[:10]))
         if not files:
             raise DataError(f"{role} directory {path} holds no .parquet, .jsonl or .json files. "
-                            f"Point {option} at a file or a directory of such files.")
+                            f"{point} a file or a directory of such files.")
     elif path.is_file():
         files = [path]
     else:
-        raise DataError(f"{role} path {path} does not exist. Point {option} at a .parquet/.jsonl file "
+        raise DataError(f"{role} path {path} does not exist. {point} a .parquet/.jsonl file "
                         "or a directory of them.")
     sources = []
     for p in files:
@@ -139,7 +147,7 @@ def input_files(path: str | Path, role: str) -> list[Source]:
                             f"extensions: {', '.join(_PARQUET + _JSONL)} (Parquet, or JSON Lines: one JSON "
                             f"object per line). Convert the file (renaming it does not change its format), "
                             f"e.g. {_convert_hint(p)}.")
-        sources.append(Source(p, role, "parquet" if suffix in _PARQUET else "jsonl"))
+        sources.append(Source(p, role, "parquet" if suffix in _PARQUET else "jsonl", option=option))
     return sources
 
 
@@ -156,7 +164,7 @@ def _convert_hint(p: Path) -> str:
 def check_schema(src: Source, kinds: dict[str, str], required: Sequence[str]) -> None:
     """Refuse a file that cannot be used at all: unreadable, no rows, required column missing or of
     the wrong type. Cheap: Parquet metadata, or the first 1,000 JSON records."""
-    where = f"{src.role} file {src.path}"
+    where = f"{src.role} {src.path}" if src.data is not None else f"{src.role} file {src.path}"
     if src.fmt == "parquet" and src.data is not None:
         arrow_schema, rows = src.data.schema, src.data.num_rows
         names = arrow_schema.names
@@ -192,8 +200,10 @@ def check_schema(src: Source, kinds: dict[str, str], required: Sequence[str]) ->
             if name in kinds and values and not any(
                     isinstance(v, KIND_JSON[kinds[name]]) and not isinstance(v, bool) for v in values):
                 bad.append(name)
+    if rows == 0 and src.data is not None:
+        raise DataError(f"{where}: has no rows; pass at least one product.")
     if rows == 0:
-        raise DataError(f"{where}: has no rows. Remove the empty file or point --{src.role} at a file with data.")
+        raise DataError(f"{where}: has no rows. Remove the empty file or {src.point} a file with data.")
     missing = [c for c in required if c not in names]
     if missing:
         raise DataError(
@@ -217,11 +227,11 @@ def total_rows(sources: list[Source]) -> int | None:
     return None if any(s.num_rows is None for s in sources) else sum(s.num_rows for s in sources)
 
 
-def catalog_sources(catalog: Any) -> list[Source]:
+def catalog_sources(catalog: Any, option: str | None = None) -> list[Source]:
     """Sources of a catalog: a .parquet/.jsonl/.json file or a directory of them, or in memory a
-    pyarrow Table, a pandas DataFrame or a list of dicts (one per product)."""
+    pyarrow Table, a pandas DataFrame or a list of dicts (one per product). `option`: as `input_files`'."""
     if isinstance(catalog, (str, Path)):
-        return input_files(catalog, "catalog")
+        return input_files(catalog, "catalog", option)
     if isinstance(catalog, pa.Table):
         return [Source(Path("<table>"), "catalog", "parquet", catalog.num_rows, data=catalog)]
     if type(catalog).__name__ == "DataFrame" and hasattr(catalog, "to_dict"):  # pandas, without importing it

@@ -82,11 +82,12 @@ class RowChecks:
     seen and kept, the image and query widths fixed so far, and the image encoder (loaded on first use)."""
 
     def __init__(self, *, text_columns: Sequence[str], max_images: int, image_dim: int | None,
-                 image_batch_size: int, image_encoder: Any = None):
+                 image_batch_size: int, image_encoder: Any = None, model_image_dim: bool = False):
         self.text_columns = tuple(text_columns)
         self.max_images = max_images
         self.image_dim = image_dim
         self.image_dim_given = image_dim is not None
+        self.model_image_dim = model_image_dim  # image_dim is a trained model's (not ingest's --image-dim)
         self.image_batch_size = image_batch_size
         self._image_encoder = image_encoder
         # product id -> catalog row number counted over all catalog files (see `_catalog_row`)
@@ -255,20 +256,21 @@ class RowChecks:
 
     def _image_width_detail(self, r: int, encoded: dict[int, np.ndarray], widths: np.ndarray,
                             inner_row: np.ndarray) -> str:
-        if self.image_dim_given:
-            how = "set by --image-dim (ingest.image_dim)"
+        if self.model_image_dim:  # a model's width: no flag changes it (embed --catalog, the API, /v1/embed)
+            width = f"this model's image width is {self.image_dim} (the width of the image vectors it was trained on)"
+        elif self.image_dim_given:
+            width = f"the dataset's image width is {self.image_dim}, set by --image-dim (ingest.image_dim)"
         else:
-            how = (f"fixed by the first valid image vector, at {self.image_dim_origin}. If that row is the "
-                   "odd one, fix or remove it, or choose the width with --image-dim N (ingest.image_dim)")
+            width = (f"the dataset's image width is {self.image_dim}, fixed by the first valid image vector, at "
+                     f"{self.image_dim_origin}. If that row is the odd one, fix or remove it, or choose the width "
+                     "with --image-dim N (ingest.image_dim)")
         if r in encoded:
-            return (f"image files encode to {encoded[r].shape[1]}-d vectors, but the dataset's image width is "
-                    f"{self.image_dim}, {how}")
+            return f"image files encode to {encoded[r].shape[1]}-d vectors, but {width}"
         row_widths = widths[inner_row == r]
         if self.image_dim is None:
             return f"image vector {int(np.flatnonzero(row_widths == 0)[0])} is empty"
         j = int(np.flatnonzero(row_widths != self.image_dim)[0])
-        return (f"image vector {j} has width {int(row_widths[j])}, but the dataset's image width is "
-                f"{self.image_dim}, {how}")
+        return f"image vector {j} has width {int(row_widths[j])}, but {width}"
 
     # -- logs
 
@@ -418,23 +420,25 @@ def check_catalog_batch(checks: RowChecks, src: Source, start: int, batch: Any,
 def check_products(
     catalog: Any, *, text_fields: Sequence[str] = schema.TEXT_FIELDS, image_dim: int | None = None,
     max_images: int = schema.MAX_IMAGES, batch_rows: int = 65_536, image_batch_size: int = 32,
-    image_encoder: Any = None,
+    image_encoder: Any = None, option: str | None = None,
 ) -> Iterator[tuple[pa.Table, list[dict[str, Any]]]]:
     """Validate a catalog alone, with ingest's own checks: yields, per batch, (kept products in
     products.parquet's schema with their content_hash, rejects.jsonl entries of the batch).
 
-    `catalog` is anything `catalog_sources` reads. `image_dim` given (a model's image width) rejects
-    image vectors of another width, as `--image-dim` does in ingest. Raises DataError for a catalog
+    `catalog` is anything `catalog_sources` reads (`option`: the flag that named a path, default
+    --catalog; "" for the Python API). `image_dim` given (a model's image width) rejects image vectors
+    of another width, as `--image-dim` does in ingest. Raises DataError for a catalog
     that cannot be used at all (missing product_id, a column of the wrong type, no rows). Relative
     `image_paths` resolve against the file's directory, or the working directory for data in memory.
     """
     text_columns = schema.TEXT_FIELDS + tuple(f for f in text_fields if f not in schema.TEXT_FIELDS)
     kinds = catalog_kinds(text_columns)
-    sources = catalog_sources(catalog)
+    sources = catalog_sources(catalog, option)
     for src in sources:
         check_schema(src, kinds, [schema.PRODUCT_ID])
     checks = RowChecks(text_columns=text_columns, max_images=max_images, image_dim=image_dim,
-                       image_batch_size=image_batch_size, image_encoder=image_encoder)
+                       image_batch_size=image_batch_size, image_encoder=image_encoder,
+                       model_image_dim=image_dim is not None)
     for src in sources:
         for start, batch in src.batches(batch_rows):
             _, table, rej, _ = check_catalog_batch(checks, src, start, batch, kinds)

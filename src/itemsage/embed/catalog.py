@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from itemsage import artifacts, schema
-from itemsage.embed.shards import DEFAULT_SHARD_ROWS, EmbedSummary, embed
+from itemsage.embed.shards import DEFAULT_SHARD_ROWS, EmbedSummary, check_out, embed
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,14 @@ def embed_from_catalog(
     artifacts.read_manifest(model_dir, kind="model")
     config = artifacts.read_json(model_dir / CONFIG_FILE)
     existed = out_dir.exists()
+    model_fp = artifacts.fingerprint(model_dir)
     try:
         rejected = stage_catalog(catalog, out_dir / CATALOG_DIR, text_fields=tuple(config["model"]["text_fields"]),
                                  image_dim=int(config["image_dim"]) or None,
                                  max_images=int(config["model"]["max_images"]), image_encoder=image_encoder,
                                  product_query=config.get("extra", {}).get(schema.PRODUCT_QUERY),
-                                 text_encoder=text_encoder)
+                                 text_encoder=text_encoder,
+                                 before_replacing=lambda fp: check_out(out_dir, model_fp, fp, incremental))
     except BaseException:
         if not existed and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()  # a refused catalog leaves nothing behind
@@ -80,13 +82,16 @@ def embed_from_catalog(
 
 def stage_catalog(catalog: str | Path, target: str | Path, *, text_fields: tuple[str, ...], image_dim: int | None,
                   max_images: int, image_encoder: Any = None, batch_rows: int = 65_536,
-                  product_query: dict[str, Any] | None = None, text_encoder: Any = None) -> int:
+                  product_query: dict[str, Any] | None = None, text_encoder: Any = None,
+                  before_replacing: Any = None) -> int:
     """Validate `catalog` into the directory `target` (products.parquet, rejects.jsonl, manifest.json,
     written under a temp name and renamed); returns the rows rejected. Nothing is done when `target`
     already holds this catalog (same input sha256s) checked for the same fields, image width and
     query-vector source. `product_query` ({"source", "fields", "dim"}, the model's record of its
     dataset's): each kept product gets its frozen query vector from that source (`query_vector`, and
-    the manifest's `product_query`), see `_add_query_vectors`."""
+    the manifest's `product_query`), see `_add_query_vectors`. `before_replacing(fingerprint)`, given,
+    is called with the new catalog's fingerprint before `target` is replaced: raising there (embed's
+    refusal of the out directory) leaves `target` as it was."""
     import shutil
 
     from itemsage.data.ingest import DataError, catalog_sources, check_products
@@ -128,12 +133,17 @@ def stage_catalog(catalog: str | Path, target: str | Path, *, text_fields: tuple
             top = "; ".join(f"{r} ({n:,}), first: {first[r]}" for r, n in reasons.most_common(3))
             raise DataError(f"every one of the {rejected:,} catalog rows was rejected; nothing was written. "
                             f"Reasons: {top}. Fix the rows (the reasons say how) and run again.")
+        missing = _without_query_vectors(tmp / schema.PRODUCTS_FILE, product_query) if identity["product_query"] \
+            else None
         entry = (_add_query_vectors(tmp / schema.PRODUCTS_FILE, product_query, text_encoder)
-                 if identity["product_query"] else None)
+                 if identity["product_query"] and not missing else None)
         artifacts.write_manifest(tmp, "catalog", config=identity, inputs=inputs,
                                  counts={"products": kept, "rejected": rejected, "rejects": dict(reasons)},
                                  files=[schema.PRODUCTS_FILE, schema.REJECTS_FILE],
-                                 extra={schema.PRODUCT_QUERY: entry} if entry else None)
+                                 extra={schema.PRODUCT_QUERY: entry} if entry else
+                                 {schema.PRODUCT_QUERY_MISSING: missing} if missing else None)
+        if before_replacing is not None:
+            before_replacing(artifacts.fingerprint(tmp))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     except BaseException:
@@ -143,23 +153,35 @@ def stage_catalog(catalog: str | Path, target: str | Path, *, text_fields: tuple
     return rejected
 
 
-def _add_query_vectors(path: Path, entry: dict[str, Any], text_encoder: Any = None) -> dict[str, Any] | None:
+def _without_query_vectors(path: Path, entry: dict[str, Any]) -> str | None:
+    """Why the staged catalog (`path`) cannot have query vectors from `entry["source"]`, logged as a
+    warning; None when it can. An image source needs every product's main image (a query_vector column
+    has no gaps)."""
+    if entry["source"] != "image":
+        return None
+    table = pq.read_table(path, columns=[schema.PRODUCT_ID, schema.IMAGE_EMBEDDINGS])
+    lengths = pc.list_value_length(table.column(schema.IMAGE_EMBEDDINGS)).fill_null(0).to_numpy(zero_copy_only=False)
+    missing = np.flatnonzero(lengths == 0)
+    if not len(missing):
+        return None
+    first = table.column(schema.PRODUCT_ID)[int(missing[0])].as_py()
+    why = (f"{len(missing):,} of the catalog's products have no image ({len(missing):,} of {len(lengths):,}; the first: "
+           f"{first!r}), but "
+           "the model's product query vectors are main image vectors (product_query source 'image', from its "
+           "training dataset). Give every product an image and re-run `itemsage embed --catalog` and "
+           "`itemsage index`")
+    log.warning("no product query vectors written, so closeup and home by product id are not served from this "
+                "index: %s.", why)
+    return why
+
+
+def _add_query_vectors(path: Path, entry: dict[str, Any], text_encoder: Any = None) -> dict[str, Any]:
     """Append each product's frozen query vector from `entry["source"]` to the staged products.parquet
     (`path`, rewritten row group by row group, so embed still seeks by row group); returns the
-    manifest's product_query entry. None, with a warning, when the catalog cannot have them: an image
-    source and a product without an image (a query_vector column has no gaps)."""
+    manifest's product_query entry. The caller checked `_without_query_vectors` first."""
     from itemsage.data import product_query
 
     source = entry["source"]
-    if source == "image":
-        lengths = pc.list_value_length(pq.read_table(path, columns=[schema.IMAGE_EMBEDDINGS]).column(0))
-        missing = int((lengths.fill_null(0).to_numpy(zero_copy_only=False) == 0).sum())
-        if missing:
-            log.warning("%d of the catalog's products have no image, but the model's product query vectors are "
-                        "main image vectors (product_query source 'image', from its training dataset): no query "
-                        "vectors written, so closeup and home by product id are not served from this index. "
-                        "Give every product an image to have them.", missing)
-            return None
     if source == "text" and text_encoder is None:  # loaded once here, not once per row group below
         from itemsage.encoders.text import TextQueryEncoder
 

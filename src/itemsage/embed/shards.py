@@ -240,15 +240,21 @@ def _product_query(dataset_dir: Path, parquet: pq.ParquetFile) -> dict[str, Any]
     return entry
 
 
+def _missing_query_vectors(dataset_dir: Path) -> dict[str, Any]:
+    """The dataset's record of why its products have no query vectors (embed --catalog), carried on."""
+    why = artifacts.read_manifest(dataset_dir).get(schema.PRODUCT_QUERY_MISSING)
+    return {schema.PRODUCT_QUERY_MISSING: why} if isinstance(why, str) else {}
+
+
 def _after_shard(shard: int) -> None:
     """Called after each shard is complete (tests patch it to simulate a kill)."""
 
 
-def _plan(out_dir: Path, model_fp: str, dataset_fp: str, incremental: bool,
-          shard_rows: int) -> tuple[dict[str, Any] | None, int, int] | None:
-    """Decide from what `out_dir` holds what this run is: None when it is already complete, else
-    (finished manifest of the previous generation or None, generation to write, shard_rows).
-    Refuses to mix models; pins the run's identity in progress.json so a kill can be resumed."""
+def check_out(out_dir: Path, model_fp: str, dataset_fp: str, incremental: bool) -> dict[str, Any] | None:
+    """Refuse (ArtifactError) an `out_dir` this run must not write into, reading only: embeddings or a
+    partial run of another model, finished embeddings of another catalog without `incremental`, shards
+    of no itemsage run. Returns its finished manifest, if any. `embed --catalog` calls it before it
+    replaces OUT/catalog, so a refused run changes nothing."""
     finished = None
     if (out_dir / artifacts.MANIFEST).is_file():
         finished = artifacts.read_manifest(out_dir, kind="embeddings")
@@ -257,21 +263,11 @@ def _plan(out_dir: Path, model_fp: str, dataset_fp: str, incremental: bool,
             raise ArtifactError(
                 f"{out_dir} holds embeddings from model {old_model}, this run uses model {model_fp}; "
                 "vectors of two models must never be mixed. Pass a new --out directory.")
-        if finished["inputs"].get("dataset") == dataset_fp:
-            (out_dir / PROGRESS_FILE).unlink(missing_ok=True)  # left if a run died right after its manifest
-            _remove_unreferenced(out_dir, keep=set(finished["shards"]))
-            return None
-        if not incremental:
+        if finished["inputs"].get("dataset") != dataset_fp and not incremental:
             raise ArtifactError(
                 f"{out_dir} holds finished embeddings of another version of the catalog (dataset "
                 f"{finished['inputs'].get('dataset')}, now {dataset_fp}). Pass --incremental to update "
                 "them, or a new --out directory to embed from scratch.")
-    elif incremental:
-        log.info("%s holds no finished embeddings; embedding the whole catalog", out_dir)
-    generation = finished["generation"] + 1 if finished is not None else 0
-
-    identity = {"model": model_fp, "dataset": dataset_fp, "generation": generation,
-                "base": artifacts.fingerprint(out_dir) if finished is not None else None}
     pending = _read_json(out_dir / PROGRESS_FILE)
     if finished is None and pending is None and any(out_dir.glob("part-*.parquet")):
         raise ArtifactError(f"{out_dir} holds part-*.parquet files but no {PROGRESS_FILE} or manifest of an "
@@ -281,6 +277,26 @@ def _plan(out_dir: Path, model_fp: str, dataset_fp: str, incremental: bool,
             f"{out_dir} holds a partial run of model {pending.get('model')}, this run uses model "
             f"{model_fp}; shards of two models must never be mixed. Pass a new --out directory "
             f"(or delete {out_dir} to start over).")
+    return finished
+
+
+def _plan(out_dir: Path, model_fp: str, dataset_fp: str, incremental: bool,
+          shard_rows: int) -> tuple[dict[str, Any] | None, int, int] | None:
+    """Decide from what `out_dir` holds what this run is: None when it is already complete, else
+    (finished manifest of the previous generation or None, generation to write, shard_rows).
+    Refuses to mix models (`check_out`); pins the run's identity in progress.json so a kill can be resumed."""
+    finished = check_out(out_dir, model_fp, dataset_fp, incremental)
+    if finished is not None and finished["inputs"].get("dataset") == dataset_fp:
+        (out_dir / PROGRESS_FILE).unlink(missing_ok=True)  # left if a run died right after its manifest
+        _remove_unreferenced(out_dir, keep=set(finished["shards"]))
+        return None
+    if finished is None and incremental:
+        log.info("%s holds no finished embeddings; embedding the whole catalog", out_dir)
+    generation = finished["generation"] + 1 if finished is not None else 0
+
+    identity = {"model": model_fp, "dataset": dataset_fp, "generation": generation,
+                "base": artifacts.fingerprint(out_dir) if finished is not None else None}
+    pending = _read_json(out_dir / PROGRESS_FILE)
     if pending is not None and {k: pending.get(k) for k in identity} == identity:
         shard_rows = int(pending["shard_rows"])  # the row ranges of the run being resumed
     else:
@@ -382,8 +398,13 @@ def embed(
         counts={"products": num_rows},
         files=names,
         extra={"count": num_rows, "dim": dim, "shards": names, "generation": generation,
+<<<<<<< HEAD
                schema.POPULARITY: model.has_popularity,
                **({schema.PRODUCT_QUERY: product_query} if product_query else {})},
+=======
+               **({schema.PRODUCT_QUERY: product_query} if product_query else
+                  _missing_query_vectors(dataset_dir))},
+>>>>>>> main
     )
     (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
     _remove_unreferenced(out_dir, keep=set(names))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from itemsage import artifacts, schema
+from itemsage.evaluate.ceiling_report import compare_markdown
 from itemsage.evaluate.compare_runs import (
     ABLATIONS_FILE,
     COLOURS,
@@ -309,6 +310,7 @@ def write_report(results: dict[str, list[dict[str, Any]]], out_dir: Path, cfg: C
     for t in tasks:
         cells = [_pm(agg[n].get(t)) for n in arch] + [_fmt(pop.get(t))]
         lines.append(f"| {t} | {ref['exact'][t]['n']} | " + " | ".join(cells) + " |")
+    lines += compare_markdown(arch, agg, ref)
     lines += _served_section(arch, agg, ref)
     engagements = [e for e in schema.ENGAGEMENTS if f"single_task_{e}" in results]
     if engagements:

@@ -48,6 +48,7 @@ SUMMARY_KEYS: tuple[str, ...] = (*schema.SURFACES, "all", "cold_start")  # the k
 CONVERSIONS: tuple[str, ...] = ("add_to_cart", "checkout")
 # Products as queries as served, and the user-level protocol (evaluate's "served" block), Recall@10 or
 # NDCG@10 on the exact index: report key -> (the served block's name, its path to the figure).
+CEILING_KINDS = ("oracle", "observable", "features", "train_counts")  # evaluate/ceiling_ranks.py's KINDS
 SERVED_KEYS: dict[str, tuple[str, ...]] = {
     "closeup_by_product": ("closeup_by_product", "exact", "all", "recall"),
     "home_by_history": ("home_by_history", "exact", "all", "recall"),
@@ -149,7 +150,9 @@ def run_one(name: str, seed: int, dataset_dir: Path, out_dir: Path, cfg: Compare
     train_s = time.perf_counter() - start
     embedded = embed(trained.model_dir, dataset_dir, run_dir / "embeddings", progress=progress)
     # The test sample (if any) is drawn with the first seed, so every row and seed ranks the same pairs.
-    result = evaluate(trained.model_dir, dataset_dir, run_dir / "embeddings", sample=cfg.eval_sample, seed=cfg.seed)
+    # On a demo shop, every ceiling kind (computed once, then read from the dataset's cache by every run).
+    result = evaluate(trained.model_dir, dataset_dir, run_dir / "embeddings", sample=cfg.eval_sample, seed=cfg.seed,
+                      ceiling=CEILING_KINDS)
     loaded = load_model(trained.model_dir)
     result["run"] = {
         "name": name,
@@ -211,7 +214,8 @@ def _surface_recall(result: dict[str, Any], surface: str, k: int = 10) -> float 
 
 def seed_scores(result: dict[str, Any], k: int = 10) -> dict[str, float | None]:
     """One seed's Recall@k (exact, test window) under every key the report uses: each surface, `all`,
-    `cold_start`, `seen`, `unseen`, each engagement (pooled over surfaces) and each task."""
+    `cold_start`, `seen`, `unseen`, each engagement (pooled over surfaces), each task, and per
+    train-window count bucket `count B` with its `count B median rank`."""
     scores: dict[str, float | None] = {s: _surface_recall(result, s, k) for s in schema.SURFACES}
     scores["all"] = _recall(result, "all", k)
     for block in ("cold_start", "seen", "unseen"):
@@ -221,6 +225,9 @@ def seed_scores(result: dict[str, Any], k: int = 10) -> dict[str, float | None]:
     for task in result["exact"]:
         if task != "all":
             scores[task] = _recall(result, task, k)
+    for bucket, row in ((result.get("buckets") or {}).get("exact") or {}).items():  # train-window count buckets
+        scores[f"count {bucket}"] = row.get(f"recall@{k}")
+        scores[f"count {bucket} median rank"] = row.get("median_rank")
     scores.update(served_scores(result, k))
     return scores
 

@@ -6,8 +6,12 @@ served; flat search over those vectors is the exact reference. Only the queries 
 model (its adapters).
 
 Besides cold-start pairs (product never engaged in the train window), test pairs are split into
-seen and unseen (inputs.py). The metrics are pure functions of plain arrays (itemsage/metrics.py);
-`evaluate()` only gathers the arrays, and report.py writes them out.
+seen and unseen (inputs.py), and every figure is also given by the engaged product's train-window
+engagement count (0, 1-4, 5-19, >= 20). Closeup pairs that name their query product
+(`query_product_id`) rank the catalog without it, exact and ANN, as `/v1/closeup` does
+(`exclude_self`); home pairs keep theirs. On a dataset of the demo shop the report sets every figure
+beside the data's own ceiling (ceiling.py). The metrics are pure functions of plain arrays
+(itemsage/metrics.py); `evaluate()` only gathers the arrays, and report.py writes them out.
 
 Every figure comes from the test window (test.parquet). The validation window chose the model
 (training's best checkpoint and early stopping), so a figure from it would flatter the model.
@@ -36,6 +40,8 @@ from itemsage.evaluate.report import training_curves
 from itemsage.evaluate.served import served_paths
 from itemsage.metrics import (
     DEFAULT_KS,
+    bucket_figures,
+    closeup_exclusions,
     exact_ranks,
     first_hit_positions,
     group_recall,
@@ -63,6 +69,7 @@ def evaluate(
     served: bool = True,
     history: int | None = None,
     window: str = "test",
+    ceiling: Sequence[str] = ("oracle", "observable"),
 ) -> dict[str, Any]:
     """Recall@K of every test-window pair, ranking its product among the embedded catalog.
 
@@ -80,6 +87,9 @@ def evaluate(
     protocol (`served_paths`; `history`: a user's history length, default by_product.EVAL_HISTORY).
     `window="validation"` scores the validation window instead (for choosing options without reading
     the test window; the train window still gives popularity, seen pairs and histories).
+    "buckets": {"exact", "ann", "popularity"}: Recall@10 and the median rank by the engaged product's
+    train-window count (metrics.COUNT_BUCKETS). "ceiling": the demo shop's ceilings of kinds
+    `ceiling` for the same pairs (ceiling.ceiling_figures; `()`: none), or why there is none.
     """
     from itemsage import schema
     from itemsage.artifacts import fingerprint, verify_dataset
@@ -110,13 +120,15 @@ def evaluate(
     queries = encode_queries(loaded, pairs, device)  # [Q, D]
     positive_rows = torch.from_numpy(pairs.product_row).to(catalog.device)
     tasks = pairs.task.astype(str)
-    exact = exact_ranks(queries, catalog, positive_rows)
+    exclude = closeup_exclusions(pairs.surface, pairs.query_product_row)  # the viewed product, as served
+    exact = exact_ranks(queries, catalog, positive_rows, exclude_rows=exclude)
 
     train_path, test_path = Path(dataset_dir) / schema.TRAIN_FILE, Path(dataset_dir) / window_file
     train_table = pq.read_table(train_path, columns=_log_columns(train_path))
     train_ids = [pid for pid in train_table[schema.PRODUCT_ID].to_pylist() if pid in store]
     train_counts = np.bincount(store.index_of(train_ids), minlength=len(store))
-    popular = popularity_ranks(train_counts, pairs.product_row)
+    popular = popularity_ranks(train_counts, pairs.product_row, exclude)
+    counts = train_counts[pairs.product_row]  # the engaged products' train-window engagements
     cold = train_counts[pairs.product_row] == 0
     test_rows = pq.read_table(test_path, columns=_log_columns(test_path)).take(pairs.source_row)
     seen = seen_in_train(train_table, test_rows)
@@ -134,15 +146,18 @@ def evaluate(
             "embeddings_fingerprint": fingerprint(embeddings_dir),
             "embeddings_dataset_matches": emb_manifest.get("inputs", {}).get("dataset") == fingerprint(dataset_dir),
             "best_step": (loaded.extra.get("training") or {}).get("best_step"),  # the validation evaluation it won
+            "closeup_query_product_excluded": int((exclude >= 0).sum()) if exclude is not None else 0,
         },
         "exact": group_recall(exact, tasks, ks),
         "popularity": group_recall(popular, tasks, ks),
         "cold_start": {"exact": group_recall(exact[cold], tasks[cold], ks)},
         "seen": {"exact": group_recall(exact[seen], tasks[seen], ks)},
         "unseen": {"exact": group_recall(exact[~seen], tasks[~seen], ks)},
+        "buckets": {"exact": bucket_figures(exact < 10, exact, counts),
+                    "popularity": bucket_figures(popular < 10, popular, counts)},
         "recall_curve": recall_curve(exact, pairs.surface.astype(str)),
         "gallery": neighbour_gallery(dataset_dir, store, pairs, queries, catalog, exact, gallery, seed,
-                                     file=window_file),
+                                     file=window_file, exclude=exclude),
         "training_curves": training_curves(model_dir),
     }
     index = None
@@ -151,20 +166,42 @@ def evaluate(
 
         index = load_current(index_root)
         check_index(index, loaded.fingerprint, int(loaded.config.out_dim))
-        retrieved, _ = index.search(queries.cpu().numpy(), max(ks))
-        ann = first_hit_positions(retrieved, store.ids[pairs.product_row])
+        ann = first_hit_positions(ann_lists(index, queries.cpu().numpy(), max(ks), store, exclude),
+                                  store.ids[pairs.product_row])
         result["ann"] = group_recall(ann, tasks, ks)
+        result["buckets"]["ann"] = bucket_figures(ann < 10, ann, counts, known_below=max(ks))
         for name, mask in (("cold_start", cold), ("seen", seen), ("unseen", ~seen)):
             result[name]["ann"] = group_recall(ann[mask], tasks[mask], ks)
         result["data"]["index_version"] = index.version
         result["data"]["neighbour_recall_at_10"] = index.stats.get("neighbour_recall_at_10")
         result["data"]["index_from_these_embeddings"] = (
             index.manifest.get("inputs", {}).get("embeddings") == result["data"]["embeddings_fingerprint"])
+    if ceiling:
+        from itemsage.evaluate.ceiling import ceiling_figures
+
+        result["ceiling"] = ceiling_figures(dataset_dir, pairs.source_row, tasks, counts, ks, kinds=tuple(ceiling),
+                                            window=window)
     if served:
         result["served"] = _served(loaded, dataset_dir, embeddings_dir, emb_manifest, ids, vectors, index, store,
                                    pairs, exact, popular, ks, history, window_file=window_file,
                                    queries=queries, catalog=catalog)
     return result
+
+
+def ann_lists(index: Any, queries: np.ndarray, k: int, store: CatalogIds, exclude: np.ndarray | None) -> np.ndarray:
+    """ids [Q, k] of the index's top k per query; a row with an `exclude` [Q] catalog row (-1: none)
+    searches one deeper and leaves that product out, as the service's closeup does."""
+    if exclude is None:
+        return index.search(queries, k)[0]
+    out = np.empty((len(queries), k), dtype=object)
+    plain, deeper = np.flatnonzero(exclude < 0), np.flatnonzero(exclude >= 0)
+    if len(plain):
+        out[plain] = index.search(queries[plain], k)[0]
+    ids, _ = index.search(queries[deeper], k + 1)  # [Q', k + 1]
+    drop = ids == store.ids[exclude[deeper]][:, None]
+    drop[:, -1] |= ~drop.any(1)  # a list without the product keeps its first k
+    out[deeper] = ids[~drop].reshape(len(deeper), k)
+    return out
 
 
 def _served(loaded: Any, dataset_dir: str | Path, embeddings_dir: str | Path, emb_manifest: dict[str, Any],
@@ -219,9 +256,10 @@ def _titles(dataset_dir: str | Path, ids: Iterable[str]) -> dict[str, str]:
 @torch.inference_mode()
 def neighbour_gallery(dataset_dir: str | Path, store, pairs, queries: torch.Tensor, catalog: torch.Tensor,
                       ranks: np.ndarray, per_surface: int, seed: int = 0, k: int = 10,
-                      file: str | None = None) -> list[dict[str, Any]]:
+                      file: str | None = None, exclude: np.ndarray | None = None) -> list[dict[str, Any]]:
     """A few seeded test pairs per surface: the query, its top-k products (id, title, score) with the
-    engaged one marked, and the engaged product's rank among the whole catalog."""
+    engaged one marked, and the engaged product's rank among the whole catalog; `exclude` [Q] a catalog
+    row each pair's list leaves out (-1: none), as `ranks` do."""
     from itemsage import schema
 
     rng = np.random.default_rng(seed)
@@ -231,7 +269,12 @@ def neighbour_gallery(dataset_dir: str | Path, store, pairs, queries: torch.Tens
         chosen += sorted(rng.choice(rows, min(per_surface, len(rows)), replace=False).tolist())
     if not chosen:
         return []
-    scores, top = (queries[chosen] @ catalog.T).topk(min(k, catalog.shape[0]), dim=1)  # [G, k]
+    sims = queries[chosen] @ catalog.T  # [G, N]
+    if exclude is not None:
+        left_out = torch.from_numpy(exclude[chosen])
+        rows = torch.nonzero(left_out >= 0)[:, 0]
+        sims[rows.to(sims.device), left_out[rows].to(sims.device)] = -torch.inf
+    scores, top = sims.topk(min(k, catalog.shape[0]), dim=1)  # [G, k]
     top_ids = store.ids[top.cpu().numpy()]  # [G, k]
     engaged_ids = store.ids[pairs.product_row[chosen]]  # [G]
     titles = _titles(dataset_dir, set(top_ids.ravel().tolist()) | set(engaged_ids.tolist()))

@@ -1,7 +1,9 @@
-"""The evaluation report: report.md (Recall@1/10/100 tables, the served paths, a gallery of nearest
-neighbours), evaluation.json (every number), recall_at_k.png (a Recall@K curve per surface, K =
+"""The evaluation report: report.md (Recall@1/10/100 tables, the data's ceiling and the figures by
+train-window engagement count (ceiling_report.py), the served paths, a gallery of nearest neighbours), evaluation.json (every number), recall_at_k.png (a Recall@K curve per surface, K =
 1..100) and training_curves.png (loss and validation Recall@10 against steps, read from the run's
-TensorBoard logs beside the model: RUN/tensorboard for RUN/model), with a manifest, atomically.
+TensorBoard logs beside the model: RUN/tensorboard for RUN/model), with a manifest. The directory is
+written whole as `<out>.tmp-<pid>` and renamed into place at the end (artifacts.temp_dir, publish_dir):
+a killed evaluate leaves the earlier report, or none, never a part of one.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from itemsage.evaluate.ceiling_report import bucket_markdown, ceiling_markdown
 from itemsage.metrics import DEFAULT_KS
 
 log = logging.getLogger(__name__)
@@ -161,13 +164,53 @@ def gallery_markdown(gallery: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def write_report(result: dict[str, Any], out_dir: str | Path, *, title: str = "Evaluation") -> Path:
-    """evaluation.json (every number) + report.md (Recall@1/10/100 tables, the gallery) +
-    recall_at_k.png + training_curves.png (when the run's logs were found) + manifest, atomically."""
+REPORT_FILES = ("report.md", "evaluation.json", "recall_at_k.png", "training_curves.png")
+
+
+def check_report_out(out_dir: str | Path) -> None:
+    """Refuse an `out_dir` that holds something other than an evaluation report: write_report
+    replaces the directory whole. A report of an older version that a kill left without its
+    manifest (its files and `.*.tmp` temporaries only) may be replaced."""
     from itemsage import artifacts
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise artifacts.ArtifactError(f"--out {out_dir} is a file; evaluate writes a directory. Choose another --out.")
+    names = [p.name for p in out_dir.iterdir()]
+    try:
+        kind = artifacts.read_json(out_dir / artifacts.MANIFEST).get("kind") if artifacts.MANIFEST in names else None
+    except (artifacts.ArtifactError, AttributeError):
+        kind = None
+    torn = all(n in REPORT_FILES or (n.startswith(".") and n.endswith(".tmp")) for n in names)
+    if kind != "evaluation" and not torn:
+        raise artifacts.ArtifactError(f"--out {out_dir} exists and is not an evaluation report; evaluate replaces "
+                                      "its --out directory whole. Choose another --out or remove the directory.")
+
+
+def write_report(result: dict[str, Any], out_dir: str | Path, *, title: str = "Evaluation") -> Path:
+    """evaluation.json (every number) + report.md (Recall@1/10/100 tables, the gallery) +
+    recall_at_k.png + training_curves.png (when the run's logs were found) + manifest, written into a
+    temporary directory that replaces `out_dir` at the end (see the module doc)."""
+    import shutil
+
+    from itemsage import artifacts
+
+    final = Path(out_dir)
+    check_report_out(final)
+    out_dir = artifacts.temp_dir(final)
+    try:
+        _write_report_files(result, out_dir, title)
+        artifacts.publish_dir(out_dir, final)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)  # gone once published
+    return final / "report.md"
+
+
+def _write_report_files(result: dict[str, Any], out_dir: Path, title: str) -> None:
+    from itemsage import artifacts
+
     artifacts.atomic_write_json(out_dir / "evaluation.json", result)
     lines = [f"# {title}", ""]
     data = result["data"]
@@ -177,6 +220,8 @@ def write_report(result: dict[str, Any], out_dir: str | Path, *, title: str = "E
         f"{data.get('seen_pairs', 0)} *seen* pairs whose surface, query and product already occur together in the "
         f"train window, {data.get('unseen_pairs', 0)} *unseen*). The catalog is ranked by its embeddings as "
         "`itemsage embed` wrote them (exact: flat search over them). "
+        f"Closeup pairs that name their query product ({data.get('closeup_query_product_excluded', 0)}) rank the "
+        "catalog without it, as `/v1/closeup` does; home pairs keep theirs. "
         "The validation window chose the model; no figure here comes from it.",
         "",
     ]
@@ -188,6 +233,7 @@ def write_report(result: dict[str, Any], out_dir: str | Path, *, title: str = "E
                   "| unseen (exact) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         lines += ["| " + " | ".join(row) + " |" for row in recall_table(result, k)]
         lines.append("")
+    lines += ceiling_markdown(result) + bucket_markdown(result)
     lines += served_markdown(result)
     files = ["report.md", "evaluation.json"]
     if result.get("recall_curve"):
@@ -210,7 +256,6 @@ def write_report(result: dict[str, Any], out_dir: str | Path, *, title: str = "E
     artifacts.write_manifest(out_dir, "evaluation", counts={"eval_pairs": data["eval_pairs"]},
                              inputs={"model": data["model_fingerprint"], "embeddings": data.get("embeddings_fingerprint")},
                              files=files)
-    return out_dir / "report.md"
 
 
 def served_rows(result: dict[str, Any], k: int = 10) -> list[tuple[str, ...]]:

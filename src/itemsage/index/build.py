@@ -19,8 +19,8 @@ from itemsage.artifacts import ArtifactError
 from itemsage.config import require
 from itemsage.index.config import IndexConfig
 from itemsage.index.faiss_index import ProductIndex
-from itemsage.index.versions import new_version_name, publish, version_path
-from itemsage.schema import PRODUCT_ID, PRODUCT_QUERY, QUERY_VECTOR
+from itemsage.index.versions import claim_new_version, publish, release_claim, version_path
+from itemsage.schema import PRODUCT_ID, PRODUCT_QUERY, PRODUCT_QUERY_MISSING, QUERY_VECTOR
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,8 @@ def build_from_embeddings(
     killed after its manifest, before CURRENT) verifies that version and publishes it, without a rebuild.
     """
     config = config or IndexConfig()
-    version_dir = version_path(index_root, version or new_version_name())
-    if (version_dir / artifacts.MANIFEST).exists():
+    version_dir = version_path(index_root, version) if version is not None else None
+    if version_dir is not None and (version_dir / artifacts.MANIFEST).exists():
         return _finished_version(embeddings_dir, index_root, version_dir, config, publish_it)
     ids, vectors, emb_manifest = read_embeddings(embeddings_dir)
     require(len(ids) > 0, f"{embeddings_dir} holds no embeddings; nothing to index")
@@ -118,7 +118,17 @@ def build_from_embeddings(
     model_fp = emb_manifest.get("inputs", {}).get("model")
     if model_fp:
         inputs["model"] = model_fp
-    index.save(version_dir, inputs=inputs)
+    missing = emb_manifest.get(PRODUCT_QUERY_MISSING) if query_vectors is None else None
+    extra = {PRODUCT_QUERY_MISSING: missing} if isinstance(missing, str) else None  # why: for the service's 409
+    if version_dir is None:  # a generated name, unique: a build in the same second gets another one
+        version_dir = claim_new_version(index_root)
+        try:
+            index.save(version_dir, inputs=inputs, extra=extra)
+        except BaseException:
+            release_claim(version_dir)
+            raise
+    else:
+        index.save(version_dir, inputs=inputs, extra=extra)
     if publish_it:
         publish(index_root, version_dir)
     return index, version_dir

@@ -441,7 +441,7 @@ class ProductIndex:
         home query; itemsage.data.product_query). KeyError names the ids not in the index; NoProductQueries
         when the index was built before products had query vectors."""
         if self._query_vectors is None:
-            raise no_product_queries(f"index version {self.version or '(unsaved)'}")
+            raise no_product_queries(f"index version {self.version or '(unsaved)'}", self.manifest)
         rows = self._rows(product_ids)
         return self._query_vectors[rows].astype(np.float32, copy=False)  # [N, Dq]: a copy (fancy indexing)
 

@@ -34,7 +34,7 @@ from itemsage.artifacts import ArtifactError
 from itemsage.index.faiss_index import ProductIndex
 from itemsage.index.live_log import DELETE, UPSERT, LiveLog, decode_vector
 from itemsage.index.query_vectors import NoProductQueries, no_product_queries
-from itemsage.index.versions import load_current, new_version_name, version_path
+from itemsage.index.versions import claim_new_version, load_current, release_claim, version_path
 from itemsage.index.versions import publish as publish_version
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class LiveIndex:
         ids deleted or never indexed; NoProductQueries when the version has none (or an upsert was
         logged without one)."""
         if not self.base.has_query_vectors:
-            raise no_product_queries(f"index version {self.version}")
+            raise no_product_queries(f"index version {self.version}", self.base.manifest)
         product_ids = list(product_ids)
         out, from_side = self._lookup(product_ids, "side_query", self.query_dim, self.base.query_vector)
         if from_side:
@@ -330,9 +330,9 @@ def compact(
     ids, vectors = live.snapshot()
     if not len(ids):
         raise ArtifactError("the live updates delete every product of the index; an index needs at least one")
-    version_dir = version_path(index_root, version or new_version_name())
-    if (version_dir / artifacts.MANIFEST).exists():
-        raise ArtifactError(f"index version {version_dir} already exists; pass another --version name")
+    if version and (version_path(index_root, version) / artifacts.MANIFEST).exists():
+        raise ArtifactError(f"index version {version_path(index_root, version)} already exists; pass another "
+                            "--version name")
     config = dataclasses.asdict(base.config)
     query_vectors = live.query_vector(ids) if live.has_query_vectors else None  # [N, Dq], carried along
     new = ProductIndex.build(ids, vectors, **config, query_vectors=query_vectors,
@@ -340,7 +340,14 @@ def compact(
     inputs = {"base_version": base.version or "", "live_log": f"through update {live.applied_seq}"}
     if base.manifest.get("inputs", {}).get("model"):
         inputs["model"] = base.manifest["inputs"]["model"]
-    new.save(version_dir, inputs=inputs, extra={"live_seq": live.applied_seq})
+    # A generated name is claimed (unique) just before the save; a failed save gives it back.
+    version_dir = version_path(index_root, version) if version else claim_new_version(index_root)
+    try:
+        new.save(version_dir, inputs=inputs, extra={"live_seq": live.applied_seq})
+    except BaseException:
+        if not version:
+            release_claim(version_dir)
+        raise
     if publish:
         publish_version(index_root, version_dir)
         live_log.drop_through(live.applied_seq, version_dir.name)

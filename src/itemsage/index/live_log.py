@@ -9,7 +9,11 @@ On disk, beside the versions:
         {"seq": 8, "op": "delete", "id": "p2"}
         {"seq": 6, "op": "compacted", "version": "v..."}   (first line after a compaction)
     INDEX_ROOT/live/LOCK        flock'd around every append and every rewrite of the log
-    INDEX_ROOT/live/WRITER      flock'd by the one server process that appends
+    INDEX_ROOT/live/WRITER      flock'd by the one server process that appends (the first server started
+                                with a token claims it, `claim`); holds {"pid", "host", "since"} of it
+
+Every other server on the index root follows the log read-only (`read_new`: the lines appended since
+it last looked), so it serves the writer's updates too (serve/service.py).
 
 A line torn by a kill mid-write was never acknowledged (the reply waits for the fsync), so it is
 ignored at replay and cut off before the next append.
@@ -24,6 +28,7 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -65,7 +70,7 @@ class LiveLog:
         self.path = self.dir / LOG_FILE
         self._last_seq: int | None = None  # the writer's counter, read from the log on first append
         self._writer_fd: int | None = None
-        self._lock = threading.Lock()  # threads of this process; LOCK orders processes
+        self._lock = threading.RLock()  # threads of this process (append -> claim re-enters); LOCK orders processes
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -87,17 +92,48 @@ class LiveLog:
         if complete < len(data):
             log.warning("%s ends with a torn line of %d bytes (an update killed before its reply); ignoring it",
                         self.path, len(data) - complete)
+        return self._parse(data[:complete]), complete
+
+    def _parse(self, data: bytes, start: int = 0) -> list[dict[str, Any]]:
+        """The records of complete lines `data`, read from byte `start` of the log."""
         records = []
-        for number, line in enumerate(data[:complete].splitlines(), start=1):
+        for number, line in enumerate(data.splitlines(), start=1):
             try:
                 record = json.loads(line)
                 int(record["seq"]), record["op"]
             except (ValueError, KeyError, TypeError):
-                raise ArtifactError(f"{self.path} line {number} is not a valid update record; the live log is "
+                where = f"line {number}" if start == 0 else f"line {number} after byte {start:,}"
+                raise ArtifactError(f"{self.path} {where} is not a valid update record; the live log is "
                                     "damaged. Restore it from a backup, or move it away to serve the index "
                                     "version alone (its updates are then lost).") from None
             records.append(record)
-        return records, complete
+        return records
+
+    def stamp(self) -> tuple[int, int, int] | None:
+        """(inode, size, mtime ns) of the log file, None without one: a follower's cheap "anything new?"."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def read_new(self, position: tuple[int, int] | None) -> tuple[list[dict[str, Any]], int, tuple[int, int] | None]:
+        """A follower's read: (the updates after `position`, in order; the seq through which the log was
+        compacted, when read from the start; the new position). `position` (inode, byte offset) comes
+        from the previous call (None: from the start). A rewritten log (a compaction renames a new file
+        in place) is read from the start; a line still being appended is left for the next call."""
+        try:
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                start = position[1] if position and position[0] == st.st_ino and position[1] <= st.st_size else 0
+                f.seek(start)
+                data = f.read()
+        except FileNotFoundError:
+            return [], 0, None
+        complete = data.rfind(b"\n") + 1
+        records = self._parse(data[:complete], start)
+        floor = max((int(r["seq"]) for r in records if r["op"] == COMPACTED), default=0)
+        return [r for r in records if r["op"] != COMPACTED], floor, (st.st_ino, start + complete)
 
     def read(self, after: int = 0) -> tuple[list[dict[str, Any]], int]:
         """(the updates with seq > `after`, in order; the seq through which the log was compacted).
@@ -141,16 +177,44 @@ class LiveLog:
             return numbered
 
     def _take_writer(self) -> None:
-        if self._writer_fd is not None:
-            return
-        fd = os.open(self.dir / WRITER_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        if not self.claim():
+            raise ArtifactError(f"another server process ({describe(self.writer())}) is writing live updates to "
+                                f"{self.dir}; send updates to that one (one writer per index root)")
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this object holds the writer lock (this process appends)."""
+        return self._writer_fd is not None
+
+    def claim(self) -> bool:
+        """Take the writer lock if no process holds it (and keep it for the life of the process, or
+        until `close`); record this process in WRITER. True when this object holds it."""
+        with self._lock:  # two threads of this process must not race for it (flock: one open file each)
+            if self._writer_fd is not None:
+                return True
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.dir / WRITER_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            me = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            with contextlib.suppress(OSError):  # who writes is information, not a condition of writing
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+            self._writer_fd = fd
+            return True
+
+    def writer(self) -> dict[str, Any] | None:
+        """{"pid", "host", "since"} of the process that last claimed the writer lock (None: none has).
+        It holds the lock for as long as it runs."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ArtifactError(f"another server process is writing live updates to {self.dir}; send updates "
-                                "to that one (one writer per index root)") from None
-        self._writer_fd = fd  # held for the life of the process
+            value = json.loads((self.dir / WRITER_FILE).read_bytes() or b"null")
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
 
     def close(self) -> None:
         """Give up the writer lock (another process may append after this)."""
@@ -167,6 +231,13 @@ class LiveLog:
             kept = [{"seq": seq, "op": COMPACTED, "version": version}]
             kept += [r for r in records if r["op"] != COMPACTED and int(r["seq"]) > seq]
             artifacts.atomic_write_text(self.path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept))
+
+
+def describe(writer: dict[str, Any] | None) -> str:
+    """"pid 123 on host h, since <time>" for messages."""
+    if not writer:
+        return "pid unknown"
+    return f"pid {writer.get('pid')} on host {writer.get('host')}, since {writer.get('since')}"
 
 
 def upsert_record(product_id: str, vector: np.ndarray, model: str, product: dict[str, Any],

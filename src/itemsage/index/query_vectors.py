@@ -13,7 +13,7 @@ import numpy as np
 
 from itemsage import artifacts
 from itemsage.artifacts import ArtifactError
-from itemsage.schema import QUERY_VECTOR
+from itemsage.schema import PRODUCT_QUERY_MISSING, QUERY_VECTOR
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,12 @@ class NoProductQueries(ArtifactError):
     """The index (or embeddings) predates products' frozen query vectors."""
 
 
-def no_product_queries(where: str) -> NoProductQueries:
+def no_product_queries(where: str, manifest: dict[str, Any] | None = None) -> NoProductQueries:
+    """The refusal for an index without product query vectors; `manifest` (the index's) may say why
+    (`product_query_missing`: e.g. a catalog product without an image), else it predates them."""
+    why = (manifest or {}).get(PRODUCT_QUERY_MISSING)
+    if isinstance(why, str):
+        return NoProductQueries(f"{where} holds no product query vectors: {why}")
     return NoProductQueries(
         f"{where} holds no product query vectors (it was made before products could be queries); re-run "
         "`itemsage ingest`, `itemsage embed` and `itemsage index` to add them")

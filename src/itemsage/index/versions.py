@@ -69,6 +69,31 @@ def new_version_name() -> str:
     return "v" + dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 
+def claim_new_version(index_root: str | Path) -> Path:
+    """A new, empty version directory for a build given no --version: versions/v<UTC time>, or
+    v<time>-2, -3, ... when another build took that name (in the same second, in any process). The
+    directory's creation is the claim, so two builds never share a version."""
+    versions = Path(index_root) / VERSIONS_DIR
+    versions.mkdir(parents=True, exist_ok=True)
+    base = new_version_name()
+    for n in range(1, 10_000):
+        candidate = versions / (base if n == 1 else f"{base}-{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise ArtifactError(f"{versions} holds 10,000 versions named {base}*; pass --version")
+
+
+def release_claim(version_dir: Path) -> None:
+    """Remove a claimed version directory whose build failed (only while it holds no manifest)."""
+    import shutil
+
+    if version_dir.is_dir() and not (version_dir / artifacts.MANIFEST).exists():
+        shutil.rmtree(version_dir, ignore_errors=True)
+
+
 def publish(index_root: str | Path, version_dir: str | Path) -> None:
     """Point INDEX_ROOT/CURRENT at `version_dir` (verified first); readers see the old or the new."""
     index_root, version_dir = Path(index_root), Path(version_dir)

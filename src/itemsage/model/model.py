@@ -206,7 +206,8 @@ class LoadedModel:
             task = bar.add_task("encoding products", total=None)
             for table, rejects in check_products(products, text_fields=self.config.text_fields,
                                                  image_dim=self.image_dim or None, max_images=self.config.max_images,
-                                                 batch_rows=max(batch_size, 4096), image_encoder=image_encoder):
+                                                 batch_rows=max(batch_size, 4096), image_encoder=image_encoder,
+                                                 option=""):
                 if rejects:
                     first = rejects[0]
                     raise DataError(f"{len(rejects)} product(s) rejected by ingest's checks; first: {first['file']} "
@@ -223,7 +224,8 @@ class LoadedModel:
 
         `queries`: vectors of the surface's query width (an array [N, Dq] or a list of lists, any
         surface); for `search`, texts (encoded by the built-in text encoder the model was trained
-        with); for `closeup`, image file paths (encoded by the built-in image encoder).
+        with); for `closeup`, image file paths (encoded by the built-in image encoder, 1280-d: only for a
+        model trained on that encoder's vectors, i.e. on a catalog with `image_paths`).
         """
         from itemsage.progress import progress_bar
 
@@ -261,8 +263,15 @@ class LoadedModel:
 
             return TextQueryEncoder().encode(items)
         if surface == "closeup":
-            from itemsage.encoders.image import ImageEncoder
+            from itemsage.encoders.image import FEATURE_DIM, ImageEncoder
 
+            if self.query_dims["closeup"] != FEATURE_DIM:
+                raise ConfigError(
+                    f"closeup image paths go through the built-in image encoder (EfficientNet-Lite0, {FEATURE_DIM}-d "
+                    f"vectors), but this model's closeup queries are {self.query_dims['closeup']}-d: it was trained "
+                    "on another encoder's image vectors (its catalog's image_embeddings). Image queries need a model "
+                    "trained on the built-in encoder's vectors (a catalog with image_paths); for this one, encode the "
+                    "images with its catalog's encoder and pass the vectors")
             vectors, errors = ImageEncoder().encode_paths(items, progress=False)
             bad = [(p, e) for p, e in zip(items, errors) if e]
             if bad:
@@ -292,7 +301,11 @@ def save_model(
     query_dims: dict[str, int],
     extra: dict[str, Any] | None = None,
     logit_scale: LogitScale | None = None,
+<<<<<<< HEAD
     popularity: Popularity | None = None,
+=======
+    timings: dict[str, Any] | None = None,
+>>>>>>> main
 ) -> str:
     """Write the model artifact to `directory` and return its fingerprint.
 
@@ -302,6 +315,11 @@ def save_model(
     vocab.json, and manifest.json written last. Each file is written atomically; an old manifest is
     removed first, so a save killed half-way leaves a directory that load_model refuses. Without
     `logit_scale` the initial scale is saved.
+
+    The fingerprint (`artifacts.fingerprint`, which embeddings and indexes record) hashes the three
+    files, so they hold only what the weights are a function of: the same weights, config and vocabulary
+    give the same bytes. `timings` (e.g. pairs/s: they differ between identical runs) go to the
+    manifest's `timings`, which the fingerprint does not cover.
     """
     directory = Path(directory)
     tower, adapters = _unwrap(tower), _unwrap(adapters)
@@ -333,7 +351,9 @@ def save_model(
         artifacts.atomic_write_parquet(directory / POPULARITY_FILE, pa.table({"product_id": popularity.warm_ids}))
         files.append(POPULARITY_FILE)
     with artifacts.atomic_path(directory / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "itemsage": "model"})
+        # One metadata key: safetensors writes its metadata map in a random order (two keys made
+        # two runs' files differ in about half of the saves), and the fingerprint hashes these bytes.
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     config = {
         "model": to_dict(cfg),
         "image_dim": image_dim,
@@ -349,9 +369,15 @@ def save_model(
         "model",
         config=config,
         inputs={"vocab": vocab.fingerprint()},
+<<<<<<< HEAD
         counts={"parameters": n_params, "vocab_size": len(vocab),
                 **({"popularity_offsets": len(popularity.warm_ids)} if popularity is not None else {})},
         files=files,
+=======
+        counts={"parameters": n_params, "vocab_size": len(vocab)},
+        files=[WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE],
+        extra={"timings": timings} if timings else None,
+>>>>>>> main
     )
     fp = artifacts.fingerprint(directory)
     log.info("saved model %s (%d parameters, fingerprint %s)", directory, n_params, fp)

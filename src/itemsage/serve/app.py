@@ -28,6 +28,7 @@ thread each because requests are single queries and parallelism comes from concu
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -155,12 +156,19 @@ def create_app(
             f"body_timeout_s ({body_timeout_s}) must be > 0 and body_deadline_s ({body_deadline_s}) at least as long")
     service = Service(model_dir, index_root, max_k=max_k, text_encoder=text_encoder, image_encoder=image_encoder,
                       max_image_pixels=max_image_pixels, query_encoder=query_encoder, query_cache=query_cache,
-                      query_batch=query_batch)
+                      query_batch=query_batch, live_writer=reload_token is not None)
     metrics = Metrics(service.info)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> Any:
+        yield
+        service.close()  # the live log's writer lock: a server started after this one may take it
+
     app = FastAPI(
         title="ItemSage candidate generation",
         description="Top-k products for search, closeup and home from one product embedding.",
         version=__import__("itemsage").__version__,
+        lifespan=lifespan,
     )
     app.state.service = service
     app.state.metrics = metrics
@@ -230,7 +238,8 @@ def create_app(
 
     @app.get("/readyz", tags=["operations"])
     async def readyz() -> dict[str, Any]:
-        """Readiness: the model and an index version are loaded."""
+        """Readiness: the model and an index version are loaded. `live_log.role`: "writer" (this server
+        takes the live updates of its index root) or "follower" (another server does; this one replays them)."""
         return {"status": "ready", **service.info()}
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["operations"])

@@ -5,6 +5,16 @@ updates (/admin/products, /admin/products/delete; index/live.py), logged durably
 index and live log. A request's products go through ingest's own row checks and normalisation
 (`data.ingest.check_products`), as `itemsage embed` and `itemsage.load(...).encode_products` do, so
 a bad product gets ingest's reason and message everywhere.
+
+Several servers on one index root: the live log has one writer, the first server started with a
+token (`Service(live_writer=True)`, index/live_log.py's WRITER lock). Every other server follows
+the log read-only: before a request reads the served index, it replays the lines the writer
+appended since it last looked (a stat of the log when nothing changed), so it serves the writer's
+updates from its next request on. Updates sent to a follower are refused (409, naming the writer);
+when the writer has stopped, a follower with a token takes the log over on its next update.
+`/readyz` says which this server is (`live_log.role`). Why followers, not a refusal to start: a
+second process on the same index (more workers, a rolling restart, a read-only replica) is normal,
+and each must serve the same products.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ import pyarrow as pa
 
 from itemsage.artifacts import ArtifactError
 from itemsage.index import live as live_lib
-from itemsage.index.live_log import delete_record, upsert_record
+from itemsage.index.live_log import delete_record, describe, upsert_record
 from itemsage.schema import IMAGE_EMBEDDINGS, PRODUCT_ID
 from itemsage.serve.bodies import (  # noqa: F401  (MAX_HISTORY: serve.MAX_HISTORY, as before)
     MAX_HISTORY,
@@ -65,7 +75,73 @@ def _norms(x: np.ndarray) -> np.ndarray:
 
 
 class ProductUpdates:
-    """/v1/embed, upserts and deletes; a base class of `Service` (serve/service.py)."""
+    """/v1/embed, upserts and deletes, following the live log; a base class of `Service` (serve/service.py)."""
+
+    # -- the served index, and the live log's writer or follower (the module doc) --
+
+    @property
+    def served(self) -> Any:
+        """What a request reads (index and version); a follower first replays the log's new lines."""
+        if self.live_log is not None and not self.live_log.is_writer and self._follow_stopped is None:
+            self._follow()
+        return self._served
+
+    @served.setter
+    def served(self, value: Any) -> None:
+        self._served = value
+
+    def _follow_reset(self) -> None:
+        self._log_position: tuple[int, int] | None = None  # how far a follower has read the log
+        self._log_stamp: tuple[int, int, int] | None = None  # the log file's stamp at that read
+        self._follow_stopped: str | None = None  # why a follower stopped replaying (until a reload)
+
+    def claim_live_log(self) -> bool:
+        """Become the live log's writer, unless another process is; True when this server is."""
+        try:
+            if self.live_log.claim():
+                log.info("this server writes the live log %s", self.live_log.path)
+                return True
+        except OSError as err:
+            log.warning("cannot claim the live log of %s (%s): this server follows it", self.index_root, err)
+            return False
+        log.warning("another server (%s) writes the live log %s: this server follows it read-only and "
+                    "refuses updates (409) while that one runs", describe(self.live_log.writer()),
+                    self.live_log.path)
+        return False
+
+    def _follow(self) -> None:
+        """Replay onto the served index what the writer appended to the log since the last look."""
+        stamp = self.live_log.stamp()
+        if stamp == self._log_stamp:
+            return
+        with self._live_lock:
+            index = self._served.index
+            if stamp == self._log_stamp or self._follow_stopped or not isinstance(index, live_lib.LiveIndex):
+                return
+            try:
+                records, floor, position = self.live_log.read_new(self._log_position)
+                if floor > index.applied_seq:
+                    raise ArtifactError(f"the live log was compacted through update {floor}, but this server had "
+                                        f"applied updates only through {index.applied_seq}; POST /admin/reload "
+                                        "serves the compacted version")
+                index.apply([r for r in records if int(r["seq"]) > index.applied_seq], self.model.fingerprint)
+            except (ArtifactError, ValueError, KeyError) as err:
+                self._follow_stopped = str(err)
+                log.error("stopped following the live log %s: %s", self.live_log.path, err)
+                return
+            self._log_position, self._log_stamp = position, stamp
+
+    def live_log_info(self) -> dict[str, Any] | None:
+        """/readyz's `live_log`: this server's role, the log, its writer (None for Milvus)."""
+        if self.live_log is None:
+            return None
+        return {"role": "writer" if self.live_log.is_writer else "follower", "path": str(self.live_log.path),
+                "writer": self.live_log.writer(), "following_stopped": self._follow_stopped}
+
+    def close(self) -> None:
+        """Give up the live log's writer lock (the app's shutdown): another server may take it over."""
+        if self.live_log is not None:
+            self.live_log.close()
 
     def embed(self, req: EmbedRequest) -> EmbedResponse:
         vector = self._embed_products([req.product], ["product"])[0]  # [D]
@@ -186,6 +262,22 @@ class ProductUpdates:
             if self.live_log is None:
                 raise RequestError(409, "live updates need a local index root (itemsage serve --index); with "
                                    "--backend milvus, write the products to Milvus and reload")
+            if not self.live_log.is_writer:  # a follower: take the log over only if its writer has stopped
+                if self._follow_stopped is not None:
+                    raise RequestError(409, f"this server stopped following the live log ({self._follow_stopped}); "
+                                       "reload it before it takes updates")
+                try:
+                    claimed = self.live_log.claim()
+                except OSError as err:
+                    raise RequestError(503, f"the live log could not be opened ({err}); nothing was changed") from None
+                if not claimed:
+                    raise RequestError(409, f"this server follows the live log {self.live_log.path} read-only: the "
+                                       f"server process {describe(self.live_log.writer())} writes it (one writer "
+                                       "per index root). Send updates to that server; this one serves them from "
+                                       "its next request on, and takes the log over if that server stops.")
+                self._follow()  # lines the previous writer appended, before this server's own
+                served = self._served
+                index = served.index
             try:
                 records = self.live_log.append(updates, floor=index.applied_seq)  # fsynced
             except ArtifactError as err:

@@ -119,9 +119,12 @@ class Service(ProductUpdates):
         query_encoder: str = "onnx",
         query_cache: int = DEFAULT_QUERY_CACHE,
         query_batch: int = DEFAULT_QUERY_BATCH,
+        live_writer: bool = False,
     ) -> None:
         """`index_root`: a local index root, or a versions object with `resolve(version)` and `load(target)`
-        (LocalVersions, index_milvus.MilvusVersions): the index backend seam."""
+        (LocalVersions, index_milvus.MilvusVersions): the index backend seam. `live_writer`: claim the
+        index root's live log now, unless another process writes it (then this one follows it; see
+        serve/products.py); without it the log is claimed on the first update."""
         from itemsage.encoders.image import DEFAULT_MAX_PIXELS
         from itemsage.serve.query_cache import QueryVectorCache
         from itemsage.model.model import load_model
@@ -133,7 +136,7 @@ class Service(ProductUpdates):
         self.query_encoder = query_encoder
         self.query_batch = query_batch
         self.query_cache = QueryVectorCache(query_cache)  # text -> product-space query vector
-        self._live_lock = threading.Lock()  # orders updates against the reload swap
+        self._live_lock = threading.RLock()  # orders updates (and a follower's replay) against the reload swap
         self.max_k = max_k
         self.max_image_pixels = int(max_image_pixels or DEFAULT_MAX_PIXELS)
         require(self.max_image_pixels >= 1, f"max_image_pixels must be >= 1, got {max_image_pixels}")
@@ -142,6 +145,9 @@ class Service(ProductUpdates):
         self.index_root = getattr(self.versions, "root", None)  # a local index root; None for Milvus
         # Live updates log beside a local index root; a Milvus collection is updated in Milvus itself.
         self.live_log = LiveLog(self.index_root) if self.index_root is not None else None
+        self._follow_reset()
+        if live_writer and self.live_log is not None:
+            self.claim_live_log()  # before the first replay: a writer never misses a line
         self.model = load_model(model_dir)
         self.model.model.eval()  # model.ItemSageModel: tower, adapters, logit scale
         self.out_dim = int(self.model.config.out_dim)
@@ -203,6 +209,7 @@ class Service(ProductUpdates):
                                                'permissions or reload with "persist": false') from None
                     previous = self.served
                     self.served = new  # the swap: one reference assignment
+                    self._follow_reset()  # a follower reads the log again from the start, after `new`'s updates
             except (ArtifactError, ConfigError, OSError, RuntimeError, ValueError, KeyError) as err:
                 # faiss raises RuntimeError on unreadable files; the manifest check usually comes first.
                 raise RequestError(409, f"index version '{name}' was refused and the "
@@ -397,8 +404,10 @@ class Service(ProductUpdates):
         encoder_dim = self._image_encoder_dim()
         if encoder_dim != width:
             raise RequestError(400, f"the built-in image encoder gives {encoder_dim}-d vectors but this model's "
-                               f"closeup queries are {width}-d (the catalog's image width); encode the image "
-                               f"with the catalog's encoder and send `vector` instead")
+                               f"closeup queries are {width}-d: it was trained on another encoder's image vectors "
+                               "(its catalog's image_embeddings). `image` needs a model trained on the built-in "
+                               "encoder's vectors (a catalog with image_paths); for this one, encode the image with "
+                               "the catalog's encoder and send `vector` instead")
         try:
             data = base64.b64decode(b64, validate=True)
         except (binascii.Error, ValueError):
@@ -467,6 +476,9 @@ class Service(ProductUpdates):
             "index_kind": served.index.config.kind,
             "neighbour_recall_at_10": served.index.stats.get("neighbour_recall_at_10"),
             "live_updates": served.index.info() if isinstance(served.index, live_lib.LiveIndex) else None,
+            "live_log": self.live_log_info(),
+            # what a product is as a query, so what an upsert needs: "image" -> its image_embeddings
+            "product_query": getattr(served.index, "product_query", None),
             "model_fingerprint": self.model.fingerprint,
             "query_dims": dict(self.model.query_dims),
             "dim": self.out_dim,

@@ -293,13 +293,20 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
                 "selection": selection}, cfg.keep_checkpoints)
 
     def save(directory: Path) -> None:
-        summary = {"steps": step, "pairs_per_s": clock.pairs_per_s, "final_loss": losses[0], "world_size": world,
+        # What the weights are a function of, and results that follow from them: the model's fingerprint
+        # covers config.json, so timings (different in every identical run) go to the manifest instead.
+        summary = {"steps": step, "final_loss": losses[0], "world_size": world,
                    "train_pairs": len(pairs), "catalog": len(store),
                    "negative_pool": pool_size if R else 0, "best_step": selection["best_step"],
                    "stopped_early": stopped_early or bool(selection.get("stopped")),
                    "validation_recall": selection["recall"] if selection["best_step"] is not None else recall}
         save_model(directory, module.tower, module.adapters, mcfg, vocab, image_dim=store.image_dim,
+<<<<<<< HEAD
                    query_dims=pairs.query_dims, logit_scale=module.logit_scale, popularity=module.popularity,
+=======
+                   query_dims=pairs.query_dims, logit_scale=module.logit_scale,
+                   timings={"pairs_per_s": clock.pairs_per_s},
+>>>>>>> main
                    extra={"train_config": to_dict(cfg), "training": summary,
                           **({schema.PRODUCT_QUERY: product_query} if isinstance(product_query, dict) else {})})
 

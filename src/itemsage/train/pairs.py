@@ -48,6 +48,9 @@ class Pairs:
     engagement: np.ndarray  # [N] str (object)
     weight: np.ndarray  # [N] float32, the row's `weight` column
     source_row: np.ndarray | None = None  # [N] int64 row of each pair in its window's file
+    # [N] int64 store row of the log's query_product_id (the viewed product, a medoid), -1 where the row
+    # names none or one outside the store: what a closeup ranking leaves out (metrics.closeup_exclusions)
+    query_product_row: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.product_row)
@@ -93,7 +96,7 @@ def load_pairs(dataset_dir: str | Path, file: str, store: ProductStore, *, tasks
         raise FileNotFoundError(f"{path} does not exist; run `itemsage ingest` to write the dataset.")
     names = pq.ParquetFile(path).schema_arrow.names
     cols = [c for c in (schema.SURFACE, schema.ENGAGEMENT, schema.PRODUCT_ID, schema.WEIGHT,
-                        schema.QUERY_TEXT, schema.QUERY_EMBEDDING) if c in names]
+                        schema.QUERY_TEXT, schema.QUERY_EMBEDDING, schema.QUERY_PRODUCT_ID) if c in names]
     table = pq.read_table(path, columns=cols)
     task = np.char.add(np.char.add(np.asarray(table[schema.SURFACE].to_numpy(zero_copy_only=False), dtype=str), "."),
                        np.asarray(table[schema.ENGAGEMENT].to_numpy(zero_copy_only=False), dtype=str))
@@ -158,6 +161,10 @@ def load_pairs(dataset_dir: str | Path, file: str, store: ProductStore, *, tasks
 
     weight = (table[schema.WEIGHT].to_numpy(zero_copy_only=False).astype(np.float32)
               if schema.WEIGHT in names else np.ones(n, np.float32))
+    query_product_row = np.full(n, -1, np.int64)
+    if schema.QUERY_PRODUCT_ID in names:
+        at = pc.index_in(table[schema.QUERY_PRODUCT_ID], value_set=pa.array(list(store.ids), pa.string()))
+        query_product_row = at.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
     return Pairs(
         queries=queries, surface=surface, query_row=query_row, query_key=query_key,
         product_row=store.index_of(table[schema.PRODUCT_ID].to_pylist()),
@@ -165,6 +172,7 @@ def load_pairs(dataset_dir: str | Path, file: str, store: ProductStore, *, tasks
         engagement=np.asarray(table[schema.ENGAGEMENT].to_numpy(zero_copy_only=False), dtype=object),
         weight=np.nan_to_num(weight, nan=1.0),
         source_row=rows.astype(np.int64),
+        query_product_row=query_product_row,
     )
 
 

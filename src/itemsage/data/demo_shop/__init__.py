@@ -6,9 +6,12 @@ The data contract of docs/ARCHITECTURE.md (what a user would bring to `itemsage 
     DIR/catalog.parquet       one row per product: text fields, price, image_embeddings
     DIR/engagements.parquet   one row per (query, product, engagement); queries in time order,
                               each query's rows together (a session-ordered log)
+    DIR/latents.parquet       row-aligned with the log: each row's query and that query's draws
+    DIR/medoids.parquet       each user cluster's home query product
     DIR/manifest.json         kind `demo-data`: config, counts per surface x engagement, sha256s
 
-The world behind it is latent and never written:
+The world behind it is latent; only the evaluation's ceiling reads the two latents files
+(demo_shop/latents.py), never ingest or training:
 - products have a category, brand (tied to a price tier and a few categories), colours, pattern,
   materials, size and a latent visual *style*. Image vectors are built from style + category +
   colour + pattern + noise, so style is visible ONLY in the images, while brand, material and size
@@ -40,7 +43,8 @@ from __future__ import annotations
 
 from itemsage.data.demo_shop.config import DemoConfig
 from itemsage.data.demo_shop.generate import CATALOG_FILE, ENGAGEMENTS_FILE, MANIFEST_KIND, generate_demo_data
+from itemsage.data.demo_shop.latents import LATENTS_FILE, MEDOIDS_FILE, ShopLatents, read_latents
 from itemsage.data.demo_shop.shop import DemoShop, ProductLatents, UserLatents
 
-__all__ = ["CATALOG_FILE", "ENGAGEMENTS_FILE", "MANIFEST_KIND", "DemoConfig", "DemoShop", "ProductLatents",
-           "UserLatents", "generate_demo_data"]
+__all__ = ["CATALOG_FILE", "ENGAGEMENTS_FILE", "LATENTS_FILE", "MANIFEST_KIND", "MEDOIDS_FILE", "DemoConfig",
+           "DemoShop", "ProductLatents", "ShopLatents", "UserLatents", "generate_demo_data", "read_latents"]

@@ -1,4 +1,5 @@
-"""Writing a demo-data directory (`itemsage demo-data`): catalog.parquet, engagements.parquet and
+"""Writing a demo-data directory (`itemsage demo-data`): catalog.parquet, engagements.parquet, the
+latents the evaluation's ceiling reads (latents.parquet, medoids.parquet: demo_shop/latents.py) and
 manifest.json, chunk by chunk (the writer encodes one chunk on a thread while the next is
 generated), with the main image vectors in a scratch memory-mapped file the OS may page out.
 """
@@ -21,17 +22,18 @@ import pyarrow.parquet as pq
 from itemsage import artifacts, schema
 from itemsage.config import ConfigError
 from itemsage.data.demo_shop.config import DemoConfig
+from itemsage.data.demo_shop.latents import LATENTS_FILE, MEDOIDS_FILE, medoids_table
 from itemsage.data.demo_shop.shop import DemoShop
 
 log = logging.getLogger(__name__)
 
 
-
 CATALOG_FILE = "catalog.parquet"
 ENGAGEMENTS_FILE = "engagements.parquet"
 MANIFEST_KIND = "demo-data"
-
-
+# Every file a demo-data directory holds besides its manifest; the latents are for the evaluation's
+# ceiling only (demo_shop/latents.py), never read by ingest or training.
+SHOP_FILES = (CATALOG_FILE, ENGAGEMENTS_FILE, LATENTS_FILE, MEDOIDS_FILE)
 
 
 def _prepare_out_dir(out: Path) -> None:
@@ -43,7 +45,7 @@ def _prepare_out_dir(out: Path) -> None:
         raise ConfigError(f"`--out` ({out}) is a file; pass a directory path (it is created if missing).")
     if not out.exists():
         return
-    ours = {CATALOG_FILE, ENGAGEMENTS_FILE, artifacts.MANIFEST}
+    ours = {*SHOP_FILES, artifacts.MANIFEST}
     foreign = sorted(e.name for e in out.iterdir() if e.name not in ours and not e.name.startswith("."))
     kind = None
     if (out / artifacts.MANIFEST).is_file():
@@ -58,9 +60,9 @@ def _prepare_out_dir(out: Path) -> None:
         )
     # The manifest goes first, so a run killed half-way never looks finished.
     (out / artifacts.MANIFEST).unlink(missing_ok=True)
-    for name in (CATALOG_FILE, ENGAGEMENTS_FILE):
+    for name in SHOP_FILES:
         (out / name).unlink(missing_ok=True)
-    for pattern in (f".{CATALOG_FILE}.*.tmp", f".{ENGAGEMENTS_FILE}.*.tmp", ".main_images.*.tmp"):
+    for pattern in (*(f".{name}.*.tmp" for name in SHOP_FILES), ".main_images.*.tmp"):
         for leftover in out.glob(pattern):
             leftover.unlink()
 
@@ -110,7 +112,8 @@ def _progress_bar(enabled: bool) -> Iterator[Any]:
 
 def generate_demo_data(out_dir: str | Path, cfg: DemoConfig | None = None, *,
                        progress: bool = True) -> dict[str, Any]:
-    """Write `catalog.parquet`, `engagements.parquet` and `manifest.json` under `out_dir`.
+    """Write `catalog.parquet`, `engagements.parquet`, the latents (`latents.parquet`, `medoids.parquet`:
+    demo_shop/latents.py) and `manifest.json` under `out_dir`.
 
     Memory stays bounded: the catalog is written `catalog_chunk` products per row group and the log
     about `chunk_rows` rows per row group. Returns the manifest."""
@@ -138,12 +141,16 @@ def generate_demo_data(out_dir: str | Path, cfg: DemoConfig | None = None, *,
                     bar.advance(task, len(table))
             task = bar.add_task("home queries", total=cfg.n_users)
             shop.compute_medoids(advance=lambda k: bar.advance(task, k))
+            artifacts.atomic_write_parquet(out / MEDOIDS_FILE, medoids_table(shop.users.medoid))
             task = bar.add_task("engagements", total=sum(c[3] for c in plan))
-            with _parquet_writer(out / ENGAGEMENTS_FILE) as write:
+            first_query = 0
+            with _parquet_writer(out / ENGAGEMENTS_FILE) as write, _parquet_writer(out / LATENTS_FILE) as record:
                 for i, (day, t0, t1, n) in enumerate(plan):
-                    table, c = shop.engagement_chunk(day, t0, t1, n, i)
+                    table, c, latents = shop.engagement_chunk(day, t0, t1, n, i, first_query)
                     write(table)
+                    record(latents)
                     counts += c
+                    first_query += n
                     bar.advance(task, n)
     finally:
         shop.main_images = None
@@ -159,6 +166,6 @@ def generate_demo_data(out_dir: str | Path, cfg: DemoConfig | None = None, *,
         "rows_per_task": tasks,
     }
     manifest = artifacts.write_manifest(out, MANIFEST_KIND, config=cfg.to_dict(), counts=manifest_counts,
-                                        files=[CATALOG_FILE, ENGAGEMENTS_FILE])
+                                        files=list(SHOP_FILES))
     log.info("demo-data: wrote %d products and %d log rows to %s", cfg.products, counts.sum(), out)
     return manifest

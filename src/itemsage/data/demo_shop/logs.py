@@ -17,23 +17,34 @@ import pyarrow.compute as pc
 
 from itemsage import schema
 from itemsage.data.demo_shop.draws import choice, draw, render, strings, unit
+from itemsage.data.demo_shop.latents import latents_table
 from itemsage.data.demo_shop.world import (
+    CART_BRAND_FACTOR,
     CART_RATE,
     CHECKOUT_GIVEN_CART,
+    CHECKOUT_TIER_FACTOR,
+    CLOSEUP_SAME_CATEGORY_BELOW,
+    CLOSEUP_SAME_STYLE_BELOW,
     COLORS,
     DAY_MS,
+    ENGAGED_GEOMETRIC_P,
     EVENTS,
     HISTORY,
+    HOME_ANYTHING_ABOVE,
+    HOME_OTHER_CLUSTER_BELOW,
     LEAVES,
     MAX_ENGAGED_PER_QUERY,
     MEDOIDS,
     PATTERNS,
+    PREFERRED_MIX,
     QUERY_PREFIX_WEIGHTS,
     QUERY_PREFIXES,
     QUERY_TEMPLATE_WEIGHTS,
     QUERY_TEMPLATES,
     ROWS_PER_QUERY,
     SAVE_RATE,
+    SAVE_STYLE_FACTOR,
+    SEARCH_CATEGORY_SHARE,
     TIER_GAP_FACTOR,
     USER_CLUSTERS,
     W_CLOSEUP_QUERY_NOISE,
@@ -72,7 +83,7 @@ class EngagementLogs:
         """Products a user's interest cluster leads to: half by (category, style), a third by
         (brand, category), the rest by category; popular products more often."""
         n, s = len(cat), self.cfg.styles
-        mode = choice(rng, np.array([0.5, 0.3, 0.2]), n)
+        mode = choice(rng, np.array(PREFERRED_MIX), n)
         out = np.full(n, -1, np.int64)
         first = [self.by_category_style, self.by_brand_category, self.by_category]
         keys = [cat * s + style, brand * len(LEAVES) + cat, cat]
@@ -105,8 +116,11 @@ class EngagementLogs:
                 out.append((d, lo, hi, int(q * (j + 1) // pieces - q * j // pieces)))
         return out
 
-    def engagement_chunk(self, day: int, t0: int, t1: int, n: int, index: int) -> tuple[pa.Table, np.ndarray]:
-        """The log rows of `n` queries in [t0, t1) ms, in session order, and counts [surface, engagement]."""
+    def engagement_chunk(self, day: int, t0: int, t1: int, n: int, index: int,
+                         first_query: int = 0) -> tuple[pa.Table, np.ndarray, pa.Table]:
+        """The log rows of `n` queries in [t0, t1) ms, in session order, counts [surface, engagement],
+        and the rows' latents (demo_shop/latents.py: each row's query, numbered from `first_query`, and
+        that query's draws), row-aligned with the log rows. Recording them draws no random number."""
         cfg, p, u = self.cfg, self.products, self.users
         rng = stream_rng(cfg.seed, EVENTS, index)
         # -- queries [n]
@@ -122,7 +136,7 @@ class EngagementLogs:
         template = choice(rng, QUERY_TEMPLATE_WEIGHTS, n)
 
         # -- engaged products: one interaction per (query, product) [m]
-        n_eng = np.minimum(rng.geometric(0.5, n), MAX_ENGAGED_PER_QUERY)
+        n_eng = np.minimum(rng.geometric(ENGAGED_GEOMETRIC_P, n), MAX_ENGAGED_PER_QUERY)
         q = np.repeat(np.arange(n), n_eng)
         pos = np.arange(len(q)) - np.repeat(np.cumsum(n_eng) - n_eng, n_eng)
         product = np.full(len(q), -1, np.int64)
@@ -133,16 +147,16 @@ class EngagementLogs:
         rows = np.flatnonzero((srf == 0) & (pos == 0))
         product[rows] = a[rows]
         for t, key in enumerate(self.query_keys):
-            rows = np.flatnonzero((srf == 0) & (pos > 0) & (template[q] == t) & (r >= 0.1) & (a >= 0))
+            rows = np.flatnonzero((srf == 0) & (pos > 0) & (template[q] == t) & (r >= SEARCH_CATEGORY_SHARE) & (a >= 0))
             product[rows] = self.by_query[t].sample(rng, key(a[rows]), day)
-        rows = np.flatnonzero((srf == 0) & (pos > 0) & (r < 0.1) & (a >= 0))
+        rows = np.flatnonzero((srf == 0) & (pos > 0) & (r < SEARCH_CATEGORY_SHARE) & (a >= 0))
         product[rows] = self.by_category.sample(rng, ac[rows], day)
         # closeup: the viewed product's category and style (15%: category only, 5%: anything).
         rows = np.flatnonzero((srf == 1) & (a >= 0))
         a_style = p.style[a[rows]].astype(np.int64)
         rr = r[rows]
-        cs_key = np.where(rr < 0.8, ac[rows] * cfg.styles + a_style, -1)
-        attempts = [(self.by_category_style, cs_key), (self.by_category, np.where(rr < 0.95, ac[rows], -1)),
+        cs_key = np.where(rr < CLOSEUP_SAME_STYLE_BELOW, ac[rows] * cfg.styles + a_style, -1)
+        attempts = [(self.by_category_style, cs_key), (self.by_category, np.where(rr < CLOSEUP_SAME_CATEGORY_BELOW, ac[rows], -1)),
                     (self.by_any, np.zeros(len(rows), np.int64))]
         product[rows] = draw(rng, attempts, day)
         # Drawing the viewed product itself (popular, or alone in a small group): draw again, then
@@ -154,11 +168,11 @@ class EngagementLogs:
         # home: the query's interest cluster (8%: another of the user's clusters, 4%: anything).
         rows = np.flatnonzero(srf == 2)
         uq, kq = user[q[rows]], cluster[q[rows]]
-        other = r[rows] < 0.08
+        other = r[rows] < HOME_OTHER_CLUSTER_BELOW
         kq = np.where(other, rng.integers(0, USER_CLUSTERS, len(rows)), kq)
         product[rows] = self._preferred(rng, u.cluster_category[uq, kq], u.cluster_style[uq, kq],
                                         u.cluster_brand[uq, kq].astype(np.int64), day)
-        anything = rows[r[rows] > 0.96]
+        anything = rows[r[rows] > HOME_ANYTHING_ABOVE]
         product[anything] = self.by_any.sample(rng, np.zeros(len(anything), np.int64), day)
         # Keep one interaction per (query, product); a closeup never engages the viewed product.
         keep = (product >= 0) & ~((srf == 1) & (product == a))
@@ -172,9 +186,11 @@ class EngagementLogs:
         style_match = (p.style[product][:, None] == u.styles[iu]).any(1)
         gap = np.abs(self.brand_tier[p.brand[product]] - u.tier[iu])
         brand_match = (p.brand[product][:, None] == u.cluster_brand[iu]).any(1)
-        save = rng.random(len(q)) < SAVE_RATE * np.where(style_match, 1.5, 0.5)
-        cart = rng.random(len(q)) < CART_RATE * TIER_GAP_FACTOR[gap] * np.where(brand_match, 2.0, 1.0)
-        checkout = cart & (rng.random(len(q)) < CHECKOUT_GIVEN_CART * np.where(gap == 0, 1.3, 0.6))
+        save = rng.random(len(q)) < SAVE_RATE * np.where(style_match, SAVE_STYLE_FACTOR[1], SAVE_STYLE_FACTOR[0])
+        cart_factor = TIER_GAP_FACTOR[gap] * np.where(brand_match, CART_BRAND_FACTOR[1], CART_BRAND_FACTOR[0])
+        cart = rng.random(len(q)) < CART_RATE * cart_factor
+        checkout_factor = np.where(gap == 0, CHECKOUT_TIER_FACTOR[1], CHECKOUT_TIER_FACTOR[0])
+        checkout = cart & (rng.random(len(q)) < CHECKOUT_GIVEN_CART * checkout_factor)
         t_click = q_time[q] + pos * rng.integers(5_000, 90_000, len(q))
         t_save = t_click + rng.integers(1_000, 30_000, len(q))
         t_cart = t_click + rng.integers(20_000, 600_000, len(q))
@@ -245,4 +261,6 @@ class EngagementLogs:
                                                                     mask=row_query_product < 0)),
         })
         counts = np.bincount(row_surface * 4 + row_eng, minlength=12).reshape(3, 4)
-        return table, counts
+        latents = latents_table(query=first_query + row_q, cluster=cluster[row_q], anchor=anchor[row_q],
+                                template=template[row_q], engaged=n_eng[row_q], day=np.full(len(row_q), day))
+        return table, counts, latents

@@ -274,7 +274,7 @@ class DemoShop(EngagementLogs):
     # -- users --------------------------------------------------------------------------------
 
     def _build_users(self) -> UserLatents:
-        cfg, n_cat, K = self.cfg, len(LEAVES), USER_CLUSTERS
+        cfg, K = self.cfg, USER_CLUSTERS
         brand_for = GroupSampler(self.pair_category * 4 + self.brand_tier[self.pair_brand],
                                   self.brand_size[self.pair_brand])
         brand_any = GroupSampler(self.pair_category, self.brand_size[self.pair_brand])

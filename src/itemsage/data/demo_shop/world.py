@@ -145,8 +145,21 @@ W_CLOSEUP_QUERY_NOISE = 0.25
 # Funnel: every engaged product is a click; saves favour the user's styles, carts and checkouts
 # the user's price tier and brands (so the four tasks rank products differently).
 SAVE_RATE, CART_RATE, CHECKOUT_GIVEN_CART = 0.25, 0.022, 0.3
+SAVE_STYLE_FACTOR = (0.5, 1.5)  # the product's style is not / is one of the user's
+CART_BRAND_FACTOR = (1.0, 2.0)  # the product's brand is not / is one of the user's clusters' brands
+CHECKOUT_TIER_FACTOR = (0.6, 1.3)  # the product's price tier is not / is the user's
 TIER_GAP_FACTOR = np.array([2.5, 0.8, 0.25, 0.1])  # by |product tier - user tier|
 MAX_ENGAGED_PER_QUERY = 6
+ENGAGED_GEOMETRIC_P = 0.5  # products a query engages: min(Geometric(0.5), MAX_ENGAGED_PER_QUERY) draws
+
+# Where a query's engaged products come from (logs.py draws with these; the evaluation's ceiling,
+# evaluate/ceiling_model.py, computes the same draws' probabilities from them).
+PREFERRED_MIX = (0.5, 0.3, 0.2)  # an interest cluster leads by (category, style), (brand, category), category
+SEARCH_CATEGORY_SHARE = 0.1  # a search's later products: its text's group, or (this share) its category
+CLOSEUP_SAME_STYLE_BELOW, CLOSEUP_SAME_CATEGORY_BELOW = 0.8, 0.95  # closeup: u < 0.8 category and style,
+#   u < 0.95 category, else anything
+HOME_OTHER_CLUSTER_BELOW, HOME_ANYTHING_ABOVE = 0.08, 0.96  # home: u < 0.08 a uniformly drawn cluster of the
+#   user's, u > 0.96 anything, else the query's cluster
 ROWS_PER_QUERY = 2.35  # measured: 2.25 at 20k products, 2.47 at 1M (fewer duplicate engagements)
 USER_CLUSTERS, USER_STYLES, HISTORY = 3, 2, 5
 
