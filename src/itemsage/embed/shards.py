@@ -398,13 +398,9 @@ def embed(
         counts={"products": num_rows},
         files=names,
         extra={"count": num_rows, "dim": dim, "shards": names, "generation": generation,
-<<<<<<< HEAD
                schema.POPULARITY: model.has_popularity,
-               **({schema.PRODUCT_QUERY: product_query} if product_query else {})},
-=======
                **({schema.PRODUCT_QUERY: product_query} if product_query else
                   _missing_query_vectors(dataset_dir))},
->>>>>>> main
     )
     (out_dir / PROGRESS_FILE).unlink(missing_ok=True)
     _remove_unreferenced(out_dir, keep=set(names))

@@ -20,7 +20,7 @@ from itemsage.config import require
 from itemsage.index.config import IndexConfig
 from itemsage.index.faiss_index import ProductIndex
 from itemsage.index.versions import claim_new_version, publish, release_claim, version_path
-from itemsage.schema import PRODUCT_ID, PRODUCT_QUERY, PRODUCT_QUERY_MISSING, QUERY_VECTOR
+from itemsage.schema import POPULARITY, PRODUCT_ID, PRODUCT_QUERY, PRODUCT_QUERY_MISSING, QUERY_VECTOR
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,23 @@ def read_query_vectors(embeddings_dir: str | Path, manifest: dict[str, Any]) -> 
         flat = pa.chunked_array([chunk.flatten() for chunk in column.chunks], type=pa.float32()).to_numpy()
         blocks.append(flat.reshape(len(column), dq))  # [rows, Dq]
     return np.concatenate(blocks) if blocks else np.zeros((0, dq), np.float32)
+
+
+def read_popularity(embeddings_dir: str | Path, manifest: dict[str, Any]) -> np.ndarray | None:
+    """The products' popularity in retrieval units [N] float32 (model/popularity.py) of a verified
+    embeddings directory, in `read_embeddings`' row order; None for a model without the term."""
+    if not manifest.get(POPULARITY):
+        return None
+    embeddings_dir = Path(embeddings_dir)
+    shards = manifest.get("shards") or sorted(name for name in manifest["files"] if name.endswith(".parquet"))
+    blocks = []
+    for name in shards:
+        if POPULARITY not in pq.read_schema(embeddings_dir / name).names:
+            raise ArtifactError(f"{embeddings_dir}/{name} has no {POPULARITY} column but the manifest says the "
+                                "model has a popularity term; re-run `itemsage embed`.")
+        blocks.append(pq.read_table(embeddings_dir / name, columns=[POPULARITY]).column(POPULARITY)
+                      .to_numpy().astype(np.float32))
+    return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
 
 
 def _finished_version(embeddings_dir: str | Path, index_root: str | Path, version_dir: Path,

@@ -301,11 +301,8 @@ def save_model(
     query_dims: dict[str, int],
     extra: dict[str, Any] | None = None,
     logit_scale: LogitScale | None = None,
-<<<<<<< HEAD
     popularity: Popularity | None = None,
-=======
     timings: dict[str, Any] | None = None,
->>>>>>> main
 ) -> str:
     """Write the model artifact to `directory` and return its fingerprint.
 
@@ -369,15 +366,10 @@ def save_model(
         "model",
         config=config,
         inputs={"vocab": vocab.fingerprint()},
-<<<<<<< HEAD
         counts={"parameters": n_params, "vocab_size": len(vocab),
                 **({"popularity_offsets": len(popularity.warm_ids)} if popularity is not None else {})},
         files=files,
-=======
-        counts={"parameters": n_params, "vocab_size": len(vocab)},
-        files=[WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE],
         extra={"timings": timings} if timings else None,
->>>>>>> main
     )
     fp = artifacts.fingerprint(directory)
     log.info("saved model %s (%d parameters, fingerprint %s)", directory, n_params, fp)

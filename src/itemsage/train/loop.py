@@ -301,12 +301,8 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
                    "stopped_early": stopped_early or bool(selection.get("stopped")),
                    "validation_recall": selection["recall"] if selection["best_step"] is not None else recall}
         save_model(directory, module.tower, module.adapters, mcfg, vocab, image_dim=store.image_dim,
-<<<<<<< HEAD
                    query_dims=pairs.query_dims, logit_scale=module.logit_scale, popularity=module.popularity,
-=======
-                   query_dims=pairs.query_dims, logit_scale=module.logit_scale,
                    timings={"pairs_per_s": clock.pairs_per_s},
->>>>>>> main
                    extra={"train_config": to_dict(cfg), "training": summary,
                           **({schema.PRODUCT_QUERY: product_query} if isinstance(product_query, dict) else {})})
 
