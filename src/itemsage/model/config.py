@@ -58,6 +58,14 @@ class ModelConfig:
     # a per-product score added to the logit (model/popularity.py): none | content (a prior from the
     # product's embedding) | id (the prior + a learned offset per product engaged in the train window)
     popularity: str = "none"
+    # graph token slots: G tokens a product takes from the graph stage (itemsage/graph: the pooled
+    # content of the products people engaged with alongside it); 0 = the model reads no graph. Set by
+    # training from the graph artifact's token names; a product without engagements has none (masked)
+    graph_tokens: int = 0
+    # training only: the share of products whose graph tokens are left out in a step, so the tower
+    # also learns to embed a product from its content alone (new products have no graph tokens) and
+    # does not lean on a pair's own edge, which its graph token holds
+    graph_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("d_model", "heads", "layers", "ff_dim", "hash_buckets", "hash_dim", "out_dim",
@@ -71,6 +79,11 @@ class ModelConfig:
                 f"model.dropout must be in [0, 1), got {self.dropout!r}")
         require(isinstance(self.token_dropout, (int, float)) and 0.0 <= self.token_dropout < 1.0,
                 f"model.token_dropout must be in [0, 1), got {self.token_dropout!r}")
+        require(isinstance(self.graph_dropout, (int, float)) and 0.0 <= self.graph_dropout <= 1.0,
+                f"model.graph_dropout must be in [0, 1], got {self.graph_dropout!r}")
+        require(isinstance(self.graph_tokens, int) and not isinstance(self.graph_tokens, bool)
+                and 0 <= self.graph_tokens <= 16, f"model.graph_tokens must be an integer in 0..16, got "
+                f"{self.graph_tokens!r}")
         require(isinstance(self.max_images, int) and 1 <= self.max_images <= schema.MAX_IMAGES,
                 f"model.max_images must be an integer in 1..{schema.MAX_IMAGES}, got {self.max_images!r}")
         if isinstance(self.text_fields, str):  # one field given as a bare string

@@ -79,12 +79,13 @@ class ItemSageModel(nn.Module):
 
     @classmethod
     def build(cls, cfg: ModelConfig, vocab_size: int, image_dim: int, query_dims: dict[str, int],
-              warm_ids: Sequence[str] = ()) -> ItemSageModel:
+              warm_ids: Sequence[str] = (), graph_dim: int = 0) -> ItemSageModel:
         """A freshly initialised model for this config, vocabulary size, image width and query widths;
-        `warm_ids`: the products that get a popularity offset (popularity "id")."""
+        `warm_ids`: the products that get a popularity offset (popularity "id"); `graph_dim`: the width
+        of the graph tokens (model.graph_tokens > 0)."""
         popularity = Popularity(cfg.out_dim, cfg.popularity, warm_ids) if cfg.popularity != "none" else None
-        return cls(ItemSage(cfg, vocab_size, image_dim), QueryAdapters(query_dims, cfg.out_dim, cfg.adapter),
-                   popularity=popularity)
+        return cls(ItemSage(cfg, vocab_size, image_dim, graph_dim),
+                   QueryAdapters(query_dims, cfg.out_dim, cfg.adapter), popularity=popularity)
 
     @property
     def query_dims(self) -> dict[str, int]:
@@ -138,6 +139,11 @@ class LoadedModel:
     query_dims: dict[str, int]
     fingerprint: str
     extra: dict[str, Any]
+    graph_dim: int = 0  # the width of the graph tokens the tower reads (0: it reads none)
+
+    @property
+    def reads_graph(self) -> bool:
+        return self.graph_dim > 0
 
     @property
     def tower(self) -> ItemSage:
@@ -155,12 +161,14 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def featurize(self, table: Any) -> ProductBatch:
-        """Products in the dataset format (pa.Table) -> the model's ProductBatch on the model's device."""
+    def featurize(self, table: Any, graph: Any = None) -> ProductBatch:
+        """Products in the dataset format (pa.Table) -> the model's ProductBatch on the model's device;
+        `graph`: their graph tokens by id (model.batch.GraphInputs; None: none, as for a new product)."""
         from itemsage.model.batch import featurize
 
         cfg = self.config
-        return featurize(table, self.vocab, cfg.text_fields, cfg.max_images, self.image_dim).to(self.device)
+        return featurize(table, self.vocab, cfg.text_fields, cfg.max_images, self.image_dim,
+                         graph if self.reads_graph else None).to(self.device)
 
     @property
     def has_popularity(self) -> bool:
@@ -179,11 +187,12 @@ class LoadedModel:
         return (b / module.logit_scale()).float().cpu().numpy()
 
     @torch.inference_mode()
-    def embed_table(self, table: Any) -> np.ndarray:
-        """Products already in the dataset format (pa.Table, checked) -> [B, D] float32 unit rows."""
+    def embed_table(self, table: Any, graph: Any = None) -> np.ndarray:
+        """Products already in the dataset format (pa.Table, checked) -> [B, D] float32 unit rows;
+        `graph`: their graph tokens by id (model.batch.GraphInputs), for a model that reads them."""
         if table.num_rows == 0:
             return np.zeros((0, self.config.out_dim), np.float32)
-        return self.model.encode_products(self.featurize(table)).float().cpu().numpy()
+        return self.model.encode_products(self.featurize(table, graph)).float().cpu().numpy()
 
     def encode_products(self, products: Any, *, batch_size: int = 256, show_progress_bar: bool = False,
                         image_encoder: Any = None) -> np.ndarray:
@@ -354,6 +363,7 @@ def save_model(
     config = {
         "model": to_dict(cfg),
         "image_dim": image_dim,
+        **({"graph_dim": tower.graph_dim} if tower.graph_dim else {}),
         "query_dims": dict(sorted(query_dims.items())),
         "vocab_size": len(vocab),
         "extra": extra or {},
@@ -393,7 +403,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Loa
         import pyarrow.parquet as pq
 
         warm_ids = pq.read_table(directory / POPULARITY_FILE, columns=["product_id"])["product_id"].to_pylist()
-    model = ItemSageModel.build(cfg, len(vocab), image_dim, query_dims, warm_ids=warm_ids)
+    graph_dim = int(config.get("graph_dim", 0))
+    model = ItemSageModel.build(cfg, len(vocab), image_dim, query_dims, warm_ids=warm_ids, graph_dim=graph_dim)
 
     state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
     parts: dict[str, dict[str, Tensor]] = {"tower": {}, "adapters": {}, "logit_scale": {}}
@@ -423,6 +434,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Loa
         query_dims=query_dims,
         fingerprint=artifacts.fingerprint(directory),
         extra=config.get("extra", {}),
+        graph_dim=graph_dim,
     )
 
 

@@ -41,6 +41,10 @@ class TrainConfig:
     # move by several logit units (log popularity), and each offset is updated only when its product
     # is drawn, so at the tower's rate it barely leaves 0 in a run of a few thousand steps
     popularity_lr_scale: float = 30.0
+    # the popularity offsets' start: "zero", or "log_count": log(1 + train-window positives), centred,
+    # the sampled softmax's own target for them (an offset's Adam steps are as large for a product seen
+    # twice as for one seen a thousand times, so learning them from zero buries the rare ones)
+    popularity_init: str = "log_count"
     weight_decay: float = 0.01  # on matrices only (no biases, norms, logit scale)
     eps: float = 1e-6  # Adam/LAMB epsilon; 1e-6 (not torch's 1e-8) keeps float noise in gradients that
     # are mathematically 0 (e.g. the attention key bias) from being blown up to full-size steps
@@ -85,6 +89,8 @@ class TrainConfig:
         require(self.optimizer in OPTIMIZERS,
                 f"train.optimizer ({self.optimizer!r}) must be one of {', '.join(OPTIMIZERS)}")
         require(isinstance(self.lr, (int, float)) and 0 < self.lr < 10, f"train.lr ({self.lr!r}) must be in (0, 10)")
+        require(self.popularity_init in ("zero", "log_count"),
+                f"train.popularity_init must be 'zero' or 'log_count', got {self.popularity_init!r}")
         require(isinstance(self.popularity_lr_scale, (int, float)) and 0 < self.popularity_lr_scale <= 1000,
                 f"train.popularity_lr_scale ({self.popularity_lr_scale!r}) must be in (0, 1000]")
         require(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,

@@ -236,6 +236,11 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
                                  warm_ids=store.ids[warm].tolist()).to(device)
     warm_row = np.full(len(store), len(warm), np.int64)  # store row -> offset row; len(warm) = none
     warm_row[warm] = np.arange(len(warm))
+    if module.popularity is not None and cfg.popularity_init == "log_count" and len(warm):
+        positives = np.bincount(pairs.product_row, minlength=len(store))[warm]  # [W]
+        start = np.log1p(positives) - np.log1p(positives).mean()
+        with torch.no_grad():
+            module.popularity.offset.weight[:len(warm), 0] = torch.from_numpy(start).to(module.popularity.offset.weight)
     optimizer = _optimizer(cfg, list(module.named_parameters()))
     logq = LogQ(cfg.sketch_depth, cfg.sketch_width, seed=cfg.seed)
     sampler = Sampler(_mixture(pairs, cfg), len(store), cfg.seed, pool=pool)
