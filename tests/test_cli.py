@@ -131,14 +131,18 @@ def test_run_file_values_are_checked_with_flag_names(dataset, tmp_path):
     toml = run_file(tmp_path / "run.toml", '[train]\npreset = "gpu"\n')
     result = invoke("train", str(dataset), "--out", str(tmp_path / "a"), "--config", str(toml))
     assert result.exit_code == 2
-    assert "--preset ('gpu') must be one of paper, cpu, tiny" in plain(result.output)
+    # a value from the file is named by its key there, and the file is named (issue 26, "One language")
+    assert "`preset` ('gpu') must be one of paper, cpu, tiny" in plain(result.output)
+    assert f"in --config {toml}" in plain(result.output)
     assert "train.preset" not in result.output
     toml = run_file(tmp_path / "typo.toml", '[train]\nbatchsize = 16\n')
     result = invoke("train", str(dataset), "--out", str(tmp_path / "b"), "--config", str(toml))
-    assert result.exit_code == 2 and "unknown key(s) batchsize in [train]" in plain(result.output)
+    assert result.exit_code == 2 and "`batchsize` in" in plain(result.output)
+    assert "is not a key of this table. Did you mean `batch_size`?" in plain(result.output)
     toml = run_file(tmp_path / "types.toml", '[train]\nbatch_size = "16"\n')
     result = invoke("train", str(dataset), "--out", str(tmp_path / "c"), "--config", str(toml))
-    assert result.exit_code == 2 and "--batch-size ('16') must be an integer >= 2" in plain(result.output)
+    assert result.exit_code == 2 and "`batch_size` in" in plain(result.output)
+    assert "must be an integer, got '16'" in plain(result.output)  # a type error, not a range error
     result = invoke("train", str(dataset), "--out", str(tmp_path / "d"), "--preset", "gpu")
     assert result.exit_code == 2 and "'gpu' is not one of 'cpu', 'paper', 'tiny'" in plain(result.output)
 
@@ -188,9 +192,9 @@ aggregator = "sum"
 def test_compare_and_demo_read_their_tables(tmp_path):
     toml = run_file(tmp_path / "run.toml", '[compare]\nruns = "itemsage,nope"\n[demo]\nproducts = 5\n')
     result = invoke("compare", "data", "--out", str(tmp_path / "c"), "--config", str(toml))
-    assert result.exit_code == 2 and "--runs has unknown run(s) ['nope']" in plain(result.output)
+    assert result.exit_code == 2 and "`runs` has unknown run(s) ['nope']" in plain(result.output)
     result = invoke("demo", "--out", str(tmp_path / "d"), "--config", str(toml))
-    assert result.exit_code == 2 and "--products (5) must be >= 100" in plain(result.output)
+    assert result.exit_code == 2 and "`products` (5) must be an integer >= 100" in plain(result.output)
     result = invoke("demo", "--config", str(tmp_path / "run.toml"), "--products", "50", "--out", str(tmp_path / "d"))
     assert result.exit_code == 2 and "--products (50)" in plain(result.output)  # the flag wins
     result = invoke("demo", "--config", str(run_file(tmp_path / "x.toml", "[train]\nseed = 1\n")))

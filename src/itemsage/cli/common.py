@@ -148,7 +148,8 @@ _FLAGS: dict[str, dict[str, str]] = {
     "compare": {"preset": "--preset", "steps": "--steps", "batch_size": "--batch-size", "runs": "--runs",
                 "eval_sample": "--eval-sample", "seed": "--seed", "seeds": "--seeds", "eval_every": "--eval-every",
                 "patience": "--patience"},
-    "demo": {"products": "--products", "train_minutes": "--train-minutes", "preset": "--preset", "seed": "--seed"},
+    "demo": {"products": "--products", "train_minutes": "--minutes", "train_steps": "--steps", "preset": "--preset",
+             "seed": "--seed", "out": "--out"},
     "ingest": {"split": "--split", "validation_fraction": "--validation-fraction", "test_fraction": "--test-fraction",
                "validation_from": "--validation-from", "test_from": "--test-from", "gap_hours": "--gap-hours",
                "text_fields": "--text-fields",
@@ -163,20 +164,30 @@ _FIELD = re.compile(r"`?\b(train|model|compare|demo|ingest|index|embed)\.([a-z_]
 _NOT_FIELDS = {"parquet", "jsonl", "json", "safetensors", "arrow", "py", "toml"}
 
 
-def flag_names(message: str, config_file: Optional[Path] = None) -> str:
-    """A config error as the user sees the options: `train.preset` -> `--preset`; a field with no
-    flag is named as its key in the run file ([train] weight_decay)."""
+def flag_names(message: str, config_file: Optional[Path] = None, names: Optional[dict[str, str]] = None) -> str:
+    """A config error as the user sees the options: `train.preset` -> `--preset`; a value from the run
+    file is named by its key as written there (`names`: "train.max_steps" -> "steps", see
+    cli/run_files.py) and the file is named at the end; a field with no flag is named as its key in
+    the run file ([train] weight_decay)."""
+    names = names or {}
+    used: list[str] = []
+
     def name(m: re.Match) -> str:
         section, field = m.groups()
         if field in _NOT_FIELDS:
             return m.group(0)
+        if f"{section}.{field}" in names:
+            used.append(names[f"{section}.{field}"])
+            return f"`{used[-1]}`"
         flag = _FLAGS.get(section, {}).get(field)
         if flag:
             return flag
         table = "train.model" if section == "model" else section
         return f"`{field}` ([{table}] in the --config file)"
-    return _FIELD.sub(name, message) + (f" (values from --config {config_file}, flags override them)"
-                                        if config_file is not None else "")
+    text = _FIELD.sub(name, message)
+    if used and config_file is not None:
+        text += f" (`{'`, `'.join(dict.fromkeys(used))}` in --config {config_file})"
+    return text
 
 
 def _given(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
@@ -187,7 +198,8 @@ def _given(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
 
 
 _CONFIG_HELP = ("A run file (.toml; the [{0}] table) whose values replace the defaults; flags given here "
-                "override it. Keys are the config's field names: see docs/ARCHITECTURE.md, 'Run files'.")
+                "override it. Keys are the flags' names (steps, batch_size or batch-size, ...) and the options "
+                "without a flag: see docs/ARCHITECTURE.md, 'Run files'.")
 
 
 def _path(value: Any) -> Optional[Path]:
