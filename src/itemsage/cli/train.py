@@ -67,7 +67,8 @@ def train_cmd(
                               "a better validation Recall@10; the best evaluation's model is kept (0: never stop "
                               "early)."),
     device: Device = typer.Option(Device.auto, "--device", help="Where to train (auto: cuda when available)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in --out "
+                                "(with another --steps: an unfinished run continues to that count)."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed, data and options give the same "
                                                "weights on the same machine."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),

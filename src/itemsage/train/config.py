@@ -31,7 +31,8 @@ MAX_SEED = 2**32 - 1  # numpy's and most tools' seed range
 
 
 # Options a resumed run may change; every other option must equal the checkpoint's.
-_RESUME_FREE = ("max_minutes", "checkpoint_every", "eval_every", "keep_checkpoints", "device", "patience")
+# max_steps: an unfinished run continues to the new count (train/loop.py, `_new_step_count`).
+_RESUME_FREE = ("max_minutes", "max_steps", "checkpoint_every", "eval_every", "keep_checkpoints", "device", "patience")
 
 
 @dataclass
