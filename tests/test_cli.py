@@ -244,3 +244,20 @@ def test_faiss_loader_info_is_silenced(tmp_path):
     result = invoke("index", str(tmp_path / "none"), "--out", str(tmp_path / "idx"))
     assert result.exit_code != 0  # no embeddings there; the callback ran all the same
     assert logging.getLogger("faiss.loader").level == logging.WARNING  # set, not inherited
+
+
+@pytest.mark.parametrize("args", [
+    ["index", "{missing}", "--out", "{tmp}/idx"],
+    ["evaluate", "{missing}", "{missing}", "--embeddings", "{missing}", "--out", "{tmp}/ev"],
+    ["embed", "{missing}", "--catalog", "{missing}", "--out", "{tmp}/emb"],
+    ["train", "{missing}", "--out", "{tmp}/run"],
+    ["compare", "{missing}", "--out", "{tmp}/cmp"],
+])
+def test_a_missing_path_says_it_does_not_exist(tmp_path, args):
+    """Not "has no manifest.json ... may have been killed": the path is simply not there."""
+    missing = tmp_path / "no" / "such"
+    result = invoke(*(a.format(missing=missing, tmp=tmp_path) for a in args))
+    text = plain(result.output)
+    assert result.exit_code == 2 and text.startswith("error: ") and f"{missing} does not exist" in text, text
+    assert "killed" not in text
+    assert [p.name for p in tmp_path.iterdir()] == []  # nothing was created
