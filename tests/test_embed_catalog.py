@@ -215,3 +215,34 @@ def test_catalog_text_query_vectors_load_the_text_encoder_once(tmp_path, monkeyp
     staged = pq.ParquetFile(tmp_path / "staged" / schema.PRODUCTS_FILE)
     assert staged.num_row_groups == 3 and staged.read().column(schema.QUERY_VECTOR).to_pylist() == [[0.5] * 4] * 6
     assert len(made) == 1
+
+
+def test_cli_a_catalog_row_with_a_lone_surrogate_is_a_reject_naming_file_row_and_field(tmp_path, model_dir):
+    """It was "error: 'utf-8' codec can't encode character '\\ud800'", naming no file, row or field."""
+    from typer.testing import CliRunner
+
+    from itemsage.cli import app
+
+    rows = catalog_rows(6)
+    rows[4]["title"] = "chair \ud800"
+    catalog = write_jsonl(rows, tmp_path / "catalog.jsonl")  # json.dumps writes the lone \ud800 escape
+    result = CliRunner().invoke(app, ["embed", str(model_dir), "--catalog", str(catalog), "--out",
+                                      str(tmp_path / "emb"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "1 catalog row(s) rejected" in result.output and "5 products x 16 dims" in result.output
+    (entry,) = [json.loads(line) for line in (tmp_path / "emb" / CATALOG_DIR / schema.REJECTS_FILE).open()]
+    assert (entry["file"], entry["row"], entry["reason"]) == (str(catalog), 4, "bad_text_encoding")
+    assert entry["detail"].startswith("title: character 6 is a lone surrogate")
+
+
+def test_catalog_rejects_keep_the_first_100_rows_of_each_reason(tmp_path, model_dir):
+    """The same rejects file as ingest's: counted in full, written for the first 100 rows of a reason."""
+    rows = catalog_rows(150)
+    for r in rows[:130]:
+        r["image_embeddings"] = [[1.0, 2.0, 3.0]]  # wrong width for this model (8)
+    _, rejected = embed_from_catalog(model_dir, write_jsonl(rows, tmp_path / "c.jsonl"), tmp_path / "emb",
+                                     progress=False)
+    written = [json.loads(line) for line in (tmp_path / "emb" / CATALOG_DIR / schema.REJECTS_FILE).open()]
+    assert rejected == 130 and [e["row"] for e in written] == list(range(100))
+    counts = json.loads((tmp_path / "emb" / CATALOG_DIR / "manifest.json").read_text())["counts"]
+    assert (counts["rejected"], counts["rejects"]["bad_vector_width"], counts["rejects_written"]) == (130, 130, 100)

@@ -34,9 +34,12 @@ Rules a user may need to know:
   against the directory of the file that names them; any unreadable file rejects the row. The first
   valid image vector (or `image_dim`, `--image-dim`) fixes the dataset's image width; a
   bad_vector_width detail names the width and the file and row that fixed it.
-- Every catalog (or log) row rejected: DataError naming the top reasons, nothing written. More than
-  half rejected: the run still writes the dataset (the rejects are its report), with a warning shown
-  first in the summary (and kept in the manifest) naming the top reason.
+- Every catalog (or log) row rejected: DataError naming the top reasons, nothing written; so too when
+  one reason rejected more than `max_reject_share` (0.9) of them and at least 1,000 rows (a catalog
+  and logs that do not belong together; itemsage.data.rejects). More than half rejected otherwise:
+  the run still writes the dataset, with a warning shown first in the summary (and kept in the
+  manifest) naming the top reason. rejects.jsonl holds the first 100 rows of each reason in full;
+  the manifest's counts (`rejects`, by reason) cover every row.
 - Numeric timestamps that all fall before 1990 (e.g. 1, 2, 3: read as seconds after 1970) give a
   warning in the summary: they are probably counters, not epoch times.
 - Query vectors: one width per surface, fixed by its first valid row; a search row with only
@@ -192,7 +195,8 @@ class _Ingest:
                     self.extras.add(extra, table.num_rows)
                     self.products += table.num_rows
                     stats.rows_read += n
-                    stats.rows_rejected += self.rejects.write(src, reject_entries(src, batch, start, rej))
+                    stats.rows_rejected += self.rejects.write(
+                        src.role, reject_entries(src, batch, start, rej, self.rejects.room(src.role)))
                     stats.rows_kept += table.num_rows
                     self.progress.advance(task, n)
 
@@ -313,7 +317,8 @@ class _Ingest:
                 table = self.checks.log_batch(src.path, n, cols, errors, rej, start=start)
                 slabs.add(table)
                 stats.rows_read += n
-                stats.rows_rejected += self.rejects.write(src, reject_entries(src, batch, start, rej))
+                stats.rows_rejected += self.rejects.write(
+                    src.role, reject_entries(src, batch, start, rej, self.rejects.room(src.role)))
                 stats.rows_kept += table.num_rows
                 self.progress.advance(task, n)
 
@@ -393,7 +398,8 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
             lap("catalog", sum(s.rows_read for s in run.stats))
             # Every row rejected: refused, nothing written (the error names the reasons). More than
             # half: the dataset is written, with a warning first in the summary.
-            if refusal := run.rejects.refusal("catalog", *run.counts("catalog")):
+            if refusal := (run.rejects.refusal("catalog", *run.counts("catalog"))
+                           or run.rejects.mismatch("catalog", run.counts("catalog")[0], config.max_reject_share)):
                 raise DataError(refusal)
             warnings = [run.rejects.warning("catalog", *run.counts("catalog"), out)]
             # Before the logs: a row's query_product_id stands for its product's frozen vector.
@@ -422,7 +428,8 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
             slabs = TimeSlabs(tmp / ".scratch", minutes.slab_edges(edges, config.sort_rows), split)
             del minutes
             run.read_logs(log_sources, slabs)
-            if refusal := run.rejects.refusal("logs", *run.counts("logs")):
+            if refusal := (run.rejects.refusal("logs", *run.counts("logs"))
+                           or run.rejects.mismatch("logs", run.counts("logs")[0], config.max_reject_share)):
                 raise DataError(refusal)
             # Not logged here: the summary shows them first (the CLI prints it), and the manifest keeps them.
             warnings += [run.rejects.warning("logs", *run.counts("logs"), out), run.time_warning()]
@@ -455,7 +462,7 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
         counts = {
             "products": run.products, "catalog_rows": sum(s.rows_read for s in run.stats if s.role == "catalog"),
             "log_rows": sum(s.rows_read for s in run.stats if s.role == "logs"),
-            "rejects": rejects, "rejected": sum(rejects.values()),
+            "rejects": rejects, "rejected": sum(rejects.values()), "rejects_written": run.rejects.written,
             **{f"{w}_rows": rows[w] for w in schema.WINDOWS}, **{w: sum(rows[w].values()) for w in schema.WINDOWS},
             "gap_rows": slabs.gap_rows, "no_user_train_rows": slabs.no_user_train_rows,
             "image_dim": image_dim, "query_dims": dict(checks.query_dims), "images_truncated": checks.images_truncated,
@@ -490,6 +497,7 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
                             test_from=windows_from["test_from"], gap_rows=slabs.gap_rows,
                             image_dim=image_dim, query_dims=dict(checks.query_dims),
                             images_truncated=checks.images_truncated, files=files, warnings=warnings,
+                            rejects_written=run.rejects.written,
                             product_query=product_query_entry)
     log.info("ingest: %d products, %d train, %d validation and %d test rows (%d dropped in the gap), "
              "%d rejected rows -> %s", summary.products, counts["train"], counts["validation"], counts["test"],
