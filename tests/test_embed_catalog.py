@@ -246,3 +246,32 @@ def test_catalog_rejects_keep_the_first_100_rows_of_each_reason(tmp_path, model_
     assert rejected == 130 and [e["row"] for e in written] == list(range(100))
     counts = json.loads((tmp_path / "emb" / CATALOG_DIR / "manifest.json").read_text())["counts"]
     assert (counts["rejected"], counts["rejects"]["bad_vector_width"], counts["rejects_written"]) == (130, 130, 100)
+
+
+def test_embed_counts_the_products_the_model_reads_nothing_of(tmp_path, model_dir, caplog):
+    """No image and no vocabulary token: the vector is exactly an empty product's; the manifest, the log
+    and the CLI say how many."""
+    from typer.testing import CliRunner
+
+    from itemsage.cli import app
+
+    rows = [{"product_id": "ja", "title": "木製の椅子"}, {"product_id": "ru", "title": "Стул из дуба"},
+            {"product_id": "zz", "title": "zzqxv qqvvw"}, {"product_id": "empty"},
+            {"product_id": "ok", "title": "oak chair"},
+            {"product_id": "img", "title": "木製の椅子", "image_embeddings": [[0.5] * IMAGE_DIM]}]
+    catalog = write_jsonl(rows, tmp_path / "catalog.jsonl")
+    with caplog.at_level("WARNING"):
+        result = CliRunner().invoke(app, ["embed", str(model_dir), "--catalog", str(catalog), "--out",
+                                          str(tmp_path / "emb"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "emb" / "manifest.json").read_text())
+    assert manifest["counts"] == {"products": 6, "unreadable": 4}
+    assert "the model reads nothing of 4 of the 6 products" in " ".join(result.output.split())
+    assert "4 of 6 products (66.7%) have no image and no word the model's vocabulary knows (e.g. ja, ru, zz)" \
+        in caplog.text
+    ids, vectors, _ = read_embeddings(tmp_path / "emb")
+    by_id = dict(zip(ids.tolist(), vectors))
+    for pid in ("ja", "ru", "zz"):  # the count is of exactly these: an empty product's vector
+        assert np.array_equal(by_id[pid], by_id["empty"]), pid
+    for pid in ("ok", "img"):
+        assert not np.array_equal(by_id[pid], by_id["empty"]), pid

@@ -1049,3 +1049,17 @@ def test_most_log_rows_rejected_for_one_reason_is_refused(tmp_path, unknown, ref
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing published, no temporary left
     summary, out = run(tmp_path, "jsonl", logs=_unknown_product_logs(unknown), max_reject_share=1.0)
     assert summary.rejects["unknown_product"] == 1000 and summary.warnings  # asked for: written, with the warning
+
+
+def test_the_summary_gives_the_share_of_products_the_tower_reads_nothing_of(tmp_path):
+    """No image and no token of the dataset's vocabulary: here a product with no text at all, and one whose
+    only words the unigram, bigram and trigram caps (1 each) leave out."""
+    catalog = catalog_rows() + [{"product_id": "p4"}, {"product_id": "p5", "title": "木製の椅子"}]
+    cfg = {**SMALL, "max_unigrams": 1, "max_bigrams": 1, "max_trigrams": 1}
+    summary = ingest(write(catalog, tmp_path / "in/catalog.jsonl"),
+                     write([log_row(product_id="p1", timestamp=iso(i)) for i in range(3)], tmp_path / "in/logs.jsonl"),
+                     tmp_path / "ds", IngestConfig(**cfg))
+    assert summary.unreadable == 2 and summary.products == 5  # p1-p3 have images
+    assert "2 of 5 products (40.0%) have no image and no text token in the vocabulary" in summary.warnings[-1]
+    counts = json.loads((tmp_path / "ds" / "manifest.json").read_text())["counts"]
+    assert counts["unreadable_products"] == 2

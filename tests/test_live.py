@@ -509,3 +509,13 @@ def test_query_vectors_without_a_recorded_source_refuse_upserts_clearly(model_di
         assert r.status_code == 409, r.text
         assert "no recorded source" in r.json()["detail"] and "product_query" in r.json()["detail"]
         assert c.post("/v1/closeup", json={"product_id": "new-1"}).status_code == 404
+
+
+def test_the_upsert_answer_names_the_products_the_model_reads_nothing_of(model_dir, tmp_path):
+    make_root(tmp_path, 10, model_fp=load_model(model_dir).fingerprint)
+    with TestClient(serve.create_app(model_dir, tmp_path, reload_token=TOKEN)) as c:
+        body = {"products": [product("a", "red oak chair", 1), {"product_id": "b", "title": "木製の椅子"},
+                             {"product_id": "c", "title": "zzqxv qqvvw"}]}
+        r = c.post("/admin/products", json=body, headers=auth())
+        assert r.status_code == 200, r.text
+        assert r.json()["ids"] == ["a", "b", "c"] and r.json()["unreadable"] == ["b", "c"]

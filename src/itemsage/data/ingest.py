@@ -121,6 +121,7 @@ from itemsage.data.readers import (
 )
 from itemsage.data.rejects import RejectsFile
 from itemsage.data.row_arrays import Rejector, content_hash
+from itemsage.data.text import known_text
 from itemsage.data.timesplit import (
     COMPRESSION,
     SCRATCH,
@@ -281,6 +282,15 @@ class _Ingest:
         c = self.config
         return Vocabulary.build(fields(), max_unigrams=c.max_unigrams, max_bigrams=c.max_bigrams,
                                 max_trigrams=c.max_trigrams)
+
+    def unreadable(self, vocab: Any) -> int:
+        """Kept products with no image and no token of `vocab`: the tower reads nothing of them."""
+        count = 0
+        for batch in scratch_batches(self.scratch / "products.arrow"):
+            table = pa.Table.from_batches([batch])
+            no_image = pc.list_value_length(table.column(schema.IMAGE_EMBEDDINGS)).fill_null(0).to_numpy() == 0
+            count += int((no_image & ~known_text(table, vocab, self.config.text_fields)).sum())
+        return count
 
     # -- logs
 
@@ -443,6 +453,9 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
             run.write_products(tmp / schema.PRODUCTS_FILE)
             vocab = run.build_vocabulary()
             vocab.save(tmp / schema.VOCAB_FILE)
+            if unreadable := run.unreadable(vocab):
+                warnings.append(f"{unreadable:,} of {run.products:,} products ({100 * unreadable / run.products:.1f}%) "
+                                "have no image and no text token in the vocabulary: the tower reads nothing of them.")
             lap("products and vocabulary", run.products)
             task = progress.add_task("sorting into windows", total=slabs.rows)
             slabs.finish({w: tmp / schema.WINDOW_FILES[w] for w in schema.WINDOWS}, lambda k: progress.advance(task, k))
@@ -466,7 +479,7 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
             **{f"{w}_rows": rows[w] for w in schema.WINDOWS}, **{w: sum(rows[w].values()) for w in schema.WINDOWS},
             "gap_rows": slabs.gap_rows, "no_user_train_rows": slabs.no_user_train_rows,
             "image_dim": image_dim, "query_dims": dict(checks.query_dims), "images_truncated": checks.images_truncated,
-            "vocab_size": len(vocab),
+            "vocab_size": len(vocab), "unreadable_products": unreadable,
         }
         windows_from = {"validation_from": iso(split_ms[0]), "test_from": iso(split_ms[1])} if split_ms else \
             {"validation_from": None, "test_from": None}
@@ -497,7 +510,7 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
                             test_from=windows_from["test_from"], gap_rows=slabs.gap_rows,
                             image_dim=image_dim, query_dims=dict(checks.query_dims),
                             images_truncated=checks.images_truncated, files=files, warnings=warnings,
-                            rejects_written=run.rejects.written,
+                            rejects_written=run.rejects.written, unreadable=unreadable,
                             product_query=product_query_entry)
     log.info("ingest: %d products, %d train, %d validation and %d test rows (%d dropped in the gap), "
              "%d rejected rows -> %s", summary.products, counts["train"], counts["validation"], counts["test"],

@@ -120,6 +120,7 @@ class IngestSummary:
     files: list[Path]
     warnings: list[str] = field(default_factory=list)  # shown first in the summary: most rows rejected
     rejects_written: int = 0  # rows written in full to rejects.jsonl (the first 100 of each reason)
+    unreadable: int = 0  # products with no image and no vocabulary token: the tower reads nothing of them
     product_query: dict[str, Any] = field(default_factory=dict)  # the manifest's product_query entry
 
     @property
@@ -162,6 +163,8 @@ def summary_table(summary: IngestSummary) -> Any:
     facts = (f"products kept: {summary.products:,}; {split}{gap}; "
              f"image width: {summary.image_dim}; query widths: {summary.query_dims}; "
              f"product query vectors: {summary.product_query.get('source')}, {summary.product_query.get('dim')}-d; "
+             f"products the tower reads nothing of (no image, no vocabulary token): {summary.unreadable:,} "
+             f"({100 * summary.unreadable / max(1, summary.products):.1f}%); "
              f"products with image lists cut to the maximum: {summary.images_truncated:,}")
     # Text, not markup: a detail may hold [brackets].
     warnings = [Text(f"WARNING: {w}", style="bold red") for w in summary.warnings]
