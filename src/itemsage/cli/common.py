@@ -11,12 +11,14 @@ from __future__ import annotations
 import enum
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.text import Text
+from typer.core import TyperGroup
 
 from itemsage import __version__
 
@@ -24,7 +26,35 @@ from itemsage import __version__
 RUNS = ("itemsage", "image_only", "text_only", "sum_pooling", "concat_mlp", "single_task_click", "single_task_save",
         "single_task_add_to_cart", "single_task_checkout", "in_batch_negatives", "random_negatives")
 
+# click's exception classes, found from Typer's public BadParameter (Typer vendors its own click).
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _Group(TyperGroup):
+    """The command group, with click's usage errors (an unknown option, a bad choice, a missing
+    argument) printed in the CLI's one refusal style, `error: ...` on one line, as `fail` prints every
+    other refusal, instead of click's usage block and boxed message."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)  # typer.Exit(n) comes back as n
+        except _CLICK_ERROR as err:
+            ctx = getattr(err, "ctx", None)
+            if type(err).__name__ == "NoArgsIsHelpError":  # `itemsage` alone: the help is already shown
+                sys.exit(err.exit_code)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            console.print(Text.assemble(("error: ", "bold red"), err.format_message().rstrip(".") + hint))
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            console.print("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="itemsage",
     help="ItemSage: one product embedding for search, closeup and home, trained from engagement logs.\n\n"
          "Start with `itemsage demo`, or see the pipeline with `itemsage COMMAND --help`.",
@@ -123,6 +153,23 @@ def _main(
     # faiss logs "Could not load library with AVX512 support" at INFO on import; it then uses AVX2.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     _STATE["quiet"] = quiet
+    if quiet:
+        no_third_party_bars()
+
+
+def no_third_party_bars() -> None:
+    """No progress bars from the libraries below us either: Hugging Face's (the "Loading weights" bar
+    when MiniLM loads) and tqdm's. Environment switches for those not imported yet (the CLI sets them
+    before any heavy import), and the libraries' own switch for those already imported."""
+    import os
+    import sys
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -133,7 +180,15 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def _progress(flag: bool) -> bool:
-    return flag and not _STATE["quiet"]
+    """Whether to draw progress bars (`--progress/--no-progress`, and never under -q); when not, the
+    third-party bars are switched off too."""
+    shown = flag and not _STATE["quiet"]
+    if not shown:
+        no_third_party_bars()
+    return shown
+
+
+_PROGRESS_HELP = "Show progress bars (--no-progress: none, the libraries' included)."
 
 
 # Config fields as the user typed them: `train.max_steps` is `--steps` on the command line.

@@ -9,7 +9,18 @@ from typing import Optional
 import typer
 
 from itemsage import schema
-from itemsage.cli.common import _CONFIG_HELP, Preset, _given, _progress, app, console, fail, flag_names
+from itemsage.cli.common import (
+    _CONFIG_HELP,
+    _PROGRESS_HELP,
+    _STATE,
+    Preset,
+    _given,
+    _progress,
+    app,
+    console,
+    fail,
+    flag_names,
+)
 from itemsage.cli.evaluate import _recall_table
 
 
@@ -26,7 +37,7 @@ def demo_cmd(
     seed: int = typer.Option(0, "--seed", help="Random seed of the shop and the training run."),
     serve: bool = typer.Option(False, "--serve", help="Then start the service on the demo's model and index."),
     port: int = typer.Option(8000, "--port", help="Port for --serve (bound to 127.0.0.1)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bars."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help=_PROGRESS_HELP),
 ) -> None:
     """Generate a demo shop, ingest, train, embed, index and evaluate it, in one command.
 
@@ -96,7 +107,8 @@ def _serve_demo(result, port: int) -> None:
         console.print(f"  curl -s {base}/v1/{endpoint} -H 'content-type: application/json' -d '{json.dumps(body)}'",
                       highlight=False, soft_wrap=True, markup=False)
     console.print(f"  the page: {base}/   API docs: {base}/docs", highlight=False)
-    run(result.model, result.index, host="127.0.0.1", port=port, reload_token=None, products=result.dataset)
+    run(result.model, result.index, host="127.0.0.1", port=port, reload_token=None, products=result.dataset,
+        log_level="warning" if _STATE["quiet"] else "info")
 
 
 if __name__ == "__main__":

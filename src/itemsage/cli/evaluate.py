@@ -10,6 +10,7 @@ import typer
 
 from itemsage.cli.common import (
     _CONFIG_HELP,
+    _PROGRESS_HELP,
     RUNS,
     EvalDevice,
     Preset,
@@ -54,6 +55,7 @@ def evaluate_cmd(
     window: str = typer.Option(
         "test", "--window", help="Window to score: test (the reported figures) or validation (to choose options "
                                  "without reading the test window)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help=_PROGRESS_HELP),
 ) -> None:
     """Recall@1/10/100 per surface x engagement on the test window: exact, ANN, popularity, cold start,
     and pairs seen / unseen in the train window; closeup by product and home by history as the service
@@ -70,6 +72,7 @@ def evaluate_cmd(
     from itemsage.evaluate.evaluation import evaluate
     from itemsage.evaluate.report import write_report
 
+    _progress(progress)  # no bar of its own; the flag (and -q) still silence the libraries' (MiniLM loading)
     try:
         result = evaluate(model, dataset, embeddings, index_root=index, sample=sample, device=device.value,
                           history=history, window=window)
@@ -117,7 +120,7 @@ def compare_cmd(
     report_only: bool = typer.Option(
         False, "--report-only", help="Train nothing: report every finished (run, seed) already in --out for "
                                      "--runs, each row with the seeds it has (--seeds is not used)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bars."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help=_PROGRESS_HELP),
 ) -> None:
     """Train the paper's comparisons to convergence (early stopping on the validation window), with
     seeds, and report them on the test window: mean ± sd, plots, summary.json.
