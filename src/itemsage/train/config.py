@@ -92,7 +92,7 @@ class TrainConfig:
         require(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and 0 < self.lr < 10,
                 f"train.lr ({self.lr!r}) must be in (0, 10)")
         require_number(self.weight_decay, "train.weight_decay", 0, 1)
-        require_number(self.eps, "train.eps", 0, 1, above=True, below=True)
+        require_number(self.eps, "train.eps", 0, 10, above=True)
         integer("warmup_steps", 0)
         require_number(self.grad_clip, "train.grad_clip", 0, 1e6, unit=" (0 = off)")
         require(self.max_steps is not None or self.max_minutes is not None,
