@@ -146,6 +146,13 @@ class LoadedModel:
         cfg = self.config
         return featurize(table, self.vocab, cfg.text_fields, cfg.max_images, self.image_dim).to(self.device)
 
+    def unreadable(self, table: Any) -> np.ndarray:
+        """[B] bool: products (dataset format) this model reads nothing of (no image it reads, no text
+        token in its vocabulary): each gets exactly the vector of an empty product (model/batch.py)."""
+        from itemsage.model.batch import unreadable
+
+        return unreadable(table, self.vocab, self.config.text_fields, self.config.modalities)
+
     @torch.inference_mode()
     def embed_table(self, table: Any) -> np.ndarray:
         """Products already in the dataset format (pa.Table, checked) -> [B, D] float32 unit rows."""
@@ -170,6 +177,7 @@ class LoadedModel:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.model.eval()
         out: list[np.ndarray] = []
+        unreadable = 0
         with progress_bar(show_progress_bar, unit="products") as bar:
             task = bar.add_task("encoding products", total=None)
             for table, rejects in check_products(products, text_fields=self.config.text_fields,
@@ -180,10 +188,15 @@ class LoadedModel:
                     first = rejects[0]
                     raise DataError(f"{len(rejects)} product(s) rejected by ingest's checks; first: {first['file']} "
                                     f"row {first['row']}: {first['reason']}: {first['detail']}")
+                unreadable += int(self.unreadable(table).sum())
                 for start in range(0, table.num_rows, batch_size):
                     piece = table.slice(start, batch_size)
                     out.append(self.embed_table(piece))
                     bar.advance(task, piece.num_rows)
+        if unreadable:
+            log.warning("the model reads nothing of %d of the %d products (no image, and no word of their text in "
+                        "its vocabulary): each has exactly the vector of an empty product", unreadable,
+                        sum(len(o) for o in out))
         return np.concatenate(out) if out else np.zeros((0, self.config.out_dim), np.float32)
 
     def encode_queries(self, surface: str, queries: Any, *, batch_size: int = 256,
