@@ -1,10 +1,13 @@
-"""Show what a user sees when `itemsage ingest` meets bad input (docs/ARCHITECTURE.md: reported, never dropped).
+"""Show what a user sees when `itemsage ingest` meets bad input (docs/ARCHITECTURE.md: reported, never dropped),
+and when `itemsage train`, `compare` or `demo` meets a malformed run file (`--config`).
 
 In a temporary directory this builds a small valid catalog and engagement log (Parquet), then, for
 each kind of bad input, a copy holding exactly that one defect. It runs the real command line on
 each copy and records what a user sees: for a bad ROW, the printed summary and the rejects.jsonl
 record, plus the "nothing lost" check (rows read = kept + rejected); for a bad FILE, the exit code
-and the message. The result is a Markdown document (docs/BAD_INPUT.md).
+and the message. Then each malformed run file of RUN_FILES goes to the command that reads it: it
+must be refused with exit 2 and one line naming the file and the key. The result is a Markdown
+document (docs/BAD_INPUT.md).
 
     python benchmarks/show_bad_inputs.py                        # print the document
     python benchmarks/show_bad_inputs.py --write docs/BAD_INPUT.md
@@ -73,6 +76,9 @@ class Inputs:
     def write(self, where: Path) -> None:
         for name, rows, sch in ((self.catalog_name, self.catalog, self.catalog_schema),
                                 ("logs.parquet", self.logs, self.log_schema)):
+            if name.endswith(".jsonl"):  # as json.dumps writes it: a lone surrogate stays its \ud800 escape
+                (where / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+                continue
             table = pa.Table.from_pylist(rows, schema=sch)
             if name.endswith(".csv"):
                 import pyarrow.csv as pacsv
@@ -153,6 +159,13 @@ CASES: list[tuple[str, str, str | None, Callable[[Inputs], None]]] = [
     ("Image file that is not an image", "product p9's image_paths ['img/corrupt.jpg'] holds 16 bytes of text",
      "unreadable_image", lambda i: (i.catalog.append(product("p9", "Teak bench", None, ["img/corrupt.jpg"])),
                                     i.files.update({"img/corrupt.jpg": b"this is no jpeg\n"}))),
+    ("Text that is not Unicode", "the catalog is JSON Lines; product p9's title is \"Teak \\ud800 bench\" (a lone "
+     "surrogate escape: no character)", "bad_text_encoding",
+     lambda i: (setattr(i, "catalog_name", "catalog.jsonl"),
+                i.catalog.append(product("p9", "Teak \ud800 bench", [vec(9), vec(10)])))),
+    ("Logs from another shop", "1,000 extra log rows name products p1000..p1999, which the 6-product catalog "
+     "does not have (99% of the log rows rejected as unknown_product)", None,
+     lambda i: i.logs.extend(log_row("closeup", "click", f"p{1000 + k}", 30 + k / 100) for k in range(1000))),
     ("Catalog without a product_id column", "the id column is called 'sku'", None,
      lambda i: setattr(i, "catalog_schema", rename(i.catalog_schema, "product_id", "sku", i.catalog))),
     ("product_id stored as floats", "catalog product_id is a float64 column (1.0, 2.0, ...)", None,
@@ -165,6 +178,13 @@ CASES: list[tuple[str, str, str | None, Callable[[Inputs], None]]] = [
     ("Catalog as CSV", "the catalog is catalog.csv (text columns only)", None,
      lambda i: setattr(i, "catalog_name", "catalog.csv")),
 ]
+
+def child_env() -> dict[str, str]:
+    """The environment of the commands run: each runs in its own scratch directory, so a relative
+    PYTHONPATH (`PYTHONPATH=src`) is made absolute, or they would import another itemsage."""
+    path = os.pathsep.join(str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)
+    return {**os.environ, "COLUMNS": "1000", **({"PYTHONPATH": path} if path else {})}  # no wrapping: one line
+
 
 LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ")  # the CLI's logging format
 
@@ -179,7 +199,7 @@ def run_case(root: Path, n: int, edit: Callable[[Inputs], None] | None) -> dict:
     inputs.write(where)
     cmd = ["itemsage", "ingest", "--catalog", inputs.catalog_name, "--logs", "logs.parquet",
            "--out", "dataset", "--no-progress"]
-    env = {**os.environ, "COLUMNS": "1000"}  # no wrapping: one message, one line
+    env = child_env()
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "itemsage.cli", *cmd[1:]], cwd=where, env=env,
                           capture_output=True, text=True)
@@ -241,18 +261,136 @@ def file_section(r: dict) -> tuple[list[str], bool]:
     return [f"Exit code {r['rc']}. Printed:", "```text", shown[-3000:], "```", f"Verdict: {verdict}."], ok
 
 
+# ---- run files (`--config`) ----------------------------------------------------------------------
+
+DEEP = "x = " + "[" * 5000 + "]" * 5000 + "\n"  # nested 5,000 deep (tomllib recurses once per level)
+# (command, run file name, its text (None: no file; "<dir>": a directory), the key the refusal must name
+# or None (the file as a whole), extra arguments). Every case must exit 2 with one line that names the
+# file (and the key as written), with no traceback and no directory made.
+RUN_FILES: list[tuple[str, str, str | None, str | None, list[str]]] = [
+    # issue 25.1: each ended in a traceback
+    ("compare", "run.toml", "[compare]\ntrain_overrides = {max_stepz = 1}\n", "train_overrides.max_stepz", []),
+    ("compare", "run.toml", "[compare]\ntrain_overrides = 5\n", "train_overrides", []),
+    ("compare", "run.toml", "[compare]\nruns = 5\n", "runs", []),
+    ("demo", "run.toml", '[demo]\ntrain_minutes = "six"\n', "train_minutes", []),
+    ("demo", "run.toml", '[demo]\nproducts = "many"\n', "products", []),
+    ("demo", "run.toml", '[demo]\nmodel = "x"\n', "model", []),
+    ("demo", "run.toml", "[demo]\nout = 5\n", "out", ["<no --out>"]),
+    ("train", "run.toml", "[train]\nmodel = 5\n", "model", []),
+    ("train", "run.toml", "[train]\ndataset = 5\n", "dataset", ["<no dataset>"]),
+    ("train", "run.toml", DEEP, None, []),
+    # issue 25.2: unclear refusals, and absurd values that were accepted
+    ("compare", "run.toml", "[compare]\nsteps = 2.5\n", "steps", []),
+    ("compare", "run.toml", '[compare]\nseeds = "three"\n', "seeds", []),
+    ("train", "run.toml", '[train]\nengagement_weights = {click = "x"}\n', "engagement_weights.click", []),
+    ("train", "run.toml", '[train]\ndataset = "does/not/exist"\n', "dataset", ["<no dataset>"]),
+    ("train", "run.toml", "[train]\nmax_steps = 99999999999999999999999\n", "max_steps", []),
+    ("train", "run.toml", "[train]\nminutes = 1e9\n", "minutes", []),
+    ("train", "run.toml", "[train]\nbatch_size = 100000000\n", "batch_size", []),
+    ("train", "run.toml", "[train.model]\nhash_buckets = 10000000000\n", "model.hash_buckets", []),
+    ("compare", "run.toml", "[compare]\nseeds = 1000\n", "seeds", []),
+    ("demo", "run.toml", "[demo]\nproducts = 1000000000\n", "products", []),
+    ("train", "run.toml", "[train]\nlr = nan\n", "lr", []),
+    # keys named as the flags are: read, so the refusal is about their value, named as written
+    ("train", "run.toml", "[train]\nsteps = 0\n", "steps", []),
+    ("train", "run.toml", "[train]\nbatch-size = 1\n", "batch-size", []),
+    ("compare", "run.toml", "[compare]\nmax_steps = 0\n", "max_steps", []),
+    ("demo", "run.toml", "[demo]\nminutes = -1\n", "minutes", []),
+    ("train", "run.toml", "[train]\nsteps = 5\nmax_steps = 6\n", "max_steps", []),
+    # a value of the wrong type, for every kind of key of each table
+    ("train", "run.toml", "[train]\npreset = 5\n", "preset", []),
+    ("train", "run.toml", '[train]\nbatch_size = "16"\n', "batch_size", []),
+    ("train", "run.toml", '[train]\nlr = "fast"\n', "lr", []),
+    ("train", "run.toml", "[train]\nsteps = 1.5\n", "steps", []),
+    ("train", "run.toml", '[train]\nminutes = "ten"\n', "minutes", []),
+    ("train", "run.toml", "[train]\ntasks = [1, 2]\n", "tasks", []),
+    ("train", "run.toml", "[train]\nengagement_weights = 5\n", "engagement_weights", []),
+    ("train", "run.toml", '[train]\namp = "yes"\n', "amp", []),
+    ("train", "run.toml", "[train]\nout = 5\n", "out", ["<no --out>"]),
+    ("train", "run.toml", '[train.model]\nd_model = "big"\n', "model.d_model", []),
+    ("train", "run.toml", '[train.model]\ndropout = "none"\n', "model.dropout", []),
+    ("train", "run.toml", "[train.model]\naggregator = 1\n", "model.aggregator", []),
+    ("train", "run.toml", "[train.model]\ntype_embedding = 1\n", "model.type_embedding", []),
+    ("train", "run.toml", "[train.model]\ntext_fields = 3\n", "model.text_fields", []),
+    ("compare", "run.toml", "[compare]\npreset = true\n", "preset", []),
+    ("compare", "run.toml", "[compare]\nbatch_size = 1.5\n", "batch_size", []),
+    ("compare", "run.toml", '[compare]\neval_sample = "all"\n', "eval_sample", []),
+    ("compare", "run.toml", '[compare]\nrandom_negatives_ratio = "four"\n', "random_negatives_ratio", []),
+    ("compare", "run.toml", "[compare]\nout = []\n", "out", ["<no --out>"]),
+    ("compare", "run.toml", '[compare]\ntrain_overrides = {model = {dropout = "x"}}\n',
+     "train_overrides.model.dropout", []),
+    ("demo", "run.toml", "[demo]\npreset = 0\n", "preset", []),
+    ("demo", "run.toml", '[demo]\nsteps = "many"\n', "steps", []),
+    ("demo", "run.toml", '[demo]\nlr = "high"\n', "lr", []),
+    ("demo", "run.toml", "[demo]\nseed = 1.5\n", "seed", []),
+    # unknown keys: every valid key listed, a near miss suggested
+    ("train", "run.toml", "[train]\nstepz = 5\n", "stepz", []),
+    ("compare", "run.toml", "[compare]\nbogus = 1\n", "bogus", []),
+    ("demo", "run.toml", '[demo]\ndataset = "x"\n', "dataset", []),
+    ("train", "run.toml", "[train.model]\nwidht = 3\n", "model.widht", []),
+    # the file as a whole
+    ("train", "run.toml", "[train\nsteps = 5\n", None, []),
+    ("train", "run.toml", None, None, []),
+    ("train", "run.toml", "<dir>", None, []),
+    ("train", "run.yaml", "steps: 5\n", None, []),
+    ("train", "run.toml", "train = 5\n", "train", []),
+    ("demo", "run.toml", "[train]\nseed = 1\n", None, []),
+    ("train", "run.json", '{"train": {"steps": "x"}}', "steps", []),
+    ("train", "run.toml", b"\xff\xfe[train]\n".decode("latin-1"), None, []),
+]
+
+
+def run_config_case(root: Path, n: int, case: tuple) -> dict:
+    """Write one run file into root/config-n and run its command there; what a user sees."""
+    command, name, text, _, extra = case
+    where = root / f"config-{n:02d}"
+    where.mkdir()
+    if text == "<dir>":
+        (where / name).mkdir()
+    elif text is not None:
+        (where / name).write_text(text, encoding="latin-1" if "\xff" in text else "utf-8")
+    args = [command] + (["data"] if command in ("train", "compare") and "<no dataset>" not in extra else [])
+    args += ["--config", name] + ([] if "<no --out>" in extra else ["--out", "out"])
+    proc = subprocess.run([sys.executable, "-m", "itemsage.cli", *args], cwd=where, capture_output=True, text=True,
+                          env=child_env(), timeout=600)
+    return {"cmd": "itemsage " + " ".join(args), "rc": proc.returncode, "shown": (proc.stdout + proc.stderr).strip(),
+            "made": any(p.name not in (name,) for p in where.iterdir())}
+
+
+def config_section(cases: list[tuple], results: list[dict]) -> tuple[list[str], int]:
+    """The run-file table and the number of cases refused cleanly."""
+    rows = ["| # | run file | command | exit | what it says | verdict |", "|---|---|---|---|---|---|"]
+    ok_count = 0
+    for n, (case, r) in enumerate(zip(cases, results), start=1):
+        command, name, text, key, _ = case
+        lines = r["shown"].splitlines()
+        ok = (r["rc"] == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r["shown"]
+              and name in lines[0] and (key is None or f"`{key}`" in lines[0]) and not r["made"])
+        ok_count += ok
+        shown_file = ("(no such file)" if text is None else "(a directory)" if text == "<dir>" else
+                      "`x = [[[...` nested 5,000 deep" if text == DEEP else
+                      "the bytes FF FE, then `[train]` (not UTF-8)" if "\xff" in text else
+                      "`" + text.strip().replace("\n", "` `").replace("|", "\\|") + "`")
+        message = r["shown"].replace("|", "\\|").replace("\n", " ")
+        verdict = "refused: names " + (f"`{key}` and " if key else "") + "the file" if ok else "**NOT CLEAN**"
+        rows.append(f"| {n} | {name}: {shown_file} | `{r['cmd']}` | {r['rc']} | {message} | {verdict} |")
+    return rows, ok_count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", type=Path, help="Also write the Markdown document to this file.")
     args = parser.parse_args()
     start = time.perf_counter()
-    doc = ["# What `itemsage ingest` says about bad input", "",
+    doc = ["# What itemsage says about bad input: ingest's inputs, and run files", "",
            "Generated by `python benchmarks/show_bad_inputs.py --write docs/BAD_INPUT.md`: each case below is a "
            "valid 6-product catalog (8-d `image_embeddings`) and 8-row engagement log (closeup/home rows with "
            "8-d `query_embedding`, search rows with `query_text`) plus exactly one defect, run through "
            "the real command line in a scratch directory. Paths are relative to that directory.",
            "", "A bad **row** goes to `dataset/rejects.jsonl` with one reason and the run goes on; a bad "
-           "**file** stops the run before anything is written (docs/ARCHITECTURE.md).", ""]
+           "**file** stops the run before anything is written (docs/ARCHITECTURE.md), as does one reason rejecting "
+           "more than 90% of an input's rows (and at least 1,000). The last section feeds malformed run files "
+           "(`--config`) to `itemsage train`, `compare` and `demo`.", ""]
     failures = []
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=2) as pool:  # 2 runs at a time
         results = list(pool.map(lambda job: run_case(Path(tmp), *job), enumerate([None] + [c[3] for c in CASES])))
@@ -271,8 +409,20 @@ def main() -> None:
         if not ok:
             failures.append(f"{n}. {title}")
         print(f"{n:2d}. {title}: {'ok' if ok else 'PROBLEM'} ({r['seconds']:.1f} s)", file=sys.stderr)
-    doc += ["## Result", "", f"{len(CASES)} cases; not caught or not refused cleanly: "
-            f"{', '.join(failures) if failures else 'none'}.", ""]
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=2) as pool:
+        configs = list(pool.map(lambda job: run_config_case(Path(tmp), *job), enumerate(RUN_FILES, start=1)))
+    rows, clean = config_section(RUN_FILES, configs)
+    doc += ["## Malformed run files (`--config`)", "",
+            "Each run file below is read by the command shown, in a scratch directory holding only that file "
+            "(`data` does not exist there). Each must be refused with exit code 2 and one line that names the "
+            "file, and the key as written in it when one key is at fault; no traceback, and no directory made. "
+            "Keys are the flags' names (`steps`, `minutes`, `batch-size` as the flag is written); the fields' own "
+            "names (`max_steps`, `train_minutes`) stay accepted, so those rows are refused for their value.", "",
+            *rows, "", f"{clean} of {len(RUN_FILES)} run files refused cleanly.", ""]
+    if clean < len(RUN_FILES):
+        failures.append(f"{len(RUN_FILES) - clean} run file(s)")
+    doc += ["## Result", "", f"{len(CASES)} input cases and {len(RUN_FILES)} run files; not caught or not "
+            f"refused cleanly: {', '.join(failures) if failures else 'none'}.", ""]
     text = "\n".join(doc)
     print(text)
     if args.write:

@@ -131,14 +131,18 @@ def test_run_file_values_are_checked_with_flag_names(dataset, tmp_path):
     toml = run_file(tmp_path / "run.toml", '[train]\npreset = "gpu"\n')
     result = invoke("train", str(dataset), "--out", str(tmp_path / "a"), "--config", str(toml))
     assert result.exit_code == 2
-    assert "--preset ('gpu') must be one of paper, cpu, tiny" in plain(result.output)
+    # a value from the file is named by its key there, and the file is named (issue 26, "One language")
+    assert "`preset` ('gpu') must be one of paper, cpu, tiny" in plain(result.output)
+    assert f"in --config {toml}" in plain(result.output)
     assert "train.preset" not in result.output
     toml = run_file(tmp_path / "typo.toml", '[train]\nbatchsize = 16\n')
     result = invoke("train", str(dataset), "--out", str(tmp_path / "b"), "--config", str(toml))
-    assert result.exit_code == 2 and "unknown key(s) batchsize in [train]" in plain(result.output)
+    assert result.exit_code == 2 and "`batchsize` in" in plain(result.output)
+    assert "is not a key of this table. Did you mean `batch_size`?" in plain(result.output)
     toml = run_file(tmp_path / "types.toml", '[train]\nbatch_size = "16"\n')
     result = invoke("train", str(dataset), "--out", str(tmp_path / "c"), "--config", str(toml))
-    assert result.exit_code == 2 and "--batch-size ('16') must be an integer >= 2" in plain(result.output)
+    assert result.exit_code == 2 and "`batch_size` in" in plain(result.output)
+    assert "must be an integer, got '16'" in plain(result.output)  # a type error, not a range error
     result = invoke("train", str(dataset), "--out", str(tmp_path / "d"), "--preset", "gpu")
     assert result.exit_code == 2 and "'gpu' is not one of 'cpu', 'paper', 'tiny'" in plain(result.output)
 
@@ -188,9 +192,9 @@ aggregator = "sum"
 def test_compare_and_demo_read_their_tables(tmp_path):
     toml = run_file(tmp_path / "run.toml", '[compare]\nruns = "itemsage,nope"\n[demo]\nproducts = 5\n')
     result = invoke("compare", "data", "--out", str(tmp_path / "c"), "--config", str(toml))
-    assert result.exit_code == 2 and "--runs has unknown run(s) ['nope']" in plain(result.output)
+    assert result.exit_code == 2 and "`runs` has unknown run(s) ['nope']" in plain(result.output)
     result = invoke("demo", "--out", str(tmp_path / "d"), "--config", str(toml))
-    assert result.exit_code == 2 and "--products (5) must be >= 100" in plain(result.output)
+    assert result.exit_code == 2 and "`products` (5) must be an integer >= 100" in plain(result.output)
     result = invoke("demo", "--config", str(tmp_path / "run.toml"), "--products", "50", "--out", str(tmp_path / "d"))
     assert result.exit_code == 2 and "--products (50)" in plain(result.output)  # the flag wins
     result = invoke("demo", "--config", str(run_file(tmp_path / "x.toml", "[train]\nseed = 1\n")))
@@ -269,3 +273,101 @@ def test_every_help_text_survives_the_markdown_rendering():
     assert checked > 50
     output = runner.invoke(app, ["index", "--help"], env={"COLUMNS": "2000"}).output
     assert "versions/<version>/" in output and "<name>_<version>" in output
+
+
+@pytest.mark.parametrize("args", [
+    ["index", "{missing}", "--out", "{tmp}/idx"],
+    ["evaluate", "{missing}", "{missing}", "--embeddings", "{missing}", "--out", "{tmp}/ev"],
+    ["embed", "{missing}", "--catalog", "{missing}", "--out", "{tmp}/emb"],
+    ["train", "{missing}", "--out", "{tmp}/run"],
+    ["compare", "{missing}", "--out", "{tmp}/cmp"],
+])
+def test_a_missing_path_says_it_does_not_exist(tmp_path, args):
+    """Not "has no manifest.json ... may have been killed": the path is simply not there."""
+    missing = tmp_path / "no" / "such"
+    result = invoke(*(a.format(missing=missing, tmp=tmp_path) for a in args))
+    text = plain(result.output)
+    assert result.exit_code == 2 and text.startswith("error: ") and f"{missing} does not exist" in text, text
+    assert "killed" not in text
+    assert [p.name for p in tmp_path.iterdir()] == []  # nothing was created
+
+
+@pytest.mark.parametrize("args", [
+    ["index", "{missing}", "--out", "{tmp}/idx"],
+    ["evaluate", "{missing}", "{missing}", "--embeddings", "{missing}", "--out", "{tmp}/ev"],
+    ["compare", "{missing}", "--out", "{tmp}/cmp"],
+    ["serve", "--model", "{missing}", "--index", "{missing}"],
+    ["demo", "--out", "{tmp}/demo", "--products", "5"],
+])
+def test_every_long_command_takes_no_progress(tmp_path, args):
+    """--no-progress is accepted everywhere (it was "No such option" for these five): the command goes on
+    to its own refusal of the missing input (or of --products 5)."""
+    missing = tmp_path / "no" / "such"
+    result = invoke(*(a.format(missing=missing, tmp=tmp_path) for a in args), "--no-progress")
+    text = plain(result.output)
+    assert result.exit_code == 2 and "No such option" not in text, text
+    assert f"{missing} does not exist" in text or "--products (5) must be an integer >= 100" in text, text
+    assert "--no-progress" in plain(invoke(args[0], "--help").output)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["index", "x", "--out", "y", "--bogus"], "error: No such option: --bogus"),
+    (["index", "x", "--out", "y", "--kind", "nope"], "error: Invalid value for '--kind'"),
+    (["evaluate"], "error: Missing argument 'model'"),
+    (["nosuch"], "error: No such command 'nosuch'"),
+])
+def test_usage_errors_are_refused_in_the_one_style(args, expected):
+    """Click's usage errors read like every other refusal: `error: ...`, one line, the help to read."""
+    result = invoke(*args)
+    text = plain(result.output).strip()
+    assert result.exit_code == 2 and text.startswith(expected), text
+    assert text.endswith("--help`)") and "Usage:" not in text and "╭" not in result.output
+
+
+def test_quiet_leaves_only_warnings_and_errors(tmp_path):
+    """-q: no INFO line and no progress bar, the libraries' included (MiniLM's "Loading weights" bar
+    showed when ingest loaded the text encoder for a catalog without images)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text("".join(json.dumps({"product_id": f"p{i}", "title": t}) + "\n"
+                               for i, t in enumerate(["oak chair", "pine table", "wool rug"])))
+    logs = tmp_path / "logs.jsonl"
+    logs.write_text("".join(json.dumps({"surface": "search", "engagement": "click", "product_id": f"p{i % 3}",
+                                        "timestamp": f"2024-01-01T0{i}:00:00Z", "query_text": "chair"}) + "\n"
+                            for i in range(6)))
+    env = {**os.environ, "COLUMNS": "200",
+           "PYTHONPATH": os.pathsep.join([str(Path(cli.__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None), env.pop("TQDM_DISABLE", None)
+    proc = subprocess.run([sys.executable, "-m", "itemsage.cli", "-q", "ingest", "--catalog", str(catalog),
+                           "--logs", str(logs), "--out", str(tmp_path / "ds")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert manifest["product_query"]["source"] == "text"  # MiniLM was loaded: its bar would have shown
+    shown = proc.stdout + proc.stderr
+    assert "Loading weights" not in shown and "INFO" not in shown and "%|" not in shown, shown
+
+
+def test_the_quantisers_root_logger_lines_go_to_debug(caplog):
+    """onnxruntime's quantiser logs to the root logger (a line per node, and a warning to pre-process);
+    during the export they are this module's DEBUG lines, and other records pass."""
+    import logging
+
+    from itemsage.encoders.onnx_text import _quantiser_logs_at_debug
+
+    def record(path: str, level: int) -> logging.LogRecord:
+        return logging.makeLogRecord({"name": "root", "levelno": level, "levelname": logging.getLevelName(level),
+                                      "pathname": path, "msg": f"from {path}"})
+
+    root = logging.getLogger()
+    with caplog.at_level(logging.DEBUG), _quantiser_logs_at_debug():
+        root.handle(record("/x/onnxruntime/quantization/quantize.py", logging.WARNING))
+        root.handle(record("/x/mine.py", logging.WARNING))
+    got = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    assert got == [("itemsage.encoders.onnx_text", "DEBUG", "onnxruntime: from /x/onnxruntime/quantization/quantize.py"),
+                   ("root", "WARNING", "from /x/mine.py")]
+    assert root.filters == []  # removed after the export

@@ -279,3 +279,63 @@ def test_the_service_names_the_product_without_an_image_as_the_cause(tmp_path):
     # closeup with the product's learned embedding still works
     learned = service.closeup(CloseupRequest(product_id="p000", k=3, product_to_product=True, exclude_self=False))
     assert learned.ids[0] == "p000"
+
+
+def test_cli_a_catalog_row_with_a_lone_surrogate_is_a_reject_naming_file_row_and_field(tmp_path, model_dir):
+    """It was "error: 'utf-8' codec can't encode character '\\ud800'", naming no file, row or field."""
+    from typer.testing import CliRunner
+
+    from itemsage.cli import app
+
+    rows = catalog_rows(6)
+    rows[4]["title"] = "chair \ud800"
+    catalog = write_jsonl(rows, tmp_path / "catalog.jsonl")  # json.dumps writes the lone \ud800 escape
+    result = CliRunner().invoke(app, ["embed", str(model_dir), "--catalog", str(catalog), "--out",
+                                      str(tmp_path / "emb"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "1 catalog row(s) rejected" in result.output and "5 products x 16 dims" in result.output
+    (entry,) = [json.loads(line) for line in (tmp_path / "emb" / CATALOG_DIR / schema.REJECTS_FILE).open()]
+    assert (entry["file"], entry["row"], entry["reason"]) == (str(catalog), 4, "bad_text_encoding")
+    assert entry["detail"].startswith("title: character 6 is a lone surrogate")
+
+
+def test_catalog_rejects_keep_the_first_100_rows_of_each_reason(tmp_path, model_dir):
+    """The same rejects file as ingest's: counted in full, written for the first 100 rows of a reason."""
+    rows = catalog_rows(150)
+    for r in rows[:130]:
+        r["image_embeddings"] = [[1.0, 2.0, 3.0]]  # wrong width for this model (8)
+    _, rejected = embed_from_catalog(model_dir, write_jsonl(rows, tmp_path / "c.jsonl"), tmp_path / "emb",
+                                     progress=False)
+    written = [json.loads(line) for line in (tmp_path / "emb" / CATALOG_DIR / schema.REJECTS_FILE).open()]
+    assert rejected == 130 and [e["row"] for e in written] == list(range(100))
+    counts = json.loads((tmp_path / "emb" / CATALOG_DIR / "manifest.json").read_text())["counts"]
+    assert (counts["rejected"], counts["rejects"]["bad_vector_width"], counts["rejects_written"]) == (130, 130, 100)
+
+
+def test_embed_counts_the_products_the_model_reads_nothing_of(tmp_path, model_dir, caplog):
+    """No image and no vocabulary token: the vector is exactly an empty product's; the manifest, the log
+    and the CLI say how many."""
+    from typer.testing import CliRunner
+
+    from itemsage.cli import app
+
+    rows = [{"product_id": "ja", "title": "木製の椅子"}, {"product_id": "ru", "title": "Стул из дуба"},
+            {"product_id": "zz", "title": "zzqxv qqvvw"}, {"product_id": "empty"},
+            {"product_id": "ok", "title": "oak chair"},
+            {"product_id": "img", "title": "木製の椅子", "image_embeddings": [[0.5] * IMAGE_DIM]}]
+    catalog = write_jsonl(rows, tmp_path / "catalog.jsonl")
+    with caplog.at_level("WARNING"):
+        result = CliRunner().invoke(app, ["embed", str(model_dir), "--catalog", str(catalog), "--out",
+                                          str(tmp_path / "emb"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "emb" / "manifest.json").read_text())
+    assert manifest["counts"] == {"products": 6, "unreadable": 4}
+    assert "the model reads nothing of 4 of the 6 products" in " ".join(result.output.split())
+    assert "4 of 6 products (66.7%) have no image and no word the model's vocabulary knows (e.g. ja, ru, zz)" \
+        in caplog.text
+    ids, vectors, _ = read_embeddings(tmp_path / "emb")
+    by_id = dict(zip(ids.tolist(), vectors))
+    for pid in ("ja", "ru", "zz"):  # the count is of exactly these: an empty product's vector
+        assert np.array_equal(by_id[pid], by_id["empty"]), pid
+    for pid in ("ok", "img"):
+        assert not np.array_equal(by_id[pid], by_id["empty"]), pid

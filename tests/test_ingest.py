@@ -971,3 +971,95 @@ def test_the_built_in_text_encoder_loads_once_per_ingest(tmp_path, monkeypatch):
     summary, out = run(tmp_path, "jsonl", catalog=catalog, logs=product_query_logs()[::2], batch_rows=1)
     assert summary.product_query["source"] == "text" and summary.products == 3
     assert len(made) == 1 and made[0].seen == ["Oak chair", "Pine table", "Linen sofa"]
+
+
+# ---- text UTF-8 cannot store, and the bounded rejects file (issue 25) -------------------------------
+
+
+def _surrogate_catalog(tmp_path: Path, how: str) -> Path:
+    """catalog_rows() plus a 4th product whose title is "chair" and a lone surrogate, written `how`."""
+    path = tmp_path / "in" / ("catalog.parquet" if how == "parquet" else "catalog.jsonl")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = catalog_rows() + [{"product_id": "p4", "title": "chair \ud800", "image_embeddings": [[0.0, 0.0, 0.0, 1.0]]}]
+    if how == "escape":  # JSON's \ud800 escape, alone
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif how == "bytes":  # the raw bytes ED A0 80 (UTF-8's form of U+D800, which UTF-8 forbids)
+        path.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+                         .encode("utf-8", errors="surrogatepass"))
+    else:  # Parquet: Arrow does not check a string column's bytes when they are viewed as strings
+        titles = pa.array([r.pop("title").encode("utf-8", errors="surrogatepass") for r in rows], pa.binary())
+        pq.write_table(pa.Table.from_pylist(rows).append_column("title", titles.view(pa.string())), path)
+    return path
+
+
+@pytest.mark.parametrize("how", ["escape", "bytes", "parquet"])
+def test_text_utf8_cannot_store_is_a_row_reject_naming_the_field(tmp_path, how):
+    catalog = _surrogate_catalog(tmp_path, how)
+    logs = write([log_row(product_id=f"p{i % 3 + 1}", timestamp=iso(i)) for i in range(4)], tmp_path / "in/logs.jsonl")
+    summary = ingest(catalog, logs, tmp_path / "ds", IngestConfig(**SMALL))
+    assert summary.products == 3 and summary.rejects["bad_text_encoding"] == 1 and summary.rejected == 1
+    (entry,) = rejects(tmp_path / "ds")
+    assert (entry["row"], entry["reason"], entry["file"]) == (3, "bad_text_encoding", str(catalog))
+    assert entry["detail"].startswith("title: ")
+    assert ("character 6 is a lone surrogate" if how != "parquet" else "byte 6 (ed)") in entry["detail"]
+    assert entry["record"]["product_id"] == "p4" and entry["record"]["title"].startswith("chair ")
+
+
+def test_a_surrogate_in_a_log_field_or_an_extra_column_is_rejected_by_name(tmp_path):
+    catalog = catalog_rows() + [{"product_id": "p4", "title": "stool", "note": ["ok", "x\udc00"],
+                                 "image_embeddings": [[0.0, 0.0, 0.0, 1.0]]}]
+    logs = [log_row(product_id="p1", timestamp=iso(0)), log_row(product_id="p2", timestamp=iso(1), user_id="u\ud83d"),
+            log_row(product_id="p3", timestamp=iso(2))]
+    summary, out = run(tmp_path, "jsonl", catalog, logs)
+    found = {(e["file"].rsplit("/", 1)[1], e["row"]): e["detail"].split(":")[0] for e in rejects(out)}
+    assert found == {("catalog.jsonl", 3): "note", ("logs.jsonl", 1): "user_id"}
+    assert summary.rejects["bad_text_encoding"] == 2 and summary.products == 3
+
+
+def _unknown_product_logs(unknown: int) -> list[dict]:
+    """4 rows of catalog products, then `unknown` rows naming products no catalog row has."""
+    return ([log_row(product_id=f"p{i % 3 + 1}", timestamp=iso(i)) for i in range(4)]
+            + [log_row(product_id=f"x{i}", timestamp=iso(i / 100)) for i in range(unknown)])
+
+
+def test_rejects_file_keeps_the_first_100_rows_of_each_reason_and_counts_all(tmp_path):
+    logs = _unknown_product_logs(250) + [log_row(product_id="p1", weight=-1.0)] * 3
+    summary, out = run(tmp_path, "jsonl", logs=logs)
+    assert summary.rejects["unknown_product"] == 250 and summary.rejects["bad_weight"] == 3
+    written = rejects(out)
+    assert [e["row"] for e in written if e["reason"] == "unknown_product"] == list(range(4, 104))
+    assert [e["row"] for e in written if e["reason"] == "bad_weight"] == [254, 255, 256]
+    assert all("record" in e for e in written)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["counts"]["rejected"], manifest["counts"]["rejects_written"]) == (253, 103)
+    assert "the first 100 rows of each reason" in summary.warnings[0]  # 250 of 257 log rows: the warning says where
+
+
+@pytest.mark.parametrize("unknown, refused", [(999, False), (1000, True)])
+def test_most_log_rows_rejected_for_one_reason_is_refused(tmp_path, unknown, refused):
+    """Over 90% of the logs rejected as unknown_product, and at least 1,000 rows: the catalog and the logs
+    do not belong together; nothing is written. 999 such rows of 1,003 (99.6%): below the count, written."""
+    if not refused:
+        summary, out = run(tmp_path, "jsonl", logs=_unknown_product_logs(unknown))
+        assert summary.rejects["unknown_product"] == 999 and out.is_dir()
+        return
+    with pytest.raises(DataError, match=r"1,000 of 1,004 log rows \(99\.6%\) were rejected as unknown_product: "
+                                        r"the catalog and the logs do not seem to belong together.*--max-reject-share 1"):
+        run(tmp_path, "jsonl", logs=_unknown_product_logs(unknown))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing published, no temporary left
+    summary, out = run(tmp_path, "jsonl", logs=_unknown_product_logs(unknown), max_reject_share=1.0)
+    assert summary.rejects["unknown_product"] == 1000 and summary.warnings  # asked for: written, with the warning
+
+
+def test_the_summary_gives_the_share_of_products_the_tower_reads_nothing_of(tmp_path):
+    """No image and no token of the dataset's vocabulary: here a product with no text at all, and one whose
+    only words the unigram, bigram and trigram caps (1 each) leave out."""
+    catalog = catalog_rows() + [{"product_id": "p4"}, {"product_id": "p5", "title": "木製の椅子"}]
+    cfg = {**SMALL, "max_unigrams": 1, "max_bigrams": 1, "max_trigrams": 1}
+    summary = ingest(write(catalog, tmp_path / "in/catalog.jsonl"),
+                     write([log_row(product_id="p1", timestamp=iso(i)) for i in range(3)], tmp_path / "in/logs.jsonl"),
+                     tmp_path / "ds", IngestConfig(**cfg))
+    assert summary.unreadable == 2 and summary.products == 5  # p1-p3 have images
+    assert "2 of 5 products (40.0%) have no image and no text token in the vocabulary" in summary.warnings[-1]
+    counts = json.loads((tmp_path / "ds" / "manifest.json").read_text())["counts"]
+    assert counts["unreadable_products"] == 2

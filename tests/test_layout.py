@@ -22,6 +22,7 @@ LAYERS: list[set[str]] = [
     {"shared"},
     {"encoders"},
     {"data"},
+    {"graph"},
     {"model"},
     {"train"},
     {"embed"},

@@ -603,3 +603,43 @@ def test_two_server_processes_share_one_live_log(model_dir, tmp_path):
         for server in (first, second):
             server.kill()
             server.wait(timeout=30)
+
+
+def test_the_upsert_answer_names_the_products_the_model_reads_nothing_of(model_dir, tmp_path):
+    make_root(tmp_path, 10, model_fp=load_model(model_dir).fingerprint)
+    with TestClient(serve.create_app(model_dir, tmp_path, reload_token=TOKEN)) as c:
+        body = {"products": [product("a", "red oak chair", 1), {"product_id": "b", "title": "木製の椅子"},
+                             {"product_id": "c", "title": "zzqxv qqvvw"}]}
+        r = c.post("/admin/products", json=body, headers=auth())
+        assert r.status_code == 200, r.text
+        assert r.json()["ids"] == ["a", "b", "c"] and r.json()["unreadable"] == ["b", "c"]
+
+
+@pytest.mark.slow  # a real server start with the torch text encoder: ~15 s quiet, 40 s busy
+def test_serve_quiet_prints_no_info_lines_and_no_bars(model_dir, tmp_path):
+    """serve -q: no uvicorn INFO lines, no "Loading weights" bar when MiniLM loads; a warning still shows."""
+    make_root(tmp_path / "index", 10, model_fp=load_model(model_dir).fingerprint)
+    port, log_path = free_port(), tmp_path / "server.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(serve.__file__).parents[1]),
+                                                          os.environ.get("PYTHONPATH", "")])}
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None), env.pop("TQDM_DISABLE", None)
+    server = subprocess.Popen([sys.executable, "-m", "itemsage.cli", "-q", "serve", "--model", str(model_dir),
+                               "--index", str(tmp_path / "index"), "--port", str(port), "--query-encoder", "torch"],
+                              stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, env=env)
+    try:
+        end = time.monotonic() + 180
+        while time.monotonic() < end:
+            assert server.poll() is None, log_path.read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/embed", json={"product": {"title": "zzqxv"}}, timeout=30)
+        assert r.status_code == 200 and r.json()["unreadable"] is True
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    shown = log_path.read_text()
+    assert "INFO" not in shown and "Loading weights" not in shown, shown
+    assert "WARNING" in shown and "reads nothing of this product" in shown  # -q keeps the warnings

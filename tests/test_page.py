@@ -122,6 +122,33 @@ def test_page_and_helpers(world):
     assert missing.status_code == 404 and "p00.png" in missing.text
 
 
+def test_the_page_has_a_content_security_policy_and_reflects_nothing(world):
+    """The policy allows the page's own inline script and style by their sha256 and nothing else; the
+    page is the packaged file byte for byte whatever the request holds."""
+    import base64
+    import re
+
+    client = TestClient(make_app(world))
+    page = client.get("/")
+    html = (Path(serve.__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
+    script = re.search(r"<script>(.*?)</script>", html, re.S).group(1)
+    style = re.search(r"<style>(.*?)</style>", html, re.S).group(1)
+
+    def sha(text: str) -> str:
+        return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+    policy = dict(d.strip().split(" ", 1) for d in page.headers["content-security-policy"].split(";"))
+    assert policy == {"default-src": "'none'", "script-src": sha(script), "style-src": sha(style),
+                      "img-src": "'self'", "connect-src": "'self'", "base-uri": "'none'",
+                      "form-action": "'none'", "frame-ancestors": "'none'"}
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert client.get("/page/image/p00").headers["x-content-type-options"] == "nosniff"
+    probe = "<script>alert(1)</script>\"'><img src=x onerror=alert(2)>"
+    for response in (page, client.get("/", params={"q": probe, "product": probe}),
+                     client.get("/", headers={"Referer": probe, "User-Agent": probe}), client.get("/?" + probe)):
+        assert response.status_code == 200 and response.content == html.encode("utf-8")
+
+
 def test_titles_from_a_dataset_directory(world, tmp_path):
     from itemsage.data.ingest import IngestConfig, ingest
 
@@ -175,6 +202,16 @@ def server(world):
     thread.join(timeout=10)
 
 
+def wait_until(page, expression: str, timeout_s: float = 15.0) -> None:
+    """Poll a JavaScript expression until it is truthy. Not Playwright's wait_for_function: that compiles
+    its predicate with eval inside the page, which the page's Content-Security-Policy forbids (as it
+    should); page.evaluate goes through the DevTools protocol, which the policy does not govern."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+        time.sleep(0.05)
+
+
 def test_the_page_in_a_browser(world, server, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
     if CHROMIUM is None:
@@ -187,8 +224,11 @@ def test_the_page_in_a_browser(world, server, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(server + "/")
-            page.wait_for_function("document.getElementById('info').textContent.includes('24 products')")
+            blocked = []  # anything the Content-Security-Policy stops (the page must need nothing it forbids)
+            page.on("console", lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None)
+            response = page.goto(server + "/")
+            assert "script-src 'sha256-" in response.headers["content-security-policy"]
+            wait_until(page, "document.getElementById('info').textContent.includes('24 products')")
 
             # Search: type a query, see the top k with titles, scores, the surface and the version.
             page.fill("#search-text", "red oak chair")
@@ -203,7 +243,7 @@ def test_the_page_in_a_browser(world, server, tmp_path):
                 assert items.nth(i).locator(".title").inner_text() == titles[pid]
             first_score = float(items.nth(0).locator(".score").inner_text().split()[-1])
             assert first_score >= float(items.nth(11).locator(".score").inner_text().split()[-1])
-            page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete)")
+            wait_until(page, "[...document.querySelectorAll('#results img')].every(i => i.complete)")
             assert page.locator("#results img").count() == sum(int(pid[1:]) % 2 == 0 for pid in shown)
             assert page.evaluate("document.querySelector('#results img').naturalWidth") == 64
             page.screenshot(path=str(shots / "page-search.png"), full_page=True)
@@ -212,9 +252,9 @@ def test_the_page_in_a_browser(world, server, tmp_path):
             # exact top 12 of the index (itself left out).
             clicked = shown[2]
             items.nth(2).click()
-            page.wait_for_function("document.querySelector('#status .surface')?.textContent === 'closeup'")
-            page.wait_for_function(
-                f"document.querySelector('#results li') && "
+            wait_until(page, "document.querySelector('#status .surface')?.textContent === 'closeup'")
+            wait_until(
+                page, f"document.querySelector('#results li') && "
                 f"document.querySelector('#query .pid')?.textContent === '{clicked}'")
             x = world["frozen"][ids.index(clicked)].astype(np.float64)
             q = world["closeup_weight"] @ (x / np.linalg.norm(x))
@@ -223,14 +263,22 @@ def test_the_page_in_a_browser(world, server, tmp_path):
             got = [items.nth(i).get_attribute("data-id") for i in range(items.count())]
             assert got == expected
             assert page.locator("#query .title").inner_text() == titles[clicked]
-            page.wait_for_function("[...document.querySelectorAll('img')].every(i => i.complete)")
+            wait_until(page, "[...document.querySelectorAll('img')].every(i => i.complete)")
             page.screenshot(path=str(shots / "page-closeup.png"), full_page=True)
 
             # A product id typed in; an unknown one shows the server's message.
             page.fill("#product-id", "nope")
             page.press("#product-id", "Enter")
-            page.wait_for_function("document.getElementById('error').textContent.length > 0")
+            wait_until(page, "document.getElementById('error').textContent.length > 0")
             assert "nope" in page.locator("#error").inner_text()
+            assert blocked == []
+            # ... and the policy is enforced: an injected inline script does not run, and is reported
+            ran = page.evaluate("(() => { const s = document.createElement('script'); s.textContent = "
+                                "'window.injected = 1'; document.body.appendChild(s); return window.injected === 1; })()")
+            deadline = time.monotonic() + 5
+            while not blocked and time.monotonic() < deadline:
+                page.wait_for_timeout(50)  # the violation report arrives as a console event
+            assert ran is False and any("script-src" in m for m in blocked), blocked
         finally:
             browser.close()
     assert (shots / "page-search.png").stat().st_size > 0 and (shots / "page-closeup.png").stat().st_size > 0

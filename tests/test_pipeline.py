@@ -158,3 +158,28 @@ def test_compare_report(demo, tmp_path):
     # a re-run finds every (run, seed) on disk and writes the same summary
     again = compare(demo.dataset, tmp_path / "cmp", cfg, progress=False)
     assert json.loads((again.parent / "summary.json").read_text()) == summary
+
+
+def test_compare_cli_prints_a_summary_table_not_the_report(demo, tmp_path):
+    """The report is in the out directory; the command prints Recall@10 mean ± sd per run and surface
+    (from summary.json) and where the report is. It printed the whole report (about 250 lines)."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from itemsage.cli import app
+
+    args = ["compare", str(demo.dataset), "--out", str(tmp_path / "cmp"), "--preset", "tiny", "--steps", "4",
+            "--batch-size", "64", "--seeds", "2", "--eval-every", "2", "--patience", "1", "--runs",
+            "itemsage,text_only", "--no-progress"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200", "TERM": "dumb"})
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) < 15 and "What this says" not in result.output
+    assert lines[-1] == f"report: {tmp_path / 'cmp' / 'report.md'}"
+    for name in ("itemsage", "text_only"):
+        row = next(ln for ln in lines if re.search(rf"\b{name}\b", ln))
+        cells = [f"{summary[name][k]['mean']:.3f} ± {summary[name][k]['sd']:.3f}"
+                 for k in ("search", "closeup", "home", "all", "cold_start")]
+        assert [c for c in cells if c in row] == cells, (row, cells)

@@ -933,3 +933,22 @@ def test_search_with_the_real_minilm_encoder(world):
     q = adapt(world, "search", encoder.encode(["red oak chair"])[0])
     want_ids, _ = brute_force(world["vectors"]["v1"], world["ids"], q, 5)
     assert r.json()["ids"] == want_ids
+
+
+UNREADABLE_TITLES = ["木製の椅子", "Стул из дуба", "zzqxv qqvvw"]  # no token of the catalog's vocabulary
+
+
+def test_embed_flags_a_product_the_model_reads_nothing_of(client, world, caplog):
+    """No image and no vocabulary token: the vector is exactly an empty product's, and the answer says so."""
+    empty = client.post("/v1/embed", json={"product": {"product_id": "empty"}}).json()
+    assert empty["unreadable"] is True and "empty product" in empty["warning"]
+    for title in UNREADABLE_TITLES:
+        with caplog.at_level("WARNING", logger="itemsage.serve.products"):
+            body = client.post("/v1/embed", json={"product": {"title": title}}).json()
+        assert body["vector"] == empty["vector"]  # what the flag is about: bit-identical
+        assert body["unreadable"] is True and body["warning"] == empty["warning"]
+        assert "reads nothing of this product" in caplog.text
+    read = [{"title": "red oak chair"}, {"title": UNREADABLE_TITLES[0], "image_embeddings": [[0.5] * IMAGE_DIM]}]
+    for product in read:  # a known word, or an image: read, and not flagged
+        body = client.post("/v1/embed", json={"product": product}).json()
+        assert body["unreadable"] is False and body["warning"] is None and body["vector"] != empty["vector"]

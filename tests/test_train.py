@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -372,6 +373,37 @@ def test_resume_after_kill_is_bit_identical(dataset, tmp_path, monkeypatch):
     # and the runs really trained: weights moved from their initial values
     fresh = train(dataset, tmp_path / "short", tiny(max_steps=1, model={"dropout": 0.2}, eval_sample=0), progress=False)
     assert not torch.equal(weights(fresh.model_dir)["tower.head.fc2.weight"], a["tower.head.fc2.weight"])
+
+
+def test_resume_with_more_steps_extends_an_unfinished_run(dataset, tmp_path, monkeypatch):
+    """--resume --steps N (larger) continues a killed run to N steps; the rest of the cosine decay is
+    spread over the steps now left, so the learning rate does not jump; a finished run says how."""
+    cfg = tiny(max_steps=7, checkpoint_every=3, keep_checkpoints=9, eval_sample=0)
+    with killed_at_draw(monkeypatch, 5), pytest.raises(KeyboardInterrupt):
+        train(dataset, tmp_path / "run", cfg, progress=False)
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000003"
+    longer = dataclasses.replace(cfg, max_steps=10)
+    resumed = train(dataset, tmp_path / "run", longer, progress=False, resume=True)
+    assert (resumed.resumed_from, resumed.steps) == (3, 10)
+
+    def schedule(step: int) -> dict:
+        return json.loads((tmp_path / f"run/checkpoints/step-{step:08d}/state.json").read_text())["schedule"]
+
+    # Warm-up 0 (a tenth of 7 steps, rounded down): 3 steps of 7 done 3/7 of the decay; the 4/7 left is
+    # spread over the 7 steps now left, 4/49 a step, so after step 6 it is 3/7 + 3 x 4/49 = 33/49.
+    assert schedule(3)["progress"] == pytest.approx(3 / 7) and schedule(3)["total_steps"] == 7
+    assert schedule(6)["progress"] == pytest.approx(33 / 49) and schedule(6)["total_steps"] == 10
+    assert schedule(10)["progress"] == pytest.approx(1.0)
+    saved = json.loads((resumed.model_dir / "config.json").read_text())["extra"]["train_config"]
+    assert saved["max_steps"] == 10 and saved["warmup_steps"] == 0  # the warm-up the run had (not 2 again)
+    # a finished run cannot be extended: the refusal says how to train longer (resumed as the CLI does,
+    # from the checkpoint's options)
+    from itemsage.train.config import checkpoint_config
+
+    again = dataclasses.replace(checkpoint_config(tmp_path / "run"), max_steps=12)
+    with pytest.raises(ConfigError, match=r"finished its schedule .* at step 10.*--config .*config.json --steps 12"):
+        train(dataset, tmp_path / "run", again, progress=False, resume=True)
 
 
 def test_background_batches_train_exactly_like_inline_ones(dataset, tmp_path, monkeypatch):

@@ -156,6 +156,10 @@ def write_manifest(
 def read_manifest(directory: str | Path, kind: str | None = None) -> dict[str, Any]:
     directory = Path(directory)
     path = directory / MANIFEST
+    if not directory.exists():
+        raise ArtifactError(f"{directory} does not exist.")
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory} is a file; an itemsage artifact is a directory (with a {MANIFEST}).")
     if not path.is_file():
         raise ArtifactError(
             f"{directory} has no {MANIFEST}: it is not a finished itemsage artifact "

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from itemsage import artifacts
-from itemsage.config import require
+from itemsage.config import require, require_int, require_number
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,34 @@ class DemoSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.out = Path(self.out)
-        require(self.products >= 100, f"demo --products ({self.products}) must be >= 100")
-        require(self.train_minutes > 0, f"demo --train-minutes ({self.train_minutes}) must be > 0")
-        require(isinstance(self.lr, (int, float)) and 0 < self.lr < 10, f"demo.lr ({self.lr!r}) must be in (0, 10)")
-        self.model = dict(self.model)
-        from itemsage.model.config import model_config
+        from itemsage.model.config import PRESETS
+        from itemsage.train.config import MAX_BATCH, MAX_MINUTES, MAX_NEGATIVES_RATIO, MAX_SEED, MAX_STEPS
 
-        model_config(self.preset, **self.model)  # a bad preset or model option fails now, not after ingest
+        require(isinstance(self.out, (str, Path)), f"demo.out ({self.out!r}) must be a path")
+        self.out = Path(self.out)
+        require_int(self.products, "demo.products", 100, 10_000_000)
+        require_number(self.train_minutes, "demo.train_minutes", 0, MAX_MINUTES, above=True, unit=" (30 days)")
+        if self.train_steps is not None:
+            require_int(self.train_steps, "demo.train_steps", 1, MAX_STEPS)
+        require_int(self.batch_size, "demo.batch_size", 2, MAX_BATCH)
+        require_int(self.eval_every, "demo.eval_every", 1, MAX_STEPS)
+        require_int(self.seed, "demo.seed", 0, MAX_SEED)
+        require(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and 0 < self.lr < 10,
+                f"demo.lr ({self.lr!r}) must be in (0, 10)")
+        require_number(self.random_negatives_ratio, "demo.random_negatives_ratio", 0, MAX_NEGATIVES_RATIO)
+        require(self.preset in PRESETS, f"demo.preset ({self.preset!r}) must be one of {', '.join(PRESETS)}")
+        require(isinstance(self.model, dict), f"demo.model ({self.model!r}) must be a table of model options")
+        self.model = dict(self.model)
+        self.train_config()  # a bad preset, model option or ratio fails now, not after ingest
+
+    def train_config(self) -> Any:
+        """The TrainConfig of the demo's training stage."""
+        from itemsage.train.config import TrainConfig
+
+        return TrainConfig(preset=self.preset, model=dict(self.model), max_steps=self.train_steps,
+                           max_minutes=self.train_minutes, seed=self.seed, lr=self.lr, batch_size=self.batch_size,
+                           random_negatives_ratio=self.random_negatives_ratio, checkpoint_every=200,
+                           eval_every=self.eval_every)
 
 
 @dataclass
@@ -94,7 +114,6 @@ def run_demo(settings: DemoSettings, progress: bool = True, say: Callable[[str],
     from itemsage.evaluate.report import write_report
     from itemsage.index.build import build_from_embeddings
     from itemsage.index.config import IndexConfig
-    from itemsage.train.config import TrainConfig
     from itemsage.train.loop import MODEL_DIR, train
 
     out = settings.out
@@ -117,11 +136,8 @@ def run_demo(settings: DemoSettings, progress: bool = True, say: Callable[[str],
         shop / CATALOG_FILE, shop / ENGAGEMENTS_FILE, dataset, IngestConfig(progress=progress)))
     # A half-finished training run resumes from its newest checkpoint.
     resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())
-    stage("train", _done(model), lambda: train(dataset, run, TrainConfig(
-        preset=settings.preset, model=dict(settings.model), max_steps=settings.train_steps,
-        max_minutes=settings.train_minutes, seed=settings.seed, lr=settings.lr,
-        batch_size=settings.batch_size, random_negatives_ratio=settings.random_negatives_ratio,
-        checkpoint_every=200, eval_every=settings.eval_every), progress=progress, resume=resume))
+    stage("train", _done(model), lambda: train(dataset, run, settings.train_config(), progress=progress,
+                                               resume=resume))
     stage("embed", _done(embeddings), lambda: embed(model, dataset, embeddings, progress=progress))
     stage("index", (index / "CURRENT").is_file(), lambda: build_from_embeddings(embeddings, index, IndexConfig()))
     result: dict[str, Any] = {}

@@ -86,6 +86,7 @@ REJECT_REASONS: tuple[str, ...] = (
     "bad_weight",
     "unreadable_image",
     "unknown_query_product",
+    "bad_text_encoding",
 )
 
 

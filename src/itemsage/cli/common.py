@@ -11,12 +11,14 @@ from __future__ import annotations
 import enum
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.text import Text
+from typer.core import TyperGroup
 
 from itemsage import __version__
 
@@ -24,7 +26,35 @@ from itemsage import __version__
 RUNS = ("itemsage", "image_only", "text_only", "sum_pooling", "concat_mlp", "single_task_click", "single_task_save",
         "single_task_add_to_cart", "single_task_checkout", "in_batch_negatives", "random_negatives")
 
+# click's exception classes, found from Typer's public BadParameter (Typer vendors its own click).
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _Group(TyperGroup):
+    """The command group, with click's usage errors (an unknown option, a bad choice, a missing
+    argument) printed in the CLI's one refusal style, `error: ...` on one line, as `fail` prints every
+    other refusal, instead of click's usage block and boxed message."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)  # typer.Exit(n) comes back as n
+        except _CLICK_ERROR as err:
+            ctx = getattr(err, "ctx", None)
+            if type(err).__name__ == "NoArgsIsHelpError":  # `itemsage` alone: the help is already shown
+                sys.exit(err.exit_code)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            console.print(Text.assemble(("error: ", "bold red"), err.format_message().rstrip(".") + hint))
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            console.print("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_Group,
     name="itemsage",
     help="ItemSage: one product embedding for search, closeup and home, trained from engagement logs.\n\n"
          "Start with `itemsage demo`, or see the pipeline with `itemsage COMMAND --help`.",
@@ -123,6 +153,23 @@ def _main(
     # faiss logs "Could not load library with AVX512 support" at INFO on import; it then uses AVX2.
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     _STATE["quiet"] = quiet
+    if quiet:
+        no_third_party_bars()
+
+
+def no_third_party_bars() -> None:
+    """No progress bars from the libraries below us either: Hugging Face's (the "Loading weights" bar
+    when MiniLM loads) and tqdm's. Environment switches for those not imported yet (the CLI sets them
+    before any heavy import), and the libraries' own switch for those already imported."""
+    import os
+    import sys
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -133,7 +180,15 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def _progress(flag: bool) -> bool:
-    return flag and not _STATE["quiet"]
+    """Whether to draw progress bars (`--progress/--no-progress`, and never under -q); when not, the
+    third-party bars are switched off too."""
+    shown = flag and not _STATE["quiet"]
+    if not shown:
+        no_third_party_bars()
+    return shown
+
+
+_PROGRESS_HELP = "Show progress bars (--no-progress: none, the libraries' included)."
 
 
 # Config fields as the user typed them: `train.max_steps` is `--steps` on the command line.
@@ -148,12 +203,14 @@ _FLAGS: dict[str, dict[str, str]] = {
     "compare": {"preset": "--preset", "steps": "--steps", "batch_size": "--batch-size", "runs": "--runs",
                 "eval_sample": "--eval-sample", "seed": "--seed", "seeds": "--seeds", "eval_every": "--eval-every",
                 "patience": "--patience"},
-    "demo": {"products": "--products", "train_minutes": "--train-minutes", "preset": "--preset", "seed": "--seed"},
+    "demo": {"products": "--products", "train_minutes": "--minutes", "train_steps": "--steps", "preset": "--preset",
+             "seed": "--seed", "out": "--out"},
     "ingest": {"split": "--split", "validation_fraction": "--validation-fraction", "test_fraction": "--test-fraction",
                "validation_from": "--validation-from", "test_from": "--test-from", "gap_hours": "--gap-hours",
                "text_fields": "--text-fields",
                "max_unigrams": "--max-unigrams", "max_bigrams": "--max-bigrams", "max_trigrams": "--max-trigrams",
-               "batch_rows": "--batch-rows", "image_dim": "--image-dim", "product_query": "--product-query"},
+               "batch_rows": "--batch-rows", "image_dim": "--image-dim", "product_query": "--product-query",
+               "max_reject_share": "--max-reject-share"},
     "index": {"kind": "--kind", "m": "--m", "ef_construction": "--ef-construction", "ef_search": "--ef-search",
               "nlist": "--nlist", "pq_m": "--pq-m", "pq_nbits": "--pq-nbits", "nprobe": "--nprobe",
               "refine_factor": "--refine-factor"},
@@ -163,20 +220,30 @@ _FIELD = re.compile(r"`?\b(train|model|compare|demo|ingest|index|embed)\.([a-z_]
 _NOT_FIELDS = {"parquet", "jsonl", "json", "safetensors", "arrow", "py", "toml"}
 
 
-def flag_names(message: str, config_file: Optional[Path] = None) -> str:
-    """A config error as the user sees the options: `train.preset` -> `--preset`; a field with no
-    flag is named as its key in the run file ([train] weight_decay)."""
+def flag_names(message: str, config_file: Optional[Path] = None, names: Optional[dict[str, str]] = None) -> str:
+    """A config error as the user sees the options: `train.preset` -> `--preset`; a value from the run
+    file is named by its key as written there (`names`: "train.max_steps" -> "steps", see
+    cli/run_files.py) and the file is named at the end; a field with no flag is named as its key in
+    the run file ([train] weight_decay)."""
+    names = names or {}
+    used: list[str] = []
+
     def name(m: re.Match) -> str:
         section, field = m.groups()
         if field in _NOT_FIELDS:
             return m.group(0)
+        if f"{section}.{field}" in names:
+            used.append(names[f"{section}.{field}"])
+            return f"`{used[-1]}`"
         flag = _FLAGS.get(section, {}).get(field)
         if flag:
             return flag
         table = "train.model" if section == "model" else section
         return f"`{field}` ([{table}] in the --config file)"
-    return _FIELD.sub(name, message) + (f" (values from --config {config_file}, flags override them)"
-                                        if config_file is not None else "")
+    text = _FIELD.sub(name, message)
+    if used and config_file is not None:
+        text += f" (`{'`, `'.join(dict.fromkeys(used))}` in --config {config_file})"
+    return text
 
 
 def _given(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
@@ -187,7 +254,8 @@ def _given(ctx: typer.Context, values: dict[str, Any]) -> dict[str, Any]:
 
 
 _CONFIG_HELP = ("A run file (.toml; the [{0}] table) whose values replace the defaults; flags given here "
-                "override it. Keys are the config's field names: see docs/ARCHITECTURE.md, 'Run files'.")
+                "override it. Keys are the flags' names (steps, batch_size or batch-size, ...) and the options "
+                "without a flag: see docs/ARCHITECTURE.md, 'Run files'.")
 
 
 def _path(value: Any) -> Optional[Path]:

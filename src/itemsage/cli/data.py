@@ -95,12 +95,16 @@ def ingest_cmd(
         help="A product's frozen query vector (closeup/home logs may name a query_product_id): image = its main "
              "image vector, text = the text encoder's vector of its title, auto = image when every product has "
              "an image, else text."),
+    max_reject_share: float = typer.Option(
+        0.9, "--max-reject-share", help="Stop, writing nothing, when one reason rejects more than this share of "
+                                        "the catalog's or the logs' rows (and at least 1,000 rows); 1: never."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Validate, normalise and time-split a catalog and engagement logs into a dataset directory.
 
-    Bad rows go to DIR/rejects.jsonl with their reason; a file that cannot be used at all, or one
-    whose every row is rejected, stops the run before anything is written.
+    Bad rows are counted by reason, and the first 100 of each reason go to DIR/rejects.jsonl; a file
+    that cannot be used at all, one whose every row is rejected, or one where a single reason rejects
+    most rows (--max-reject-share) stops the run before anything is written.
 
     Example:
 
@@ -116,7 +120,8 @@ def ingest_cmd(
         options = dict(split=split, validation_from=validation_from, test_from=test_from, gap_hours=gap_hours,
                        max_unigrams=max_unigrams, max_bigrams=max_bigrams,
                        max_trigrams=max_trigrams, batch_rows=batch_rows, image_dim=image_dim,
-                       product_query=product_query.value, progress=_progress(progress))
+                       product_query=product_query.value, max_reject_share=max_reject_share,
+                       progress=_progress(progress))
         options.update({k: v for k, v in (("validation_fraction", validation_fraction),
                                           ("test_fraction", test_fraction)) if v is not None})
         if text_fields is not None:

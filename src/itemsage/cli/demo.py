@@ -9,7 +9,18 @@ from typing import Optional
 import typer
 
 from itemsage import schema
-from itemsage.cli.common import _CONFIG_HELP, Preset, _given, _progress, app, console, fail, flag_names
+from itemsage.cli.common import (
+    _CONFIG_HELP,
+    _PROGRESS_HELP,
+    _STATE,
+    Preset,
+    _given,
+    _progress,
+    app,
+    console,
+    fail,
+    flag_names,
+)
 from itemsage.cli.evaluate import _print_ceiling, _recall_table
 
 
@@ -19,11 +30,14 @@ def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory for every artifact of the demo."),
     config: Optional[Path] = typer.Option(None, "--config", show_default=False, help=_CONFIG_HELP.format("demo")),
     products: int = typer.Option(20_000, "--products", help="Products in the generated shop."),
-    train_minutes: float = typer.Option(6.0, "--train-minutes", help="Training budget in minutes."),
+    train_minutes: float = typer.Option(6.0, "--minutes", "--train-minutes", help="Training budget in minutes."),
+    steps: Optional[int] = typer.Option(None, "--steps", show_default=False,
+                                        help="A step cap on top of the minute budget (default: none)."),
     preset: Preset = typer.Option(Preset.cpu, "--preset", help="Model preset."),
     seed: int = typer.Option(0, "--seed", help="Random seed of the shop and the training run."),
     serve: bool = typer.Option(False, "--serve", help="Then start the service on the demo's model and index."),
     port: int = typer.Option(8000, "--port", help="Port for --serve (bound to 127.0.0.1)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help=_PROGRESS_HELP),
 ) -> None:
     """Generate a demo shop, ingest, train, embed, index and evaluate it, in one command.
 
@@ -33,25 +47,32 @@ def demo_cmd(
 
         itemsage demo
 
-        itemsage demo --products 2000 --train-minutes 1 --out runs/small-demo --serve
+        itemsage demo --products 2000 --minutes 1 --out runs/small-demo --serve
     """
-    import dataclasses
     import time
 
-    from itemsage.config import ConfigError, check_keys, read_run_file
+    from itemsage.cli import run_files
+    from itemsage.config import ConfigError
     from itemsage.demo import DemoSettings, run_demo
 
     start = time.perf_counter()
     try:
-        table = read_run_file(config, "demo") if config is not None else {}
-        given = _given(ctx, {"out": out, "products": products, "train_minutes": train_minutes, "preset": preset,
-                             "seed": seed})
-        check_keys(table, [f.name for f in dataclasses.fields(DemoSettings)], section="demo")
-        settings = DemoSettings(**{**table, **given})
-        result = run_demo(settings, progress=_progress(True),
+        run = run_files.read(config, "demo")  # every key and type checked before anything runs
+    except ConfigError as err:
+        fail(str(err))
+    given = _given(ctx, {"out": out, "products": products, "train_minutes": train_minutes, "steps": steps,
+                         "preset": preset, "seed": seed})
+    if "steps" in given:
+        given["train_steps"] = given.pop("steps")
+    try:
+        settings = DemoSettings(**{**run.values, **given})
+    except ConfigError as err:
+        fail(flag_names(str(err), config, run.file_names(f"demo.{k}" for k in given)))
+    try:
+        result = run_demo(settings, progress=_progress(progress),
                           say=lambda m: console.print(m, highlight=False, markup=False))
     except ConfigError as err:
-        fail(flag_names(str(err), config))
+        fail(flag_names(str(err)))
     console.print(_recall_table(result.evaluation, "ItemSage demo: Recall@10 on the test window"))
     _print_ceiling(result.evaluation)
     console.print(f"stage seconds: {result.seconds}; total {time.perf_counter() - start:.0f} s")
@@ -87,7 +108,8 @@ def _serve_demo(result, port: int) -> None:
         console.print(f"  curl -s {base}/v1/{endpoint} -H 'content-type: application/json' -d '{json.dumps(body)}'",
                       highlight=False, soft_wrap=True, markup=False)
     console.print(f"  the page: {base}/   API docs: {base}/docs", highlight=False)
-    run(result.model, result.index, host="127.0.0.1", port=port, reload_token=None, products=result.dataset)
+    run(result.model, result.index, host="127.0.0.1", port=port, reload_token=None, products=result.dataset,
+        log_level="warning" if _STATE["quiet"] else "info")
 
 
 if __name__ == "__main__":

@@ -61,8 +61,12 @@ def embed_cmd(
     except (ArtifactError, DataError, FileNotFoundError, ImportError, ValueError) as err:
         fail(str(err))
     if rejected:
-        console.print(f"[yellow]warning:[/] {rejected:,} catalog row(s) rejected; every one and its reason: "
-                      f"{out / 'catalog' / schema.REJECTS_FILE}", highlight=False)
+        console.print(f"[yellow]warning:[/] {rejected:,} catalog row(s) rejected; the reasons (the first 100 rows "
+                      f"of each): {out / 'catalog' / schema.REJECTS_FILE}", highlight=False)
+    if summary.unreadable:
+        console.print(f"[yellow]warning:[/] the model reads nothing of {summary.unreadable:,} of the {summary.count:,} "
+                      "products (no image, and no word of their text in its vocabulary): each has the vector of an "
+                      "empty product", highlight=False)
     console.print(f"{summary.count:,} products x {summary.dim} dims in {summary.shards} shard(s): {summary.out_dir}")
     console.print(f"embedded {summary.embedded:,} in {summary.seconds:.1f} s "
                   f"({summary.products_per_second:,.0f} products/s)"

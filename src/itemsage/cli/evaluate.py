@@ -10,11 +10,11 @@ import typer
 
 from itemsage.cli.common import (
     _CONFIG_HELP,
+    _PROGRESS_HELP,
     RUNS,
     EvalDevice,
     Preset,
     _given,
-    _path,
     _progress,
     app,
     console,
@@ -75,6 +75,7 @@ def evaluate_cmd(
     window: str = typer.Option(
         "test", "--window", help="Window to score: test (the reported figures) or validation (to choose options "
                                  "without reading the test window)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help=_PROGRESS_HELP),
 ) -> None:
     """Recall@1/10/100 per surface x engagement on the test window: exact, ANN, popularity, cold start,
     and pairs seen / unseen in the train window; closeup by product and home by history as the service
@@ -91,6 +92,7 @@ def evaluate_cmd(
     from itemsage.evaluate.evaluation import evaluate
     from itemsage.evaluate.report import check_report_out, write_report
 
+    _progress(progress)  # no bar of its own; the flag (and -q) still silence the libraries' (MiniLM loading)
     try:
         check_report_out(out)  # before the work: the report replaces --out whole
         result = evaluate(model, dataset, embeddings, index_root=index, sample=sample, device=device.value,
@@ -140,13 +142,15 @@ def compare_cmd(
     report_only: bool = typer.Option(
         False, "--report-only", help="Train nothing: report every finished (run, seed) already in --out for "
                                      "--runs, each row with the seeds it has (--seeds is not used)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help=_PROGRESS_HELP),
 ) -> None:
     """Train the paper's comparisons to convergence (early stopping on the validation window), with
     seeds, and report them on the test window: mean ± sd, plots, summary.json.
 
-    A re-run skips the (run, seed) pairs whose result is already on disk. Rows may run in separate
-    processes (different --runs, the same --out; each includes itemsage); --report-only then writes
-    the one report over all of them.
+    Prints a summary table (Recall@10 per surface, mean ± sd over seeds); the full report is
+    OUT/report.md. A re-run skips the (run, seed) pairs whose result is already on disk. Rows may run
+    in separate processes (different --runs, the same --out; each includes itemsage); --report-only
+    then writes the one report over all of them.
 
     Examples:
 
@@ -154,35 +158,70 @@ def compare_cmd(
 
         itemsage compare --config run.toml
     """
-    import dataclasses
-
     from itemsage.artifacts import ArtifactError
-    from itemsage.config import ConfigError, check_keys, read_run_file
+    from itemsage.cli import run_files
+    from itemsage.config import ConfigError
+
+    try:
+        run = run_files.read(config, "compare")  # every key and type checked before anything runs
+    except ConfigError as err:
+        fail(str(err))
+    dataset_from_file = dataset is None and "dataset" in run.values
+    dataset, out = run.path_value("dataset", dataset), run.path_value("out", out)
+    if dataset is None or out is None:
+        fail("give the DATASET argument and --out (or `dataset` and `out` in the --config file)")
     from itemsage.evaluate.compare import compare
     from itemsage.evaluate.compare_runs import CompareConfig
 
-    try:
-        table = read_run_file(config, "compare") if config is not None else {}
-    except ConfigError as err:
-        fail(str(err))
-    dataset = dataset or _path(table.pop("dataset", None))
-    out = out or _path(table.pop("out", None))
-    table.pop("dataset", None), table.pop("out", None)
-    if dataset is None or out is None:
-        fail("give the DATASET argument and --out (or `dataset` and `out` in the --config file)")
     given = _given(ctx, {"preset": preset, "steps": steps, "batch_size": batch_size, "runs": runs,
                          "eval_sample": eval_sample, "seed": seed, "seeds": seeds, "eval_every": eval_every,
                          "patience": patience})
+    table = run.values
     overrides = dict(table.pop("train_overrides", None) or {})
-    if _given(ctx, {"random_negatives_ratio": random_negatives_ratio}) or "random_negatives_ratio" not in overrides:
+    ratio_given = bool(_given(ctx, {"random_negatives_ratio": random_negatives_ratio}))
+    if "random_negatives_ratio" in table and not ratio_given:  # the flag's key in [compare]
+        overrides["random_negatives_ratio"] = table.pop("random_negatives_ratio")
+        run.names["train.random_negatives_ratio"] = run.names.pop("compare.random_negatives_ratio")
+    table.pop("random_negatives_ratio", None)
+    if ratio_given or "random_negatives_ratio" not in overrides:
         overrides["random_negatives_ratio"] = random_negatives_ratio
+    names = run.file_names([f"compare.{k}" for k in given] + ["train.random_negatives_ratio"] * ratio_given)
     try:
-        check_keys(table, [f.name for f in dataclasses.fields(CompareConfig)], section="compare")
         cfg = CompareConfig(**{**table, **given, "train_overrides": overrides})
-        report = compare(dataset, out, cfg, progress=_progress(True), report_only=report_only)
     except ConfigError as err:
-        fail(flag_names(str(err), config))
+        fail(flag_names(str(err), config, names))
+    if not dataset.exists():
+        fail(f"the dataset directory {dataset} does not exist"
+             + (f" (`dataset` in --config {config})" if dataset_from_file else ""))
+    try:
+        report = compare(dataset, out, cfg, progress=_progress(progress), report_only=report_only)
+    except ConfigError as err:
+        fail(flag_names(str(err), config, names))
     except ArtifactError as err:
         fail(str(err))
-    console.print(report.read_text(), markup=False)
+    console.print(_summary_table(out, cfg))
     console.print(f"report: {report}")
+
+
+def _summary_table(out: Path, cfg):
+    """Recall@10 on the test window per run and surface, mean ± sd over seeds (summary.json)."""
+    import json
+
+    from rich.table import Table
+
+    from itemsage.evaluate.compare_runs import SUMMARY_FILE, SUMMARY_KEYS
+
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    table = Table(title=f"Recall@10 on the test window, mean ± sd over seeds ({summary['products']:,} products)")
+    table.add_column("run")
+    for key in SUMMARY_KEYS:
+        table.add_column(key.replace("_", " "), justify="right")
+    table.add_column("seeds", justify="right")
+    for name in cfg.runs:
+        row = summary.get(name)
+        if row is None:
+            continue
+        cells = [("–" if v["mean"] is None else f"{v['mean']:.3f} ± {v['sd']:.3f}" if v["seeds"] > 1 else
+                  f"{v['mean']:.3f}") for v in (row[key] for key in SUMMARY_KEYS)]
+        table.add_row(name, *cells, str(max(v["seeds"] for v in row.values())))
+    return table

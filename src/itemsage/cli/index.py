@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from itemsage.cli.common import Backend, Kind, app, console, fail, flag_names
+from itemsage.cli.common import _PROGRESS_HELP, Backend, Kind, _progress, app, console, fail, flag_names
 
 
 @app.command("index")
@@ -38,6 +38,7 @@ def index_cmd(
                                  help="Point CURRENT (Milvus: the alias) at the new version."),
     compact: bool = typer.Option(False, "--compact", help="Fold the live updates logged under --out into a new "
                                  "version of CURRENT (same kind and parameters); then POST /admin/reload."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help=_PROGRESS_HELP),
 ) -> None:
     """Build an ANN index over product embeddings, report its recall@10 against exact search.
 
@@ -48,6 +49,7 @@ def index_cmd(
     from itemsage.artifacts import ArtifactError
     from itemsage.config import ConfigError
 
+    _progress(progress)  # no bar of its own; the flag (and -q) still silence the libraries'
     if backend == Backend.milvus:
         if uri is None:
             fail("--backend milvus needs --uri (./file.db for Milvus Lite, http://host:19530 for a server)")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from itemsage.cli.common import Backend, app, console, fail
+from itemsage.cli.common import _PROGRESS_HELP, _STATE, Backend, _progress, app, console, fail
 
 
 @app.command("serve")
@@ -36,6 +36,7 @@ def serve_cmd(
         None, "--products", show_default=False,
         help="Titles and images for the page at /: a dataset directory (itemsage ingest) or a catalog file "
              "or directory (default: ids only)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help=_PROGRESS_HELP),
 ) -> None:
     """Serve candidate retrieval over HTTP: a page at /, search, closeup, home, embed, metrics and hot reload.
 
@@ -49,6 +50,7 @@ def serve_cmd(
     from itemsage.config import ConfigError
     from itemsage.serve.app import run
 
+    _progress(progress)  # no bar of its own; the flag (and -q) still silence the libraries' (MiniLM loading)
     token = os.environ.get(reload_token_env) or None
     if token is None:
         console.print(f"reload and live updates disabled: ${reload_token_env} is not set", highlight=False)
@@ -68,6 +70,7 @@ def serve_cmd(
                 fail("--index is required with --backend faiss (an index root from `itemsage index`)")
             source = index
         run(model, source, host=host, port=port, reload_token=token, threads=threads, query_encoder=query_encoder,
-            query_cache=query_cache, query_batch=query_batch, products=products)
+            query_cache=query_cache, query_batch=query_batch, products=products,
+            log_level="warning" if _STATE["quiet"] else "info")  # -q: no uvicorn INFO lines either
     except (ConfigError, ArtifactError, ValueError, OSError, ImportError) as err:
         fail(str(err))

@@ -18,7 +18,6 @@ from itemsage.cli.common import (
     Optimizer,
     Preset,
     _given,
-    _path,
     _progress,
     app,
     console,
@@ -68,7 +67,8 @@ def train_cmd(
                               "a better validation Recall@10; the best evaluation's model is kept (0: never stop "
                               "early)."),
     device: Device = typer.Option(Device.auto, "--device", help="Where to train (auto: cuda when available)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in --out "
+                                "(with another --steps: an unfinished run continues to that count)."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed, data and options give the same "
                                                "weights on the same machine."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
@@ -90,15 +90,15 @@ def train_cmd(
     from rich.table import Table
 
     from itemsage.artifacts import ArtifactError
-    from itemsage.config import ConfigError, check_keys, read_run_file
+    from itemsage.cli import run_files
+    from itemsage.config import ConfigError
 
     try:
-        table = read_run_file(config, "train") if config is not None else {}
+        run = run_files.read(config, "train")  # every key and type checked before anything runs
     except ConfigError as err:
         fail(str(err))
-    dataset_dir = dataset_dir or _path(table.pop("dataset", None))
-    out = out or _path(table.pop("out", None))
-    table.pop("dataset", None), table.pop("out", None)
+    dataset_from_file = dataset_dir is None and "dataset" in run.values
+    dataset_dir, out = run.path_value("dataset", dataset_dir), run.path_value("out", out)
     if dataset_dir is None or out is None:
         fail("give the DATASET_DIR argument and --out (or `dataset` and `out` in the --config file)")
 
@@ -117,8 +117,9 @@ def train_cmd(
     if "tasks" in given:
         given["tasks"] = tuple(t.strip() for t in given["tasks"].split(",") if t.strip())
     model = _given(ctx, {"aggregator": aggregator, "modalities": modalities})
+    table = run.values
+    names = run.file_names([f"train.{k}" for k in given] + [f"model.{k}" for k in model])
     try:
-        check_keys(table, [f.name for f in dataclasses.fields(TrainConfig)], section="train")
         if "max_minutes" in {**table, **given} and "max_steps" not in {**table, **given}:
             given["max_steps"] = None  # the budget alone fixes the step count
         # A resumed run starts from its checkpoint's options; the file's, then the flags', override them.
@@ -128,9 +129,16 @@ def train_cmd(
         model = {**base.get("model", {}), **dict(table.get("model") or {}), **model}
         if model:
             merged["model"] = model
-        result = train(dataset_dir, out, TrainConfig(**merged), progress=_progress(progress), resume=resume)
+        cfg = TrainConfig(**merged)
     except ConfigError as err:
-        fail(flag_names(str(err), config))
+        fail(flag_names(str(err), config, names))
+    if not dataset_dir.exists():
+        fail(f"the dataset directory {dataset_dir} does not exist"
+             + (f" (`dataset` in --config {config})" if dataset_from_file else ""))
+    try:
+        result = train(dataset_dir, out, cfg, progress=_progress(progress), resume=resume)
+    except ConfigError as err:
+        fail(flag_names(str(err), config, names))
     except (ArtifactError, FileNotFoundError, ValueError) as err:
         fail(str(err))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports

@@ -34,9 +34,12 @@ Rules a user may need to know:
   against the directory of the file that names them; any unreadable file rejects the row. The first
   valid image vector (or `image_dim`, `--image-dim`) fixes the dataset's image width; a
   bad_vector_width detail names the width and the file and row that fixed it.
-- Every catalog (or log) row rejected: DataError naming the top reasons, nothing written. More than
-  half rejected: the run still writes the dataset (the rejects are its report), with a warning shown
-  first in the summary (and kept in the manifest) naming the top reason.
+- Every catalog (or log) row rejected: DataError naming the top reasons, nothing written; so too when
+  one reason rejected more than `max_reject_share` (0.9) of them and at least 1,000 rows (a catalog
+  and logs that do not belong together; itemsage.data.rejects). More than half rejected otherwise:
+  the run still writes the dataset, with a warning shown first in the summary (and kept in the
+  manifest) naming the top reason. rejects.jsonl holds the first 100 rows of each reason in full;
+  the manifest's counts (`rejects`, by reason) cover every row.
 - Numeric timestamps that all fall before 1990 (e.g. 1, 2, 3: read as seconds after 1970) give a
   warning in the summary: they are probably counters, not epoch times.
 - Query vectors: one width per surface, fixed by its first valid row; a search row with only
@@ -118,6 +121,7 @@ from itemsage.data.readers import (
 )
 from itemsage.data.rejects import RejectsFile
 from itemsage.data.row_arrays import Rejector, content_hash
+from itemsage.data.text import known_text
 from itemsage.data.timesplit import (
     COMPRESSION,
     SCRATCH,
@@ -192,7 +196,8 @@ class _Ingest:
                     self.extras.add(extra, table.num_rows)
                     self.products += table.num_rows
                     stats.rows_read += n
-                    stats.rows_rejected += self.rejects.write(src, reject_entries(src, batch, start, rej))
+                    stats.rows_rejected += self.rejects.write(
+                        src.role, reject_entries(src, batch, start, rej, self.rejects.room(src.role)))
                     stats.rows_kept += table.num_rows
                     self.progress.advance(task, n)
 
@@ -278,6 +283,15 @@ class _Ingest:
         return Vocabulary.build(fields(), max_unigrams=c.max_unigrams, max_bigrams=c.max_bigrams,
                                 max_trigrams=c.max_trigrams)
 
+    def unreadable(self, vocab: Any) -> int:
+        """Kept products with no image and no token of `vocab`: the tower reads nothing of them."""
+        count = 0
+        for batch in scratch_batches(self.scratch / "products.arrow"):
+            table = pa.Table.from_batches([batch])
+            no_image = pc.list_value_length(table.column(schema.IMAGE_EMBEDDINGS)).fill_null(0).to_numpy() == 0
+            count += int((no_image & ~known_text(table, vocab, self.config.text_fields)).sum())
+        return count
+
     # -- logs
 
     def time_pass(self, sources: list[Source]) -> MinuteCounts:
@@ -313,7 +327,8 @@ class _Ingest:
                 table = self.checks.log_batch(src.path, n, cols, errors, rej, start=start)
                 slabs.add(table)
                 stats.rows_read += n
-                stats.rows_rejected += self.rejects.write(src, reject_entries(src, batch, start, rej))
+                stats.rows_rejected += self.rejects.write(
+                    src.role, reject_entries(src, batch, start, rej, self.rejects.room(src.role)))
                 stats.rows_kept += table.num_rows
                 self.progress.advance(task, n)
 
@@ -393,7 +408,8 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
             lap("catalog", sum(s.rows_read for s in run.stats))
             # Every row rejected: refused, nothing written (the error names the reasons). More than
             # half: the dataset is written, with a warning first in the summary.
-            if refusal := run.rejects.refusal("catalog", *run.counts("catalog")):
+            if refusal := (run.rejects.refusal("catalog", *run.counts("catalog"))
+                           or run.rejects.mismatch("catalog", run.counts("catalog")[0], config.max_reject_share)):
                 raise DataError(refusal)
             warnings = [run.rejects.warning("catalog", *run.counts("catalog"), out)]
             # Before the logs: a row's query_product_id stands for its product's frozen vector.
@@ -422,7 +438,8 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
             slabs = TimeSlabs(tmp / ".scratch", minutes.slab_edges(edges, config.sort_rows), split)
             del minutes
             run.read_logs(log_sources, slabs)
-            if refusal := run.rejects.refusal("logs", *run.counts("logs")):
+            if refusal := (run.rejects.refusal("logs", *run.counts("logs"))
+                           or run.rejects.mismatch("logs", run.counts("logs")[0], config.max_reject_share)):
                 raise DataError(refusal)
             # Not logged here: the summary shows them first (the CLI prints it), and the manifest keeps them.
             warnings += [run.rejects.warning("logs", *run.counts("logs"), out), run.time_warning()]
@@ -436,6 +453,9 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
             run.write_products(tmp / schema.PRODUCTS_FILE)
             vocab = run.build_vocabulary()
             vocab.save(tmp / schema.VOCAB_FILE)
+            if unreadable := run.unreadable(vocab):
+                warnings.append(f"{unreadable:,} of {run.products:,} products ({100 * unreadable / run.products:.1f}%) "
+                                "have no image and no text token in the vocabulary: the tower reads nothing of them.")
             lap("products and vocabulary", run.products)
             task = progress.add_task("sorting into windows", total=slabs.rows)
             slabs.finish({w: tmp / schema.WINDOW_FILES[w] for w in schema.WINDOWS}, lambda k: progress.advance(task, k))
@@ -455,11 +475,11 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
         counts = {
             "products": run.products, "catalog_rows": sum(s.rows_read for s in run.stats if s.role == "catalog"),
             "log_rows": sum(s.rows_read for s in run.stats if s.role == "logs"),
-            "rejects": rejects, "rejected": sum(rejects.values()),
+            "rejects": rejects, "rejected": sum(rejects.values()), "rejects_written": run.rejects.written,
             **{f"{w}_rows": rows[w] for w in schema.WINDOWS}, **{w: sum(rows[w].values()) for w in schema.WINDOWS},
             "gap_rows": slabs.gap_rows, "no_user_train_rows": slabs.no_user_train_rows,
             "image_dim": image_dim, "query_dims": dict(checks.query_dims), "images_truncated": checks.images_truncated,
-            "vocab_size": len(vocab),
+            "vocab_size": len(vocab), "unreadable_products": unreadable,
         }
         windows_from = {"validation_from": iso(split_ms[0]), "test_from": iso(split_ms[1])} if split_ms else \
             {"validation_from": None, "test_from": None}
@@ -490,6 +510,7 @@ def ingest(catalog: str | Path, logs: str | Path, out: str | Path, config: Inges
                             test_from=windows_from["test_from"], gap_rows=slabs.gap_rows,
                             image_dim=image_dim, query_dims=dict(checks.query_dims),
                             images_truncated=checks.images_truncated, files=files, warnings=warnings,
+                            rejects_written=run.rejects.written, unreadable=unreadable,
                             product_query=product_query_entry)
     log.info("ingest: %d products, %d train, %d validation and %d test rows (%d dropped in the gap), "
              "%d rejected rows -> %s", summary.products, counts["train"], counts["validation"], counts["test"],

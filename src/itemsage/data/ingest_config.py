@@ -37,6 +37,9 @@ class IngestConfig:
     sort_rows: int = 250_000  # log rows per time slab, held in memory while writing train/eval in time order
     sha256_max_bytes: int = 1 << 30  # larger inputs are fingerprinted by size and mtime
     product_query: str = "auto"  # a product's frozen query vector: auto | image | text (itemsage.data.product_query)
+    # refuse the run when one reason rejects more than this share of the catalog's or the logs' rows (and
+    # at least 1,000 rows): inputs that do not belong together (itemsage.data.rejects); 1 = never
+    max_reject_share: float = 0.9
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -83,6 +86,8 @@ class IngestConfig:
                 f"`ingest.image_dim` ({self.image_dim}) must be a positive integer or unset.")
         require(self.product_query in product_query.CHOICES,
                 f"`ingest.product_query` ({self.product_query!r}) must be one of {', '.join(product_query.CHOICES)}.")
+        require(isinstance(self.max_reject_share, (int, float)) and 0 < self.max_reject_share <= 1,
+                f"`ingest.max_reject_share` ({self.max_reject_share}) must be in (0, 1]; 1 never refuses.")
         require(isinstance(self.sha256_max_bytes, int) and self.sha256_max_bytes >= 0,
                 f"`ingest.sha256_max_bytes` ({self.sha256_max_bytes}) must be an integer >= 0.")
 
@@ -114,6 +119,8 @@ class IngestSummary:
     images_truncated: int
     files: list[Path]
     warnings: list[str] = field(default_factory=list)  # shown first in the summary: most rows rejected
+    rejects_written: int = 0  # rows written in full to rejects.jsonl (the first 100 of each reason)
+    unreadable: int = 0  # products with no image and no vocabulary token: the tower reads nothing of them
     product_query: dict[str, Any] = field(default_factory=dict)  # the manifest's product_query entry
 
     @property
@@ -156,7 +163,12 @@ def summary_table(summary: IngestSummary) -> Any:
     facts = (f"products kept: {summary.products:,}; {split}{gap}; "
              f"image width: {summary.image_dim}; query widths: {summary.query_dims}; "
              f"product query vectors: {summary.product_query.get('source')}, {summary.product_query.get('dim')}-d; "
+             f"products the tower reads nothing of (no image, no vocabulary token): {summary.unreadable:,} "
+             f"({100 * summary.unreadable / max(1, summary.products):.1f}%); "
              f"products with image lists cut to the maximum: {summary.images_truncated:,}")
     # Text, not markup: a detail may hold [brackets].
     warnings = [Text(f"WARNING: {w}", style="bold red") for w in summary.warnings]
-    return Group(*warnings, inputs, *([rejects] if summary.rejected else []), tasks, facts, files)
+    sampled = ([Text(f"rejects.jsonl holds the first 100 rows of each reason: {summary.rejects_written:,} of "
+                     f"{summary.rejected:,} rejected rows (the counts above cover them all)")]
+               if summary.rejects_written < summary.rejected else [])
+    return Group(*warnings, inputs, *([rejects] if summary.rejected else []), *sampled, tasks, facts, files)

@@ -199,10 +199,16 @@ def _clean_string_lists(arr: pa.Array) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), values.filter(keep))
 
 
-def _from_arrow(kind: str, arr: pa.Array) -> tuple[pa.Array, Errors]:
+def _from_arrow(kind: str, arr: pa.Array, name: str = "") -> tuple[pa.Array, Errors]:
     """A Parquet column (already type-checked) in its canonical type."""
     if pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_decode()
+    bad: Errors = {}
+    if kind in ("id", "str", "label", "text", "paths", "time"):
+        arr, bad = _valid_utf8(arr, name)
+    if bad:
+        converted, errors = _from_arrow(kind, arr, name)
+        return converted, {**errors, **bad}
     if pa.types.is_null(arr.type):
         arr = pa.nulls(len(arr), _CANONICAL[kind])
         return (_clean_string_lists(arr) if kind in ("text", "paths") else arr), {}
@@ -213,6 +219,31 @@ def _from_arrow(kind: str, arr: pa.Array) -> tuple[pa.Array, Errors]:
     if kind == "time":
         return _arrow_times(arr)
     return arr.cast(_CANONICAL[kind]), {}
+
+
+def _valid_utf8(arr: pa.Array, name: str) -> tuple[pa.Array, Errors]:
+    """`arr` with the rows whose strings are not valid UTF-8 set to null, and their errors. Parquet does
+    not check a string column's bytes; Arrow's full validation does, in one vectorised pass."""
+    try:
+        arr.validate(full=True)
+        return arr, {}
+    except pa.ArrowInvalid:
+        pass
+    as_bytes = arr.cast(pa.list_(pa.binary()) if _listlike(arr.type) else pa.binary()).to_pylist()
+    errors: Errors = {}
+    for i, value in enumerate(as_bytes):
+        for item in (value if isinstance(value, list) else [value]):
+            try:
+                (item or b"").decode("utf-8")
+            except UnicodeDecodeError as err:
+                errors[i] = ("bad_text_encoding", f"{name}: byte {err.start} ({item[err.start:err.start + 1].hex()}) "
+                                                  "starts no valid UTF-8 character; write the column as UTF-8 text")
+                as_bytes[i] = None
+                break
+    typ = pa.list_(pa.string()) if _listlike(arr.type) else pa.string()
+    fixed = [None if v is None else [b.decode() if b is not None else None for b in v] if isinstance(v, list)
+             else v.decode() for v in as_bytes]
+    return pa.array(fixed, typ), errors
 
 
 def _arrow_times(arr: pa.Array) -> tuple[pa.Array, Errors]:
@@ -244,7 +275,15 @@ def _from_json(kind: str, name: str, values: list[Any]) -> tuple[pa.Array, Error
 
     errors: Errors = {}
     if kind in ("text", "paths"):
-        return pa.array([field_strings(v) for v in values], _CANONICAL[kind]), {}
+        lists = [field_strings(v) for v in values]
+        try:
+            return pa.array(lists, _CANONICAL[kind]), {}
+        except UnicodeEncodeError:  # a lone surrogate (JSON's "\ud800" alone): that row, not the batch
+            for i, strings in enumerate(lists):
+                why = next((w for w in map(_not_unicode, strings) if w), None)
+                if why:
+                    errors[i], lists[i] = ("bad_text_encoding", f"{name}: {why}"), []
+            return pa.array(lists, _CANONICAL[kind]), errors
     if kind == "time":
         out = []
         for i, v in enumerate(values):
@@ -270,7 +309,10 @@ def _from_json(kind: str, name: str, values: list[Any]) -> tuple[pa.Array, Error
     ok_types = {"id": (str, int), "label": (str, int), "str": (str,), "num": (int, float)}[kind]
     out = []
     for i, v in enumerate(values):
-        if v is None or (isinstance(v, ok_types) and not isinstance(v, bool)):
+        if isinstance(v, str) and (why := _not_unicode(v)):
+            errors[i] = ("bad_text_encoding", f"{name}: {why}")
+            out.append(None)
+        elif v is None or (isinstance(v, ok_types) and not isinstance(v, bool)):
             out.append(v if v is None or kind == "num" else str(v))
         elif kind == "label":  # a user id is only carried along: keep any value as text
             out.append(json.dumps(v) if isinstance(v, (dict, list)) else str(v))
@@ -279,6 +321,28 @@ def _from_json(kind: str, name: str, values: list[Any]) -> tuple[pa.Array, Error
                                f"value, got {type(v).__name__} {_short(v)}")
             out.append(None)
     return pa.array(out, _CANONICAL[kind]), errors
+
+
+def _not_unicode(text: str) -> str | None:
+    """Why `text` cannot be stored as UTF-8 (a lone surrogate, which JSON's "\\ud800" escape alone and
+    the bytes ED A0 80 both decode to), or None."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as err:
+        return (f"character {err.start} is a lone surrogate ({text[err.start]!r}), which is not Unicode text; "
+                "write the file as UTF-8 (a \\uD800-\\uDFFF escape only as half of a pair)")
+
+
+def unicode_problem(value: Any) -> str | None:
+    """Why a JSON value (a string, or lists and objects of them) holds text UTF-8 cannot store, or None."""
+    if isinstance(value, str):
+        return _not_unicode(value)
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list):
+        return next((w for w in map(unicode_problem, value) if w), None)
+    return None
 
 
 def _vector_problem(kind: str, name: str, value: Any) -> tuple[str | None, str] | None:
@@ -313,7 +377,7 @@ def canonical(fmt: str, batch: Any, kinds: dict[str, str]) -> tuple[int, dict[st
         n = batch.num_rows
         for name, kind in kinds.items():
             arr = batch.column(name) if name in batch.schema.names else pa.nulls(n)
-            columns[name], errors[name] = _from_arrow(kind, arr)
+            columns[name], errors[name] = _from_arrow(kind, arr, name)
     else:
         n = len(batch)
         for name, kind in kinds.items():
@@ -324,10 +388,33 @@ def canonical(fmt: str, batch: Any, kinds: dict[str, str]) -> tuple[int, dict[st
 def raw_records(fmt: str, batch: Any, rows: np.ndarray) -> list[dict[str, Any]]:
     """The input records of `rows` as JSON-safe dicts (for rejects.jsonl); one Arrow take per batch."""
     if fmt == "parquet":
-        records = batch.take(pa.array(rows, pa.int64())).to_pylist() if len(rows) else []
+        taken = batch.take(pa.array(rows, pa.int64())) if len(rows) else None
+        try:
+            records = taken.to_pylist() if taken is not None else []
+        except UnicodeDecodeError:  # a string column holds bytes that are not UTF-8 (bad_text_encoding)
+            records = _undecodable_records(taken)
     else:
         records = [batch[int(r)] for r in rows]
     return [json_safe(r) for r in records]
+
+
+def _undecodable_records(batch: pa.RecordBatch) -> list[dict[str, Any]]:
+    """A batch's records when a string column holds invalid UTF-8: such columns are read as bytes and
+    shown with the bad bytes escaped (`\\xed`)."""
+    def text(value: Any) -> Any:
+        if isinstance(value, bytes):
+            return value.decode("utf-8", errors="backslashreplace")
+        return [text(v) for v in value] if isinstance(value, list) else value
+
+    columns = {}
+    for name, column in zip(batch.schema.names, batch.columns):
+        try:
+            column.validate(full=True)
+            columns[name] = column.to_pylist()
+        except pa.ArrowInvalid:
+            binary = pa.list_(pa.binary()) if _listlike(column.type) else pa.binary()
+            columns[name] = [text(v) for v in column.cast(binary).to_pylist()]
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
 def json_safe(value: Any) -> Any:

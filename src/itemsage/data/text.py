@@ -22,6 +22,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from itemsage.artifacts import atomic_write_json
 from itemsage.config import require
@@ -286,3 +287,21 @@ class Vocabulary:
                               separators=(",", ":"))
             self._fingerprint = hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
         return self._fingerprint
+
+
+def known_text(table: pa.Table, vocab: Vocabulary, text_fields: Sequence[str]) -> np.ndarray:
+    """[B] bool: the product has a token of `vocab` in one of `text_fields` (products in the dataset
+    format: one list<string> column per field; a plain string column is read as one item). A product
+    with none, and no image, is read as nothing by the tower: its vector is an empty product's."""
+    known = np.zeros(table.num_rows, bool)
+    for name in text_fields:
+        if name not in table.column_names:
+            continue
+        column = table.column(name).combine_chunks()
+        if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+            column = pa.array([field_strings(v) for v in column.to_pylist()], pa.list_(pa.string()))
+        values = column.flatten().to_pylist()  # every string of the field, product after product
+        hit = np.fromiter((bool(s) and bool(vocab.string_ids(s)) for s in values), bool, count=len(values))
+        parents = pc.list_parent_indices(column).to_numpy()  # [strings] the product of each
+        known |= np.bincount(parents[hit], minlength=table.num_rows) > 0
+    return known

@@ -15,14 +15,22 @@ from __future__ import annotations
 import bisect
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from itemsage import schema
-from itemsage.data.normalise import LOG_SCHEMA, Errors, canonical, catalog_kinds, products_schema, raw_records
+from itemsage.data.normalise import (
+    LOG_SCHEMA,
+    Errors,
+    canonical,
+    catalog_kinds,
+    products_schema,
+    raw_records,
+    unicode_problem,
+)
 from itemsage.data.readers import Source, catalog_sources, check_schema
 from itemsage.data.row_arrays import (
     Rejector,
@@ -134,10 +142,12 @@ class RowChecks:
     # -- catalog
 
     def catalog_batch(self, base: Path, n: int, cols: dict[str, pa.Array], errors: dict[str, Errors],
-                      rej: Rejector, *, source: Path | str | None = None, start: int = 0) -> pa.Table:
+                      rej: Rejector, *, source: Path | str | None = None, start: int = 0,
+                      unreadable_extras: Errors | None = None) -> pa.Table:
         """Check one catalog batch (rejections land in `rej`) and return its kept products in
         `products_schema` order. `base`: the directory relative image paths are resolved against;
-        `source` and `start`: the file and the batch's first row in it, named in reject details."""
+        `source` and `start`: the file and the batch's first row in it, named in reject details;
+        `unreadable_extras`: rows whose extra columns hold text UTF-8 cannot store."""
         max_images = self.max_images
         name = str(source) if source is not None else str(base)
         if not self._file_names or self._file_names[-1] != name:
@@ -155,6 +165,10 @@ class RowChecks:
             else:
                 self.seen_ids[ids[r]] = first_number + int(r)
         rej.reject(duplicate, "duplicate_product_id", "")  # the detail is written below, once the first rows' fate is known
+        for f in self.text_columns:  # text UTF-8 cannot hold (a lone surrogate, invalid bytes)
+            rej.reject_errors(errors.get(f, {}), "bad_text_encoding")
+        if unreadable_extras:
+            rej.reject_errors(unreadable_extras, "bad_text_encoding")
         if schema.LISTED_AT in errors:  # optional; absent from callers that pass their own kinds
             rej.reject_errors({r: (None, f"listed_at: {d}") for r, (_, d) in errors[schema.LISTED_AT].items()},
                               "bad_timestamp")
@@ -294,6 +308,7 @@ class RowChecks:
         rej.reject_errors(errors[schema.TIMESTAMP], "bad_timestamp")
         rej.reject(~filled(pc.is_valid(cols[schema.TIMESTAMP]), False), "bad_timestamp", "timestamp is missing")
         rej.reject_errors(errors[schema.WEIGHT], "bad_weight")
+        rej.reject_errors(errors[schema.USER_ID], "bad_text_encoding")  # the only errors a user id can have
         weight = filled(cols[schema.WEIGHT], 1.0)
         rej.reject(~(np.isfinite(weight) & (weight >= 0)), "bad_weight",
                    lambda r: f"weight {weight[r]} must be a finite number >= 0")
@@ -396,12 +411,25 @@ class RowChecks:
 # ------------------------------------------------------------------------------------------------
 
 
-def reject_entries(src: Source, batch: Any, start: int, rej: Rejector) -> list[dict[str, Any]]:
-    """The rejects.jsonl entries of one checked batch: file, row, reason, detail and the input record."""
-    rows = np.flatnonzero(~rej.alive)
-    return [{"file": str(src.path), "row": start + r, "reason": schema.REJECT_REASONS[rej.code[r]],
-             "detail": rej.details[r], "record": record}
-            for r, record in zip(rows.tolist(), raw_records(src.fmt, batch, rows))]
+def reject_entries(src: Source, batch: Any, start: int, rej: Rejector,
+                   room: Callable[[str], int] | None = None) -> list[dict[str, Any]]:
+    """The rejects.jsonl entries of one checked batch: file, row, reason, detail and the input record.
+    `room` (reason -> rows still wanted in full, data/rejects.py): the rows past it get no `record`
+    (they are counted, not written), so a batch of mostly rejected rows does not copy them all."""
+    rows = np.flatnonzero(~rej.alive).tolist()
+    reasons = [schema.REJECT_REASONS[rej.code[r]] for r in rows]
+    if room is None:
+        full = rows
+    else:
+        left = {reason: room(reason) for reason in set(reasons)}
+        full = []
+        for r, reason in zip(rows, reasons):
+            if left[reason] > 0:
+                full.append(r)
+                left[reason] -= 1
+    records = dict(zip(full, raw_records(src.fmt, batch, np.array(full, np.int64))))
+    return [{"file": str(src.path), "row": start + r, "reason": reason, "detail": rej.details[r],
+             **({"record": records[r]} if r in records else {})} for r, reason in zip(rows, reasons)]
 
 
 def check_catalog_batch(checks: RowChecks, src: Source, start: int, batch: Any,
@@ -410,7 +438,14 @@ def check_catalog_batch(checks: RowChecks, src: Source, start: int, batch: Any,
     as UTC timestamps or None when the batch gives none) of one catalog batch."""
     n, cols, errors = canonical(src.fmt, batch, kinds)
     rej = Rejector(n)
-    table = checks.catalog_batch(src.path.parent, n, cols, errors, rej, source=src.path, start=start)
+    extras: Errors = {}
+    if src.fmt != "parquet":  # extra JSON fields are kept as they came: they must be storable text too
+        for r, record in enumerate(batch):
+            why = next(((k, w) for k, v in record.items() if k not in kinds and (w := unicode_problem([k, v]))), None)
+            if why:
+                extras[r] = (None, f"{why[0]}: {why[1]}")
+    table = checks.catalog_batch(src.path.parent, n, cols, errors, rej, source=src.path, start=start,
+                                 unreadable_extras=extras)
     listed = cols.get(schema.LISTED_AT)
     if listed is None or listed.null_count == len(listed):
         return n, table, rej, None
@@ -420,7 +455,7 @@ def check_catalog_batch(checks: RowChecks, src: Source, start: int, batch: Any,
 def check_products(
     catalog: Any, *, text_fields: Sequence[str] = schema.TEXT_FIELDS, image_dim: int | None = None,
     max_images: int = schema.MAX_IMAGES, batch_rows: int = 65_536, image_batch_size: int = 32,
-    image_encoder: Any = None, option: str | None = None,
+    image_encoder: Any = None, option: str | None = None, room: Callable[[str], int] | None = None,
 ) -> Iterator[tuple[pa.Table, list[dict[str, Any]]]]:
     """Validate a catalog alone, with ingest's own checks: yields, per batch, (kept products in
     products.parquet's schema with their content_hash, rejects.jsonl entries of the batch).
@@ -430,6 +465,7 @@ def check_products(
     of another width, as `--image-dim` does in ingest. Raises DataError for a catalog
     that cannot be used at all (missing product_id, a column of the wrong type, no rows). Relative
     `image_paths` resolve against the file's directory, or the working directory for data in memory.
+    `room`: as `reject_entries`'s (the rows past it come without their record).
     """
     text_columns = schema.TEXT_FIELDS + tuple(f for f in text_fields if f not in schema.TEXT_FIELDS)
     kinds = catalog_kinds(text_columns)
@@ -442,4 +478,4 @@ def check_products(
     for src in sources:
         for start, batch in src.batches(batch_rows):
             _, table, rej, _ = check_catalog_batch(checks, src, start, batch, kinds)
-            yield table, reject_entries(src, batch, start, rej)
+            yield table, reject_entries(src, batch, start, rej, room)

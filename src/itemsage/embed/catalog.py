@@ -15,9 +15,7 @@ vectors (a warning says which).
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -95,6 +93,7 @@ def stage_catalog(catalog: str | Path, target: str | Path, *, text_fields: tuple
     import shutil
 
     from itemsage.data.ingest import DataError, catalog_sources, check_products
+    from itemsage.data.rejects import RejectsFile
 
     target = Path(target)
     sources = catalog_sources(catalog)
@@ -109,36 +108,35 @@ def stage_catalog(catalog: str | Path, target: str | Path, *, text_fields: tuple
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    kept = rejected = 0
-    reasons: collections.Counter[str] = collections.Counter()
-    first: dict[str, str] = {}
+    kept = 0
+    rejects = None
     try:
         writer = None
-        with open(tmp / schema.REJECTS_FILE, "w", encoding="utf-8") as rejects:
-            for table, entries in check_products(catalog, text_fields=text_fields, image_dim=image_dim,
-                                                 max_images=max_images, batch_rows=batch_rows,
-                                                 image_encoder=image_encoder):
-                for entry in entries:
-                    rejects.write(json.dumps(entry, ensure_ascii=False, allow_nan=False) + "\n")
-                    reasons[entry["reason"]] += 1
-                    first.setdefault(entry["reason"], f"{entry['file']} row {entry['row']}: {entry['detail']}")
-                rejected += len(entries)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp / schema.PRODUCTS_FILE, table.schema, compression="zstd")
-                writer.write_table(table)  # one row group per batch: embed seeks by row group
-                kept += table.num_rows
+        rejects = RejectsFile(tmp / schema.REJECTS_FILE)  # as ingest's: the first 100 rows of each reason
+        for table, entries in check_products(catalog, text_fields=text_fields, image_dim=image_dim,
+                                             max_images=max_images, batch_rows=batch_rows,
+                                             image_encoder=image_encoder, room=rejects.room("catalog")):
+            rejects.write("catalog", entries)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp / schema.PRODUCTS_FILE, table.schema, compression="zstd")
+            writer.write_table(table)  # one row group per batch: embed seeks by row group
+            kept += table.num_rows
+        rejects.close()
         if writer is not None:
             writer.close()
-        if kept == 0:
-            top = "; ".join(f"{r} ({n:,}), first: {first[r]}" for r, n in reasons.most_common(3))
-            raise DataError(f"every one of the {rejected:,} catalog rows was rejected; nothing was written. "
-                            f"Reasons: {top}. Fix the rows (the reasons say how) and run again.")
+        rejected = sum(rejects.counts.values())
+        if refusal := rejects.refusal("catalog", kept + rejected, rejected):
+            raise DataError(refusal)
+        if rejects.sampled:
+            log.info("catalog: %s", rejects.note())
+        reasons = rejects.counts
         missing = _without_query_vectors(tmp / schema.PRODUCTS_FILE, product_query) if identity["product_query"] \
             else None
         entry = (_add_query_vectors(tmp / schema.PRODUCTS_FILE, product_query, text_encoder)
                  if identity["product_query"] and not missing else None)
         artifacts.write_manifest(tmp, "catalog", config=identity, inputs=inputs,
-                                 counts={"products": kept, "rejected": rejected, "rejects": dict(reasons)},
+                                 counts={"products": kept, "rejected": rejected, "rejects": dict(reasons),
+                                         "rejects_written": rejects.written},
                                  files=[schema.PRODUCTS_FILE, schema.REJECTS_FILE],
                                  extra={schema.PRODUCT_QUERY: entry} if entry else
                                  {schema.PRODUCT_QUERY_MISSING: missing} if missing else None)
@@ -147,6 +145,8 @@ def stage_catalog(catalog: str | Path, target: str | Path, *, text_fields: tuple
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     except BaseException:
+        if rejects is not None:
+            rejects.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("catalog: %d products kept, %d rejected -> %s", kept, rejected, target)

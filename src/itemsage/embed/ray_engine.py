@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from itemsage import artifacts, schema
 from itemsage.artifacts import ArtifactError
-from itemsage.embed.shards import EmbedSummary, _product_query, embed_batch, shard_name
+from itemsage.embed.shards import EmbedSummary, _product_query, count_unreadable, embed_batch, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +90,18 @@ def embed_with_ray(
     for leftover in staging.glob("*"):
         leftover.unlink()
     staging.rmdir()
+    from itemsage.model.model import load_model
+
+    unreadable = count_unreadable(load_model(model_dir), pq.ParquetFile(products))  # as the local engine counts
     artifacts.write_manifest(
         out_dir, "embeddings",
         config={"batch_size": batch_size, "engine": "ray", "concurrency": concurrency},
         inputs={"model": model_fp, "dataset": dataset_fp},
-        counts={"products": count},
+        counts={"products": count, "unreadable": unreadable},
         files=shard_names,
         extra={"count": count, "dim": dim, "shards": shard_names, "generation": 0,
                **({schema.PRODUCT_QUERY: product_query} if product_query else {})},
     )
     seconds = time.perf_counter() - started
-    return EmbedSummary(out_dir, count, dim, len(shard_names), count, 0, 0, 0, seconds, model_fp, dataset_fp, 0)
+    return EmbedSummary(out_dir, count, dim, len(shard_names), count, 0, 0, 0, seconds, model_fp, dataset_fp, 0,
+                        unreadable)

@@ -73,6 +73,7 @@ class EmbedSummary:
     model_fingerprint: str
     dataset_fingerprint: str
     generation: int
+    unreadable: int = 0  # products the model reads nothing of (no image, no vocabulary token): an empty product's vector
 
     @property
     def products_per_second(self) -> float:
@@ -350,7 +351,7 @@ def embed(
         log.info("%s is already complete for this model and dataset; nothing to do", out_dir)
         return EmbedSummary(out_dir, manifest["count"], manifest["dim"], len(manifest["shards"]), 0, 0, 0,
                             len(manifest["shards"]), time.perf_counter() - started, model_fp, dataset_fp,
-                            manifest["generation"])
+                            manifest["generation"], manifest["counts"].get("unreadable", 0))
     finished, generation, shard_rows = plan
 
     model = load_model(model_dir, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -391,11 +392,12 @@ def embed(
     # All shards exist: the manifest (written last, atomically) makes the directory finished and
     # switches readers to this generation; then the previous generation's files go.
     removed = len(old.where) - sum(pid in old.where for pid in _catalog_ids(parquet)) if old else 0
+    unreadable = count_unreadable(model, parquet)
     artifacts.write_manifest(
         out_dir, "embeddings",
         config={"batch_size": batch_size, "shard_rows": shard_rows},
         inputs={"model": model_fp, "dataset": dataset_fp},
-        counts={"products": num_rows},
+        counts={"products": num_rows, "unreadable": unreadable},
         files=names,
         extra={"count": num_rows, "dim": dim, "shards": names, "generation": generation,
                schema.POPULARITY: model.has_popularity,
@@ -408,7 +410,27 @@ def embed(
     log.info("embedded %d products (%d reused, %d removed) into %s in %.1f s", embedded, reused,
              removed, out_dir, seconds)
     return EmbedSummary(out_dir, num_rows, dim, num_shards, embedded, reused, removed,
-                        len(done), seconds, model_fp, dataset_fp, generation)
+                        len(done), seconds, model_fp, dataset_fp, generation, unreadable)
+
+
+def count_unreadable(model: Any, parquet: pq.ParquetFile) -> int:
+    """How many of the catalog's products `model` reads nothing of (no image, no text token in its
+    vocabulary: `LoadedModel.unreadable`), each embedded as an empty product; logs a warning naming
+    the first ones. A pass over the text fields and image lists, without the tower."""
+    names = parquet.schema_arrow.names
+    columns = [c for c in (schema.PRODUCT_ID, schema.IMAGE_EMBEDDINGS, *model.config.text_fields) if c in names]
+    count, first = 0, []
+    for batch in parquet.iter_batches(batch_size=65_536, columns=columns):
+        table = pa.Table.from_batches([batch])
+        rows = np.flatnonzero(model.unreadable(table))
+        count += len(rows)
+        first += table.column(schema.PRODUCT_ID).take(pa.array(rows[:3 - len(first)])).to_pylist() if len(first) < 3 else []
+    if count:
+        log.warning("%d of %d products (%.1f%%) have no image and no word the model's vocabulary knows (e.g. %s): "
+                    "the model reads nothing of them, so each has exactly the vector of an empty product. A catalog "
+                    "in another language than the training catalog's does this; train a model on it.", count,
+                    parquet.metadata.num_rows, 100 * count / max(1, parquet.metadata.num_rows), ", ".join(first))
+    return count
 
 
 

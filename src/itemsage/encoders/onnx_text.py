@@ -8,12 +8,13 @@ slightly different vectors (its recall cost is in BENCHMARKS.md).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -68,6 +69,25 @@ class _LastHiddenState(torch.nn.Module):
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
+@contextlib.contextmanager
+def _quantiser_logs_at_debug() -> Iterator[None]:
+    """onnxruntime's quantiser logs to the root logger: a line per quantised node at INFO and a
+    warning to run its pre-processing first (advice for model authors, not for a user of the export).
+    While it runs, its records go to this module's logger at DEBUG instead (`-v` shows them)."""
+    def to_debug(record: logging.LogRecord) -> bool:
+        if "onnxruntime" not in record.pathname:
+            return True
+        log.debug("onnxruntime: %s", record.getMessage())
+        return False
+
+    root = logging.getLogger()
+    root.addFilter(to_debug)
+    try:
+        yield
+    finally:
+        root.removeFilter(to_debug)
+
+
 def export_onnx(target: str | Path, *, quantize: bool = False) -> Path:
     """Export the packaged MiniLM transformer to `target` (atomically); int8 weights if `quantize`.
 
@@ -80,7 +100,7 @@ def export_onnx(target: str | Path, *, quantize: bool = False) -> Path:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         fp32 = onnx_model_path(quantize=False)
-        with atomic_path(target) as tmp:
+        with atomic_path(target) as tmp, _quantiser_logs_at_debug():
             # Per-channel int8 weights of the MatMuls only: per-tensor scales or a quantised embedding
             # table cost far more accuracy (cosine to fp32 down to 0.86 vs 0.99 on short queries).
             quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],

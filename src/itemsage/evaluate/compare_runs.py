@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from itemsage import artifacts, schema
-from itemsage.config import require
+from itemsage.config import from_dict, require, require_int
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ RUNS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "in_batch_negatives": ("negatives", {"negatives": "in_batch"}, {}),
     "random_negatives": ("negatives", {"negatives": "random"}, {}),
 }
+MAX_SEEDS = 100  # seeds per row: each is a whole training run
 RESULT_FILE = "result.json"
 # Optional, written by people or scripts next to the report and copied into it: a reading of the
 # numbers (opens "What this says") and an ablation table (benchmarks/ablate.py writes one).
@@ -82,20 +83,25 @@ class CompareConfig:
     train_overrides: dict[str, Any] = field(default_factory=dict)  # any other TrainConfig option
 
     def __post_init__(self) -> None:
+        from itemsage.train.config import MAX_BATCH, MAX_SEED, MAX_STEPS
+
         self.runs = tuple(self.runs.split(",")) if isinstance(self.runs, str) else tuple(self.runs)
         unknown = [r for r in self.runs if r not in RUNS]
         require(not unknown, f"compare.runs has unknown run(s) {unknown}; known: {', '.join(RUNS)}")
         require("itemsage" in self.runs, "compare.runs must include 'itemsage', the reference row of every table")
-        require(isinstance(self.steps, int) and self.steps >= 1, f"compare.steps ({self.steps!r}) must be >= 1")
-        require(isinstance(self.batch_size, int) and self.batch_size >= 2,
-                f"compare.batch_size ({self.batch_size!r}) must be >= 2")
-        require(isinstance(self.seeds, int) and self.seeds >= 1, f"compare.seeds ({self.seeds!r}) must be >= 1")
-        require(isinstance(self.eval_every, int) and self.eval_every >= 1,
-                f"compare.eval_every ({self.eval_every!r}) must be >= 1: the validation window stops every run")
-        require(isinstance(self.patience, int) and self.patience >= 0,
-                f"compare.patience ({self.patience!r}) must be >= 0 (0: no early stop, run to compare.steps)")
-        require(isinstance(self.validation_sample, int) and self.validation_sample >= 1,
-                f"compare.validation_sample ({self.validation_sample!r}) must be >= 1")
+        require_int(self.steps, "compare.steps", 1, MAX_STEPS)
+        require_int(self.batch_size, "compare.batch_size", 2, MAX_BATCH)
+        require_int(self.seeds, "compare.seeds", 1, MAX_SEEDS)
+        require_int(self.eval_every, "compare.eval_every", 1, MAX_STEPS)
+        require_int(self.patience, "compare.patience", 0, 1_000_000)
+        require_int(self.validation_sample, "compare.validation_sample", 1, 100_000_000)
+        if self.eval_sample is not None:
+            require_int(self.eval_sample, "compare.eval_sample", 1, 100_000_000)
+        require_int(self.seed, "compare.seed", 0, MAX_SEED - self.seeds + 1)
+        require(isinstance(self.train_overrides, dict),
+                f"compare.train_overrides ({self.train_overrides!r}) must be a table of train options")
+        for name in self.runs:  # every run's TrainConfig, checked now: a bad override stops nothing half-way
+            train_config(name, self)
 
     @property
     def seed_list(self) -> list[int]:
@@ -122,8 +128,10 @@ def train_config(name: str, cfg: CompareConfig, seed: int | None = None):
         "eval_sample": cfg.validation_sample, "patience": cfg.patience, "checkpoint_every": 0,
         **cfg.train_overrides, **train_over,
     }
-    options["model"] = {**cfg.train_overrides.get("model", {}), **model_over}
-    return TrainConfig(**options)
+    model = cfg.train_overrides.get("model", {})
+    require(isinstance(model, dict), f"compare.train_overrides.model ({model!r}) must be a table of model options")
+    options["model"] = {**model, **model_over}
+    return from_dict(TrainConfig, options, section="train")  # an unknown override is refused by name
 
 
 def run_one(name: str, seed: int, dataset_dir: Path, out_dir: Path, cfg: CompareConfig,

@@ -26,7 +26,7 @@ import torch
 
 from itemsage import schema
 from itemsage.config import require
-from itemsage.data.text import Vocabulary, field_strings
+from itemsage.data.text import Vocabulary, field_strings, known_text
 from itemsage.model.hash_embedding import TokenBags, token_bags
 
 log = logging.getLogger(__name__)
@@ -191,6 +191,18 @@ def _image_csr(table: pa.Table, max_images: int, image_dim: int | None) -> tuple
     all_starts = _exclusive_cumsum(counts)
     flat = flat[_ragged_arange(all_starts[:-1], kept)]
     return np.ascontiguousarray(flat), _exclusive_cumsum(kept), image_dim
+
+
+def unreadable(table: pa.Table, vocab: Vocabulary, text_fields: Sequence[str], modalities: str = "both") -> np.ndarray:
+    """[B] bool: products the tower reads nothing of: no image (or a text-only tower) and no text token
+    in `vocab` (or an image-only tower). Each gets exactly the vector of an empty product, so callers
+    say so (embed's count, /v1/embed's flag) instead of serving it as if it were read."""
+    read = np.zeros(table.num_rows, bool)
+    if modalities != "image":
+        read |= known_text(table, vocab, text_fields)
+    if modalities != "text" and schema.IMAGE_EMBEDDINGS in table.column_names:
+        read |= _list_lengths(table.column(schema.IMAGE_EMBEDDINGS).combine_chunks()) > 0
+    return ~read
 
 
 class ProductStore:

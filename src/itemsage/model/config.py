@@ -21,6 +21,7 @@ PROJECTIONS: tuple[str, ...] = ("linear", "mlp")
 TEXT_PROJECTIONS: tuple[str, ...] = ("shared", "per_field")
 POOLINGS: tuple[str, ...] = ("cls", "attention")
 POPULARITIES: tuple[str, ...] = ("none", "content", "id")
+_MAX_SIZE = {"layers": 256, "hash_buckets": 2**31 - 1}  # else 65,536 (widths, heads)
 
 
 @dataclass
@@ -73,6 +74,12 @@ class ModelConfig:
             value = getattr(self, name)
             require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
                     f"model.{name} must be a positive integer, got {value!r}")
+            # Bounds past any trained configuration (the paper: d 512, 1 layer, 100k buckets): a larger
+            # value is a slip that would allocate the tensors (and fail) after the data has been read.
+            high = _MAX_SIZE.get(name, 65_536)
+            require(value <= high, f"model.{name} must be at most {high:,}, got {value!r}")
+        require(self.hash_buckets * self.hash_dim <= 2**32, f"model.hash_buckets x model.hash_dim "
+                f"({self.hash_buckets:,} x {self.hash_dim:,}) must be at most 2^32 weights (16 GiB of float32)")
         require(self.d_model % self.heads == 0,
                 f"model.d_model ({self.d_model}) must be divisible by model.heads ({self.heads})")
         require(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,

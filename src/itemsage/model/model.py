@@ -174,6 +174,13 @@ class LoadedModel:
     def has_popularity(self) -> bool:
         return self.model.popularity is not None
 
+    def unreadable(self, table: Any) -> np.ndarray:
+        """[B] bool: products (dataset format) this model reads nothing of (no image it reads, no text
+        token in its vocabulary): each gets exactly the vector of an empty product (model/batch.py)."""
+        from itemsage.model.batch import unreadable
+
+        return unreadable(table, self.vocab, self.config.text_fields, self.config.modalities)
+
     @torch.inference_mode()
     def popularity(self, vectors: np.ndarray, product_ids: Sequence[str]) -> np.ndarray | None:
         """Products' popularity in retrieval units, b_p / logit scale -> [B] float32 (None without a
@@ -211,6 +218,7 @@ class LoadedModel:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.model.eval()
         out: list[np.ndarray] = []
+        unreadable = 0
         with progress_bar(show_progress_bar, unit="products") as bar:
             task = bar.add_task("encoding products", total=None)
             for table, rejects in check_products(products, text_fields=self.config.text_fields,
@@ -221,10 +229,15 @@ class LoadedModel:
                     first = rejects[0]
                     raise DataError(f"{len(rejects)} product(s) rejected by ingest's checks; first: {first['file']} "
                                     f"row {first['row']}: {first['reason']}: {first['detail']}")
+                unreadable += int(self.unreadable(table).sum())
                 for start in range(0, table.num_rows, batch_size):
                     piece = table.slice(start, batch_size)
                     out.append(self.embed_table(piece))
                     bar.advance(task, piece.num_rows)
+        if unreadable:
+            log.warning("the model reads nothing of %d of the %d products (no image, and no word of their text in "
+                        "its vocabulary): each has exactly the vector of an empty product", unreadable,
+                        sum(len(o) for o in out))
         return np.concatenate(out) if out else np.zeros((0, self.config.out_dim), np.float32)
 
     def encode_queries(self, surface: str, queries: Any, *, batch_size: int = 256,

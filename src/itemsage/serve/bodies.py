@@ -179,11 +179,18 @@ class HomeResponse(Candidates):
     cluster_of: list[int] = Field(description="For each result, the cluster whose medoid scored it best.")
 
 
+UNREADABLE = ("the model reads nothing of this product: it has no image and no word of its text is in the "
+              "model's vocabulary, so its vector is exactly that of an empty product")
+
+
 class EmbedResponse(BaseModel):
     product_id: Optional[str]
     vector: list[float]
     dim: int
     model_fingerprint: str
+    unreadable: bool = Field(False, description="True when " + UNREADABLE.removeprefix("the model reads nothing "
+                             "of this product: ") + " (e.g. text in another language than the training catalog's).")
+    warning: Optional[str] = Field(None, description="Why the vector may not be what was meant (set when unreadable).")
 
 
 class ReloadRequest(_Body):
@@ -215,6 +222,8 @@ class UpdateResponse(BaseModel):
     seq: int = Field(description="The last update's number in the live log (durable on reply).")
     index_version: str
     products: int = Field(description="Products served after the update.")
+    unreadable: list[str] = Field(default_factory=list, description="Upserted products the model reads nothing of "
+                                  "(no image, no word in its vocabulary): each got the vector of an empty product.")
 
 
 # ---- errors -------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from itemsage.index.live_log import delete_record, describe, upsert_record
 from itemsage.schema import IMAGE_EMBEDDINGS, PRODUCT_ID
 from itemsage.serve.bodies import (  # noqa: F401  (MAX_HISTORY: serve.MAX_HISTORY, as before)
     MAX_HISTORY,
+    UNREADABLE,
     Candidates,
     CloseupRequest,
     Cluster,
@@ -144,12 +145,15 @@ class ProductUpdates:
             self.live_log.close()
 
     def embed(self, req: EmbedRequest) -> EmbedResponse:
-        vector = self._embed_products([req.product], ["product"])[0]  # [D]
-        return EmbedResponse(product_id=req.product.product_id, vector=vector.tolist(), dim=len(vector),
-                             model_fingerprint=self.model.fingerprint)
+        vectors, unreadable = self._embed_products([req.product], ["product"])
+        return EmbedResponse(product_id=req.product.product_id, vector=vectors[0].tolist(), dim=vectors.shape[1],
+                             model_fingerprint=self.model.fingerprint, unreadable=bool(unreadable[0]),
+                             warning=UNREADABLE if unreadable[0] else None)
 
-    def _embed_products(self, products: list[ProductIn], names: list[str]) -> np.ndarray:
-        """Products -> their embeddings [N, D] by the served tower; `names` label each in errors."""
+    def _embed_products(self, products: list[ProductIn], names: list[str], *,
+                        warn: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Products -> (their embeddings [N, D] by the served tower, [N] bool: the model reads nothing of
+        the product, logged as a warning when `warn`); `names` label each in errors."""
         cfg = self.model.config
         columns: dict[str, list] = {IMAGE_EMBEDDINGS: []}
         records: list[dict[str, Any]] = []
@@ -174,6 +178,9 @@ class ProductUpdates:
             records.append({PRODUCT_ID: f"#{len(records)}", **record, IMAGE_EMBEDDINGS: images})  # ids: placeholders
         table = self._checked_products(records, names)
         vectors = self.model.embed_table(table)  # [N, D]
+        unreadable = self.model.unreadable(table)  # [N]
+        if warn and unreadable.any():
+            log.warning("%s: %s", ", ".join(names[i] for i in np.flatnonzero(unreadable)[:5]), UNREADABLE)
         bad = ~np.all(np.isfinite(vectors), axis=1) | (np.abs(_norms(np.nan_to_num(vectors)) - 1.0) > 1e-3)  # [N]
         for i in np.flatnonzero(bad):
             images = columns[IMAGE_EMBEDDINGS][i]
@@ -183,7 +190,7 @@ class ProductUpdates:
             raise RequestError(422, f"the embedding of {names[i]} is not finite: its image_embeddings (largest "
                                f"|value| {largest:.3g}) are too large for this model; send the vectors of the "
                                "catalog's image encoder, on the scale the model was trained on")
-        return vectors
+        return vectors, unreadable
 
     def _checked_products(self, records: list[dict[str, Any]], names: list[str]) -> pa.Table:
         """Request products -> the dataset format through ingest's own row checks and normalisation
@@ -213,12 +220,14 @@ class ProductUpdates:
         if repeated:
             raise RequestError(422, f"product id(s) {', '.join(map(repr, repeated[:5]))} appear more than once in "
                                "this request; send each product once")
-        vectors = self._embed_products(req.products, [f"products[{i}]" for i in range(len(ids))])  # [N, D]
+        vectors, unreadable = self._embed_products(req.products, [f"products[{i}]" for i in range(len(ids))])
         products = [p.model_dump(exclude_none=True) for p in req.products]
         queries = self._product_query_vectors(products)  # [N, Dq] or None
         updates = [upsert_record(pid, v, self.model.fingerprint, p, None if queries is None else queries[i])
                    for i, (pid, v, p) in enumerate(zip(ids, vectors, products))]
-        return self._apply_updates(updates, ids, [])
+        response = self._apply_updates(updates, ids, [])
+        response.unreadable = [ids[i] for i in np.flatnonzero(unreadable)]
+        return response
 
     def _product_query_vectors(self, products: list[dict[str, Any]]) -> np.ndarray | None:
         """The upserted products' frozen query vectors [N, Dq], as ingest computes them

@@ -314,7 +314,7 @@ class Service(ProductUpdates):
 
         if self._text_encoder is not None or self.model.query_dims.get("search") == TextQueryEncoder.dim:
             self.text_encoder().encode(["warm up"])
-        self._embed_products([ProductIn(product_id="warm-up", title="warm up")], ["warm-up"])  # first tower run
+        self._embed_products([ProductIn(product_id="warm-up", title="warm up")], ["warm-up"], warn=False)  # first run
 
     def _image_encoder_dim(self) -> int:
         if self._image_encoder is not None:

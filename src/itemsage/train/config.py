@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from itemsage import schema
-from itemsage.config import ConfigError, require, to_dict
+from itemsage.config import ConfigError, require, require_int, require_number, to_dict
 from itemsage.model.config import PRESETS, model_config
 from itemsage.train.checkpoint import latest_checkpoint
 from itemsage.train.losses import NEGATIVE_MODES
@@ -20,10 +20,19 @@ log = logging.getLogger(__name__)
 
 
 OPTIMIZERS = ("adamw", "lamb")
+# Upper bounds of the options that have a sane one: a value past them is a typo or a unit slip, and
+# would start hours of work (or an allocation) before failing. Checkpoint directories are named with
+# 8 digits (`step-XXXXXXXX`, sorted by name), so steps must stay below 10^8; 10^7 is days on a GPU.
+MAX_STEPS = 10_000_000
+MAX_MINUTES = 30 * 24 * 60  # a 30-day budget
+MAX_BATCH = 1 << 20  # positives per step
+MAX_NEGATIVES_RATIO = 1_000.0  # random negatives per positive (the paper: 4)
+MAX_SEED = 2**32 - 1  # numpy's and most tools' seed range
 
 
 # Options a resumed run may change; every other option must equal the checkpoint's.
-_RESUME_FREE = ("max_minutes", "checkpoint_every", "eval_every", "keep_checkpoints", "device", "patience")
+# max_steps: an unfinished run continues to the new count (train/loop.py, `_new_step_count`).
+_RESUME_FREE = ("max_minutes", "max_steps", "checkpoint_every", "eval_every", "keep_checkpoints", "device", "patience")
 
 
 @dataclass
@@ -68,19 +77,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.tasks = tuple(self.tasks.split(",")) if isinstance(self.tasks, str) else tuple(self.tasks)
+        require(isinstance(self.model, dict), f"train.model ({self.model!r}) must be a table of model options")
         self.model = dict(self.model)
-        self.engagement_weights = {str(k): float(v) for k, v in dict(self.engagement_weights).items()}
+        require(isinstance(self.engagement_weights, dict),
+                f"train.engagement_weights ({self.engagement_weights!r}) must be a table: engagement -> weight")
+        self.engagement_weights = dict(self.engagement_weights)
 
-        def integer(name: str, low: int) -> None:
-            v = getattr(self, name)
-            require(isinstance(v, int) and not isinstance(v, bool) and v >= low,
-                    f"train.{name} ({v!r}) must be an integer >= {low}")
+        def integer(name: str, low: int, high: int | None = MAX_STEPS) -> None:
+            require_int(getattr(self, name), f"train.{name}", low, high)
 
         require(self.preset in PRESETS, f"train.preset ({self.preset!r}) must be one of {', '.join(PRESETS)}")
         model_config(self.preset, **self.model)  # raises ConfigError naming model.<option>
-        integer("batch_size", 2)
-        require(isinstance(self.random_negatives_ratio, (int, float)) and self.random_negatives_ratio >= 0,
-                f"train.random_negatives_ratio ({self.random_negatives_ratio!r}) must be >= 0")
+        integer("batch_size", 2, MAX_BATCH)
+        require_number(self.random_negatives_ratio, "train.random_negatives_ratio", 0, MAX_NEGATIVES_RATIO)
         require(self.negatives in NEGATIVE_MODES,
                 f"train.negatives ({self.negatives!r}) must be one of {', '.join(NEGATIVE_MODES)}")
         require(self.negatives == "in_batch" or self.num_random_negatives >= 1,
@@ -88,41 +97,41 @@ class TrainConfig:
                 f"for train.negatives={self.negatives!r}; raise it (e.g. 4) or use negatives='in_batch'")
         require(self.optimizer in OPTIMIZERS,
                 f"train.optimizer ({self.optimizer!r}) must be one of {', '.join(OPTIMIZERS)}")
-        require(isinstance(self.lr, (int, float)) and 0 < self.lr < 10, f"train.lr ({self.lr!r}) must be in (0, 10)")
+        require(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and 0 < self.lr < 10,
+                f"train.lr ({self.lr!r}) must be in (0, 10)")
         require(self.popularity_init in ("zero", "log_count"),
                 f"train.popularity_init must be 'zero' or 'log_count', got {self.popularity_init!r}")
-        require(isinstance(self.popularity_lr_scale, (int, float)) and 0 < self.popularity_lr_scale <= 1000,
-                f"train.popularity_lr_scale ({self.popularity_lr_scale!r}) must be in (0, 1000]")
-        require(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
-                f"train.weight_decay ({self.weight_decay!r}) must be >= 0")
-        require(isinstance(self.eps, (int, float)) and self.eps > 0, f"train.eps ({self.eps!r}) must be > 0")
+        require_number(self.popularity_lr_scale, "train.popularity_lr_scale", 0, 1000, above=True)
+        require_number(self.weight_decay, "train.weight_decay", 0, 1)
+        require_number(self.eps, "train.eps", 0, 10, above=True)
         integer("warmup_steps", 0)
-        require(isinstance(self.grad_clip, (int, float)) and self.grad_clip >= 0,
-                f"train.grad_clip ({self.grad_clip!r}) must be >= 0 (0 = off)")
+        require_number(self.grad_clip, "train.grad_clip", 0, 1e6, unit=" (0 = off)")
         require(self.max_steps is not None or self.max_minutes is not None,
                 "train.max_steps and train.max_minutes are both unset; give a step count or a minute budget")
         if self.max_steps is not None:
             integer("max_steps", 1)
         if self.max_minutes is not None:
-            require(isinstance(self.max_minutes, (int, float)) and self.max_minutes > 0,
-                    f"train.max_minutes ({self.max_minutes!r}) must be > 0")
+            require_number(self.max_minutes, "train.max_minutes", 0, MAX_MINUTES, above=True, unit=" (30 days)")
         unknown = [t for t in self.tasks if t not in schema.ALL_TASKS]
         require(not unknown, f"train.tasks has unknown task(s) {unknown}; tasks are surface.engagement, "
                              f"one of {', '.join(schema.ALL_TASKS)}")
-        require(isinstance(self.upweight_conversions, (int, float)) and self.upweight_conversions > 0,
-                f"train.upweight_conversions ({self.upweight_conversions!r}) must be > 0 (1 = natural frequency)")
-        bad = {k: v for k, v in self.engagement_weights.items() if k not in schema.ENGAGEMENTS or not v >= 0}
+        require_number(self.upweight_conversions, "train.upweight_conversions", 0, 1e6, above=True,
+                       unit=" (1 = natural frequency)")
+        bad = {k: v for k, v in self.engagement_weights.items() if k not in schema.ENGAGEMENTS
+               or isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1e6}
         require(not bad, f"train.engagement_weights {bad} invalid: keys must be one of "
-                         f"{', '.join(schema.ENGAGEMENTS)} and weights >= 0")
-        integer("sketch_depth", 1)
-        integer("sketch_width", 1)
+                         f"{', '.join(schema.ENGAGEMENTS)} and weights numbers from 0 to 1e6")
+        self.engagement_weights = {str(k): float(v) for k, v in self.engagement_weights.items()}
+        integer("sketch_depth", 1, 64)
+        integer("sketch_width", 1, 1 << 28)  # depth x width int64 counters: 4 x 2^28 is 8 GiB
         integer("checkpoint_every", 0)
-        integer("keep_checkpoints", 1)
+        integer("keep_checkpoints", 1, 10_000)
         integer("eval_every", 0)
-        integer("eval_sample", 0)
-        integer("patience", 0)
-        integer("seed", 0)
-        require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+        integer("eval_sample", 0, 100_000_000)
+        integer("patience", 0, 1_000_000)
+        integer("seed", 0, MAX_SEED)
+        require(isinstance(self.device, str) and (self.device in ("auto", "cpu", "cuda") or (
+            self.device.startswith("cuda:") and self.device[5:].isdigit())),
                 f"train.device ({self.device!r}) must be auto, cpu, cuda or cuda:N")
         require(isinstance(self.amp, bool), f"train.amp ({self.amp!r}) must be true or false")
 

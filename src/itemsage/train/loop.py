@@ -261,6 +261,9 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
     step, total_steps = int(schedule["step"]), schedule["total_steps"]
     if selection.get("stopped"):  # the resumed run had stopped early: it is over
         total_steps = step
+    if ckpt is not None and cfg.max_steps != state["config"].get("max_steps"):
+        total_steps, cfg = _new_step_count(cfg, state["config"].get("max_steps"), step, total_steps, out_dir,
+                                           bool(selection.get("stopped")))
     progress_done = 0.0  # fraction of the LR decay done (`advance`); a checkpoint from before it: the step's
     if "progress" in schedule:
         progress_done = float(schedule["progress"])
@@ -405,6 +408,29 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
                        final_loss=losses[0], elapsed_s=time.perf_counter() - clock.start, resumed_from=resumed_from,
                        median_step_s=float(np.median(clock.step_times)) if clock.step_times else float("nan"),
                        best_step=selection["best_step"], stopped_early=bool(selection.get("stopped")), notes=notes)
+
+
+def _new_step_count(cfg: TrainConfig, saved: int | None, step: int, total_steps: int | None, out_dir: Path,
+                    stopped: bool) -> tuple[int | None, TrainConfig]:
+    """(the step count, the config) of a run resumed with another `max_steps`. An unfinished run
+    continues to it: what is left of the learning-rate decay is spread over the steps now left (as
+    when a minute budget re-estimates the count: no jump), and the warm-up stays the one the run had
+    (at most a tenth of its first count). A finished run is refused with how to train longer."""
+    over = stopped or (total_steps is not None and step >= total_steps)
+    if over:
+        why = ("stopped early (no better validation Recall@10 for train.patience evaluations)" if stopped else
+               "finished its schedule (the learning rate decayed to 0)")
+        raise ConfigError(f"train.max_steps ({cfg.max_steps}) differs from the checkpoint's ({saved}), but the run "
+                          f"in {out_dir} {why} at step {step}: a resume cannot add steps to it. To train "
+                          f"{cfg.max_steps} steps, start a new run with its options: itemsage train DATASET --out "
+                          f"NEW_DIR --config {out_dir / MODEL_DIR / 'config.json'} --steps {cfg.max_steps}")
+    require(cfg.max_steps is None or cfg.max_steps > step,
+            f"train.max_steps ({cfg.max_steps}) must be above the checkpoint's step ({step}) to resume")
+    log.info("resumed with train.max_steps %s instead of %s: the rest of the learning-rate decay is spread over "
+             "the steps now left", cfg.max_steps, saved)
+    if cfg.max_minutes is not None or total_steps is None:  # a budget keeps its estimate, capped at the next one
+        return total_steps, cfg
+    return cfg.max_steps, dataclasses.replace(cfg, warmup_steps=min(cfg.warmup_steps, total_steps // 10))
 
 
 def _publish_model(out_dir: Path, module: ItemSageModel, selection: dict[str, Any], save: Any) -> None:
