@@ -83,12 +83,23 @@ class GraphInputs:
     (float16 keeps a million products' tokens in 1.5 GB), mask [N, G]. A product absent from them
     has no graph token, like one without engagements."""
 
-    def __init__(self, ids: np.ndarray, tokens: np.ndarray, mask: np.ndarray) -> None:
+    def __init__(self, ids: np.ndarray, tokens: np.ndarray, mask: np.ndarray, hashes: np.ndarray | None = None) -> None:
         require(tokens.ndim == 3 and mask.shape == tokens.shape[:2] and len(ids) == len(tokens),
                 f"graph tokens must be [N, G, D] with a mask [N, G] and N ids; got {tokens.shape}, "
                 f"{mask.shape}, {len(ids)}")
         self.ids, self.tokens, self.mask = np.asarray(ids, dtype=object), tokens, mask.astype(bool)
+        self.hashes = hashes  # [N] each product's graph_hash ("" without tokens), or None
         self._row_of = {pid: i for i, pid in enumerate(self.ids.tolist())}
+
+    @classmethod
+    def of(cls, features: Any) -> GraphInputs:
+        """From the graph stage's reader (itemsage.graph.GraphFeatures)."""
+        return cls(features.ids, features.tokens, features.mask, features.hashes)
+
+    def hashes_of(self, product_ids: Sequence[str]) -> list[str]:
+        """Each product's graph_hash; "" for a product without graph tokens (or one not in the graph)."""
+        rows = self.rows(product_ids)
+        return ["" if r < 0 or self.hashes is None else str(self.hashes[r]) for r in rows.tolist()]
 
     @property
     def num_tokens(self) -> int:

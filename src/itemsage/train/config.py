@@ -62,6 +62,9 @@ class TrainConfig:
     max_steps: int | None = 2000
     max_minutes: float | None = None  # wall-clock budget; the step count is re-estimated (see module doc)
     tasks: tuple[str, ...] = ()  # train only on these surface.engagement tasks; () = all
+    # read the dataset's graph features (DATASET/graph, written by `itemsage graph`) when it has them:
+    # the tower then takes graph tokens (model.graph_tokens); False trains on content alone
+    graph: bool = True
     upweight_conversions: float = 1.0  # sampling factor of add_to_cart / checkout rows
     engagement_weights: dict[str, float] = field(default_factory=dict)  # loss weight per engagement (x row weight)
     sketch_depth: int = 4  # count-min sketch of the logQ estimate

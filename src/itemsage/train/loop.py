@@ -73,7 +73,7 @@ from torch import Tensor, nn
 from itemsage import artifacts, schema
 from itemsage.config import ConfigError, require, to_dict
 from itemsage.data.text import Vocabulary
-from itemsage.model.batch import ProductStore
+from itemsage.model.batch import GraphInputs, ProductStore
 from itemsage.model.config import model_config
 from itemsage.model.model import ItemSageModel, save_model
 from itemsage.train.checkpoint import (
@@ -169,6 +169,26 @@ def _load_data(dataset_dir: Path, cfg: TrainConfig, text_fields: tuple[str, ...]
     return vocab, store, pairs, held_out
 
 
+def _attach_graph(dataset_dir: Path, store: ProductStore, cfg: TrainConfig) -> dict[str, Any] | None:
+    """Attach the dataset's graph tokens (itemsage/graph) to `store` when it has them and train.graph is
+    on -> the model's record of them ({"tokens", "dim", "graph"}: names, width, the artifact's
+    fingerprint), else None."""
+    from itemsage.graph import graph_dir_of, read_graph_features
+
+    graph_dir = graph_dir_of(dataset_dir)
+    if not cfg.graph or not (graph_dir / artifacts.MANIFEST).is_file():
+        if cfg.graph:
+            log.info("%s has no graph features (`itemsage graph` writes them): the tower reads content alone",
+                     dataset_dir)
+        return None
+    features = read_graph_features(graph_dir, artifacts.fingerprint(dataset_dir))
+    store.attach_graph(GraphInputs(features.ids, features.tokens, features.mask))
+    present = features.mask.any(1)
+    log.info("graph tokens %s (%d-d) for %d of %d products", ", ".join(features.names), features.dim,
+             int(present.sum()), len(features))
+    return {"tokens": list(features.names), "dim": int(features.dim), "graph": artifacts.fingerprint(graph_dir)}
+
+
 def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progress: bool = True,
           resume: bool = False) -> TrainResult:
     """Train the tower and adapters on `dataset_dir` into `out_dir`; the model lands in out_dir/model/.
@@ -212,6 +232,10 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
         notes.append("the catalog has no image vectors (image width 0), so the tower reads text only "
                      "(modalities 'text'); give image_embeddings or image_paths in the catalog to use images")
         log.info("%s", notes[-1])
+    graph = _attach_graph(dataset_dir, store, cfg)  # the graph stage's tokens, when the dataset has them
+    if graph is not None and "graph_tokens" not in cfg.model:  # recorded, so a re-run reads the same
+        cfg = dataclasses.replace(cfg, model={**cfg.model, "graph_tokens": len(graph["tokens"])})
+        mcfg = model_config(cfg.preset, **cfg.model)
     pool = negative_pool(dataset_dir, store) if R else None  # [N'] rows on sale in the train window, or all
     pool_size = len(store) if pool is None else len(pool)
     if pool is not None:
@@ -232,8 +256,15 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
     torch.manual_seed(cfg.seed)
     # The products with a popularity offset: those engaged in the train window (model/popularity.py).
     warm = np.unique(pairs.product_row)  # [W] store rows
+    require(mcfg.graph_tokens == 0 or graph is not None,
+            f"train.model.graph_tokens is {mcfg.graph_tokens} but {dataset_dir} has no graph features (or "
+            "train.graph is false); run `itemsage graph DATASET` first, or set graph_tokens to 0")
+    require(graph is None or mcfg.graph_tokens == len(graph["tokens"]),
+            f"train.model.graph_tokens ({mcfg.graph_tokens}) differs from the graph's {len(graph['tokens']) if graph else 0} "
+            f"tokens; leave it out (it follows the graph)")
     module = ItemSageModel.build(mcfg, len(vocab), store.image_dim, pairs.query_dims,
-                                 warm_ids=store.ids[warm].tolist()).to(device)
+                                 warm_ids=store.ids[warm].tolist(),
+                                 graph_dim=graph["dim"] if graph is not None else 0).to(device)
     warm_row = np.full(len(store), len(warm), np.int64)  # store row -> offset row; len(warm) = none
     warm_row[warm] = np.arange(len(warm))
     if module.popularity is not None and cfg.popularity_init == "log_count" and len(warm):
@@ -311,7 +342,7 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
         save_model(directory, module.tower, module.adapters, mcfg, vocab, image_dim=store.image_dim,
                    query_dims=pairs.query_dims, logit_scale=module.logit_scale, popularity=module.popularity,
                    timings={"pairs_per_s": clock.pairs_per_s},
-                   extra={"train_config": to_dict(cfg), "training": summary,
+                   extra={"train_config": to_dict(cfg), "training": summary, **({"graph": graph} if graph else {}),
                           **({schema.PRODUCT_QUERY: product_query} if isinstance(product_query, dict) else {})})
 
     def evaluate() -> bool:
