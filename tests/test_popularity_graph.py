@@ -129,3 +129,26 @@ def test_the_artifact_keeps_the_popularity_offsets_and_the_graph_width(tmp_path)
     offsets = np.array([-0.5, 0, 0, 1.5, 0, 0])
     scale = float(loaded.model.logit_scale().detach())
     np.testing.assert_allclose(got, (prior + offsets) / scale, rtol=1e-5, atol=1e-6)
+
+
+def test_category_matched_negatives_are_drawn_as_often_as_log_q_says():
+    """Sampler.log_q against counted draws: 8 products in 3 categories (one product without any),
+    a pool without product 7, positives mostly of category 0, half the negatives category-matched."""
+    from itemsage.train.pairs import NegativeGroups, Sampler
+
+    group_of = np.array([0, 0, 0, 1, 1, 2, -1, 2])
+    pool = np.arange(7)  # product 7 is never a negative: its category 2 holds product 5 only
+    groups = NegativeGroups(group_of, pool)
+    sampler = Sampler(np.ones(4), 8, seed=3, pool=pool, groups=groups, share=0.5)
+    positives = np.array([0, 1, 3, 6])  # categories 0, 0, 1 and none
+    r, trials = 10, 40_000
+    counts = np.zeros(8)
+    for _ in range(trials):
+        np.add.at(counts, sampler.negatives(r, positives), 1)
+    # by hand: 5 uniform draws over 7 pool rows, plus 5 category draws: a positive of category 0
+    # (1/2) picks one of 3, of category 1 (1/4) one of 2, the positive without one (1/4) a uniform row
+    uniform = (5 + 5 * 0.25) / 7
+    expected = np.array([uniform + 5 * 0.5 / 3] * 3 + [uniform + 5 * 0.25 / 2] * 2 + [uniform, uniform, 0])
+    np.testing.assert_allclose(counts / trials, expected, rtol=0.03, atol=1e-9)
+    np.testing.assert_allclose(np.exp(sampler.log_q(np.arange(7), positives, r)), expected[:7], rtol=1e-12)
+    assert np.isclose(np.exp(sampler.log_q(np.arange(7), positives, r)).sum(), r)  # every draw counted once

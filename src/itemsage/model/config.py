@@ -19,7 +19,7 @@ ADAPTER_MODES: tuple[str, ...] = ("auto", "linear", "mlp")
 TEXT_NORMS: tuple[str, ...] = ("layernorm", "l2", "none")
 PROJECTIONS: tuple[str, ...] = ("linear", "mlp")
 TEXT_PROJECTIONS: tuple[str, ...] = ("shared", "per_field")
-POOLINGS: tuple[str, ...] = ("cls", "attention")
+POOLINGS: tuple[str, ...] = ("cls", "attention", "cls_sum")
 POPULARITIES: tuple[str, ...] = ("none", "content", "id")
 _MAX_SIZE = {"layers": 256, "hash_buckets": 2**31 - 1}  # else 65,536 (widths, heads)
 
@@ -49,6 +49,7 @@ class ModelConfig:
     text_norm: str = "layernorm"  # a text field's hash bag before its projection: layernorm | l2 | none
     projection: str = "linear"  # per feature group: linear (Linear -> D) | mlp (Linear -> GELU -> Linear, hidden ff_dim)
     pooling: str = "cls"  # transformer output: cls ([CLS] position) | attention (learned-query softmax over all positions)
+    # | cls_sum ([CLS] output plus the sum of the input tokens: the sum-pooling baseline's direct path beside attention)
     norm_first: bool = True  # transformer layers: pre-LN (True) or post-LN (False)
     # shared: one text projection for every field (told apart by type embeddings only); per_field: each
     # text field its own Linear (Dh -> D), as the concat MLP's head weighs each slot with its own weights
@@ -204,7 +205,7 @@ def flops_per_product(cfg: ModelConfig, image_count: int, token_count: int, *, i
                      + 2 * S * D * heads * 2  # scores and weighted inputs, per head over the D inputs
                      + 2 * D * D * 2  # W_v on the pooled inputs, output projection
                      + 2 * D * cfg.ff_dim * 2)  # feed-forward
-        if cfg.pooling == "cls" and cfg.norm_first:
+        if cfg.pooling in ("cls", "cls_sum") and cfg.norm_first:
             flops += (cfg.layers - 1) * full_layer + cls_layer
         else:  # every layer in full; attention pooling scores and sums the S outputs
             flops += cfg.layers * full_layer + (2 * S * D * 2 if cfg.pooling == "attention" else 0)

@@ -311,14 +311,17 @@ class ItemSage(nn.Module):
             return x.sum(dim=1)  # [B, D]; absent positions are zero
         pad = ~present  # [B, S] True = ignore (nn.Transformer's convention)
         layers = self.encoder.layers
+        # cls_sum: the tokens' sum beside the attention (absent positions zeroed), as sum pooling reads them
+        direct = x.masked_fill(pad.unsqueeze(-1), 0.0).sum(dim=1) if self.cfg.pooling == "cls_sum" else None  # [B, D]
         # The [CLS]-only shortcut is exact for a pre-LN last layer read at [CLS] only.
-        cls_only = self.cfg.pooling == "cls" and self.cfg.norm_first
+        cls_only = self.cfg.pooling in ("cls", "cls_sum") and self.cfg.norm_first
         for layer in (layers[:-1] if cls_only else layers):
             x = layer(x, src_key_padding_mask=pad)  # [B, S, D]
         if cls_only:
-            return _cls_only_layer(layers[-1], x, pad)  # [B, D]
+            out = _cls_only_layer(layers[-1], x, pad)  # [B, D]
+            return out if direct is None else out + direct
         if self.pool_query is None:
-            return x[:, 0]  # [B, D]
+            return x[:, 0] if direct is None else x[:, 0] + direct  # [B, D]
         scores = (self.pool_norm(x) @ self.pool_query.unsqueeze(1)).squeeze(-1).masked_fill(pad, float("-inf"))  # [B, S]
         return torch.bmm(scores.softmax(dim=1).unsqueeze(1), x).squeeze(1)  # [B, D]
 

@@ -44,6 +44,11 @@ class TrainConfig:
     batch_size: int = 1024  # B: positives per step (global, across DDP ranks)
     random_negatives_ratio: float = 4.0  # R = ratio * B uniform catalog negatives per step
     negatives: str = "mixed"  # mixed | in_batch | random
+    # the share of the random negatives drawn from the categories of the batch's positives (the
+    # catalog's `category` field; pairs.Sampler), each corrected by its own sampling probability; 0 =
+    # uniform draws only. Uniform draws rarely hold a product of the positive's own category, so fine
+    # attributes (a size, a material) are seldom what tells a positive from its negatives
+    category_negatives: float = 0.0
     optimizer: str = "adamw"  # adamw | lamb
     lr: float = 1e-3
     # the popularity term's learning rate is lr times this (model.popularity): its offsets need to
@@ -105,6 +110,7 @@ class TrainConfig:
         require(self.popularity_init in ("zero", "log_count"),
                 f"train.popularity_init must be 'zero' or 'log_count', got {self.popularity_init!r}")
         require_number(self.popularity_lr_scale, "train.popularity_lr_scale", 0, 1000, above=True)
+        require_number(self.category_negatives, "train.category_negatives", 0, 1)
         require_number(self.weight_decay, "train.weight_decay", 0, 1)
         require_number(self.eps, "train.eps", 0, 10, above=True)
         integer("warmup_steps", 0)

@@ -89,7 +89,8 @@ from itemsage.train.config import TrainConfig, TrainResult, _check_resume_config
 from itemsage.train.distributed import _all_rng_states, _broadcast_int, _init_distributed, _mean_over_ranks
 from itemsage.train.losses import LogQ, MixedNegativeLoss
 from itemsage.train.optim import _optimizer, advance, lr_at
-from itemsage.train.pairs import Pairs, Prefetch, Sampler, _loss_weights, _mixture, load_pairs, negative_pool
+from itemsage.train.pairs import (NegativeGroups, Pairs, Prefetch, Sampler, _loss_weights, _mixture, load_pairs,
+                                  negative_pool)
 from itemsage.train.validation import held_out_recall
 
 log = logging.getLogger(__name__)
@@ -274,7 +275,12 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
             module.popularity.offset.weight[:len(warm), 0] = torch.from_numpy(start).to(module.popularity.offset.weight)
     optimizer = _optimizer(cfg, list(module.named_parameters()))
     logq = LogQ(cfg.sketch_depth, cfg.sketch_width, seed=cfg.seed)
-    sampler = Sampler(_mixture(pairs, cfg), len(store), cfg.seed, pool=pool)
+    groups = NegativeGroups.from_dataset(dataset_dir, store, pool) if R and cfg.category_negatives else None
+    if R and cfg.category_negatives and groups is None:
+        notes.append(f"train.category_negatives is {cfg.category_negatives} but the catalog has no category: "
+                     "every random negative is a uniform draw")
+    sampler = Sampler(_mixture(pairs, cfg), len(store), cfg.seed, pool=pool, groups=groups,
+                      share=cfg.category_negatives)
     torch.manual_seed(cfg.seed + 1 + rank)  # each rank its own dropout stream
     schedule = {"step": 0, "total_steps": cfg.max_steps, "calibrated": False, "progress": 0.0}
     # Model selection on validation Recall@10 (all tasks): the best so far and evaluations since it.
@@ -385,7 +391,7 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
 
     background = _PREFETCH_THREAD if _PREFETCH_THREAD is not None else (
         device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads())  # else it competes with the step
-    batches = Prefetch(sampler, B, R, build, background)
+    batches = Prefetch(sampler, B, R, build, background, product_row=pairs.product_row if groups else None)
     with _progress_bar(progress and lead, total_steps, step) as show, contextlib.closing(batches):
         while total_steps is None or step < total_steps:
             t0 = time.perf_counter()
@@ -403,7 +409,8 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
             parts = loss_fn(q.float(), p.float(), ids=pos_ids.to(device), keys=query_key[rows].to(device),
                             log_q=logq.log_q(pos_ids, batch_size=B).to(device), weights=loss_weight[rows].to(device),
                             logit_scale=scale, neg_ids=torch.from_numpy(negs).to(device) if R else None,
-                            log_q_neg=log_q_neg if R else None,
+                            log_q_neg=(log_q_neg if groups is None else torch.from_numpy(
+                                sampler.log_q(negs, pairs.product_row[rows], R)).to(device)) if R else None,
                             popularity=None if pop is None else pop.float())  # DDP gathering inside (losses.py)
             optimizer.zero_grad(set_to_none=True)
             parts.total.backward()
