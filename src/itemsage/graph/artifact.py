@@ -18,6 +18,7 @@ business.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,70 @@ class GraphFeatures:
     def float32(self, rows: Any = None) -> np.ndarray:
         """[len(rows), G, D] float32 copy of the tokens of `rows` (an index array, a slice, or None: all)."""
         return np.asarray(self.tokens if rows is None else self.tokens[rows], dtype=np.float32)
+
+
+# ---- writing (into a temporary directory that build.py publishes whole) ------------------------------
+
+
+def features_schema(g: int, d: int) -> Any:
+    import pyarrow as pa
+
+    return pa.schema([(PRODUCT_ID, pa.string()), (TOKENS, pa.list_(pa.float16(), g * d)),
+                      (MASK, pa.list_(pa.bool_(), g)), (HASH, pa.string())])
+
+
+def write_features(path: Path, ids: Any, blocks: Iterable[tuple[int, np.ndarray, np.ndarray, np.ndarray]],
+                   g: int, d: int) -> None:
+    """features.parquet from (first row, tokens [B, G, D] float16, mask [B, G], hashes [B]) blocks in
+    row order, one row group per block (only one block in memory)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = features_schema(g, d)
+    with artifacts.atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for lo, tokens, mask, hashes in blocks:
+            b = len(mask)
+            writer.write_table(pa.table([
+                ids[lo:lo + b],
+                pa.FixedSizeListArray.from_arrays(pa.array(tokens.reshape(-1)), g * d),
+                pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), g),
+                pa.array(hashes, pa.string()),
+            ], schema=schema))
+
+
+def write_neighbours(path: Path, ids: Any, matrix: Any) -> None:
+    """neighbours.parquet from a [N, N] CSR of visit counts: per product its neighbours' rows, most
+    visited first (ties: the lower row), and their counts."""
+    import pyarrow as pa
+
+    n = matrix.shape[0]
+    row = np.repeat(np.arange(n), np.diff(matrix.indptr))
+    order = np.lexsort((matrix.indices, -matrix.data, row))  # by row, then count descending, then column
+    offsets = pa.array(matrix.indptr.astype(np.int32))
+    table = pa.table({PRODUCT_ID: ids,
+                      NEIGHBOUR_ROWS: pa.ListArray.from_arrays(offsets, pa.array(matrix.indices[order].astype(np.int32))),
+                      VISITS: pa.ListArray.from_arrays(offsets, pa.array(matrix.data[order].astype(np.float32)))})
+    artifacts.atomic_write_parquet(path, table)
+
+
+def read_neighbours(graph_dir: str | Path, dataset_fingerprint: str | None = None) -> tuple[np.ndarray, Any]:
+    """A graph directory's neighbours.parquet, verified: (product ids [N] object, [N, N] float32 CSR of
+    visit counts, row i = product i's top-T walk neighbours). ArtifactError when it was not written."""
+    import pyarrow.parquet as pq
+    import scipy.sparse as sp
+
+    graph_dir = Path(graph_dir)
+    manifest = read_manifest(graph_dir, dataset_fingerprint)
+    if NEIGHBOURS_FILE not in manifest["files"]:
+        raise ArtifactError(f"{graph_dir} was built without neighbour lists (graph.neighbours = false); build it "
+                            "again with neighbours = true in the [graph] table of a --config file.")
+    table = pq.read_table(graph_dir / NEIGHBOURS_FILE)
+    rows, visits = table[NEIGHBOUR_ROWS].combine_chunks(), table[VISITS].combine_chunks()
+    n = len(table)
+    offsets = rows.offsets.to_numpy()
+    matrix = sp.csr_matrix((visits.flatten().to_numpy(), rows.flatten().to_numpy(), offsets - offsets[0]),
+                           shape=(n, n))
+    return table[PRODUCT_ID].to_numpy(), matrix
 
 
 def _refuse_other_dataset(graph_dir: Path, manifest: dict[str, Any], dataset_fingerprint: str) -> None:
