@@ -216,7 +216,7 @@ _FLAGS: dict[str, dict[str, str]] = {
               "refine_factor": "--refine-factor"},
     "embed": {"batch_size": "--batch-size"},
 }
-_FIELD = re.compile(r"`?\b(train|model|compare|demo|ingest|index|embed)\.([a-z_]+)\b(?!\.)`?")
+_FIELD = re.compile(r"`?\b(train|model|compare|demo|ingest|index|embed|graph)\.([a-z_]+)\b(?!\.)`?")
 _NOT_FIELDS = {"parquet", "jsonl", "json", "safetensors", "arrow", "py", "toml"}
 
 
