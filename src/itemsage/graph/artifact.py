@@ -84,12 +84,16 @@ def write_features(path: Path, ids: Any, blocks: Iterable[tuple[int, np.ndarray,
     import pyarrow.parquet as pq
 
     schema = features_schema(g, d)
-    with artifacts.atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+    # no dictionary, no statistics: every value is distinct, and a list's min/max says nothing (4x less CPU)
+    with artifacts.atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, use_dictionary=False,
+                                                               write_statistics=False) as writer:
         for lo, tokens, mask, hashes in blocks:
             b = len(mask)
             writer.write_table(pa.table([
                 ids[lo:lo + b],
-                pa.FixedSizeListArray.from_arrays(pa.array(tokens.reshape(-1)), g * d),
+                # float16 values by their buffer (pa.array converts float16 value by value: 0.2 s per block)
+                pa.FixedSizeListArray.from_arrays(pa.Array.from_buffers(
+                    pa.float16(), tokens.size, [None, pa.py_buffer(np.ascontiguousarray(tokens, "<f2"))]), g * d),
                 pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), g),
                 pa.array(hashes, pa.string()),
             ], schema=schema))
@@ -100,14 +104,19 @@ def write_neighbours(path: Path, ids: Any, matrix: Any) -> None:
     visited first (ties: the lower row), and their counts."""
     import pyarrow as pa
 
+    matrix = matrix.tocsr()
+    matrix.sort_indices()
     n = matrix.shape[0]
-    row = np.repeat(np.arange(n), np.diff(matrix.indptr))
-    order = np.lexsort((matrix.indices, -matrix.data, row))  # by row, then count descending, then column
+    # one stable sort of a 64-bit key: the row, then the float32 count's bits reversed (counts >= 0: larger
+    # first); equal counts keep the column order
+    row = np.repeat(np.arange(n, dtype=np.uint64), np.diff(matrix.indptr))
+    bits = np.uint32(0xFFFFFFFF) - matrix.data.astype(np.float32).view(np.uint32)
+    order = np.argsort((row << np.uint64(32)) | bits.astype(np.uint64), kind="stable")
     offsets = pa.array(matrix.indptr.astype(np.int32))
     table = pa.table({PRODUCT_ID: ids,
                       NEIGHBOUR_ROWS: pa.ListArray.from_arrays(offsets, pa.array(matrix.indices[order].astype(np.int32))),
                       VISITS: pa.ListArray.from_arrays(offsets, pa.array(matrix.data[order].astype(np.float32)))})
-    artifacts.atomic_write_parquet(path, table)
+    artifacts.atomic_write_parquet(path, table, use_dictionary=[PRODUCT_ID], write_statistics=False)
 
 
 def read_neighbours(graph_dir: str | Path, dataset_fingerprint: str | None = None) -> tuple[np.ndarray, Any]:

@@ -55,19 +55,31 @@ def check_out(out: Path) -> None:
                             "directory whole. Choose another --out or remove the directory.")
 
 
+def _peak_rss_gib() -> float | None:
+    """The process's peak resident memory so far (GiB), None where the platform does not say."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # Linux: KiB
+
+
 class _Steps:
-    """Wall and CPU seconds per step, logged and kept for the manifest."""
+    """Wall and CPU seconds per step, and the process's peak memory so far at its end (the step where
+    it grows set the peak), logged and kept for the manifest."""
 
     def __init__(self) -> None:
-        self.timings: dict[str, dict[str, float]] = {}
+        self.timings: dict[str, dict[str, float | None]] = {}
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         wall, cpu = time.perf_counter(), time.process_time()
         yield
-        self.timings[name] = {"wall_s": round(time.perf_counter() - wall, 3),
-                              "cpu_s": round(time.process_time() - cpu, 3)}
-        log.info("graph: %s in %.1f s (%.1f CPU s)", name, self.timings[name]["wall_s"], self.timings[name]["cpu_s"])
+        step = {"wall_s": round(time.perf_counter() - wall, 3), "cpu_s": round(time.process_time() - cpu, 3),
+                "peak_rss_gib": _peak_rss_gib()}
+        self.timings[name] = step
+        log.info("graph: %s in %.1f s (%.1f CPU s; peak memory so far %s GiB)", name, step["wall_s"], step["cpu_s"],
+                 step["peak_rss_gib"])
 
 
 def build_graph_features(dataset_dir: str | Path, out: str | Path | None = None,
