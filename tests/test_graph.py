@@ -280,6 +280,10 @@ def test_masks_tokens_and_hashes_of_the_hand_made_dataset(tmp_path):
     assert feats.float32([5])[0, 3] == pytest.approx(vectors[6], abs=1e-3)
     assert [h == "" for h in feats.hashes] == [not m.any() for m in feats.mask]
     assert len({h for h in feats.hashes if h}) == 6
+    # each product's one image is its query vector: pooling the mean image gives the same tokens
+    images = read_graph_features(build_graph_features(ds, tmp_path / "img", GraphConfig(**{**cfg.to_dict(),
+                                                                                          "content": "mean_image"})))
+    assert np.array_equal(images.tokens, feats.tokens) and np.array_equal(images.hashes, feats.hashes)
 
 
 def test_the_stage_is_deterministic_for_a_seed(tmp_path):

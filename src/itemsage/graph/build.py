@@ -126,6 +126,7 @@ def _build(dataset_dir: Path, tmp: Path, cfg: GraphConfig, steps: _Steps, progre
             task = bar.add_task("walks", total=graph.stats["products_with_edges"])
             with steps("walks"):
                 nb = neighbourhoods(graph.adjacency, cfg, advance=lambda k: bar.advance(task, k))
+        graph.adjacency = sp.csr_matrix((n, n), dtype=np.float32)  # walked: free it before the vectors
         with steps("content vectors"):
             vectors = content_vectors(dataset_dir, cfg.content)
         empty = sp.csr_matrix((n, n), dtype=np.float32)  # a type without edges (e.g. its window is 0)

@@ -24,6 +24,7 @@ Python loops run over edge types and window offsets, never over rows, products o
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,29 +220,27 @@ def cap_degree(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
     return sp.csr_matrix((m.data[keep], m.indices[keep], indptr), shape=m.shape)
 
 
-def edge_types(rows: TrainRows, n: int, cfg: GraphConfig) -> tuple[dict[str, sp.csr_matrix], dict[str, int]]:
-    """Each edge type's [n, n] graph (symmetric, uncapped) and its pair count."""
+def edge_types(rows: TrainRows, n: int, cfg: GraphConfig) -> Iterator[tuple[str, sp.csr_matrix, int]]:
+    """Each edge type's [n, n] graph (symmetric, uncapped) and its pair count, one type at a time (so
+    that only one uncapped graph is in memory), in `edge_type_weights` order."""
     used = (rows.product >= 0) & (rows.weight > 0)
     factor = cfg.edge_type_weights
-    by_type: dict[str, sp.csr_matrix] = {}
-    pairs: dict[str, int] = {}
-    for name, group, window, gap in (("session", rows.user, cfg.session_window, cfg.session_gap_hours * _HOUR_MS),
-                                     ("search", rows.text, cfg.search_window, None)):
-        if not (window and factor.get(name)):
-            continue
-        sel = np.flatnonzero(used & (group >= 0) & ((rows.surface == 0) if name == "search" else True))
-        sel = sel[np.argsort(group[sel], kind="stable")]  # by group, still in time order within it
-        g, p, w, t = _merge_runs(group[sel], rows.product[sel], rows.weight[sel], rows.time[sel])
-        a, b, ew = window_pairs(g, p, w, t, window, gap)
-        by_type[name], pairs[name] = symmetric(a, b, ew * factor[name], n), len(a)
-    for name in ("closeup", "home"):
-        if factor.get(name):
-            code = schema.SURFACES.index(name)
-            sel = np.flatnonzero(used & (rows.surface == code) & (rows.query_product >= 0)
+    for name in [t for t in factor if factor[t]]:
+        if name in ("session", "search"):
+            group, window = (rows.user, cfg.session_window) if name == "session" else (rows.text, cfg.search_window)
+            if not window:
+                continue
+            sel = np.flatnonzero(used & (group >= 0) & ((rows.surface == 0) if name == "search" else True))
+            sel = sel[np.argsort(group[sel], kind="stable")]  # by group, still in time order within it
+            g, p, w, t = _merge_runs(group[sel], rows.product[sel], rows.weight[sel], rows.time[sel])
+            gap = cfg.session_gap_hours * _HOUR_MS if name == "session" else None
+            a, b, ew = window_pairs(g, p, w, t, window, gap)
+            del sel, g, p, w, t
+            yield name, symmetric(a, b, ew * factor[name], n), len(a)
+        else:  # closeup, home: the row's query product and its engaged product
+            sel = np.flatnonzero(used & (rows.surface == schema.SURFACES.index(name)) & (rows.query_product >= 0)
                                  & (rows.query_product != rows.product))
-            by_type[name] = symmetric(rows.query_product[sel], rows.product[sel], rows.weight[sel] * factor[name], n)
-            pairs[name] = len(sel)
-    return {t: by_type[t] for t in sorted(by_type, key=list(factor).index)}, pairs
+            yield name, symmetric(rows.query_product[sel], rows.product[sel], rows.weight[sel] * factor[name], n), len(sel)
 
 
 def down_weight_hubs(m: sp.csr_matrix, strength: np.ndarray, exponent: float) -> sp.csr_matrix:
@@ -262,10 +261,13 @@ def _percentiles(x: np.ndarray) -> list[int]:
 
 def build_graph(rows: TrainRows, n: int, cfg: GraphConfig) -> Graph:
     """The train window's graph over n products from its rows (see the module doc)."""
-    raw, pairs = edge_types(rows, n, cfg)
-    strength = sum((np.asarray(m.sum(axis=1), dtype=np.float64).ravel() for m in raw.values()), np.zeros(n))
-    by_type = {name: cap_degree(m, cfg.max_degree) for name, m in raw.items()}
-    del raw
+    strength = np.zeros(n)  # each product's summed edge weight before any cap (the hub weighting's)
+    by_type: dict[str, sp.csr_matrix] = {}
+    pairs: dict[str, int] = {}
+    for name, raw, count in edge_types(rows, n, cfg):
+        strength += np.asarray(raw.sum(axis=1), dtype=np.float64).ravel()
+        by_type[name], pairs[name] = cap_degree(raw, cfg.max_degree), count
+        del raw
     total = sp.csr_matrix((n, n), dtype=np.float32)
     for m in by_type.values():
         total = total + m

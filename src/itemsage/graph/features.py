@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import scipy.sparse as sp
@@ -29,34 +30,52 @@ from itemsage.config import ConfigError
 BLOCK = 65_536  # products pooled (and written) together
 
 
-def content_vectors(dataset_dir: str | Path, source: str = "query_vector") -> np.ndarray:
-    """[N, D] float32 frozen content vectors, products.parquet's row order (zero rows: none)."""
-    path = Path(dataset_dir) / schema.PRODUCTS_FILE
-    column = schema.QUERY_VECTOR if source == "query_vector" else schema.IMAGE_EMBEDDINGS
-    if column not in pq.read_schema(path).names:
-        raise ConfigError(f"graph.content '{source}': {path} has no `{column}` column (a dataset ingested before "
-                          "products had query vectors?). Re-ingest it, or choose the other graph.content")
-    values = pq.read_table(path, columns=[column])[column].combine_chunks()
-    n = len(values)
+def _batch_vectors(values: pa.Array, source: str, path: Path) -> np.ndarray:
+    """One batch of products.parquet's `query_vector` or `image_embeddings` column -> [B, D] float32."""
+    b = len(values)
     if source == "query_vector":
         flat = values.flatten().to_numpy().astype(np.float32, copy=False)
-        width = len(flat) // n if n else 0
-        if len(flat) != n * width or pc.any(pc.not_equal(pc.fill_null(pc.list_value_length(values), 0),
-                                                         width)).as_py():
+        width = len(flat) // b if b else 0
+        lengths = pc.fill_null(pc.list_value_length(values), 0)
+        if len(flat) != b * width or pc.any(pc.not_equal(lengths, width)).as_py():
             raise ConfigError(f"graph.content 'query_vector': the products of {path} do not all have a query "
                               "vector of one width; re-ingest the dataset (itemsage ingest)")
-        return flat.reshape(n, width)
-    images = values.flatten()  # [all images] list<float>
-    if len(images) == 0:
-        raise ConfigError(f"graph.content 'mean_image': no product of {path} has an image vector; use "
-                          "graph.content 'query_vector'")
-    width = len(images[0].values)
-    flat = images.flatten().to_numpy().astype(np.float32, copy=False).reshape(len(images), width)
+        return flat.reshape(b, width)
+    images = values.flatten()  # [images of the batch] list<float>
     per = pc.fill_null(pc.list_value_length(values), 0).to_numpy()  # images per product
-    sums = np.zeros((n, width), np.float32)
+    width = len(images[0].values) if len(images) else 0
+    flat = images.flatten().to_numpy().astype(np.float32, copy=False).reshape(len(images), width)
+    sums = np.zeros((b, width), np.float32)
     has = per > 0
     sums[has] = np.add.reduceat(flat, (np.cumsum(per) - per)[has], axis=0)
     return sums / np.maximum(per, 1)[:, None].astype(np.float32)
+
+
+def content_vectors(dataset_dir: str | Path, source: str = "query_vector") -> np.ndarray:
+    """[N, D] float32 frozen content vectors, products.parquet's row order (zero rows: none), read in
+    batches into one array (no second copy of the column in memory)."""
+    path = Path(dataset_dir) / schema.PRODUCTS_FILE
+    column = schema.QUERY_VECTOR if source == "query_vector" else schema.IMAGE_EMBEDDINGS
+    parquet = pq.ParquetFile(path)
+    if column not in parquet.schema_arrow.names:
+        raise ConfigError(f"graph.content '{source}': {path} has no `{column}` column (a dataset ingested before "
+                          "products had query vectors?). Re-ingest it, or choose the other graph.content")
+    out: np.ndarray | None = None
+    lo = 0
+    for batch in parquet.iter_batches(batch_size=BLOCK, columns=[column]):
+        part = _batch_vectors(batch.column(0), source, path)
+        if part.shape[1]:  # (a batch whose products have no image at all: width 0, its rows stay zero)
+            if out is None:
+                out = np.zeros((parquet.metadata.num_rows, part.shape[1]), np.float32)
+            elif part.shape[1] != out.shape[1]:
+                raise ConfigError(f"graph.content '{source}': the vectors of {path} do not all have one width; "
+                                  "re-ingest the dataset (itemsage ingest)")
+            out[lo:lo + len(part)] = part
+        lo += len(part)
+    if out is None:
+        raise ConfigError(f"graph.content '{source}': no product of {path} has a vector to pool; use "
+                          f"graph.content '{'query_vector' if source == 'mean_image' else 'mean_image'}'")
+    return out
 
 
 def pool(weights: sp.csr_matrix, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
