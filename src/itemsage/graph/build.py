@@ -112,14 +112,18 @@ def build_graph_features(dataset_dir: str | Path, out: str | Path | None = None,
 def _build(dataset_dir: Path, tmp: Path, cfg: GraphConfig, steps: _Steps, progress: bool) -> dict[str, Any]:
     """The stage's files into `tmp`; returns write_manifest's keyword arguments (less inputs and config)."""
     with progress_bar(progress, unit="products") as bar:
+        task = bar.add_task("read", total=None)  # no count to show: a pulsing bar until done
         with steps("read train window"):
             ids = pq.read_table(dataset_dir / schema.PRODUCTS_FILE, columns=[schema.PRODUCT_ID])[schema.PRODUCT_ID]
             ids = ids.combine_chunks()
             n = len(ids)
             rows = read_train(dataset_dir, ids, cfg)
+        bar.update(task, total=1, completed=1)
+        task = bar.add_task("edges", total=None)
         with steps("edges and degree caps"):
             graph = build_graph(rows, n, cfg)
             del rows
+        bar.update(task, total=1, completed=1)
         log.info("graph: %s", graph.stats)
         nb = None
         if cfg.walks:
