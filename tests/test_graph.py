@@ -170,9 +170,12 @@ def test_cap_degree_keeps_each_rows_largest_entries_like_a_sort_by_reference():
         m.data = np.round(m.data * 4).astype(dtype)  # many ties
         m.eliminate_zeros()
         for k in (1, 5, 40):
-            got, want = cap_degree(m, k), reference(m, k)
-            assert np.array_equal(got.indptr, want.indptr) and (got != want).nnz == 0, (dtype, k)
-            assert np.diff(got.indptr).max() == k
+            want = reference(m, k)
+            for block in (1 << 22, 97, 7):  # one block; blocks of ~97 entries; of one row each (rows never split)
+                got = cap_degree(m, k, block=block)
+                assert np.array_equal(got.indptr, want.indptr) and (got != want).nnz == 0, (dtype, k, block)
+                assert np.array_equal(got.indices, want.indices)
+            assert np.diff(want.indptr).max() == k
 
 
 def test_the_degree_cap_and_hub_weighting_in_the_graph(tmp_path):
@@ -310,3 +313,12 @@ def test_the_config_refuses_bad_options_by_name():
         with pytest.raises(ConfigError, match=pieces.replace("(", r"\(").replace(")", r"\)")):
             GraphConfig(**kwargs)
     assert GraphConfig(tokens="walk, search").tokens == ("walk", "search")
+
+
+def test_an_empty_train_window_gives_every_product_a_mask_and_no_token(tmp_path):
+    ds = write_dataset(tmp_path / "ds", 4, [], validation=[("home", "click", "p1", 5, "u1", None, None)])
+    feats = read_graph_features(build_graph_features(ds))
+    assert feats.tokens.shape == (4, 3, DIM) and not feats.mask.any() and not feats.tokens.any()
+    assert feats.hashes.tolist() == [""] * 4
+    manifest = feats.manifest
+    assert manifest["counts"]["edges"] == 0 and manifest["train_last_timestamp"] is None

@@ -67,7 +67,7 @@ def graph_cmd(
         written = build_graph_features(dataset_dir, out, cfg, progress=_progress(progress))
     except ConfigError as err:
         fail(flag_names(str(err), config, run.names))
-    except (ArtifactError, DataError, FileNotFoundError, ValueError) as err:
+    except (ArtifactError, DataError, OSError, ValueError) as err:  # OSError: e.g. a read-only dataset directory
         fail(str(err))
     manifest = read_manifest(written)
     counts = manifest["counts"]

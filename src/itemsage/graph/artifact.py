@@ -174,6 +174,7 @@ def read_graph_features(graph_dir: str | Path, dataset_fingerprint: str | None =
     `dataset_fingerprint` (`artifacts.fingerprint(dataset_dir)`): refuse, with an ArtifactError that
     names `itemsage graph DATASET`, a graph built from another dataset. The tokens stay float16
     (N x G x D x 2 bytes: 1.5 GB at 1M products x 3 x 256); `.float32(rows)` widens a slice."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     graph_dir = Path(graph_dir)
@@ -184,13 +185,16 @@ def read_graph_features(graph_dir: str | Path, dataset_fingerprint: str | None =
     path = graph_dir / FEATURES_FILE
     parquet = pq.ParquetFile(path)
     n = parquet.metadata.num_rows
-    expected = {PRODUCT_ID: "string", TOKENS: f"fixed_size_list<element: halffloat>[{g * dim}]",
-                MASK: f"fixed_size_list<element: bool>[{g}]", HASH: "string"}
-    found = {f.name: str(f.type) for f in parquet.schema_arrow}
-    if found != expected or n != manifest["counts"]["products"]:
-        raise ArtifactError(f"{path} does not hold what its manifest describes ({n:,} rows of {found}; expected "
-                            f"{manifest['counts']['products']:,} rows of {expected}). Run `itemsage graph DATASET` "
-                            "again.")
+    expected = features_schema(g, dim)
+    found = parquet.schema_arrow
+    same = found.names == expected.names and all(  # compared by type, not the list's child field name
+        a.type == b.type or (pa.types.is_fixed_size_list(a.type) and pa.types.is_fixed_size_list(b.type)
+                             and a.type.list_size == b.type.list_size and a.type.value_type == b.type.value_type)
+        for a, b in zip(found, expected))
+    if not same or n != manifest["counts"]["products"]:
+        raise ArtifactError(f"{path} does not hold what its manifest describes ({n:,} rows of {found.types}; "
+                            f"expected {manifest['counts']['products']:,} rows of {expected.types}). Run "
+                            "`itemsage graph DATASET` again.")
     tokens = np.empty((n, g, dim), np.float16)
     mask = np.empty((n, g), bool)
     ids, hashes = [], []

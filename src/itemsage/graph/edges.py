@@ -190,32 +190,39 @@ def symmetric(a: np.ndarray, b: np.ndarray, w: np.ndarray, n: int) -> sp.csr_mat
     repeats summed. The repeats are summed once, on the upper triangle, before it is mirrored."""
     lo, hi = np.minimum(a, b), np.maximum(a, b)
     upper = sp.csr_matrix((w.astype(np.float32), (lo, hi)), shape=(n, n))  # sums duplicates
+    upper.eliminate_zeros()  # weights that underflow float32 (rows decayed for years): no edge
     full = (upper + upper.T).tocsr()
     full.sort_indices()
     return full
 
 
-def cap_degree(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
+def cap_degree(m: sp.csr_matrix, k: int, block: int = 1 << 22) -> sp.csr_matrix:
     """Each row's k largest entries (ties: the lower column); entries must be >= 0. Rows with <= k
-    entries stay whole; only the heavy rows' entries are sorted, by one stable argsort of a 64-bit key
-    (row, then the float32 weight's bits reversed: larger first), which keeps the canonical CSR's
-    column order among equal weights."""
+    entries stay whole. The heavy rows' entries are ranked by one stable argsort of a 64-bit key per
+    block of rows holding about `block` entries (the row, then the float32 weight's bits reversed:
+    larger first), which keeps the canonical CSR's column order among equal weights; the blocks bound
+    the sort's memory (~40 bytes per entry of a block) whatever the matrix's size."""
     m = m.tocsr()
     m.sum_duplicates()  # canonical: columns sorted within each row
     nnz = np.diff(m.indptr)
-    heavy = nnz > k
-    if not heavy.any():
+    heavy = np.flatnonzero(nnz > k)
+    if not len(heavy):
         return m
-    sel = np.flatnonzero(np.repeat(heavy, nnz))
-    per = nnz[heavy]
-    row = np.repeat(np.arange(int(heavy.sum()), dtype=np.uint64), per)
-    bits = np.maximum(m.data[sel], 0).astype(np.float32).view(np.uint32)  # order-preserving for x >= 0
-    key = (row << np.uint64(32)) | (np.uint32(0xFFFFFFFF) - bits).astype(np.uint64)
-    order = sel[np.argsort(key, kind="stable")]
-    del key, bits, row
-    rank = np.arange(len(order)) - np.repeat(np.cumsum(per) - per, per)  # position within its row
     keep = np.ones(m.nnz, bool)
-    keep[order[rank >= k]] = False
+    ends = np.cumsum(nnz[heavy])
+    for rows in np.split(heavy, np.searchsorted(ends, np.arange(block, ends[-1], block), side="right")):
+        if not len(rows):
+            continue
+        per = nnz[rows]
+        first = np.cumsum(per) - per  # each row's first position in the block
+        within = np.arange(int(per.sum())) - np.repeat(first, per)  # an entry's position within its row
+        sel = np.repeat(m.indptr[rows].astype(np.int64), per) + within
+        row = np.repeat(np.arange(len(rows), dtype=np.uint64), per)
+        bits = np.maximum(m.data[sel], 0).astype(np.float32).view(np.uint32)  # order-preserving for x >= 0
+        key = (row << np.uint64(32)) | (np.uint32(0xFFFFFFFF) - bits).astype(np.uint64)
+        del row, bits
+        order = sel[np.argsort(key, kind="stable")]  # by row, larger first
+        keep[order[within >= k]] = False  # `within` of the sorted block: its rank in the row
     indptr = np.concatenate([[0], np.cumsum(np.minimum(nnz, k))]).astype(m.indptr.dtype)
     return sp.csr_matrix((m.data[keep], m.indices[keep], indptr), shape=m.shape)
 
@@ -252,6 +259,7 @@ def down_weight_hubs(m: sp.csr_matrix, strength: np.ndarray, exponent: float) ->
     s = strength.astype(np.float64)
     m = m.copy()
     m.data = (m.data / (s[row] * s[m.indices]) ** (exponent / 2)).astype(np.float32)
+    m.eliminate_zeros()
     return m
 
 
