@@ -69,14 +69,17 @@ def index_cmd(
         from itemsage.index.milvus import MilvusConfig, build_milvus
 
         try:
-            config = MilvusConfig(index_type=milvus_index, m=m, ef_construction=ef_construction, ef_search=ef_search)
-            index = build_milvus(embeddings_dir, uri, collection, config, version=version, publish_it=publish)
+            config = MilvusConfig(index_type=milvus_index, m=m, ef_construction=ef_construction,
+                                  **({"ef_search": ef_search} if ef_search else {}))  # 0: Milvus's default
+            index = build_milvus(embeddings_dir, uri, collection, config, version=version, publish_it=publish,
+                                 attributes=attributes, filterable=columns)
         except (ConfigError, ArtifactError, ValueError, ImportError) as err:
             fail(str(err))
         stats = index.stats
         console.print(f"wrote Milvus collection {index.collection} ({milvus_index}) in {stats['build_seconds']:.1f} s: "
                       f"{len(index):,} vectors x {index.dim} dims")
         console.print(f"recall@10 vs exact search: {stats['neighbour_recall_at_10']:.4f} ({stats['recall_queries']} queries)")
+        console.print("filterable: " + (", ".join(f"{c} ({k})" for c, k in sorted(index.kinds.items())) or "none"))
         console.print(f"version: {index.version}" + (f" (published as alias '{collection}')" if publish else ""))
         return
     if out is None:

@@ -229,7 +229,7 @@ class LiveIndex:
         mask = self.base.filters.mask(filter)  # FilterError before anything else
         if view.alive is not None:
             mask = view.alive if mask is None else mask.intersect(view.alive)
-        rows = [r for r in (self.base.row(p) for p in exclude) if r >= 0] if exclude else []
+        rows = [r for r in (self.base.row(p) for p in exclude) if r >= 0] if exclude is not None else []
         if rows:
             mask = (mask or RowMask.all(len(self.base))).without(np.asarray(rows))
         return mask
@@ -240,7 +240,7 @@ class LiveIndex:
         ids = np.full(found.shape, "", dtype=object)
         ids[found >= 0] = self.base.ids[found[found >= 0]]
         scores = np.where(found >= 0, scores, np.float32(-np.inf)).astype(np.float32)
-        side = self._side_rows(view, filter, set(exclude) if exclude else set())
+        side = self._side_rows(view, filter, set(exclude) if exclude is not None else set())
         if len(side) == 0:
             return ids, scores
         side_scores = queries @ view.side_vectors[side].T  # [Q, M'] exact inner products

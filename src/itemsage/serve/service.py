@@ -306,7 +306,8 @@ class Service(ProductUpdates):
         store = getattr(served.index, "attributes", None)
         cached = getattr(self, "_filters_of", None)
         if cached is None or cached[0] is not served:
-            summary = store.summary() if store is not None else []
+            summary = store.summary() if store is not None else [  # Milvus: the kinds, no values here
+                {"name": name, "kind": kind} for name, kind in sorted(getattr(served.index, "kinds", {}).items())]
             self._filters_of = cached = (served, {"index_version": served.version, "columns": summary})
         return cached[1]
 
