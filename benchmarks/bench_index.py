@@ -56,8 +56,9 @@ def anon_bytes() -> int:
 
 def gaussian_mixture(n: int, dim: int, clusters: int, spread: float, rng: np.random.Generator,
                      centres: np.ndarray | None = None, weights: np.ndarray | None = None,
-                     chunk: int = 100_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """n unit vectors [n, dim]: centre (unit) + spread * noise (unit-length), renormalised."""
+                     chunk: int = 100_000, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n unit vectors [n, dim]: centre (unit) + spread * noise (unit-length), renormalised. `labels`
+    (int [n], optional): filled with each vector's cluster."""
     if centres is None:
         centres = rng.standard_normal((clusters, dim)).astype(np.float32)
         centres /= np.linalg.norm(centres, axis=1, keepdims=True)
@@ -67,6 +68,8 @@ def gaussian_mixture(n: int, dim: int, clusters: int, spread: float, rng: np.ran
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
         which = rng.choice(len(centres), size=hi - lo, p=weights)
+        if labels is not None:
+            labels[lo:hi] = which
         noise = rng.standard_normal((hi - lo, dim)).astype(np.float32)
         noise /= np.linalg.norm(noise, axis=1, keepdims=True)
         x = centres[which] + spread * noise

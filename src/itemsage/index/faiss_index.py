@@ -13,13 +13,15 @@ On disk an index is a version directory (never pickle):
                                   query_vectors.safetensors  the products' frozen query vectors
                                                  ("query_vector" [N, Dq] float32, ids' row order), when
                                                  the embeddings carry them; memory-mapped
-                                  manifest.json  kind 'index': config, count, dim, inputs, recall
+                                  manifest.json  kind 'index': config, count, dim, inputs, recall, tuning
     INDEX_ROOT/CURRENT                           text: the served version's name, replaced atomically
 
+                                  attributes.arrow  the filterable columns (index/attributes.py), when given
 `load` checks every file's sha256 against the manifest, then the dimension and count, so a torn or
-corrupted index is refused, never served. Every build measures recall@10 of the ANN index against
-exact search on a sample of queries and stores it in the manifest: a speed figure without its
-recall means nothing.
+corrupted index is refused, never served. Every build tunes ef / nprobe to a recall@10 target against
+exact search, unfiltered and under filters (index/tuning.py: manifest `search_tuning`), and stores
+the recall: a speed figure without its recall means nothing. `search` takes a filter and ids to
+leave out, applied inside the search (index/planner.py).
 
 IVF-PQ (`kind='ivfpq'`) keeps only a compressed code per vector in memory: an inverted file of
 `nlist` lists (coarse k-means) and a product quantizer of `pq_m` sub-vectors of `pq_nbits` bits (4 bits
@@ -109,7 +111,8 @@ class ProductIndex:
         self.version: str | None = None  # the version directory's name once saved or loaded
         self._query_vectors: np.ndarray | None = None  # [N, Dq] frozen query vectors in row order, if any
         self.product_query: dict[str, Any] | None = None  # {"source", "fields", "dim"} of those
-        self.tuning = SearchTuning.untuned(*self._unfiltered_setting())  # set by build (measured) and load
+        self.tuning = SearchTuning.untuned(self.config.kind, self.config.ef_search or DEFAULT_EF_SEARCH,
+                                           self.config.nprobe or 1)  # set by build (measured) and load
         self.attributes: AttributeStore | None = None  # filterable columns, row r = faiss row r
         self.filters = FilterMasks(None)  # filter -> RowMask over the rows, cached
 
@@ -264,19 +267,10 @@ class ProductIndex:
                  "ivfpq": lambda: self._vectors}[self.config.kind]()
         return FaissSearch(self.config.kind, self._index, exact, self._ivf)
 
-    def _unfiltered_setting(self) -> tuple[str, int]:
-        if self.config.kind == "hnsw":
-            return "ef_search", int(self._index.hnsw.efSearch)
-        if self.config.kind == "ivfpq":
-            return "nprobe", self.config.nprobe or default_nprobe(self.config.nlist or 1)
-        return "", 0
-
     def _set_unfiltered(self, tuning: SearchTuning) -> None:
         """Search unfiltered at the tuned value (a value fixed in the config wins; tuning used it)."""
-        if tuning.values and self.config.kind == "hnsw":
-            self._index.hnsw.efSearch = int(tuning.values[0])
-        elif tuning.values and self.config.kind == "ivfpq":
-            self._ivf.nprobe = int(tuning.values[0])
+        if tuning.values:
+            self._search().set_unfiltered(int(tuning.values[0]))
 
     def set_attributes(self, store: AttributeStore | None) -> None:
         """The filterable columns of the rows (None: none); `len(store)` must be the index's."""
@@ -394,7 +388,7 @@ class ProductIndex:
         if "search_tuning" in manifest:
             index.tuning = SearchTuning.from_dict(manifest["search_tuning"])
         else:  # built before tuning: its configured value
-            index.tuning = SearchTuning.untuned(*index._unfiltered_setting())
+            index.tuning = SearchTuning.untuned(config.kind, config.ef_search, config.nprobe or index.nprobe or 1)
         index._set_unfiltered(index.tuning)
         if ef_search is not None and config.kind == "hnsw":  # an explicit value at load wins
             raw.hnsw.efSearch = ef_search
@@ -473,6 +467,8 @@ class ProductIndex:
         """Search through `ivf` (codes) and re-rank with `vectors` (full, IndexFlatIP; maybe memory-mapped)."""
         self._ivf, self._vectors = ivf, vectors
         self._ivf.nprobe = self.config.nprobe or default_nprobe(self.config.nlist)
+        if not self.tuning.recall:  # not tuned (yet): the value searched unfiltered
+            self.tuning = SearchTuning.untuned("ivfpq", 0, int(self._ivf.nprobe))
         self._index = faiss.IndexRefine(ivf, vectors)  # add() feeds both; search re-ranks k_factor * k
         self._index.k_factor = float(self.config.refine_factor)
 

@@ -141,9 +141,10 @@ class SearchTuning:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
-    def untuned(cls, param: str, value: int) -> SearchTuning:
-        """A version built before tuning: its one configured value, for masks passing half the rows or
-        more; anything more selective goes exact (correct, if slower than a tuned version)."""
+    def untuned(cls, kind: str, ef_search: int, nprobe: int) -> SearchTuning:
+        """Before tuning (or a version built before it): the configured value, for masks passing half the
+        rows or more; anything more selective goes exact (correct, if slower than a tuned version)."""
+        param, value = {"hnsw": ("ef_search", ef_search), "ivfpq": ("nprobe", nprobe)}.get(kind, ("", 0))
         return cls(param, selectivities=[1.0, 0.5] if param else [], values=[value, value] if param else [])
 
 
@@ -156,6 +157,12 @@ class FaissSearch:
     def __init__(self, kind: str, ann_index: Any, exact_index: Any, ivf: Any = None) -> None:
         self.kind, self.ann_index, self.exact_index, self.ivf = kind, ann_index, exact_index, ivf
         self.n = int(ann_index.ntotal)
+
+    def set_unfiltered(self, value: int) -> None:
+        if self.kind == "hnsw":
+            self.ann_index.hnsw.efSearch = value
+        elif self.kind == "ivfpq":
+            self.ivf.nprobe = value
 
     def unfiltered_value(self) -> int:
         """The served unfiltered ef / nprobe (the index's own setting)."""
@@ -200,13 +207,16 @@ class FaissSearch:
             return scores, rows
         return self.exact(q, k, mask.rows())
 
-    def probe(self, q: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
-        """The query's `p` nearest rows without a mask: (scores [1, p], rows [1, p]), best first."""
-        value = self.unfiltered_value()
+    def probe(self, q: np.ndarray, p: int, k: int, value: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """The query's `p` nearest rows without a mask: (scores [1, p], rows [1, p]), best first, searched at
+        `value` (the tuned value of the mask's selectivity: its answer must be as good as a filtered
+        search's, whose k passing rows lie deeper in the ranking) or the unfiltered one."""
+        value = max(self.unfiltered_value(), value or 0)
         if self.kind == "hnsw":
             return self.ann_index.search(q, p, params=self.params(max(value, p)))
-        # IVF-PQ: the shortlist re-ranked is the one a k-row search re-ranks, not p * refine_factor
-        return self.ann_index.search(q, p, params=self.params(value, k_factor=max(1.0, self.ann_index.k_factor * 10 / p)))
+        # IVF-PQ: a shortlist of refine_factor x 2k codes re-ranked (the depth a mask passing half the rows
+        # needs), not refine_factor x p
+        return self.ann_index.search(q, p, params=self.params(value, k_factor=max(1.0, self.ann_index.k_factor * 2 * k / p)))
 
 
 def plan(search: FaissSearch, tuning: SearchTuning, q: np.ndarray, k: int,
@@ -231,7 +241,7 @@ def plan(search: FaissSearch, tuning: SearchTuning, q: np.ndarray, k: int,
         if int(keep.sum()) >= k:
             return scores[0][keep][:k], rows[0][keep][:k], "probe"
     p = max(PROBE, k)
-    p_scores, p_rows = search.probe(q, min(p, n))
+    p_scores, p_rows = search.probe(q, min(p, n), k, tuning.value_for(selectivity))
     hit = mask.contains(p_rows[0])
     hits = int(hit.sum())
     if hits >= k:  # the query's nearest rows hold k passing ones: they are the answer
