@@ -131,7 +131,6 @@ def run(index: ProductIndex, q: np.ndarray, scores: np.ndarray, specs: list, mas
     search = index._search()
     unfiltered = search.unfiltered_value()
     res = {m: {"cpu": 0.0, "hits": 0, "truth": 0, "counts": [], "queries": 0} for m in ("ours", "post", "unfiltered")}
-    paths: dict[str, int] = {}
     for i in range(len(q)):
         spec, mask = specs[i], masks[i]
         passing = int(mask.sum())
