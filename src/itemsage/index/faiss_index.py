@@ -238,7 +238,7 @@ class ProductIndex:
         mask = self.filters.mask(filter)
         rows = [self._row_of[p] for p in exclude if p in self._row_of]
         if rows:
-            mask = (mask or RowMask.all(len(self))).without(np.asarray(rows))
+            mask = (mask or RowMask.all(len(self))).without(rows)
         return mask
 
     def search_rows(self, queries: np.ndarray, k: int, mask: RowMask | None) -> tuple[np.ndarray, np.ndarray]:
@@ -255,7 +255,7 @@ class ProductIndex:
         else:
             search = self._search()
             out = [plan(search, self.tuning, queries[i : i + 1], k, mask)[:2] for i in range(len(queries))]
-            scores, rows = np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
+            scores, rows = (out[0][0][None], out[0][1][None]) if len(out) == 1 else map(np.stack, zip(*out))
         if rows.shape[1] < k:  # fewer rows than k: pad
             scores = np.pad(scores, ((0, 0), (0, k - rows.shape[1])), constant_values=-np.inf)
             rows = np.pad(rows, ((0, 0), (0, k - rows.shape[1])), constant_values=-1)

@@ -231,7 +231,7 @@ class LiveIndex:
             mask = view.alive if mask is None else mask.intersect(view.alive)
         rows = [r for r in (self.base.row(p) for p in exclude) if r >= 0] if exclude is not None else []
         if rows:
-            mask = (mask or RowMask.all(len(self.base))).without(np.asarray(rows))
+            mask = (mask or RowMask.all(len(self.base))).without(rows)
         return mask
 
     def _search(self, queries: np.ndarray, k: int, filter: Any, exclude: Any) -> tuple[np.ndarray, np.ndarray]:
