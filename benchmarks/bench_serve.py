@@ -70,7 +70,7 @@ def index_facts(index_root: Path) -> dict:
     return {
         "version": version_dir.name,
         "kind": manifest["config"]["kind"],
-        "ef_search": manifest["config"].get("ef_search"),
+        "ef_search": (manifest.get("search_tuning") or {}).get("values", [None])[0] or manifest["config"].get("ef_search"),
         "count": manifest["count"],
         "dim": manifest["dim"],
         "recall_at_10": manifest.get("neighbour_recall_at_10", manifest.get("recall_at_10")),

@@ -96,6 +96,7 @@ class ProductIndex:
         self._ivf: Any = None  # ivfpq: the IVF-PQ index of codes (trained on the first add)
         self._vectors: Any = None  # ivfpq: IndexFlatIP of the full vectors, for re-ranking and lookups
         self._mapped = False  # ivfpq loaded from disk: _vectors is a read-only memory map
+        self._faiss: FaissSearch | None = None  # the faiss calls of searches (_search)
         if self.config.kind == "hnsw":
             self._index = faiss.IndexHNSWFlat(self.dim, self.config.m, faiss.METRIC_INNER_PRODUCT)
             self._index.hnsw.efConstruction = self.config.ef_construction
@@ -104,8 +105,7 @@ class ProductIndex:
             self._index = faiss.IndexFlatIP(self.dim)
         else:
             self._index = None  # IVF-PQ must see data before it exists: see _train_ivfpq
-        self._ids = np.empty(0, dtype=object)  # [N] product_id of faiss row n
-        self._row_of: dict[str, int] = {}
+        self._ids, self._row_of = np.empty(0, dtype=object), {}  # [N] product_id of faiss row n; id -> row
         self.manifest: dict[str, Any] = {}  # set by save/load
         self.stats: dict[str, Any] = {}  # build time and measured recall, set by build/load
         self.version: str | None = None  # the version directory's name once saved or loaded
@@ -113,8 +113,7 @@ class ProductIndex:
         self.product_query: dict[str, Any] | None = None  # {"source", "fields", "dim"} of those
         self.tuning = SearchTuning.untuned(self.config.kind, self.config.ef_search or DEFAULT_EF_SEARCH,
                                            self.config.nprobe or 1)  # set by build (measured) and load
-        self.attributes: AttributeStore | None = None  # filterable columns, row r = faiss row r
-        self.filters = FilterMasks(None)  # filter -> RowMask over the rows, cached
+        self.set_attributes(None)  # .attributes: the filterable columns; .filters: filter -> RowMask, cached
 
     # ---- the four verbs -------------------------------------------------------------------------
 
@@ -262,10 +261,13 @@ class ProductIndex:
         return scores, rows
 
     def _search(self) -> FaissSearch:
-        """The faiss calls of this index (planner.FaissSearch): ANN, exact over rows, the probe."""
-        exact = {"hnsw": lambda: faiss.downcast_index(self._index.storage), "flat": lambda: self._index,
-                 "ivfpq": lambda: self._vectors}[self.config.kind]()
-        return FaissSearch(self.config.kind, self._index, exact, self._ivf)
+        """The faiss calls of this index (planner.FaissSearch): ANN, exact over rows, the probe; made
+        once per size of the index (an add makes a new one)."""
+        if self._faiss is None or self._faiss.n != len(self):
+            exact = {"hnsw": lambda: faiss.downcast_index(self._index.storage), "flat": lambda: self._index,
+                     "ivfpq": lambda: self._vectors}[self.config.kind]()
+            self._faiss = FaissSearch(self.config.kind, self._index, exact, self._ivf)
+        return self._faiss
 
     def _set_unfiltered(self, tuning: SearchTuning) -> None:
         """Search unfiltered at the tuned value (a value fixed in the config wins; tuning used it)."""
@@ -384,7 +386,7 @@ class ProductIndex:
             index._set_ivfpq(raw, vectors)
             index._mapped = True
         else:
-            index._index = raw
+            index._index, index._faiss = raw, None
         if "search_tuning" in manifest:
             index.tuning = SearchTuning.from_dict(manifest["search_tuning"])
         else:  # built before tuning: its configured value
@@ -430,9 +432,8 @@ class ProductIndex:
         return int(self._index.hnsw.efSearch) if self.config.kind == "hnsw" else None
 
     @ef_search.setter
-    def ef_search(self, value: int) -> None:
-        require(self.config.kind == "hnsw", "ef_search applies only to an HNSW index")
-        require(int(value) >= 1, f"ef_search must be >= 1, got {value}")
+    def ef_search(self, value: int) -> None:  # the unfiltered value (filtered searches: `tuning`)
+        require(self.config.kind == "hnsw" and int(value) >= 1, f"ef_search (HNSW only) must be >= 1, got {value}")
         self._index.hnsw.efSearch = int(value)
 
     @property
@@ -441,8 +442,7 @@ class ProductIndex:
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
-        require(self._ivf is not None, "nprobe applies only to a trained IVF-PQ index")
-        require(int(value) >= 1, f"nprobe must be >= 1, got {value}")
+        require(self._ivf is not None and int(value) >= 1, f"nprobe (trained IVF-PQ only) must be >= 1, got {value}")
         self._ivf.nprobe = int(value)
 
     def _train_ivfpq(self, vectors: np.ndarray) -> None:
@@ -465,7 +465,7 @@ class ProductIndex:
 
     def _set_ivfpq(self, ivf: Any, vectors: Any) -> None:
         """Search through `ivf` (codes) and re-rank with `vectors` (full, IndexFlatIP; maybe memory-mapped)."""
-        self._ivf, self._vectors = ivf, vectors
+        self._ivf, self._vectors, self._faiss = ivf, vectors, None
         self._ivf.nprobe = self.config.nprobe or default_nprobe(self.config.nlist)
         if not self.tuning.recall:  # not tuned (yet): the value searched unfiltered
             self.tuning = SearchTuning.untuned("ivfpq", 0, int(self._ivf.nprobe))
