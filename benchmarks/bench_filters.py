@@ -9,7 +9,8 @@ anti-correlated case that breaks a planner tuned on uniform filters). Queries: p
 vectors (other rows and noise than the build's tuning and evaluation queries), one query per call,
 as the service asks; k = 10. Recall@10 is against exact search over the products that pass (numpy:
 all inner products, masked). Times are this thread's CPU time (faiss and BLAS on one thread): q/s
-is per core, and the three modes are interleaved query by query, so they see the same load.
+is per core, and the three modes are interleaved query by query, their order rotating, so they see
+the same load and none always meets cold caches.
 
     post-filter: the unfiltered search asked for 2 k / s results (at most --post-cap; HNSW at ef >= that,
                  IVF-PQ probing as many more lists), the passing ones kept
@@ -136,15 +137,15 @@ def run(index: ProductIndex, q: np.ndarray, scores: np.ndarray, specs: list, mas
         passing = int(mask.sum())
         truth = set(ids[top_k_in(scores[i], mask, K)].tolist())
         want = min(K, passing)
-        t0 = time.thread_time()
-        got, _ = index.search_one(q[i], K, filter=spec)
-        t1 = time.thread_time()
-        res["ours"]["cpu"] += t1 - t0
-        res["ours"]["hits"] += len(truth & set(got))
-        res["ours"]["truth"] += want
-        res["ours"]["counts"].append((len(got), want))
-        res["ours"]["queries"] += 1
-        if i < post_queries:
+
+        def ours() -> None:
+            t0 = time.thread_time()
+            got, _ = index.search_one(q[i], K, filter=spec)
+            record("ours", time.thread_time() - t0, got)
+
+        def post() -> None:
+            if i >= post_queries:
+                return
             deep = int(min(n, post_cap, math.ceil(POST_OVERSAMPLE * K * n / max(passing, 1))))
             value = max(unfiltered, deep) if index.config.kind == "hnsw" else \
                 min(index.config.nlist, math.ceil(unfiltered * deep / K))  # IVF: as many lists as the depth needs
@@ -152,16 +153,25 @@ def run(index: ProductIndex, q: np.ndarray, scores: np.ndarray, specs: list, mas
             _, rows = search.ann(q[i : i + 1], deep, value)  # the unfiltered search, deeper
             rows = rows[0][rows[0] >= 0]
             kept = ids[rows[mask[rows]][:K]].tolist()
-            t1 = time.thread_time()
-            res["post"]["cpu"] += t1 - t0
-            res["post"]["hits"] += len(truth & set(kept))
-            res["post"]["truth"] += want
-            res["post"]["counts"].append((len(kept), want))
-            res["post"]["queries"] += 1
-        t0 = time.thread_time()
-        index.search_one(q[i], K)
-        res["unfiltered"]["cpu"] += time.thread_time() - t0
-        res["unfiltered"]["queries"] += 1
+            record("post", time.thread_time() - t0, kept)
+
+        def bare() -> None:
+            t0 = time.thread_time()
+            index.search_one(q[i], K)
+            res["unfiltered"]["cpu"] += time.thread_time() - t0
+            res["unfiltered"]["queries"] += 1
+
+        def record(mode: str, cpu: float, got: list) -> None:
+            r = res[mode]
+            r["cpu"] += cpu
+            r["hits"] += len(truth & set(got))
+            r["truth"] += want
+            r["counts"].append((len(got), want))
+            r["queries"] += 1
+
+        modes = [ours, post, bare]
+        for m in modes[i % 3:] + modes[: i % 3]:  # rotated: none always comes first (cold caches)
+            m()
     out = {"filter": label, "passing_mean": float(np.mean([m.sum() for m in masks]))}
     for mode, r in res.items():
         entry = {"qps": round(r["queries"] / max(r["cpu"], 1e-9), 1), "queries": r["queries"]}
