@@ -135,9 +135,10 @@ class SearchTuning:
 
     def value_for(self, selectivity: float) -> int | None:
         """The value tuned at the nearest selectivity at or below `selectivity` (a more selective mask
-        needs a wider search); None below the tuned range (exact)."""
+        needs a wider search; within 10%, the spread of the random masks tuned on, counts as equal);
+        None below the tuned range (exact)."""
         for s, v in zip(self.selectivities, self.values):
-            if s <= selectivity * (1 + 1e-9):
+            if s <= selectivity * 1.1:
                 return int(v)
         return None
 
