@@ -288,7 +288,7 @@ def test_the_page_in_a_browser(world, server, tmp_path):
 
             # Filters: a shared URL restores the search and its filter; only lamps come back (6 of them).
             def shown_ids() -> list[str]:
-                page.wait_for_function("document.getElementById('status').textContent.includes('top')")
+                wait_until(page, "document.getElementById('status').textContent.includes('top')")
                 found = page.locator("#results li")
                 return [found.nth(i).get_attribute("data-id") for i in range(found.count())]
 
@@ -303,8 +303,8 @@ def test_the_page_in_a_browser(world, server, tmp_path):
             assert "red" in page.eval_on_selector_all("#filter-values option", "o => o.map(x => x.value)")
             page.fill("#filter-value", "red")
             page.press("#filter-value", "Enter")
-            page.wait_for_function("location.search.includes('colour.not=red')")
-            page.wait_for_function("document.querySelectorAll('#results li').length === 5")
+            wait_until(page, "location.search.includes('colour.not=red')")
+            wait_until(page, "document.querySelectorAll('#results li').length === 5")
             got = shown_ids()
             assert all(world["kind"][p] == "lamp" and world["colour"][p] != "red" for p in got) and len(got) == 5
             page.screenshot(path=str(shots / "page-filter.png"), full_page=True)
@@ -312,20 +312,20 @@ def test_the_page_in_a_browser(world, server, tmp_path):
             page.reload()
             assert shown_ids() == got and page.locator("#chips .chip").count() == 2
             page.locator("#results li").nth(0).click()
-            page.wait_for_function("new URLSearchParams(location.search).get('product') !== null")
-            page.wait_for_function("document.querySelector('#status .surface')?.textContent === 'closeup'")
+            wait_until(page, "new URLSearchParams(location.search).get('product') !== null")
+            wait_until(page, "document.querySelector('#status .surface')?.textContent === 'closeup'")
             got = shown_ids()
             assert got and all(world["kind"][p] == "lamp" and world["colour"][p] != "red" for p in got)
             # Removing a filter runs the view again without it.
             page.locator("#chips .chip button").nth(1).click()
-            page.wait_for_function("!location.search.includes('colour.not')")
-            page.wait_for_function("document.querySelectorAll('#results li').length === 5")  # 6 lamps, less itself
+            wait_until(page, "!location.search.includes('colour.not')")
+            wait_until(page, "document.querySelectorAll('#results li').length === 5")  # 6 lamps, less itself
             # Nothing the URL holds is read as HTML, and a bad filter shows the server's 422 as text.
             hostile = "<img src=x onerror=window.__pwned=1>"
             from urllib.parse import urlencode
 
             page.goto(server + "/?" + urlencode([("q", hostile), (hostile, "1")]))
-            page.wait_for_function("document.getElementById('error').textContent.length > 0")
+            wait_until(page, "document.getElementById('error').textContent.length > 0")
             assert "not a filterable column" in page.locator("#error").inner_text()
             assert page.locator("#chips .chip").inner_text().startswith(hostile + " is 1")
             assert page.evaluate("window.__pwned") is None and page.locator("#chips img, #error img").count() == 0
