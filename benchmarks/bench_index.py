@@ -56,8 +56,9 @@ def anon_bytes() -> int:
 
 def gaussian_mixture(n: int, dim: int, clusters: int, spread: float, rng: np.random.Generator,
                      centres: np.ndarray | None = None, weights: np.ndarray | None = None,
-                     chunk: int = 100_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """n unit vectors [n, dim]: centre (unit) + spread * noise (unit-length), renormalised."""
+                     chunk: int = 100_000, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n unit vectors [n, dim]: centre (unit) + spread * noise (unit-length), renormalised. `labels`
+    (int [n], optional): filled with each vector's cluster."""
     if centres is None:
         centres = rng.standard_normal((clusters, dim)).astype(np.float32)
         centres /= np.linalg.norm(centres, axis=1, keepdims=True)
@@ -67,6 +68,8 @@ def gaussian_mixture(n: int, dim: int, clusters: int, spread: float, rng: np.ran
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
         which = rng.choice(len(centres), size=hi - lo, p=weights)
+        if labels is not None:
+            labels[lo:hi] = which
         noise = rng.standard_normal((hi - lo, dim)).astype(np.float32)
         noise /= np.linalg.norm(noise, axis=1, keepdims=True)
         x = centres[which] + spread * noise
@@ -191,8 +194,8 @@ def main() -> None:
     good = [pt for pt in points if pt["recall_at_10"] >= 0.95]
     best = max(good, key=lambda pt: pt["qps"]) if good else None
     print()
-    print(f"| index | N | D | build s | bytes/vector in memory (file) | bytes/vector (RSS delta) | x raw float32 |")
-    print(f"|---|---:|---:|---:|---:|---:|---:|")
+    print("| index | N | D | build s | bytes/vector in memory (file) | bytes/vector (RSS delta) | x raw float32 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     raw = 4 * args.dim
     if hnsw is not None:
         print(f"| HNSW | {args.n:,} | {args.dim} | {build_s:.1f} | {file_bytes / args.n:.0f} | "

@@ -21,6 +21,13 @@ requests/s, and 1000 / (CPU ms per request) is what one free core would serve.
 Closeup by product id reads the product's frozen query vector, puts it through the closeup adapter
 and does one HNSW search; search adds the MiniLM text encoder
 (the dominant cost on CPU) and the search adapter.
+
+`--filter JSON` (or `--filter auto`: the string value of a stored column closest to 1% of the catalog)
+adds `closeup+filter` and `search+filter` rows: the same bodies with the filter, in the same run.
+`--bare` adds, in this process after the HTTP rows, the CPU per query of the same index searched
+directly with the same closeup queries: a bare faiss search (`faiss.Index.search`, the tuned ef), the
+index's own search with and without the filter (`ProductIndex.search_one`), and their recall@10
+against exact search over the (passing) catalog vectors.
 """
 
 from __future__ import annotations
@@ -63,7 +70,7 @@ def index_facts(index_root: Path) -> dict:
     return {
         "version": version_dir.name,
         "kind": manifest["config"]["kind"],
-        "ef_search": manifest["config"].get("ef_search"),
+        "ef_search": (manifest.get("search_tuning") or {}).get("values", [None])[0] or manifest["config"].get("ef_search"),
         "count": manifest["count"],
         "dim": manifest["dim"],
         "recall_at_10": manifest.get("neighbour_recall_at_10", manifest.get("recall_at_10")),
@@ -224,6 +231,85 @@ def random_fixture(n: int, out: Path) -> tuple[Path, Path]:
     return out / "model", out / "index"
 
 
+# ---- filters and the index searched directly ---------------------------------------------------------
+
+
+def choose_filter(index_root: Path, given: str) -> dict:
+    """The filter of the +filter rows: `given` (JSON), or for 'auto' the stored string value whose share
+    of the catalog is closest to 1%."""
+    if given != "auto":
+        return json.loads(given)
+    from itemsage.index.versions import load_current
+
+    store = load_current(index_root).attributes
+    best = None
+    for name, column in (store.columns.items() if store is not None else []):
+        if column.kind not in ("string", "strings"):
+            continue
+        values, counts = column.counts()
+        for value, count in zip(values, counts):
+            gap = abs(count / store.n - 0.01)
+            if best is None or gap < best[0]:
+                best = (gap, {name: value})
+    if best is None:
+        raise SystemExit("--filter auto needs an index with a string attribute column")
+    return best[1]
+
+
+def spec_share(index_root: Path, spec: dict) -> float:
+    from itemsage.index.filters import compile_filter
+    from itemsage.index.versions import load_current
+
+    index = load_current(index_root)
+    return float(compile_filter(index.attributes, spec).mean())
+
+
+def bare_searches(model: Path, index_root: Path, product_ids: list[str], k: int, spec: dict | None) -> None:
+    """CPU per query of the served index searched directly with the closeup queries, and its recall@10."""
+    import faiss
+
+    from itemsage.index.filters import compile_filter
+    from itemsage.serve.service import Service
+
+    faiss.omp_set_num_threads(1)
+    service = Service(model, index_root, query_cache=0)
+    index = service.served.index.base  # the version (a LiveIndex's base)
+    frozen = index.query_vector(product_ids)
+    q = service._adapt("closeup", frozen / np.linalg.norm(frozen, axis=1, keepdims=True)).astype(np.float32)
+    vectors = index.vector(index.ids)
+    exact = vectors @ q.T  # [N, Q]
+    mask = compile_filter(index.attributes, spec) if spec is not None else None
+
+    def timed(fn) -> tuple[float, list[list[str]]]:
+        found, start = [], time.thread_time()
+        for i in range(len(q)):
+            found.append(fn(q[i]))
+        return 1e3 * (time.thread_time() - start) / len(q), found
+
+    def recall(found: list[list[str]], passing: np.ndarray | None) -> float:
+        hits = total = 0
+        for i, got in enumerate(found):
+            s = exact[:, i] if passing is None else np.where(passing, exact[:, i], -np.inf)
+            truth = set(index.ids[np.argsort(-s)[: min(k, int(np.isfinite(s).sum()))]].tolist())
+            hits, total = hits + len(truth & set(got)), total + len(truth)
+        return hits / total
+
+    rows = [("bare faiss search (unfiltered, tuned ef)",
+             lambda x: index.ids[index._index.search(x[None], k)[1][0]].tolist(), None),
+            ("ProductIndex.search_one (unfiltered)", lambda x: index.search_one(x, k)[0], None)]
+    if spec is not None:
+        rows.append((f"ProductIndex.search_one + filter {json.dumps(spec)}",
+                     lambda x: index.search_one(x, k, filter=spec)[0], mask))
+    print(f"\nThe same index in this process, {len(q)} closeup queries one per call, 1 faiss thread "
+          f"({index.tuning.param} {index.ef_search or index.nprobe} unfiltered):\n")
+    print("| search | CPU ms / query | recall@10 vs exact |")
+    print("|---|---:|---:|")
+    for label, fn, passing in rows:
+        for _ in range(2):  # the second pass is timed: the first warms the caches
+            ms, found = timed(fn)
+        print(f"| {label} | {ms:.3f} | {recall(found, passing):.4f} |")
+
+
 # ---- main ------------------------------------------------------------------------------------------
 
 
@@ -264,6 +350,8 @@ def main() -> None:
     p.add_argument("--query-encoder", default=None, help="the server's --query-encoder (onnx, onnx-int8, torch)")
     p.add_argument("--query-cache", type=int, default=None, help="the server's --query-cache (0: off)")
     p.add_argument("--query-batch", type=int, default=None, help="the server's --query-batch (1: off)")
+    p.add_argument("--filter", default=None, help="a filter (JSON) for the +filter rows, or 'auto' (~1%% of the catalog)")
+    p.add_argument("--bare", action="store_true", help="also time the index searched directly (see the doc)")
     args = p.parse_args()
 
     tmp = None
@@ -285,6 +373,11 @@ def main() -> None:
         "closeup": [json.dumps({"product_id": pid, "k": args.k}) for pid in sample],
         "search": [json.dumps({"text": q, "k": args.k}) for q in search_queries(500)],
     }
+    spec = choose_filter(args.index, args.filter) if args.filter else None
+    if spec is not None:
+        for endpoint in ("closeup", "search"):
+            bodies[endpoint + "+filter"] = [json.dumps({**json.loads(b), "filter": spec}) for b in bodies[endpoint]]
+        print(f"filter: {json.dumps(spec)} ({spec_share(args.index, spec):.2%} of the catalog)", file=sys.stderr)
     url = f"http://127.0.0.1:{args.port}"
     env = {k: v for k, v in os.environ.items() if k != "ITEMSAGE_RELOAD_TOKEN"}
     log_file = open(Path(tempfile.gettempdir()) / f"bench-serve-{args.port}.log", "w")
@@ -301,9 +394,9 @@ def main() -> None:
         wait_ready(url, server)
         endpoints = args.endpoints.split(",")
         for endpoint in endpoints:  # warm-up: the first search loads MiniLM; with the cache on, all texts
-            for body in bodies[endpoint][:500 if endpoint == "search" and args.query_cache != 0 else 20]:
-                r = httpx.post(f"{url}/v1/{endpoint}", content=body, headers={"content-type": "application/json"},
-                               timeout=120)
+            for body in bodies[endpoint][:500 if endpoint.startswith("search") and args.query_cache != 0 else 20]:
+                r = httpx.post(f"{url}/v1/{endpoint.split('+')[0]}", content=body,
+                               headers={"content-type": "application/json"}, timeout=120)
                 r.raise_for_status()
         for endpoint in endpoints:
             for conns in [int(c) for c in args.connections.split(",")]:
@@ -311,7 +404,8 @@ def main() -> None:
                 for run in range(args.runs):
                     print(f"{endpoint} x {conns} connections, {args.duration:.0f} s, run {run + 1} ...", file=sys.stderr)
                     cpu = cpu_seconds(server.pid)
-                    runs.append(runner(url, f"/v1/{endpoint}", bodies[endpoint], conns, args.duration, args.client_core))
+                    runs.append(runner(url, f"/v1/{endpoint.split('+')[0]}", bodies[endpoint], conns, args.duration,
+                                       args.client_core))
                     # The server's own CPU per request: much less sensitive to a busy machine than requests/s.
                     runs[-1]["cpu_ms"] = 1e3 * (cpu_seconds(server.pid) - cpu) / max(runs[-1].pop("requests"), 1)
                     print(f"  {runs[-1]}", file=sys.stderr)
@@ -340,10 +434,13 @@ def main() -> None:
           f"{'default' if args.query_batch is None else args.query_batch}.\n")
     print("| endpoint | connections | requests/s | p50 (ms) | p99 (ms) | errors | server CPU ms/request | recall@10 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    labels = {"closeup": "closeup (product id)", "search": "search (text)",
+              "closeup+filter": "closeup (product id) + filter", "search+filter": "search (text) + filter"}
     for endpoint, conns, r in rows:
-        label = "closeup (product id)" if endpoint == "closeup" else "search (text)" if endpoint == "search" else endpoint
-        print(f"| {label} | {conns} | {r['rps']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {r['cpu_ms']:.2f} | "
-              f"{recall if recall is None else f'{recall:.3f}'} |")
+        print(f"| {labels.get(endpoint, endpoint)} | {conns} | {r['rps']:,.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+              f"{r['errors']} | {r['cpu_ms']:.3f} | {recall if recall is None else f'{recall:.3f}'} |")
+    if args.bare:
+        bare_searches(args.model, args.index, sample[:500], args.k, spec)
 
 
 if __name__ == "__main__":

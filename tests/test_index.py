@@ -257,10 +257,10 @@ def test_ivfpq_parameters_follow_the_documented_rule():
 
     cfg = IndexConfig(kind="ivfpq")
     big = ivfpq_parameters(1_000_000, 256, cfg)  # 4 * sqrt(1M) = 4,000 -> 4,096 lists
-    assert (big.nlist, big.pq_m, big.pq_nbits, big.nprobe) == (4096, 128, 4, 128)
+    assert (big.nlist, big.pq_m, big.pq_nbits, big.nprobe) == (4096, 128, 4, 0)  # nprobe 0: tuned at build
     assert ivfpq_parameters(20_000, 256, cfg).nlist == 512  # 4 * sqrt(20k) = 566 -> 512 = 20,000 // 39
     small = ivfpq_parameters(5_000, 32, cfg)  # 4 * sqrt(5k) = 283 -> 256, capped at 5,000 // 39 = 128
-    assert (small.nlist, small.pq_m, small.nprobe) == (128, 16, 4)
+    assert (small.nlist, small.pq_m, small.nprobe) == (128, 16, 0)
     assert ivfpq_parameters(5_000, 10, cfg).pq_m == 5  # largest divisor of 10 up to 10 / 2
     given = ivfpq_parameters(5_000, 32, IndexConfig(kind="ivfpq", nlist=64, pq_m=8, nprobe=100))
     assert (given.nlist, given.pq_m, given.nprobe) == (64, 8, 64)  # explicit values kept; nprobe <= nlist
@@ -308,7 +308,8 @@ def test_ivfpq_save_load_round_trip_and_memory(tmp_path):
     assert manifest["index_bytes"] <= 0.2 * base.nbytes
     assert manifest["rerank_vectors_bytes"] >= base.nbytes  # the full vectors, kept on disk
     loaded = ProductIndex.load(vdir)
-    assert loaded.config == index.config and loaded.nprobe == index.nprobe == 102 // 32
+    # The unfiltered nprobe is the tuned one (nprobe 0 in the config), saved in the manifest.
+    assert loaded.config == index.config and loaded.nprobe == index.nprobe == manifest["search_tuning"]["values"][0]
     for a, b in zip(index.search(queries, 10), loaded.search(queries, 10)):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(loaded.vector(["p00003"]), base[[3]], atol=1e-6)

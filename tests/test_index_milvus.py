@@ -175,3 +175,66 @@ def test_milvus_keeps_the_products_query_vectors(tmp_path, versions):
                        version="noqueries", publish_it=False, client=versions._client)
     with pytest.raises(NoProductQueries, match="re-run `itemsage ingest`"):
         old.query_vector(["p00001"])
+
+
+# ---- filters in Milvus: the same language, its own plan ----------------------------------------------
+
+
+def test_milvus_build_measures_the_hnsw_search_not_an_exact_one(tmp_path, versions):
+    """Milvus Lite searches exactly in the process that inserted until the collection is loaded again:
+    the recall the build records must be the HNSW index's (a sparse graph at ef 4 misses neighbours)."""
+    from itemsage.index.milvus import measure_recall
+
+    base = clustered_vectors(3000, 32, clusters=30, spread=0.6, seed=61)
+    write_embeddings(tmp_path / "emb", ids_for(3000), base)
+    config = MilvusConfig(recall_sample=300, ef_search=4, m=4, ef_construction=8)
+    built = build_milvus(tmp_path / "emb", versions.uri, "sparse", config, version="v1", client=versions._client)
+    assert built.stats["neighbour_recall_at_10"] < 0.97
+    reopened = MilvusVersions(versions.uri, "sparse", client=versions._client)
+    index = reopened.load(reopened.resolve(None))
+    versions._client.release_collection(index.collection)
+    versions._client.load_collection(index.collection)
+    again = measure_recall(index, ids_for(3000), base / np.linalg.norm(base, axis=1, keepdims=True), config)
+    assert again["neighbour_recall_at_10"] == pytest.approx(built.stats["neighbour_recall_at_10"], abs=0.02)
+
+
+@pytest.mark.parametrize("index_type, exact_max_rows", [("FLAT", 10_000), ("HNSW", 10_000), ("HNSW", 150)])
+def test_milvus_filters_equal_exact_filtered_search(tmp_path, versions, index_type, exact_max_rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_filters import SPECS, catalog, exact, passes, queries, table_of
+
+    from itemsage import artifacts
+    from itemsage.index.filters import FilterError
+
+    ids, x, rows = catalog(1200, seed=3)
+    dataset = tmp_path / "ds"
+    dataset.mkdir()
+    table = table_of(rows).add_column(0, "product_id", pa.array(list(ids), pa.string()))
+    pq.write_table(table, dataset / "products.parquet")
+    artifacts.write_manifest(dataset, "dataset", files=["products.parquet"])
+    write_embeddings(tmp_path / "emb", ids, x)
+    name = f"f{index_type.lower()}{exact_max_rows}"
+    index = build_milvus(tmp_path / "emb", versions.uri, name,
+                         MilvusConfig(index_type=index_type, recall_sample=100, exact_max_rows=exact_max_rows),
+                         version="v1", client=versions._client, attributes=dataset)
+    assert index.kinds["tags"] == "strings" and index.manifest["attributes"] == index.kinds
+    q = queries(x, 6, seed=4)
+    recalls = []
+    for spec in SPECS:
+        passing = sum(passes(r, spec) for r in rows)
+        found, scores = index.search(q, 10, filter=spec)
+        for i in range(len(q)):
+            want = exact(x, rows, q[i], 10, spec)
+            got = [int(p[1:]) for p in found[i] if p]
+            assert len(got) == min(10, passing), (spec, index_type)  # min(k, passing)
+            assert all(passes(rows[r], spec) for r in got), (spec, index_type)  # Milvus's meaning is ours
+            if index_type == "FLAT" or passing <= exact_max_rows:
+                assert got == want, spec
+            recalls.append(len(set(got) & set(want)) / len(want) if want else 1.0)
+    assert np.mean(recalls) >= 0.95
+    nearest = exact(x, rows, q[0], 20, None)
+    got = index.search(q[:1], 10, filter={"in_stock": True}, exclude=ids[nearest])[0][0]
+    assert not set(got) & set(ids[nearest]) and len(got) == 10
+    with pytest.raises(FilterError, match="filter column 'colour'.*Filterable columns: brand"):
+        index.search(q[:1], 10, filter={"colour": "red"})

@@ -167,9 +167,12 @@ def test_one_query_search_is_the_batch_search_without_padding(tmp_path, kind):
                             upsert("n0", q[1]), delete_record("n1")]))  # dead side rows too
     assert len(index) == 40 - len(set(nearest) - {"p010"}) + 1  # n0 added, p010 replaced (or back)
     same(index)
-    one = by_product.top_k_excluding(index, q[:1], [3, 10], [{"n0", "p011"}])
-    batch = by_product.top_k_excluding(index, q[:2], [3, 10], [{"n0", "p011"}, set()])  # the general path
+    one = by_product.top_k(index, q[:1], [3, 10], [{"n0", "p011"}])
+    batch = by_product.top_k(index, q[:2], [3, 10], [{"n0", "p011"}, set()])
     assert one == batch[:1] and len(one[0][1][0]) == 10 and "n0" not in one[0][1][0]
+    # the excluded ids are left out inside the search: the same as the search's own exclude
+    ids, _ = index.search(q[:1], 10, exclude=["n0", "p011"])
+    assert one[0][1][0] == ids[0].tolist()
 
 
 def test_log_survives_a_torn_tail_and_refuses_damage(tmp_path):

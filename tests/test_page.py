@@ -88,11 +88,17 @@ def world(tmp_path_factory):
     matrix = np.asarray(vectors.column("vector").to_pylist(), np.float32)
     # Each product's frozen query vector: its main image vector (what closeup by product_id queries with).
     frozen = np.asarray([r[schema.IMAGE_EMBEDDINGS][0] for r in rows], np.float32)
-    index = ProductIndex.build(ids, matrix, kind="flat", query_vectors=frozen, product_query={"source": "image"})
+    attributes = pa.table({"kind": [item for item, _ in KINDS for _ in COLOURS],  # filterable columns
+                           "colour": [colour for _ in KINDS for colour in COLOURS],
+                           "price": [float(10 + i) for i in range(len(rows))]})
+    index = ProductIndex.build(ids, matrix, kind="flat", query_vectors=frozen, product_query={"source": "image"},
+                               attributes=attributes)
     directory = version_path(base / "index", "v1")
     index.save(directory, inputs={"model": model.fingerprint})
     publish(base / "index", directory)
     return {"base": base, "ids": list(ids), "vectors": matrix, "catalog": base / "catalog.jsonl", "frozen": frozen,
+            "kind": dict(zip(ids, attributes.column("kind").to_pylist())),
+            "colour": dict(zip(ids, attributes.column("colour").to_pylist())),
             "closeup_weight": model.model.adapters.maps["closeup"].weight.detach().numpy().astype(np.float64),
             "titles": {e["product_id"]: e["title"] for e in catalog}}
 
@@ -279,6 +285,50 @@ def test_the_page_in_a_browser(world, server, tmp_path):
             while not blocked and time.monotonic() < deadline:
                 page.wait_for_timeout(50)  # the violation report arrives as a console event
             assert ran is False and any("script-src" in m for m in blocked), blocked
+
+            # Filters: a shared URL restores the search and its filter; only lamps come back (6 of them).
+            def shown_ids() -> list[str]:
+                wait_until(page, "document.getElementById('status').textContent.includes('top')")
+                found = page.locator("#results li")
+                return [found.nth(i).get_attribute("data-id") for i in range(found.count())]
+
+            page.goto(server + "/?q=red+oak+chair&kind=lamp")
+            got = shown_ids()
+            assert len(got) == 6 and all(world["kind"][pid] == "lamp" for pid in got)
+            assert page.locator("#search-text").input_value() == "red oak chair"
+            assert page.locator("#chips .chip").inner_text().startswith("kind is lamp")
+            # One more, picked from the values the index stores: colour is not red.
+            page.select_option("#filter-column", "colour")
+            page.select_option("#filter-op", "not")
+            assert "red" in page.eval_on_selector_all("#filter-values option", "o => o.map(x => x.value)")
+            page.fill("#filter-value", "red")
+            page.press("#filter-value", "Enter")
+            wait_until(page, "location.search.includes('colour.not=red')")
+            wait_until(page, "document.querySelectorAll('#results li').length === 5")
+            got = shown_ids()
+            assert all(world["kind"][p] == "lamp" and world["colour"][p] != "red" for p in got) and len(got) == 5
+            page.screenshot(path=str(shots / "page-filter.png"), full_page=True)
+            # Reloaded, the URL gives the same view; a result's neighbours keep the filters.
+            page.reload()
+            assert shown_ids() == got and page.locator("#chips .chip").count() == 2
+            page.locator("#results li").nth(0).click()
+            wait_until(page, "new URLSearchParams(location.search).get('product') !== null")
+            wait_until(page, "document.querySelector('#status .surface')?.textContent === 'closeup'")
+            got = shown_ids()
+            assert got and all(world["kind"][p] == "lamp" and world["colour"][p] != "red" for p in got)
+            # Removing a filter runs the view again without it.
+            page.locator("#chips .chip button").nth(1).click()
+            wait_until(page, "!location.search.includes('colour.not')")
+            wait_until(page, "document.querySelectorAll('#results li').length === 5")  # 6 lamps, less itself
+            # Nothing the URL holds is read as HTML, and a bad filter shows the server's 422 as text.
+            hostile = "<img src=x onerror=window.__pwned=1>"
+            from urllib.parse import urlencode
+
+            page.goto(server + "/?" + urlencode([("q", hostile), (hostile, "1")]))
+            wait_until(page, "document.getElementById('error').textContent.length > 0")
+            assert "not a filterable column" in page.locator("#error").inner_text()
+            assert page.locator("#chips .chip").inner_text().startswith(hostile + " is 1")
+            assert page.evaluate("window.__pwned") is None and page.locator("#chips img, #error img").count() == 0
         finally:
             browser.close()
     assert (shots / "page-search.png").stat().st_size > 0 and (shots / "page-closeup.png").stat().st_size > 0

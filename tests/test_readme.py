@@ -39,6 +39,8 @@ KNOWN = {
     ("From Python", 0): "fast: run on a tiny model; slow: on the pipeline's model",
     ("Runs in a file", 0): "slow: run",
     ("Live updates", 0): "fast: the upsert body; slow: run against the pipeline's server",
+    ("Filters: only the products a shop may show", 0): "fast: the route, the body and its filter on a catalog "
+                                                       "with those columns (the demo shop has no in_stock)",
     ("Your own data", 0): "slow: run",
 }
 
@@ -141,6 +143,22 @@ def test_every_curl_in_the_readme_names_a_route_and_a_valid_body():
             models[path].model_validate(json.loads(body))
         calls += 1
     assert calls == 3
+
+
+def test_the_filter_example_is_a_closeup_body_whose_filter_passes_what_it_says():
+    from itemsage.index.attributes import AttributeStore
+    from itemsage.index.filters import compile_filter
+    from itemsage.serve import bodies
+
+    (argv,) = [a for a in commands(block("Filters: only the products a shop may show")) if a[0] == "curl"]
+    url = next(a for a in argv if "localhost:8000" in a)
+    assert url.split("localhost:8000", 1)[1] == "/v1/closeup" and argv[argv.index("-X") + 1] == "POST"
+    body = bodies.CloseupRequest.model_validate(json.loads(argv[argv.index("-d") + 1]))
+    store = AttributeStore.from_table(pa.table({
+        "category": [["shoes"], ["boots", "sale"], ["hats"], ["boots"], []],
+        "in_stock": [True, True, True, False, True]}))
+    mask = compile_filter(store, body.filter)
+    assert np.flatnonzero(mask).tolist() == [0, 1]  # a shoe or a boot, in stock
 
 
 def demo_like_catalog(path: Path, n: int = 3, image_dim: int = 256) -> None:

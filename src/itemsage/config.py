@@ -60,13 +60,13 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 # ---- run files: `--config run.toml` -------------------------------------------------------------
 
-SECTIONS = ("train", "compare", "demo")
+SECTIONS = ("train", "compare", "demo", "graph")
 
 
 def read_run_file(path: str | Path, section: str) -> dict[str, Any]:
-    """The `section` table ("train", "compare" or "demo") of a run file, as a plain dict.
+    """The `section` table ("train", "compare", "demo" or "graph") of a run file, as a plain dict.
 
-    Accepted: TOML (`[train]`, `[compare]`, `[demo]` tables, or bare keys for a one-command file),
+    Accepted: TOML (`[train]`, `[compare]`, `[demo]`, `[graph]` tables, or bare keys for a one-command file),
     JSON of the same shape, or a model artifact's `config.json`, whose `extra.train_config` is the
     resolved training config of the run that wrote it (train only). Relative `dataset` and `out`
     paths are resolved against the file's directory, so a run file works from any working directory.

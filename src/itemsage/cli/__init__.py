@@ -8,6 +8,7 @@ from itemsage.cli import (
     demo,  # noqa: F401  demo
     embed,  # noqa: F401  embed
     evaluate,  # noqa: F401  evaluate, compare
+    graph,  # noqa: F401  graph
     index,  # noqa: F401  index
     serve,  # noqa: F401  serve
     train,  # noqa: F401  train

@@ -213,10 +213,10 @@ _FLAGS: dict[str, dict[str, str]] = {
                "max_reject_share": "--max-reject-share"},
     "index": {"kind": "--kind", "m": "--m", "ef_construction": "--ef-construction", "ef_search": "--ef-search",
               "nlist": "--nlist", "pq_m": "--pq-m", "pq_nbits": "--pq-nbits", "nprobe": "--nprobe",
-              "refine_factor": "--refine-factor"},
+              "refine_factor": "--refine-factor", "recall_target": "--recall-target"},
     "embed": {"batch_size": "--batch-size"},
 }
-_FIELD = re.compile(r"`?\b(train|model|compare|demo|ingest|index|embed)\.([a-z_]+)\b(?!\.)`?")
+_FIELD = re.compile(r"`?\b(train|model|compare|demo|ingest|index|embed|graph)\.([a-z_]+)\b(?!\.)`?")
 _NOT_FIELDS = {"parquet", "jsonl", "json", "safetensors", "arrow", "py", "toml"}
 
 

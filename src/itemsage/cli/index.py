@@ -21,12 +21,22 @@ def index_cmd(
                               "exact re-ranking; flat: exact."),
     m: int = typer.Option(32, "--m", help="HNSW links per node."),
     ef_construction: int = typer.Option(200, "--ef-construction", help="HNSW build candidate list."),
-    ef_search: int = typer.Option(128, "--ef-search", help="HNSW search candidate list (recall vs speed)."),
+    ef_search: int = typer.Option(0, "--ef-search", help="HNSW unfiltered search candidate list (0: the smallest "
+                                  "that reaches --recall-target, measured by the build)."),
     nlist: int = typer.Option(0, "--nlist", help="IVF-PQ lists (0: from the catalog size)."),
     pq_m: int = typer.Option(0, "--pq-m", help="IVF-PQ sub-quantizers (0: half the vector width)."),
     pq_nbits: int = typer.Option(4, "--pq-nbits", help="IVF-PQ bits per sub-quantizer code: 4 (fast-scan) or 8."),
-    nprobe: int = typer.Option(0, "--nprobe", help="IVF-PQ lists probed per query (0: nlist / 32)."),
+    nprobe: int = typer.Option(0, "--nprobe", help="IVF-PQ lists probed per unfiltered query (0: tuned like "
+                               "--ef-search)."),
     refine_factor: int = typer.Option(20, "--refine-factor", help="IVF-PQ re-ranks factor x k candidates exactly."),
+    recall_target: float = typer.Option(0.95, "--recall-target", help="recall@10 against exact search that the "
+                                        "build tunes ef / nprobe to reach, unfiltered and under filters."),
+    attributes: Optional[Path] = typer.Option(None, "--attributes", show_default=False,
+                                              help="Where the filterable attributes come from: a dataset or catalog "
+                                              "(default: the dataset the embeddings were made from)."),
+    filterable: Optional[str] = typer.Option(None, "--filterable", show_default=False,
+                                             help="Comma-separated columns to store for filters ('none': none; "
+                                             "default: every scalar column but ids, hashes and free text)."),
     backend: Backend = typer.Option(Backend.faiss, "--backend", help="faiss (a local index root, --out) or milvus (--uri)."),
     uri: Optional[str] = typer.Option(None, "--uri", show_default=False,
                                       help="Milvus URI: ./file.db (Milvus Lite) or http://host:19530."),
@@ -44,12 +54,14 @@ def index_cmd(
 
     Example:
 
-        itemsage index runs/embeddings --out runs/index --kind hnsw
+        itemsage index runs/embeddings --out runs/index --kind hnsw --filterable category,brand,price
     """
     from itemsage.artifacts import ArtifactError
     from itemsage.config import ConfigError
 
     _progress(progress)  # no bar of its own; the flag (and -q) still silence the libraries'
+    columns = None if filterable is None else [c.strip() for c in filterable.split(",")
+                                                if c.strip() and c.strip() != "none"]
     if backend == Backend.milvus:
         if uri is None:
             fail("--backend milvus needs --uri (./file.db for Milvus Lite, http://host:19530 for a server)")
@@ -59,14 +71,17 @@ def index_cmd(
         from itemsage.index.milvus import MilvusConfig, build_milvus
 
         try:
-            config = MilvusConfig(index_type=milvus_index, m=m, ef_construction=ef_construction, ef_search=ef_search)
-            index = build_milvus(embeddings_dir, uri, collection, config, version=version, publish_it=publish)
+            config = MilvusConfig(index_type=milvus_index, m=m, ef_construction=ef_construction,
+                                  **({"ef_search": ef_search} if ef_search else {}))  # 0: Milvus's default
+            index = build_milvus(embeddings_dir, uri, collection, config, version=version, publish_it=publish,
+                                 attributes=attributes, filterable=columns)
         except (ConfigError, ArtifactError, ValueError, ImportError) as err:
             fail(str(err))
         stats = index.stats
         console.print(f"wrote Milvus collection {index.collection} ({milvus_index}) in {stats['build_seconds']:.1f} s: "
                       f"{len(index):,} vectors x {index.dim} dims")
         console.print(f"recall@10 vs exact search: {stats['neighbour_recall_at_10']:.4f} ({stats['recall_queries']} queries)")
+        console.print("filterable: " + (", ".join(f"{c} ({k})" for c, k in sorted(index.kinds.items())) or "none"))
         console.print(f"version: {index.version}" + (f" (published as alias '{collection}')" if publish else ""))
         return
     if out is None:
@@ -89,6 +104,7 @@ def index_cmd(
         index, version_dir, folded = result
         console.print(f"folded {folded:,} live updates: {len(index):,} vectors x {index.dim} dims in "
                       f"{index.stats['build_seconds']:.1f} s, recall@10 vs exact {index.stats['neighbour_recall_at_10']:.4f}")
+        print_tuning(index)
         console.print(f"version: {version_dir}" + (" (published as CURRENT; POST /admin/reload to serve it)"
                                                    if publish else ""))
         return
@@ -96,10 +112,11 @@ def index_cmd(
         fail("give the EMBEDDINGS_DIR to index (or --compact to fold live updates into CURRENT)")
     try:
         config = IndexConfig(kind=kind.value, m=m, ef_construction=ef_construction, ef_search=ef_search, nlist=nlist,
-                             pq_m=pq_m, pq_nbits=pq_nbits, nprobe=nprobe, refine_factor=refine_factor)
+                             pq_m=pq_m, pq_nbits=pq_nbits, nprobe=nprobe, refine_factor=refine_factor,
+                             recall_target=recall_target)
         index, version_dir = build_from_embeddings(
-            embeddings_dir, out, config, version=version, publish_it=publish
-        )
+            embeddings_dir, out, config, version=version, publish_it=publish, attributes=attributes,
+            filterable=columns)
     except ConfigError as err:
         fail(flag_names(str(err)))
     except (ArtifactError, ValueError) as err:
@@ -108,7 +125,21 @@ def index_cmd(
     console.print(f"built {kind.value} index in {stats['build_seconds']:.1f} s: {len(index):,} vectors x {index.dim} dims")
     if kind == Kind.ivfpq:
         c = index.config
-        console.print(f"IVF-PQ: nlist {c.nlist}, pq_m {c.pq_m}, pq_nbits {c.pq_nbits}, nprobe {c.nprobe}, "
+        console.print(f"IVF-PQ: nlist {c.nlist}, pq_m {c.pq_m}, pq_nbits {c.pq_nbits}, nprobe {index.nprobe}, "
                       f"re-rank x{c.refine_factor} from vectors.faiss (memory-mapped)")
     console.print(f"recall@10 vs exact search: {stats['neighbour_recall_at_10']:.4f} ({stats['recall_queries']} queries)")
+    print_tuning(index)
     console.print(f"version: {version_dir}" + (" (published as CURRENT)" if publish else ""))
+
+
+def print_tuning(index: object) -> None:
+    """The tuned search table and the filterable columns of a new version."""
+    tuning = index.tuning  # type: ignore[attr-defined]
+    if tuning.param:
+        steps = ", ".join(f"{s:g}: {v}" for s, v in zip(tuning.selectivities, tuning.values))
+        console.print(f"{tuning.param} by share of products a filter passes (recall@10 >= {tuning.target:g}): {steps}; "
+                      f"exact search up to {tuning.exact_max_rows:,} passing products")
+    store = index.attributes  # type: ignore[attr-defined]
+    kinds = store.kinds if store is not None else {}
+    console.print("filterable: " + (", ".join(f"{c} ({k})" for c, k in sorted(kinds.items())) or
+                                    "none (give --attributes to add the catalog's columns)"))

@@ -2,9 +2,10 @@
 
 A table's keys are the fields of the config dataclass its flags fill (`[train]`: TrainConfig, its
 `model` table ModelConfig; `[compare]`: CompareConfig, its `train_overrides` table TrainConfig;
-`[demo]`: DemoSettings), named as the flags name them: `steps` is `--steps` in every command (the
-fields' own names, `max_steps`, `train_minutes`, ..., stay accepted), a key may be written with
-dashes as its flag is (`batch-size`), and `dataset` and `out` name the command's directories.
+`[demo]`: DemoSettings; `[graph]`: GraphConfig), named as the flags name them: `steps` is `--steps`
+in every command (the fields' own names, `max_steps`, `train_minutes`, ..., stay accepted), a key may
+be written with dashes as its flag is (`batch-size`), and `dataset` and `out` name the command's
+directories.
 `config.check_table` reads the types from the dataclasses' annotations, so a field added to a config
 is a key at once, and checked. Ranges are the dataclasses' own checks, made when the command builds
 its config, still before any directory is created; their errors name a value from the file by its
@@ -22,6 +23,10 @@ from itemsage.config import Table
 
 def _spec(section: str) -> Table:
     """The table of `section`, built from the dataclasses (imported here: TrainConfig loads torch)."""
+    if section == "graph":
+        from itemsage.graph.config import GraphConfig
+
+        return Table(GraphConfig, "graph", extra={"dataset": Path, "out": Path})
     from itemsage.model.config import ModelConfig
 
     model = Table(ModelConfig, "model")

@@ -106,6 +106,7 @@ def embed_with_ray(
         counts={"products": count, "unreadable": unreadable},
         files=shard_names,
         extra={"count": count, "dim": dim, "shards": shard_names, "generation": 0,
+               "dataset_dir": str(dataset_dir.resolve()),  # itemsage index reads the attributes there
                **({schema.PRODUCT_QUERY: product_query} if product_query else {})},
     )
     seconds = time.perf_counter() - started

@@ -7,7 +7,8 @@ Output, an embeddings directory:
                              vector, copied from products.parquet; absent for datasets made before it)
     manifest.json            kind 'embeddings', written last: model and dataset fingerprints, count, dim,
                              the shard files in catalog order, product_query (source, fields, dim) when
-                             the shards carry query vectors
+                             the shards carry query vectors, dataset_dir (the dataset's absolute path:
+                             `itemsage index` reads the filterable attributes there)
 
 Shards. Shard s holds catalog rows [s * shard_rows, (s + 1) * shard_rows) of products.parquet, in
 catalog order. It is streamed into a temp file batch by batch and renamed into place after its last
@@ -441,6 +442,8 @@ def embed(
         files=names,
         extra={"count": num_rows, "dim": dim, "shards": names, "generation": generation,
                schema.POPULARITY: model.has_popularity,
+               # where `itemsage index` reads the products' filterable attributes (index/build.py)
+               "dataset_dir": str(dataset_dir.resolve()),
                **({schema.PRODUCT_QUERY: product_query} if product_query else
                   _missing_query_vectors(dataset_dir))},
     )

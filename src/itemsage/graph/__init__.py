@@ -12,6 +12,9 @@ which the model reads through `read_graph_features`.
     feats.tokens  # [N, G, D] float16, feats.mask [N, G] bool, row i = products.parquet row i
 """
 
-from itemsage.graph.artifact import GraphFeatures, graph_dir_of, read_graph_features
+from itemsage.graph.artifact import GraphFeatures, graph_dir_of, read_graph_features, read_neighbours
+from itemsage.graph.build import build_graph_features
+from itemsage.graph.config import GraphConfig
 
-__all__ = ["GraphFeatures", "graph_dir_of", "read_graph_features"]
+__all__ = ["GraphConfig", "GraphFeatures", "build_graph_features", "graph_dir_of", "read_graph_features",
+           "read_neighbours"]

@@ -1,6 +1,17 @@
 """`itemsage index`: an embeddings directory (verified against its manifest) -> a new index version,
-its recall measured, published as CURRENT. A re-run with the same --version publishes a version that
-was finished but not yet made CURRENT.
+its searches tuned and its recall measured, published as CURRENT. A re-run with the same --version
+publishes a version that was finished but not yet made CURRENT.
+
+The version stores the products' filterable attributes (index/attributes.py) read from:
+- `attributes=PATH` (`--attributes`): a dataset or catalog directory holding products.parquet
+  (`itemsage ingest`, `itemsage embed --catalog`'s OUT/catalog), or a catalog file or directory
+  (Parquet or JSON Lines) with a product_id column; joined to the index by product id;
+- by default, the dataset the embeddings were made from: `itemsage embed` records its directory in
+  the embeddings manifest (`dataset_dir`); it is used when it is still there and unchanged (its
+  fingerprint is the one embed read); a changed one is refused (re-embed, or name it with
+  `--attributes` to read it as it is now); embeddings made before that record have none.
+`filterable` (`--filterable a,b`) picks the columns; by default every string, list-of-strings,
+number, boolean and time column but ids, hashes and free text (title, description, links).
 """
 
 from __future__ import annotations
@@ -12,15 +23,17 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from itemsage import artifacts
 from itemsage.artifacts import ArtifactError
 from itemsage.config import require
 from itemsage.index.config import IndexConfig
+from itemsage.index.attributes import filterable_columns
 from itemsage.index.faiss_index import ProductIndex
 from itemsage.index.versions import claim_new_version, publish, release_claim, version_path
-from itemsage.schema import POPULARITY, PRODUCT_ID, PRODUCT_QUERY, PRODUCT_QUERY_MISSING, QUERY_VECTOR
+from itemsage.schema import POPULARITY, PRODUCT_ID, PRODUCT_QUERY, PRODUCT_QUERY_MISSING, PRODUCTS_FILE, QUERY_VECTOR
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +101,67 @@ def read_popularity(embeddings_dir: str | Path, manifest: dict[str, Any]) -> np.
     return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
 
 
+# ---- the filterable attributes ---------------------------------------------------------------------
+
+
+def attribute_source(embeddings_dir: str | Path, manifest: dict[str, Any],
+                     attributes: str | Path | None) -> Path | None:
+    """Where the attributes come from (see the module doc); None: nowhere (no filterable columns)."""
+    if attributes is not None:
+        path = Path(attributes)
+        if not path.exists():
+            raise ArtifactError(f"--attributes {path} does not exist; give a dataset directory or a catalog")
+        return path
+    recorded = manifest.get("dataset_dir")
+    if not recorded:
+        log.warning("%s does not name the dataset it was embedded from (made before embed recorded it): the index "
+                    "stores no filterable attributes; give --attributes DATASET_OR_CATALOG to add them", embeddings_dir)
+        return None
+    dataset = Path(recorded)
+    if not (dataset / artifacts.MANIFEST).is_file():
+        log.warning("the dataset %s that %s was embedded from is gone: the index stores no filterable attributes; "
+                    "give --attributes PATH to read them from elsewhere", dataset, embeddings_dir)
+        return None
+    now = artifacts.fingerprint(dataset)
+    if now != manifest.get("inputs", {}).get("dataset"):
+        raise ArtifactError(f"the dataset {dataset} changed since {embeddings_dir} was embedded from it (fingerprint "
+                            f"{manifest.get('inputs', {}).get('dataset')}, now {now}); re-run `itemsage embed`, or "
+                            "give --attributes to read its attributes as they are now")
+    return dataset
+
+
+def read_attributes(source: Path, ids: np.ndarray, columns: list[str] | None) -> pa.Table:
+    """The attribute columns of `source` for `ids` [N], in their order (a product it lacks: nulls)."""
+    if source.is_dir() and (source / PRODUCTS_FILE).is_file():
+        files = [source / PRODUCTS_FILE]
+    else:
+        from itemsage.data.readers import input_files
+
+        files = [src.path for src in input_files(source, "attributes")]
+    tables = []
+    for path in files:
+        if path.suffix.lower() in (".jsonl", ".json"):
+            import pyarrow.json as pj
+
+            tables.append(pj.read_json(path))
+        else:
+            tables.append(pq.read_table(path))
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    if PRODUCT_ID not in table.column_names:
+        raise ArtifactError(f"{source} has no {PRODUCT_ID} column to join attributes to the index by")
+    schema = pa.schema([f for f in table.schema if f.name != PRODUCT_ID])
+    names = filterable_columns(schema, columns)
+    source_ids = table.column(PRODUCT_ID).cast(pa.string())
+    where = pc.index_in(pa.array(ids.tolist(), pa.string()), value_set=source_ids)  # [N] row in source, null: none
+    missing = where.null_count
+    if missing:
+        log.warning("%d of %d indexed products are not in %s: their attributes are empty (no filter value passes "
+                    "them)", missing, len(ids), source)
+    out = table.select(names).take(where)
+    log.info("filterable attributes from %s: %s", source, ", ".join(names) or "none")
+    return out
+
+
 def _finished_version(embeddings_dir: str | Path, index_root: str | Path, version_dir: Path,
                       config: IndexConfig, publish_it: bool) -> tuple[ProductIndex, Path]:
     """The existing `version_dir`, published, if it is what this build would write; else an error."""
@@ -116,9 +190,12 @@ def build_from_embeddings(
     *,
     version: str | None = None,
     publish_it: bool = True,
+    attributes: str | Path | None = None,
+    filterable: list[str] | None = None,
 ) -> tuple[ProductIndex, Path]:
     """Index a finished embeddings directory into INDEX_ROOT/versions/<version>/ and publish it.
 
+    `attributes`, `filterable`: where the filterable columns come from and which (module doc).
     Re-running with the name of a finished version built from the same embeddings and config (a run
     killed after its manifest, before CURRENT) verifies that version and publishes it, without a rebuild.
     """
@@ -129,9 +206,14 @@ def build_from_embeddings(
     ids, vectors, emb_manifest = read_embeddings(embeddings_dir)
     require(len(ids) > 0, f"{embeddings_dir} holds no embeddings; nothing to index")
     query_vectors = read_query_vectors(embeddings_dir, emb_manifest)
+    source = attribute_source(embeddings_dir, emb_manifest, attributes)
+    table = read_attributes(source, ids, filterable) if source is not None else None
     index = ProductIndex.build(ids, vectors, **dataclasses.asdict(config), query_vectors=query_vectors,
-                               product_query=emb_manifest.get(PRODUCT_QUERY) if query_vectors is not None else None)
+                               product_query=emb_manifest.get(PRODUCT_QUERY) if query_vectors is not None else None,
+                               attributes=table)
     inputs = {"embeddings": artifacts.fingerprint(embeddings_dir)}
+    if source is not None:
+        inputs["attributes"] = str(source.resolve())
     model_fp = emb_manifest.get("inputs", {}).get("model")
     if model_fp:
         inputs["model"] = model_fp

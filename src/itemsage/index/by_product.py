@@ -5,22 +5,24 @@ products, so a catalog product used as a query is its frozen query vector (items
 its main image vector, or its title's text-encoder vector), not its learned embedding:
 
 - `closeup_by_product`: each product's frozen vector -> the closeup adapter -> top-k of the index,
-  leaving out the product itself and any ids the caller excludes (k results still come back when
-  the catalog has them: the search goes deep enough to cover every excluded id).
+  leaving out the product itself and any ids the caller excludes, among the products that pass the
+  caller's filter (all inside the index's search: k results still come back when k products pass).
 - `home_by_history`: a history's frozen vectors (unit rows) -> Ward clusters and their medoids
   (home.cluster_history, PinnerSage) -> each medoid through the home adapter (the closeup adapter
   when the model has no home surface) -> per-cluster top lists merged by cluster importance
   (home.allocate, home.merge_candidates). Importance is the cluster's item count, or, given each
   item's time, its time-decayed count sum(0.5 ** (age / half_life)) as in PinnerSage. History
-  products are left out of the results unless `keep_history`.
+  products are left out of the results unless `keep_history`; a filter applies to every cluster.
 
-Both take a batch of queries and a list of result sizes `ks`, and search the index once per batch
-at the depth the largest k needs: the service calls them with one query and one k (`Service.closeup`,
+Both take a batch of queries and a list of result sizes `ks`, and search at the depth the largest k
+needs, each row with its own exclusions (a filter and exclusions are one row mask inside the
+index's search, index/planner.py): the service calls them with one query and one k (`Service.closeup`,
 `Service.home`), `itemsage evaluate` with every test query and K = 1, 10, 100. Over an exact (flat)
 index a request with a smaller k gets exactly the prefix-merge this computes; over HNSW a deeper
 search may find slightly different neighbours. `adapt(surface, x [B, Dq]) -> [B, D]` is the caller's
 adapter (the service's `_adapt`; `model_adapter(model)` for evaluation); `index` is anything with the
-ProductIndex contract (`search`, `query_vector`, `__len__`): a faiss version, a live index, Milvus.
+ProductIndex contract (`search(q, k, filter=, exclude=)`, `query_vector`, `__len__`): a faiss version,
+a live index, Milvus.
 """
 
 from __future__ import annotations
@@ -72,43 +74,33 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return (x / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
-def top_k_excluding(index: Any, q: np.ndarray, ks: Sequence[int], exclude: Sequence[set[str]]
-                    ) -> list[list[tuple[list[str], list[float]]]]:
-    """Per query row and per k, the top-k (ids, scores) of `index` leaving out that row's `exclude`.
-
-    q [B, D]; one search at depth max(ks) + the largest exclude set (capped at the index size), so
-    every k still gets k results when the catalog holds them; row b reads only its own depth,
-    max(ks) + |exclude[b]|, as a request of its own would. Returns out[b][j] for ks[j].
-    """
-    if len(q) == 0:
-        return []
-    top = max(ks)
-    depth = max(min(top + max((len(e) for e in exclude), default=0), len(index)), 1)
-    if len(q) == 1 and hasattr(index, "search_one") and np.isfinite(q).all():  # a request's one query:
-        ids, scores = index.search_one(np.ascontiguousarray(q[0], dtype=np.float32), depth)  # no padding
-        keep = [(p, s) for p, s in zip(ids, scores) if p not in exclude[0]][:top]
-        return [[([p for p, _ in keep[:k]], [s for _, s in keep[:k]]) for k in ks]]
-    ids, scores = index.search(np.ascontiguousarray(q, dtype=np.float32), depth)  # [B, depth]
+def top_k(index: Any, q: np.ndarray, ks: Sequence[int], exclude: Sequence[set[str]], filter: Any = None
+          ) -> list[list[tuple[list[str], list[float]]]]:
+    """Per query row and per k, the top-k (ids, scores) of `index` among the products passing `filter`
+    and not in that row's `exclude` (both applied inside the search). q [B, D] -> out[b][j] for ks[j]."""
+    top = max(ks) if ks else 0
     out = []
     for b in range(len(q)):
-        keep: list[tuple[str, float]] = []
-        for p, s in zip(ids[b][:top + len(exclude[b])], scores[b][:top + len(exclude[b])]):
-            if p and p not in exclude[b]:
-                keep.append((p, float(s)))
-                if len(keep) == top:
-                    break
-        out.append([([p for p, _ in keep[:k]], [s for _, s in keep[:k]]) for k in ks])
+        query = np.ascontiguousarray(q[b], dtype=np.float32)
+        if hasattr(index, "search_one") and np.isfinite(query).all():  # no checks, no padding
+            ids, scores = index.search_one(query, top, filter=filter, exclude=exclude[b])
+        else:
+            found, found_scores = index.search(query[None, :], top, filter=filter, exclude=exclude[b])
+            keep = [i for i, p in enumerate(found[0]) if p]
+            ids, scores = [found[0][i] for i in keep], [float(found_scores[0][i]) for i in keep]
+        out.append([(list(ids[:k]), list(scores[:k])) for k in ks])
     return out
 
 
 def closeup_by_product(index: Any, adapt: Adapt, product_ids: Sequence[str], ks: Sequence[int], *,
-                       exclude_self: bool = True, exclude: Sequence[set[str]] | None = None
+                       exclude_self: bool = True, exclude: Sequence[set[str]] | None = None, filter: Any = None
                        ) -> list[list[tuple[list[str], list[float]]]]:
     """Closeup results of catalog products queried by their frozen vectors through the closeup adapter.
 
     product_ids [B] -> out[b][j] = (ids, scores) of the top ks[j], best first. `exclude[b]`: more
-    ids to leave out of row b's results. Raises KeyError (an id not in the index) or
-    index.NoProductQueries (an index built before products had frozen query vectors).
+    ids to leave out of row b's results; `filter`: the products a result may be (index/filters.py).
+    Raises KeyError (an id not in the index), index.NoProductQueries (an index built before products
+    had frozen query vectors) or filters.FilterError.
     """
     x = unit_rows(index.query_vector(list(product_ids)))  # [B, Dq] frozen query vectors
     q = adapt("closeup", x)  # [B, D] product space
@@ -116,7 +108,7 @@ def closeup_by_product(index: Any, adapt: Adapt, product_ids: Sequence[str], ks:
     if exclude_self:
         for b, pid in enumerate(product_ids):
             masks[b].add(pid)
-    return top_k_excluding(index, q, ks, masks)
+    return top_k(index, q, ks, masks, filter)
 
 
 @dataclass
@@ -171,15 +163,16 @@ def home_by_history(index: Any, adapt: Adapt, surface: str, histories: Sequence[
                     now: Sequence[float | None] | None = None, half_life_days: float = DEFAULT_HALF_LIFE_DAYS,
                     keep_history: bool = False, exclude: Sequence[set[str]] | None = None,
                     frozen: Sequence[np.ndarray] | None = None, ward_relative: float = WARD_RELATIVE_THRESHOLD,
-                    ward_threshold: float | None = None) -> list[HomeResult]:
+                    ward_threshold: float | None = None, filter: Any = None) -> list[HomeResult]:
     """Home feeds of a batch of histories (product ids), each as `Service.home` serves it.
 
     Per history: frozen vectors (`index.query_vector`, or `frozen[b]` [H, Dq] when the caller gives
     them, e.g. a request's own vectors) -> `plan_home` -> medoids through `surface`'s adapter -> one
     index search for all the batch's medoids -> per k, the clusters' lists merged by importance
     (home.allocate's shares of k, then the best remaining). History products are excluded unless
-    `keep_history`; `exclude[b]` adds more. `ward_relative` / `ward_threshold`: the Ward cut (`plan_home`).
-    Raises KeyError / NoProductQueries as `closeup_by_product`.
+    `keep_history`; `exclude[b]` adds more; `filter` applies to every list. `ward_relative` /
+    `ward_threshold`: the Ward cut (`plan_home`). Raises KeyError / NoProductQueries / FilterError as
+    `closeup_by_product`.
     """
     plans, masks = [], []
     for b, history in enumerate(histories):
@@ -192,13 +185,12 @@ def home_by_history(index: Any, adapt: Adapt, surface: str, histories: Sequence[
     if not plans:
         return []
     medoid_rows = np.concatenate([unit_rows(x[medoids]) for _, medoids, _, x in plans])  # [sum C, Dq]
-    q = adapt(surface, medoid_rows)  # [sum C, D]
-    depth = max(min(max(ks) + max(len(m) for m in masks), len(index)), 1)  # enough for any quota (see merge)
-    all_ids, all_scores = index.search(np.ascontiguousarray(q, dtype=np.float32), depth)  # [sum C, depth]
+    q = np.ascontiguousarray(adapt(surface, medoid_rows), dtype=np.float32)  # [sum C, D]
+    depth = max(min(max(ks), len(index)), 1)  # a cluster's quota is at most k (home.allocate)
     out, start = [], 0
     for (labels, medoids, weight, _), mask in zip(plans, masks):
-        own = max(ks) + len(mask)  # the depth a request of its own would search (see above)
-        ids, scores = all_ids[start:start + len(medoids), :own], all_scores[start:start + len(medoids), :own]
+        # one search per history: its medoids [C, D] under one row mask (filter, history, exclude)
+        ids, scores = index.search(q[start:start + len(medoids)], depth, filter=filter, exclude=mask)
         start += len(medoids)
         shares = weight / weight.sum()
         results = merge_for_ks(ids, scores, [allocate(k, shares.tolist()) for k in ks], mask, list(ks))

@@ -41,15 +41,17 @@ class IndexConfig:
         on one machine) or 'flat' (exact; small catalogs and the evaluation reference).
     m: HNSW links per node (memory ~ 2*m*4 bytes per vector on top of the vector itself).
     ef_construction: HNSW candidate list while building (higher = better graph, slower build).
-    ef_search: HNSW candidate list while searching (higher = better recall, slower queries). With
-        m=32 on 1M x 256 clustered vectors (benchmarks/bench_index.py), recall@10 against exact
-        search is 0.934 at 32, 0.987 at 64 and 0.9975 at the default 128: margin for real
-        embeddings, which can be harder than the benchmark's mixture.
-    nlist, pq_m, pq_nbits, nprobe: IVF-PQ lists, sub-quantizers, bits per sub-quantizer code and
-        lists probed per query; 0 = chosen from the catalog size and width (`ivfpq_parameters`).
-        `nprobe` can change at load.
+    ef_search: HNSW candidate list of an unfiltered search (higher = better recall, slower queries);
+        0 (default) = the smallest value that reaches `recall_target`, measured by the build
+        (index/tuning.py, which also tunes the values for filtered searches).
+    nlist, pq_m, pq_nbits: IVF-PQ lists, sub-quantizers and bits per sub-quantizer code; 0 = chosen
+        from the catalog size and width (`ivfpq_parameters`).
+    nprobe: IVF-PQ lists probed by an unfiltered search; 0 (default) = tuned like ef_search.
     refine_factor: IVF-PQ re-ranks the `refine_factor * k` best candidates by the codes with the
         full vectors (1 = only re-score the k found, exactly).
+    recall_target: the recall@10 against exact search that tuning reaches (on held-out perturbed
+        catalog vectors, with a margin), unfiltered and under filters; a version that cannot reach it
+        unfiltered is refused.
     recall_sample: queries used to measure recall@10 against exact search at build time.
     threads: faiss OpenMP threads; 0 keeps faiss's default (all cores).
     """
@@ -57,12 +59,13 @@ class IndexConfig:
     kind: str = "hnsw"
     m: int = 32
     ef_construction: int = 200
-    ef_search: int = 128
+    ef_search: int = 0
     nlist: int = 0
     pq_m: int = 0
     pq_nbits: int = 4
     nprobe: int = 0
     refine_factor: int = 20
+    recall_target: float = 0.95
     recall_sample: int = 1000
     threads: int = 0
     seed: int = 0
@@ -71,12 +74,13 @@ class IndexConfig:
         require(self.kind in KINDS, f"index.kind must be one of {', '.join(KINDS)}, got '{self.kind}'")
         require(self.m >= 2, f"index.m (HNSW links per node) must be >= 2, got {self.m}")
         require(self.ef_construction >= 1, f"index.ef_construction must be >= 1, got {self.ef_construction}")
-        require(self.ef_search >= 1, f"index.ef_search must be >= 1, got {self.ef_search}")
+        require(self.ef_search >= 0, f"index.ef_search must be >= 0 (0 = tuned), got {self.ef_search}")
         require(self.nlist >= 0, f"index.nlist must be >= 0 (0 = from the catalog size), got {self.nlist}")
         require(self.pq_m >= 0, f"index.pq_m must be >= 0 (0 = from the vector width), got {self.pq_m}")
         require(self.pq_nbits in (4, 8), f"index.pq_nbits must be 4 (fast-scan) or 8, got {self.pq_nbits}")
-        require(self.nprobe >= 0, f"index.nprobe must be >= 0 (0 = from nlist), got {self.nprobe}")
+        require(self.nprobe >= 0, f"index.nprobe must be >= 0 (0 = tuned), got {self.nprobe}")
         require(self.refine_factor >= 1, f"index.refine_factor must be >= 1, got {self.refine_factor}")
+        require(0 < self.recall_target <= 1, f"index.recall_target must be in (0, 1], got {self.recall_target}")
         require(self.recall_sample >= 0, f"index.recall_sample must be >= 0, got {self.recall_sample}")
         require(self.threads >= 0, f"index.threads must be >= 0 (0 = all cores), got {self.threads}")
 
@@ -92,13 +96,14 @@ def ivfpq_parameters(n: int, dim: int, config: IndexConfig) -> IndexConfig:
         k-means sees >= 39 points per list. 20k -> 512, 100k -> 1,024, 1M -> 4,096, 10M -> 16,384.
     pq_m: D / 2 sub-vectors (the largest divisor of D up to D / 2): two dims per 4-bit code, so a code is
         D / 4 bytes, 1/16 of the float32 vector (64 B at D = 256; faiss adds an 8 B id per entry).
-    nprobe: nlist / 32 lists per query (128 at 1M). On the clustered benchmark data at 1M
-        (benchmarks/bench_index.py) recall stopped rising past nlist / 128: the rest is margin for
-        embeddings whose neighbours spread over more lists (the build's measured recall says; nprobe
-        can change at load).
+    nprobe: left as given: 0 means tuned at build (index/tuning.py) to reach the recall target; before
+        tuning, searches probe nlist / 32 lists (`default_nprobe`).
     """
     nlist = config.nlist or max(1, min(2 ** round(np.log2(4 * np.sqrt(n))), n // 39))
     pq_m = config.pq_m or max(d for d in range(1, max(1, dim // 2) + 1) if dim % d == 0)
     require(dim % pq_m == 0, f"index.pq_m ({pq_m}) must divide the vector width ({dim})")
-    nprobe = min(config.nprobe or max(1, nlist // 32), nlist)
-    return dataclasses.replace(config, nlist=nlist, pq_m=pq_m, nprobe=nprobe)
+    return dataclasses.replace(config, nlist=nlist, pq_m=pq_m, nprobe=min(config.nprobe, nlist))
+
+
+def default_nprobe(nlist: int) -> int:
+    return max(1, nlist // 32)

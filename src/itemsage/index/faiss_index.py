@@ -13,13 +13,15 @@ On disk an index is a version directory (never pickle):
                                   query_vectors.safetensors  the products' frozen query vectors
                                                  ("query_vector" [N, Dq] float32, ids' row order), when
                                                  the embeddings carry them; memory-mapped
-                                  manifest.json  kind 'index': config, count, dim, inputs, recall
+                                  manifest.json  kind 'index': config, count, dim, inputs, recall, tuning
     INDEX_ROOT/CURRENT                           text: the served version's name, replaced atomically
 
+                                  attributes.arrow  the filterable columns (index/attributes.py), when given
 `load` checks every file's sha256 against the manifest, then the dimension and count, so a torn or
-corrupted index is refused, never served. Every build measures recall@10 of the ANN index against
-exact search on a sample of queries and stores it in the manifest: a speed figure without its
-recall means nothing.
+corrupted index is refused, never served. Every build tunes ef / nprobe to a recall@10 target against
+exact search, unfiltered and under filters (index/tuning.py: manifest `search_tuning`), and stores
+the recall: a speed figure without its recall means nothing. `search` takes a filter and ids to
+leave out, applied inside the search (index/planner.py).
 
 IVF-PQ (`kind='ivfpq'`) keeps only a compressed code per vector in memory: an inverted file of
 `nlist` lists (coarse k-means) and a product quantizer of `pq_m` sub-vectors of `pq_nbits` bits (4 bits
@@ -36,7 +38,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import faiss
 import numpy as np
@@ -46,22 +48,26 @@ import pyarrow.parquet as pq
 from itemsage import artifacts
 from itemsage.artifacts import ArtifactError
 from itemsage.config import from_dict, require
+from itemsage.index.attributes import ATTRIBUTES_FILE, AttributeStore
 from itemsage.index.config import (
     IVFPQ_MIN_VECTORS,
     IVFPQ_TRAIN_PER_LIST,
     NEIGHBOUR_RECALL,
     RECALL_K,
     IndexConfig,
+    default_nprobe,
     ivfpq_parameters,
     stats_from_manifest,
 )
+from itemsage.index.filters import FilterMasks
+from itemsage.index.planner import FaissSearch, RowMask, SearchTuning, plan
 from itemsage.index.query_vectors import (
     _check_query_vectors,
     load_query_vectors,
     no_product_queries,
     save_query_vectors,
 )
-from itemsage.index.recall import neighbour_recall, perturbed_queries
+from itemsage.index.tuning import tune, unit_rows
 from itemsage.schema import PRODUCT_ID, PRODUCT_QUERY
 
 log = logging.getLogger(__name__)
@@ -70,6 +76,7 @@ INDEX_FILE = "index.faiss"
 VECTORS_FILE = "vectors.faiss"
 IDS_FILE = "ids.parquet"
 QUERY_VECTORS_FILE = "query_vectors.safetensors"
+DEFAULT_EF_SEARCH = 128  # HNSW's unfiltered ef before tuning (and of versions built before it)
 
 
 class ProductIndex:
@@ -89,32 +96,39 @@ class ProductIndex:
         self._ivf: Any = None  # ivfpq: the IVF-PQ index of codes (trained on the first add)
         self._vectors: Any = None  # ivfpq: IndexFlatIP of the full vectors, for re-ranking and lookups
         self._mapped = False  # ivfpq loaded from disk: _vectors is a read-only memory map
+        self._faiss: FaissSearch | None = None  # the faiss calls of searches (_search)
         if self.config.kind == "hnsw":
             self._index = faiss.IndexHNSWFlat(self.dim, self.config.m, faiss.METRIC_INNER_PRODUCT)
             self._index.hnsw.efConstruction = self.config.ef_construction
-            self._index.hnsw.efSearch = self.config.ef_search
+            self._index.hnsw.efSearch = self.config.ef_search or DEFAULT_EF_SEARCH
         elif self.config.kind == "flat":
             self._index = faiss.IndexFlatIP(self.dim)
         else:
             self._index = None  # IVF-PQ must see data before it exists: see _train_ivfpq
-        self._ids = np.empty(0, dtype=object)  # [N] product_id of faiss row n
-        self._row_of: dict[str, int] = {}
+        self._ids, self._row_of = np.empty(0, dtype=object), {}  # [N] product_id of faiss row n; id -> row
         self.manifest: dict[str, Any] = {}  # set by save/load
         self.stats: dict[str, Any] = {}  # build time and measured recall, set by build/load
         self.version: str | None = None  # the version directory's name once saved or loaded
         self._query_vectors: np.ndarray | None = None  # [N, Dq] frozen query vectors in row order, if any
         self.product_query: dict[str, Any] | None = None  # {"source", "fields", "dim"} of those
+        self.tuning = SearchTuning.untuned(self.config.kind, self.config.ef_search or DEFAULT_EF_SEARCH,
+                                           self.config.nprobe or 1)  # set by build (measured) and load
+        self.set_attributes(None)  # .attributes: the filterable columns; .filters: filter -> RowMask, cached
 
     # ---- the four verbs -------------------------------------------------------------------------
 
     @classmethod
     def build(
         cls, ids: np.ndarray | list[str], vectors: np.ndarray, kind: str = "hnsw", *,
-        query_vectors: np.ndarray | None = None, product_query: dict[str, Any] | None = None, **options: Any
+        query_vectors: np.ndarray | None = None, product_query: dict[str, Any] | None = None,
+        attributes: pa.Table | None = None, **options: Any
     ) -> ProductIndex:
-        """A new index holding `vectors` [N, D] under `ids` [N]; measures its recall@10 (see `stats`).
+        """A new index holding `vectors` [N, D] under `ids` [N]; tunes its searches to `recall_target`
+        and measures its recall@10 (see `stats`, `tuning`; index/tuning.py).
         `query_vectors` [N, Dq]: the products' frozen query vectors (with `product_query`, the dataset
-        manifest's entry describing them), kept beside the index for `query_vector`."""
+        manifest's entry describing them), kept beside the index for `query_vector`.
+        `attributes`: the products' filterable columns, one row per id in `ids`' order
+        (index/attributes.py); filters of `search` select on them."""
         config = from_dict(IndexConfig, {"kind": kind, **options}, section="index")
         vectors = np.asarray(vectors)
         require(vectors.ndim == 2, f"vectors must be a 2-D array [N, D], got shape {vectors.shape}")
@@ -123,7 +137,16 @@ class ProductIndex:
         start = time.perf_counter()
         index.add(ids, vectors, query_vectors)
         index.stats = {"build_seconds": round(time.perf_counter() - start, 3)}
-        index.stats.update(index.measure_recall(vectors))
+        if attributes is not None:
+            require(attributes.num_rows == len(index), f"attributes hold {attributes.num_rows} rows for "
+                    f"{len(index)} vectors; give one row per id, in the ids' order")
+            index.set_attributes(AttributeStore.from_table(attributes, attributes.column_names))
+        fixed = config.ef_search if config.kind == "hnsw" else config.nprobe
+        index.tuning, recall = tune(index._search(), unit_rows(vectors), target=config.recall_target,
+                                    fixed=fixed, evaluation_queries=config.recall_sample, seed=config.seed)
+        index._set_unfiltered(index.tuning)
+        index.stats.update(recall)
+        index.stats["tuning_seconds"] = round(time.perf_counter() - start - index.stats["build_seconds"], 3)
         log.info(
             "built %s index: %d vectors x %d dims in %.1f s; recall@%d vs exact = %.4f (%d queries)",
             config.kind, len(index), index.dim, index.stats["build_seconds"], RECALL_K,
@@ -177,60 +200,86 @@ class ProductIndex:
             self._query_vectors = (query_vectors.copy() if self._query_vectors is None
                                    else np.concatenate([self._query_vectors, query_vectors]))
 
-    def search(
-        self, queries: np.ndarray, k: int, *, selector: faiss.IDSelector | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-`k` products per query row.
+    def search(self, queries: np.ndarray, k: int, *, filter: Any = None,
+               exclude: Iterable[str] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """Top-`k` products per query row among those that pass `filter` and are not in `exclude`.
 
-        queries [Q, D] -> (ids [Q, K] str (object array), scores [Q, K] float32), best first.
-        With fewer than k products (or HNSW returning fewer), the tail is padded with '' and -inf.
-        `selector` (a faiss IDSelector over faiss row numbers) limits the search to the rows it
-        accepts, inside faiss, so k results still come back when rows are left out (live deletes).
+        queries [Q, D] -> (ids [Q, K] str (object array), scores [Q, K] float32), best first; when fewer
+        than k products pass, the tail is padded with '' and -inf. `filter`: the filter language of
+        index/filters.py over the version's attributes (FilterError when it does not fit them);
+        `exclude`: product ids left out (ids not in the index are ignored). Both are applied inside
+        the search (planner.py), so k results come back whenever k products pass.
         """
         queries = self._check_matrix(queries, "queries")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
-        k = int(k)
-        q = len(queries)
-        if len(self) == 0 or q == 0:
-            return np.full((q, k), "", dtype=object), np.full((q, k), -np.inf, dtype=np.float32)
-        # Faiss cannot return more than ntotal results usefully; pad the rest ourselves.
-        kk = min(k, len(self))
-        scores, rows = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), kk,
-                                          params=self._search_params(selector))  # [Q, kk]
-        ids = np.full((q, k), "", dtype=object)
-        out_scores = np.full((q, k), -np.inf, dtype=np.float32)
+        mask = self.mask(filter, exclude)
+        scores, rows = self.search_rows(np.ascontiguousarray(queries, dtype=np.float32), int(k), mask)
         found = rows >= 0  # faiss marks missing results with -1
-        ids[:, :kk][found] = self._ids[rows[found]]
-        out_scores[:, :kk][found] = scores[found]
-        return ids, out_scores
+        ids = np.full(rows.shape, "", dtype=object)
+        ids[found] = self._ids[rows[found]]
+        return ids, np.where(found, scores, np.float32(-np.inf)).astype(np.float32)
 
-    def search_one(self, query: np.ndarray, k: int, *,
-                   selector: faiss.IDSelector | None = None) -> tuple[list[str], list[float]]:
+    def search_one(self, query: np.ndarray, k: int, *, filter: Any = None,
+                   exclude: Iterable[str] = ()) -> tuple[list[str], list[float]]:
         """`search` of one query [D] without its checks and padding: the (up to) k products found, as
         (ids, scores) lists, best first; the rows `search` returns for it, less the '' / -inf padding.
 
         For a caller whose query is already a finite float32 vector of width `dim` and whose `k` is a
         positive int (the service's adapters give that); `search` checks both.
         """
-        kk = min(k, len(self))
-        if kk < 1:
-            return [], []
-        scores, rows = self._index.search(query.reshape(1, -1), kk, params=self._search_params(selector))  # [1, kk]
-        found = rows[0] >= 0  # faiss marks missing results with -1
+        scores, rows = self.search_rows(query.reshape(1, -1), k, self.mask(filter, exclude))
+        found = rows[0] >= 0
         return self._ids[rows[0][found]].tolist(), scores[0][found].tolist()
 
-    def _search_params(self, selector: faiss.IDSelector | None) -> Any:
-        """faiss search parameters limiting a search to the rows `selector` accepts (None: no limit)."""
-        if selector is None:
-            return None
-        if self.config.kind == "hnsw":  # HNSW takes its efSearch from the parameters when they are given
-            return faiss.SearchParametersHNSW(sel=selector, efSearch=int(self._index.hnsw.efSearch))
-        if self.config.kind == "ivfpq":  # IndexRefine: the selector goes to the IVF it shortlists from
-            return faiss.IndexRefineSearchParameters(
-                k_factor=float(self._index.k_factor),
-                base_index_params=faiss.SearchParametersIVF(sel=selector, nprobe=int(self._ivf.nprobe)))
-        return faiss.SearchParameters(sel=selector)
+    def mask(self, filter: Any = None, exclude: Iterable[str] = ()) -> RowMask | None:
+        """The rows a search may return: those passing `filter`, less `exclude`'s; None: every row."""
+        mask = self.filters.mask(filter)
+        rows = [self._row_of[p] for p in exclude if p in self._row_of]
+        if rows:
+            mask = (mask or RowMask.all(len(self))).without(rows)
+        return mask
+
+    def search_rows(self, queries: np.ndarray, k: int, mask: RowMask | None) -> tuple[np.ndarray, np.ndarray]:
+        """The search itself, over faiss rows: queries [Q, D] float32 -> (scores [Q, k], rows [Q, k]),
+        -1 where fewer than k rows pass. No mask: one ANN (or flat) call at the tuned unfiltered value;
+        a mask: per query, the plan of planner.py (exact over the passing rows, or ANN with the mask
+        inside the search at the tuned ef / nprobe)."""
+        n = len(self)
+        if n == 0 or len(queries) == 0:
+            return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+        if mask is None:
+            kk = min(k, n)
+            scores, rows = self._index.search(queries, kk)  # [Q, kk] at the index's own ef / nprobe
+        else:
+            search = self._search()
+            out = [plan(search, self.tuning, queries[i : i + 1], k, mask)[:2] for i in range(len(queries))]
+            scores, rows = (out[0][0][None], out[0][1][None]) if len(out) == 1 else map(np.stack, zip(*out))
+        if rows.shape[1] < k:  # fewer rows than k: pad
+            scores = np.pad(scores, ((0, 0), (0, k - rows.shape[1])), constant_values=-np.inf)
+            rows = np.pad(rows, ((0, 0), (0, k - rows.shape[1])), constant_values=-1)
+        return scores, rows
+
+    def _search(self) -> FaissSearch:
+        """The faiss calls of this index (planner.FaissSearch): ANN, exact over rows, the probe; made
+        once per size of the index (an add makes a new one)."""
+        if self._faiss is None or self._faiss.n != len(self):
+            exact = {"hnsw": lambda: faiss.downcast_index(self._index.storage), "flat": lambda: self._index,
+                     "ivfpq": lambda: self._vectors}[self.config.kind]()
+            self._faiss = FaissSearch(self.config.kind, self._index, exact, self._ivf)
+        return self._faiss
+
+    def _set_unfiltered(self, tuning: SearchTuning) -> None:
+        """Search unfiltered at the tuned value (a value fixed in the config wins; tuning used it)."""
+        if tuning.values:
+            self._search().set_unfiltered(int(tuning.values[0]))
+
+    def set_attributes(self, store: AttributeStore | None) -> None:
+        """The filterable columns of the rows (None: none); `len(store)` must be the index's."""
+        if store is not None and store.n != len(self):
+            raise ValueError(f"the attributes hold {store.n} rows, the index {len(self)}")
+        self.attributes = store
+        self.filters = FilterMasks(store)
 
     def save(
         self,
@@ -258,11 +307,14 @@ class ProductIndex:
         artifacts.atomic_write_parquet(
             version_dir / IDS_FILE, pa.table({PRODUCT_ID: pa.array(self._ids.tolist(), pa.string())})
         )
-        queries: dict[str, Any] = {}
+        queries: dict[str, Any] = {"search_tuning": self.tuning.to_dict()}
+        if self.attributes is not None:
+            queries["attributes"] = self.attributes.write(version_dir / ATTRIBUTES_FILE)
+            files.append(ATTRIBUTES_FILE)
         if self._query_vectors is not None:
             save_query_vectors(version_dir / QUERY_VECTORS_FILE, self._query_vectors)
             files.append(QUERY_VECTORS_FILE)
-            queries = {PRODUCT_QUERY: {**(self.product_query or {}), "dim": int(self._query_vectors.shape[1])}}
+            queries[PRODUCT_QUERY] = {**(self.product_query or {}), "dim": int(self._query_vectors.shape[1])}
         stats = self.stats
         self.manifest = artifacts.write_manifest(
             version_dir,
@@ -289,10 +341,6 @@ class ProductIndex:
             if name not in manifest["files"]:
                 raise ArtifactError(f"{version_dir}/{artifacts.MANIFEST} does not list {name}; rebuild the index.")
         config_dict = dict(manifest["config"])
-        if ef_search is not None:
-            config_dict["ef_search"] = ef_search
-        if nprobe is not None:
-            config_dict["nprobe"] = nprobe
         config = from_dict(IndexConfig, config_dict, section="index")
         raw = faiss.read_index(str(version_dir / INDEX_FILE))
         ids = pq.read_table(version_dir / IDS_FILE, columns=[PRODUCT_ID]).column(PRODUCT_ID)
@@ -324,6 +372,12 @@ class ProductIndex:
             if query_vectors.shape != (count, dq):
                 problems.append(f"{QUERY_VECTORS_FILE} holds {query_vectors.shape[0]} x {query_vectors.shape[1]} "
                                 f"query vectors, the manifest says {count} x {dq}")
+        attributes = None
+        if ATTRIBUTES_FILE in manifest["files"]:
+            attributes = AttributeStore.open(version_dir / ATTRIBUTES_FILE)
+            if attributes.n != count or attributes.kinds != manifest.get("attributes", {}):
+                problems.append(f"{ATTRIBUTES_FILE} holds {attributes.n} rows of {attributes.kinds}, the manifest "
+                                f"says {count} of {manifest.get('attributes')}")
         if problems:
             raise ArtifactError(f"refusing to load the index in {version_dir}: " + "; ".join(problems)
                                 + ". Rebuild it with `itemsage index`.")
@@ -332,9 +386,16 @@ class ProductIndex:
             index._set_ivfpq(raw, vectors)
             index._mapped = True
         else:
-            index._index = raw
-        if config.kind == "hnsw":
-            raw.hnsw.efSearch = config.ef_search
+            index._index, index._faiss = raw, None
+        if "search_tuning" in manifest:
+            index.tuning = SearchTuning.from_dict(manifest["search_tuning"])
+        else:  # built before tuning: its configured value
+            index.tuning = SearchTuning.untuned(config.kind, config.ef_search, config.nprobe or index.nprobe or 1)
+        index._set_unfiltered(index.tuning)
+        if ef_search is not None and config.kind == "hnsw":  # an explicit value at load wins
+            raw.hnsw.efSearch = ef_search
+        if nprobe is not None and config.kind == "ivfpq":
+            index._ivf.nprobe = nprobe
         index._ids = np.asarray(ids.to_pylist(), dtype=object)
         index._row_of = {pid: row for row, pid in enumerate(index._ids)}
         if len(index._row_of) != count:
@@ -342,8 +403,9 @@ class ProductIndex:
                                 "product ids. Rebuild it with `itemsage index`.")
         index.manifest = manifest
         index._query_vectors = query_vectors
+        index.set_attributes(attributes)
         index.product_query = manifest.get(PRODUCT_QUERY) if query_vectors is not None else None
-        index.stats = stats_from_manifest(manifest, ("build_seconds", "recall_queries", "index_bytes",
+        index.stats = stats_from_manifest(manifest, ("build_seconds", "tuning_seconds", "recall_queries", "index_bytes",
                                                      "rerank_vectors_bytes"))
         index.version = version_dir.name
         return index
@@ -370,9 +432,8 @@ class ProductIndex:
         return int(self._index.hnsw.efSearch) if self.config.kind == "hnsw" else None
 
     @ef_search.setter
-    def ef_search(self, value: int) -> None:
-        require(self.config.kind == "hnsw", "ef_search applies only to an HNSW index")
-        require(int(value) >= 1, f"ef_search must be >= 1, got {value}")
+    def ef_search(self, value: int) -> None:  # the unfiltered value (filtered searches: `tuning`)
+        require(self.config.kind == "hnsw" and int(value) >= 1, f"ef_search (HNSW only) must be >= 1, got {value}")
         self._index.hnsw.efSearch = int(value)
 
     @property
@@ -381,8 +442,7 @@ class ProductIndex:
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
-        require(self._ivf is not None, "nprobe applies only to a trained IVF-PQ index")
-        require(int(value) >= 1, f"nprobe must be >= 1, got {value}")
+        require(self._ivf is not None and int(value) >= 1, f"nprobe (trained IVF-PQ only) must be >= 1, got {value}")
         self._ivf.nprobe = int(value)
 
     def _train_ivfpq(self, vectors: np.ndarray) -> None:
@@ -405,8 +465,10 @@ class ProductIndex:
 
     def _set_ivfpq(self, ivf: Any, vectors: Any) -> None:
         """Search through `ivf` (codes) and re-rank with `vectors` (full, IndexFlatIP; maybe memory-mapped)."""
-        self._ivf, self._vectors = ivf, vectors
-        self._ivf.nprobe = self.config.nprobe
+        self._ivf, self._vectors, self._faiss = ivf, vectors, None
+        self._ivf.nprobe = self.config.nprobe or default_nprobe(self.config.nlist)
+        if not self.tuning.recall:  # not tuned (yet): the value searched unfiltered
+            self.tuning = SearchTuning.untuned("ivfpq", 0, int(self._ivf.nprobe))
         self._index = faiss.IndexRefine(ivf, vectors)  # add() feeds both; search re-ranks k_factor * k
         self._index.k_factor = float(self.config.refine_factor)
 
@@ -444,27 +506,6 @@ class ProductIndex:
             raise no_product_queries(f"index version {self.version or '(unsaved)'}", self.manifest)
         rows = self._rows(product_ids)
         return self._query_vectors[rows].astype(np.float32, copy=False)  # [N, Dq]: a copy (fancy indexing)
-
-    def measure_recall(self, vectors: np.ndarray, k: int = RECALL_K) -> dict[str, Any]:
-        """Recall@k of this index against exact search over `vectors` (the same rows it holds).
-
-        Queries are `recall_sample` stored vectors plus Gaussian noise of half their length,
-        renormalised: near the data like real queries, but not trivially their own nearest neighbour.
-        """
-        n = min(self.config.recall_sample, len(self))
-        if n == 0 or self.config.kind == "flat":
-            return {NEIGHBOUR_RECALL: 1.0, "recall_queries": n, "recall_reference": "exact"}
-        rng = np.random.default_rng(self.config.seed)
-        base = np.ascontiguousarray(vectors, dtype=np.float32)
-        base = base / np.linalg.norm(base, axis=1, keepdims=True)  # as stored by add()
-        queries = perturbed_queries(base, n, rng)  # [n, D]
-        _, exact_rows = faiss.knn(queries, base, min(k, len(self)), metric=faiss.METRIC_INNER_PRODUCT)
-        _, ann_rows = self._index.search(queries, min(k, len(self)))
-        return {
-            NEIGHBOUR_RECALL: neighbour_recall(ann_rows, exact_rows),
-            "recall_queries": n,
-            "recall_reference": "exact inner product on perturbed stored vectors",
-        }
 
     def _check_matrix(self, x: np.ndarray, name: str) -> np.ndarray:
         x = np.asarray(x)

@@ -6,9 +6,11 @@ An index version is built in batch; a shop changes products all day. The server 
 version plus
 
 - a small exact side index of upserted vectors, searched with the main index and merged by score;
-- a bitmap of the main index's rows that are hidden (deleted, or replaced by a newer upsert),
-  handed to faiss as an ID selector, so hidden rows are skipped inside the search and k results
-  still come back.
+- a bitmap of the main index's rows still alive (not deleted, not replaced by a newer upsert), the
+  base of every search's row mask (index/planner.py): hidden rows are skipped inside the search, so
+  k results still come back;
+- the upserts' filterable attributes (the logged product records, in the version's column kinds), so
+  a filter sees an upsert's new values on the next request and after a replay.
 
 An index version's manifest may carry `live_seq`: the last logged update folded into it. What is
 served is that version plus every logged update with a larger `seq`, replayed at start and at each
@@ -26,12 +28,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from itemsage import artifacts
 from itemsage.artifacts import ArtifactError
+from itemsage.index.attributes import AttributeStore, concat_tables
 from itemsage.index.faiss_index import ProductIndex
+from itemsage.index.filters import compile_filter
+from itemsage.index.planner import RowMask
 from itemsage.index.live_log import DELETE, UPSERT, LiveLog, decode_vector
 from itemsage.index.query_vectors import NoProductQueries, no_product_queries
 from itemsage.index.versions import claim_new_version, load_current, release_claim, version_path
@@ -47,21 +51,18 @@ log = logging.getLogger(__name__)
 class _View:
     """One consistent state, swapped whole by each update; a search reads it once."""
 
-    hidden: np.ndarray  # uint8 [ceil(N/8)]: bit r set = main-index row r is deleted or replaced
-    hidden_count: int
-    selector: Any  # faiss selector accepting the rows not hidden (None when none are)
+    alive: RowMask | None  # main-index rows not deleted or replaced (None: all of them)
     side_vectors: np.ndarray  # [M, D] upserted unit vectors (rows never change once published)
     side_ids: np.ndarray  # [M] product ids (object)
     side_alive: np.ndarray  # bool [M]: False once the id is upserted again or deleted
     side_row: dict[str, int]  # product id -> its live side row
     side_query: np.ndarray  # [M, Dq] upserted frozen query vectors (NaN: the update carried none); Dq 0 = none
+    side_products: tuple[dict[str, Any], ...]  # [M] the upserts' logged product records
+    side_attributes: AttributeStore | None  # [M] their filterable columns (the version's kinds)
 
-
-def _selector(hidden: np.ndarray) -> Any:
-    inner = faiss.IDSelectorBitmap(len(hidden), faiss.swig_ptr(hidden))  # bytes; row r = bit r % 8 of byte r // 8
-    outer = faiss.IDSelectorNot(inner)
-    outer.referenced = (inner, hidden)  # the C++ objects point into these; keep them alive
-    return outer
+    @property
+    def hidden_count(self) -> int:
+        return 0 if self.alive is None else self.alive.n - self.alive.count
 
 
 def _query_vector_or_nan(record: dict[str, Any], dim: int) -> np.ndarray | float:
@@ -97,8 +98,9 @@ class LiveIndex:
         self._lock = threading.Lock()
         self.upserts = 0
         self.deletes = 0
-        self._view = _View(np.zeros((n + 7) // 8, dtype=np.uint8), 0, None, self._buffer[:0],
-                           np.empty(0, dtype=object), np.zeros(0, dtype=bool), {}, self._query_buffer[:0])
+        self._view = _View(None, self._buffer[:0], np.empty(0, dtype=object), np.zeros(0, dtype=bool), {},
+                           self._query_buffer[:0], (), None)
+        del n
 
     # -- what the served index delegates --
 
@@ -110,7 +112,7 @@ class LiveIndex:
 
     def _base_row(self, view: _View, product_id: str) -> int:
         row = self.base.row(product_id)
-        if row >= 0 and view.hidden[row >> 3] >> (row & 7) & 1:
+        if row >= 0 and view.alive is not None and not view.alive.contains(np.array([row]))[0]:
             return -1
         return row
 
@@ -183,35 +185,86 @@ class LiveIndex:
                     "upsert it again")
         return out
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k over the version (hidden rows skipped inside faiss) and the upserts, merged by score.
+    @property
+    def attributes(self) -> AttributeStore | None:
+        """The version's filterable columns (upserts' are searched apart, see `search`)."""
+        return self.base.attributes
+
+    @property
+    def filters(self) -> Any:
+        return self.base.filters
+
+    @property
+    def tuning(self) -> Any:
+        return self.base.tuning
+
+    def search(self, queries: np.ndarray, k: int, *, filter: Any = None,
+               exclude: Any = ()) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k over the version and the upserts, merged by score, among the products that pass
+        `filter` and are not in `exclude` (the version's hidden rows, its filtered-out and excluded rows
+        are one row mask inside its search; the upserts are searched exactly over their passing rows).
 
         queries [Q, D] -> (ids [Q, K], scores [Q, K]) like `ProductIndex.search`, padded with '' / -inf.
         """
+        queries = self.base._check_matrix(queries, "queries")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        return self._search(np.ascontiguousarray(queries, dtype=np.float32), int(k), filter, exclude)
+
+    def search_one(self, query: np.ndarray, k: int, *, filter: Any = None,
+                   exclude: Any = ()) -> tuple[list[str], list[float]]:
+        """`search` of one query [D] as (ids, scores) lists without the padding (`ProductIndex.search_one`,
+        the same caller's contract)."""
         view = self._view
-        ids, scores = self.base.search(queries, k, selector=view.selector)  # [Q, K]
-        m = len(view.side_ids)
-        if not view.side_row:
+        if view.side_row:
+            ids, scores = self._search(query.reshape(1, -1), k, filter, exclude)
+            keep = [i for i, p in enumerate(ids[0]) if p]
+            return [ids[0][i] for i in keep], scores[0][keep].tolist()
+        found_scores, rows = self.base.search_rows(query.reshape(1, -1), k, self._base_mask(view, filter, exclude))
+        found = rows[0] >= 0
+        return self.base.ids[rows[0][found]].tolist(), found_scores[0][found].tolist()
+
+    def _base_mask(self, view: _View, filter: Any, exclude: Any) -> RowMask | None:
+        """The version's rows a search may return: alive, passing `filter`, not in `exclude`."""
+        mask = self.base.filters.mask(filter)  # FilterError before anything else
+        if view.alive is not None:
+            mask = view.alive if mask is None else mask.intersect(view.alive)
+        rows = [r for r in (self.base.row(p) for p in exclude) if r >= 0] if exclude is not None else []
+        if rows:
+            mask = (mask or RowMask.all(len(self.base))).without(rows)
+        return mask
+
+    def _search(self, queries: np.ndarray, k: int, filter: Any, exclude: Any) -> tuple[np.ndarray, np.ndarray]:
+        view = self._view
+        scores, found = self.base.search_rows(queries, k, self._base_mask(view, filter, exclude))  # [Q, K]
+        ids = np.full(found.shape, "", dtype=object)
+        ids[found >= 0] = self.base.ids[found[found >= 0]]
+        scores = np.where(found >= 0, scores, np.float32(-np.inf)).astype(np.float32)
+        side = self._side_rows(view, filter, set(exclude) if exclude is not None else set())
+        if len(side) == 0:
             return ids, scores
-        side = np.asarray(queries, dtype=np.float32) @ view.side_vectors.T  # [Q, M] exact inner products
-        side[:, ~view.side_alive] = -np.inf
-        take = min(k, m)
-        top = np.argpartition(-side, take - 1, axis=1)[:, :take] if take < m else np.tile(np.arange(m), (len(side), 1))
-        all_ids = np.concatenate([ids, view.side_ids[top]], axis=1)  # [Q, K + take]
-        all_scores = np.concatenate([scores, np.take_along_axis(side, top, axis=1)], axis=1)
-        all_ids[~np.isfinite(all_scores)] = ""  # a dead side row is padding, like faiss's misses
+        side_scores = queries @ view.side_vectors[side].T  # [Q, M'] exact inner products
+        take = min(k, len(side))
+        top = np.argsort(-side_scores, axis=1, kind="stable")[:, :take]  # [Q, take]
+        all_ids = np.concatenate([ids, view.side_ids[side][top]], axis=1)  # [Q, K + take]
+        all_scores = np.concatenate([scores, np.take_along_axis(side_scores, top, axis=1)], axis=1)
         order = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]  # [Q, K] best first
         return np.take_along_axis(all_ids, order, axis=1), np.take_along_axis(all_scores, order, axis=1)
 
-    def search_one(self, query: np.ndarray, k: int) -> tuple[list[str], list[float]]:
-        """`search` of one query [D] as (ids, scores) lists without the padding (`ProductIndex.search_one`,
-        the same caller's contract). With upserts to merge it is `search` itself, its padding dropped."""
-        view = self._view
-        if not view.side_row:  # nothing upserted: the version's search, its hidden rows skipped in faiss
-            return self.base.search_one(query, k, selector=view.selector)
-        ids, scores = self.search(query[None, :], k)  # [1, K]
-        keep = [i for i, p in enumerate(ids[0]) if p]
-        return [ids[0][i] for i in keep], scores[0][keep].tolist()
+    def _side_rows(self, view: _View, filter: Any, exclude: set[str]) -> np.ndarray:
+        """The live upserted rows passing `filter`, less `exclude`'s (int [M'])."""
+        if not view.side_row:
+            return np.empty(0, dtype=np.int64)
+        passing = view.side_alive.copy()
+        if filter and view.side_attributes is not None:
+            mask = compile_filter(view.side_attributes, filter)
+            if mask is not None:
+                passing &= mask
+        for pid in exclude:
+            row = view.side_row.get(pid)
+            if row is not None:
+                passing[row] = False
+        return np.flatnonzero(passing)
 
     # -- applying updates --
 
@@ -221,8 +274,6 @@ class LiveIndex:
             return
         with self._lock:
             view = self._view
-            hidden = view.hidden.copy()
-            hidden_count = view.hidden_count
             side_row = dict(view.side_row)
             upserts = [r for r in records if r["op"] == UPSERT]
             if model is not None:
@@ -241,16 +292,16 @@ class LiveIndex:
                 grown_query = np.zeros((len(grown), self.query_dim), dtype=np.float32)
                 grown_query[:count] = self._query_buffer[:count]
                 self._query_buffer = grown_query
-            ids = list(view.side_ids)
+            ids, products = list(view.side_ids), list(view.side_products)
             alive = np.concatenate([view.side_alive, np.zeros(len(upserts), dtype=bool)])
+            hidden: list[int] = []
             for record in records:
                 seq, pid = int(record["seq"]), record["id"]
                 if seq <= applied:
                     raise ValueError(f"update {seq} is not after the last applied update {applied}")
                 row = self.base.row(pid)
-                if row >= 0 and not hidden[row >> 3] >> (row & 7) & 1:
-                    hidden[row >> 3] |= np.uint8(1 << (row & 7))  # the version's vector is never returned again
-                    hidden_count += 1
+                if row >= 0:
+                    hidden.append(row)  # the version's vector is never returned again
                 if pid in side_row:
                     alive[side_row.pop(pid)] = False
                 if record["op"] == UPSERT:
@@ -260,6 +311,7 @@ class LiveIndex:
                         self._query_buffer[count] = _query_vector_or_nan(record, self.query_dim)
                     side_row[pid] = count
                     ids.append(pid)
+                    products.append(record.get("product") or {})
                     alive[count] = True
                     count += 1
                     counts[0] += 1
@@ -268,23 +320,35 @@ class LiveIndex:
                 else:
                     raise ValueError(f"unknown update op {record['op']!r} in update {seq}")
                 applied = seq
-            selector = _selector(hidden) if hidden_count else None
+            kept = view.alive
+            if hidden:
+                kept = (kept or RowMask.all(len(self.base))).without(np.asarray(hidden))
+            side_attributes = view.side_attributes
+            if upserts and self.base.attributes is not None:
+                side_attributes = AttributeStore.from_products(products, self.base.attributes.kinds, lenient=True)
             self._count, self.applied_seq = count, applied
             self.upserts += counts[0]
             self.deletes += counts[1]
-            self._view = _View(hidden, hidden_count, selector, self._buffer[:count],
-                               np.asarray(ids, dtype=object), alive, side_row, self._query_buffer[:count])
+            self._view = _View(kept, self._buffer[:count], np.asarray(ids, dtype=object), alive, side_row,
+                               self._query_buffer[:count], tuple(products), side_attributes)
 
-    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids [N], vectors [N, D]) of every live product: the version's visible rows, then the upserts."""
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray, Any]:
+        """(ids [N], vectors [N, D], attributes: a table of N rows or None) of every live product: the
+        version's visible rows, then the upserts."""
         view = self._view
-        rows = np.arange(len(self.base))
-        visible = ~(np.unpackbits(view.hidden, bitorder="little")[: len(self.base)].astype(bool))
-        base_ids = self.base.ids[rows[visible]]
+        visible = view.alive.rows() if view.alive is not None else np.arange(len(self.base))
+        base_ids = self.base.ids[visible]
         side_rows = np.fromiter(view.side_row.values(), dtype=np.int64, count=len(view.side_row))
         ids = np.concatenate([base_ids, view.side_ids[side_rows]]).astype(object)
         vectors = np.concatenate([self.base.vector(base_ids), view.side_vectors[side_rows]]).astype(np.float32)
-        return ids, vectors
+        store = self.base.attributes
+        attributes = None
+        if store is not None:
+            tables = [store.table(visible)]
+            if view.side_attributes is not None and len(side_rows):
+                tables.append(view.side_attributes.table(side_rows))
+            attributes = concat_tables(tables, store.kinds)
+        return ids, vectors, attributes
 
     def info(self) -> dict[str, Any]:
         view = self._view
@@ -327,7 +391,7 @@ def compact(
     folded = live.upserts + live.deletes
     if not folded:
         return None
-    ids, vectors = live.snapshot()
+    ids, vectors, attributes = live.snapshot()
     if not len(ids):
         raise ArtifactError("the live updates delete every product of the index; an index needs at least one")
     if version and (version_path(index_root, version) / artifacts.MANIFEST).exists():
@@ -336,7 +400,7 @@ def compact(
     config = dataclasses.asdict(base.config)
     query_vectors = live.query_vector(ids) if live.has_query_vectors else None  # [N, Dq], carried along
     new = ProductIndex.build(ids, vectors, **config, query_vectors=query_vectors,
-                             product_query=base.product_query)
+                             product_query=base.product_query, attributes=attributes)
     inputs = {"base_version": base.version or "", "live_log": f"through update {live.applied_seq}"}
     if base.manifest.get("inputs", {}).get("model"):
         inputs["model"] = base.manifest["inputs"]["model"]

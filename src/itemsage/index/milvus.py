@@ -8,7 +8,9 @@ for tests and laptops), `http://host:19530` a Milvus server or cluster.
     collection <name>_<version>   product_id VARCHAR primary key, vector FLOAT_VECTOR [D] (unit, metric IP),
                                   query_vector ARRAY<FLOAT> [Dq] (the product's frozen query vector, when
                                   the embeddings carry them: a plain field, never searched, so it needs
-                                  no vector index of its own)
+                                  no vector index of its own), one nullable scalar field per filterable
+                                  attribute column (index/milvus_search.py: filters become Milvus
+                                  boolean expressions, with a plan of their own)
                                   property itemsage.manifest: JSON (kind 'index', count, dim, inputs,
                                   config, recall@10 against exact search), written after the rows
     alias <name>                  the served version (the CURRENT of a local index root)
@@ -36,8 +38,10 @@ import numpy as np
 from itemsage import artifacts
 from itemsage.artifacts import ArtifactError
 from itemsage.config import from_dict, require
-from itemsage.index.build import read_embeddings, read_query_vectors
+from itemsage.index.build import attribute_source, read_attributes, read_embeddings, read_query_vectors
+from itemsage.index.attributes import AttributeStore
 from itemsage.index.config import NEIGHBOUR_RECALL, RECALL_K, stats_from_manifest
+from itemsage.index.milvus_search import MilvusFilters, attribute_fields, attribute_rows
 from itemsage.index.query_vectors import no_product_queries
 from itemsage.index.recall import neighbour_recall, perturbed_queries
 from itemsage.index.versions import VersionNotFound, new_version_name
@@ -74,6 +78,9 @@ class MilvusConfig:
     m, ef_construction, ef_search: HNSW parameters, as for the faiss index.
     nlist, nprobe: IVF_FLAT lists and lists probed per query.
     recall_sample: queries used to measure recall@10 against exact search at build time.
+    exact_max_rows: a filter passing at most this many products is searched exactly (their vectors
+        fetched); a wider one widens ef / nprobe as it gets more selective (index/milvus_search.py).
+    exact_fetch_max: the most passing rows fetched to redo exactly an answer that came back short.
     """
 
     index_type: str = "HNSW"
@@ -83,6 +90,8 @@ class MilvusConfig:
     nlist: int = 1024
     nprobe: int = 64
     recall_sample: int = 1000
+    exact_max_rows: int = 10_000
+    exact_fetch_max: int = 200_000
     seed: int = 0
     kind: str = "milvus"  # what /v1/info reports as index_kind
 
@@ -90,7 +99,7 @@ class MilvusConfig:
         require(self.index_type in INDEX_TYPES,
                 f"milvus.index_type must be one of {', '.join(INDEX_TYPES)}, got '{self.index_type}'")
         require(self.kind == "milvus", f"milvus.kind must be 'milvus', got '{self.kind}'")
-        for name in ("m", "ef_construction", "ef_search", "nlist", "nprobe"):
+        for name in ("m", "ef_construction", "ef_search", "nlist", "nprobe", "exact_max_rows", "exact_fetch_max"):
             require(getattr(self, name) >= 1, f"milvus.{name} must be >= 1, got {getattr(self, name)}")
         require(self.recall_sample >= 0, f"milvus.recall_sample must be >= 0, got {self.recall_sample}")
 
@@ -130,6 +139,9 @@ class MilvusIndex:
         self.version = str(manifest.get("version", collection))
         self.stats = stats_from_manifest(manifest, ("build_seconds", "recall_queries", "recall_reference"))
         self._count = int(manifest["count"])
+        self.kinds: dict[str, str] = dict(manifest.get("attributes") or {})  # the filterable columns
+        self._filters = MilvusFilters(client, collection, self.kinds, self._count, self.config)
+        self.attributes = None  # no local store: filters run in Milvus
 
     @classmethod
     def open(cls, client: Any, collection: str) -> MilvusIndex:
@@ -166,9 +178,11 @@ class MilvusIndex:
             return False
         return bool(self._client.get(self.collection, ids=[product_id], output_fields=[ID_FIELD]))
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, *, filter: Any = None,
+               exclude: Any = ()) -> tuple[np.ndarray, np.ndarray]:
         """queries [Q, D] -> (ids [Q, K] str (object array), scores [Q, K] float32), best first, padded
-        with '' and -inf where fewer than k come back (as ProductIndex.search)."""
+        with '' and -inf where fewer than k come back (as ProductIndex.search). `filter` and `exclude`
+        as ProductIndex.search: a Milvus boolean expression, searched by MilvusFilters' plan."""
         queries = np.asarray(queries)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must have shape [N, {self.dim}], got {list(queries.shape)}; "
@@ -181,6 +195,13 @@ class MilvusIndex:
         q = len(queries)
         ids = np.full((q, k), "", dtype=object)
         scores = np.full((q, k), -np.inf, dtype=np.float32)
+        exclude = set(exclude) if exclude is not None else set()
+        if filter or exclude:
+            for row in range(q):
+                found, found_scores, _ = self._filters.search(queries[row], min(k, self._count), filter, exclude)
+                ids[row, : len(found)] = found
+                scores[row, : len(found)] = found_scores
+            return ids, scores
         limit = min(k, self._count)
         for lo in range(0, q if limit else 0, SEARCH_BATCH):
             chunk = np.ascontiguousarray(queries[lo : lo + SEARCH_BATCH], dtype=np.float32)
@@ -284,9 +305,12 @@ def build_milvus(
     version: str | None = None,
     publish_it: bool = True,
     client: Any = None,
+    attributes: str | Path | None = None,
+    filterable: list[str] | None = None,
 ) -> MilvusIndex:
     """Write a finished embeddings directory into the Milvus collection `<name>_<version>`, measure its
-    recall@10 against exact search, store the manifest, and (publish_it) point the alias `name` at it."""
+    recall@10 against exact search, store the manifest, and (publish_it) point the alias `name` at it.
+    `attributes`, `filterable`: where the filterable columns come from and which (index/build.py)."""
     config = config or MilvusConfig()
     version = version or new_version_name()
     collection = collection_name(name, version)
@@ -304,6 +328,9 @@ def build_milvus(
     vectors = np.ascontiguousarray(vectors / norms, dtype=np.float32)  # scores are cosines, as in faiss
     dim = vectors.shape[1]
     query_vectors = read_query_vectors(embeddings_dir, emb_manifest)  # [N, Dq] or None
+    source = attribute_source(embeddings_dir, emb_manifest, attributes)
+    store = AttributeStore.from_table(read_attributes(source, ids, filterable)) if source is not None else None
+    kinds = dict(store.kinds) if store is not None else {}
 
     from pymilvus import DataType
 
@@ -314,6 +341,8 @@ def build_milvus(
     if query_vectors is not None:
         schema.add_field(QUERY_VECTOR_FIELD, DataType.ARRAY, element_type=DataType.FLOAT,
                          max_capacity=query_vectors.shape[1])
+    if store is not None:
+        attribute_fields(schema, kinds, store, {ID_FIELD, VECTOR_FIELD, QUERY_VECTOR_FIELD})
     index_params = client.prepare_index_params()
     index_params.add_index(field_name=VECTOR_FIELD, index_type=config.index_type, metric_type="IP",
                            params=config.index_params())
@@ -324,9 +353,15 @@ def build_milvus(
         if query_vectors is not None:
             for row, q in zip(rows, query_vectors[lo : lo + INSERT_BATCH].tolist()):
                 row[QUERY_VECTOR_FIELD] = q
+        if store is not None:
+            for row, values in zip(rows, attribute_rows(store, lo, min(lo + INSERT_BATCH, len(ids)))):
+                row.update(values)
         client.insert(collection, rows)
     client.flush(collection)
     wait_for_index(client, collection)
+    # Released and loaded again before the recall is measured: Milvus Lite searches a collection the
+    # same process inserted into exactly (its segments' indexes unused) until it is loaded anew.
+    client.release_collection(collection)
     client.load_collection(collection)
     build_seconds = time.perf_counter() - start
 
@@ -337,6 +372,9 @@ def build_milvus(
                 "config": dataclasses.asdict(config), "inputs": inputs, "build_seconds": round(build_seconds, 3)}
     if query_vectors is not None:
         manifest[PRODUCT_QUERY] = {**(emb_manifest.get(PRODUCT_QUERY) or {}), "dim": int(query_vectors.shape[1])}
+    manifest["attributes"] = kinds
+    if source is not None:
+        inputs["attributes"] = str(source.resolve())
     index = MilvusIndex(client, collection, manifest)
     index.stats = {"build_seconds": manifest["build_seconds"], **measure_recall(index, ids, vectors, config)}
     manifest.update(index.stats)

@@ -1,8 +1,9 @@
 """The candidate-generation service: FastAPI over `Service` (serve/service.py; docs/ARCHITECTURE.md).
 
-    POST /v1/search   {text | vector, k}                       text -> query encoder -> adapter -> top-k
-    POST /v1/closeup  {product_id | vector | image, k, exclude}  a product, an image vector or file -> top-k
-    POST /v1/home     {history | vectors, k, max_clusters, times} PinnerSage clusters -> merged top-k
+    POST /v1/search   {text | vector, k, filter}               text -> query encoder -> adapter -> top-k
+    POST /v1/closeup  {product_id | vector | image, k, exclude, filter}  a product, an image -> top-k
+    POST /v1/home     {history | vectors, k, max_clusters, times, filter} PinnerSage clusters -> merged top-k
+    GET  /v1/filters                                            the filterable columns (kinds, values)
     POST /v1/embed    {product: {text fields, image_embeddings}} one product -> its embedding
     GET  /healthz, /readyz, /metrics (Prometheus text);  POST /admin/reload (Bearer token)
     POST /admin/products {products: [...]}  upsert: embed with the served model, searchable on reply
@@ -43,6 +44,8 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from itemsage.config import require
+from itemsage.index.filters import FilterError
+from itemsage.index.planner import SHORT_CUT_ROWS
 from itemsage.serve.bodies import (  # noqa: F401  (MAX_HISTORY: serve.MAX_HISTORY, as before)
     MAX_HISTORY,
     Candidates,
@@ -96,6 +99,22 @@ def _fast_search(index: Any) -> bool:
         return False
     exact_rows = getattr(index, "side_rows", 0) + (len(base) if kind == "flat" else 0)
     return exact_rows * int(base.dim) <= FAST_EXACT_VALUES
+
+
+def _cheap_plan(index: Any, filter: Any, exclude: Any) -> bool:
+    """Whether a search under `filter` and `exclude` is cheap whatever its plan (planner.plan): no filter
+    and a few ids left out (the plan's short cut), or a filter passing so few products that even an
+    exact scan of them all stays under FAST_EXACT_VALUES. Anything else (its plan may scan many rows or
+    walk the graph at a large ef) goes to the thread pool; so does a filter that does not fit (its 422)."""
+    if len(exclude or ()) > SHORT_CUT_ROWS:
+        return False
+    if not filter:
+        return True
+    try:
+        mask = index.filters.mask(filter)  # compiled once, cached by the index
+    except FilterError:
+        return False
+    return mask is None or mask.count * int(index.dim) <= FAST_EXACT_VALUES
 
 
 def _answer_now(body_model: type[BaseModel], answer: Any) -> Any:
@@ -197,7 +216,8 @@ def create_app(
 
     def search_now(req: SearchRequest) -> Candidates | None:
         """The search on the event loop when it is cheap; None: it goes to the thread pool."""
-        if local_index and _fast_search(service.served.index):
+        index = service.served.index
+        if local_index and _fast_search(index) and _cheap_plan(index, req.filter, ()):
             if req.text is None:
                 return service.search(req)
             if req.text in service.query_cache:  # a pool thread may evict it before the read: then None
@@ -205,7 +225,8 @@ def create_app(
         return None
 
     def closeup_now(req: CloseupRequest) -> Candidates | None:
-        if local_index and req.image is None and _fast_search(service.served.index):
+        index = service.served.index
+        if local_index and req.image is None and _fast_search(index) and _cheap_plan(index, req.filter, req.exclude):
             return service.closeup(req)
         return None
 
@@ -225,6 +246,12 @@ def create_app(
     def home(req: HomeRequest) -> HomeResponse:
         """PinnerSage-style home feed candidates from a user's engagement history."""
         return service.home(req)
+
+    @app.get("/v1/filters", tags=["retrieval"])
+    def filters() -> dict[str, Any]:
+        """The served version's filterable columns: each one's kind and its most common values (strings)
+        or its range (numbers, times): what a request's `filter` may name."""
+        return service.filters()
 
     @app.post("/v1/embed", response_model=EmbedResponse, tags=["retrieval"])
     def embed(req: EmbedRequest) -> EmbedResponse:

@@ -41,6 +41,28 @@ ProductId = Annotated[Text, Field(min_length=1, max_length=1024)]
 TopK = Annotated[int, Field(strict=True, description="Number of results; 1 <= k <= the server's max_k.")]
 StrictBool = Annotated[bool, Field(strict=True)]
 TextValue = Optional[Text | list[Text]]
+StrictInt = Annotated[int, Field(strict=True)]
+# A product field beyond the text fields: a filterable attribute of the index (a string, a list of strings,
+# a number, a boolean, a time as an ISO-8601 string), or a text field of a model trained on more fields.
+ExtraValue = Optional[Text | list[Text] | StrictBool | StrictInt | FiniteFloat]
+MAX_FILTER_COLUMNS = 64
+
+
+def _filter_size(value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    if value is not None and len(value) > MAX_FILTER_COLUMNS:
+        raise ValueError(f"a filter names at most {MAX_FILTER_COLUMNS} columns, got {len(value)}")
+    return value
+
+
+FILTER_DESCRIPTION = (
+    "Only products that pass every condition come back (k of them whenever k pass); keys are the index's "
+    "filterable columns (GET /v1/filters, or the 422 for an unknown one lists them). A condition is a value "
+    '(`"brand": "acme"`; a list column passes when any element matches), a list of values (`"category": '
+    '["shoes", "boots"]`), `{"not": [...]}`, a range on numbers and times (`"price": {"gte": 10, "lt": 50}`, '
+    '`"listed_at": {"gte": "2026-01-01T00:00:00Z"}`) or a boolean (`"in_stock": true`). A product without a '
+    "value passes only `not`.")
+Filter = Annotated[Optional[dict[str, Any]], AfterValidator(_filter_size),
+                   Field(description=FILTER_DESCRIPTION, examples=[{"category": ["shoes"], "in_stock": True}])]
 
 
 class _Body(BaseModel):
@@ -59,6 +81,7 @@ class SearchRequest(_Body):
     text: Optional[Annotated[Text, Field(min_length=1, max_length=MAX_TEXT_CHARS)]] = None
     vector: Optional[Vector] = Field(None, description="A precomputed search-query vector (instead of text).")
     k: TopK = 10
+    filter: Filter = None
 
     @model_validator(mode="after")
     def _one_query(self) -> SearchRequest:
@@ -79,6 +102,7 @@ class CloseupRequest(_Body):
     exclude: Optional[Annotated[list[ProductId], Field(max_length=MAX_HISTORY)]] = Field(
         None, description="Product ids to leave out of the results (e.g. what the user has seen); k results "
         "still come back when the catalog has them. Ids not in the index are ignored.")
+    filter: Filter = None
     product_to_product: StrictBool = Field(
         False, description="With product_id: search with the product's learned ItemSage embedding "
         "(product-to-product similarity in the product space, a path the model was not trained for) instead of "
@@ -118,6 +142,7 @@ class HomeRequest(_Body):
                                      "(left out by default).")
     exclude: Optional[Annotated[list[ProductId], Field(max_length=MAX_HISTORY)]] = Field(
         None, description="More product ids to leave out of the results; ids not in the index are ignored.")
+    filter: Filter = None
 
     @model_validator(mode="after")
     def _one_history(self) -> HomeRequest:
@@ -133,11 +158,13 @@ class HomeRequest(_Body):
 class ProductIn(BaseModel):
     """One product as in the catalog: text fields (a string or a list of strings) and image vectors.
 
-    Fields beyond the twelve standard ones are accepted when the model was trained on them.
+    Fields beyond the twelve standard ones are accepted when the model was trained on them, or when they
+    are filterable columns of the served index (`price`, `in_stock`, `listed_at`, ...: GET /v1/filters);
+    an upsert replaces the product whole, its filterable values included (one it leaves out is empty).
     """
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-    __pydantic_extra__: dict[str, TextValue]
+    __pydantic_extra__: dict[str, ExtraValue]
 
     product_id: Optional[ProductId] = None
     title: TextValue = None

@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from itemsage.artifacts import ArtifactError
 from itemsage.index import live as live_lib
+from itemsage.index.attributes import products_table
 from itemsage.index.live_log import delete_record, describe, upsert_record
 from itemsage.schema import IMAGE_EMBEDDINGS, PRODUCT_ID
 from itemsage.serve.bodies import (  # noqa: F401  (MAX_HISTORY: serve.MAX_HISTORY, as before)
@@ -157,12 +158,20 @@ class ProductUpdates:
         cfg = self.model.config
         columns: dict[str, list] = {IMAGE_EMBEDDINGS: []}
         records: list[dict[str, Any]] = []
+        attributes = self._attribute_kinds()
         for product, name in zip(products, names):
             extra = product.__pydantic_extra__ or {}
-            unknown = sorted(set(extra) - set(cfg.text_fields))
+            unknown = sorted(set(extra) - set(cfg.text_fields) - set(attributes))
             if unknown:
+                listed = f"; the index's filterable columns: {', '.join(sorted(attributes))}" if attributes else ""
                 raise RequestError(422, f"unknown {name} field(s) {', '.join(unknown)}; this model reads "
-                                   f"{', '.join(cfg.text_fields)} and {IMAGE_EMBEDDINGS}")
+                                   f"{', '.join(cfg.text_fields)} and {IMAGE_EMBEDDINGS}{listed}")
+            for field in sorted(set(extra) & set(cfg.text_fields)):
+                value = extra[field]
+                if value is not None and not isinstance(value, str) and not (
+                        isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                    raise RequestError(422, f"{name}.{field} is a text field of the model: give a string or a list "
+                                       "of strings")
             images = product.image_embeddings or []
             if len(images) > cfg.max_images:
                 raise RequestError(422, f"{len(images)} image embeddings given in {name}; this model reads at "
@@ -222,12 +231,21 @@ class ProductUpdates:
                                "this request; send each product once")
         vectors, unreadable = self._embed_products(req.products, [f"products[{i}]" for i in range(len(ids))])
         products = [p.model_dump(exclude_none=True) for p in req.products]
+        try:  # the filterable values must fit the version's columns (they are logged as sent)
+            products_table(products, self._attribute_kinds())
+        except ValueError as err:
+            raise RequestError(422, str(err)) from None
         queries = self._product_query_vectors(products)  # [N, Dq] or None
         updates = [upsert_record(pid, v, self.model.fingerprint, p, None if queries is None else queries[i])
                    for i, (pid, v, p) in enumerate(zip(ids, vectors, products))]
         response = self._apply_updates(updates, ids, [])
         response.unreadable = [ids[i] for i in np.flatnonzero(unreadable)]
         return response
+
+    def _attribute_kinds(self) -> dict[str, str]:
+        """{column: kind} of the served version's filterable attributes (none: {})."""
+        store = getattr(self.served.index, "attributes", None)
+        return dict(store.kinds) if store is not None else {}
 
     def _product_query_vectors(self, products: list[dict[str, Any]]) -> np.ndarray | None:
         """The upserted products' frozen query vectors [N, Dq], as ingest computes them

@@ -38,6 +38,7 @@ from itemsage.config import ConfigError, require
 from itemsage.index import by_product
 from itemsage.index import live as live_lib
 from itemsage.index.faiss_index import ProductIndex
+from itemsage.index.filters import FilterError
 from itemsage.index.live_log import LiveLog
 from itemsage.index.query_vectors import NoProductQueries
 from itemsage.index.versions import LocalVersions, VersionNotFound, point_current
@@ -94,6 +95,16 @@ def _plain_adapters(adapters: torch.nn.Module) -> dict[str, np.ndarray | None]:
         elif type(module) is torch.nn.Linear and module.bias is None:
             maps[surface] = np.ascontiguousarray(module.weight.detach().float().numpy().T)  # [Dq, D]
     return maps
+
+
+@contextlib.contextmanager
+def _filter_errors(served: Served) -> Any:
+    """A filter that does not fit the served version's attributes: 422 naming the column and listing the
+    filterable ones (filters.FilterError's message)."""
+    try:
+        yield
+    except FilterError as err:
+        raise RequestError(422, f"{err} (index version {served.version})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,11 +299,24 @@ class Service(ProductUpdates):
             raise RequestError(404, f"unknown product id(s) {shown or 'deleted meanwhile'}: not in index "
                                f"version {served.version}") from None
 
-    def _top_k(self, served: Served, q: np.ndarray, k: int, exclude: set[str] = frozenset()) -> Candidates:
-        """Top-k of one query [1, D] from the served index, leaving out `exclude` and padding (the same
-        search as evaluation's, by_product.top_k_excluding)."""
-        (ids, scores), = by_product.top_k_excluding(served.index, q, [k], [exclude])[0]
+    def _top_k(self, served: Served, q: np.ndarray, k: int, exclude: set[str] = frozenset(),
+               filter: Any = None) -> Candidates:
+        """Top-k of one query [1, D] from the served index among the products passing `filter`, leaving
+        out `exclude` (both inside the search; the same search as evaluation's, by_product.top_k)."""
+        with _filter_errors(served):
+            (ids, scores), = by_product.top_k(served.index, q, [k], [exclude], filter)[0]
         return Candidates(ids=ids, scores=scores, index_version=served.version)
+
+    def filters(self) -> dict[str, Any]:
+        """The served version's filterable columns: kind, most common values or range (GET /v1/filters)."""
+        served = self.served
+        store = getattr(served.index, "attributes", None)
+        cached = getattr(self, "_filters_of", None)
+        if cached is None or cached[0] is not served:
+            summary = store.summary() if store is not None else [  # Milvus: the kinds, no values here
+                {"name": name, "kind": kind} for name, kind in sorted(getattr(served.index, "kinds", {}).items())]
+            self._filters_of = cached = (served, {"index_version": served.version, "columns": summary})
+        return cached[1]
 
     def text_encoder(self) -> Any:
         from itemsage.serve.query_cache import BatchingEncoder
@@ -354,9 +378,9 @@ class Service(ProductUpdates):
                 x = np.asarray(encoder.encode([req.text]), dtype=np.float32)  # [1, 384]
                 q = self._adapt("search", x)[0]
                 self.query_cache.put(req.text, q)
-            return self._top_k(served, q[None, :], req.k)
+            return self._top_k(served, q[None, :], req.k, filter=req.filter)
         x = self._query_rows([req.vector], width, "vector")
-        return self._top_k(served, self._adapt("search", x), req.k)
+        return self._top_k(served, self._adapt("search", x), req.k, filter=req.filter)
 
     def closeup(self, req: CloseupRequest) -> Candidates:
         self._check_k(req.k)
@@ -364,20 +388,20 @@ class Service(ProductUpdates):
         exclude = set(req.exclude or ())
         if req.product_id is not None and req.product_to_product:
             q = self._product_vectors(served, [req.product_id])  # its learned embedding, already in product space
-            return self._top_k(served, q, req.k, exclude | ({req.product_id} if req.exclude_self else set()))
+            return self._top_k(served, q, req.k, exclude | ({req.product_id} if req.exclude_self else set()), req.filter)
         if req.product_id is not None:  # its frozen query vector through the closeup adapter (by_product.py)
             self._query_width("closeup")
             with self._by_product_errors(served, "closeup", [req.product_id]):
                 (((ids, scores),),) = by_product.closeup_by_product(
                     served.index, self._adapt, [req.product_id], [req.k], exclude_self=req.exclude_self,
-                    exclude=[exclude])
+                    exclude=[exclude], filter=req.filter)
             return Candidates(ids=ids, scores=scores, index_version=served.version)
         width = self._query_width("closeup")
         if req.vector is not None:
             x = self._query_rows([req.vector], width, "vector")
         else:
             x = self._encode_image(req.image or "", width)
-        return self._top_k(served, self._adapt("closeup", x), req.k, exclude)
+        return self._top_k(served, self._adapt("closeup", x), req.k, exclude, req.filter)
 
     @contextlib.contextmanager
     def _by_product_errors(self, served: Served, surface: str, ids: list[str]) -> Any:
@@ -391,7 +415,8 @@ class Service(ProductUpdates):
                                f"model's {surface} adapter takes {width}-d; index a dataset whose product queries "
                                "(ingest --product-query) match the model's training logs")
         try:
-            yield
+            with _filter_errors(served):
+                yield
         except NoProductQueries as err:
             self._product_vectors(served, ids)  # an unknown id is the more specific error (404)
             raise RequestError(409, f"{err}. Until then, closeup by product_id can search with the product's "
@@ -457,7 +482,7 @@ class Service(ProductUpdates):
                 served.index, self._adapt, surface, [history], [req.k], max_clusters=req.max_clusters,
                 times=[req.times], now=[req.now], half_life_days=req.half_life_days,
                 keep_history=req.keep_history or req.vectors is not None, exclude=[set(req.exclude or ())],
-                frozen=frozen)
+                frozen=frozen, filter=req.filter)
         top, top_scores, cluster_of = result.results[0]
         clusters = [
             Cluster(medoid=int(m), size=result.sizes[c], importance=result.importance[c],
