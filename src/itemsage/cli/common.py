@@ -24,7 +24,8 @@ from itemsage import __version__
 
 # compare.RUNS, written out so `--help` does not import pyarrow (tests/test_cli.py checks they agree).
 RUNS = ("itemsage", "image_only", "text_only", "sum_pooling", "concat_mlp", "single_task_click", "single_task_save",
-        "single_task_add_to_cart", "single_task_checkout", "in_batch_negatives", "random_negatives")
+        "single_task_add_to_cart", "single_task_checkout", "in_batch_negatives", "random_negatives", "no_graph",
+        "concat_mlp_no_graph")
 
 # click's exception classes, found from Typer's public BadParameter (Typer vendors its own click).
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")

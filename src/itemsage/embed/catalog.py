@@ -27,7 +27,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from itemsage import artifacts, schema
-from itemsage.embed.shards import DEFAULT_SHARD_ROWS, EmbedSummary, check_out, embed, graph_inputs
+from itemsage.embed.graph_tokens import graph_inputs
+from itemsage.embed.shards import DEFAULT_SHARD_ROWS, EmbedSummary, check_out, embed
 
 log = logging.getLogger(__name__)
 

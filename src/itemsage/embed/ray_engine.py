@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 
 from itemsage import artifacts, schema
 from itemsage.artifacts import ArtifactError
-from itemsage.embed.shards import EmbedSummary, _product_query, count_unreadable, embed_batch, graph_inputs, shard_name
+from itemsage.embed.graph_tokens import graph_inputs
+from itemsage.embed.shards import EmbedSummary, _product_query, count_unreadable, embed_batch, shard_name
 
 log = logging.getLogger(__name__)
 
