@@ -206,6 +206,10 @@ def build_from_embeddings(
     ids, vectors, emb_manifest = read_embeddings(embeddings_dir)
     require(len(ids) > 0, f"{embeddings_dir} holds no embeddings; nothing to index")
     query_vectors = read_query_vectors(embeddings_dir, emb_manifest)
+    if emb_manifest.get(POPULARITY):
+        log.warning("%s carries the model's popularity term, which this index does not keep: it and the service "
+                    "rank by the embeddings alone (evaluate's exact figures include the term; docs/METHOD.md, "
+                    "'The popularity term')", embeddings_dir)
     source = attribute_source(embeddings_dir, emb_manifest, attributes)
     table = read_attributes(source, ids, filterable) if source is not None else None
     index = ProductIndex.build(ids, vectors, **dataclasses.asdict(config), query_vectors=query_vectors,

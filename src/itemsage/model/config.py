@@ -65,9 +65,11 @@ class ModelConfig:
     # training from the graph artifact's token names; a product without engagements has none (masked)
     graph_tokens: int = 0
     # training only: the share of products whose graph tokens are left out in a step, so the tower
-    # also learns to embed a product from its content alone (new products have no graph tokens) and
-    # does not lean on a pair's own edge, which its graph token holds
-    graph_dropout: float = 0.0
+    # also learns to embed a product from its content alone (new products have no graph tokens). At 0
+    # every positive has graph tokens and only never-engaged products lack them, so "no token" marks a
+    # product no query wants, and the tower buries every cold product (docs/METHOD.md, "Graph tokens in
+    # the tower"). Training only: an artifact embeds as it was trained whatever this is.
+    graph_dropout: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("d_model", "heads", "layers", "ff_dim", "hash_buckets", "hash_dim", "out_dim",

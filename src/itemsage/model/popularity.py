@@ -5,7 +5,9 @@ logit is `scale * cos(q, p) + b_p`; the mixed-negative loss's logQ correction re
 sampling bias, so `b_p` learns how often the product is engaged beyond what its similarity to the
 query explains (the sampled softmax's estimate of log popularity). Retrieval ranks by the same
 logit: a product's retrieval vector is [p, b_p / scale] and a query's [q, 1], so one inner product
-scores both (the index keeps b_p / scale as an extra dimension, index/faiss_index.py).
+scores both. Training's validation and evaluate's exact search rank that way; the ANN index and the
+service do not keep the term yet (they rank by p alone; `itemsage index` warns), which is one reason
+it is an option, off by default (docs/METHOD.md, "The popularity term").
 
     b_p = prior(p) + offset[p]
 
