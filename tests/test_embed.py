@@ -158,11 +158,11 @@ def test_resume_after_kill(tmp_path, model_dir, monkeypatch, kill):
     else:
         real = embed_mod.embed_batch
 
-        def flaky(model, batch):
+        def flaky(model, batch, *graph):
             calls.append(batch.num_rows)
             if len(calls) == 5:  # inside shard 2 (rows 16..23): batches 0-1, 2-3, then 4
                 raise Killed
-            return real(model, batch)
+            return real(model, batch, *graph)
 
         monkeypatch.setattr(embed_mod, "embed_batch", flaky)
     with pytest.raises(Killed):
@@ -172,7 +172,7 @@ def test_resume_after_kill(tmp_path, model_dir, monkeypatch, kill):
 
     counted = []
     real = embed_mod.embed_batch
-    monkeypatch.setattr(embed_mod, "embed_batch", lambda m, b: counted.append(b.num_rows) or real(m, b))
+    monkeypatch.setattr(embed_mod, "embed_batch", lambda m, b, *g: counted.append(b.num_rows) or real(m, b, *g))
     summary = embed(model_dir, data, tmp_path / "emb", batch_size=4, shard_rows=8, progress=False)
     complete = {"after_shard_1": 1, "after_shard_2": 2, "mid_shard": 2}[kill]
     assert summary.skipped_shards == complete
@@ -234,7 +234,7 @@ def test_incremental_reembeds_only_changed_and_new(tmp_path, model_dir, monkeypa
     embedded_ids = []
     real = embed_mod.embed_batch
     monkeypatch.setattr(embed_mod, "embed_batch",
-                        lambda m, b: embedded_ids.extend(b.column("product_id").to_pylist()) or real(m, b))
+                        lambda m, b, *g: embedded_ids.extend(b.column("product_id").to_pylist()) or real(m, b, *g))
     summary = embed(model_dir, data, tmp_path / "emb", batch_size=4, shard_rows=8, incremental=True, progress=False)
     assert sorted(embedded_ids) == sorted(["p0011", "p-new"])
     assert (summary.embedded, summary.reused, summary.removed, summary.count) == (2, 28, 1, 30)

@@ -303,3 +303,33 @@ def test_modes_and_bad_arguments():
         loss(query, positive, None, **kw)
     with pytest.raises(ValueError, match="pos_ids"):
         loss(query, positive, negs, pos_ids=torch.arange(3), query_keys=torch.arange(4), neg_ids=kw["neg_ids"])
+
+
+# ---- (7) the popularity term: every logit is scale * q.p + b_p ----
+
+def test_popularity_is_added_to_every_logit_as_the_full_softmax_reference_has_it():
+    """MixedNegativeLoss with popularity b [b + r] equals cross-entropy over hand-built logits
+    scale * q.p_j + b_j (- log q_j for a negative column), the positive column uncorrected."""
+    from itemsage.train.losses import MixedNegativeLoss
+
+    b, r, scale = 5, 7, 6.0
+    query, positive, negs = unit(b, seed=21), unit(b, seed=22), unit(r, seed=23)
+    pop = torch.linspace(-1.5, 2.0, b + r, dtype=torch.float64)  # b_p of the positives, then the negatives
+    ids, neg_ids = torch.arange(b), torch.arange(100, 100 + r)
+    log_q = torch.linspace(-1.0, 0.5, b, dtype=torch.float64)
+    log_q_neg = torch.full((r,), math.log(r / 50), dtype=torch.float64)
+    parts = MixedNegativeLoss("mixed")(query, torch.cat([positive, negs]), ids=ids, keys=torch.arange(b),
+                                       log_q=log_q, weights=torch.ones(b, dtype=torch.float64),
+                                       logit_scale=torch.tensor(scale, dtype=torch.float64), neg_ids=neg_ids,
+                                       log_q_neg=log_q_neg, popularity=pop)
+    in_batch = scale * query @ positive.T + pop[:b] - log_q
+    in_batch.diagonal().copy_(scale * (query * positive).sum(-1) + pop[:b])  # the true column: not corrected
+    pos = scale * (query * positive).sum(-1, keepdim=True) + pop[:b].unsqueeze(1)  # [b, 1]
+    random = torch.cat([pos, scale * query @ negs.T + pop[b:] - log_q_neg], 1)  # positive first
+    torch.testing.assert_close(parts.in_batch, F.cross_entropy(in_batch, torch.arange(b)).to(parts.in_batch.dtype))
+    torch.testing.assert_close(parts.random, F.cross_entropy(random, torch.zeros(b, dtype=torch.long)).to(parts.random.dtype))
+    without = MixedNegativeLoss("mixed")(query, torch.cat([positive, negs]), ids=ids, keys=torch.arange(b),
+                                         log_q=log_q, weights=torch.ones(b, dtype=torch.float64),
+                                         logit_scale=torch.tensor(scale, dtype=torch.float64), neg_ids=neg_ids,
+                                         log_q_neg=log_q_neg)
+    assert not torch.isclose(parts.total, without.total)  # the term does something

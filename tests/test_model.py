@@ -340,7 +340,7 @@ def test_wrong_image_width_is_refused(batch):
     (dict(d_model=500, heads=8), r"model.d_model \(500\) must be divisible by model.heads \(8\)"),
     (dict(aggregator="mean"), "model.aggregator must be one of transformer, sum, concat"),
     (dict(modalities="audio"), "model.modalities must be one of both, image, text"),
-    (dict(adapter="mlp"), "model.adapter"),
+    (dict(adapter="attention"), "model.adapter"),
     (dict(max_images=0), "model.max_images"),
     (dict(max_images=21), "model.max_images"),
     (dict(hash_buckets=0), "model.hash_buckets"),

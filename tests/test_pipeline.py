@@ -25,7 +25,8 @@ def test_demo_trains_with_its_settings(demo):
     assert config["model"]["dropout"] == 0.0  # the tiny preset's own is 0.1
     train_config = config["extra"]["train_config"]
     assert (train_config["batch_size"], train_config["random_negatives_ratio"], train_config["lr"]) == (128, 0.5, 2e-3)
-    assert train_config["model"] == {"dropout": 0.0}
+    # the demo's override, and the graph's token count recorded by training (a re-run reads the same)
+    assert train_config["model"] == {"dropout": 0.0, "graph_tokens": 3}
 
 
 @pytest.mark.parametrize("options, field", [
@@ -48,6 +49,12 @@ def test_demo_writes_every_artifact(demo):
         artifacts.verify_manifest(directory)
     assert (demo.index / "CURRENT").is_file()
     assert demo.report.is_file()
+    # the graph stage ran before training, and the model and its embeddings read its tokens
+    artifacts.verify_manifest(demo.dataset / "graph", kind="graph")
+    graph_fp = artifacts.fingerprint(demo.dataset / "graph")
+    config = json.loads((demo.model / "config.json").read_text())
+    assert config["graph_dim"] > 0 and config["extra"]["graph"]["graph"] == graph_fp
+    assert artifacts.read_manifest(demo.embeddings)["inputs"]["graph"] == graph_fp
     products = pq.read_table(demo.dataset / schema.PRODUCTS_FILE, columns=[schema.PRODUCT_ID]).num_rows
     assert demo.evaluation["data"]["products"] == products
     # Every test-window pair was ranked, exact and through the index.
@@ -116,12 +123,13 @@ def test_compare_report(demo, tmp_path):
     from itemsage.evaluate.compare_runs import COLOURS, SUMMARY_KEYS, CompareConfig
 
     cfg = CompareConfig(preset="tiny", steps=6, batch_size=64, seeds=2, eval_every=2, patience=1,
-                        runs=("itemsage", "text_only", "single_task_click", "in_batch_negatives"))
+                        runs=("itemsage", "text_only", "single_task_click", "in_batch_negatives", "no_graph"))
     report = compare(demo.dataset, tmp_path / "cmp", cfg, progress=False)
     text = report.read_text()
     assert text.startswith("# ItemSage comparisons\n\n## What this says\n")
     for heading in ("Architecture and modalities", "Negatives", "Multi-task against single-task", "## Convergence",
-                    "## Against the data's ceiling", "| features only (no popularity) |", "| oracle ceiling |"):
+                    "## Against the data's ceiling", "| features only (no popularity) |", "| oracle ceiling |",
+                    "## Graph tokens"):
         assert heading in text
     results = json.loads((tmp_path / "cmp" / "results.json").read_text())
     assert set(results) == set(cfg.runs)
@@ -130,6 +138,10 @@ def test_compare_report(demo, tmp_path):
     assert seeds["single_task_click"][0]["run"]["train_config"]["tasks"] == [
         "search.click", "closeup.click", "home.click"]
     assert seeds["text_only"][0]["run"]["parameters"] < seeds["itemsage"][0]["run"]["parameters"]
+    # the reference reads the dataset's graph tokens; no_graph is the same model on content alone
+    graph_dims = {n: json.loads(next((tmp_path / "cmp" / "runs" / n / "seed-0").rglob("model/config.json"))
+                                .read_text()).get("graph_dim", 0) for n in ("itemsage", "no_graph")}
+    assert graph_dims["itemsage"] > 0 and graph_dims["no_graph"] == 0
     for png in ("architecture.png", "negatives.png", "tasks.png", "training_curves.png", "recall_at_k.png"):
         assert (tmp_path / "cmp" / png).read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())

@@ -537,9 +537,9 @@ def test_random_negatives_capped_at_catalog_and_progress_lines(dataset, tmp_path
     drawn = []
     real = train_module.Sampler.negatives
 
-    def recording(self, r):
+    def recording(self, r, *positives):
         drawn.append(r)
-        return real(self, r)
+        return real(self, r, *positives)
 
     monkeypatch.setattr(train_module.Sampler, "negatives", recording)
     import itemsage.train.clock as clock_module
@@ -597,8 +597,8 @@ def test_training_draws_no_product_listed_after_the_train_window(dataset, tmp_pa
     drawn: list[np.ndarray] = []
     real = train_module.Sampler.negatives
 
-    def recording(self, r):
-        drawn.append(real(self, r))
+    def recording(self, r, *positives):
+        drawn.append(real(self, r, *positives))
         return drawn[-1]
 
     corrections: list[torch.Tensor] = []

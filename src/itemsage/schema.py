@@ -54,6 +54,7 @@ QUERY_PRODUCT_ID = "query_product_id"  # closeup/home: the query is this catalog
 # Columns ingest adds to products.
 CONTENT_HASH = "content_hash"  # sha256 of a product's features, for `embed --incremental`
 QUERY_VECTOR = "query_vector"  # the product's frozen query vector (itemsage.data.product_query)
+POPULARITY = "popularity"  # a product's popularity in retrieval units (embeddings, index; model/popularity.py)
 PRODUCT_QUERY = "product_query"  # dataset manifest key: {"source", "fields", "dim"} of query_vector
 # Manifest key (catalog, embeddings, index) when products got no query vectors: why (a sentence), so the
 # service's refusal of closeup / home by product names the cause.

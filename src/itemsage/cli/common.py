@@ -24,7 +24,8 @@ from itemsage import __version__
 
 # compare.RUNS, written out so `--help` does not import pyarrow (tests/test_cli.py checks they agree).
 RUNS = ("itemsage", "image_only", "text_only", "sum_pooling", "concat_mlp", "single_task_click", "single_task_save",
-        "single_task_add_to_cart", "single_task_checkout", "in_batch_negatives", "random_negatives")
+        "single_task_add_to_cart", "single_task_checkout", "in_batch_negatives", "random_negatives", "no_graph",
+        "concat_mlp_no_graph")
 
 # click's exception classes, found from Typer's public BadParameter (Typer vendors its own click).
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -198,13 +199,14 @@ _FLAGS: dict[str, dict[str, str]] = {
               "random_negatives_ratio": "--random-negatives-ratio", "optimizer": "--optimizer",
               "tasks": "--tasks", "upweight_conversions": "--upweight-conversions",
               "checkpoint_every": "--checkpoint-every", "eval_every": "--eval-every",
-              "eval_sample": "--eval-sample", "patience": "--patience", "device": "--device", "seed": "--seed"},
+              "eval_sample": "--eval-sample", "patience": "--patience", "device": "--device", "seed": "--seed",
+              "graph": "--graph"},
     "model": {"aggregator": "--aggregator", "modalities": "--modalities"},
     "compare": {"preset": "--preset", "steps": "--steps", "batch_size": "--batch-size", "runs": "--runs",
                 "eval_sample": "--eval-sample", "seed": "--seed", "seeds": "--seeds", "eval_every": "--eval-every",
-                "patience": "--patience"},
+                "patience": "--patience", "graph": "--graph"},
     "demo": {"products": "--products", "train_minutes": "--minutes", "train_steps": "--steps", "preset": "--preset",
-             "seed": "--seed", "out": "--out"},
+             "seed": "--seed", "out": "--out", "graph": "--graph"},
     "ingest": {"split": "--split", "validation_fraction": "--validation-fraction", "test_fraction": "--test-fraction",
                "validation_from": "--validation-from", "test_from": "--test-from", "gap_hours": "--gap-hours",
                "text_fields": "--text-fields",

@@ -35,11 +35,14 @@ def demo_cmd(
                                         help="A step cap on top of the minute budget (default: none)."),
     preset: Preset = typer.Option(Preset.cpu, "--preset", help="Model preset."),
     seed: int = typer.Option(0, "--seed", help="Random seed of the shop and the training run."),
+    graph: bool = typer.Option(True, "--graph/--no-graph",
+                               help="Build the engagement graph and train the tower on its graph tokens (`itemsage "
+                                    "graph`); --no-graph: the tower reads content alone."),
     serve: bool = typer.Option(False, "--serve", help="Then start the service on the demo's model and index."),
     port: int = typer.Option(8000, "--port", help="Port for --serve (bound to 127.0.0.1)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=_PROGRESS_HELP),
 ) -> None:
-    """Generate a demo shop, ingest, train, embed, index and evaluate it, in one command.
+    """Generate a demo shop, ingest, build its engagement graph, train, embed, index and evaluate it, in one command.
 
     A killed demo resumes: a re-run skips every stage whose artifact is complete.
 
@@ -61,7 +64,7 @@ def demo_cmd(
     except ConfigError as err:
         fail(str(err))
     given = _given(ctx, {"out": out, "products": products, "train_minutes": train_minutes, "steps": steps,
-                         "preset": preset, "seed": seed})
+                         "preset": preset, "seed": seed, "graph": graph})
     if "steps" in given:
         given["train_steps"] = given.pop("steps")
     try:

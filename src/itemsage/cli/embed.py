@@ -25,6 +25,13 @@ def embed_cmd(
     batch_size: int = typer.Option(1024, "--batch-size", help="Products per forward pass."),
     incremental: bool = typer.Option(False, "--incremental", help="Re-embed only new or changed products."),
     engine: Engine = typer.Option(Engine.local, "--engine", help="local (resumable, incremental) or Ray Data."),
+    graph: Optional[Path] = typer.Option(
+        None, "--graph", show_default=False,
+        help="For a model that reads graph tokens: the graph features (itemsage graph) to read them from; "
+             "default DATASET/graph. A --catalog needs it (the graph of the dataset its products' engagements "
+             "are in) or --no-graph."),
+    no_graph: bool = typer.Option(False, "--no-graph", help="Embed every product from its content alone, without "
+                                  "graph tokens (as a new product is)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Embed every product of a dataset, or of a catalog file, with the product tower into Parquet shards.
@@ -49,13 +56,15 @@ def embed_cmd(
     rejected = None
     try:
         if engine == Engine.ray:
-            summary = embed_with_ray(model_dir, dataset_dir, out, batch_size=batch_size)
+            summary = embed_with_ray(model_dir, dataset_dir, out, batch_size=batch_size, graph_dir=graph,
+                                     no_graph=no_graph)
         elif catalog is not None:
             summary, rejected = embed_from_catalog(model_dir, catalog, out, batch_size=batch_size,
-                                                   incremental=incremental, progress=_progress(progress))
+                                                   incremental=incremental, progress=_progress(progress),
+                                                   graph_dir=graph, no_graph=no_graph)
         else:
             summary = embed(model_dir, dataset_dir, out, batch_size=batch_size, incremental=incremental,
-                            progress=_progress(progress))
+                            progress=_progress(progress), graph_dir=graph, no_graph=no_graph)
     except ConfigError as err:
         fail(flag_names(str(err)))
     except (ArtifactError, DataError, FileNotFoundError, ImportError, ValueError) as err:

@@ -139,6 +139,9 @@ def compare_cmd(
     random_negatives_ratio: float = typer.Option(
         4.0, "--random-negatives-ratio", help="Random negatives per positive in every run (paper: 4)."),
     seed: int = typer.Option(0, "--seed", help="First seed: runs use --seed, --seed + 1, ..."),
+    graph: bool = typer.Option(True, "--graph/--no-graph",
+                               help="Build the dataset's engagement graph when it has none (`itemsage graph`) and "
+                                    "let the runs read its tokens; --no-graph: every run reads content alone."),
     report_only: bool = typer.Option(
         False, "--report-only", help="Train nothing: report every finished (run, seed) already in --out for "
                                      "--runs, each row with the seeds it has (--seeds is not used)."),
@@ -175,7 +178,7 @@ def compare_cmd(
 
     given = _given(ctx, {"preset": preset, "steps": steps, "batch_size": batch_size, "runs": runs,
                          "eval_sample": eval_sample, "seed": seed, "seeds": seeds, "eval_every": eval_every,
-                         "patience": patience})
+                         "patience": patience, "graph": graph})
     table = run.values
     overrides = dict(table.pop("train_overrides", None) or {})
     ratio_given = bool(_given(ctx, {"random_negatives_ratio": random_negatives_ratio}))

@@ -71,6 +71,9 @@ def train_cmd(
                                 "(with another --steps: an unfinished run continues to that count)."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed, data and options give the same "
                                                "weights on the same machine."),
+    graph: bool = typer.Option(True, "--graph/--no-graph",
+                               help="Give the tower the dataset's graph tokens when it has them (`itemsage graph`); "
+                                    "--no-graph: content alone."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Train the product tower and query adapters (multi-task sampled softmax); runs under torchrun too.
@@ -110,7 +113,7 @@ def train_cmd(
                          "optimizer": optimizer, "upweight_conversions": upweight_conversions,
                          "checkpoint_every": checkpoint_every, "eval_every": eval_every, "eval_sample": eval_sample,
                          "patience": patience,
-                         "device": device, "seed": seed, "tasks": tasks})
+                         "device": device, "seed": seed, "tasks": tasks, "graph": graph})
     for flag, field in (("steps", "max_steps"), ("minutes", "max_minutes")):
         if flag in given:
             given[field] = given.pop(flag)

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from itemsage import artifacts, schema
+from itemsage.embed.graph_tokens import graph_inputs
 from itemsage.embed.shards import DEFAULT_SHARD_ROWS, EmbedSummary, check_out, embed
 
 log = logging.getLogger(__name__)
@@ -47,13 +48,17 @@ def embed_from_catalog(
     device: str | None = None,
     image_encoder: Any = None,
     text_encoder: Any = None,
+    graph_dir: str | Path | None = None,
+    no_graph: bool = False,
 ) -> tuple[EmbedSummary, int]:
     """Embed a catalog file or directory (Parquet or JSON Lines) without engagement logs.
 
     Returns (the embed summary, rows rejected). Rejected rows, with their reasons, are in
     `out_dir/catalog/rejects.jsonl`; a catalog whose every row is rejected raises DataError.
     `text_encoder` replaces the built-in TextQueryEncoder for the products' query vectors when the
-    model's source is text (as in `ingest`).
+    model's source is text (as in `ingest`). A model that reads graph tokens needs `graph_dir` (the
+    graph of the dataset whose engagements these products have: matched by product id), or
+    `no_graph` to embed every product from its content alone; this is checked before anything is written.
     """
     from itemsage.model.model import CONFIG_FILE
 
@@ -62,19 +67,20 @@ def embed_from_catalog(
     config = artifacts.read_json(model_dir / CONFIG_FILE)
     existed = out_dir.exists()
     model_fp = artifacts.fingerprint(model_dir)
+    _, graph_fp = graph_inputs(model_dir, out_dir / CATALOG_DIR, graph_dir, no_graph, catalog=True)
     try:
         rejected = stage_catalog(catalog, out_dir / CATALOG_DIR, text_fields=tuple(config["model"]["text_fields"]),
                                  image_dim=int(config["image_dim"]) or None,
                                  max_images=int(config["model"]["max_images"]), image_encoder=image_encoder,
                                  product_query=config.get("extra", {}).get(schema.PRODUCT_QUERY),
                                  text_encoder=text_encoder,
-                                 before_replacing=lambda fp: check_out(out_dir, model_fp, fp, incremental))
+                                 before_replacing=lambda fp: check_out(out_dir, model_fp, fp, incremental, graph_fp))
     except BaseException:
         if not existed and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()  # a refused catalog leaves nothing behind
         raise
     summary = embed(model_dir, out_dir / CATALOG_DIR, out_dir, batch_size, incremental, progress,
-                    shard_rows=shard_rows, device=device)
+                    shard_rows=shard_rows, device=device, graph_dir=graph_dir, no_graph=no_graph)
     return summary, rejected
 
 

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from itemsage import artifacts, schema
 from itemsage.artifacts import ArtifactError
+from itemsage.embed.graph_tokens import graph_inputs
 from itemsage.embed.shards import EmbedSummary, _product_query, count_unreadable, embed_batch, shard_name
 
 log = logging.getLogger(__name__)
@@ -23,13 +24,15 @@ log = logging.getLogger(__name__)
 class _RayEmbedder:
     """Ray actor UDF: loads the model once per actor, then embeds each batch with `embed_batch`."""
 
-    def __init__(self, model_dir: str) -> None:
+    def __init__(self, model_dir: str, dataset_dir: str, graph_dir: str | None = None, no_graph: bool = False) -> None:
         from itemsage.model.model import load_model
 
         self.model = load_model(model_dir)
+        # A model that reads graph tokens: each actor reads the graph features once, as the model.
+        self.graph, _ = graph_inputs(Path(model_dir), Path(dataset_dir), graph_dir, no_graph)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return embed_batch(self.model, batch)
+        return embed_batch(self.model, batch, self.graph)
 
 
 def embed_with_ray(
@@ -40,6 +43,8 @@ def embed_with_ray(
     *,
     concurrency: int = 2,
     num_gpus: float = 0,
+    graph_dir: str | Path | None = None,
+    no_graph: bool = False,
 ) -> EmbedSummary:
     """Embed the catalog with Ray Data: `read_parquet(...).map_batches(actor UDF, batch_format='pyarrow')`.
 
@@ -72,12 +77,14 @@ def embed_with_ray(
     columns = [c for c in names if c in (schema.PRODUCT_ID, schema.IMAGE_EMBEDDINGS, schema.CONTENT_HASH,
                                          schema.QUERY_VECTOR, *text_fields)]
     product_query = _product_query(dataset_dir, pq.ParquetFile(products))
+    _, graph_fp = graph_inputs(model_dir, dataset_dir, graph_dir, no_graph, staged)  # refuses before any work
 
     ray.init(ignore_reinit_error=True)
     staging = out_dir / ".ray-staging"
     dataset = ray.data.read_parquet(str(products), columns=columns)
     dataset.map_batches(
-        _RayEmbedder, fn_constructor_args=(str(model_dir),), batch_size=batch_size,
+        _RayEmbedder, fn_constructor_args=(str(model_dir), str(dataset_dir), None if graph_dir is None else str(graph_dir),
+                                           no_graph), batch_size=batch_size,
         batch_format="pyarrow", concurrency=concurrency, num_gpus=num_gpus,
     ).write_parquet(str(staging))
 
@@ -96,7 +103,7 @@ def embed_with_ray(
     artifacts.write_manifest(
         out_dir, "embeddings",
         config={"batch_size": batch_size, "engine": "ray", "concurrency": concurrency},
-        inputs={"model": model_fp, "dataset": dataset_fp},
+        inputs={"model": model_fp, "dataset": dataset_fp, **({"graph": graph_fp} if graph_fp else {})},
         counts={"products": count, "unreadable": unreadable},
         files=shard_names,
         extra={"count": count, "dim": dim, "shards": shard_names, "generation": 0,

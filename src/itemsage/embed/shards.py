@@ -52,10 +52,12 @@ import torch
 from itemsage import artifacts, schema
 from itemsage.artifacts import ArtifactError
 from itemsage.config import require
+from itemsage.embed.graph_tokens import graph_inputs
 
 log = logging.getLogger(__name__)
 
 PROGRESS_FILE = "progress.json"
+GRAPH_HASH = "graph_hash"
 VECTOR = "vector"
 DEFAULT_SHARD_ROWS = 100_000
 
@@ -85,14 +87,20 @@ def shard_name(shard: int, generation: int = 0) -> str:
     return f"part-{shard:05d}.parquet" if generation == 0 else f"part-{shard:05d}-g{generation}.parquet"
 
 
-def output_schema(dim: int, query_dim: int | None = None) -> pa.Schema:
-    """The shard schema; `query_dim`: the width of the products' frozen query vectors (None: no such column)."""
+def output_schema(dim: int, query_dim: int | None = None, popularity: bool = False, graph: bool = False) -> pa.Schema:
+    """The shard schema; `query_dim`: the width of the products' frozen query vectors (None: no such
+    column); `popularity`: a float32 column of each product's popularity in retrieval units (the
+    model's b_p / logit scale, model/popularity.py), for a model with a popularity term; `graph`: a
+    `graph_hash` string column (the product's graph tokens' hash, "" when it has none), for a model
+    that reads graph tokens, so --incremental re-embeds a product whose graph tokens changed."""
     return pa.schema([
         pa.field(schema.PRODUCT_ID, pa.string(), nullable=False),
         pa.field(VECTOR, pa.list_(pa.float32(), dim), nullable=False),
         pa.field(schema.CONTENT_HASH, pa.string()),
         *([pa.field(schema.QUERY_VECTOR, pa.list_(pa.float32(), query_dim), nullable=False)]
           if query_dim is not None else []),
+        *([pa.field(schema.POPULARITY, pa.float32(), nullable=False)] if popularity else []),
+        *([pa.field(GRAPH_HASH, pa.string(), nullable=False)] if graph else []),
     ])
 
 
@@ -116,14 +124,19 @@ def _query_vectors(table: pa.Table) -> np.ndarray | None:
     return column.flatten().to_numpy(zero_copy_only=False).reshape(table.num_rows, int(lengths[0]))
 
 
-def _vectors_table(ids: pa.Array, vectors: np.ndarray, hashes: pa.Array,
-                   query: np.ndarray | None = None) -> pa.Table:
-    """ids [B], vectors [B, D] float32, hashes [B], query vectors [B, Dq] or None -> the shard schema."""
+def _vectors_table(ids: pa.Array, vectors: np.ndarray, hashes: pa.Array, query: np.ndarray | None = None,
+                   popularity: np.ndarray | None = None, graph_hashes: list[str] | None = None) -> pa.Table:
+    """ids [B], vectors [B, D] float32, hashes [B], query vectors [B, Dq] or None, popularity [B] or
+    None, graph hashes [B] or None -> the shard schema."""
     arrays = [ids.cast(pa.string()), _fixed(vectors), hashes.cast(pa.string())]
     if query is not None:
         arrays.append(_fixed(query))
-    return pa.Table.from_arrays(arrays, schema=output_schema(vectors.shape[1],
-                                                             None if query is None else query.shape[1]))
+    if popularity is not None:
+        arrays.append(pa.array(np.asarray(popularity, np.float32), pa.float32()))
+    if graph_hashes is not None:
+        arrays.append(pa.array(graph_hashes, pa.string()))
+    return pa.Table.from_arrays(arrays, schema=output_schema(
+        vectors.shape[1], None if query is None else query.shape[1], popularity is not None, graph_hashes is not None))
 
 
 def _column_or_nulls(table: pa.Table, name: str) -> pa.Array:
@@ -135,20 +148,30 @@ def _column_or_nulls(table: pa.Table, name: str) -> pa.Array:
 # ---- the engine-agnostic batch function ---------------------------------------------------------
 
 
-def embed_batch(model: Any, batch: pa.RecordBatch | pa.Table) -> pa.Table:
+def embed_batch(model: Any, batch: pa.RecordBatch | pa.Table, graph: Any = None) -> pa.Table:
     """Products (dataset format, B rows) -> table of product_id, vector [B, D] float32, content_hash
-    (and query_vector [B, Dq], copied, when the products have it).
+    (and query_vector [B, Dq], copied, when the products have it; popularity [B] for a model with a
+    popularity term; graph_hash [B] for a model that reads graph tokens).
 
-    `model` is an `itemsage.model.LoadedModel`. Pure: the same rows give the same vectors whatever
-    batch they come in (up to float rounding), which is what lets any engine split the catalog.
+    `model` is an `itemsage.model.LoadedModel`; `graph`: the products' graph tokens by id
+    (model.batch.GraphInputs) for a model that reads them. Pure: the same rows give the same vectors
+    whatever batch they come in (up to float rounding), which is what lets any engine split the catalog.
     """
     table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
     ids = table.column(schema.PRODUCT_ID).combine_chunks()
     hashes = _column_or_nulls(table, schema.CONTENT_HASH)
-    query = _query_vectors(table)
-    if table.num_rows == 0:
-        return _vectors_table(ids, np.zeros((0, model.config.out_dim), np.float32), hashes, query)
-    return _vectors_table(ids, model.embed_table(table), hashes, query)  # [B, D] unit rows
+    vectors = (model.embed_table(table, graph) if table.num_rows  # [B, D] unit rows
+               else np.zeros((0, model.config.out_dim), np.float32))
+    id_list = ids.to_pylist()
+    return _vectors_table(ids, vectors, hashes, _query_vectors(table), model.popularity(vectors, id_list),
+                          _graph_hashes(model, graph, id_list))
+
+
+def _graph_hashes(model: Any, graph: Any, product_ids: list[str]) -> list[str] | None:
+    """The products' graph hashes for a model that reads graph tokens ("" without), else None."""
+    if not model.reads_graph:
+        return None
+    return graph.hashes_of(product_ids) if graph is not None else [""] * len(product_ids)
 
 
 # ---- the local engine: resumable, incremental ---------------------------------------------------
@@ -180,16 +203,22 @@ def _row_pieces(parquet: pq.ParquetFile, first_row: int, batch_size: int, shard_
 
 
 class _OldVectors:
-    """The previous generation, for incremental runs: product_id -> (shard, row, content_hash), and
-    vectors read from its shards on demand (a small cache; shards are visited roughly in order)."""
+    """The previous generation, for incremental runs: product_id -> (shard, row, content_hash and,
+    for a model that reads graph tokens, graph_hash), and vectors read from its shards on demand (a
+    small cache; shards are visited roughly in order)."""
 
     def __init__(self, out_dir: Path, manifest: dict[str, Any]) -> None:
         self.out_dir = out_dir
         self.shards: list[str] = list(manifest["shards"])
         self.where: dict[str, tuple[int, int, str | None]] = {}
         for s, name in enumerate(self.shards):
-            table = pq.read_table(out_dir / name, columns=[schema.PRODUCT_ID, schema.CONTENT_HASH])
-            for row, (pid, h) in enumerate(zip(table.column(0).to_pylist(), table.column(1).to_pylist())):
+            has_graph = GRAPH_HASH in pq.read_schema(out_dir / name).names
+            table = pq.read_table(out_dir / name, columns=[schema.PRODUCT_ID, schema.CONTENT_HASH]
+                                  + ([GRAPH_HASH] if has_graph else []))
+            keys = table.column(1).to_pylist()
+            if has_graph:  # a product is unchanged when its content and its graph tokens are
+                keys = [None if h is None else f"{h}|{g}" for h, g in zip(keys, table.column(2).to_pylist())]
+            for row, (pid, h) in enumerate(zip(table.column(0).to_pylist(), keys)):
                 self.where[pid] = (s, row, h)
         self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
 
@@ -205,12 +234,16 @@ class _OldVectors:
         return self._cache[shard]
 
 
-def _embed_piece(model: Any, piece: pa.Table, old: _OldVectors | None) -> tuple[pa.Table, int, int]:
+def _embed_piece(model: Any, piece: pa.Table, old: _OldVectors | None,
+                 graph: Any = None) -> tuple[pa.Table, int, int]:
     """(output table, products embedded, vectors reused) for one piece of the catalog."""
     if old is None:
-        return embed_batch(model, piece), piece.num_rows, 0
+        return embed_batch(model, piece, graph), piece.num_rows, 0
     ids = piece.column(schema.PRODUCT_ID).to_pylist()
     hashes = piece.column(schema.CONTENT_HASH).to_pylist()
+    graph_hashes = _graph_hashes(model, graph, ids)
+    if graph_hashes is not None:
+        hashes = [None if h is None else f"{h}|{g}" for h, g in zip(hashes, graph_hashes)]
     found = [old.where.get(pid) for pid in ids]
     keep = np.array([f is not None and h is not None and f[2] == h for f, h in zip(found, hashes)], dtype=bool)
     vectors = np.empty((piece.num_rows, model.config.out_dim), dtype=np.float32)  # [B, D]
@@ -219,11 +252,13 @@ def _embed_piece(model: Any, piece: pa.Table, old: _OldVectors | None) -> tuple[
         vectors[i] = old.vectors(s)[row]
     todo = np.flatnonzero(~keep)
     if len(todo):
-        fresh = embed_batch(model, piece.take(pa.array(todo)))
+        fresh = embed_batch(model, piece.take(pa.array(todo)), graph)
         values = fresh.column(VECTOR).combine_chunks().flatten().to_numpy()
         vectors[todo] = values.reshape(len(todo), -1)
+    # Popularity follows from the vector and the id (model/popularity.py): reused rows get it again.
     table = _vectors_table(piece.column(schema.PRODUCT_ID).combine_chunks(), vectors,
-                           piece.column(schema.CONTENT_HASH).combine_chunks(), _query_vectors(piece))
+                           piece.column(schema.CONTENT_HASH).combine_chunks(), _query_vectors(piece),
+                           model.popularity(vectors, ids), graph_hashes)
     return table, len(todo), int(keep.sum())
 
 
@@ -245,11 +280,13 @@ def _after_shard(shard: int) -> None:
     """Called after each shard is complete (tests patch it to simulate a kill)."""
 
 
-def check_out(out_dir: Path, model_fp: str, dataset_fp: str, incremental: bool) -> dict[str, Any] | None:
+def check_out(out_dir: Path, model_fp: str, dataset_fp: str, incremental: bool,
+              graph_fp: str | None = None) -> dict[str, Any] | None:
     """Refuse (ArtifactError) an `out_dir` this run must not write into, reading only: embeddings or a
     partial run of another model, finished embeddings of another catalog without `incremental`, shards
     of no itemsage run. Returns its finished manifest, if any. `embed --catalog` calls it before it
-    replaces OUT/catalog, so a refused run changes nothing."""
+    replaces OUT/catalog, so a refused run changes nothing. `graph_fp`: the graph artifact the products'
+    graph tokens come from (a model that reads them); other graph tokens make another catalog version."""
     finished = None
     if (out_dir / artifacts.MANIFEST).is_file():
         finished = artifacts.read_manifest(out_dir, kind="embeddings")
@@ -258,11 +295,12 @@ def check_out(out_dir: Path, model_fp: str, dataset_fp: str, incremental: bool) 
             raise ArtifactError(
                 f"{out_dir} holds embeddings from model {old_model}, this run uses model {model_fp}; "
                 "vectors of two models must never be mixed. Pass a new --out directory.")
-        if finished["inputs"].get("dataset") != dataset_fp and not incremental:
+        if not _same_input(finished, dataset_fp, graph_fp) and not incremental:
             raise ArtifactError(
                 f"{out_dir} holds finished embeddings of another version of the catalog (dataset "
-                f"{finished['inputs'].get('dataset')}, now {dataset_fp}). Pass --incremental to update "
-                "them, or a new --out directory to embed from scratch.")
+                f"{finished['inputs'].get('dataset')}, graph {finished['inputs'].get('graph')}; now {dataset_fp}, "
+                f"graph {graph_fp}). Pass --incremental to update them, or a new --out directory to embed "
+                "from scratch.")
     pending = _read_json(out_dir / PROGRESS_FILE)
     if finished is None and pending is None and any(out_dir.glob("part-*.parquet")):
         raise ArtifactError(f"{out_dir} holds part-*.parquet files but no {PROGRESS_FILE} or manifest of an "
@@ -275,13 +313,17 @@ def check_out(out_dir: Path, model_fp: str, dataset_fp: str, incremental: bool) 
     return finished
 
 
-def _plan(out_dir: Path, model_fp: str, dataset_fp: str, incremental: bool,
-          shard_rows: int) -> tuple[dict[str, Any] | None, int, int] | None:
+def _same_input(finished: dict[str, Any], dataset_fp: str, graph_fp: str | None) -> bool:
+    return finished["inputs"].get("dataset") == dataset_fp and finished["inputs"].get("graph") == graph_fp
+
+
+def _plan(out_dir: Path, model_fp: str, dataset_fp: str, incremental: bool, shard_rows: int,
+          graph_fp: str | None = None) -> tuple[dict[str, Any] | None, int, int] | None:
     """Decide from what `out_dir` holds what this run is: None when it is already complete, else
     (finished manifest of the previous generation or None, generation to write, shard_rows).
     Refuses to mix models (`check_out`); pins the run's identity in progress.json so a kill can be resumed."""
-    finished = check_out(out_dir, model_fp, dataset_fp, incremental)
-    if finished is not None and finished["inputs"].get("dataset") == dataset_fp:
+    finished = check_out(out_dir, model_fp, dataset_fp, incremental, graph_fp)
+    if finished is not None and _same_input(finished, dataset_fp, graph_fp):
         (out_dir / PROGRESS_FILE).unlink(missing_ok=True)  # left if a run died right after its manifest
         _remove_unreferenced(out_dir, keep=set(finished["shards"]))
         return None
@@ -289,7 +331,7 @@ def _plan(out_dir: Path, model_fp: str, dataset_fp: str, incremental: bool,
         log.info("%s holds no finished embeddings; embedding the whole catalog", out_dir)
     generation = finished["generation"] + 1 if finished is not None else 0
 
-    identity = {"model": model_fp, "dataset": dataset_fp, "generation": generation,
+    identity = {"model": model_fp, "dataset": dataset_fp, "graph": graph_fp, "generation": generation,
                 "base": artifacts.fingerprint(out_dir) if finished is not None else None}
     pending = _read_json(out_dir / PROGRESS_FILE)
     if pending is not None and {k: pending.get(k) for k in identity} == identity:
@@ -314,11 +356,15 @@ def embed(
     *,
     shard_rows: int = DEFAULT_SHARD_ROWS,
     device: str | None = None,
+    graph_dir: str | Path | None = None,
+    no_graph: bool = False,
 ) -> EmbedSummary:
     """Embed every product of `dataset_dir/products.parquet` into `out_dir` (see the module doc).
 
     Re-running after a kill resumes; re-running on a finished directory with the same model and
-    dataset does nothing; `incremental` re-embeds only new or changed products.
+    dataset does nothing; `incremental` re-embeds only new or changed products (content, or graph
+    tokens after a graph refresh). A model that reads graph tokens takes them from `graph_dir`
+    (default DATASET/graph, `itemsage graph`), or from none with `no_graph` (content alone).
     """
     from itemsage.model.model import load_model
 
@@ -338,8 +384,9 @@ def embed(
     if incremental and schema.CONTENT_HASH not in parquet.schema_arrow.names:
         raise ArtifactError(f"{products} has no {schema.CONTENT_HASH} column, so --incremental cannot "
                             "tell changed products; re-run `itemsage ingest`, which writes it.")
+    graph, graph_fp = graph_inputs(model_dir, dataset_dir, graph_dir, no_graph, staged)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan = _plan(out_dir, model_fp, dataset_fp, incremental, shard_rows)
+    plan = _plan(out_dir, model_fp, dataset_fp, incremental, shard_rows, graph_fp)
     if plan is None:
         manifest = artifacts.read_manifest(out_dir, kind="embeddings")
         log.info("%s is already complete for this model and dataset; nothing to do", out_dir)
@@ -374,9 +421,10 @@ def embed(
                 continue
             # The shard streams into a temp file and is renamed into place after its last row.
             with artifacts.atomic_path(out_dir / names[shard]) as tmp:
-                with pq.ParquetWriter(tmp, output_schema(dim, query_dim)) as writer:
+                with pq.ParquetWriter(tmp, output_schema(dim, query_dim, model.has_popularity,
+                                                         model.reads_graph)) as writer:
                     for _, _, piece in shard_pieces:
-                        table, n_embedded, n_reused = _embed_piece(model, piece, old)
+                        table, n_embedded, n_reused = _embed_piece(model, piece, old, graph)
                         writer.write_table(table)
                         embedded += n_embedded
                         reused += n_reused
@@ -390,10 +438,11 @@ def embed(
     artifacts.write_manifest(
         out_dir, "embeddings",
         config={"batch_size": batch_size, "shard_rows": shard_rows},
-        inputs={"model": model_fp, "dataset": dataset_fp},
+        inputs={"model": model_fp, "dataset": dataset_fp, **({"graph": graph_fp} if graph_fp else {})},
         counts={"products": num_rows, "unreadable": unreadable},
         files=names,
         extra={"count": num_rows, "dim": dim, "shards": names, "generation": generation,
+               schema.POPULARITY: model.has_popularity,
                # where `itemsage index` reads the products' filterable attributes (index/build.py)
                "dataset_dir": str(dataset_dir.resolve()),
                **({schema.PRODUCT_QUERY: product_query} if product_query else

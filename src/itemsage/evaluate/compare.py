@@ -55,6 +55,12 @@ def compare(dataset_dir: str | Path, out_dir: str | Path, cfg: CompareConfig, pr
                               "run `itemsage compare` without --report-only first")
         return write_report(results, out_dir, cfg, dataset_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.graph:
+        from itemsage.graph import build_graph_features, graph_dir_of
+
+        if not (graph_dir_of(dataset_dir) / artifacts.MANIFEST).is_file():
+            log.info("compare: building the dataset's graph first (itemsage graph %s)", dataset_dir)
+            build_graph_features(dataset_dir, progress=progress)
     results = {}
     total, i = len(cfg.runs) * cfg.seeds, 0
     for name in cfg.runs:

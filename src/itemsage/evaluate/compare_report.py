@@ -293,6 +293,9 @@ def write_report(results: dict[str, list[dict[str, Any]]], out_dir: Path, cfg: C
     sections = [
         ("architecture", "Architecture and modalities", ["itemsage"] + by_group.get("architecture", [])),
         ("negatives", "Negatives", by_group.get("negatives", []) + ["itemsage"]),
+        # each model with the dataset's graph tokens beside itself without them (content alone)
+        ("graph", "Graph tokens", [n for n in ("itemsage", "no_graph", "concat_mlp", "concat_mlp_no_graph")
+                                   if n in results]),
     ]
     for key, title, names in sections:
         if len(names) < 2:
@@ -311,7 +314,7 @@ def write_report(results: dict[str, list[dict[str, Any]]], out_dir: Path, cfg: C
         cells = [_pm(agg[n].get(t)) for n in arch] + [_fmt(pop.get(t))]
         lines.append(f"| {t} | {ref['exact'][t]['n']} | " + " | ".join(cells) + " |")
     lines += compare_markdown(arch, agg, ref)
-    lines += _served_section(arch, agg, ref)
+    lines += _served_section(arch + [n for n in by_group.get("graph", []) if n not in arch], agg, ref)
     engagements = [e for e in schema.ENGAGEMENTS if f"single_task_{e}" in results]
     if engagements:
         lines += ["", "## Multi-task against single-task", "",

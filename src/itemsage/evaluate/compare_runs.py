@@ -5,7 +5,9 @@ Rows are configurations of the same `train()`, never copies of the model:
 - architecture and modalities: transformer (image + text) against image only, text only,
   sum pooling and the concat MLP;
 - multi-task against one single-task model per engagement type (all surfaces of that engagement);
-- negatives: in-batch only and random only against mixed.
+- negatives: in-batch only and random only against mixed;
+- graph tokens: the transformer and the concat MLP each without them (content alone), against the
+  same model reading the dataset's graph (itemsage/graph; built first when the dataset has none).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ RUNS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     },
     "in_batch_negatives": ("negatives", {"negatives": "in_batch"}, {}),
     "random_negatives": ("negatives", {"negatives": "random"}, {}),
+    "no_graph": ("graph", {"graph": False}, {}),
+    "concat_mlp_no_graph": ("graph", {"graph": False}, {"aggregator": "concat"}),
 }
 MAX_SEEDS = 100  # seeds per row: each is a whole training run
 RESULT_FILE = "result.json"
@@ -60,7 +64,8 @@ SERVED_KEYS: dict[str, tuple[str, ...]] = {
 }
 # One colour per run in every figure (matplotlib's tab10, then black); the popularity baseline is grey.
 COLOURS: dict[str, str] = dict(zip(RUNS, ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
-                                          "#e377c2", "#bcbd22", "#17becf", "#000000", "#7f7f7f"]))
+                                          "#e377c2", "#bcbd22", "#17becf", "#000000", "#7f7f7f", "#aec7e8",
+                                          "#ff9896"]))
 
 
 @dataclass
@@ -80,6 +85,9 @@ class CompareConfig:
     # schedule (BENCHMARKS.md, "Random negatives from the products on sale").
     validation_sample: int = 10_000
     seed: int = 0  # the first seed
+    # Build the dataset's graph (`itemsage graph`) when it has none, and let the runs read it; False:
+    # every run reads content alone (the graph rows are then the same as their references).
+    graph: bool = True
     train_overrides: dict[str, Any] = field(default_factory=dict)  # any other TrainConfig option
 
     def __post_init__(self) -> None:
@@ -98,6 +106,7 @@ class CompareConfig:
         if self.eval_sample is not None:
             require_int(self.eval_sample, "compare.eval_sample", 1, 100_000_000)
         require_int(self.seed, "compare.seed", 0, MAX_SEED - self.seeds + 1)
+        require(isinstance(self.graph, bool), f"compare.graph ({self.graph!r}) must be true or false")
         require(isinstance(self.train_overrides, dict),
                 f"compare.train_overrides ({self.train_overrides!r}) must be a table of train options")
         for name in self.runs:  # every run's TrainConfig, checked now: a bad override stops nothing half-way
@@ -128,6 +137,8 @@ def train_config(name: str, cfg: CompareConfig, seed: int | None = None):
         "eval_sample": cfg.validation_sample, "patience": cfg.patience, "checkpoint_every": 0,
         **cfg.train_overrides, **train_over,
     }
+    if not cfg.graph:
+        options["graph"] = False
     model = cfg.train_overrides.get("model", {})
     require(isinstance(model, dict), f"compare.train_overrides.model ({model!r}) must be a table of model options")
     options["model"] = {**model, **model_over}

@@ -38,6 +38,7 @@ from itemsage.evaluate.inputs import (
 )
 from itemsage.evaluate.report import training_curves
 from itemsage.evaluate.served import served_paths
+from itemsage.index.build import read_popularity
 from itemsage.metrics import (
     DEFAULT_KS,
     bucket_figures,
@@ -48,6 +49,7 @@ from itemsage.metrics import (
     popularity_ranks,
     recall_from_ranks,
 )
+from itemsage.model.popularity import retrieval_vectors
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,11 @@ def evaluate(
 
     catalog = torch.from_numpy(vectors).to(device)  # [N, D], as embed wrote them
     queries = encode_queries(loaded, pairs, device)  # [Q, D]
+    index_queries = queries  # what the ANN index is searched with (it adds the popularity dimension itself)
+    # With a popularity term the model ranks by q.p + b_p / scale: [p, popularity] against [q, 1].
+    popularity = read_popularity(embeddings_dir, emb_manifest)
+    catalog, queries = retrieval_vectors(catalog, queries, None if popularity is None
+                                         else torch.from_numpy(popularity).to(device))
     positive_rows = torch.from_numpy(pairs.product_row).to(catalog.device)
     tasks = pairs.task.astype(str)
     exclude = closeup_exclusions(pairs.surface, pairs.query_product_row)  # the viewed product, as served
@@ -166,7 +173,7 @@ def evaluate(
 
         index = load_current(index_root)
         check_index(index, loaded.fingerprint, int(loaded.config.out_dim))
-        ann = first_hit_positions(ann_lists(index, queries.cpu().numpy(), max(ks), store, exclude),
+        ann = first_hit_positions(ann_lists(index, index_queries.cpu().numpy(), max(ks), store, exclude),
                                   store.ids[pairs.product_row])
         result["ann"] = group_recall(ann, tasks, ks)
         result["buckets"]["ann"] = bucket_figures(ann < 10, ann, counts, known_below=max(ks))

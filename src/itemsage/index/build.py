@@ -33,7 +33,7 @@ from itemsage.index.config import IndexConfig
 from itemsage.index.attributes import filterable_columns
 from itemsage.index.faiss_index import ProductIndex
 from itemsage.index.versions import claim_new_version, publish, release_claim, version_path
-from itemsage.schema import PRODUCT_ID, PRODUCT_QUERY, PRODUCT_QUERY_MISSING, PRODUCTS_FILE, QUERY_VECTOR
+from itemsage.schema import POPULARITY, PRODUCT_ID, PRODUCT_QUERY, PRODUCT_QUERY_MISSING, PRODUCTS_FILE, QUERY_VECTOR
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,23 @@ def read_query_vectors(embeddings_dir: str | Path, manifest: dict[str, Any]) -> 
         flat = pa.chunked_array([chunk.flatten() for chunk in column.chunks], type=pa.float32()).to_numpy()
         blocks.append(flat.reshape(len(column), dq))  # [rows, Dq]
     return np.concatenate(blocks) if blocks else np.zeros((0, dq), np.float32)
+
+
+def read_popularity(embeddings_dir: str | Path, manifest: dict[str, Any]) -> np.ndarray | None:
+    """The products' popularity in retrieval units [N] float32 (model/popularity.py) of a verified
+    embeddings directory, in `read_embeddings`' row order; None for a model without the term."""
+    if not manifest.get(POPULARITY):
+        return None
+    embeddings_dir = Path(embeddings_dir)
+    shards = manifest.get("shards") or sorted(name for name in manifest["files"] if name.endswith(".parquet"))
+    blocks = []
+    for name in shards:
+        if POPULARITY not in pq.read_schema(embeddings_dir / name).names:
+            raise ArtifactError(f"{embeddings_dir}/{name} has no {POPULARITY} column but the manifest says the "
+                                "model has a popularity term; re-run `itemsage embed`.")
+        blocks.append(pq.read_table(embeddings_dir / name, columns=[POPULARITY]).column(POPULARITY)
+                      .to_numpy().astype(np.float32))
+    return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
 
 
 # ---- the filterable attributes ---------------------------------------------------------------------
@@ -189,6 +206,10 @@ def build_from_embeddings(
     ids, vectors, emb_manifest = read_embeddings(embeddings_dir)
     require(len(ids) > 0, f"{embeddings_dir} holds no embeddings; nothing to index")
     query_vectors = read_query_vectors(embeddings_dir, emb_manifest)
+    if emb_manifest.get(POPULARITY):
+        log.warning("%s carries the model's popularity term, which this index does not keep: it and the service "
+                    "rank by the embeddings alone (evaluate's exact figures include the term; docs/METHOD.md, "
+                    "'The popularity term')", embeddings_dir)
     source = attribute_source(embeddings_dir, emb_manifest, attributes)
     table = read_attributes(source, ids, filterable) if source is not None else None
     index = ProductIndex.build(ids, vectors, **dataclasses.asdict(config), query_vectors=query_vectors,

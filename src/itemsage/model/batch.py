@@ -44,6 +44,8 @@ class ProductBatch:
     token_ids: torch.Tensor  # [T] int64 vocabulary ids of all bags, concatenated
     token_offsets: torch.Tensor  # [B*F] int64 start of each bag in token_ids
     bags: TokenBags | None = None
+    graph: torch.Tensor | None = None  # [B, G, Dg] float32 graph tokens (zeros where absent), or None
+    graph_mask: torch.Tensor | None = None  # [B, G] bool, True = the product has that graph token
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -63,12 +65,64 @@ class ProductBatch:
         """A copy in page-locked memory, so `.to(cuda, non_blocking=True)` overlaps with compute."""
         return ProductBatch(*(t.pin_memory() for t in (self.images, self.image_mask, self.token_ids, self.token_offsets)),
                             bags=None if self.bags is None else TokenBags(*(t if t is None else t.pin_memory()
-                                                                           for t in self.bags)))
+                                                                           for t in self.bags)),
+                            graph=None if self.graph is None else self.graph.pin_memory(),
+                            graph_mask=None if self.graph_mask is None else self.graph_mask.pin_memory())
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ProductBatch:
         return ProductBatch(*(t.to(device, non_blocking=non_blocking) for t in
                               (self.images, self.image_mask, self.token_ids, self.token_offsets)),
-                            bags=None if self.bags is None else self.bags.to(device, non_blocking))
+                            bags=None if self.bags is None else self.bags.to(device, non_blocking),
+                            graph=None if self.graph is None else self.graph.to(device, non_blocking=non_blocking),
+                            graph_mask=None if self.graph_mask is None else self.graph_mask.to(
+                                device, non_blocking=non_blocking))
+
+
+class GraphInputs:
+    """Graph tokens by product id (the graph stage's features, itemsage/graph): tokens [N, G, Dg]
+    (float16 keeps a million products' tokens in 1.5 GB), mask [N, G]. A product absent from them
+    has no graph token, like one without engagements."""
+
+    def __init__(self, ids: np.ndarray, tokens: np.ndarray, mask: np.ndarray, hashes: np.ndarray | None = None) -> None:
+        require(tokens.ndim == 3 and mask.shape == tokens.shape[:2] and len(ids) == len(tokens),
+                f"graph tokens must be [N, G, D] with a mask [N, G] and N ids; got {tokens.shape}, "
+                f"{mask.shape}, {len(ids)}")
+        self.ids, self.tokens, self.mask = np.asarray(ids, dtype=object), tokens, mask.astype(bool)
+        self.hashes = hashes  # [N] each product's graph_hash ("" without tokens), or None
+        self._row_of = {pid: i for i, pid in enumerate(self.ids.tolist())}
+
+    @classmethod
+    def of(cls, features: Any) -> GraphInputs:
+        """From the graph stage's reader (itemsage.graph.GraphFeatures)."""
+        return cls(features.ids, features.tokens, features.mask, features.hashes)
+
+    def hashes_of(self, product_ids: Sequence[str]) -> list[str]:
+        """Each product's graph_hash; "" for a product without graph tokens (or one not in the graph)."""
+        rows = self.rows(product_ids)
+        return ["" if r < 0 or self.hashes is None else str(self.hashes[r]) for r in rows.tolist()]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.tokens.shape[2]
+
+    def rows(self, product_ids: Sequence[str]) -> np.ndarray:
+        """[B] int64 rows of `product_ids` in the features; -1 for a product they do not hold."""
+        row_of = self._row_of
+        return np.fromiter((row_of.get(pid, -1) for pid in product_ids), np.int64, len(product_ids))
+
+    def gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature rows [B] (-1: none) -> (tokens [B, G, Dg] float32, zeros where absent; mask [B, G])."""
+        known = rows >= 0
+        tokens = np.zeros((len(rows), self.num_tokens, self.dim), np.float32)
+        mask = np.zeros((len(rows), self.num_tokens), bool)
+        tokens[known] = self.tokens[rows[known]]
+        mask[known] = self.mask[rows[known]]
+        tokens[~mask] = 0.0
+        return torch.from_numpy(tokens), torch.from_numpy(mask)
 
 
 def _exclusive_cumsum(lengths: np.ndarray) -> np.ndarray:
@@ -181,6 +235,13 @@ class ProductStore:
         self._images = images  # [I_all, Di] float32 or float16
         self._image_starts = image_starts  # [N + 1] int64
         self._row_of: dict[str, int] | None = None
+        self.graph: GraphInputs | None = None  # set by attach_graph
+        self._graph_rows: np.ndarray | None = None  # [N] each product's row in `graph` (-1: none)
+
+    def attach_graph(self, graph: GraphInputs | None) -> None:
+        """Give the products their graph tokens (matched by id); None removes them."""
+        self.graph = graph
+        self._graph_rows = None if graph is None else graph.rows(self.ids.tolist())
 
     @classmethod
     def from_table(cls, table: pa.Table, vocab: Vocabulary, text_fields: Sequence[str], max_images: int,
@@ -277,12 +338,15 @@ class ProductStore:
         mask = np.arange(m) < counts[:, None]  # [B, M]
         images = np.zeros((b, m, self.image_dim), dtype=np.float32)  # [B, M, Di]
         images[mask] = self._images[(starts[:, None] + np.arange(m))[mask]]
+        graph, graph_mask = (None, None) if self.graph is None else self.graph.gather(self._graph_rows[rows])
         return ProductBatch(
             images=torch.from_numpy(images),
             image_mask=torch.from_numpy(mask),
             token_ids=torch.from_numpy(token_ids),
             token_offsets=torch.from_numpy(offsets[:-1].copy()),
             bags=token_bags(token_ids, offsets[:-1], transpose=backward),
+            graph=graph,
+            graph_mask=graph_mask,
         )
 
 
@@ -303,11 +367,12 @@ def _check_columns(names: Sequence[str], text_fields: Sequence[str], where: str)
 
 
 def featurize(table: pa.Table, vocab: Vocabulary, text_fields: Sequence[str], max_images: int,
-              image_dim: int) -> ProductBatch:
+              image_dim: int, graph: GraphInputs | None = None) -> ProductBatch:
     """Featurise every row of a products table (dataset format) into one ProductBatch.
 
     M = the most images any row has (at least 1), capped at `max_images`; image vectors must have
-    width `image_dim`.
+    width `image_dim`. `graph`: the products' graph tokens, by id (None: the batch carries none).
     """
     store = ProductStore.from_table(table, vocab, text_fields, max_images, image_dim)
+    store.attach_graph(graph)
     return store.batch(np.arange(len(store)))

@@ -15,11 +15,12 @@ log = logging.getLogger(__name__)
 
 AGGREGATORS: tuple[str, ...] = ("transformer", "sum", "concat")
 MODALITIES: tuple[str, ...] = ("both", "image", "text")
-ADAPTER_MODES: tuple[str, ...] = ("auto", "linear")
+ADAPTER_MODES: tuple[str, ...] = ("auto", "linear", "mlp")
 TEXT_NORMS: tuple[str, ...] = ("layernorm", "l2", "none")
 PROJECTIONS: tuple[str, ...] = ("linear", "mlp")
 TEXT_PROJECTIONS: tuple[str, ...] = ("shared", "per_field")
-POOLINGS: tuple[str, ...] = ("cls", "attention")
+POOLINGS: tuple[str, ...] = ("cls", "attention", "cls_sum")
+POPULARITIES: tuple[str, ...] = ("none", "content", "id")
 _MAX_SIZE = {"layers": 256, "hash_buckets": 2**31 - 1}  # else 65,536 (widths, heads)
 
 
@@ -41,12 +42,14 @@ class ModelConfig:
     aggregator: str = "transformer"  # transformer | sum | concat
     modalities: str = "both"  # both | image | text
     type_embedding: bool = False  # ablation: a learned per-slot embedding added to each token
-    adapter: str = "auto"  # auto: identity where a query space already has out_dim; linear: always learn
+    adapter: str = "auto"  # auto: identity where a query space already has out_dim, else a Linear; linear:
+    # always a Linear; mlp: as auto, with a two-layer MLP added to each learned Linear (model/tower.py)
     # The defaults below are the earlier behaviour, so an artifact saved before an option existed
     # loads as it was trained; the presets choose (docs/METHOD.md, "The tower").
     text_norm: str = "layernorm"  # a text field's hash bag before its projection: layernorm | l2 | none
     projection: str = "linear"  # per feature group: linear (Linear -> D) | mlp (Linear -> GELU -> Linear, hidden ff_dim)
     pooling: str = "cls"  # transformer output: cls ([CLS] position) | attention (learned-query softmax over all positions)
+    # | cls_sum ([CLS] output plus the sum of the input tokens: the sum-pooling baseline's direct path beside attention)
     norm_first: bool = True  # transformer layers: pre-LN (True) or post-LN (False)
     # shared: one text projection for every field (told apart by type embeddings only); per_field: each
     # text field its own Linear (Dh -> D), as the concat MLP's head weighs each slot with its own weights
@@ -54,6 +57,19 @@ class ModelConfig:
     # training only: each step leaves this share of the batch's distinct text tokens (n-grams) out of
     # every bag, so no product's embedding rests on a few of its own n-grams (0 = off)
     token_dropout: float = 0.0
+    # a per-product score added to the logit (model/popularity.py): none | content (a prior from the
+    # product's embedding) | id (the prior + a learned offset per product engaged in the train window)
+    popularity: str = "none"
+    # graph token slots: G tokens a product takes from the graph stage (itemsage/graph: the pooled
+    # content of the products people engaged with alongside it); 0 = the model reads no graph. Set by
+    # training from the graph artifact's token names; a product without engagements has none (masked)
+    graph_tokens: int = 0
+    # training only: the share of products whose graph tokens are left out in a step, so the tower
+    # also learns to embed a product from its content alone (new products have no graph tokens). At 0
+    # every positive has graph tokens and only never-engaged products lack them, so "no token" marks a
+    # product no query wants, and the tower buries every cold product (docs/METHOD.md, "Graph tokens in
+    # the tower"). Training only: an artifact embeds as it was trained whatever this is.
+    graph_dropout: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("d_model", "heads", "layers", "ff_dim", "hash_buckets", "hash_dim", "out_dim",
@@ -73,6 +89,11 @@ class ModelConfig:
                 f"model.dropout must be in [0, 1), got {self.dropout!r}")
         require(isinstance(self.token_dropout, (int, float)) and 0.0 <= self.token_dropout < 1.0,
                 f"model.token_dropout must be in [0, 1), got {self.token_dropout!r}")
+        require(isinstance(self.graph_dropout, (int, float)) and 0.0 <= self.graph_dropout <= 1.0,
+                f"model.graph_dropout must be in [0, 1], got {self.graph_dropout!r}")
+        require(isinstance(self.graph_tokens, int) and not isinstance(self.graph_tokens, bool)
+                and 0 <= self.graph_tokens <= 16, f"model.graph_tokens must be an integer in 0..16, got "
+                f"{self.graph_tokens!r}")
         require(isinstance(self.max_images, int) and 1 <= self.max_images <= schema.MAX_IMAGES,
                 f"model.max_images must be an integer in 1..{schema.MAX_IMAGES}, got {self.max_images!r}")
         if isinstance(self.text_fields, str):  # one field given as a bare string
@@ -84,7 +105,7 @@ class ModelConfig:
         require(not duplicates, f"model.text_fields lists {duplicates} more than once")
         for name, choices in (("aggregator", AGGREGATORS), ("modalities", MODALITIES), ("adapter", ADAPTER_MODES),
                               ("text_norm", TEXT_NORMS), ("projection", PROJECTIONS), ("pooling", POOLINGS),
-                              ("text_projection", TEXT_PROJECTIONS)):
+                              ("text_projection", TEXT_PROJECTIONS), ("popularity", POPULARITIES)):
             value = getattr(self, name)
             require(value in choices, f"model.{name} must be one of {', '.join(choices)}, got {value!r}")
         require(isinstance(self.type_embedding, bool),
@@ -186,7 +207,7 @@ def flops_per_product(cfg: ModelConfig, image_count: int, token_count: int, *, i
                      + 2 * S * D * heads * 2  # scores and weighted inputs, per head over the D inputs
                      + 2 * D * D * 2  # W_v on the pooled inputs, output projection
                      + 2 * D * cfg.ff_dim * 2)  # feed-forward
-        if cfg.pooling == "cls" and cfg.norm_first:
+        if cfg.pooling in ("cls", "cls_sum") and cfg.norm_first:
             flops += (cfg.layers - 1) * full_layer + cls_layer
         else:  # every layer in full; attention pooling scores and sums the S outputs
             flops += cfg.layers * full_layer + (2 * S * D * 2 if cfg.pooling == "attention" else 0)

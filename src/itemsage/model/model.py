@@ -5,10 +5,13 @@ the per-surface query adapters and the learned temperature, with
 
     encode_products(batch: ProductBatch) -> [B, D] unit rows
     encode_queries(surface, q [B, Dq])   -> [B, D] unit rows
-    forward(products, queries, b)        -> (queries [b, D], products [b + r, D], logit scale)
+    forward(products, queries, b, warm_rows) -> (queries [b, D], products [b + r, D], logit scale,
+                                                 popularity [b + r] or None)
 
 Training, embed, evaluate and serve call these; nothing else calls the tower or an adapter. Its
-state-dict keys (`tower.*`, `adapters.*`, `logit_scale.*`) are the artifact's safetensors keys.
+state-dict keys (`tower.*`, `adapters.*`, `logit_scale.*`, `popularity.*`) are the artifact's
+safetensors keys. With a popularity term (model/popularity.py) a product's score for a query is
+`scale * cos(q, p) + b_p`; the artifact keeps the ids of the products that have an offset.
 
 `load_model(directory)` (also `itemsage.load`) gives a `LoadedModel`: the module, its config and
 vocabulary, and the numpy API of sentence-transformers' `encode`:
@@ -26,7 +29,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +50,7 @@ from itemsage.model.config import (
     model_config,
 )
 from itemsage.model.hash_embedding import HashEmbedding
+from itemsage.model.popularity import Popularity
 from itemsage.model.tower import Head, ItemSage, LogitScale, QueryAdapters
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,7 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.json"
+POPULARITY_FILE = "popularity.parquet"  # product_id of each popularity offset row (mode "id")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -62,17 +67,25 @@ VOCAB_FILE = "vocab.json"
 
 
 class ItemSageModel(nn.Module):
-    """The product tower, the query adapters and the logit scale; one module, so DDP syncs them together."""
+    """The product tower, the query adapters, the logit scale and the popularity term (when the config
+    has one); one module, so DDP syncs them together."""
 
-    def __init__(self, tower: ItemSage, adapters: QueryAdapters, logit_scale: LogitScale | None = None) -> None:
+    def __init__(self, tower: ItemSage, adapters: QueryAdapters, logit_scale: LogitScale | None = None,
+                 popularity: Popularity | None = None) -> None:
         super().__init__()
         self.tower, self.adapters = tower, adapters
         self.logit_scale = logit_scale if logit_scale is not None else LogitScale()
+        self.popularity = popularity
 
     @classmethod
-    def build(cls, cfg: ModelConfig, vocab_size: int, image_dim: int, query_dims: dict[str, int]) -> ItemSageModel:
-        """A freshly initialised model for this config, vocabulary size, image width and query widths."""
-        return cls(ItemSage(cfg, vocab_size, image_dim), QueryAdapters(query_dims, cfg.out_dim, cfg.adapter))
+    def build(cls, cfg: ModelConfig, vocab_size: int, image_dim: int, query_dims: dict[str, int],
+              warm_ids: Sequence[str] = (), graph_dim: int = 0) -> ItemSageModel:
+        """A freshly initialised model for this config, vocabulary size, image width and query widths;
+        `warm_ids`: the products that get a popularity offset (popularity "id"); `graph_dim`: the width
+        of the graph tokens (model.graph_tokens > 0)."""
+        popularity = Popularity(cfg.out_dim, cfg.popularity, warm_ids) if cfg.popularity != "none" else None
+        return cls(ItemSage(cfg, vocab_size, image_dim, graph_dim),
+                   QueryAdapters(query_dims, cfg.out_dim, cfg.adapter), popularity=popularity)
 
     @property
     def query_dims(self) -> dict[str, int]:
@@ -90,11 +103,15 @@ class ItemSageModel(nn.Module):
         """Frozen query vectors of `surface` [B, Dq] -> [B, D] unit rows via the surface's adapter."""
         return self.adapters(surface, q)
 
-    def forward(self, products: ProductBatch, queries: list[tuple[str, Tensor, Tensor]], b: int
-                ) -> tuple[Tensor, Tensor, Tensor]:
+    def product_popularity(self, p: Tensor, warm_rows: Tensor | None = None) -> Tensor | None:
+        """b_p [B] of products with embeddings p [B, D] (None without a popularity term)."""
+        return None if self.popularity is None else self.popularity(p, warm_rows)
+
+    def forward(self, products: ProductBatch, queries: list[tuple[str, Tensor, Tensor]], b: int,
+                warm_rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """One training step's embeddings. products: b positives then r negatives; queries: (surface,
-        positions [b_s], vectors [b_s, Dq]) -> query embeddings [b, D], product embeddings [b + r, D],
-        logit scale []."""
+        positions [b_s], vectors [b_s, Dq]); warm_rows [b + r]: the products' popularity offset rows ->
+        query embeddings [b, D], product embeddings [b + r, D], logit scale [], popularity [b + r] or None."""
         p = self.encode_products(products)  # [b + r, D]
         q = p.new_zeros(b, p.shape[1])  # [b, D]
         given = {surface: (pos, vec) for surface, pos, vec in queries}
@@ -103,7 +120,7 @@ class ItemSageModel(nn.Module):
             # (zero) gradient and DDP needs no unused-parameter search.
             pos, vec = given.get(surface, (p.new_zeros(0, dtype=torch.long), p.new_zeros(0, dim)))
             q = q.index_copy(0, pos, self.encode_queries(surface, vec).to(q.dtype))
-        return q, p, self.logit_scale()
+        return q, p, self.logit_scale(), self.product_popularity(p, warm_rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,6 +139,11 @@ class LoadedModel:
     query_dims: dict[str, int]
     fingerprint: str
     extra: dict[str, Any]
+    graph_dim: int = 0  # the width of the graph tokens the tower reads (0: it reads none)
+
+    @property
+    def reads_graph(self) -> bool:
+        return self.graph_dim > 0
 
     @property
     def tower(self) -> ItemSage:
@@ -139,12 +161,18 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def featurize(self, table: Any) -> ProductBatch:
-        """Products in the dataset format (pa.Table) -> the model's ProductBatch on the model's device."""
+    def featurize(self, table: Any, graph: Any = None) -> ProductBatch:
+        """Products in the dataset format (pa.Table) -> the model's ProductBatch on the model's device;
+        `graph`: their graph tokens by id (model.batch.GraphInputs; None: none, as for a new product)."""
         from itemsage.model.batch import featurize
 
         cfg = self.config
-        return featurize(table, self.vocab, cfg.text_fields, cfg.max_images, self.image_dim).to(self.device)
+        return featurize(table, self.vocab, cfg.text_fields, cfg.max_images, self.image_dim,
+                         graph if self.reads_graph else None).to(self.device)
+
+    @property
+    def has_popularity(self) -> bool:
+        return self.model.popularity is not None
 
     def unreadable(self, table: Any) -> np.ndarray:
         """[B] bool: products (dataset format) this model reads nothing of (no image it reads, no text
@@ -154,11 +182,24 @@ class LoadedModel:
         return unreadable(table, self.vocab, self.config.text_fields, self.config.modalities)
 
     @torch.inference_mode()
-    def embed_table(self, table: Any) -> np.ndarray:
-        """Products already in the dataset format (pa.Table, checked) -> [B, D] float32 unit rows."""
+    def popularity(self, vectors: np.ndarray, product_ids: Sequence[str]) -> np.ndarray | None:
+        """Products' popularity in retrieval units, b_p / logit scale -> [B] float32 (None without a
+        popularity term): the extra dimension of a product's retrieval vector [p, b_p / scale], whose
+        query side is [q, 1]. `vectors` [B, D]: the products' embeddings (embed_table's)."""
+        module = self.model
+        if module.popularity is None:
+            return None
+        rows = torch.from_numpy(module.popularity.warm_rows(list(product_ids))).to(self.device)
+        b = module.popularity(torch.from_numpy(np.asarray(vectors, np.float32)).to(self.device), rows)
+        return (b / module.logit_scale()).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def embed_table(self, table: Any, graph: Any = None) -> np.ndarray:
+        """Products already in the dataset format (pa.Table, checked) -> [B, D] float32 unit rows;
+        `graph`: their graph tokens by id (model.batch.GraphInputs), for a model that reads them."""
         if table.num_rows == 0:
             return np.zeros((0, self.config.out_dim), np.float32)
-        return self.model.encode_products(self.featurize(table)).float().cpu().numpy()
+        return self.model.encode_products(self.featurize(table, graph)).float().cpu().numpy()
 
     def encode_products(self, products: Any, *, batch_size: int = 256, show_progress_bar: bool = False,
                         image_encoder: Any = None) -> np.ndarray:
@@ -282,6 +323,7 @@ def save_model(
     query_dims: dict[str, int],
     extra: dict[str, Any] | None = None,
     logit_scale: LogitScale | None = None,
+    popularity: Popularity | None = None,
     timings: dict[str, Any] | None = None,
 ) -> str:
     """Write the model artifact to `directory` and return its fingerprint.
@@ -313,9 +355,20 @@ def save_model(
     directory.mkdir(parents=True, exist_ok=True)
     (directory / artifacts.MANIFEST).unlink(missing_ok=True)
     tensors: dict[str, Tensor] = {}
-    for prefix, module in (("tower", tower), ("adapters", adapters), ("logit_scale", _unwrap(logit_scale))):
+    if (popularity is None) != (cfg.popularity == "none"):
+        raise ConfigError(f"save_model: model.popularity is {cfg.popularity!r} but a popularity module was "
+                          f"{'not ' if popularity is None else ''}passed")
+    parts = [("tower", tower), ("adapters", adapters), ("logit_scale", _unwrap(logit_scale))]
+    parts += [("popularity", _unwrap(popularity))] if popularity is not None else []
+    for prefix, module in parts:
         for key, value in module.state_dict().items():
             tensors[f"{prefix}.{key}"] = value.detach().to("cpu").contiguous()
+    files = [WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE]
+    if popularity is not None and popularity.mode == "id":
+        import pyarrow as pa
+
+        artifacts.atomic_write_parquet(directory / POPULARITY_FILE, pa.table({"product_id": popularity.warm_ids}))
+        files.append(POPULARITY_FILE)
     with artifacts.atomic_path(directory / WEIGHTS_FILE) as tmp:
         # One metadata key: safetensors writes its metadata map in a random order (two keys made
         # two runs' files differ in about half of the saves), and the fingerprint hashes these bytes.
@@ -323,6 +376,7 @@ def save_model(
     config = {
         "model": to_dict(cfg),
         "image_dim": image_dim,
+        **({"graph_dim": tower.graph_dim} if tower.graph_dim else {}),
         "query_dims": dict(sorted(query_dims.items())),
         "vocab_size": len(vocab),
         "extra": extra or {},
@@ -335,8 +389,9 @@ def save_model(
         "model",
         config=config,
         inputs={"vocab": vocab.fingerprint()},
-        counts={"parameters": n_params, "vocab_size": len(vocab)},
-        files=[WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE],
+        counts={"parameters": n_params, "vocab_size": len(vocab),
+                **({"popularity_offsets": len(popularity.warm_ids)} if popularity is not None else {})},
+        files=files,
         extra={"timings": timings} if timings else None,
     )
     fp = artifacts.fingerprint(directory)
@@ -356,16 +411,27 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Loa
                                       f"was trained with {config['vocab_size']}; rebuild the model")
     image_dim = int(config["image_dim"])
     query_dims = {str(k): int(v) for k, v in config["query_dims"].items()}
-    model = ItemSageModel.build(cfg, len(vocab), image_dim, query_dims)
+    warm_ids: list[str] = []
+    if cfg.popularity == "id":
+        import pyarrow.parquet as pq
+
+        warm_ids = pq.read_table(directory / POPULARITY_FILE, columns=["product_id"])["product_id"].to_pylist()
+    graph_dim = int(config.get("graph_dim", 0))
+    model = ItemSageModel.build(cfg, len(vocab), image_dim, query_dims, warm_ids=warm_ids, graph_dim=graph_dim)
 
     state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
     parts: dict[str, dict[str, Tensor]] = {"tower": {}, "adapters": {}, "logit_scale": {}}
+    if model.popularity is not None:
+        parts["popularity"] = {}
     for key, value in state.items():
         prefix, _, rest = key.partition(".")
         if prefix not in parts:
             raise artifacts.ArtifactError(f"{directory / WEIGHTS_FILE} has an unexpected tensor {key!r}")
         parts[prefix][rest] = value
-    for prefix, module in (("tower", model.tower), ("adapters", model.adapters), ("logit_scale", model.logit_scale)):
+    for prefix, module in (("tower", model.tower), ("adapters", model.adapters), ("logit_scale", model.logit_scale),
+                           ("popularity", model.popularity)):
+        if module is None:
+            continue
         try:
             module.load_state_dict(parts[prefix], strict=True)
         except RuntimeError as err:
@@ -381,6 +447,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Loa
         query_dims=query_dims,
         fingerprint=artifacts.fingerprint(directory),
         extra=config.get("extra", {}),
+        graph_dim=graph_dim,
     )
 
 

@@ -149,10 +149,12 @@ class ItemSage(nn.Module):
     so it holds no weights and takes no input.
     """
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, image_dim: int) -> None:
+    def __init__(self, cfg: ModelConfig, vocab_size: int, image_dim: int, graph_dim: int = 0) -> None:
         super().__init__()
         require(isinstance(image_dim, int) and image_dim >= 0,
                 f"image_dim must be an integer >= 0, got {image_dim!r}")
+        require(isinstance(graph_dim, int) and graph_dim >= 0 and (graph_dim > 0) == (cfg.graph_tokens > 0),
+                f"graph_dim ({graph_dim!r}) must be > 0 exactly when model.graph_tokens ({cfg.graph_tokens}) is")
         require(not cfg.uses_images or image_dim > 0,
                 f"the products have no image vectors (image_dim {image_dim}) but model.modalities is "
                 f"{cfg.modalities!r}; give the products images or set model.modalities='text'")
@@ -161,10 +163,12 @@ class ItemSage(nn.Module):
                 f"{cfg.modalities!r}; give the products text or set model.modalities='image'")
         self.cfg = cfg
         self.image_dim = image_dim
+        self.graph_dim = graph_dim
         self.vocab_size = vocab_size
         D = cfg.d_model
         self.num_image_slots = cfg.max_images if cfg.uses_images else 0
         self.num_text_slots = len(cfg.text_fields) if cfg.uses_text else 0
+        self.num_graph_slots = cfg.graph_tokens
 
         # One projection per feature group (docs/METHOD.md).
         self.image_proj = _projection(cfg, image_dim) if cfg.uses_images else nn.Identity()
@@ -178,16 +182,19 @@ class ItemSage(nn.Module):
         else:
             self.text_embed = nn.Identity()
             self.text_proj = nn.Identity()
+        # Graph tokens (pooled content of engaged-alongside products): a feature group of their own.
+        self.graph_proj = _projection(cfg, graph_dim) if graph_dim else nn.Identity()
 
         if cfg.aggregator == "concat":  # fixed slots, no [CLS]
             self.cls = None
             self.type_embed = None
             self.encoder: nn.Module = nn.Identity()
-            self.head = Head((self.num_image_slots + self.num_text_slots) * D, cfg.head_hidden, cfg.out_dim)
+            self.head = Head((self.num_image_slots + self.num_text_slots + self.num_graph_slots) * D,
+                             cfg.head_hidden, cfg.out_dim)
             return
 
         self.cls = nn.Parameter(torch.randn(D) * 0.02)  # the learned global [CLS] token
-        num_slots = 1 + self.num_image_slots + self.num_text_slots
+        num_slots = 1 + self.num_image_slots + self.num_text_slots + self.num_graph_slots
         self.type_embed = nn.Parameter(torch.randn(num_slots, D) * 0.02) if cfg.type_embedding else None
         if cfg.aggregator == "transformer":
             layer = nn.TransformerEncoderLayer(
@@ -231,10 +238,29 @@ class ItemSage(nn.Module):
         bags = self.text_embed(ids, offsets, batch.bags)  # [B*F, Dh]
         return self.text_proj(bags).view(B, Fn, -1), present  # [B, F, D]
 
+    def _graph_tokens(self, batch: ProductBatch) -> tuple[Tensor, Tensor]:
+        """-> tokens [B, G, D], present [B, G]. A batch without graph inputs (a product not in the graph
+        artifact, an upsert) has every graph token absent; in training a `graph_dropout` share of the
+        products loses its graph tokens."""
+        B, G = len(batch), self.num_graph_slots
+        device = batch.image_mask.device
+        dtype = next(self.graph_proj.parameters()).dtype
+        if batch.graph is None:
+            return torch.zeros(B, G, self.cfg.d_model, device=device, dtype=dtype), torch.zeros(
+                B, G, dtype=torch.bool, device=device)
+        if batch.graph.shape[1:] != (G, self.graph_dim):
+            raise ValueError(f"this model takes {G} graph tokens of width {self.graph_dim}, the batch has "
+                             f"{tuple(batch.graph.shape[1:])}; build the graph with the same config")
+        present = batch.graph_mask.bool()  # [B, G]
+        if self.training and self.cfg.graph_dropout > 0:
+            keep = torch.rand(B, 1, device=device) >= self.cfg.graph_dropout  # [B, 1] per product
+            present = present & keep
+        return self.graph_proj(batch.graph.to(dtype)), present
+
     def tokens(self, batch: ProductBatch) -> tuple[Tensor, Tensor]:
         """The input sequence: x [B, S, D] (zero where absent) and present [B, S] (True = attend).
 
-        S = 1 + M + F ([CLS] first) for transformer/sum; M_max + F fixed slots for concat.
+        S = 1 + M + F + G ([CLS] first) for transformer/sum; M_max + F + G fixed slots for concat.
         """
         B, D = len(batch), self.cfg.d_model
         device = batch.image_mask.device
@@ -259,6 +285,11 @@ class ItemSage(nn.Module):
             parts.append(txt)
             masks.append(txt_present)
             slots.append(1 + self.num_image_slots + torch.arange(txt.shape[1], device=device))
+        if self.num_graph_slots:
+            graph, graph_present = self._graph_tokens(batch)  # [B, G, D], [B, G]
+            parts.append(graph)
+            masks.append(graph_present)
+            slots.append(1 + self.num_image_slots + self.num_text_slots + torch.arange(graph.shape[1], device=device))
         x = torch.cat(parts, dim=1)  # [B, S, D]
         present = torch.cat(masks, dim=1)  # [B, S]
         if self.type_embed is not None:
@@ -280,14 +311,17 @@ class ItemSage(nn.Module):
             return x.sum(dim=1)  # [B, D]; absent positions are zero
         pad = ~present  # [B, S] True = ignore (nn.Transformer's convention)
         layers = self.encoder.layers
+        # cls_sum: the tokens' sum beside the attention (absent positions zeroed), as sum pooling reads them
+        direct = x.masked_fill(pad.unsqueeze(-1), 0.0).sum(dim=1) if self.cfg.pooling == "cls_sum" else None  # [B, D]
         # The [CLS]-only shortcut is exact for a pre-LN last layer read at [CLS] only.
-        cls_only = self.cfg.pooling == "cls" and self.cfg.norm_first
+        cls_only = self.cfg.pooling in ("cls", "cls_sum") and self.cfg.norm_first
         for layer in (layers[:-1] if cls_only else layers):
             x = layer(x, src_key_padding_mask=pad)  # [B, S, D]
         if cls_only:
-            return _cls_only_layer(layers[-1], x, pad)  # [B, D]
+            out = _cls_only_layer(layers[-1], x, pad)  # [B, D]
+            return out if direct is None else out + direct
         if self.pool_query is None:
-            return x[:, 0]  # [B, D]
+            return x[:, 0] if direct is None else x[:, 0] + direct  # [B, D]
         scores = (self.pool_norm(x) @ self.pool_query.unsqueeze(1)).squeeze(-1).masked_fill(pad, float("-inf"))  # [B, S]
         return torch.bmm(scores.softmax(dim=1).unsqueeze(1), x).squeeze(1)  # [B, D]
 
@@ -303,11 +337,29 @@ class ItemSage(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+class ResidualMLP(nn.Module):
+    """x -> linear(x) + Linear(GELU(Linear(x))): a learned Linear map plus a two-layer MLP whose last
+    layer starts at zero, so the map starts as the Linear alone. [B, Dq] -> [B, out]."""
+
+    def __init__(self, linear: nn.Linear, hidden: int) -> None:
+        super().__init__()
+        self.linear = linear
+        self.mlp = nn.Sequential(nn.Linear(linear.in_features, hidden), nn.GELU(),
+                                 nn.Linear(hidden, linear.out_features))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x) + self.mlp(x)
+
+
 class QueryAdapters(nn.Module):
     """One map per surface from its frozen query space into the product space (docs/METHOD.md).
 
     mode `auto`: identity where the query width already equals out_dim (the paper's case: the query
-    space is the product space), else a learned Linear without bias; mode `linear`: always learned.
+    space is the product space), else a learned Linear without bias; mode `linear`: always learned;
+    mode `mlp`: as `auto`, each learned map a Linear plus a two-layer MLP (`ResidualMLP`), so it can
+    read what a linear map of a frozen text encoder cannot (an invented brand name's identity).
     Linear maps start orthogonal, so the query neighbourhoods survive the first steps.
     """
 
@@ -325,12 +377,12 @@ class QueryAdapters(nn.Module):
         self.mode = mode
         maps: dict[str, nn.Module] = {}
         for surface, dim in sorted(self.query_dims.items()):
-            if mode == "auto" and dim == out_dim:
+            if mode in ("auto", "mlp") and dim == out_dim:
                 maps[surface] = nn.Identity()
             else:
                 linear = nn.Linear(dim, out_dim, bias=False)  # weight [out, Dq]
                 nn.init.orthogonal_(linear.weight)
-                maps[surface] = linear
+                maps[surface] = ResidualMLP(linear, 2 * out_dim) if mode == "mlp" else linear
         self.maps = nn.ModuleDict(maps)
 
     def is_identity(self, surface: str) -> bool:

@@ -44,8 +44,21 @@ class TrainConfig:
     batch_size: int = 1024  # B: positives per step (global, across DDP ranks)
     random_negatives_ratio: float = 4.0  # R = ratio * B uniform catalog negatives per step
     negatives: str = "mixed"  # mixed | in_batch | random
+    # the share of the random negatives drawn from the categories of the batch's positives (the
+    # catalog's `category` field; pairs.Sampler), each corrected by its own sampling probability; 0 =
+    # uniform draws only. Uniform draws rarely hold a product of the positive's own category, so fine
+    # attributes (a size, a material) are seldom what tells a positive from its negatives
+    category_negatives: float = 0.0
     optimizer: str = "adamw"  # adamw | lamb
     lr: float = 1e-3
+    # the popularity term's learning rate is lr times this (model.popularity): its offsets need to
+    # move by several logit units (log popularity), and each offset is updated only when its product
+    # is drawn, so at the tower's rate it barely leaves 0 in a run of a few thousand steps
+    popularity_lr_scale: float = 30.0
+    # the popularity offsets' start: "zero", or "log_count": log(1 + train-window positives), centred,
+    # the sampled softmax's own target for them (an offset's Adam steps are as large for a product seen
+    # twice as for one seen a thousand times, so learning them from zero buries the rare ones)
+    popularity_init: str = "log_count"
     weight_decay: float = 0.01  # on matrices only (no biases, norms, logit scale)
     eps: float = 1e-6  # Adam/LAMB epsilon; 1e-6 (not torch's 1e-8) keeps float noise in gradients that
     # are mathematically 0 (e.g. the attention key bias) from being blown up to full-size steps
@@ -54,6 +67,9 @@ class TrainConfig:
     max_steps: int | None = 2000
     max_minutes: float | None = None  # wall-clock budget; the step count is re-estimated (see module doc)
     tasks: tuple[str, ...] = ()  # train only on these surface.engagement tasks; () = all
+    # read the dataset's graph features (DATASET/graph, written by `itemsage graph`) when it has them:
+    # the tower then takes graph tokens (model.graph_tokens); False trains on content alone
+    graph: bool = True
     upweight_conversions: float = 1.0  # sampling factor of add_to_cart / checkout rows
     engagement_weights: dict[str, float] = field(default_factory=dict)  # loss weight per engagement (x row weight)
     sketch_depth: int = 4  # count-min sketch of the logQ estimate
@@ -91,6 +107,10 @@ class TrainConfig:
                 f"train.optimizer ({self.optimizer!r}) must be one of {', '.join(OPTIMIZERS)}")
         require(isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and 0 < self.lr < 10,
                 f"train.lr ({self.lr!r}) must be in (0, 10)")
+        require(self.popularity_init in ("zero", "log_count"),
+                f"train.popularity_init must be 'zero' or 'log_count', got {self.popularity_init!r}")
+        require_number(self.popularity_lr_scale, "train.popularity_lr_scale", 0, 1000, above=True)
+        require_number(self.category_negatives, "train.category_negatives", 0, 1)
         require_number(self.weight_decay, "train.weight_decay", 0, 1)
         require_number(self.eps, "train.eps", 0, 10, above=True)
         integer("warmup_steps", 0)

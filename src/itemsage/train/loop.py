@@ -73,7 +73,7 @@ from torch import Tensor, nn
 from itemsage import artifacts, schema
 from itemsage.config import ConfigError, require, to_dict
 from itemsage.data.text import Vocabulary
-from itemsage.model.batch import ProductStore
+from itemsage.model.batch import GraphInputs, ProductStore
 from itemsage.model.config import model_config
 from itemsage.model.model import ItemSageModel, save_model
 from itemsage.train.checkpoint import (
@@ -89,7 +89,8 @@ from itemsage.train.config import TrainConfig, TrainResult, _check_resume_config
 from itemsage.train.distributed import _all_rng_states, _broadcast_int, _init_distributed, _mean_over_ranks
 from itemsage.train.losses import LogQ, MixedNegativeLoss
 from itemsage.train.optim import _optimizer, advance, lr_at
-from itemsage.train.pairs import Pairs, Prefetch, Sampler, _loss_weights, _mixture, load_pairs, negative_pool
+from itemsage.train.pairs import (NegativeGroups, Pairs, Prefetch, Sampler, _loss_weights, _mixture, load_pairs,
+                                  negative_pool)
 from itemsage.train.validation import held_out_recall
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,26 @@ def _load_data(dataset_dir: Path, cfg: TrainConfig, text_fields: tuple[str, ...]
     return vocab, store, pairs, held_out
 
 
+def _attach_graph(dataset_dir: Path, store: ProductStore, cfg: TrainConfig) -> dict[str, Any] | None:
+    """Attach the dataset's graph tokens (itemsage/graph) to `store` when it has them and train.graph is
+    on -> the model's record of them ({"tokens", "dim", "graph"}: names, width, the artifact's
+    fingerprint), else None."""
+    from itemsage.graph import graph_dir_of, read_graph_features
+
+    graph_dir = graph_dir_of(dataset_dir)
+    if not cfg.graph or not (graph_dir / artifacts.MANIFEST).is_file():
+        if cfg.graph:
+            log.info("%s has no graph features (`itemsage graph` writes them): the tower reads content alone",
+                     dataset_dir)
+        return None
+    features = read_graph_features(graph_dir, artifacts.fingerprint(dataset_dir))
+    store.attach_graph(GraphInputs(features.ids, features.tokens, features.mask))
+    present = features.mask.any(1)
+    log.info("graph tokens %s (%d-d) for %d of %d products", ", ".join(features.names), features.dim,
+             int(present.sum()), len(features))
+    return {"tokens": list(features.names), "dim": int(features.dim), "graph": artifacts.fingerprint(graph_dir)}
+
+
 def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progress: bool = True,
           resume: bool = False) -> TrainResult:
     """Train the tower and adapters on `dataset_dir` into `out_dir`; the model lands in out_dir/model/.
@@ -212,6 +233,10 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
         notes.append("the catalog has no image vectors (image width 0), so the tower reads text only "
                      "(modalities 'text'); give image_embeddings or image_paths in the catalog to use images")
         log.info("%s", notes[-1])
+    graph = _attach_graph(dataset_dir, store, cfg)  # the graph stage's tokens, when the dataset has them
+    if graph is not None and "graph_tokens" not in cfg.model:  # recorded, so a re-run reads the same
+        cfg = dataclasses.replace(cfg, model={**cfg.model, "graph_tokens": len(graph["tokens"])})
+        mcfg = model_config(cfg.preset, **cfg.model)
     pool = negative_pool(dataset_dir, store) if R else None  # [N'] rows on sale in the train window, or all
     pool_size = len(store) if pool is None else len(pool)
     if pool is not None:
@@ -230,10 +255,32 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
 
     # Model, optimiser, sketch, sampler. The same seed on every rank gives identical initial weights.
     torch.manual_seed(cfg.seed)
-    module = ItemSageModel.build(mcfg, len(vocab), store.image_dim, pairs.query_dims).to(device)
+    # The products with a popularity offset: those engaged in the train window (model/popularity.py).
+    warm = np.unique(pairs.product_row)  # [W] store rows
+    require(mcfg.graph_tokens == 0 or graph is not None,
+            f"train.model.graph_tokens is {mcfg.graph_tokens} but {dataset_dir} has no graph features (or "
+            "train.graph is false); run `itemsage graph DATASET` first, or set graph_tokens to 0")
+    require(graph is None or mcfg.graph_tokens == len(graph["tokens"]),
+            f"train.model.graph_tokens ({mcfg.graph_tokens}) differs from the graph's {len(graph['tokens']) if graph else 0} "
+            f"tokens; leave it out (it follows the graph)")
+    module = ItemSageModel.build(mcfg, len(vocab), store.image_dim, pairs.query_dims,
+                                 warm_ids=store.ids[warm].tolist(),
+                                 graph_dim=graph["dim"] if graph is not None else 0).to(device)
+    warm_row = np.full(len(store), len(warm), np.int64)  # store row -> offset row; len(warm) = none
+    warm_row[warm] = np.arange(len(warm))
+    if module.popularity is not None and cfg.popularity_init == "log_count" and len(warm):
+        positives = np.bincount(pairs.product_row, minlength=len(store))[warm]  # [W]
+        start = np.log1p(positives) - np.log1p(positives).mean()
+        with torch.no_grad():
+            module.popularity.offset.weight[:len(warm), 0] = torch.from_numpy(start).to(module.popularity.offset.weight)
     optimizer = _optimizer(cfg, list(module.named_parameters()))
     logq = LogQ(cfg.sketch_depth, cfg.sketch_width, seed=cfg.seed)
-    sampler = Sampler(_mixture(pairs, cfg), len(store), cfg.seed, pool=pool)
+    groups = NegativeGroups.from_dataset(dataset_dir, store, pool) if R and cfg.category_negatives else None
+    if R and cfg.category_negatives and groups is None:
+        notes.append(f"train.category_negatives is {cfg.category_negatives} but the catalog has no category: "
+                     "every random negative is a uniform draw")
+    sampler = Sampler(_mixture(pairs, cfg), len(store), cfg.seed, pool=pool, groups=groups,
+                      share=cfg.category_negatives)
     torch.manual_seed(cfg.seed + 1 + rank)  # each rank its own dropout stream
     schedule = {"step": 0, "total_steps": cfg.max_steps, "calibrated": False, "progress": 0.0}
     # Model selection on validation Recall@10 (all tasks): the best so far and evaluations since it.
@@ -299,9 +346,9 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
                    "stopped_early": stopped_early or bool(selection.get("stopped")),
                    "validation_recall": selection["recall"] if selection["best_step"] is not None else recall}
         save_model(directory, module.tower, module.adapters, mcfg, vocab, image_dim=store.image_dim,
-                   query_dims=pairs.query_dims, logit_scale=module.logit_scale,
+                   query_dims=pairs.query_dims, logit_scale=module.logit_scale, popularity=module.popularity,
                    timings={"pairs_per_s": clock.pairs_per_s},
-                   extra={"train_config": to_dict(cfg), "training": summary,
+                   extra={"train_config": to_dict(cfg), "training": summary, **({"graph": graph} if graph else {}),
                           **({schema.PRODUCT_QUERY: product_query} if isinstance(product_query, dict) else {})})
 
     def evaluate() -> bool:
@@ -344,23 +391,27 @@ def train(dataset_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, progre
 
     background = _PREFETCH_THREAD if _PREFETCH_THREAD is not None else (
         device.type == "cuda" or (os.cpu_count() or 1) > torch.get_num_threads())  # else it competes with the step
-    batches = Prefetch(sampler, B, R, build, background)
+    batches = Prefetch(sampler, B, R, build, background, product_row=pairs.product_row if groups else None)
     with _progress_bar(progress and lead, total_steps, step) as show, contextlib.closing(batches):
         while total_steps is None or step < total_steps:
             t0 = time.perf_counter()
             lr = lr_at(step, total_steps or 10**9, cfg.warmup_steps, cfg.lr, progress_done)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             rows, negs, products = batches.next()  # [B], [R]: the global batch, same on every rank; built ahead
             products = products.to(device, non_blocking=True)  # this rank's positives, then its negatives
             pos_ids = product_row[rows]  # [B] store rows double as product ids
             logq.update(pos_ids)  # count the global batch first, on every rank: identical sketches
             with amp:  # one model call over this rank's queries, positives and random negatives
-                q, p, scale = ddp(products, _query_groups(queries, pairs, rows[lo:hi], device), hi - lo)  # [b, D], [b + r, D]
+                own = np.concatenate([pairs.product_row[rows[lo:hi]], negs[rlo:rhi]])  # [b + r] store rows
+                q, p, scale, pop = ddp(products, _query_groups(queries, pairs, rows[lo:hi], device), hi - lo,
+                                       torch.from_numpy(warm_row[own]))  # [b, D], [b + r, D], [], [b + r] | None
             parts = loss_fn(q.float(), p.float(), ids=pos_ids.to(device), keys=query_key[rows].to(device),
                             log_q=logq.log_q(pos_ids, batch_size=B).to(device), weights=loss_weight[rows].to(device),
                             logit_scale=scale, neg_ids=torch.from_numpy(negs).to(device) if R else None,
-                            log_q_neg=log_q_neg if R else None)  # DDP gathering inside (losses.MixedNegativeLoss)
+                            log_q_neg=(log_q_neg if groups is None else torch.from_numpy(
+                                sampler.log_q(negs, pairs.product_row[rows], R)).to(device)) if R else None,
+                            popularity=None if pop is None else pop.float())  # DDP gathering inside (losses.py)
             optimizer.zero_grad(set_to_none=True)
             parts.total.backward()
             if cfg.grad_clip:

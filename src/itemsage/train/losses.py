@@ -366,10 +366,20 @@ class MixedNegativeLoss(torch.nn.Module):
 
     def forward(self, query: torch.Tensor, products: torch.Tensor, *, ids: torch.Tensor, keys: torch.Tensor,
                 log_q: torch.Tensor, weights: torch.Tensor, logit_scale: torch.Tensor | float,
-                neg_ids: torch.Tensor | None = None, log_q_neg: torch.Tensor | None = None) -> LossParts:
+                neg_ids: torch.Tensor | None = None, log_q_neg: torch.Tensor | None = None,
+                popularity: torch.Tensor | None = None) -> LossParts:
         """query [b, D] this rank's queries; products [b + r, D] this rank's positives then its random
         negatives; ids, keys, log_q, weights [B]: the global batch's product ids, query keys, log Q and
-        loss weights; neg_ids, log_q_neg [R]: the global random negatives' (None: no random negatives)."""
+        loss weights; neg_ids, log_q_neg [R]: the global random negatives' (None: no random negatives);
+        popularity [b + r]: each product's b_p (model/popularity.py), or None.
+
+        With popularity every logit is scale * q.p + b_p, computed as scale * (q'.p') over the
+        augmented vectors q' = [q, 1 / scale] and p' = [p, b_p]: the loss's inner products, gathering
+        and corrections then apply to it unchanged."""
+        if popularity is not None:
+            scale = torch.as_tensor(logit_scale, dtype=query.dtype, device=query.device)
+            query = torch.cat([query, (1.0 / scale).expand(query.shape[0], 1)], 1)  # [b, D + 1]
+            products = torch.cat([products, popularity.to(products.dtype).unsqueeze(1)], 1)  # [b + r, D + 1]
         lo, hi = self.rows if self.rows is not None else (0, len(ids))
         b = hi - lo
         random = gather_with_grad(products[b:], self.world) if neg_ids is not None else None

@@ -79,11 +79,16 @@ def advance(progress: float, step: int, total_steps: int, warmup_steps: int) -> 
 
 
 def _optimizer(cfg: TrainConfig, params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
-    # Decay matrices only (nanoGPT's rule): biases, norms and the logit scale keep their values.
+    # Decay matrices only (nanoGPT's rule): biases, norms and the logit scale keep their values. The
+    # popularity term has its own group at a scaled learning rate (`lr_scale`, applied by the loop).
+    popular = [(n, p) for n, p in params if n.startswith("popularity.")]
+    params = [(n, p) for n, p in params if not n.startswith("popularity.")]
     groups = [
         {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    if popular:
+        groups.append({"params": [p for _, p in popular], "weight_decay": 0.0, "lr_scale": cfg.popularity_lr_scale})
     if cfg.optimizer == "lamb":
         return Lamb(groups, lr=cfg.lr, eps=cfg.eps)
     # fused: one kernel over each tensor instead of several elementwise passes (CPU and CUDA alike)

@@ -208,17 +208,56 @@ def negative_pool(dataset_dir: str | Path, store: ProductStore) -> np.ndarray | 
     return np.flatnonzero(keep)
 
 
+class NegativeGroups:
+    """The catalog's categories for category-matched random negatives: group_of [N] each store row's
+    category code (-1: none), and each category's rows of the negative pool (members[starts[g]:starts[g+1]])."""
+
+    def __init__(self, group_of: np.ndarray, pool: np.ndarray) -> None:
+        self.group_of = group_of  # [N] int64
+        in_pool = pool[group_of[pool] >= 0]
+        order = np.argsort(group_of[in_pool], kind="stable")
+        self.members = in_pool[order]  # pool rows grouped by category
+        counts = np.bincount(group_of[in_pool], minlength=int(group_of.max(initial=-1)) + 1)
+        self.starts = np.concatenate([[0], np.cumsum(counts)])  # [G + 1]
+        self.sizes = counts  # [G] pool rows per category
+
+    @classmethod
+    def from_dataset(cls, dataset_dir: str | Path, store: ProductStore, pool: np.ndarray | None,
+                     field: str = "category") -> NegativeGroups | None:
+        """Groups by the catalog's `field` (its first value: a category path), None when it has none."""
+        products = pq.ParquetFile(Path(dataset_dir) / schema.PRODUCTS_FILE)
+        if field not in products.schema_arrow.names:
+            return None
+        table = products.read(columns=[schema.PRODUCT_ID, field])
+        first = pc.list_element(table.column(field), 0) if pa.types.is_list(table.column(field).type) \
+            else table.column(field)
+        values = first.to_pylist()
+        if all(v is None or v == "" for v in values):
+            return None
+        codes: dict[str, int] = {}
+        group = np.array([-1 if not v else codes.setdefault(v, len(codes)) for v in values], np.int64)
+        group_of = np.full(len(store), -1, np.int64)
+        group_of[store.index_of(table.column(schema.PRODUCT_ID).to_pylist())] = group
+        return cls(group_of, np.arange(len(store)) if pool is None else pool)
+
+
 class Sampler:
-    """Seeded draws of positives (the task mixture) and uniform random negatives.
+    """Seeded draws of positives (the task mixture) and random negatives.
 
     Every DDP rank holds an identical copy and draws the same global batch. `pool`: the catalog rows
-    negatives are drawn from (default: every row).
+    negatives are drawn from (default: every row). With `groups` and `share` > 0, that share of the
+    negatives is drawn from the categories of the batch's positives (a positive drawn at random, then
+    a product of its category at random): the negatives a query's product is told apart from within
+    its category, which uniform draws rarely give (docs/METHOD.md). `log_q` gives each negative's
+    expected number of draws, the correction that keeps the sampled softmax unbiased.
     """
 
-    def __init__(self, probs: np.ndarray, catalog_size: int, seed: int, pool: np.ndarray | None = None):
+    def __init__(self, probs: np.ndarray, catalog_size: int, seed: int, pool: np.ndarray | None = None,
+                 groups: NegativeGroups | None = None, share: float = 0.0):
         self.cdf = np.cumsum(probs / probs.sum())  # [N]
         self.catalog_size = catalog_size
         self.pool = pool
+        self.groups, self.share = (groups, share) if groups is not None and share > 0 else (None, 0.0)
         self.rng = np.random.default_rng(seed)
 
     @property
@@ -228,14 +267,52 @@ class Sampler:
     def positives(self, b: int) -> np.ndarray:  # [B] row indices into Pairs
         return np.minimum(np.searchsorted(self.cdf, self.rng.random(b), side="right"), len(self.cdf) - 1)
 
-    def negatives(self, r: int) -> np.ndarray:  # [R] uniform catalog rows of the pool
+    def _uniform(self, r: int) -> np.ndarray:
         drawn = self.rng.integers(0, self.pool_size, r)
         return drawn if self.pool is None else self.pool[drawn]
+
+    def negatives(self, r: int, positive_products: np.ndarray | None = None) -> np.ndarray:
+        """[R] catalog rows of the pool: uniform, or a `share` of them from the categories of
+        `positive_products` [B] (store rows); a positive without a category draws uniformly."""
+        if self.groups is None or positive_products is None:
+            return self._uniform(r)
+        rc = int(round(r * self.share))
+        uniform = self._uniform(r - rc)
+        g = self.groups
+        group = g.group_of[positive_products[self.rng.integers(0, len(positive_products), rc)]]  # [rc]
+        usable = group >= 0
+        usable[usable] = g.sizes[group[usable]] > 0
+        picks = np.empty(rc, np.int64)
+        u = self.rng.random(rc)
+        gs = group[usable]
+        picks[usable] = g.members[g.starts[gs] + (u[usable] * g.sizes[gs]).astype(np.int64)]
+        picks[~usable] = self._uniform(int((~usable).sum()))
+        return np.concatenate([uniform, picks])
+
+    def log_q(self, negatives: np.ndarray, positive_products: np.ndarray, r: int) -> np.ndarray:
+        """[R] log of each negative's expected number of draws among this step's `r` (the random
+        term's correction): (r - rc) / N uniform, plus rc x the share of positives in its category over
+        the category's size, plus rc x the share of positives without a category over N."""
+        n = self.pool_size
+        if self.groups is None:
+            return np.full(len(negatives), np.log(r / n))
+        g = self.groups
+        rc = int(round(r * self.share))
+        pos_group = g.group_of[positive_products]
+        usable = pos_group >= 0
+        usable[usable] = g.sizes[pos_group[usable]] > 0
+        per_group = np.bincount(pos_group[usable], minlength=len(g.sizes)) / len(positive_products)  # [G]
+        expected = np.full(len(negatives), ((r - rc) + rc * (~usable).mean()) / n)
+        neg_group = g.group_of[negatives]
+        has = neg_group >= 0
+        expected[has] += rc * per_group[neg_group[has]] / np.maximum(g.sizes[neg_group[has]], 1)
+        return np.log(expected)
 
     def fork(self) -> Sampler:
         """A copy with its own generator in the same state (it draws what this sampler would)."""
         twin = Sampler.__new__(Sampler)
         twin.cdf, twin.catalog_size, twin.pool = self.cdf, self.catalog_size, self.pool
+        twin.groups, twin.share = self.groups, self.share
         twin.rng = np.random.default_rng()
         twin.rng.bit_generator.state = self.rng.bit_generator.state
         return twin
@@ -254,15 +331,18 @@ class Prefetch:
     step (measured in docs/METHOD.md); `train` uses the thread on CUDA or when a core is spare.
     """
 
-    def __init__(self, sampler: Sampler, b: int, r: int, build: Any, background: bool = True):
+    def __init__(self, sampler: Sampler, b: int, r: int, build: Any, background: bool = True,
+                 product_row: np.ndarray | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
         self.sampler, self.ahead, self.b, self.r, self.build = sampler, sampler.fork(), b, r, build
+        self.product_row = product_row  # [N pairs] store rows: category-matched negatives read the positives
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="itemsage-batch") if background else None
         self.pending: tuple[np.ndarray, np.ndarray, dict[str, Any], Any] | None = None
 
     def _start(self) -> tuple[np.ndarray, np.ndarray, dict[str, Any], Any]:
-        rows, negs = self.ahead.positives(self.b), self.ahead.negatives(self.r)  # [B], [R]
+        rows = self.ahead.positives(self.b)  # [B]
+        negs = self.ahead.negatives(self.r, None if self.product_row is None else self.product_row[rows])  # [R]
         built = self.pool.submit(self.build, rows, negs) if self.pool is not None else None
         return rows, negs, self.ahead.rng.bit_generator.state, built
 

@@ -12,6 +12,7 @@ import torch
 from itemsage.metrics import closeup_exclusions, exact_ranks, group_recall
 from itemsage.model.batch import ProductStore
 from itemsage.model.model import ItemSageModel
+from itemsage.model.popularity import retrieval_vectors
 from itemsage.train.pairs import Pairs
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,16 @@ def embed_pair_queries(model: torch.nn.Module, pairs, device: torch.device | str
     return out
 
 
+@torch.inference_mode()
+def catalog_popularity(model: ItemSageModel, catalog: torch.Tensor, product_ids: np.ndarray) -> torch.Tensor | None:
+    """The products' popularity in retrieval units (b_p / logit scale) [N], None without the term;
+    catalog [N, D]: their embeddings."""
+    if model.popularity is None:
+        return None
+    rows = torch.from_numpy(model.popularity.warm_rows(list(product_ids))).to(catalog.device)
+    return model.popularity(catalog, rows) / model.logit_scale()
+
+
 def held_out_recall(model: ItemSageModel, store: ProductStore, pairs: Pairs,
                     device: torch.device, chunk: int = 2048) -> dict[str, dict[str, float]]:
     """Exact Recall@{1,10,100} per task: each pair's product ranked among the whole catalog, as
@@ -56,6 +67,7 @@ def held_out_recall(model: ItemSageModel, store: ProductStore, pairs: Pairs,
     model is chosen by the protocol it is reported with."""
     catalog = embed_catalog(model, store, device, chunk)  # [N, D]
     queries = embed_pair_queries(model, pairs, device)  # [Q, D]
+    catalog, queries = retrieval_vectors(catalog, queries, catalog_popularity(model, catalog, store.ids))
     ranks = exact_ranks(queries, catalog, torch.from_numpy(pairs.product_row).to(device),
                         exclude_rows=closeup_exclusions(pairs.surface, pairs.query_product_row))
     return group_recall(ranks, pairs.task.astype(str))
