@@ -118,6 +118,7 @@ def test_a_dataset_from_the_run_file_that_does_not_exist_says_so(tmp_path):
     ("compare", "[compare]\nrandom_negatives_ratio = -1\n", "random_negatives_ratio"),
     ("demo", "[demo]\nminutes = 2\nsteps = 5\nlr = 50\n", "lr"),
     ("demo", "[demo]\ntrain_minutes = 2\ntrain_steps = 5\nlr = 50\n", "lr"),
+    ("demo", "[demo]\nmax_minutes = 2\nmax_steps = 5\nlr = 50\n", "lr"),  # [train]'s names too
 ])
 def test_keys_are_the_flags_names_and_the_old_names_stay(tmp_path, section, text, key):
     """A key named as its flag is read: the refusal that follows is about another key, named as written."""

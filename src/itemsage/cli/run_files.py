@@ -34,7 +34,7 @@ def _spec(section: str) -> Table:
         from itemsage.demo import DemoSettings
 
         return Table(DemoSettings, "demo", aliases={"minutes": "train_minutes", "steps": "train_steps"},
-                     tables={"model": model})
+                     old={"max_steps": "train_steps", "max_minutes": "train_minutes"}, tables={"model": model})
     from itemsage.train.config import TrainConfig
 
     train = Table(TrainConfig, "train", aliases={"steps": "max_steps", "minutes": "max_minutes"},
