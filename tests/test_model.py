@@ -372,10 +372,11 @@ def test_presets():
     assert paper.text_fields == schema.TEXT_FIELDS
     # The ablations' winners (docs/METHOD.md): the presets differ from the earlier defaults only there.
     earlier = ModelConfig()
-    assert paper == ModelConfig(type_embedding=True, dropout=0.0, text_norm="l2", projection="mlp")
+    assert paper == ModelConfig(type_embedding=True, dropout=0.0, text_norm="l2", projection="mlp", pooling="cls_sum")
     cpu = model_config("cpu")
-    assert cpu.out_dim == 256 and (cpu.type_embedding, cpu.dropout, cpu.text_norm, cpu.projection) == (
-        True, 0.0, "l2", "linear")
+    assert cpu.out_dim == 256 and (cpu.type_embedding, cpu.dropout, cpu.text_norm, cpu.projection, cpu.pooling) == (
+        True, 0.0, "l2", "linear", "cls_sum")
+    assert earlier.pooling == "cls" and model_config("cpu", aggregator="sum").pooling == "cls"
     assert (earlier.type_embedding, earlier.dropout, earlier.text_norm, earlier.projection) == (
         False, 0.1, "layernorm", "linear")
     # The preset's transformer-only choices give way to a baseline aggregator; given explicitly, they are refused.
@@ -445,7 +446,7 @@ def test_logit_scale_cannot_get_stuck_at_the_cap():
 
 @pytest.mark.parametrize("aggregator", ["transformer", "sum", "concat"])
 @pytest.mark.parametrize("options", [{}, dict(projection="mlp"), dict(pooling="attention"), dict(norm_first=False),
-                                     dict(text_projection="per_field")])
+                                     dict(text_projection="per_field"), dict(pooling="cls_sum")])
 def test_flops_per_product_matches_flop_counter(aggregator, options):
     """Against torch's FlopCounterMode on one unpadded product (every image and field present).
     Attention runs on torch's math kernel here (plain matmuls the counter sees; the fused CPU kernel
@@ -466,6 +467,21 @@ def test_flops_per_product_matches_flop_counter(aggregator, options):
 # --------------------------------------------------------------------------------------------------
 # Tower options (the ablations of docs/METHOD.md)
 # --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_cls_sum_is_the_cls_output_plus_the_present_tokens_sum(batch, norm_first):
+    """cls_sum against its definition: the same weights read with pooling cls, plus the sum of the
+    encoder's input tokens over the present positions only (an absent image slot adds nothing)."""
+    torch.manual_seed(3)
+    with_sum = ItemSage(model_config("tiny", pooling="cls_sum", norm_first=norm_first, dropout=0.0), VOCAB, DI).eval()
+    cls = ItemSage(model_config("tiny", pooling="cls", norm_first=norm_first, dropout=0.0), VOCAB, DI).eval()
+    cls.load_state_dict(with_sum.state_dict())  # cls_sum adds no parameter
+    with torch.no_grad():
+        x, present = cls.tokens(batch)  # [B, S, D], [B, S]
+        assert not present.all()  # the fixture has absent positions: the mask matters
+        expected = cls.forward_features(batch) + (x * present.unsqueeze(-1)).sum(dim=1)
+        torch.testing.assert_close(with_sum.forward_features(batch), expected, rtol=1e-5, atol=1e-5)
 
 # The tiny transformer's parameters before the options existed: an artifact saved then holds these.
 EARLIER_KEYS = {"image_proj.weight", "image_proj.bias", "text_embed.table.weight", "text_embed.importance.weight",

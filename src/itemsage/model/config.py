@@ -136,7 +136,9 @@ class ModelConfig:
 
 # The ablations' winners (docs/METHOD.md, "The tower: ablations"), in the presets, not the ModelConfig
 # defaults, so an artifact saved before an option existed loads as it was trained.
-ADOPTED: dict[str, Any] = dict(type_embedding=True, dropout=0.0, text_norm="l2")
+# cls_sum (2026-12-07): [CLS] plus the input tokens' sum, +0.015 all and +0.033 search on the 5k
+# compare shop, 3 seeds (docs/METHOD.md, "Graph tokens, and the levers tried against the ceiling").
+ADOPTED: dict[str, Any] = dict(type_embedding=True, dropout=0.0, text_norm="l2", pooling="cls_sum")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's configuration: 1 layer, 8 heads, d = 512, head 512 -> 1024 -> 256, with the ablations'
