@@ -271,21 +271,34 @@ def _running(pid: int) -> bool:
     return True
 
 
+def leftovers(out: str | Path) -> list[tuple[str, Path]]:
+    """The `<out>.tmp-<pid>` / `<out>.old-<pid>` directories beside `out` that killed runs left (those
+    of processes no longer running, and this process's own), as ("tmp" | "old", path)."""
+    import re
+
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(out.name) + r"\.(tmp|old)-(\d+)")
+    found = []
+    for path in out.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir() and (int(match.group(2)) == os.getpid() or not _running(int(match.group(2)))):
+            found.append((match.group(1), path))
+    return found
+
+
 def temp_dir(out: str | Path) -> Path:
     """A new, empty `<out>.tmp-<pid>` beside `out`, to write a whole artifact directory into and
     `publish_dir` at the end. First removes the `<out>.tmp-*` / `<out>.old-*` directories that killed
     runs left (those of processes no longer running, and this process's own)."""
-    import re
     import shutil
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pattern = re.compile(re.escape(out.name) + r"\.(tmp|old)-(\d+)")
-    for path in out.parent.iterdir():
-        match = pattern.fullmatch(path.name)
-        if match and path.is_dir() and (int(match.group(2)) == os.getpid() or not _running(int(match.group(2)))):
-            shutil.rmtree(path, ignore_errors=True)
-            log.info("removed %s, left by a killed run", path)
+    for _, path in leftovers(out):
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed %s, left by a killed run", path)
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     return tmp

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -42,16 +41,6 @@ def check_out(out: Path) -> None:
                           "it. Choose another --out or remove the directory.")
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, under another user
-    return True
-
-
 def _complete(directory: Path) -> bool:
     try:
         artifacts.verify_manifest(directory, kind="dataset")
@@ -62,13 +51,7 @@ def _complete(directory: Path) -> bool:
 
 def recover_leftovers(out: Path) -> list[Path]:
     """Finish or remove what killed runs left beside `out` (see the module doc); returns what was removed."""
-    pattern = re.compile(re.escape(out.name) + r"\.(tmp|old)-(\d+)")
-    leftovers: list[tuple[str, Path]] = []
-    if out.parent.is_dir():
-        for path in out.parent.iterdir():
-            match = pattern.fullmatch(path.name)
-            if match and path.is_dir() and (int(match.group(2)) == os.getpid() or not _running(int(match.group(2)))):
-                leftovers.append((match.group(1), path))
+    leftovers = artifacts.leftovers(out)  # (kind, path) of dead runs' directories
     if not out.exists():
         # Killed between the two renames of `publish`: the new dataset is complete in a tmp dir.
         newest_first = sorted(leftovers, key=lambda kp: (kp[0] != "tmp", -kp[1].stat().st_mtime_ns))
